@@ -1032,6 +1032,8 @@ class ChatConnection:
         self._buffer = bytearray()
         self._closing = False
         self._reader = None
+        self._sender = None
+        self._outgoing = queue.Queue()  # frames for the sender thread (see post())
 
     @property
     def address(self):
@@ -1062,9 +1064,15 @@ class ChatConnection:
         return frame
 
     def start(self):
-        """Start the reader thread (after connect() succeeded)."""
+        """Start the reader and sender threads (after connect() succeeded)."""
         self._reader = threading.Thread(target=self._reader_loop, name="reader", daemon=True)
+        self._sender = threading.Thread(target=self._sender_loop, name="sender", daemon=True)
         self._reader.start()
+        self._sender.start()
+
+    def post(self, fields):
+        """Queue a frame for the sender thread; never blocks (for the Tk thread)."""
+        self._outgoing.put(fields)
 
     def send(self, fields):
         """Send one frame; raise OSError if the connection is gone. Any thread."""
@@ -1080,17 +1088,37 @@ class ChatConnection:
             fields["ref"] = ref
         self.send(fields)
 
-    def close(self, say_bye=True):
-        """Leave: send bye (if asked), close the socket, wait briefly for the reader."""
+    def close(self, say_bye=True, wait_s=2.0):
+        """Leave: send what is posted and a bye (if asked), then close the socket.
+
+        Waits at most wait_s for the sender and reader threads.
+        """
         self._closing = True
         if say_bye:
-            try:
-                self.send({"type": "bye"})
-            except OSError:
-                pass
+            self._outgoing.put({"type": "bye"})
+        self._outgoing.put(None)
+        if self._sender is not None:
+            self._sender.join(wait_s)
+        elif say_bye:
+            self._send_quietly({"type": "bye"})
         self._close_socket()
         if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(2.0)
+            self._reader.join(wait_s)
+
+    def _sender_loop(self):
+        """Runs on the sender thread: send posted frames in order until None comes."""
+        while True:
+            fields = self._outgoing.get()
+            if fields is None or not self._send_quietly(fields):
+                return
+
+    def _send_quietly(self, fields):
+        """Send; return False if the connection is gone (the reader thread reports it)."""
+        try:
+            self.send(fields)
+            return True
+        except OSError:
+            return False
 
     def _close_socket(self):
         sock, self._sock = self._sock, None
@@ -1220,6 +1248,414 @@ def clock(ts=None):
 # =============================================================================
 # 9. Tk window
 # =============================================================================
+#
+# ChatWindow runs on the Tk thread only. The connection's threads put frames on
+# a queue that an after() poll drains; connecting happens on a worker thread.
+# tkinter is imported by run_window(), so the server runs where Tk is missing.
+
+POLL_INTERVAL_MS = 50       # how often the window drains the event queue
+EVENTS_PER_POLL = 500       # at most this many events per drain, so typing stays responsive
+INPUT_HISTORY = 100         # sent lines that Up/Down can recall
+NAME_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
+                "#17becf", "#bcbd22", "#ff7f0e", "#393b79", "#637939", "#843c39")
+
+
+def name_colour(name):
+    """Return the colour a name is always shown in (the same on every computer)."""
+    return NAME_COLOURS[zlib.crc32(name_key(name).encode("utf-8")) % len(NAME_COLOURS)]
+
+
+def tk_shows_astral(patchlevel):
+    """Return True if a Tk of this patch level can show characters above U+FFFF."""
+    parts = []
+    for part in patchlevel.replace("b", ".").replace("a", ".").split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts) >= (8, 6, 10)
+
+
+def displayable(text, astral_ok):
+    """Return text ready for a Tk widget: old Tks get U+FFFD for characters above U+FFFF."""
+    if astral_ok or all(ord(ch) <= 0xFFFF for ch in text):
+        return text
+    return "".join(ch if ord(ch) <= 0xFFFF else "\ufffd" for ch in text)
+
+
+def mentions(text, name):
+    """Return True if text names `name` as a word (with or without @), ignoring case."""
+    key = name_key(name)
+    folded = name_key(text)
+    start = folded.find(key)
+    while start >= 0:
+        before = folded[start - 1] if start else " "
+        end = start + len(key)
+        after = folded[end] if end < len(folded) else " "
+        if not (before.isalnum() or before in "_-") and not (after.isalnum() or after in "_-"):
+            return True
+        start = folded.find(key, start + 1)
+    return False
+
+
+class ConfirmDialog:
+    """A small question window with two buttons that does not block the event loop."""
+
+    def __init__(self, parent, tk, ttk, title, question, yes, no, on_yes, on_no):
+        self.top = tk.Toplevel(parent)
+        self.top.title(title)
+        self.top.transient(parent)
+        self.top.resizable(False, False)
+        frame = ttk.Frame(self.top, padding=16)
+        frame.pack(fill="both", expand=True)
+        ttk.Label(frame, text=question).pack(anchor="w", pady=(0, 12))
+        buttons = ttk.Frame(frame)
+        buttons.pack(anchor="e")
+        self.no_button = ttk.Button(buttons, text=no, command=self._answer(on_no))
+        self.yes_button = ttk.Button(buttons, text=yes, command=self._answer(on_yes))
+        self.no_button.pack(side="right")
+        self.yes_button.pack(side="right", padx=(0, 8))
+        self.top.bind("<Return>", lambda event: self.yes_button.invoke())
+        self.top.bind("<Escape>", lambda event: self.no_button.invoke())
+        self.top.protocol("WM_DELETE_WINDOW", self.no_button.invoke)
+        self.yes_button.focus_set()
+
+    def _answer(self, callback):
+        def answer():
+            self.top.destroy()
+            callback()
+        return answer
+
+
+class ChatWindow:
+    """The chat window: log, people list, input, status line. Runs on the Tk thread."""
+
+    def __init__(self, root, host, port, name):
+        import tkinter
+        from tkinter import ttk
+        self.tk, self.ttk, self.root = tkinter, ttk, root
+        self.connection = ChatConnection(host, port, name, on_event=self._queue_event)
+        self.events = queue.Queue()  # frames from the connection's threads
+        self.astral_ok = tk_shows_astral(str(root.tk.call("info", "patchlevel")))
+        self.connected = False
+        self.users = []
+        self.history = []
+        self._history_index = 0
+        self._closing = False
+        self._poll_id = None
+        self.confirm_dialog = None
+        self._ref_prefix = secrets.token_hex(3)
+        self._next_ref = 0
+        self._build_window()
+        self._poll_id = root.after(POLL_INTERVAL_MS, self._poll)
+        self._connect()
+
+    # -- building --------------------------------------------------------------
+
+    def _build_window(self):
+        root = self.root
+        root.title("%s - LocalChat (%s)" % (self.connection.name, self.connection.address))
+        root.geometry("760x520")
+        root.minsize(420, 300)
+        root.protocol("WM_DELETE_WINDOW", self._on_close_request)
+        root.bind("<Escape>", lambda event: self._on_close_request())
+        style = self.ttk.Style(root)
+        if "clam" in style.theme_names() and sys.platform.startswith("linux"):
+            style.theme_use("clam")
+        self._build_status()
+        self._build_input()
+        panes = self.ttk.PanedWindow(root, orient="horizontal")
+        panes.pack(side="top", fill="both", expand=True, padx=6, pady=(6, 0))
+        panes.add(self._build_log(panes), weight=4)
+        panes.add(self._build_people(panes), weight=1)
+        self.input.focus_set()
+
+    def _build_log(self, parent):
+        frame = self.ttk.Frame(parent)
+        self.log = self.tk.Text(frame, wrap="word", state="disabled", padx=8, pady=6, font="TkDefaultFont",
+                                relief="flat", borderwidth=0, highlightthickness=1, cursor="arrow")
+        scrollbar = self.ttk.Scrollbar(frame, command=self.log.yview)
+        self.log.configure(yscrollcommand=scrollbar.set)
+        scrollbar.pack(side="right", fill="y")
+        self.log.pack(side="left", fill="both", expand=True)
+        bold = ("TkDefaultFont", 10, "bold")
+        self.log.tag_configure("time", foreground="#8a8a8a")
+        self.log.tag_configure("name", font=bold)
+        self.log.tag_configure("body", lmargin2=24)
+        self.log.tag_configure("more", lmargin1=24, lmargin2=24)
+        self.log.tag_configure("code", font="TkFixedFont")  # pasted logs and code keep their columns
+        self.log.tag_configure("own", background="#eef4ff")
+        self.log.tag_configure("mention", background="#fff3b0")
+        self.log.tag_configure("notice", foreground="#6b6b6b", font=("TkDefaultFont", 9, "italic"))
+        self.log.tag_configure("error", foreground="#b00020")
+        return frame
+
+    def _build_people(self, parent):
+        frame = self.ttk.Frame(parent)
+        self.people_title = self.ttk.Label(frame, text="People")
+        self.people_title.pack(side="top", anchor="w", padx=4, pady=(0, 4))
+        self.people = self.tk.Listbox(frame, activestyle="none", relief="flat", borderwidth=0,
+                                      highlightthickness=1, takefocus=0, width=18)
+        self.people.pack(side="top", fill="both", expand=True)
+        return frame
+
+    def _build_input(self):
+        frame = self.ttk.Frame(self.root)
+        frame.pack(side="bottom", fill="x", padx=6, pady=6)
+        buttons = self.ttk.Frame(frame)
+        buttons.pack(side="right", fill="y", padx=(6, 0))
+        self.send_button = self.ttk.Button(buttons, text="Send", command=self._on_send)
+        self.users_button = self.ttk.Button(buttons, text="Users", command=self._on_users)
+        self.send_button.pack(side="top", fill="x")
+        self.users_button.pack(side="top", fill="x", pady=(4, 0))
+        self.input = self.tk.Text(frame, height=3, wrap="word", undo=True, padx=6, pady=4,
+                                  font="TkDefaultFont", highlightthickness=1)
+        self.input.pack(side="left", fill="both", expand=True)
+        self.input.bind("<Return>", self._on_return)
+        self.input.bind("<KP_Enter>", self._on_return)
+        self.input.bind("<Shift-Return>", self._on_shift_return)
+        self.input.bind("<Up>", self._on_history_up)
+        self.input.bind("<Down>", self._on_history_down)
+
+    def _build_status(self):
+        self.status = self.ttk.Label(self.root, text="", anchor="w", padding=(8, 2))
+        self.status.pack(side="bottom", fill="x")
+
+    # -- connection --------------------------------------------------------------
+
+    def _connect(self):
+        self._set_status("Connecting to %s..." % self.connection.address)
+        threading.Thread(target=self._connect_worker, name="connect", daemon=True).start()
+
+    def _connect_worker(self):
+        """Runs on the connect thread: connect, then report through the queue."""
+        try:
+            welcome = self.connection.connect()
+        except UserError as error:
+            self.events.put({"type": "connect_failed", "text": str(error)})
+            return
+        self.events.put(welcome)
+        self.connection.start()
+
+    def _queue_event(self, frame):
+        """Runs on the connection's reader thread: hand the frame to the Tk thread."""
+        self.events.put(frame)
+
+    def _poll(self):
+        """Drain the event queue, then re-arm while the window is open."""
+        self._poll_id = None
+        for _ in range(EVENTS_PER_POLL):
+            try:
+                frame = self.events.get_nowait()
+            except queue.Empty:
+                break
+            handler = getattr(self, "_on_frame_" + str(frame.get("type")), None)
+            if handler is not None:
+                handler(frame)
+        if not self._closing:
+            self._poll_id = self.root.after(POLL_INTERVAL_MS, self._poll)
+
+    # -- frames from the server ----------------------------------------------------
+
+    def _on_frame_welcome(self, frame):
+        self.connected = True
+        self._set_users(frame.get("users") or [])
+        self._set_status("Connected to %s as %s" % (self.connection.address, self.connection.name))
+        self._add_notice(notice_text(frame))
+
+    def _on_frame_connect_failed(self, frame):
+        self._set_status(frame["text"], error=True)
+        self._add_notice(frame["text"], tag="error")
+
+    def _on_frame_message(self, frame):
+        sender, text = str(frame.get("from")), str(frame.get("text"))
+        own = name_key(sender) == name_key(self.connection.name)
+        highlight = not own and mentions(text, self.connection.name)
+        extra = ("own",) if own else ("mention",) if highlight else ()
+        self._add_message(frame.get("ts"), sender, text, extra)
+        if highlight:
+            self.root.bell()
+
+    def _on_frame_joined(self, frame):
+        self._set_users(self.users + [str(frame.get("name"))])
+        self._add_notice(notice_text(frame), frame.get("ts"))
+
+    def _on_frame_left(self, frame):
+        gone = name_key(str(frame.get("name")))
+        self._set_users([u for u in self.users if name_key(u) != gone])
+        self._add_notice(notice_text(frame), frame.get("ts"))
+
+    def _on_frame_users(self, frame):
+        self._set_users(frame.get("users") or [])
+        self._add_notice(notice_text(frame))
+
+    def _on_frame_error(self, frame):
+        self._add_notice(notice_text(frame), tag="error")
+
+    def _on_frame_bye(self, frame):
+        if frame.get("reason") != "quit":
+            self._add_notice(notice_text(frame), tag="error")
+
+    def _on_frame_disconnected(self, frame):
+        self.connected = False
+        if frame.get("expected"):
+            return
+        text = frame.get("text") or "The connection was lost."
+        self._set_status("Disconnected from %s: %s" % (self.connection.address, text), error=True)
+        self._add_notice(text, tag="error")
+
+    # -- showing -----------------------------------------------------------------
+
+    def _set_status(self, text, error=False):
+        self.status.configure(text=text, foreground="#b00020" if error else "")
+
+    def _set_users(self, users):
+        self.users = sorted(set(users), key=name_key)
+        self.people_title.configure(text="People here: %d" % len(self.users))
+        self.people.delete(0, "end")
+        own = name_key(self.connection.name)
+        for index, user in enumerate(self.users):
+            label = user + (" (you)" if name_key(user) == own else "")
+            self.people.insert("end", displayable(label, self.astral_ok))
+            self.people.itemconfigure(index, foreground=name_colour(user))
+
+    def _append(self, pieces):
+        """Append (text, tags) pieces to the log; follow the end unless scrolled up."""
+        following = self.log.yview()[1] >= 0.999
+        self.log.configure(state="normal")
+        for text, tags in pieces:
+            self.log.insert("end", displayable(text, self.astral_ok), tags)
+        self.log.configure(state="disabled")
+        if following:
+            self.log.see("end")
+
+    def _add_message(self, ts, sender, text, extra=()):
+        colour_tag = "colour-" + name_colour(sender)
+        self.log.tag_configure(colour_tag, foreground=name_colour(sender))
+        first, _, rest = text.partition("\n")
+        body = ("body", "code") if rest else ("body",)
+        pieces = [("%s " % clock(ts), ("time",) + extra),
+                  (sender, ("name", colour_tag) + extra),
+                  (": ", ("body",) + extra),
+                  (first + ("\n" if rest else ""), body + extra)]
+        if rest:
+            pieces.append((rest, ("more", "code") + extra))
+        pieces.append(("\n", extra))
+        self._append(pieces)
+
+    def _add_notice(self, text, ts=None, tag="notice"):
+        self._append([("%s " % clock(ts), ("time",)), ("* " + text + "\n", (tag,))])
+
+    # -- what the person does ---------------------------------------------------------
+
+    def _on_return(self, event):
+        self._on_send()
+        return "break"
+
+    def _on_shift_return(self, event):
+        self.input.insert("insert", "\n")
+        self.input.see("insert")
+        return "break"
+
+    def _on_send(self):
+        text = self.input.get("1.0", "end-1c")
+        command, argument = parse_input(text)
+        if command is None:
+            return
+        self._remember(text)
+        self.input.delete("1.0", "end")
+        if command == "say":
+            self._say(argument, text)
+        elif command == "users":
+            self._on_users()
+        elif command == "quit":
+            self.close()
+        elif command == "help":
+            self._add_notice(HELP_TEXT)
+        else:
+            self._add_notice(argument, tag="error")
+        self.input.focus_set()
+
+    def _say(self, text, typed):
+        if not self.connected:
+            self.input.insert("1.0", typed)
+            self._add_notice("Not connected: your message was not sent (it is still in the input box).",
+                             tag="error")
+            return
+        self._next_ref += 1
+        self.connection.post({"type": "say", "text": text, "ref": "%s-%d" % (self._ref_prefix, self._next_ref)})
+
+    def _on_users(self):
+        if self.connected:
+            self.connection.post({"type": "users"})
+        self.input.focus_set()
+
+    def _remember(self, text):
+        if not self.history or self.history[-1] != text:
+            self.history.append(text)
+            del self.history[:-INPUT_HISTORY]
+        self._history_index = len(self.history)
+
+    def _on_history_up(self, event):
+        if self.input.compare("insert linestart", "!=", "1.0") or not self.history:
+            return None  # move within a multi-line draft as usual
+        self._history_index = max(0, self._history_index - 1)
+        self._show_history()
+        return "break"
+
+    def _on_history_down(self, event):
+        if self.input.compare("insert lineend", "!=", "end-1c") or not self.history:
+            return None
+        self._history_index = min(len(self.history), self._history_index + 1)
+        self._show_history()
+        return "break"
+
+    def _show_history(self):
+        self.input.delete("1.0", "end")
+        if self._history_index < len(self.history):
+            self.input.insert("1.0", self.history[self._history_index])
+
+    def _on_close_request(self):
+        """The X or Escape: ask first while connected; close at once otherwise."""
+        if not self.connected:
+            self.close()
+            return
+        if self.confirm_dialog is not None and self.confirm_dialog.top.winfo_exists():
+            return
+        self.confirm_dialog = ConfirmDialog(
+            self.root, self.tk, self.ttk, "Leave LocalChat?",
+            "Leave the chat? The others will see that you left.",
+            "Leave", "Stay", self.close, self.input.focus_set,
+        )
+
+    def close(self):
+        """Leave the chat and destroy the window."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._poll_id is not None:
+            self.root.after_cancel(self._poll_id)
+            self._poll_id = None
+        self.connection.close(say_bye=self.connected)
+        self.root.destroy()
+
+
+def run_window(args):
+    """Open the chat window and run Tk's main loop until it closes."""
+    try:
+        import tkinter
+    except ImportError:
+        raise UserError(
+            "The chat window needs Tkinter, which this Python does not have: install it (on Debian or "
+            "Ubuntu: sudo apt install python3-tk), or use --cli for the line client."
+        ) from None
+    host, port = split_host_port(args.server)
+    try:
+        root = tkinter.Tk()
+    except tkinter.TclError as error:
+        raise UserError("Could not open a window (%s); use --cli for the line client." % error) from None
+    ChatWindow(root, host, port, args.name)
+    root.mainloop()
+    return 0
 
 
 # =============================================================================

@@ -115,7 +115,8 @@ Client to server:
   {"type":"say","text":"hi","ref":"c1"}        text: 1-32000 bytes of UTF-8, may hold
                                                newlines and tabs, no other control
                                                characters; "ref" (optional, up to
-                                               64 characters) comes back in the echo
+                                               64 printable characters) comes back
+                                               in the echo
   {"type":"users"}                              ask for the user list
   {"type":"ping","token":"x"}                   the server answers pong (token echoed)
   {"type":"pong"}                               the answer to a server ping
@@ -142,7 +143,7 @@ Server to client:
 Error codes: bad_utf8, bad_json, not_object, bad_type, unknown_type, bad_field,
 hello_first, already_joined, bad_version, bad_name, name_taken, empty_text,
 text_too_long, bad_text, line_too_long (fatal), too_many_errors (fatal),
-hello_timeout (fatal).
+hello_timeout (fatal), shutting_down (fatal: a hello while the server stops).
 """
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -206,8 +207,8 @@ def split_host_port(text, default_port=DEFAULT_PORT):
 
 def printable(text, limit=80):
     """Return text made safe for one log line: control characters escaped, length capped."""
-    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
-    return text + ("..." if len(text) > limit else "")
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
 
 
 # =============================================================================
@@ -517,7 +518,9 @@ class SocketWriter:
             if sent:
                 box.unsent = box.unsent[sent:]
                 box.unsent_bytes = len(box.unsent)
-        if box.failed is not None or (box.closing and not box.unsent):
+        # Frames pushed while we sent (the last ones, before finish()) wait in chunks:
+        # closing now would drop them. They are on the news list, so we come back.
+        if box.failed is not None or (box.closing and not box.unsent and not box.chunks):
             self._close(box)
         else:
             self._watch(box, bool(box.unsent))
@@ -720,8 +723,10 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     def do_say(self, frame):
         text = frame_field(frame, "text", str)
         ref = frame_field(frame, "ref", str, required=False)
-        if ref is not None and len(ref) > MAX_REF_CHARS:
-            raise ProtocolError("bad_field", 'The field "ref" may hold at most %d characters.' % MAX_REF_CHARS)
+        # isprintable() also refuses lone surrogates, which encode_frame could not send back.
+        if ref is not None and (len(ref) > MAX_REF_CHARS or not ref.isprintable()):
+            raise ProtocolError("bad_field", 'The field "ref" may hold at most %d printable characters.'
+                                % MAX_REF_CHARS)
         self.hub.say(self, text, ref)
 
     def do_users(self, frame):
@@ -730,8 +735,10 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     def do_ping(self, frame):
         reply = {"type": "pong"}
         token = frame.get("token")
-        if isinstance(token, (str, int, float)) and len(str(token)) <= MAX_REF_CHARS:
-            reply["token"] = token
+        if isinstance(token, (str, int, float)):
+            shown = str(token)  # printable: no lone surrogates, which encode_frame could not send
+            if len(shown) <= MAX_REF_CHARS and shown.isprintable():
+                reply["token"] = token
         self.send_frame(reply)
 
     def do_pong(self, frame):
@@ -970,20 +977,23 @@ def run_server(args):
         server = ChatServer((args.host, args.port))
     except OSError as error:
         raise UserError(bind_error_sentence(error, args.host, args.port)) from None
+    # SIGTERM goes Ctrl+C's way. Set before the address is printed: whoever reads it may
+    # signal at once. Not a handler that sets an Event: it runs on the main thread, maybe
+    # while that thread holds the same Event's lock inside wait(), and would deadlock.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print_join_instructions(server, args.host)
     log.info("server started on %s:%d", args.host, server.port)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     accept_thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
-    accept_thread.start()
     try:
-        while not stop.wait(0.5):  # a timed wait, so Ctrl+C is seen on Windows too
-            pass
+        accept_thread.start()  # inside the try: a signal the moment clients can join still stops cleanly
+        while True:
+            time.sleep(0.5)  # in steps, so Ctrl+C is seen on Windows too
     except KeyboardInterrupt:
         pass
     log.info("shutting down")
     server.stop()
-    accept_thread.join(1.0)
+    if accept_thread.is_alive():
+        accept_thread.join(1.0)
     log.info("server stopped")
     return 0
 

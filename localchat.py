@@ -10,14 +10,15 @@ Sections:
     1. Constants
     2. Errors
     3. Protocol: wire format, frames, limits
-    4. Core: users, fan-out (no sockets, no JSON)
-    5. Transport: per-connection outboxes and the writer thread
-    6. Doors: JSON lines
-    7. Server: accept, threads, shutdown
-    8. Client connection (no Tk)
-    9. Tk window
-    10. Terminal client
-    11. Command line
+    4. Core: users, rooms, direct messages, history, fan-out (no sockets, no JSON)
+    5. Storage: message history, topics, identities
+    6. Transport: per-connection outboxes and the writer thread
+    7. Doors: JSON lines
+    8. Server: accept, threads, shutdown
+    9. Client connection (no Tk)
+    10. Tk window
+    11. Terminal client
+    12. Command line
 """
 
 __version__ = "1.0"
@@ -25,6 +26,7 @@ __version__ = "1.0"
 import argparse
 import collections
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -34,11 +36,13 @@ import selectors
 import signal
 import socket
 import socketserver
+import sqlite3
 import sys
 import threading
 import time
 import unicodedata
 import zlib
+from pathlib import Path
 
 # =============================================================================
 # 1. Constants
@@ -66,10 +70,12 @@ LINGER_S = 1.0                    # after the last frame, how long to read and d
 SHUTDOWN_FLUSH_S = 0.5            # at shutdown, how long to wait for the goodbye frames
 LISTEN_BACKLOG = 1024             # pending connections the kernel queues for accept()
 SESSION_STACK_BYTES = 512 * 1024  # stack of each connection thread (touched pages only cost memory)
+HOUSEKEEPING_S = 1.0              # how often the server looks for lost users whose grace period ended
 
 CONNECT_TIMEOUT_S = 5.0           # client: connecting and waiting for the welcome
 CLIENT_PING_S = 20.0              # client: ping the server after this much silence
 CLIENT_DEAD_S = 65.0              # client: the connection is lost after this much silence
+RECONNECT_MAX_S = 10.0            # client: the longest pause between attempts to reconnect
 
 # =============================================================================
 # 2. Errors
@@ -94,7 +100,14 @@ class ProtocolError(LocalChatError):
 
 
 class UserError(LocalChatError):
-    """Bad input or settings, shown to a person as one sentence, never as a traceback."""
+    """Bad input or settings, shown to a person as one sentence, never as a traceback.
+
+    `code` is the server's error code when the sentence comes from a refusal.
+    """
+
+    def __init__(self, text, code=None):
+        super().__init__(text)
+        self.code = code
 
 
 # =============================================================================
@@ -212,18 +225,43 @@ def printable(text, limit=80):
 
 
 # =============================================================================
-# 4. Core: users, fan-out (no sockets, no JSON)
+# 4. Core: users, rooms, direct messages, history, fan-out (no sockets, no JSON)
 # =============================================================================
 #
-# The ChatHub holds who is here and hands each event to its recipients. It runs on
-# whichever thread calls it (a connection's reader thread); one lock guards its
-# state. A member is any object with a `deliver(event)` method that never blocks
-# and never calls back into the hub: every door (JSON lines today) provides one.
+# The ChatHub holds who is here, in which rooms, and hands each event to its
+# recipients. It runs on whichever thread calls it (a connection's reader thread,
+# the server's housekeeping thread); one lock guards its state and its store.
+#
+# A member is any object with a `deliver(event)` method that never blocks and
+# never calls back into the hub: every door provides one. The hub keeps its
+# per-member state in attributes it sets on the member itself: name, rooms,
+# away, identity, resume_token, lost_at.
+
+GENERAL_ROOM = "general"
+MAX_ROOM_CHARS = 32           # room names are 1 to this many characters
+MAX_TOPIC_CHARS = 300         # a room's topic
+MAX_AWAY_CHARS = 120          # an away message
+MAX_ROOMS_PER_USER = 50       # rooms one user may be in at once
+MAX_IDENTITY_CHARS = 64       # a client's identity token, as sent in hello
+DEFAULT_SCROLLBACK = 100      # messages shown from a room's history on joining it
+MAX_REPLAY = 1000             # messages replayed at most on reconnect, per request
+MAX_PAGE = 200                # messages per history page
+RESUME_GRACE_S = 60.0         # a lost user's name and rooms wait this long for it to return
 
 
 def name_key(name):
     """Return the form in which two names count as the same: case and width folded."""
     return unicodedata.normalize("NFKC", name).casefold()
+
+
+def _check_word(value, field, limit, what):
+    if not isinstance(value, str):
+        raise ProtocolError("bad_field", 'The field "%s" must be a string.' % field)
+    if not 1 <= len(value) <= limit or not all(ch.isalnum() or ch in "_-." for ch in value):
+        raise ProtocolError(
+            "bad_" + field,
+            "A %s is 1 to %d letters, digits, '_', '-' or '.', without spaces." % (what, limit),
+        )
 
 
 def check_name(name):
@@ -232,20 +270,19 @@ def check_name(name):
     A name is 1-32 characters, each a letter or digit of any script, or one of
     "_", "-", "." (so names never hold spaces, quotes or control characters).
     """
-    if not isinstance(name, str):
-        raise ProtocolError("bad_field", 'The field "name" must be a string.')
-    if not 1 <= len(name) <= MAX_NAME_CHARS or not all(ch.isalnum() or ch in "_-." for ch in name):
-        raise ProtocolError(
-            "bad_name",
-            "A name is 1 to %d letters, digits, '_', '-' or '.', without spaces." % MAX_NAME_CHARS,
-        )
+    _check_word(name, "name", MAX_NAME_CHARS, "name")
+
+
+def check_room(room):
+    """Raise ProtocolError unless `room` is a valid room name (same rule as user names)."""
+    _check_word(room, "room", MAX_ROOM_CHARS, "room name")
 
 
 _ALLOWED_CONTROLS = frozenset("\n\t")
 
 
-def clean_text(text):
-    """Return a message text with line ends made "\\n"; raise ProtocolError if unfit."""
+def clean_text(text, limit=MAX_TEXT_BYTES, field="text"):
+    """Return a text with line ends made "\\n"; raise ProtocolError if unfit to send."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
@@ -253,15 +290,13 @@ def clean_text(text):
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        raise ProtocolError("bad_text", "The message holds invalid characters (lone surrogates).") from None
-    if size > MAX_TEXT_BYTES:
-        raise ProtocolError(
-            "text_too_long", "The message is %d bytes; the limit is %d." % (size, MAX_TEXT_BYTES)
-        )
+        raise ProtocolError("bad_text", "The %s holds invalid characters (lone surrogates)." % field) from None
+    if size > limit:
+        raise ProtocolError("text_too_long", "The %s is %d bytes; the limit is %d." % (field, size, limit))
     if not text.isprintable() and any(
         unicodedata.category(ch) == "Cc" and ch not in _ALLOWED_CONTROLS for ch in text
     ):
-        raise ProtocolError("bad_text", "The message holds control characters.")
+        raise ProtocolError("bad_text", "The %s holds control characters." % field)
     return text
 
 
@@ -286,97 +321,637 @@ def _now():
     return round(time.time(), 3)
 
 
-class ChatHub:
-    """Who is in the chat, and the fan-out of everything said to them."""
+class Room:
+    """A room: its members in joining order, and its topic."""
 
-    def __init__(self, server_name="LocalChat"):
+    __slots__ = ("name", "members", "topic")
+
+    def __init__(self, name, topic=None):
+        self.name = name
+        self.members = {}  # name_key -> member
+        self.topic = topic
+
+
+class ChatHub:
+    """Who is in the chat and in which rooms, and the fan-out of what they say.
+
+    Every public method takes the lock; what they deliver, they deliver while
+    holding it, so every member sees events in one order. A store (see Storage)
+    keeps messages, topics and known identities; a message is stored before it is
+    delivered to anybody.
+    """
+
+    def __init__(self, server_name="LocalChat", store=None, scrollback=DEFAULT_SCROLLBACK,
+                 resume_grace_s=RESUME_GRACE_S):
         self.server_name = server_name
-        # Guards everything below. Deliveries happen while it is held, so every member
-        # sees events in one order; deliver() only queues bytes, so this stays short.
+        self.store = store if store is not None else MemoryStore()
+        self.scrollback = scrollback
+        self.resume_grace_s = resume_grace_s
         self.lock = threading.Lock()
-        self._members = {}  # name_key -> member
-        self._next_id = 1
+        self._members = {}  # name_key -> member, lost ones in their grace period included
+        self._rooms = {}  # room key -> Room, only rooms with members
+        self._next_id = self.store.last_id() + 1
         self._closed = False
 
-    def join(self, member, name):
-        """Add member under `name`, welcome it and tell the others; raise ProtocolError."""
+    # -- arriving and leaving ------------------------------------------------------
+
+    def join(self, member, name, identity=None, resume=None, last_id=None, rooms=None):
+        """Admit member under `name`: welcome it, replay history, tell the others.
+
+        `resume` is the token of a welcome that an earlier connection got: if that
+        user is still here (or lost, within its grace period), member takes its
+        place silently and gets what it missed after `last_id`. Otherwise `rooms`
+        are the rooms to rejoin (after a server restart). Raises ProtocolError.
+        """
         check_name(name)
-        key = name_key(name)
         with self.lock:
             if self._closed:
                 raise ProtocolError("shutting_down", "The server is shutting down.", fatal=True)
-            if key in self._members:
-                raise ProtocolError(
-                    "name_taken",
-                    "The name '%s' is already taken here. Please choose another name." % name,
-                    fatal=True,
-                )
-            member.name = name
-            self._members[key] = member
-            member.deliver(Event(self._welcome_fields(name)))
-            self._broadcast(Event({"type": "joined", "name": name, "ts": _now()}), skip=member)
+            old = self._members.get(name_key(name))
+            if old is not None and not (resume and resume == old.resume_token):
+                raise self._name_taken(name, old)
+            member.name, member.identity, member.lost_at = name, identity, None
+            if old is not None:
+                self._take_over(old, member)
+                rejoin = []
+            else:
+                member.rooms, member.away = {}, None
+                member.resume_token = secrets.token_urlsafe(16)
+                self._members[name_key(name)] = member
+                rejoin = self._rooms_to_rejoin(rooms)
+            self.store.remember_user(name_key(name), name, identity)
+            member.deliver(Event(self._welcome_fields(member)))
+            for room_name in rejoin:
+                self._enter_room(member, room_name, replay=last_id is None)
+            if old is None and not rejoin:
+                self._enter_room(member, GENERAL_ROOM, replay=last_id is None)
+            self._replay_missed(member, last_id)
 
-    def _welcome_fields(self, name):
-        return {
-            "type": "welcome",
-            "name": name,
-            "users": self._user_names(),
-            "server": self.server_name,
-            "version": PROTOCOL_VERSION,
-            "max_text_bytes": MAX_TEXT_BYTES,
-            "ts": _now(),
-        }
+    def _name_taken(self, name, holder):
+        if holder.lost_at is not None:
+            text = ("The name '%s' is kept for a moment for its owner, who lost the connection. "
+                    "Please choose another name or try again shortly." % name)
+        else:
+            text = "The name '%s' is already taken here. Please choose another name." % name
+        return ProtocolError("name_taken", text, fatal=True)
 
-    def _user_names(self):
-        return sorted((m.name for m in self._members.values()), key=name_key)
+    def _rooms_to_rejoin(self, rooms):
+        names = []
+        for room_name in (rooms or [])[:MAX_ROOMS_PER_USER]:
+            if isinstance(room_name, str):
+                try:
+                    check_room(room_name)
+                except ProtocolError:
+                    continue
+                names.append(room_name)
+        return names
 
-    def say(self, member, text, ref=None):
-        """Send a message from member to everybody, member included (the echo confirms it)."""
-        text = clean_text(text)
-        with self.lock:
-            if self._members.get(name_key(member.name)) is not member:
-                return
-            fields = {"type": "message", "id": self._next_id, "ts": _now(), "from": member.name, "text": text}
-            if ref is not None:
-                fields["ref"] = ref
-            self._next_id += 1
-            self._broadcast(Event(fields))
+    def _take_over(self, old, member):
+        """Put member in old's place in every room; nobody else notices."""
+        member.rooms, member.away, member.resume_token = old.rooms, old.away, old.resume_token
+        old.rooms, old.resume_token = {}, None
+        self._members[name_key(member.name)] = member
+        for key in member.rooms:
+            self._rooms[key].members[name_key(member.name)] = member
+        if old.lost_at is None:
+            old.deliver(Event({"type": "bye", "reason": "replaced",
+                               "text": "You connected again from somewhere else."}))
+            self._close_member(old)
 
-    def users(self, member):
-        """Send member the list of users."""
-        with self.lock:
-            member.deliver(Event({"type": "users", "users": self._user_names()}))
+    def _close_member(self, member):
+        closer = getattr(member, "close_soon", None)
+        if closer is not None:
+            closer()
 
     def leave(self, member, reason):
-        """Remove member (if it joined) and tell the others why it left."""
+        """Member's connection ended. Return True if it was here.
+
+        A lost connection ("lost", "timeout") keeps the name and rooms for the grace
+        period, so the owner can come back unnoticed; others hear of it only when
+        the grace period ends (see expire()). Any other reason is final at once.
+        """
         with self.lock:
             name = getattr(member, "name", None)
             if name is None or self._members.get(name_key(name)) is not member:
                 return False
-            del self._members[name_key(name)]
-            if not self._closed:
-                self._broadcast(Event({"type": "left", "name": name, "reason": reason, "ts": _now()}))
+            if reason in ("lost", "timeout") and self.resume_grace_s > 0 and not self._closed:
+                member.lost_at = (time.monotonic(), reason)
+                return True
+            self._remove(member, reason)
             return True
+
+    def expire(self, now=None):
+        """End the grace period of lost members whose time is up; return how many."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            expired = [m for m in self._members.values()
+                       if m.lost_at is not None and now - m.lost_at[0] >= self.resume_grace_s]
+            for member in expired:
+                self._remove(member, member.lost_at[1])
+            return len(expired)
+
+    def _remove(self, member, reason):
+        """Take member out of every room and tell everyone who shared one."""
+        key = name_key(member.name)
+        del self._members[key]
+        audience = self._sharing(member)
+        for room_key in list(member.rooms):
+            self._drop_from_room(member, room_key)
+        if not self._closed:
+            event = Event({"type": "left", "name": member.name, "reason": reason, "ts": _now()})
+            for other in audience:
+                other.deliver(event)
 
     def close(self, text="The server is shutting down."):
         """Tell every member goodbye; from now on nobody may join."""
         with self.lock:
             self._closed = True
-            self._broadcast(Event({"type": "bye", "reason": "shutdown", "text": text}))
+            event = Event({"type": "bye", "reason": "shutdown", "text": text})
+            for member in self._members.values():
+                member.deliver(event)
+
+    # -- rooms ---------------------------------------------------------------------
+
+    def join_room(self, member, room_name):
+        """Put member in a room (creating it), show it the room and its history."""
+        check_room(room_name)
+        with self.lock:
+            if name_key(room_name) in member.rooms:
+                raise ProtocolError("already_in_room", "You are already in %s." % room_name)
+            if len(member.rooms) >= MAX_ROOMS_PER_USER:
+                raise ProtocolError("too_many_rooms", "You may be in at most %d rooms." % MAX_ROOMS_PER_USER)
+            self._enter_room(member, room_name, replay=True)
+
+    def leave_room(self, member, room_name):
+        """Take member out of a room; the room and member hear of it."""
+        with self.lock:
+            room = self._member_room(member, room_name)
+            event = Event({"type": "left", "name": member.name, "room": room.name, "reason": "part",
+                           "ts": _now()})
+            self._deliver_to_room(room, event)
+            self._drop_from_room(member, name_key(room.name))
+
+    def _enter_room(self, member, room_name, replay):
+        key = name_key(room_name)
+        room = self._rooms.get(key)
+        if room is None:
+            room = self._rooms[key] = Room(room_name, self.store.topic(key))
+        self._deliver_to_room(room, Event({"type": "joined", "name": member.name, "room": room.name,
+                                           "ts": _now()}))
+        room.members[name_key(member.name)] = member
+        member.rooms[key] = room
+        member.deliver(Event(self._room_fields(room)))
+        if replay:
+            self._replay(member, self.store.room_history(key, self.scrollback))
+
+    def _drop_from_room(self, member, room_key):
+        room = member.rooms.pop(room_key)
+        room.members.pop(name_key(member.name), None)
+        if not room.members:
+            del self._rooms[room_key]
+
+    def _member_room(self, member, room_name):
+        """Return the Room member is in by that name; raise not_in_room otherwise."""
+        if not isinstance(room_name, str) or name_key(room_name) not in member.rooms:
+            raise ProtocolError("not_in_room", "You are not in a room called %s." % printable(str(room_name), 40))
+        return member.rooms[name_key(room_name)]
+
+    def _room_fields(self, room):
+        return {"type": "room", "room": room.name, "topic": room.topic,
+                "users": self._names(room.members.values()), "away": self._away(room.members.values())}
+
+    def set_topic(self, member, room_name, topic):
+        """Set a room's topic (kept across restarts) and tell the room."""
+        with self.lock:
+            room = self._member_room(member, room_name)
+            topic = clean_text(topic, MAX_TOPIC_CHARS, "topic").replace("\n", " ") if topic else None
+            room.topic = topic
+            self.store.set_topic(name_key(room.name), topic)
+            self._deliver_to_room(room, Event({"type": "topic", "room": room.name, "topic": topic,
+                                               "by": member.name, "ts": _now()}))
+
+    def topic(self, member, room_name):
+        """Tell member a room's topic."""
+        with self.lock:
+            room = self._member_room(member, room_name)
+            member.deliver(Event({"type": "topic", "room": room.name, "topic": room.topic}))
+
+    def rooms(self, member):
+        """Tell member which rooms exist, with their sizes and topics."""
+        with self.lock:
+            listing = [{"name": r.name, "users": len(r.members), "topic": r.topic}
+                       for r in sorted(self._rooms.values(), key=lambda r: name_key(r.name))]
+            member.deliver(Event({"type": "rooms", "rooms": listing}))
+
+    # -- speaking ------------------------------------------------------------------
+
+    def say(self, member, text, ref=None, room=None, to=None, action=False):
+        """Send a message to a room (general by default) or, with `to`, to one user.
+
+        The sender gets the message too: the echo confirms it. It is stored
+        before anybody gets it.
+        """
+        text = clean_text(text)
+        with self.lock:
+            if self._members.get(name_key(member.name)) is not member:
+                return
+            fields = {"type": "message", "id": self._next_id, "ts": _now(), "from": member.name}
+            if to is None:
+                target = self._member_room(member, GENERAL_ROOM if room is None else room)
+                fields["room"] = target.name
+            else:
+                recipient, to_name, to_identity = self._recipient(to)
+                fields["to"] = to_name
+                if recipient is None or recipient.lost_at is not None:
+                    fields["queued"] = True  # delivered when that user comes back
+            fields["text"] = text
+            if action:
+                fields["action"] = True
+            if ref is not None:
+                fields["ref"] = ref
+            self._next_id += 1
+            if to is None:
+                self.store.add_message(fields)
+                self._deliver_to_room(target, Event(fields))
+                return
+            live = not fields.get("queued")
+            self.store.add_message(fields, member.identity, to_identity, delivered=live)
+            event = Event(fields)
+            member.deliver(event)
+            if live and recipient is not member:
+                recipient.deliver(event)
+
+    def _recipient(self, to):
+        """Return (member or None, name, identity) for a direct message to `to`; raise if unknown."""
+        if not isinstance(to, str):
+            raise ProtocolError("bad_field", 'The field "to" must be a string.')
+        recipient = self._members.get(name_key(to))
+        if recipient is not None:
+            return recipient, recipient.name, recipient.identity
+        known = self.store.known_user(name_key(to))
+        if known is None:
+            raise ProtocolError("unknown_user", "Nobody called %s has been here." % printable(to, 40))
+        if known[1] is None:
+            raise ProtocolError("unknown_user", "%s is not here, and their client cannot receive messages "
+                                "later." % known[0])
+        return None, known[0], known[1]
+
+    def users(self, member, room_name=None):
+        """Tell member who is here: everybody, or the people in one room."""
+        with self.lock:
+            if room_name is None:
+                people = list(self._members.values())
+                fields = {"type": "users"}
+            else:
+                room = self._member_room(member, room_name)
+                people = list(room.members.values())
+                fields = {"type": "users", "room": room.name}
+            fields["users"] = self._names(people)
+            fields["away"] = self._away(people)
+            member.deliver(Event(fields))
+
+    def history(self, member, room_name=None, with_name=None, before=None, limit=MAX_PAGE):
+        """Send member a page of older messages of a room or of a direct conversation."""
+        limit = max(1, min(MAX_PAGE, limit))
+        with self.lock:
+            if with_name is not None:
+                page = self.store.direct_history(member.identity, name_key(with_name), limit, before)
+                end = {"type": "history_end", "with": with_name}
+            else:
+                room = self._member_room(member, GENERAL_ROOM if room_name is None else room_name)
+                page = self.store.room_history(name_key(room.name), limit, before)
+                end = {"type": "history_end", "room": room.name}
+            self._replay(member, page)
+            end.update(count=len(page), more=len(page) == limit)
+            member.deliver(Event(end))
+
+    # -- names and presence ----------------------------------------------------------
+
+    def rename(self, member, new_name):
+        """Change member's name; everybody hears of it."""
+        check_name(new_name)
+        with self.lock:
+            old_name, new_key = member.name, name_key(new_name)
+            holder = self._members.get(new_key)
+            if holder is not None and holder is not member:
+                raise self._name_taken(new_name, holder)
+            del self._members[name_key(old_name)]
+            self._members[new_key] = member
+            for room in member.rooms.values():
+                room.members = {(new_key if k == name_key(old_name) else k): m for k, m in room.members.items()}
+            member.name = new_name
+            self.store.remember_user(new_key, new_name, member.identity)
+            self._deliver_to_all(Event({"type": "renamed", "old": old_name, "name": new_name, "ts": _now()}))
+
+    def set_away(self, member, text):
+        """Mark member away (with a short text) or back (text None); everybody hears of it."""
+        if text is not None:
+            text = clean_text(text, MAX_AWAY_CHARS, "away message").replace("\n", " ")
+        with self.lock:
+            member.away = text
+            self._deliver_to_all(Event({"type": "away", "name": member.name, "text": text, "ts": _now()}))
 
     def count(self):
         with self.lock:
             return len(self._members)
 
-    def _broadcast(self, event, skip=None):
-        """Deliver event to every member but `skip`. Called with the lock held."""
+    # -- helpers (called with the lock held) -------------------------------------------
+
+    def _welcome_fields(self, member):
+        return {
+            "type": "welcome",
+            "name": member.name,
+            "users": self._names(self._members.values()),
+            "rooms": [room.name for room in member.rooms.values()],
+            "server": self.server_name,
+            "version": PROTOCOL_VERSION,
+            "max_text_bytes": MAX_TEXT_BYTES,
+            "resume": member.resume_token,
+            "last_id": self._next_id - 1,
+            "ts": _now(),
+        }
+
+    def _replay_missed(self, member, last_id):
+        """Send member what it missed since last_id, and its undelivered direct messages."""
+        missed = []
+        if last_id is not None and isinstance(last_id, int):
+            missed = self.store.since(last_id, list(member.rooms), member.identity, MAX_REPLAY)
+        seen = set(m["id"] for m in missed)
+        for fields in self.store.undelivered(member.identity):
+            if fields["id"] not in seen:
+                missed.append(fields)
+        missed.sort(key=lambda m: m["id"])
+        self._replay(member, missed)
+        self.store.mark_delivered(member.identity)
+        member.deliver(Event({"type": "synced", "last_id": self._next_id - 1}))
+
+    def _replay(self, member, messages):
+        for fields in messages:
+            fields = dict(fields, replay=True)
+            fields.pop("queued", None)
+            member.deliver(Event(fields))
+
+    def _names(self, members):
+        return sorted((m.name for m in members), key=name_key)
+
+    def _away(self, members):
+        return {m.name: m.away for m in members if m.away is not None}
+
+    def _sharing(self, member):
+        """Return everybody who shares a room with member (member excluded)."""
+        audience = {}
+        for room in member.rooms.values():
+            audience.update(room.members)
+        audience.pop(name_key(member.name), None)
+        return list(audience.values())
+
+    def _deliver_to_room(self, room, event):
+        for member in room.members.values():
+            member.deliver(event)
+
+    def _deliver_to_all(self, event):
         for member in self._members.values():
-            if member is not skip:
-                member.deliver(event)
+            member.deliver(event)
 
 
 # =============================================================================
-# 5. Transport: per-connection outboxes and the writer thread
+# 5. Storage: message history, topics, identities
+# =============================================================================
+#
+# Two stores with one interface: MemoryStore (--no-history) and SqliteStore.
+# The hub calls them with its lock held, so they need no lock of their own.
+# Stored messages are the fields of "message" frames.
+
+
+def data_dir():
+    """Return the folder for the server's history (LOCALCHAT_DATA_DIR overrides it)."""
+    override = os.environ.get("LOCALCHAT_DATA_DIR")
+    if override:
+        return Path(override)
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "LocalChat"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "LocalChat"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "localchat"
+
+
+class MemoryStore:
+    """History kept in memory only, lost when the server stops."""
+
+    def __init__(self, max_messages=100000):
+        self._messages = collections.deque(maxlen=max_messages)  # (fields, from_id, to_id, delivered)
+        self._topics = {}
+        self._users = {}  # name_key -> (name, identity)
+        self._last_id = 0
+
+    def last_id(self):
+        return self._last_id
+
+    def add_message(self, fields, from_identity=None, to_identity=None, delivered=True):
+        self._messages.append([dict(fields), from_identity, to_identity, delivered])
+        self._last_id = max(self._last_id, fields["id"])
+
+    def room_history(self, room_key, limit, before=None):
+        found = []
+        for fields, _, _, _ in reversed(self._messages):
+            if len(found) >= limit:
+                break
+            if "room" in fields and name_key(fields["room"]) == room_key and (before is None or fields["id"] < before):
+                found.append(fields)
+        return found[::-1]
+
+    def direct_history(self, identity, other_key, limit, before=None):
+        if identity is None:
+            return []
+        found = []
+        for fields, from_id, to_id, _ in reversed(self._messages):
+            if len(found) >= limit:
+                break
+            if "to" in fields and identity in (from_id, to_id) and other_key in (
+                    name_key(fields["to"]), name_key(fields["from"])) and (before is None or fields["id"] < before):
+                found.append(fields)
+        return found[::-1]
+
+    def since(self, last_id, room_keys, identity, limit):
+        found = []
+        for fields, from_id, to_id, _ in self._messages:
+            if fields["id"] <= last_id:
+                continue
+            if ("room" in fields and name_key(fields["room"]) in room_keys) or (
+                    identity is not None and identity in (from_id, to_id)):
+                found.append(fields)
+        return found[-limit:]
+
+    def undelivered(self, identity):
+        if identity is None:
+            return []
+        return [f for f, _, to_id, delivered in self._messages if to_id == identity and not delivered]
+
+    def mark_delivered(self, identity):
+        for entry in self._messages:
+            if entry[2] == identity:
+                entry[3] = True
+
+    def remember_user(self, key, name, identity):
+        if identity is not None or key not in self._users:
+            self._users[key] = (name, identity)
+
+    def known_user(self, key):
+        return self._users.get(key)
+
+    def topic(self, room_key):
+        return self._topics.get(room_key)
+
+    def set_topic(self, room_key, topic):
+        self._topics[room_key] = topic
+
+    def close(self):
+        pass
+
+
+class SqliteStore:
+    """History, topics and known users in an SQLite database (WAL), kept across restarts.
+
+    Each message is committed before the hub delivers it: in WAL mode with
+    synchronous=NORMAL a commit survives the server process being killed the next
+    instant (only a power cut can take the last commits).
+    """
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS messages (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            sender TEXT NOT NULL,
+            room TEXT,
+            room_key TEXT,
+            recipient TEXT,
+            recipient_key TEXT,
+            sender_key TEXT,
+            sender_identity TEXT,
+            recipient_identity TEXT,
+            text TEXT NOT NULL,
+            action INTEGER NOT NULL DEFAULT 0,
+            ref TEXT,
+            delivered INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_key, id);
+        CREATE INDEX IF NOT EXISTS messages_by_recipient ON messages (recipient_identity, delivered);
+        CREATE TABLE IF NOT EXISTS topics (room_key TEXT PRIMARY KEY, topic TEXT);
+        CREATE TABLE IF NOT EXISTS users (name_key TEXT PRIMARY KEY, name TEXT NOT NULL, identity TEXT);
+    """
+    COLUMNS = "id, ts, sender, room, recipient, text, action, ref, delivered"
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(self.SCHEMA)
+        except (OSError, sqlite3.Error) as error:
+            raise UserError("cannot open the history database %s: %s" % (self.path, error)) from None
+
+    def last_id(self):
+        return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
+
+    def add_message(self, fields, from_identity=None, to_identity=None, delivered=True):
+        room, to = fields.get("room"), fields.get("to")
+        try:
+            self.db.execute(
+                "INSERT INTO messages (id, ts, sender, room, room_key, recipient, recipient_key, sender_key,"
+                " sender_identity, recipient_identity, text, action, ref, delivered)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (fields["id"], fields["ts"], fields["from"], room, room and name_key(room), to,
+                 to and name_key(to), name_key(fields["from"]), from_identity, to_identity, fields["text"],
+                 int(bool(fields.get("action"))), fields.get("ref"), int(delivered)),
+            )
+        except sqlite3.Error as error:
+            log.error("history: cannot store message %s: %s", fields["id"], error)
+            raise ProtocolError("not_stored", "The server could not store your message, so it was not sent.")
+
+    def room_history(self, room_key, limit, before=None):
+        rows = self.db.execute(
+            "SELECT %s FROM messages WHERE room_key = ? AND id < ? ORDER BY id DESC LIMIT ?" % self.COLUMNS,
+            (room_key, before if before is not None else 2 ** 62, limit),
+        ).fetchall()
+        return [self._fields(row) for row in reversed(rows)]
+
+    def direct_history(self, identity, other_key, limit, before=None):
+        if identity is None:
+            return []
+        rows = self.db.execute(
+            "SELECT %s FROM messages WHERE room_key IS NULL AND id < ?"
+            " AND ((sender_identity = ? AND recipient_key = ?) OR (recipient_identity = ? AND sender_key = ?))"
+            " ORDER BY id DESC LIMIT ?" % self.COLUMNS,
+            (before if before is not None else 2 ** 62, identity, other_key, identity, other_key, limit),
+        ).fetchall()
+        return [self._fields(row) for row in reversed(rows)]
+
+    def since(self, last_id, room_keys, identity, limit):
+        marks = ",".join("?" * len(room_keys)) or "NULL"
+        rows = self.db.execute(
+            "SELECT %s FROM messages WHERE id > ? AND (room_key IN (%s)"
+            " OR (room_key IS NULL AND ? IS NOT NULL AND (sender_identity = ? OR recipient_identity = ?)))"
+            " ORDER BY id DESC LIMIT ?" % (self.COLUMNS, marks),
+            [last_id] + list(room_keys) + [identity, identity, identity, limit],
+        ).fetchall()
+        return [self._fields(row) for row in reversed(rows)]
+
+    def undelivered(self, identity):
+        if identity is None:
+            return []
+        rows = self.db.execute(
+            "SELECT %s FROM messages WHERE recipient_identity = ? AND delivered = 0 ORDER BY id" % self.COLUMNS,
+            (identity,),
+        ).fetchall()
+        return [self._fields(row) for row in rows]
+
+    def mark_delivered(self, identity):
+        if identity is not None:
+            self.db.execute("UPDATE messages SET delivered = 1 WHERE recipient_identity = ? AND delivered = 0",
+                            (identity,))
+
+    def remember_user(self, key, name, identity):
+        if identity is None:
+            self.db.execute("INSERT OR IGNORE INTO users (name_key, name, identity) VALUES (?, ?, NULL)",
+                            (key, name))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO users (name_key, name, identity) VALUES (?, ?, ?)",
+                            (key, name, identity))
+
+    def known_user(self, key):
+        row = self.db.execute("SELECT name, identity FROM users WHERE name_key = ?", (key,)).fetchone()
+        return tuple(row) if row else None
+
+    def topic(self, room_key):
+        row = self.db.execute("SELECT topic FROM topics WHERE room_key = ?", (room_key,)).fetchone()
+        return row[0] if row else None
+
+    def set_topic(self, room_key, topic):
+        self.db.execute("INSERT OR REPLACE INTO topics (room_key, topic) VALUES (?, ?)", (room_key, topic))
+
+    def close(self):
+        self.db.close()
+
+    @staticmethod
+    def _fields(row):
+        message_id, ts, sender, room, recipient, text, action, ref, delivered = row
+        fields = {"type": "message", "id": message_id, "ts": ts, "from": sender}
+        if room is not None:
+            fields["room"] = room
+        else:
+            fields["to"] = recipient
+        fields["text"] = text
+        if action:
+            fields["action"] = True
+        if ref is not None:
+            fields["ref"] = ref
+        return fields
+
+
+# =============================================================================
+# 6. Transport: per-connection outboxes and the writer thread
 # =============================================================================
 #
 # Readers never write to sockets. Each connection has an Outbox that collects the
@@ -390,7 +965,7 @@ class Outbox:
 
     __slots__ = (
         "sock", "writer", "chunks", "pending_bytes", "unsent", "unsent_bytes",
-        "queued", "closing", "failed", "drained",
+        "queued", "closing", "hangup", "failed", "drained",
     )
 
     def __init__(self, sock, writer):
@@ -402,6 +977,7 @@ class Outbox:
         self.unsent_bytes = 0
         self.queued = False  # on the writer's list of outboxes with news
         self.closing = False  # no more frames: close once everything is sent
+        self.hangup = False  # once closed, also end the connection (wakes its reader)
         self.failed = None  # why the connection is over ("too_slow", "lost"), else None
         self.drained = threading.Event()  # set when the writer is done with this outbox
 
@@ -426,10 +1002,15 @@ class Outbox:
     def finish(self):
         """Send what is queued, then let the writer close its socket. Any thread."""
         with self.writer.lock:
-            self.closing = True
-            if not self.queued:
-                self.queued = True
-                self.writer.note(self)
+            self.close_soon(hangup=False)
+
+    def close_soon(self, hangup=True):
+        """Send what is queued, then close (and hang up). Called with the writer's lock held."""
+        self.closing = True
+        self.hangup = self.hangup or hangup
+        if not self.queued:
+            self.queued = True
+            self.writer.note(self)
 
 
 class SocketWriter:
@@ -534,9 +1115,9 @@ class SocketWriter:
             self._selector.unregister(box.sock)
 
     def _close(self, box):
-        """Done with box: close the writer's socket, and on failure wake the session's reader."""
+        """Done with box: close the writer's socket; on failure or hang-up wake the session's reader."""
         self._watch(box, False)
-        if box.failed is not None:
+        if box.failed is not None or box.hangup:
             try:
                 box.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -558,7 +1139,7 @@ class SocketWriter:
 
 
 # =============================================================================
-# 6. Doors: JSON lines
+# 7. Doors: JSON lines
 # =============================================================================
 #
 # A door turns one kind of connection into calls on the hub, and the hub's events
@@ -597,6 +1178,10 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     def deliver(self, event):
         """Queue an event for this connection. Called by the hub with its lock held."""
         self.outbox.push(event.encoded(encode_frame))
+
+    def close_soon(self):
+        """End this connection once its queued frames are sent. Called with the hub's lock held."""
+        self.outbox.close_soon()
 
     def send_frame(self, fields):
         """Queue a frame meant for this connection only."""
@@ -712,7 +1297,13 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
             version = frame_field(frame, "version", int)
             if version < 1:
                 raise ProtocolError("bad_version", "Protocol version %d is not supported." % version)
-            self.hub.join(self, frame_field(frame, "name", str))
+            self.hub.join(
+                self, frame_field(frame, "name", str),
+                identity=self._identity(frame),
+                resume=self._short_field(frame, "resume"),
+                last_id=frame_field(frame, "last_id", int, required=False),
+                rooms=frame_field(frame, "rooms", list, required=False),
+            )
         except ProtocolError as error:
             error.fatal = True  # a refused hello ends the connection
             raise
@@ -720,17 +1311,65 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         log.info("%s joined from %s", self.name, self.peer)
         return None
 
-    def do_say(self, frame):
-        text = frame_field(frame, "text", str)
-        ref = frame_field(frame, "ref", str, required=False)
+    @staticmethod
+    def _short_field(frame, key):
+        """Return an optional short string field (a ref or token), or raise bad_field."""
+        value = frame_field(frame, key, str, required=False)
         # isprintable() also refuses lone surrogates, which encode_frame could not send back.
-        if ref is not None and (len(ref) > MAX_REF_CHARS or not ref.isprintable()):
-            raise ProtocolError("bad_field", 'The field "ref" may hold at most %d printable characters.'
-                                % MAX_REF_CHARS)
-        self.hub.say(self, text, ref)
+        if value is not None and (len(value) > MAX_REF_CHARS or not value.isprintable()):
+            raise ProtocolError("bad_field", 'The field "%s" may hold at most %d printable characters.'
+                                % (key, MAX_REF_CHARS))
+        return value
+
+    def _identity(self, frame):
+        """Return a digest of the client's identity token: the store never holds the token."""
+        token = self._short_field(frame, "identity")
+        return hashlib.sha256(token.encode("utf-8")).hexdigest()[:32] if token else None
+
+    def do_say(self, frame):
+        self.hub.say(
+            self, frame_field(frame, "text", str), self._short_field(frame, "ref"),
+            room=frame_field(frame, "room", str, required=False),
+            to=frame_field(frame, "to", str, required=False),
+            action=frame.get("action") is True,
+        )
 
     def do_users(self, frame):
-        self.hub.users(self)
+        self.hub.users(self, frame_field(frame, "room", str, required=False))
+
+    def do_join(self, frame):
+        self.hub.join_room(self, frame_field(frame, "room", str))
+
+    def do_leave(self, frame):
+        self.hub.leave_room(self, frame_field(frame, "room", str))
+
+    def do_nick(self, frame):
+        self.hub.rename(self, frame_field(frame, "name", str))
+
+    def do_rooms(self, frame):
+        self.hub.rooms(self)
+
+    def do_topic(self, frame):
+        room = frame_field(frame, "room", str)
+        if "topic" in frame:
+            self.hub.set_topic(self, room, frame_field(frame, "topic", str, required=False))
+        else:
+            self.hub.topic(self, room)
+
+    def do_away(self, frame):
+        self.hub.set_away(self, frame_field(frame, "text", str, required=False) or "away")
+
+    def do_back(self, frame):
+        self.hub.set_away(self, None)
+
+    def do_history(self, frame):
+        self.hub.history(
+            self,
+            room_name=frame_field(frame, "room", str, required=False),
+            with_name=frame_field(frame, "with", str, required=False),
+            before=frame_field(frame, "before", int, required=False),
+            limit=frame_field(frame, "limit", int, required=False) or MAX_PAGE,
+        )
 
     def do_ping(self, frame):
         reply = {"type": "pong"}
@@ -785,7 +1424,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
 
 # =============================================================================
-# 7. Server: accept, threads, shutdown
+# 8. Server: accept, threads, shutdown
 # =============================================================================
 #
 # ChatServer accepts on the thread running serve_forever() and gives every
@@ -801,7 +1440,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address=(DEFAULT_HOST, DEFAULT_PORT), hub=None, hello_timeout=HELLO_TIMEOUT_S,
                  idle_ping=IDLE_PING_S, max_outbox_bytes=MAX_OUTBOX_BYTES):
-        self.hub = hub or ChatHub(socket.gethostname())
+        self.hub = hub if hub is not None else ChatHub(server_name=socket.gethostname())
         self.hello_timeout = hello_timeout
         self.idle_ping = idle_ping
         self.internal_errors = 0  # tracebacks caught at the session boundary
@@ -813,6 +1452,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
         super().__init__(address, JsonLinesSession)
         self.writer = SocketWriter(self.hub.lock, max_outbox_bytes)
         self.writer.start()
+        self._housekeeping_stop = threading.Event()
+        self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
+        self._housekeeper.start()
+
+    def _housekeeping_loop(self):
+        """Runs on the housekeeping thread: end the grace period of lost users in time."""
+        interval = max(0.05, min(HOUSEKEEPING_S, self.hub.resume_grace_s / 4))
+        while not self._housekeeping_stop.wait(interval):
+            self.hub.expire()
 
     @property
     def port(self):
@@ -850,6 +1498,12 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def add_session(self, session):
         with self._state_lock:
             self._sessions.add(session)
+            stopped = self._stopped
+        if stopped:  # accepted while stop() ran: it did not see this one
+            try:
+                session.request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def remove_session(self, session):
         with self._state_lock:
@@ -887,7 +1541,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
             threads = list(self._session_threads)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._housekeeping_stop.set()
+        self._housekeeper.join(max(0.1, deadline - time.monotonic()))
         self.writer.stop(max(0.1, deadline - time.monotonic()))
+        self.hub.store.close()
 
 
 def lan_addresses():
@@ -973,15 +1630,24 @@ def run_server(args):
     )
     raise_open_file_limit()
     threading.stack_size(SESSION_STACK_BYTES)
+    if args.no_history:
+        store, where = MemoryStore(), "History: kept in memory only (--no-history): it ends with the server."
+    else:
+        path = Path(args.history) if args.history else data_dir() / "history.sqlite3"
+        store, where = SqliteStore(path), "History: kept in %s" % path
+    hub = ChatHub(socket.gethostname(), store, scrollback=args.scrollback)
     try:
-        server = ChatServer((args.host, args.port))
+        server = ChatServer((args.host, args.port), hub=hub)
     except OSError as error:
+        store.close()
         raise UserError(bind_error_sentence(error, args.host, args.port)) from None
     # SIGTERM goes Ctrl+C's way. Set before the address is printed: whoever reads it may
     # signal at once. Not a handler that sets an Event: it runs on the main thread, maybe
     # while that thread holds the same Event's lock inside wait(), and would deadlock.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print_join_instructions(server, args.host)
+    print(where)
+    sys.stdout.flush()
     log.info("server started on %s:%d", args.host, server.port)
     accept_thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     try:
@@ -999,7 +1665,7 @@ def run_server(args):
 
 
 # =============================================================================
-# 8. Client connection (no Tk)
+# 9. Client connection (no Tk)
 # =============================================================================
 #
 # ChatConnection is what both clients use: connect and hello on the caller's
@@ -1023,39 +1689,58 @@ def connect_error_sentence(error, host, port):
 
 
 class ChatConnection:
-    """A client's connection to a LocalChat server.
+    """A client's connection to a LocalChat server, reconnecting by itself when asked to.
 
-    connect() blocks (call it off the Tk thread); afterwards a reader thread calls
-    on_event(frame) for every frame the server sends, and finally on_event with
-    {"type": "disconnected", "text": ..., "expected": bool} once. send() may be
-    called from any thread.
+    connect() blocks (call it off the Tk thread) and raises UserError. start() then
+    runs a reader thread that calls on_event(frame) for every frame, and a sender
+    thread that sends what post() queued. When the connection drops and
+    `reconnect` is set, the reader thread reconnects with backoff, resuming the
+    session: the server replays what was missed, and messages that were not
+    confirmed are sent again. Local frames the server never sends:
+      {"type": "reconnecting", "text": ..., "delay": seconds}
+      {"type": "disconnected", "text": ..., "expected": bool}   (the very last frame)
     """
 
-    def __init__(self, host, port, name, on_event=None):
+    def __init__(self, host, port, name, on_event=None, identity=None, reconnect=False):
         self.host = host
         self.port = port
         self.name = name
+        self.identity = identity
+        self.reconnect = reconnect
         self.on_event = on_event or (lambda frame: None)
         self.welcome = None
+        self.last_id = None  # the highest message id seen
+        self.rooms = []  # the rooms we are in, in joining order
         self._sock = None
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
-        self._closing = False
-        self._reader = None
-        self._sender = None
+        self._closing = threading.Event()
+        self._synced = threading.Event()  # set while connected and caught up
         self._outgoing = queue.Queue()  # frames for the sender thread (see post())
+        self._unconfirmed = collections.OrderedDict()  # ref -> say frame sent but not yet echoed
+        self._threads = []
 
     @property
     def address(self):
         return "%s:%d" % (self.host, self.port)
 
+    # -- connecting ------------------------------------------------------------
+
     def connect(self, timeout=CONNECT_TIMEOUT_S):
         """Connect, say hello and wait for the welcome; return it or raise UserError."""
+        hello = {"type": "hello", "name": self.name, "version": PROTOCOL_VERSION}
+        if self.identity:
+            hello["identity"] = self.identity
+        if self.welcome is not None:  # reconnecting: resume where we were
+            hello.update(resume=self.welcome.get("resume"), rooms=list(self.rooms))
+            if self.last_id is not None:
+                hello["last_id"] = self.last_id
+        self._buffer = bytearray()
         try:
             self._sock = socket.create_connection((self.host, self.port), timeout=timeout)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            self.send({"type": "hello", "name": self.name, "version": PROTOCOL_VERSION})
+            self.send(hello)
             frame = self._read_frame()
         except OSError as error:
             self._close_socket()
@@ -1063,81 +1748,77 @@ class ChatConnection:
         except ProtocolError:
             self._close_socket()
             raise UserError("%s does not speak the LocalChat protocol." % self.address) from None
+        return self._check_welcome(frame)
+
+    def _check_welcome(self, frame):
         if frame is None:
             self._close_socket()
             raise UserError("The server at %s closed the connection without welcoming us." % self.address)
         if frame["type"] != "welcome":
             self._close_socket()
-            raise UserError(frame.get("text") or "The server at %s refused us." % self.address)
+            raise UserError(frame.get("text") or "The server at %s refused us." % self.address,
+                            code=frame.get("code"))
+        frame["resumed"] = self.welcome is not None and frame.get("resume") == self.welcome.get("resume")
         self.welcome = frame
         self.name = frame.get("name", self.name)
+        if not frame["resumed"]:
+            self.rooms = list(frame.get("rooms") or [])
         return frame
 
     def start(self):
         """Start the reader and sender threads (after connect() succeeded)."""
-        self._reader = threading.Thread(target=self._reader_loop, name="reader", daemon=True)
-        self._sender = threading.Thread(target=self._sender_loop, name="sender", daemon=True)
-        self._reader.start()
-        self._sender.start()
+        for target, name in ((self._reader_loop, "reader"), (self._sender_loop, "sender")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
-    def post(self, fields):
-        """Queue a frame for the sender thread; never blocks (for the Tk thread)."""
-        self._outgoing.put(fields)
+    # -- sending ---------------------------------------------------------------
 
     def send(self, fields):
-        """Send one frame; raise OSError if the connection is gone. Any thread."""
+        """Send one frame now; raise OSError if the connection is gone. Any thread."""
         data = encode_frame(fields)
         with self._send_lock:
             if self._sock is None:
                 raise OSError(errno.ENOTCONN, "not connected")
             self._sock.sendall(data)
 
-    def say(self, text, ref=None):
+    def post(self, fields):
+        """Queue a frame for the sender thread; never blocks (for the Tk thread).
+
+        Frames posted while disconnected wait for the reconnection.
+        """
+        self._outgoing.put(fields)
+
+    def say(self, text, ref=None, **where):
+        """Post a message (where: room=..., to=..., action=True)."""
         fields = {"type": "say", "text": text}
+        fields.update(where)
         if ref is not None:
             fields["ref"] = ref
-        self.send(fields)
+        self.post(fields)
 
-    def close(self, say_bye=True, wait_s=2.0):
-        """Leave: send what is posted and a bye (if asked), then close the socket.
-
-        Waits at most wait_s for the sender and reader threads.
-        """
-        self._closing = True
-        if say_bye:
-            self._outgoing.put({"type": "bye"})
-        self._outgoing.put(None)
-        if self._sender is not None:
-            self._sender.join(wait_s)
-        elif say_bye:
-            self._send_quietly({"type": "bye"})
-        self._close_socket()
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(wait_s)
+    @property
+    def unconfirmed(self):
+        """How many posted messages the server has not echoed yet."""
+        return self._outgoing.qsize() + len(self._unconfirmed)
 
     def _sender_loop(self):
-        """Runs on the sender thread: send posted frames in order until None comes."""
+        """Runs on the sender thread: send posted frames in order, waiting while disconnected."""
         while True:
             fields = self._outgoing.get()
-            if fields is None or not self._send_quietly(fields):
+            if fields is None:
                 return
-
-    def _send_quietly(self, fields):
-        """Send; return False if the connection is gone (the reader thread reports it)."""
-        try:
-            self.send(fields)
-            return True
-        except OSError:
-            return False
-
-    def _close_socket(self):
-        sock, self._sock = self._sock, None
-        if sock is not None:
+            while not self._synced.wait(0.5):
+                if self._closing.is_set():
+                    return
+            if fields.get("type") == "say" and fields.get("ref"):
+                self._unconfirmed[fields["ref"]] = fields
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                self.send(fields)
             except OSError:
-                pass
-            sock.close()
+                pass  # a say stays unconfirmed and is sent again after reconnecting
+
+    # -- reading ---------------------------------------------------------------
 
     def _read_frame(self):
         """Return the next frame, or None once the server has closed. Blocks."""
@@ -1160,8 +1841,21 @@ class ChatConnection:
             self._buffer += chunk
 
     def _reader_loop(self):
-        """Runs on the reader thread: hand each frame to on_event; ping when quiet."""
-        text, expected = "The server closed the connection.", False
+        """Runs on the reader thread: read until the connection ends, then reconnect or stop."""
+        self.on_event(self.welcome)
+        while True:
+            text, final = self._read_until_closed()
+            self._synced.clear()
+            if final or self._closing.is_set() or not self.reconnect:
+                break
+            text, final = self._reconnect(text)
+            if final:
+                break
+        self.on_event({"type": "disconnected", "text": text, "expected": self._closing.is_set()})
+
+    def _read_until_closed(self):
+        """Hand each frame to on_event until the connection ends; return (why, final)."""
+        text, final = "The server closed the connection.", False
         silent_since = time.monotonic()
         try:
             sock = self._sock
@@ -1173,38 +1867,121 @@ class ChatConnection:
                     frame = self._read_frame()
                 except socket.timeout:
                     if time.monotonic() - silent_since > CLIENT_DEAD_S:
-                        text = "The server stopped answering."
-                        break
+                        return "The server stopped answering.", False
                     self.send({"type": "ping"})
                     continue
                 silent_since = time.monotonic()
                 if frame is None:
                     break
-                if frame["type"] == "ping":
-                    self.send({"type": "pong"})
-                    continue
                 if frame["type"] == "bye":
-                    expected = frame.get("reason") == "quit"
                     text = frame.get("text") or text
-                self.on_event(frame)
+                    final = frame.get("reason") in ("quit", "replaced", "kicked", "banned")
+                self._note(frame)
         except (OSError, ProtocolError):
             text = "The connection to the server was lost."
         finally:
             self._close_socket()
-            expected = expected or self._closing
-            self.on_event({"type": "disconnected", "text": text, "expected": expected})
+        return text, final
+
+    def _note(self, frame):
+        """Keep track of ids, rooms and confirmations, answer pings; pass the frame on."""
+        kind = frame["type"]
+        if kind == "ping":
+            self.send({"type": "pong"})
+            return
+        if kind == "message" and isinstance(frame.get("id"), int):
+            self.last_id = max(self.last_id or 0, frame["id"])
+            if frame.get("from") == self.name:
+                self._unconfirmed.pop(frame.get("ref"), None)
+        elif kind == "room" and frame.get("room") not in self.rooms:
+            self.rooms.append(frame.get("room"))
+        elif kind == "left" and frame.get("room") and frame.get("name") == self.name:
+            self.rooms = [r for r in self.rooms if name_key(r) != name_key(frame["room"])]
+        elif kind == "renamed" and frame.get("old") == self.name:
+            self.name = frame.get("name")
+        elif kind == "synced":
+            self.last_id = max(self.last_id or 0, frame.get("last_id") or 0)
+            self._resend_unconfirmed()
+            self._synced.set()
+        self.on_event(frame)
+
+    def _resend_unconfirmed(self):
+        """After (re)connecting: send again what the server never echoed, in order."""
+        for fields in list(self._unconfirmed.values()):
+            self.send(fields)
+
+    def _reconnect(self, why):
+        """Try to connect again with growing pauses; return (text, final) on giving up."""
+        delay = 0.5
+        while not self._closing.is_set():
+            self.on_event({"type": "reconnecting", "delay": delay,
+                           "text": "%s Reconnecting in %g s..." % (why, delay)})
+            if self._closing.wait(delay):
+                break
+            try:
+                self.on_event(self.connect())
+                return None, False
+            except UserError as error:
+                if error.code in ("name_taken", "bad_name", "banned"):
+                    return str(error), True
+                why = str(error)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+        return "Disconnected.", True
+
+    # -- closing ---------------------------------------------------------------
+
+    def close(self, say_bye=True, wait_s=2.0):
+        """Leave: send what is posted and a bye (if asked), then close the socket.
+
+        Waits at most wait_s for the threads.
+        """
+        if say_bye:
+            self._outgoing.put({"type": "bye"})
+        self._outgoing.put(None)
+        deadline = time.monotonic() + wait_s
+        sender = self._threads[1] if len(self._threads) > 1 else None
+        if sender is not None and self._synced.is_set():
+            sender.join(wait_s)
+        elif say_bye and self._sock is not None and sender is None:
+            try:
+                self.send({"type": "bye"})
+            except OSError:
+                pass
+        self._closing.set()
+        self._close_socket()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _close_socket(self):
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
 
+# What a person types and reads, for both clients.
 
-# What a person types, for both clients.
-
-HELP_TEXT = ("Commands: /users lists who is here, /quit leaves, /help shows this. "
-             "To send text that starts with /, start it with //.")
-
-COMMANDS = ("/users", "/quit", "/help")
+HELP_TEXT = """Commands:
+  /join ROOM        join a room, or switch to it
+  /leave [ROOM]     leave a room (the current one)
+  /msg NAME TEXT    a direct message that only NAME sees
+  /me ACTION        say what you do, shown as: * alice waves
+  /nick NEWNAME     change your name
+  /users [ROOM]     who is in the room (the current one)
+  /rooms            the rooms and their topics
+  /topic [TEXT]     show the room's topic, or set it
+  /away [TEXT]      mark yourself away; /back when you return
+  /quit             leave the chat
+  /help             this list
+Start a message with // to send text that begins with /."""
 
 _LEFT_WORDS = {
     "quit": "left",
+    "part": "left",
     "lost": "lost the connection",
     "timeout": "timed out",
     "too_slow": "could not keep up and was disconnected",
@@ -1213,41 +1990,178 @@ _LEFT_WORDS = {
 }
 
 
-def parse_input(line):
-    """Return (command, argument) for a line typed by a person.
+def _room_argument(argument, where):
+    room = argument.split()[0].lstrip("#") if argument else where.get("room")
+    return room
 
-    command is "say", "users", "quit", "help" or "unknown" (argument: a sentence),
-    or None for a blank line. Text starting with // is sent starting with /.
+
+def _parse_join(argument, where):
+    if not argument:
+        return "error", "Usage: /join ROOM"
+    return "send", {"type": "join", "room": argument.split()[0].lstrip("#")}
+
+
+def _parse_leave(argument, where):
+    room = _room_argument(argument, where)
+    if not room:
+        return "error", "Usage: /leave ROOM"
+    return "send", {"type": "leave", "room": room}
+
+
+def _parse_msg(argument, where):
+    name, _, text = argument.partition(" ")
+    if not name or not text.strip():
+        return "error", "Usage: /msg NAME TEXT"
+    return "send", {"type": "say", "to": name.lstrip("@"), "text": text}
+
+
+def _parse_me(argument, where):
+    if not argument:
+        return "error", "Usage: /me ACTION"
+    return "send", dict(where, type="say", text=argument, action=True)
+
+
+def _parse_nick(argument, where):
+    if not argument:
+        return "error", "Usage: /nick NEWNAME"
+    return "send", {"type": "nick", "name": argument.split()[0]}
+
+
+def _parse_users(argument, where):
+    room = _room_argument(argument, where)
+    return "send", {"type": "users", "room": room} if room else {"type": "users"}
+
+
+def _parse_topic(argument, where):
+    room = where.get("room")
+    if not room:
+        return "error", "Topics belong to rooms: switch to a room first."
+    if argument:
+        return "send", {"type": "topic", "room": room, "topic": argument}
+    return "send", {"type": "topic", "room": room}
+
+
+_COMMANDS = {
+    "join": _parse_join,
+    "leave": _parse_leave,
+    "part": _parse_leave,
+    "msg": _parse_msg,
+    "me": _parse_me,
+    "nick": _parse_nick,
+    "users": _parse_users,
+    "rooms": lambda argument, where: ("send", {"type": "rooms"}),
+    "topic": _parse_topic,
+    "away": lambda argument, where: ("send", {"type": "away", "text": argument or None}),
+    "back": lambda argument, where: ("send", {"type": "back"}),
+    "quit": lambda argument, where: ("quit", None),
+    "exit": lambda argument, where: ("quit", None),
+    "help": lambda argument, where: ("help", HELP_TEXT),
+}
+
+COMMAND_NAMES = tuple("/" + name for name in _COMMANDS)
+
+
+def parse_input(line, where=None):
+    """Return (action, value) for a line a person typed in a conversation.
+
+    `where` is {"room": name} or {"to": name}: where plain text goes. action is
+    "send" (value: the frame to post), "quit", "help" (value: the help text),
+    "error" (value: a sentence), or None for a blank line. Text starting with //
+    is sent starting with /.
     """
+    where = where if where is not None else {"room": GENERAL_ROOM}
     if not line.strip():
         return None, None
-    if line.startswith("//"):
-        return "say", line[1:]
-    if not line.startswith("/"):
-        return "say", line
-    word = line.split(None, 1)[0].lower()
-    if word in COMMANDS:
-        return word[1:], None
-    return "unknown", "Unknown command %s. Type /help for the list." % word.split("\n")[0][:40]
+    if line.startswith("//") or not line.startswith("/"):
+        text = line[1:] if line.startswith("//") else line
+        return "send", dict(where, type="say", text=text)
+    word, _, argument = line[1:].partition(" ")
+    word = word.split("\n")[0]
+    parser = _COMMANDS.get(word.lower())
+    if parser is None:
+        return "error", "Unknown command /%s. Type /help for the list." % word[:40]
+    return parser(argument.strip(), where)
+
+
+def room_label(room):
+    return "#" + room
 
 
 def notice_text(frame):
     """Return the sentence shown for a frame other than a message, or None."""
-    kind = frame.get("type")
-    if kind == "joined":
-        return "%s joined" % frame.get("name")
-    if kind == "left":
-        reason = frame.get("reason")
-        return "%s %s" % (frame.get("name"), _LEFT_WORDS.get(reason, "left (%s)" % reason))
-    if kind == "users":
-        users = frame.get("users") or []
-        return "%d here: %s" % (len(users), ", ".join(users))
-    if kind == "welcome":
-        users = frame.get("users") or []
-        return "Welcome, %s! %d here: %s" % (frame.get("name"), len(users), ", ".join(users))
-    if kind in ("error", "bye", "disconnected"):
-        return frame.get("text") or kind
-    return None
+    describe = _NOTICES.get(frame.get("type"))
+    return describe(frame) if describe else None
+
+
+def _users_notice(frame):
+    users = frame.get("users") or []
+    away = frame.get("away") or {}
+    shown = ", ".join(u + (" (away: %s)" % away[u] if u in away else "") for u in users)
+    where = " in %s" % room_label(frame["room"]) if frame.get("room") else ""
+    return "%d here%s: %s" % (len(users), where, shown)
+
+
+def _left_notice(frame):
+    reason = frame.get("reason")
+    words = _LEFT_WORDS.get(reason, "left (%s)" % reason)
+    if frame.get("room"):
+        return "%s %s %s" % (frame.get("name"), words, room_label(frame["room"]))
+    return "%s %s" % (frame.get("name"), words)
+
+
+def _topic_notice(frame):
+    room, topic = room_label(str(frame.get("room"))), frame.get("topic")
+    if frame.get("by"):
+        return ("%s set the topic of %s: %s" % (frame["by"], room, topic) if topic
+                else "%s cleared the topic of %s" % (frame["by"], room))
+    return "Topic of %s: %s" % (room, topic) if topic else "%s has no topic." % room
+
+
+def _rooms_notice(frame):
+    rooms = frame.get("rooms") or []
+    parts = ["%s (%s)%s" % (room_label(r.get("name")), r.get("users"), ": " + r["topic"] if r.get("topic") else "")
+             for r in rooms]
+    return "Rooms: " + ", ".join(parts) if parts else "There are no rooms."
+
+
+def _room_notice(frame):
+    users = frame.get("users") or []
+    topic = " Topic: %s" % frame["topic"] if frame.get("topic") else ""
+    return "You are in %s with %d here: %s.%s" % (room_label(frame.get("room")), len(users), ", ".join(users), topic)
+
+
+_NOTICES = {
+    "joined": lambda f: "%s joined %s" % (f.get("name"), room_label(f["room"])) if f.get("room")
+    else "%s joined" % f.get("name"),
+    "left": _left_notice,
+    "users": _users_notice,
+    "welcome": lambda f: "Welcome, %s!" % f.get("name") if not f.get("resumed") else "Reconnected.",
+    "room": _room_notice,
+    "topic": _topic_notice,
+    "rooms": _rooms_notice,
+    "renamed": lambda f: "%s is now known as %s" % (f.get("old"), f.get("name")),
+    "away": lambda f: ("%s is away: %s" % (f.get("name"), f["text"])) if f.get("text")
+    else "%s is back" % f.get("name"),
+    "history_end": lambda f: None if f.get("count") else "No older messages.",
+    "error": lambda f: f.get("text") or "error",
+    "bye": lambda f: f.get("text") or "bye",
+    "disconnected": lambda f: f.get("text") or "Disconnected.",
+    "reconnecting": lambda f: f.get("text") or "Reconnecting...",
+}
+
+
+def message_line(frame):
+    """Return a message as the one line the line client prints (after the time)."""
+    sender, text = frame.get("from"), frame.get("text")
+    if frame.get("to") is not None:
+        where = "[%s -> %s] " % (sender, frame["to"])
+        return where + ("* %s %s" % (sender, text) if frame.get("action") else text) + (
+            " (will be delivered when %s returns)" % frame["to"] if frame.get("queued") else "")
+    room = frame.get("room")
+    prefix = "" if room in (None, GENERAL_ROOM) else room_label(room) + " "
+    if frame.get("action"):
+        return "%s* %s %s" % (prefix, sender, text)
+    return "%s<%s> %s" % (prefix, sender, text)
 
 
 def clock(ts=None):
@@ -1255,8 +2169,57 @@ def clock(ts=None):
     return time.strftime("%H:%M:%S", time.localtime(ts if isinstance(ts, (int, float)) else None))
 
 
+def config_dir():
+    """Return the folder for the client's settings (LOCALCHAT_CONFIG_DIR overrides it)."""
+    override = os.environ.get("LOCALCHAT_CONFIG_DIR")
+    if override:
+        return Path(override)
+    if sys.platform == "win32":
+        return Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming") / "LocalChat"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "LocalChat"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "localchat"
+
+
+def load_settings():
+    """Return the saved client settings (a dict; empty when there are none yet)."""
+    try:
+        settings = json.loads((config_dir() / "settings.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def save_settings(settings):
+    """Save the client settings; return False if the folder cannot be written."""
+    folder = config_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / "settings.json.tmp"
+        temporary.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(str(temporary), str(folder / "settings.json"))
+        return True
+    except OSError:
+        return False
+
+
+def load_identity():
+    """Return this computer's client identity: a random token, made once and kept.
+
+    The server delivers direct messages that came while we were away only to the
+    same identity, never to somebody else who took the name meanwhile.
+    """
+    settings = load_settings()
+    identity = settings.get("identity")
+    if not isinstance(identity, str) or not 16 <= len(identity) <= MAX_IDENTITY_CHARS:
+        identity = secrets.token_hex(16)
+        settings["identity"] = identity
+        save_settings(settings)
+    return identity
+
+
 # =============================================================================
-# 9. Tk window
+# 10. Tk window
 # =============================================================================
 #
 # ChatWindow runs on the Tk thread only. The connection's threads put frames on
@@ -1336,38 +2299,80 @@ class ConfirmDialog:
         return answer
 
 
-class ChatWindow:
-    """The chat window: log, people list, input, status line. Runs on the Tk thread."""
+class Conversation:
+    """One room or direct conversation as the window shows it: its own log and people."""
 
-    def __init__(self, root, host, port, name):
+    def __init__(self, kind, name):
+        self.kind = kind  # "room" or "direct"
+        self.name = name
+        self.key = conversation_key(kind, name)
+        self.users = []
+        self.away = {}
+        self.topic = None
+        self.unread = 0
+        self.oldest_id = None  # the oldest message shown, for paging back
+        self.frame = None  # the Tk frame holding the log, made by the window
+        self.log = None
+
+    @property
+    def where(self):
+        """Where text typed in this conversation goes, as say-frame fields."""
+        return {"room": self.name} if self.kind == "room" else {"to": self.name}
+
+    @property
+    def label(self):
+        prefix = "# " if self.kind == "room" else "@ "
+        return prefix + self.name + (" (%d)" % self.unread if self.unread else "")
+
+
+def conversation_key(kind, name):
+    return kind + ":" + name_key(name)
+
+
+class ChatWindow:
+    """The chat window: conversations, log, people, input, status line. Runs on the Tk thread."""
+
+    def __init__(self, root, host, port, name, identity=None):
         import tkinter
         from tkinter import ttk
         self.tk, self.ttk, self.root = tkinter, ttk, root
-        self.connection = ChatConnection(host, port, name, on_event=self._queue_event)
+        self.connection = ChatConnection(host, port, name, on_event=self.events_put,
+                                         identity=identity, reconnect=True)
         self.events = queue.Queue()  # frames from the connection's threads
         self.astral_ok = tk_shows_astral(str(root.tk.call("info", "patchlevel")))
         self.connected = False
-        self.users = []
+        self.has_focus = True
+        self.conversations = {}  # key -> Conversation, in the order they opened
+        self.current = None
+        self.seen_ids = set()  # message ids shown, so nothing shows twice
         self.history = []
         self._history_index = 0
+        self._completion = None  # (prefix, matches, index) while Tab cycles through names
+        self._switch_to = conversation_key("room", GENERAL_ROOM)  # open this room when it arrives
         self._closing = False
         self._poll_id = None
         self.confirm_dialog = None
         self._ref_prefix = secrets.token_hex(3)
         self._next_ref = 0
         self._build_window()
+        self._open_conversation("room", GENERAL_ROOM)
         self._poll_id = root.after(POLL_INTERVAL_MS, self._poll)
         self._connect()
+
+    def events_put(self, frame):
+        """Runs on the connection's threads: hand a frame to the Tk thread."""
+        self.events.put(frame)
 
     # -- building --------------------------------------------------------------
 
     def _build_window(self):
         root = self.root
-        root.title("%s - LocalChat (%s)" % (self.connection.name, self.connection.address))
-        root.geometry("760x520")
-        root.minsize(420, 300)
+        root.geometry("900x560")
+        root.minsize(520, 320)
         root.protocol("WM_DELETE_WINDOW", self._on_close_request)
         root.bind("<Escape>", lambda event: self._on_close_request())
+        root.bind("<FocusIn>", self._on_focus_in)
+        root.bind("<FocusOut>", self._on_focus_out)
         style = self.ttk.Style(root)
         if "clam" in style.theme_names() and sys.platform.startswith("linux"):
             style.theme_use("clam")
@@ -1375,37 +2380,75 @@ class ChatWindow:
         self._build_input()
         panes = self.ttk.PanedWindow(root, orient="horizontal")
         panes.pack(side="top", fill="both", expand=True, padx=6, pady=(6, 0))
-        panes.add(self._build_log(panes), weight=4)
+        panes.add(self._build_sidebar(panes), weight=1)
+        panes.add(self._build_centre(panes), weight=5)
         panes.add(self._build_people(panes), weight=1)
+        self._update_title()
         self.input.focus_set()
 
-    def _build_log(self, parent):
+    def _build_sidebar(self, parent):
         frame = self.ttk.Frame(parent)
-        self.log = self.tk.Text(frame, wrap="word", state="disabled", padx=8, pady=6, font="TkDefaultFont",
-                                relief="flat", borderwidth=0, highlightthickness=1, cursor="arrow")
-        scrollbar = self.ttk.Scrollbar(frame, command=self.log.yview)
-        self.log.configure(yscrollcommand=scrollbar.set)
-        scrollbar.pack(side="right", fill="y")
-        self.log.pack(side="left", fill="both", expand=True)
-        bold = ("TkDefaultFont", 10, "bold")
-        self.log.tag_configure("time", foreground="#8a8a8a")
-        self.log.tag_configure("name", font=bold)
-        self.log.tag_configure("body", lmargin2=24)
-        self.log.tag_configure("more", lmargin1=24, lmargin2=24)
-        self.log.tag_configure("code", font="TkFixedFont")  # pasted logs and code keep their columns
-        self.log.tag_configure("own", background="#eef4ff")
-        self.log.tag_configure("mention", background="#fff3b0")
-        self.log.tag_configure("notice", foreground="#6b6b6b", font=("TkDefaultFont", 9, "italic"))
-        self.log.tag_configure("error", foreground="#b00020")
+        self.ttk.Label(frame, text="Conversations").pack(side="top", anchor="w", padx=4, pady=(0, 4))
+        join_row = self.ttk.Frame(frame)
+        join_row.pack(side="bottom", fill="x", pady=(4, 0))
+        self.join_entry = self.ttk.Entry(join_row, width=10)
+        self.join_entry.pack(side="left", fill="x", expand=True)
+        self.join_entry.bind("<Return>", lambda event: self._on_join_button())
+        self.join_button = self.ttk.Button(join_row, text="Join", width=5, command=self._on_join_button)
+        self.join_button.pack(side="left", padx=(4, 0))
+        self.leave_button = self.ttk.Button(frame, text="Leave room", command=self._on_leave_button)
+        self.leave_button.pack(side="bottom", fill="x", pady=(4, 0))
+        self.conversation_list = self.tk.Listbox(frame, activestyle="none", relief="flat", borderwidth=0,
+                                                 highlightthickness=1, takefocus=0, width=16,
+                                                 exportselection=False)
+        self.conversation_list.pack(side="top", fill="both", expand=True)
+        self.conversation_list.bind("<<ListboxSelect>>", self._on_conversation_selected)
         return frame
+
+    def _build_centre(self, parent):
+        frame = self.ttk.Frame(parent)
+        self.topic_label = self.ttk.Label(frame, text="", anchor="w", padding=(4, 0, 4, 4))
+        self.topic_label.pack(side="top", fill="x")
+        self.log_stack = self.ttk.Frame(frame)
+        self.log_stack.pack(side="top", fill="both", expand=True)
+        return frame
+
+    def _build_log(self, conversation):
+        """Make the log of one conversation (shown when it is the current one)."""
+        frame = self.ttk.Frame(self.log_stack)
+        log = self.tk.Text(frame, wrap="word", state="disabled", padx=8, pady=6, font="TkDefaultFont",
+                           relief="flat", borderwidth=0, highlightthickness=1, cursor="arrow")
+        scrollbar = self.ttk.Scrollbar(frame, command=log.yview)
+        log.configure(yscrollcommand=scrollbar.set)
+        scrollbar.pack(side="right", fill="y")
+        log.pack(side="left", fill="both", expand=True)
+        bold = ("TkDefaultFont", 10, "bold")
+        log.tag_configure("time", foreground="#8a8a8a")
+        log.tag_configure("name", font=bold)
+        log.tag_configure("body", lmargin2=24)
+        log.tag_configure("more", lmargin1=24, lmargin2=24)
+        log.tag_configure("code", font="TkFixedFont")  # pasted logs and code keep their columns
+        log.tag_configure("own", background="#eef4ff")
+        log.tag_configure("mention", background="#fff3b0")
+        log.tag_configure("notice", foreground="#6b6b6b", font=("TkDefaultFont", 9, "italic"))
+        log.tag_configure("error", foreground="#b00020")
+        log.tag_configure("older", foreground="#1f5fbf", underline=True)
+        log.tag_bind("older", "<Button-1>", lambda event, c=conversation: self._on_older(c))
+        log.configure(state="normal")
+        log.insert("end", "Show earlier messages\n", ("older",))
+        log.mark_set("page", "2.0")
+        log.mark_gravity("page", "left")
+        log.configure(state="disabled")
+        conversation.frame, conversation.log = frame, log
 
     def _build_people(self, parent):
         frame = self.ttk.Frame(parent)
         self.people_title = self.ttk.Label(frame, text="People")
         self.people_title.pack(side="top", anchor="w", padx=4, pady=(0, 4))
         self.people = self.tk.Listbox(frame, activestyle="none", relief="flat", borderwidth=0,
-                                      highlightthickness=1, takefocus=0, width=18)
+                                      highlightthickness=1, takefocus=0, width=18, exportselection=False)
         self.people.pack(side="top", fill="both", expand=True)
+        self.people.bind("<Double-Button-1>", self._on_person_double_click)
         return frame
 
     def _build_input(self):
@@ -1425,10 +2468,110 @@ class ChatWindow:
         self.input.bind("<Shift-Return>", self._on_shift_return)
         self.input.bind("<Up>", self._on_history_up)
         self.input.bind("<Down>", self._on_history_down)
+        self.input.bind("<Tab>", self._on_tab)
+        self.input.bind("<Key>", self._on_key, add="+")
 
     def _build_status(self):
         self.status = self.ttk.Label(self.root, text="", anchor="w", padding=(8, 2))
         self.status.pack(side="bottom", fill="x")
+
+    # -- conversations -------------------------------------------------------------
+
+    @property
+    def log(self):
+        """The log of the current conversation."""
+        return self.conversations[self.current].log
+
+    def _open_conversation(self, kind, name):
+        """Return the conversation, making it (and its log) on first use."""
+        key = conversation_key(kind, name)
+        conversation = self.conversations.get(key)
+        if conversation is None:
+            conversation = self.conversations[key] = Conversation(kind, name)
+            self._build_log(conversation)
+            if self.current is None:
+                self._show_conversation(key)
+            self._update_conversation_list()
+        return conversation
+
+    def _close_conversation(self, key):
+        conversation = self.conversations.pop(key, None)
+        if conversation is None:
+            return
+        conversation.frame.destroy()
+        if self.current == key:
+            self.current = None
+            if self.conversations:
+                self._show_conversation(next(iter(self.conversations)))
+        self._update_conversation_list()
+
+    def _show_conversation(self, key):
+        """Make a conversation the current one: its log, topic and people."""
+        if self.current in self.conversations:
+            self.conversations[self.current].frame.pack_forget()
+        self.current = key
+        conversation = self.conversations[key]
+        conversation.frame.pack(fill="both", expand=True)
+        conversation.log.see("end")
+        conversation.unread = 0
+        self._show_topic()
+        self._show_people()
+        self._update_conversation_list()
+        self._update_title()
+
+    def _update_conversation_list(self):
+        keys = list(self.conversations)
+        self.conversation_list.delete(0, "end")
+        for index, key in enumerate(keys):
+            conversation = self.conversations[key]
+            self.conversation_list.insert("end", displayable(conversation.label, self.astral_ok))
+            if conversation.unread:
+                self.conversation_list.itemconfigure(index, foreground="#b00020")
+        if self.current in keys:
+            self.conversation_list.selection_clear(0, "end")
+            self.conversation_list.selection_set(keys.index(self.current))
+
+    def _on_conversation_selected(self, event):
+        selection = self.conversation_list.curselection()
+        if selection:
+            keys = list(self.conversations)
+            if selection[0] < len(keys) and keys[selection[0]] != self.current:
+                self._show_conversation(keys[selection[0]])
+        self.input.focus_set()
+
+    def _show_topic(self):
+        conversation = self.conversations.get(self.current)
+        if conversation is None:
+            return
+        if conversation.kind == "direct":
+            text = "Direct conversation with %s" % conversation.name
+        else:
+            text = "#%s%s" % (conversation.name, " - " + conversation.topic if conversation.topic else "")
+        self.topic_label.configure(text=displayable(text, self.astral_ok))
+
+    def _show_people(self):
+        conversation = self.conversations.get(self.current)
+        users = conversation.users if conversation and conversation.kind == "room" else []
+        self.people_title.configure(text="People here: %d" % len(users))
+        self.people.delete(0, "end")
+        own = name_key(self.connection.name)
+        for index, user in enumerate(users):
+            label = user + (" (you)" if name_key(user) == own else "")
+            if user in conversation.away:
+                label += " (away)"
+            self.people.insert("end", displayable(label, self.astral_ok))
+            self.people.itemconfigure(index, foreground=name_colour(user))
+
+    def _set_room_users(self, conversation, users):
+        conversation.users = sorted(set(users), key=name_key)
+        if conversation.key == self.current:
+            self._show_people()
+
+    def _rooms_with(self, name):
+        """Return the room conversations in which `name` is listed."""
+        key = name_key(name)
+        return [c for c in self.conversations.values()
+                if c.kind == "room" and any(name_key(u) == key for u in c.users)]
 
     # -- connection --------------------------------------------------------------
 
@@ -1439,16 +2582,11 @@ class ChatWindow:
     def _connect_worker(self):
         """Runs on the connect thread: connect, then report through the queue."""
         try:
-            welcome = self.connection.connect()
+            self.connection.connect()
         except UserError as error:
             self.events.put({"type": "connect_failed", "text": str(error)})
             return
-        self.events.put(welcome)
         self.connection.start()
-
-    def _queue_event(self, frame):
-        """Runs on the connection's reader thread: hand the frame to the Tk thread."""
-        self.events.put(frame)
 
     def _poll(self):
         """Drain the event queue, then re-arm while the window is open."""
@@ -1468,35 +2606,112 @@ class ChatWindow:
 
     def _on_frame_welcome(self, frame):
         self.connected = True
-        self._set_users(frame.get("users") or [])
         self._set_status("Connected to %s as %s" % (self.connection.address, self.connection.name))
+        self._update_title()
         self._add_notice(notice_text(frame))
 
     def _on_frame_connect_failed(self, frame):
         self._set_status(frame["text"], error=True)
         self._add_notice(frame["text"], tag="error")
 
+    def _on_frame_room(self, frame):
+        conversation = self._open_conversation("room", str(frame.get("room")))
+        conversation.topic = frame.get("topic")
+        conversation.away = dict(frame.get("away") or {})
+        self._set_room_users(conversation, frame.get("users") or [])
+        self._add_notice(notice_text(frame), conversation=conversation)
+        if conversation.key == self._switch_to:
+            self._switch_to = None
+            self._show_conversation(conversation.key)
+        elif conversation.key == self.current:
+            self._show_topic()
+
     def _on_frame_message(self, frame):
+        if frame.get("id") in self.seen_ids:
+            return
+        self.seen_ids.add(frame.get("id"))
         sender, text = str(frame.get("from")), str(frame.get("text"))
         own = name_key(sender) == name_key(self.connection.name)
-        highlight = not own and mentions(text, self.connection.name)
+        if frame.get("room") is not None:
+            conversation = self._open_conversation("room", str(frame["room"]))
+        else:
+            conversation = self._open_conversation("direct", str(frame.get("to") if own else sender))
+        direct = conversation.kind == "direct"
+        fresh = not frame.get("replay") and not own
+        highlight = not own and (direct or mentions(text, self.connection.name))
         extra = ("own",) if own else ("mention",) if highlight else ()
-        self._add_message(frame.get("ts"), sender, text, extra)
-        if highlight:
-            self.root.bell()
+        self._add_message(conversation, frame, extra)
+        if fresh:
+            self._count_unread(conversation, ring=highlight)
 
     def _on_frame_joined(self, frame):
-        self._set_users(self.users + [str(frame.get("name"))])
-        self._add_notice(notice_text(frame), frame.get("ts"))
+        room = frame.get("room") or GENERAL_ROOM
+        conversation = self.conversations.get(conversation_key("room", room))
+        if conversation is not None:
+            self._set_room_users(conversation, conversation.users + [str(frame.get("name"))])
+            self._add_notice(notice_text(frame), frame.get("ts"), conversation=conversation)
 
     def _on_frame_left(self, frame):
-        gone = name_key(str(frame.get("name")))
-        self._set_users([u for u in self.users if name_key(u) != gone])
-        self._add_notice(notice_text(frame), frame.get("ts"))
+        name = str(frame.get("name"))
+        if frame.get("room"):
+            if name_key(name) == name_key(self.connection.name):
+                self._close_conversation(conversation_key("room", frame["room"]))
+                return
+            rooms = [c for c in [self.conversations.get(conversation_key("room", frame["room"]))] if c]
+        else:
+            rooms = self._rooms_with(name)
+        for conversation in rooms:
+            self._set_room_users(conversation, [u for u in conversation.users if name_key(u) != name_key(name)])
+            self._add_notice(notice_text(frame), frame.get("ts"), conversation=conversation)
 
     def _on_frame_users(self, frame):
-        self._set_users(frame.get("users") or [])
+        if frame.get("room"):
+            conversation = self.conversations.get(conversation_key("room", frame["room"]))
+            if conversation is not None:
+                conversation.away = dict(frame.get("away") or {})
+                self._set_room_users(conversation, frame.get("users") or [])
         self._add_notice(notice_text(frame))
+
+    def _on_frame_topic(self, frame):
+        conversation = self.conversations.get(conversation_key("room", str(frame.get("room"))))
+        if conversation is not None:
+            conversation.topic = frame.get("topic")
+            self._show_topic()
+        self._add_notice(notice_text(frame), frame.get("ts"), conversation=conversation)
+
+    def _on_frame_renamed(self, frame):
+        old, new = str(frame.get("old")), str(frame.get("name"))
+        rooms = self._rooms_with(old)
+        for conversation in rooms:
+            users = [new if name_key(u) == name_key(old) else u for u in conversation.users]
+            self._set_room_users(conversation, users)
+            self._add_notice(notice_text(frame), frame.get("ts"), conversation=conversation)
+        if name_key(old) == name_key(self.connection.name) or name_key(new) == name_key(self.connection.name):
+            self._update_title()
+            if not rooms:
+                self._add_notice(notice_text(frame), frame.get("ts"))
+
+    def _on_frame_away(self, frame):
+        name = str(frame.get("name"))
+        for conversation in self._rooms_with(name):
+            if frame.get("text"):
+                conversation.away[name] = frame["text"]
+            else:
+                conversation.away.pop(name, None)
+            if conversation.key == self.current:
+                self._show_people()
+        self._add_notice(notice_text(frame), frame.get("ts"))
+
+    def _on_frame_rooms(self, frame):
+        self._add_notice(notice_text(frame))
+
+    def _on_frame_history_end(self, frame):
+        if frame.get("room"):
+            conversation = self.conversations.get(conversation_key("room", frame["room"]))
+        else:
+            conversation = self.conversations.get(conversation_key("direct", str(frame.get("with"))))
+        if conversation is not None and not frame.get("more"):
+            self._replace_older_link(conversation, "No earlier messages\n")
 
     def _on_frame_error(self, frame):
         self._add_notice(notice_text(frame), tag="error")
@@ -1504,6 +2719,16 @@ class ChatWindow:
     def _on_frame_bye(self, frame):
         if frame.get("reason") != "quit":
             self._add_notice(notice_text(frame), tag="error")
+
+    def _on_frame_synced(self, frame):
+        self._set_status("Connected to %s as %s" % (self.connection.address, self.connection.name))
+
+    def _on_frame_reconnecting(self, frame):
+        was_connected, self.connected = self.connected, False
+        self._set_status(frame["text"], error=True)
+        if was_connected:
+            self._add_notice("Connection lost; reconnecting. What you type meanwhile is sent once "
+                             "the connection is back.", tag="error")
 
     def _on_frame_disconnected(self, frame):
         self.connected = False
@@ -1518,42 +2743,68 @@ class ChatWindow:
     def _set_status(self, text, error=False):
         self.status.configure(text=text, foreground="#b00020" if error else "")
 
-    def _set_users(self, users):
-        self.users = sorted(set(users), key=name_key)
-        self.people_title.configure(text="People here: %d" % len(self.users))
-        self.people.delete(0, "end")
-        own = name_key(self.connection.name)
-        for index, user in enumerate(self.users):
-            label = user + (" (you)" if name_key(user) == own else "")
-            self.people.insert("end", displayable(label, self.astral_ok))
-            self.people.itemconfigure(index, foreground=name_colour(user))
+    def _update_title(self):
+        unread = sum(c.unread for c in self.conversations.values()) if not self.has_focus else 0
+        title = "%s - LocalChat (%s)" % (self.connection.name, self.connection.address)
+        self.root.title(("(%d) " % unread if unread else "") + title)
 
-    def _append(self, pieces):
-        """Append (text, tags) pieces to the log; follow the end unless scrolled up."""
-        following = self.log.yview()[1] >= 0.999
-        self.log.configure(state="normal")
+    def _count_unread(self, conversation, ring):
+        if conversation.key != self.current or not self.has_focus:
+            conversation.unread += 1
+            self._update_conversation_list()
+            self._update_title()
+        if ring:
+            self.root.bell()
+
+    def _append(self, conversation, pieces, index="end"):
+        """Insert (text, tags) pieces into a log; follow the end unless scrolled up."""
+        log = conversation.log
+        following = log.yview()[1] >= 0.999
+        log.configure(state="normal")
         for text, tags in pieces:
-            self.log.insert("end", displayable(text, self.astral_ok), tags)
-        self.log.configure(state="disabled")
-        if following:
-            self.log.see("end")
+            log.insert(index, displayable(text, self.astral_ok), tags)
+        log.configure(state="disabled")
+        if following and index == "end":
+            log.see("end")
 
-    def _add_message(self, ts, sender, text, extra=()):
+    def _add_message(self, conversation, frame, extra=()):
+        sender, text = str(frame.get("from")), str(frame.get("text"))
         colour_tag = "colour-" + name_colour(sender)
-        self.log.tag_configure(colour_tag, foreground=name_colour(sender))
+        conversation.log.tag_configure(colour_tag, foreground=name_colour(sender))
         first, _, rest = text.partition("\n")
         body = ("body", "code") if rest else ("body",)
-        pieces = [("%s " % clock(ts), ("time",) + extra),
-                  (sender, ("name", colour_tag) + extra),
-                  (": ", ("body",) + extra),
-                  (first + ("\n" if rest else ""), body + extra)]
+        pieces = [("%s " % clock(frame.get("ts")), ("time",) + extra)]
+        if frame.get("action"):
+            pieces += [("* ", ("body",) + extra), (sender, ("name", colour_tag) + extra), (" ", extra)]
+        else:
+            pieces += [(sender, ("name", colour_tag) + extra), (": ", ("body",) + extra)]
+        pieces.append((first + ("\n" if rest else ""), body + extra))
         if rest:
             pieces.append((rest, ("more", "code") + extra))
+        if frame.get("queued"):
+            pieces.append(("  (delivered when %s returns)" % frame.get("to"), ("notice",)))
         pieces.append(("\n", extra))
-        self._append(pieces)
+        message_id = frame.get("id")
+        older = isinstance(message_id, int) and conversation.oldest_id is not None and message_id < conversation.oldest_id
+        if isinstance(message_id, int) and (conversation.oldest_id is None or older):
+            conversation.oldest_id = message_id
+        self._append(conversation, pieces, "page" if older else "end")
 
-    def _add_notice(self, text, ts=None, tag="notice"):
-        self._append([("%s " % clock(ts), ("time",)), ("* " + text + "\n", (tag,))])
+    def _add_notice(self, text, ts=None, tag="notice", conversation=None):
+        if not text:
+            return
+        conversation = conversation or self.conversations.get(self.current)
+        if conversation is not None:
+            self._append(conversation, [("%s " % clock(ts), ("time",)), ("* " + text + "\n", (tag,))])
+
+    def _replace_older_link(self, conversation, text):
+        log = conversation.log
+        log.configure(state="normal")
+        ranges = log.tag_ranges("older")
+        if ranges:
+            log.delete(ranges[0], ranges[1])
+            log.insert("1.0", text, ("notice",))
+        log.configure(state="disabled")
 
     # -- what the person does ---------------------------------------------------------
 
@@ -1568,36 +2819,121 @@ class ChatWindow:
 
     def _on_send(self):
         text = self.input.get("1.0", "end-1c")
-        command, argument = parse_input(text)
-        if command is None:
+        conversation = self.conversations.get(self.current)
+        where = conversation.where if conversation else {"room": GENERAL_ROOM}
+        action, value = parse_input(text, where)
+        if action is None:
             return
-        self._remember(text)
-        self.input.delete("1.0", "end")
-        if command == "say":
-            self._say(argument, text)
-        elif command == "users":
-            self._on_users()
-        elif command == "quit":
-            self.close()
-        elif command == "help":
-            self._add_notice(HELP_TEXT)
-        else:
-            self._add_notice(argument, tag="error")
-        self.input.focus_set()
-
-    def _say(self, text, typed):
-        if not self.connected:
-            self.input.insert("1.0", typed)
+        if action == "send" and not self.connection.welcome:
             self._add_notice("Not connected: your message was not sent (it is still in the input box).",
                              tag="error")
             return
-        self._next_ref += 1
-        self.connection.post({"type": "say", "text": text, "ref": "%s-%d" % (self._ref_prefix, self._next_ref)})
+        self._remember(text)
+        self.input.delete("1.0", "end")
+        if action == "send":
+            self._send(value)
+        elif action == "quit":
+            self.close()
+            return
+        elif action == "help":
+            self._add_notice(value)
+        else:
+            self._add_notice(value, tag="error")
+        self.input.focus_set()
+
+    def _send(self, fields):
+        """Post a frame; a message gets a ref, and a /join or /msg opens its conversation."""
+        if fields["type"] == "say":
+            self._next_ref += 1
+            fields["ref"] = "%s-%d" % (self._ref_prefix, self._next_ref)
+            if fields.get("to"):
+                self._show_conversation(self._open_conversation("direct", fields["to"]).key)
+        elif fields["type"] == "join":
+            key = conversation_key("room", fields["room"])
+            if key in self.conversations:
+                self._show_conversation(key)
+                return
+            self._switch_to = key
+        if not self.connected:
+            self._add_notice("Not connected: this will be sent when the connection is back.", tag="error")
+        self.connection.post(fields)
 
     def _on_users(self):
+        conversation = self.conversations.get(self.current)
         if self.connected:
-            self.connection.post({"type": "users"})
+            room = conversation.name if conversation and conversation.kind == "room" else None
+            self.connection.post({"type": "users", "room": room} if room else {"type": "users"})
         self.input.focus_set()
+
+    def _on_join_button(self):
+        room = self.join_entry.get().strip().lstrip("#")
+        if room:
+            self.join_entry.delete(0, "end")
+            self._send({"type": "join", "room": room})
+        self.input.focus_set()
+
+    def _on_leave_button(self):
+        conversation = self.conversations.get(self.current)
+        if conversation is None:
+            return
+        if conversation.kind == "room":
+            self._send({"type": "leave", "room": conversation.name})
+        else:
+            self._close_conversation(conversation.key)
+        self.input.focus_set()
+
+    def _on_person_double_click(self, event):
+        selection = self.people.curselection()
+        conversation = self.conversations.get(self.current)
+        if selection and conversation is not None and selection[0] < len(conversation.users):
+            name = conversation.users[selection[0]]
+            if name_key(name) != name_key(self.connection.name):
+                self._show_conversation(self._open_conversation("direct", name).key)
+        self.input.focus_set()
+
+    def _on_older(self, conversation):
+        """Ask the server for the page of messages before the oldest one shown."""
+        request = {"type": "history", "limit": 50}
+        request.update({"room": conversation.name} if conversation.kind == "room" else {"with": conversation.name})
+        if conversation.oldest_id is not None:
+            request["before"] = conversation.oldest_id
+        self.connection.post(request)
+
+    def _on_tab(self, event):
+        """Complete the name before the cursor; Tab again cycles through the matches."""
+        before = self.input.get("insert linestart", "insert")
+        word = before.split()[-1] if before.strip() and not before[-1].isspace() else ""
+        if self._completion and before.endswith(self._completion[3]):
+            prefix, matches, index, _ = self._completion
+            word = self._completion[3]
+            index = (index + 1) % len(matches)
+        else:
+            prefix = word.lstrip("@")
+            matches = self._names_starting(prefix) if prefix else []
+            index = 0
+        if matches:
+            at = "@" if word.startswith("@") else ""
+            suffix = ": " if before[:len(before) - len(word)].strip() == "" and not at else " "
+            completed = at + matches[index] + suffix
+            self.input.delete("insert - %dc" % len(word), "insert")
+            self.input.insert("insert", completed)
+            self._completion = (prefix, matches, index, completed)
+        return "break"
+
+    def _on_key(self, event):
+        if event.keysym != "Tab":
+            self._completion = None
+
+    def _names_starting(self, prefix):
+        conversation = self.conversations.get(self.current)
+        names = list(conversation.users if conversation else [])
+        for other in self.conversations.values():
+            names += other.users + ([other.name] if other.kind == "direct" else [])
+        key, found = name_key(prefix), []
+        for name in names:
+            if name_key(name).startswith(key) and name not in found and name_key(name) != name_key(self.connection.name):
+                found.append(name)
+        return found
 
     def _remember(self, text):
         if not self.history or self.history[-1] != text:
@@ -1623,6 +2959,29 @@ class ChatWindow:
         self.input.delete("1.0", "end")
         if self._history_index < len(self.history):
             self.input.insert("1.0", self.history[self._history_index])
+
+    def _on_focus_in(self, event):
+        if not self.has_focus:
+            self.has_focus = True
+            conversation = self.conversations.get(self.current)
+            if conversation is not None:
+                conversation.unread = 0
+                self._update_conversation_list()
+            self._update_title()
+
+    def _on_focus_out(self, event):
+        # Focus moving between our own widgets also sends FocusOut: check once it settles.
+        self.root.after_idle(self._check_focus)
+
+    def _check_focus(self):
+        if self._closing:
+            return
+        try:
+            focused = self.root.focus_get() is not None
+        except KeyError:  # focus is in a widget Tk no longer knows (a closed dialog)
+            focused = False
+        if not focused and self.has_focus:
+            self.has_focus = False
 
     def _on_close_request(self):
         """The X or Escape: ask first while connected; close at once otherwise."""
@@ -1663,13 +3022,13 @@ def run_window(args):
         root = tkinter.Tk()
     except tkinter.TclError as error:
         raise UserError("Could not open a window (%s); use --cli for the line client." % error) from None
-    ChatWindow(root, host, port, args.name)
+    ChatWindow(root, host, port, args.name, identity=load_identity())
     root.mainloop()
     return 0
 
 
 # =============================================================================
-# 10. Terminal client
+# 11. Terminal client
 # =============================================================================
 #
 # A line client for terminals and scripts. The main thread owns stdout; a stdin
@@ -1681,10 +3040,12 @@ CONFIRM_TIMEOUT_S = 10.0  # at the end of input, how long to wait for our messag
 class TerminalClient:
     """Send each stdin line, print each event as one timestamped line."""
 
-    def __init__(self, host, port, name, stdin=None, stdout=None):
-        self.connection = ChatConnection(host, port, name, on_event=self._on_event)
+    def __init__(self, host, port, name, stdin=None, stdout=None, identity=None):
+        self.connection = ChatConnection(host, port, name, on_event=self._on_event,
+                                         identity=identity, reconnect=True)
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
+        self.where = {"room": GENERAL_ROOM}  # where plain lines go: the last room joined
         self._inbox = queue.Queue()
         self._pending = set()  # refs of our messages not yet echoed
         self._ref_prefix = secrets.token_hex(3)
@@ -1694,9 +3055,8 @@ class TerminalClient:
 
     def run(self):
         """Connect and chat until input ends or the connection does; return the exit code."""
-        welcome = self.connection.connect()
-        self._print(clock(welcome.get("ts")), "* Connected to %s. %s" % (self.connection.address,
-                                                                        notice_text(welcome)))
+        self.connection.connect()
+        self._print(clock(), "* Connected to %s." % self.connection.address)
         self.connection.start()
         threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
         try:
@@ -1727,11 +3087,11 @@ class TerminalClient:
                     return code
             elif kind == "line":
                 self._on_line(value)
-            else:
-                self._leave()
+            elif self._leaving_since is None:
+                self._leaving_since = time.monotonic()
             if self._leaving_since is not None and not self._pending and not self._bye_sent:
                 self._bye_sent = True
-                self._send(lambda: self.connection.send({"type": "bye"}))
+                self.connection.post({"type": "bye"})
 
     def _wait_limit(self):
         if self._leaving_since is None:
@@ -1739,30 +3099,21 @@ class TerminalClient:
         return max(0.0, self._leaving_since + CONFIRM_TIMEOUT_S - time.monotonic())
 
     def _on_line(self, line):
-        command, argument = parse_input(line)
-        if command == "say" and self._leaving_since is None:
-            self._next_ref += 1
-            ref = "%s-%d" % (self._ref_prefix, self._next_ref)
-            self._pending.add(ref)
-            self._send(lambda: self.connection.say(argument, ref))
-        elif command == "users":
-            self._send(lambda: self.connection.send({"type": "users"}))
-        elif command == "quit":
-            self._leave()
-        elif command == "help":
-            self._print(clock(), "* " + HELP_TEXT)
-        elif command == "unknown":
-            self._print(clock(), "! " + argument)
-
-    def _send(self, action):
-        try:
-            action()
-        except OSError:
-            pass  # the reader thread reports the lost connection
-
-    def _leave(self):
-        if self._leaving_since is None:
+        if self._leaving_since is not None:
+            return
+        action, value = parse_input(line, self.where)
+        if action == "send":
+            if value["type"] == "say":
+                self._next_ref += 1
+                value["ref"] = "%s-%d" % (self._ref_prefix, self._next_ref)
+                self._pending.add(value["ref"])
+            self.connection.post(value)
+        elif action == "quit":
             self._leaving_since = time.monotonic()
+        elif action == "help":
+            self._print(clock(), value)
+        elif action == "error":
+            self._print(clock(), "! " + value)
 
     def _show(self, frame):
         """Print one frame; return an exit code once the connection has ended."""
@@ -1770,15 +3121,18 @@ class TerminalClient:
         if kind == "message":
             if frame.get("from") == self.connection.name:
                 self._pending.discard(frame.get("ref"))
-            self._print(clock(frame.get("ts")), "<%s> %s" % (frame.get("from"), frame.get("text")))
+            self._print(clock(frame.get("ts")), message_line(frame))
         elif kind == "disconnected":
-            if not frame.get("expected"):
+            if not frame.get("expected") and not self._bye_sent:
                 self._print(clock(), "! " + frame["text"])
                 return 1
             return 0 if not self._pending else 1
+        elif kind == "room":
+            self.where = {"room": frame["room"]}
+            self._print(clock(), "* " + notice_text(frame))
         elif kind == "error":
             self._print(clock(), "! " + notice_text(frame))
-        elif kind != "bye":
+        elif kind not in ("bye", "synced"):
             text = notice_text(frame)
             if text:
                 self._print(clock(frame.get("ts")), "* " + text)
@@ -1794,11 +3148,13 @@ class TerminalClient:
 
 def run_cli(args):
     host, port = split_host_port(args.server)
-    return TerminalClient(host, port, args.name).run()
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # a Windows console cannot show every character
+    return TerminalClient(host, port, args.name, identity=load_identity()).run()
 
 
 # =============================================================================
-# 11. Command line
+# 12. Command line
 # =============================================================================
 
 DESCRIPTION = """\
@@ -1838,6 +3194,11 @@ def build_parser():
     server.add_argument("--port", type=int, help="the TCP port to listen on (default %d; 0 picks a free one)"
                         % DEFAULT_PORT)
     server.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    server.add_argument("--history", metavar="PATH", help="the SQLite file that keeps the history "
+                        "(default: history.sqlite3 in your data folder)")
+    server.add_argument("--no-history", action="store_true", help="keep history in memory only")
+    server.add_argument("--scrollback", type=int, metavar="N",
+                        help="messages shown of a room's history on joining it (default %d)" % DEFAULT_SCROLLBACK)
     return parser
 
 
@@ -1846,14 +3207,21 @@ def check_args(parser, args):
     if args.name == "server":
         for option, value in (("--server", args.server), ("--cli", args.cli)):
             if value:
-                parser.error("%s is a client option; the server takes --host, --port and --quiet" % option)
+                parser.error("%s is a client option; see the server options in --help" % option)
         args.host = DEFAULT_HOST if args.host is None else args.host
         args.port = DEFAULT_PORT if args.port is None else args.port
+        args.scrollback = DEFAULT_SCROLLBACK if args.scrollback is None else args.scrollback
         if not 0 <= args.port <= 65535:
             parser.error("--port must be between 0 and 65535")
+        if not 0 <= args.scrollback <= MAX_REPLAY:
+            parser.error("--scrollback must be between 0 and %d" % MAX_REPLAY)
+        if args.history and args.no_history:
+            parser.error("--history and --no-history exclude each other")
         return
-    for option, value in (("--host", args.host), ("--port", args.port), ("--quiet", args.quiet)):
-        if value:
+    for option, value in (("--host", args.host), ("--port", args.port), ("--quiet", args.quiet),
+                          ("--history", args.history), ("--no-history", args.no_history),
+                          ("--scrollback", args.scrollback)):
+        if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)
     try:
         check_name(args.name)

@@ -23,7 +23,15 @@ import threading
 import time
 import unittest
 
+import tempfile
+
 import localchat
+
+# The programs under test keep history and settings in per-user folders: point
+# them (and every subprocess) at throwaway folders, never at the real ones.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="localchat-test-")
+os.environ["LOCALCHAT_DATA_DIR"] = os.path.join(_SCRATCH.name, "data")
+os.environ["LOCALCHAT_CONFIG_DIR"] = os.path.join(_SCRATCH.name, "config")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "localchat.py")

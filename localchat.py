@@ -124,39 +124,69 @@ Empty lines are ignored. Every frame has a string field "type". Fields a
 receiver does not know are ignored, so both sides may add fields.
 
 Client to server:
-  {"type":"hello","name":"alice","version":1}  first frame, within 10 s
-  {"type":"say","text":"hi","ref":"c1"}        text: 1-32000 bytes of UTF-8, may hold
-                                               newlines and tabs, no other control
-                                               characters; "ref" (optional, up to
-                                               64 printable characters) comes back
-                                               in the echo
-  {"type":"users"}                              ask for the user list
-  {"type":"ping","token":"x"}                   the server answers pong (token echoed)
-  {"type":"pong"}                               the answer to a server ping
-  {"type":"bye"}                                leave; the server answers bye and closes
+  {"type":"hello","name":"alice","version":1}  first frame, within 10 s. Optional:
+        "identity": a random token the client keeps (direct messages sent while
+        it was away are delivered only to the same identity);
+        "resume": the token of an earlier welcome, to take back one's place after
+        a lost connection; "last_id": the last message id seen (what follows is
+        replayed); "rooms": the rooms to rejoin (after a server restart)
+  {"type":"say","text":"hi","room":"general","ref":"c1"}
+        text: 1-32000 bytes of UTF-8, may hold newlines and tabs, no other control
+        characters; "room" defaults to general; "to":"bob" instead of "room" sends
+        a direct message; "action":true for /me; "ref" (optional, up to 64
+        printable characters) comes back in the echo
+  {"type":"join","room":"games"}    {"type":"leave","room":"games"}
+  {"type":"users"}                  everybody; with "room": the people in that room
+  {"type":"rooms"}                  the rooms, their sizes and topics
+  {"type":"topic","room":"games"}   ask; with "topic":"text" (or null) set it
+  {"type":"nick","name":"alice2"}   change one's name
+  {"type":"away","text":"lunch"}    {"type":"back"}
+  {"type":"history","room":"games","before":120,"limit":50}
+        older messages (or "with":"bob" for a direct conversation)
+  {"type":"ping","token":"x"}       the server answers pong (token echoed)
+  {"type":"pong"}                   the answer to a server ping
+  {"type":"bye"}                    leave; the server answers bye and closes
 
 Server to client:
-  {"type":"welcome","name":"alice","users":["alice","bob"],"server":"host",
-   "version":1,"max_text_bytes":32000}
-  {"type":"message","id":17,"ts":1732435200.5,"from":"alice","text":"hi"}
-        sent to everyone, the sender included: the echo confirms delivery.
-        "id" is assigned by the server and increases; "from" is set by the server.
-  {"type":"joined","name":"bob","ts":...}
-  {"type":"left","name":"bob","reason":"quit","ts":...}
+  {"type":"welcome","name":"alice","users":["alice","bob"],"rooms":["general"],
+   "server":"host","version":1,"max_text_bytes":32000,"resume":"token","last_id":41}
+  then {"type":"room",...} for each room one is in, the history (message frames
+  with "replay":true: a room's last messages, or with "last_id" what was missed),
+  direct messages that waited, and {"type":"synced","last_id":41}.
+  {"type":"message","id":17,"ts":1732435200.5,"from":"alice","room":"general","text":"hi"}
+        sent to everyone in the room, the sender included: the echo confirms
+        delivery. "id" is assigned by the server and increases; "from" is set by
+        the server. A direct message has "to" instead of "room" and goes to sender
+        and recipient only ("queued":true if the recipient is away: it is kept
+        and delivered when that identity returns).
+  {"type":"room","room":"games","topic":"...","users":[...],"away":{"bob":"lunch"}}
+        you are in this room (after hello or join)
+  {"type":"joined","name":"bob","room":"games","ts":...}
+  {"type":"left","name":"bob","room":"games","reason":"part","ts":...}
+  {"type":"left","name":"bob","reason":"quit","ts":...}   (no room: left the server)
         reason: quit, lost (connection broke), timeout (no answer to pings),
         too_slow (did not read fast enough), error (too many bad frames),
-        shutdown (the server stopped)
-  {"type":"users","users":["alice","bob"]}
+        shutdown (the server stopped). A lost or timed-out user keeps its name
+        and rooms for 60 s: others hear "left" only if it does not come back.
+  {"type":"users","users":[...],"away":{...}}  (with "room" when asked per room)
+  {"type":"rooms","rooms":[{"name":"general","users":3,"topic":null}]}
+  {"type":"topic","room":"games","topic":"...","by":"alice"}
+  {"type":"renamed","old":"alice","name":"alice2"}
+  {"type":"away","name":"bob","text":"lunch"}     (text null: back)
+  {"type":"history_end","room":"games","count":50,"more":true}
   {"type":"ping"}    answer with pong (any frame will do) within 30 s
   {"type":"pong","token":"x"}
   {"type":"error","code":"name_taken","text":"a sentence for a person","fatal":true}
         fatal errors are followed by the server closing the connection
-  {"type":"bye","reason":"quit"|"shutdown","text":"a sentence"}  then the server closes
+  {"type":"bye","reason":"quit"|"shutdown"|"replaced","text":"a sentence"}
+        then the server closes
 
 Error codes: bad_utf8, bad_json, not_object, bad_type, unknown_type, bad_field,
-hello_first, already_joined, bad_version, bad_name, name_taken, empty_text,
-text_too_long, bad_text, line_too_long (fatal), too_many_errors (fatal),
-hello_timeout (fatal), shutting_down (fatal: a hello while the server stops).
+hello_first, already_joined, bad_version, bad_name, bad_room, name_taken,
+empty_text, text_too_long, bad_text, not_in_room, already_in_room,
+too_many_rooms, unknown_user, not_stored, line_too_long (fatal),
+too_many_errors (fatal), hello_timeout (fatal), shutting_down (fatal: a hello
+while the server stops).
 """
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -2311,6 +2341,7 @@ class Conversation:
         self.topic = None
         self.unread = 0
         self.oldest_id = None  # the oldest message shown, for paging back
+        self.page_before = None  # while a page is coming: messages older than this go on top
         self.frame = None  # the Tk frame holding the log, made by the window
         self.log = None
 
@@ -2391,10 +2422,10 @@ class ChatWindow:
         self.ttk.Label(frame, text="Conversations").pack(side="top", anchor="w", padx=4, pady=(0, 4))
         join_row = self.ttk.Frame(frame)
         join_row.pack(side="bottom", fill="x", pady=(4, 0))
-        self.join_entry = self.ttk.Entry(join_row, width=10)
+        self.join_entry = self.ttk.Entry(join_row, width=8)
         self.join_entry.pack(side="left", fill="x", expand=True)
         self.join_entry.bind("<Return>", lambda event: self._on_join_button())
-        self.join_button = self.ttk.Button(join_row, text="Join", width=5, command=self._on_join_button)
+        self.join_button = self.ttk.Button(join_row, text="Join", width=6, command=self._on_join_button)
         self.join_button.pack(side="left", padx=(4, 0))
         self.leave_button = self.ttk.Button(frame, text="Leave room", command=self._on_leave_button)
         self.leave_button.pack(side="bottom", fill="x", pady=(4, 0))
@@ -2437,7 +2468,6 @@ class ChatWindow:
         log.configure(state="normal")
         log.insert("end", "Show earlier messages\n", ("older",))
         log.mark_set("page", "2.0")
-        log.mark_gravity("page", "left")
         log.configure(state="disabled")
         conversation.frame, conversation.log = frame, log
 
@@ -2710,7 +2740,10 @@ class ChatWindow:
             conversation = self.conversations.get(conversation_key("room", frame["room"]))
         else:
             conversation = self.conversations.get(conversation_key("direct", str(frame.get("with"))))
-        if conversation is not None and not frame.get("more"):
+        if conversation is None:
+            return
+        conversation.page_before = None
+        if not frame.get("more"):
             self._replace_older_link(conversation, "No earlier messages\n")
 
     def _on_frame_error(self, frame):
@@ -2785,9 +2818,10 @@ class ChatWindow:
             pieces.append(("  (delivered when %s returns)" % frame.get("to"), ("notice",)))
         pieces.append(("\n", extra))
         message_id = frame.get("id")
-        older = isinstance(message_id, int) and conversation.oldest_id is not None and message_id < conversation.oldest_id
-        if isinstance(message_id, int) and (conversation.oldest_id is None or older):
+        if isinstance(message_id, int) and (conversation.oldest_id is None or message_id < conversation.oldest_id):
             conversation.oldest_id = message_id
+        older = conversation.page_before is not None and isinstance(message_id, int) and (
+            message_id < conversation.page_before)
         self._append(conversation, pieces, "page" if older else "end")
 
     def _add_notice(self, text, ts=None, tag="notice", conversation=None):
@@ -2896,7 +2930,11 @@ class ChatWindow:
         request = {"type": "history", "limit": 50}
         request.update({"room": conversation.name} if conversation.kind == "room" else {"with": conversation.name})
         if conversation.oldest_id is not None:
-            request["before"] = conversation.oldest_id
+            request["before"] = conversation.page_before = conversation.oldest_id
+        # Older messages go in above what is shown, in order: each is inserted at
+        # this mark, which moves on past it.
+        conversation.log.mark_set("page", "2.0")
+        conversation.log.mark_gravity("page", "right")
         self.connection.post(request)
 
     def _on_tab(self, event):
@@ -2977,9 +3015,10 @@ class ChatWindow:
         if self._closing:
             return
         try:
-            focused = self.root.focus_get() is not None
+            widget = self.root.focus_get()
         except KeyError:  # focus is in a widget Tk no longer knows (a closed dialog)
-            focused = False
+            widget = None
+        focused = widget is not None and str(widget.winfo_toplevel()) == str(self.root)
         if not focused and self.has_focus:
             self.has_focus = False
 
@@ -3107,6 +3146,10 @@ class TerminalClient:
                 self._next_ref += 1
                 value["ref"] = "%s-%d" % (self._ref_prefix, self._next_ref)
                 self._pending.add(value["ref"])
+            elif value["type"] == "join":  # what follows goes to the new room
+                self.where = {"room": value["room"]}
+            elif value["type"] == "leave" and self.where.get("room") == value["room"]:
+                self.where = {"room": GENERAL_ROOM}
             self.connection.post(value)
         elif action == "quit":
             self._leaving_since = time.monotonic()
@@ -3127,9 +3170,6 @@ class TerminalClient:
                 self._print(clock(), "! " + frame["text"])
                 return 1
             return 0 if not self._pending else 1
-        elif kind == "room":
-            self.where = {"room": frame["room"]}
-            self._print(clock(), "* " + notice_text(frame))
         elif kind == "error":
             self._print(clock(), "! " + notice_text(frame))
         elif kind not in ("bye", "synced"):

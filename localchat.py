@@ -23,10 +23,14 @@ Sections:
 
 __version__ = "1.0"
 
+import _thread
 import argparse
 import collections
+import getpass
 import errno
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -92,11 +96,13 @@ class ProtocolError(LocalChatError):
     `fatal` errors close the connection after the error frame is sent.
     """
 
-    def __init__(self, code, text, fatal=False):
+    def __init__(self, code, text, fatal=False, reason="error", counts=True):
         super().__init__(text)
         self.code = code
         self.text = text
         self.fatal = fatal
+        self.reason = reason  # what others are told when a fatal error ends the connection
+        self.counts = counts  # whether it counts towards the limit of bad frames
 
 
 class UserError(LocalChatError):
@@ -229,6 +235,15 @@ def frame_field(frame, key, kind, required=True):
     return value
 
 
+def password_proof(password, nonce):
+    """Return the answer to a password challenge: HMAC-SHA256 keyed by the password, in hex.
+
+    The password itself never crosses the network; a fresh nonce per connection
+    makes a recorded answer useless.
+    """
+    return hmac.new(password.encode("utf-8"), nonce.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def split_host_port(text, default_port=DEFAULT_PORT):
     """Return (host, port) from "host", "host:port", "[v6]:port" or "v6"; raise UserError."""
     text = text.strip()
@@ -351,6 +366,94 @@ def _now():
     return round(time.time(), 3)
 
 
+class Limits:
+    """The server's limits against floods and hogs. Each can be set on the command line.
+
+    A rate of 0 turns that rate limit off (benchmarks do that).
+    """
+
+    # (attribute, default, help): the command line makes --attribute-name options of these.
+    TABLE = (
+        ("messages_per_s", 5.0, "messages one connection may send per second, on average"),
+        ("message_burst", 30, "messages it may send at once before that rate applies"),
+        ("kbytes_per_s", 64.0, "kilobytes of messages it may send per second, on average"),
+        ("kbyte_burst", 512, "kilobytes it may send at once before that rate applies"),
+        ("flood_strikes", 20, "refused messages within a minute before the connection is dropped"),
+        ("max_per_ip", 64, "connections from one address (this computer's own are not counted)"),
+        ("max_connections", 10000, "connections in all"),
+        ("max_rooms", MAX_ROOMS_PER_USER, "rooms one user may be in at once"),
+        ("renames_per_minute", 5, "name changes one user may make per minute"),
+    )
+
+    def __init__(self, **values):
+        for attribute, default, _ in self.TABLE:
+            setattr(self, attribute, values.pop(attribute, default))
+        if values:
+            raise TypeError("unknown limits: %s" % ", ".join(sorted(values)))
+
+
+class TokenBucket:
+    """A rate with a burst: take() spends tokens that come back at `rate` per second."""
+
+    __slots__ = ("rate", "capacity", "tokens", "stamp")
+
+    def __init__(self, rate, capacity):
+        self.rate, self.capacity = float(rate), float(capacity)
+        self.tokens, self.stamp = self.capacity, time.monotonic()
+
+    def take(self, amount=1.0):
+        """Spend amount and return 0, or spend nothing and return the seconds to wait."""
+        if self.rate <= 0:
+            return 0.0  # no limit
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= amount:
+            self.tokens -= amount
+            return 0.0
+        return (amount - self.tokens) / self.rate
+
+
+class FloodGuard:
+    """One connection's allowance of messages and bytes, and its record of refusals.
+
+    Used only from that connection's own thread, so it needs no lock.
+    """
+
+    def __init__(self, limits):
+        self.messages = TokenBucket(limits.messages_per_s, limits.message_burst)
+        self.bytes = TokenBucket(limits.kbytes_per_s * 1024, max(limits.kbyte_burst * 1024, MAX_TEXT_BYTES))
+        self.renames = TokenBucket(limits.renames_per_minute / 60.0, limits.renames_per_minute)
+        self.strike_limit = limits.flood_strikes
+        self.strikes = collections.deque()
+
+    def check_message(self, size):
+        """Raise rate_limited (or, after too many, a fatal flood error) if over the limit."""
+        wait = self.messages.take(1)
+        if not wait:
+            wait = self.bytes.take(size)
+            if wait:
+                self.messages.tokens += 1  # not sent after all
+        if wait:
+            self._refuse("You are sending too fast: this message was not sent. Try again in %.0f s."
+                         % max(1, wait + 0.5))
+
+    def check_rename(self):
+        wait = self.renames.take(1)
+        if wait:
+            self._refuse("You are changing names too often. Try again in %.0f s." % max(1, wait + 0.5))
+
+    def _refuse(self, text):
+        now = time.monotonic()
+        self.strikes.append(now)
+        while self.strikes[0] < now - 60:
+            self.strikes.popleft()
+        if len(self.strikes) > self.strike_limit:
+            raise ProtocolError("flooding", "You kept sending too fast; disconnecting.", fatal=True,
+                                reason="flood")
+        raise ProtocolError("rate_limited", text, counts=False)
+
+
 class Room:
     """A room: its members in joining order, and its topic."""
 
@@ -372,11 +475,14 @@ class ChatHub:
     """
 
     def __init__(self, server_name="LocalChat", store=None, scrollback=DEFAULT_SCROLLBACK,
-                 resume_grace_s=RESUME_GRACE_S):
+                 resume_grace_s=RESUME_GRACE_S, limits=None, password=None):
         self.server_name = server_name
         self.store = store if store is not None else MemoryStore()
         self.scrollback = scrollback
         self.resume_grace_s = resume_grace_s
+        self.limits = limits if limits is not None else Limits()
+        self.password = password  # doors check it before join(); the hub only says whether there is one
+        self.moderation = Moderation(self)
         self.lock = threading.Lock()
         self._members = {}  # name_key -> member, lost ones in their grace period included
         self._rooms = {}  # room key -> Room, only rooms with members
@@ -400,7 +506,9 @@ class ChatHub:
             old = self._members.get(name_key(name))
             if old is not None and not (resume and resume == old.resume_token):
                 raise self._name_taken(name, old)
+            self.moderation.check_join(member, name, identity)
             member.name, member.identity, member.lost_at = name, identity, None
+            member.flood = FloodGuard(self.limits)
             if old is not None:
                 self._take_over(old, member)
                 rejoin = []
@@ -480,7 +588,7 @@ class ChatHub:
                 self._remove(member, member.lost_at[1])
             return len(expired)
 
-    def _remove(self, member, reason):
+    def _remove(self, member, reason, text=None):
         """Take member out of every room and tell everyone who shared one."""
         key = name_key(member.name)
         del self._members[key]
@@ -488,7 +596,10 @@ class ChatHub:
         for room_key in list(member.rooms):
             self._drop_from_room(member, room_key)
         if not self._closed:
-            event = Event({"type": "left", "name": member.name, "reason": reason, "ts": _now()})
+            fields = {"type": "left", "name": member.name, "reason": reason, "ts": _now()}
+            if text:
+                fields["text"] = text
+            event = Event(fields)
             for other in audience:
                 other.deliver(event)
 
@@ -508,8 +619,8 @@ class ChatHub:
         with self.lock:
             if name_key(room_name) in member.rooms:
                 raise ProtocolError("already_in_room", "You are already in %s." % room_name)
-            if len(member.rooms) >= MAX_ROOMS_PER_USER:
-                raise ProtocolError("too_many_rooms", "You may be in at most %d rooms." % MAX_ROOMS_PER_USER)
+            if len(member.rooms) >= self.limits.max_rooms:
+                raise ProtocolError("too_many_rooms", "You may be in at most %d rooms." % self.limits.max_rooms)
             self._enter_room(member, room_name, replay=True)
 
     def leave_room(self, member, room_name):
@@ -582,9 +693,11 @@ class ChatHub:
         before anybody gets it.
         """
         text = clean_text(text)
+        member.flood.check_message(len(text.encode("utf-8")))
         with self.lock:
             if self._members.get(name_key(member.name)) is not member:
                 return
+            self.moderation.check_speak(member)
             fields = {"type": "message", "id": self._next_id, "ts": _now(), "from": member.name}
             if to is None:
                 target = self._member_room(member, GENERAL_ROOM if room is None else room)
@@ -660,6 +773,7 @@ class ChatHub:
     def rename(self, member, new_name):
         """Change member's name; everybody hears of it."""
         check_name(new_name)
+        member.flood.check_rename()
         with self.lock:
             old_name, new_key = member.name, name_key(new_name)
             holder = self._members.get(new_key)
@@ -698,6 +812,7 @@ class ChatHub:
             "max_text_bytes": MAX_TEXT_BYTES,
             "resume": member.resume_token,
             "last_id": self._next_id - 1,
+            "operator": self.moderation.is_operator(member),
             "ts": _now(),
         }
 
@@ -744,6 +859,197 @@ class ChatHub:
             member.deliver(event)
 
 
+class Moderation:
+    """Operators, kicks, bans and mutes: the powers of the server console and of operators.
+
+    Public methods take the hub's lock and run on the caller's thread (the console's,
+    or an operator's connection's). `by` is the member asking, or None for the
+    console, which may do everything. Bans and operators live in the hub's store, so
+    they hold across restarts; mutes last while the server runs.
+    """
+
+    def __init__(self, hub):
+        self.hub = hub
+        self._mutes = {}  # name_key -> time.time() when the mute ends, or None for ever
+
+    # -- checks the hub makes (lock held) --------------------------------------------
+
+    def check_join(self, member, name, identity):
+        """Refuse a banned name or address; bind a waiting --op name to this identity."""
+        ban = self.hub.store.find_ban(name_key(name), getattr(member, "address", None), time.time())
+        if ban is not None:
+            raise ProtocolError("banned", "You are banned from this chat%s%s." % (
+                _until_words(ban[0]), ": " + ban[1] if ban[1] else ""), fatal=True)
+        entry = self.hub.store.operator(name_key(name))
+        if entry is not None and entry[1] is None and identity is not None:
+            self.hub.store.set_operator(name_key(name), identity)  # --op NAME: the first to come with an identity
+
+    def check_speak(self, member):
+        key = name_key(member.name)
+        if key in self._mutes:
+            until = self._mutes[key]
+            if until is not None and until <= time.time():
+                del self._mutes[key]
+            else:
+                raise ProtocolError("muted", "You are muted%s: your message was not sent." % _until_words(until),
+                                    counts=False)
+
+    def is_operator(self, member):
+        entry = self.hub.store.operator(name_key(member.name))
+        return entry is not None and entry[1] is not None and entry[1] == member.identity
+
+    # -- powers ----------------------------------------------------------------------
+
+    def kick(self, by, name, reason=None):
+        """Remove a user from the chat (they may come back)."""
+        with self.hub.lock:
+            self._authorise(by)
+            target = self._target(name)
+            text = "%s was kicked by %s%s" % (target.name, _who(by), _reason_words(reason))
+            self._eject(target, "kicked", text)
+            return text
+
+    def ban(self, by, target, minutes=None, reason=None):
+        """Ban a name (and, if they are here, their address) or an address; eject them."""
+        until = time.time() + minutes * 60 if minutes else None
+        with self.hub.lock:
+            self._authorise(by)
+            if _is_address(target):
+                self.hub.store.add_ban("address", target, until, reason)
+                victims = [m for m in self.hub._members.values() if getattr(m, "address", None) == target]
+                label = target
+            else:
+                member = self._target(target, must_be_here=False)
+                label = member.name if member else target
+                self.hub.store.add_ban("name", name_key(label), until, reason)
+                victims = [member] if member else []
+                if member is not None and getattr(member, "address", None):
+                    self.hub.store.add_ban("address", member.address, until, reason)
+            text = "%s was banned by %s%s%s" % (label, _who(by), _for_words(minutes), _reason_words(reason))
+            for victim in victims:
+                self._eject(victim, "banned", text)
+            if not victims:
+                self._announce(text, "ban", label, by)
+            return text
+
+    def unban(self, by, target):
+        with self.hub.lock:
+            self._authorise(by)
+            kind, value = ("address", target) if _is_address(target) else ("name", name_key(target))
+            if not self.hub.store.remove_ban(kind, value):
+                raise ProtocolError("not_banned", "%s is not banned." % printable(target, 40))
+            return self._announce("%s was unbanned by %s" % (target, _who(by)), "unban", target, by)
+
+    def mute(self, by, name, minutes=None, reason=None):
+        with self.hub.lock:
+            self._authorise(by)
+            target = self._target(name)
+            self._mutes[name_key(target.name)] = time.time() + minutes * 60 if minutes else None
+            text = "%s was muted by %s%s%s" % (target.name, _who(by), _for_words(minutes), _reason_words(reason))
+            return self._announce(text, "mute", target.name, by)
+
+    def unmute(self, by, name):
+        with self.hub.lock:
+            self._authorise(by)
+            if self._mutes.pop(name_key(name), False) is False:
+                raise ProtocolError("not_muted", "%s is not muted." % printable(name, 40))
+            return self._announce("%s may speak again (%s)" % (name, _who(by)), "unmute", name, by)
+
+    def set_operator(self, by, name, on=True):
+        """Make a user an operator (bound to the identity they have now), or stop that."""
+        with self.hub.lock:
+            self._authorise(by)
+            if not on:
+                if not self.hub.store.remove_operator(name_key(name)):
+                    raise ProtocolError("not_operator", "%s is not an operator." % printable(name, 40))
+                return self._announce("%s is no longer an operator (%s)" % (name, _who(by)), "deop", name, by)
+            target = self._target(name)
+            if target.identity is None:
+                raise ProtocolError("no_identity", "%s's client has no identity token, so it cannot be an "
+                                    "operator." % target.name)
+            self.hub.store.set_operator(name_key(target.name), target.identity)
+            return self._announce("%s is now an operator (%s)" % (target.name, _who(by)), "op", target.name, by)
+
+    def add_operator(self, name):
+        """Name an operator at start (--op NAME): the first client to join as NAME with an identity."""
+        with self.hub.lock:
+            if self.hub.store.operator(name_key(name)) is None:
+                self.hub.store.set_operator(name_key(name), None)
+
+    def announce(self, text):
+        """A notice from the server's owner to everybody."""
+        with self.hub.lock:
+            return self._announce("Server: " + text, "notice", None, None)
+
+    def describe(self):
+        """Return one line per user for the console: name, address, operator, muted, lost."""
+        with self.hub.lock:
+            lines = []
+            for member in sorted(self.hub._members.values(), key=lambda m: name_key(m.name)):
+                flags = [word for word, on in (("operator", self.is_operator(member)),
+                                               ("muted", name_key(member.name) in self._mutes),
+                                               ("away", member.away is not None),
+                                               ("lost", member.lost_at is not None)) if on]
+                lines.append("%s  %s  %s" % (member.name, getattr(member, "address", "?"), " ".join(flags)))
+            return lines
+
+    def bans(self):
+        with self.hub.lock:
+            return self.hub.store.list_bans(time.time())
+
+    # -- helpers (lock held) -----------------------------------------------------------
+
+    def _authorise(self, by):
+        if by is not None and not self.is_operator(by):
+            raise ProtocolError("not_operator", "Only operators may do that.")
+
+    def _target(self, name, must_be_here=True):
+        member = self.hub._members.get(name_key(name)) if isinstance(name, str) else None
+        if member is None and must_be_here:
+            raise ProtocolError("unknown_user", "Nobody called %s is here." % printable(str(name), 40))
+        return member
+
+    def _eject(self, target, reason, text):
+        log.info("%s", text)
+        target.deliver(Event({"type": "bye", "reason": reason, "text": "You were removed: %s." % text}))
+        self.hub._remove(target, reason, text)
+        self.hub._close_member(target)
+
+    def _announce(self, text, action, name, by):
+        log.info("%s", text)
+        fields = {"type": "notice", "action": action, "text": text, "ts": _now()}
+        if name is not None:
+            fields["name"] = name
+        if by is not None:
+            fields["by"] = by.name
+        self.hub._deliver_to_all(Event(fields))
+        return text
+
+
+def _is_address(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _who(by):
+    return "the server's owner" if by is None else by.name
+
+
+def _for_words(minutes):
+    return " for %d minute%s" % (minutes, "" if minutes == 1 else "s") if minutes else ""
+
+
+def _reason_words(reason):
+    return ": %s" % reason if reason else ""
+
+
+def _until_words(until):
+    return " until %s" % time.strftime("%H:%M", time.localtime(until)) if until else ""
+
+
 # =============================================================================
 # 5. Storage: message history, topics, identities
 # =============================================================================
@@ -772,6 +1078,8 @@ class MemoryStore:
         self._messages = collections.deque(maxlen=max_messages)  # (fields, from_id, to_id, delivered)
         self._topics = {}
         self._users = {}  # name_key -> (name, identity)
+        self._bans = {}  # (kind, value) -> (until or None, reason)
+        self._operators = {}  # name_key -> identity (None until the first join)
         self._last_id = 0
 
     def last_id(self):
@@ -835,6 +1143,32 @@ class MemoryStore:
     def set_topic(self, room_key, topic):
         self._topics[room_key] = topic
 
+    def add_ban(self, kind, value, until, reason):
+        self._bans[(kind, value)] = (until, reason)
+
+    def remove_ban(self, kind, value):
+        return self._bans.pop((kind, value), None) is not None
+
+    def find_ban(self, key, address, now):
+        for wanted in (("name", key), ("address", address)):
+            ban = self._bans.get(wanted)
+            if ban is not None and (ban[0] is None or ban[0] > now):
+                return ban
+        return None
+
+    def list_bans(self, now):
+        return [(kind, value, until, reason) for (kind, value), (until, reason) in sorted(self._bans.items())
+                if until is None or until > now]
+
+    def operator(self, key):
+        return (key, self._operators[key]) if key in self._operators else None
+
+    def set_operator(self, key, identity):
+        self._operators[key] = identity
+
+    def remove_operator(self, key):
+        return self._operators.pop(key, False) is not False
+
     def close(self):
         pass
 
@@ -868,6 +1202,9 @@ class SqliteStore:
         CREATE INDEX IF NOT EXISTS messages_by_recipient ON messages (recipient_identity, delivered);
         CREATE TABLE IF NOT EXISTS topics (room_key TEXT PRIMARY KEY, topic TEXT);
         CREATE TABLE IF NOT EXISTS users (name_key TEXT PRIMARY KEY, name TEXT NOT NULL, identity TEXT);
+        CREATE TABLE IF NOT EXISTS bans (kind TEXT NOT NULL, value TEXT NOT NULL, until REAL, reason TEXT,
+                                         PRIMARY KEY (kind, value));
+        CREATE TABLE IF NOT EXISTS operators (name_key TEXT PRIMARY KEY, identity TEXT);
     """
     COLUMNS = "id, ts, sender, room, recipient, text, action, ref, delivered"
 
@@ -960,6 +1297,34 @@ class SqliteStore:
 
     def set_topic(self, room_key, topic):
         self.db.execute("INSERT OR REPLACE INTO topics (room_key, topic) VALUES (?, ?)", (room_key, topic))
+
+    def add_ban(self, kind, value, until, reason):
+        self.db.execute("INSERT OR REPLACE INTO bans (kind, value, until, reason) VALUES (?, ?, ?, ?)",
+                        (kind, value, until, reason))
+
+    def remove_ban(self, kind, value):
+        return self.db.execute("DELETE FROM bans WHERE kind = ? AND value = ?", (kind, value)).rowcount > 0
+
+    def find_ban(self, key, address, now):
+        row = self.db.execute(
+            "SELECT until, reason FROM bans WHERE ((kind = 'name' AND value = ?) OR (kind = 'address' AND value = ?))"
+            " AND (until IS NULL OR until > ?) LIMIT 1", (key, address, now)).fetchone()
+        return tuple(row) if row else None
+
+    def list_bans(self, now):
+        return [tuple(row) for row in self.db.execute(
+            "SELECT kind, value, until, reason FROM bans WHERE until IS NULL OR until > ? ORDER BY kind, value",
+            (now,))]
+
+    def operator(self, key):
+        row = self.db.execute("SELECT name_key, identity FROM operators WHERE name_key = ?", (key,)).fetchone()
+        return tuple(row) if row else None
+
+    def set_operator(self, key, identity):
+        self.db.execute("INSERT OR REPLACE INTO operators (name_key, identity) VALUES (?, ?)", (key, identity))
+
+    def remove_operator(self, key):
+        return self.db.execute("DELETE FROM operators WHERE name_key = ?", (key,)).rowcount > 0
 
     def close(self):
         self.db.close()
@@ -1178,7 +1543,8 @@ class SocketWriter:
 
 log = logging.getLogger("localchat")
 
-_BEFORE_HELLO = frozenset(["hello", "ping", "pong", "bye"])
+_BEFORE_HELLO = frozenset(["hello", "auth", "ping", "pong", "bye"])
+AUTH_FAILED_DELAY_S = 1.0  # a wrong password waits this long for its answer, so guessing is slow
 
 
 class JsonLinesSession(socketserver.BaseRequestHandler):
@@ -1193,6 +1559,9 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     def setup(self):
         self.hub = self.server.hub
         self.peer = "%s:%s" % self.client_address[:2]
+        self.address = self.client_address[0]  # for bans by address
+        self._challenge = None  # (nonce, hello frame) while a password is asked for
+        self._authenticated = False
         sock = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -1305,24 +1674,33 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
     def _on_protocol_error(self, error):
         """Send an error frame; return a reason to stop if it was fatal or one too many."""
-        now = time.monotonic()
-        self._error_times.append(now)
-        while self._error_times[0] < now - ERROR_WINDOW_S:
-            self._error_times.popleft()
-        if not error.fatal and len(self._error_times) > ERROR_LIMIT:
-            error = ProtocolError("too_many_errors", "Too many bad frames; closing the connection.", fatal=True)
+        if error.counts:
+            now = time.monotonic()
+            self._error_times.append(now)
+            while self._error_times[0] < now - ERROR_WINDOW_S:
+                self._error_times.popleft()
+            if not error.fatal and len(self._error_times) > ERROR_LIMIT:
+                error = ProtocolError("too_many_errors", "Too many bad frames; closing the connection.", fatal=True)
         fields = {"type": "error", "code": error.code, "text": error.text}
         if error.fatal:
             fields["fatal"] = True
             log.info("%s: %s (closing)", self.peer, error.code)
         self.send_frame(fields)
-        return "error" if error.fatal else None
+        return error.reason if error.fatal else None
 
     # -- frames ----------------------------------------------------------------
 
     def do_hello(self, frame):
         if self.name is not None:
             raise ProtocolError("already_joined", "You have already joined as %s." % self.name)
+        if self.hub.password is not None and not self._authenticated:
+            if self._challenge is not None:
+                raise ProtocolError("auth_first", "Answer the password challenge first.", fatal=True)
+            nonce = secrets.token_hex(16)
+            self._challenge = (nonce, frame)
+            self.send_frame({"type": "challenge", "nonce": nonce,
+                             "text": "This server needs a password."})
+            return None
         try:
             version = frame_field(frame, "version", int)
             if version < 1:
@@ -1355,6 +1733,19 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         """Return a digest of the client's identity token: the store never holds the token."""
         token = self._short_field(frame, "identity")
         return hashlib.sha256(token.encode("utf-8")).hexdigest()[:32] if token else None
+
+    def do_auth(self, frame):
+        """The answer to a password challenge: HMAC-SHA256(password, nonce), in hex."""
+        if self._challenge is None or self.name is not None:
+            raise ProtocolError("bad_auth", "No password was asked for.")
+        nonce, hello = self._challenge
+        proof = frame_field(frame, "proof", str)
+        if not hmac.compare_digest(proof.encode("utf-8", "replace"), password_proof(self.hub.password, nonce).encode()):
+            log.info("%s: wrong password", self.peer)
+            time.sleep(AUTH_FAILED_DELAY_S)  # this connection's own thread: slows guessing down
+            raise ProtocolError("auth_failed", "Wrong password.", fatal=True)
+        self._authenticated = True
+        return self.do_hello(hello)
 
     def do_say(self, frame):
         self.hub.say(
@@ -1391,6 +1782,32 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
     def do_back(self, frame):
         self.hub.set_away(self, None)
+
+    def do_kick(self, frame):
+        self.hub.moderation.kick(self, frame_field(frame, "name", str),
+                                 frame_field(frame, "reason", str, required=False))
+
+    def do_ban(self, frame):
+        self.hub.moderation.ban(self, frame_field(frame, "target", str),
+                                frame_field(frame, "minutes", int, required=False),
+                                frame_field(frame, "reason", str, required=False))
+
+    def do_unban(self, frame):
+        self.hub.moderation.unban(self, frame_field(frame, "target", str))
+
+    def do_mute(self, frame):
+        self.hub.moderation.mute(self, frame_field(frame, "name", str),
+                                 frame_field(frame, "minutes", int, required=False),
+                                 frame_field(frame, "reason", str, required=False))
+
+    def do_unmute(self, frame):
+        self.hub.moderation.unmute(self, frame_field(frame, "name", str))
+
+    def do_op(self, frame):
+        self.hub.moderation.set_operator(self, frame_field(frame, "name", str), True)
+
+    def do_deop(self, frame):
+        self.hub.moderation.set_operator(self, frame_field(frame, "name", str), False)
 
     def do_history(self, frame):
         self.hub.history(
@@ -1476,6 +1893,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.internal_errors = 0  # tracebacks caught at the session boundary
         self._sessions = set()
         self._session_threads = set()
+        self._per_address = collections.Counter()  # connections open per peer address
         self._state_lock = threading.Lock()
         self._serving = threading.Event()
         self._stopped = False
@@ -1501,7 +1919,16 @@ class ChatServer(socketserver.ThreadingTCPServer):
         super().serve_forever(poll_interval)
 
     def process_request(self, request, client_address):
-        """Start the connection's thread, named after the peer."""
+        """Start the connection's thread, named after the peer, if the limits allow one more."""
+        refusal = self._admit(client_address[0])
+        if refusal is not None:
+            try:  # a short sentence fits the socket's buffer: this never blocks the accept loop
+                request.setblocking(False)
+                request.send(encode_frame({"type": "error", "code": refusal[0], "text": refusal[1], "fatal": True}))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
         thread = threading.Thread(
             target=self.process_request_thread,
             args=(request, client_address),
@@ -1512,12 +1939,28 @@ class ChatServer(socketserver.ThreadingTCPServer):
             self._session_threads.add(thread)
         thread.start()
 
+    def _admit(self, address):
+        """Count a new connection from address; return (code, sentence) if it is one too many."""
+        limits = self.hub.limits
+        with self._state_lock:
+            if len(self._session_threads) >= limits.max_connections:
+                return "server_full", "The server is full (%d connections). Try again later." % limits.max_connections
+            local = address.startswith("127.") or address == "::1"
+            if not local and self._per_address[address] >= limits.max_per_ip:
+                return "too_many_connections", ("Too many connections from your address (at most %d)."
+                                                % limits.max_per_ip)
+            self._per_address[address] += 1
+        return None
+
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._state_lock:
                 self._session_threads.discard(threading.current_thread())
+                self._per_address[client_address[0]] -= 1
+                if not self._per_address[client_address[0]]:
+                    del self._per_address[client_address[0]]
 
     def handle_error(self, request, client_address):
         """A session raised: log one line with the peer's address and keep serving."""
@@ -1611,6 +2054,111 @@ def bind_error_sentence(error, host, port):
     return "could not listen on %s:%d: %s." % (host, port, error.strerror or error)
 
 
+class ServerConsole:
+    """The server's terminal as a console: its owner types /kick, /ban, /say and so on.
+
+    Runs on the "console" thread, reading stdin until it ends; a stdin that is not a
+    terminal (a service, nohup, CI) simply ends at once and the server runs on.
+    """
+
+    HELP = """Console commands:
+  /users                          who is here (with addresses)
+  /kick NAME [reason]             remove somebody (they may come back)
+  /ban NAME|IP [minutes] [reason] ban a name (and its address) or an address
+  /unban NAME|IP                  lift a ban          /bans   list the bans
+  /mute NAME [minutes]            stop somebody from speaking;  /unmute NAME
+  /op NAME  /deop NAME            make or unmake an operator
+  /say TEXT                       a notice to everybody
+  /quit                           stop the server"""
+
+    def __init__(self, server, stdin=None, stdout=None):
+        self.server = server
+        self.moderation = server.hub.moderation
+        self.stdin = stdin if stdin is not None else sys.stdin
+        self.stdout = stdout if stdout is not None else sys.stdout
+
+    def start(self):
+        if self.stdin is not None:
+            threading.Thread(target=self._console_loop, name="console", daemon=True).start()
+
+    def _console_loop(self):
+        """Runs on the console thread: one command a line, until stdin ends."""
+        try:
+            for line in self.stdin:
+                if line.strip():
+                    self._print(self.run_command(line.strip()))
+        except (OSError, ValueError):  # stdin closed or not readable: nothing to do
+            return
+
+    def _print(self, text):
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    def run_command(self, line):
+        """Carry out one console command; return what to show its owner."""
+        word, _, rest = line.partition(" ")
+        handler = getattr(self, "_do_" + word.lstrip("/").lower(), None)
+        if not word.startswith("/") or handler is None:
+            return "Unknown command. " + self.HELP
+        try:
+            return handler(rest.strip())
+        except ProtocolError as error:
+            return error.text
+
+    def _do_help(self, rest):
+        return self.HELP
+
+    def _do_users(self, rest):
+        lines = self.moderation.describe()
+        return "%d here:\n  %s" % (len(lines), "\n  ".join(lines)) if lines else "Nobody is here."
+
+    def _do_kick(self, rest):
+        name, _, reason = rest.partition(" ")
+        return self.moderation.kick(None, name, reason.strip() or None) if name else "Usage: /kick NAME [reason]"
+
+    def _do_ban(self, rest):
+        target, minutes, reason = _target_minutes_reason(rest)
+        return self.moderation.ban(None, target, minutes, reason) if target else "Usage: /ban NAME|IP [minutes] [reason]"
+
+    def _do_unban(self, rest):
+        return self.moderation.unban(None, rest.split()[0]) if rest else "Usage: /unban NAME|IP"
+
+    def _do_bans(self, rest):
+        bans = self.moderation.bans()
+        lines = ["%s %s%s%s" % (kind, value, _until_words(until), _reason_words(reason))
+                 for kind, value, until, reason in bans]
+        return "\n".join(lines) if lines else "Nobody is banned."
+
+    def _do_mute(self, rest):
+        target, minutes, reason = _target_minutes_reason(rest)
+        return self.moderation.mute(None, target, minutes, reason) if target else "Usage: /mute NAME [minutes]"
+
+    def _do_unmute(self, rest):
+        return self.moderation.unmute(None, rest.split()[0]) if rest else "Usage: /unmute NAME"
+
+    def _do_op(self, rest):
+        return self.moderation.set_operator(None, rest.split()[0], True) if rest else "Usage: /op NAME"
+
+    def _do_deop(self, rest):
+        return self.moderation.set_operator(None, rest.split()[0], False) if rest else "Usage: /deop NAME"
+
+    def _do_say(self, rest):
+        return self.moderation.announce(rest) if rest else "Usage: /say TEXT"
+
+    def _do_quit(self, rest):
+        _thread.interrupt_main()  # the main thread stops the server as on Ctrl+C
+        return "Stopping the server."
+
+
+def _target_minutes_reason(rest):
+    """Split "NAME [minutes] [reason]" into its parts (None where absent)."""
+    parts = rest.split(None, 2)
+    if not parts:
+        return None, None, None
+    minutes = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    reason = " ".join(parts[2 if minutes is not None else 1:]) or None
+    return parts[0], minutes, reason
+
 
 def raise_open_file_limit():
     """Let the process hold as many sockets as the system allows (each client needs two)."""
@@ -1650,6 +2198,19 @@ def print_join_instructions(server, host):
     sys.stdout.flush()
 
 
+def server_password(asked):
+    """Return the server's password (from LOCALCHAT_PASSWORD or a prompt), or None."""
+    password = os.environ.get("LOCALCHAT_PASSWORD")
+    if password or not asked:
+        return password or None
+    if not sys.stdin or not sys.stdin.isatty():
+        raise UserError("--password needs the password: set LOCALCHAT_PASSWORD, or start the server in a terminal.")
+    password = getpass.getpass("Password for this chat: ")
+    if not password:
+        raise UserError("the password may not be empty.")
+    return password
+
+
 def run_server(args):
     """Run the server until Ctrl+C or SIGTERM; return the exit code."""
     logging.basicConfig(
@@ -1665,7 +2226,11 @@ def run_server(args):
     else:
         path = Path(args.history) if args.history else data_dir() / "history.sqlite3"
         store, where = SqliteStore(path), "History: kept in %s" % path
-    hub = ChatHub(socket.gethostname(), store, scrollback=args.scrollback)
+    limits = Limits(**{attribute: getattr(args, attribute) for attribute, _, _ in Limits.TABLE})
+    hub = ChatHub(socket.gethostname(), store, scrollback=args.scrollback, limits=limits,
+                  password=server_password(args.password))
+    for name in args.op or []:
+        hub.moderation.add_operator(name)
     try:
         server = ChatServer((args.host, args.port), hub=hub)
     except OSError as error:
@@ -1677,7 +2242,11 @@ def run_server(args):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print_join_instructions(server, args.host)
     print(where)
+    if hub.password is not None:
+        print("A password is needed to join.")
+    print("Type /help for the console's commands.")
     sys.stdout.flush()
+    ServerConsole(server).start()
     log.info("server started on %s:%d", args.host, server.port)
     accept_thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     try:
@@ -1731,11 +2300,12 @@ class ChatConnection:
       {"type": "disconnected", "text": ..., "expected": bool}   (the very last frame)
     """
 
-    def __init__(self, host, port, name, on_event=None, identity=None, reconnect=False):
+    def __init__(self, host, port, name, on_event=None, identity=None, reconnect=False, password=None):
         self.host = host
         self.port = port
         self.name = name
         self.identity = identity
+        self.password = password
         self.reconnect = reconnect
         self.on_event = on_event or (lambda frame: None)
         self.welcome = None
@@ -1771,7 +2341,7 @@ class ChatConnection:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             self.send(hello)
-            frame = self._read_frame()
+            frame = self._answer_challenge(self._read_frame())
         except OSError as error:
             self._close_socket()
             raise UserError(connect_error_sentence(error, self.host, self.port)) from None
@@ -1779,6 +2349,17 @@ class ChatConnection:
             self._close_socket()
             raise UserError("%s does not speak the LocalChat protocol." % self.address) from None
         return self._check_welcome(frame)
+
+    def _answer_challenge(self, frame):
+        """If the server asks for a password, prove we know it; return the next frame."""
+        if frame is None or frame["type"] != "challenge":
+            return frame
+        if not self.password:
+            self._close_socket()
+            raise UserError("The server at %s needs a password." % self.address, code="password_required")
+        nonce = frame.get("nonce") if isinstance(frame.get("nonce"), str) else ""
+        self.send({"type": "auth", "proof": password_proof(self.password, nonce)})
+        return self._read_frame()
 
     def _check_welcome(self, frame):
         if frame is None:
@@ -1906,6 +2487,8 @@ class ChatConnection:
                 if frame["type"] == "bye":
                     text = frame.get("text") or text
                     final = frame.get("reason") in ("quit", "replaced", "kicked", "banned")
+                    if frame.get("reason") in ("kicked", "banned"):
+                        text = frame.get("text") or text
                 self._note(frame)
         except (OSError, ProtocolError):
             text = "The connection to the server was lost."
@@ -1952,7 +2535,7 @@ class ChatConnection:
                 self.on_event(self.connect())
                 return None, False
             except UserError as error:
-                if error.code in ("name_taken", "bad_name", "banned"):
+                if error.code in ("name_taken", "bad_name", "banned", "auth_failed", "password_required"):
                     return str(error), True
                 why = str(error)
             delay = min(delay * 2, RECONNECT_MAX_S)
@@ -1972,7 +2555,7 @@ class ChatConnection:
         sender = self._threads[1] if len(self._threads) > 1 else None
         if sender is not None and self._synced.is_set():
             sender.join(wait_s)
-        elif say_bye and self._sock is not None and sender is None:
+        elif say_bye and self._sock is not None:  # not synced (yet): the sender thread would hold it
             try:
                 self.send({"type": "bye"})
             except OSError:
@@ -2007,6 +2590,8 @@ HELP_TEXT = """Commands:
   /away [TEXT]      mark yourself away; /back when you return
   /quit             leave the chat
   /help             this list
+Operators also have /kick NAME [reason], /ban NAME|IP [minutes] [reason],
+/unban, /mute NAME [minutes], /unmute, /op NAME and /deop NAME.
 Start a message with // to send text that begins with /."""
 
 _LEFT_WORDS = {
@@ -2015,6 +2600,9 @@ _LEFT_WORDS = {
     "lost": "lost the connection",
     "timeout": "timed out",
     "too_slow": "could not keep up and was disconnected",
+    "flood": "was disconnected for flooding",
+    "kicked": "was kicked",
+    "banned": "was banned",
     "error": "was disconnected for sending bad data",
     "shutdown": "left as the server shut down",
 }
@@ -2071,6 +2659,23 @@ def _parse_topic(argument, where):
     return "send", {"type": "topic", "room": room}
 
 
+def _parse_moderation(kind, field, argument, usage):
+    """An operator's command: NAME (or IP), then minutes (ban, mute) and a reason where they fit."""
+    if kind in ("ban", "mute"):
+        target, minutes, reason = _target_minutes_reason(argument)
+    else:
+        target, _, reason = argument.partition(" ")
+        minutes, reason = None, reason.strip() or None
+    if not target:
+        return "error", usage
+    frame = {"type": kind, field: target}
+    if minutes is not None:
+        frame["minutes"] = minutes
+    if reason and kind in ("kick", "ban", "mute"):
+        frame["reason"] = reason
+    return "send", frame
+
+
 _COMMANDS = {
     "join": _parse_join,
     "leave": _parse_leave,
@@ -2083,6 +2688,14 @@ _COMMANDS = {
     "topic": _parse_topic,
     "away": lambda argument, where: ("send", {"type": "away", "text": argument or None}),
     "back": lambda argument, where: ("send", {"type": "back"}),
+    "kick": lambda argument, where: _parse_moderation("kick", "name", argument, "Usage: /kick NAME [reason]"),
+    "ban": lambda argument, where: _parse_moderation("ban", "target", argument,
+                                                     "Usage: /ban NAME|IP [minutes] [reason]"),
+    "unban": lambda argument, where: _parse_moderation("unban", "target", argument, "Usage: /unban NAME|IP"),
+    "mute": lambda argument, where: _parse_moderation("mute", "name", argument, "Usage: /mute NAME [minutes]"),
+    "unmute": lambda argument, where: _parse_moderation("unmute", "name", argument, "Usage: /unmute NAME"),
+    "op": lambda argument, where: _parse_moderation("op", "name", argument, "Usage: /op NAME"),
+    "deop": lambda argument, where: _parse_moderation("deop", "name", argument, "Usage: /deop NAME"),
     "quit": lambda argument, where: ("quit", None),
     "exit": lambda argument, where: ("quit", None),
     "help": lambda argument, where: ("help", HELP_TEXT),
@@ -2132,6 +2745,8 @@ def _users_notice(frame):
 
 
 def _left_notice(frame):
+    if frame.get("text"):
+        return frame["text"]  # a kick or ban, told with who did it and why
     reason = frame.get("reason")
     words = _LEFT_WORDS.get(reason, "left (%s)" % reason)
     if frame.get("room"):
@@ -2169,6 +2784,7 @@ _NOTICES = {
     "room": _room_notice,
     "topic": _topic_notice,
     "rooms": _rooms_notice,
+    "notice": lambda f: f.get("text"),
     "renamed": lambda f: "%s is now known as %s" % (f.get("old"), f.get("name")),
     "away": lambda f: ("%s is away: %s" % (f.get("name"), f["text"])) if f.get("text")
     else "%s is back" % f.get("name"),
@@ -2329,6 +2945,30 @@ class ConfirmDialog:
         return answer
 
 
+class PasswordDialog:
+    """A small window asking for the server's password; does not block the event loop."""
+
+    def __init__(self, parent, tk, ttk, why, on_done):
+        self.top = tk.Toplevel(parent)
+        self.top.title("Password")
+        self.top.transient(parent)
+        frame = ttk.Frame(self.top, padding=16)
+        frame.pack(fill="both", expand=True)
+        ttk.Label(frame, text=why + " Enter it to join:").pack(anchor="w", pady=(0, 8))
+        self.entry = ttk.Entry(frame, show="\u2022", width=30)
+        self.entry.pack(fill="x", pady=(0, 12))
+        self.ok_button = ttk.Button(frame, text="Join", command=lambda: self._done(on_done, self.entry.get()))
+        self.ok_button.pack(side="right")
+        self.top.bind("<Return>", lambda event: self.ok_button.invoke())
+        self.top.bind("<Escape>", lambda event: self._done(on_done, None))
+        self.top.protocol("WM_DELETE_WINDOW", lambda: self._done(on_done, None))
+        self.entry.focus_set()
+
+    def _done(self, on_done, password):
+        self.top.destroy()
+        on_done(password)
+
+
 class Conversation:
     """One room or direct conversation as the window shows it: its own log and people."""
 
@@ -2367,8 +3007,8 @@ class ChatWindow:
         import tkinter
         from tkinter import ttk
         self.tk, self.ttk, self.root = tkinter, ttk, root
-        self.connection = ChatConnection(host, port, name, on_event=self.events_put,
-                                         identity=identity, reconnect=True)
+        self.connection = ChatConnection(host, port, name, on_event=self.events_put, identity=identity,
+                                         reconnect=True, password=os.environ.get("LOCALCHAT_PASSWORD"))
         self.events = queue.Queue()  # frames from the connection's threads
         self.astral_ok = tk_shows_astral(str(root.tk.call("info", "patchlevel")))
         self.connected = False
@@ -2383,6 +3023,7 @@ class ChatWindow:
         self._closing = False
         self._poll_id = None
         self.confirm_dialog = None
+        self.password_dialog = None
         self._ref_prefix = secrets.token_hex(3)
         self._next_ref = 0
         self._build_window()
@@ -2614,7 +3255,7 @@ class ChatWindow:
         try:
             self.connection.connect()
         except UserError as error:
-            self.events.put({"type": "connect_failed", "text": str(error)})
+            self.events.put({"type": "connect_failed", "text": str(error), "code": error.code})
             return
         self.connection.start()
 
@@ -2643,6 +3284,17 @@ class ChatWindow:
     def _on_frame_connect_failed(self, frame):
         self._set_status(frame["text"], error=True)
         self._add_notice(frame["text"], tag="error")
+        if frame.get("code") in ("password_required", "auth_failed"):
+            self._ask_password(frame["text"])
+
+    def _ask_password(self, why):
+        """Ask for the server's password in a small window, then connect again."""
+        self.password_dialog = PasswordDialog(self.root, self.tk, self.ttk, why, self._on_password)
+
+    def _on_password(self, password):
+        if password:
+            self.connection.password = password
+            self._connect()
 
     def _on_frame_room(self, frame):
         conversation = self._open_conversation("room", str(frame.get("room")))
@@ -3079,9 +3731,9 @@ CONFIRM_TIMEOUT_S = 10.0  # at the end of input, how long to wait for our messag
 class TerminalClient:
     """Send each stdin line, print each event as one timestamped line."""
 
-    def __init__(self, host, port, name, stdin=None, stdout=None, identity=None):
+    def __init__(self, host, port, name, stdin=None, stdout=None, identity=None, password=None):
         self.connection = ChatConnection(host, port, name, on_event=self._on_event,
-                                         identity=identity, reconnect=True)
+                                         identity=identity, reconnect=True, password=password)
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.where = {"room": GENERAL_ROOM}  # where plain lines go: the last room joined
@@ -3190,7 +3842,21 @@ def run_cli(args):
     host, port = split_host_port(args.server)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a Windows console cannot show every character
-    return TerminalClient(host, port, args.name, identity=load_identity()).run()
+    password = os.environ.get("LOCALCHAT_PASSWORD")
+    for attempt in range(3):
+        client = TerminalClient(host, port, args.name, identity=load_identity(), password=password)
+        try:
+            return client.run()
+        except UserError as error:
+            if error.code not in ("password_required", "auth_failed") or not sys.stdin.isatty() or attempt == 2:
+                if error.code == "password_required":
+                    raise UserError("%s Set LOCALCHAT_PASSWORD, or run the client in a terminal to be asked."
+                                    % error) from None
+                raise
+            if error.code == "auth_failed":
+                sys.stderr.write("Wrong password.\n")
+            password = getpass.getpass("Password for %s: " % client.connection.address)
+    return 1
 
 
 # =============================================================================
@@ -3239,6 +3905,15 @@ def build_parser():
     server.add_argument("--no-history", action="store_true", help="keep history in memory only")
     server.add_argument("--scrollback", type=int, metavar="N",
                         help="messages shown of a room's history on joining it (default %d)" % DEFAULT_SCROLLBACK)
+    server.add_argument("--op", action="append", metavar="NAME",
+                        help="make NAME an operator (may be given several times)")
+    parser.add_argument("--password", action="store_true",
+                        help="server: ask for a password to join (from LOCALCHAT_PASSWORD, or prompted); "
+                        "client: the password is taken from LOCALCHAT_PASSWORD or asked for")
+    limits = parser.add_argument_group("server limits (a rate of 0 turns that limit off)")
+    for attribute, default, text in Limits.TABLE:
+        limits.add_argument("--" + attribute.replace("_", "-"), type=type(default), metavar="N",
+                            help="%s (default %s)" % (text, default))
     return parser
 
 
@@ -3251,6 +3926,11 @@ def check_args(parser, args):
         args.host = DEFAULT_HOST if args.host is None else args.host
         args.port = DEFAULT_PORT if args.port is None else args.port
         args.scrollback = DEFAULT_SCROLLBACK if args.scrollback is None else args.scrollback
+        for attribute, default, _ in Limits.TABLE:
+            if getattr(args, attribute) is None:
+                setattr(args, attribute, default)
+            elif getattr(args, attribute) < 0:
+                parser.error("--%s may not be negative" % attribute.replace("_", "-"))
         if not 0 <= args.port <= 65535:
             parser.error("--port must be between 0 and 65535")
         if not 0 <= args.scrollback <= MAX_REPLAY:
@@ -3260,7 +3940,8 @@ def check_args(parser, args):
         return
     for option, value in (("--host", args.host), ("--port", args.port), ("--quiet", args.quiet),
                           ("--history", args.history), ("--no-history", args.no_history),
-                          ("--scrollback", args.scrollback)):
+                          ("--scrollback", args.scrollback), ("--op", args.op)) + tuple(
+            ("--" + attribute.replace("_", "-"), getattr(args, attribute)) for attribute, _, _ in Limits.TABLE):
         if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)
     try:

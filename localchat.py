@@ -14,11 +14,12 @@ Sections:
     5. Storage: message history, topics, identities
     6. Transport: per-connection outboxes and the writer thread
     7. Doors: JSON lines
-    8. Server: accept, threads, shutdown
-    9. Client connection (no Tk)
-    10. Tk window
-    11. Terminal client
-    12. Command line
+    8. Discovery: UDP probes and replies, finding servers on the LAN
+    9. Server: accept, threads, shutdown
+    10. Client connection (no Tk)
+    11. Tk window
+    12. Terminal client
+    13. Command line
 """
 
 __version__ = "1.0"
@@ -51,6 +52,8 @@ from pathlib import Path
 # =============================================================================
 # 1. Constants
 # =============================================================================
+
+log = logging.getLogger("localchat")  # the server's console log (stderr, set up by run_server)
 
 DEFAULT_PORT = 13333
 DEFAULT_HOST = "0.0.0.0"
@@ -519,6 +522,9 @@ class ChatHub:
                 rejoin = self._rooms_to_rejoin(rooms)
             self.store.remember_user(name_key(name), name, identity)
             member.deliver(Event(self._welcome_fields(member)))
+            if old is not None:  # resumed: who came and went meanwhile was told to the lost connection
+                for room in member.rooms.values():
+                    member.deliver(Event(self._room_fields(room)))
             for room_name in rejoin:
                 self._enter_room(member, room_name, replay=last_id is None)
             if old is None and not rejoin:
@@ -778,7 +784,9 @@ class ChatHub:
             old_name, new_key = member.name, name_key(new_name)
             holder = self._members.get(new_key)
             if holder is not None and holder is not member:
-                raise self._name_taken(new_name, holder)
+                error = self._name_taken(new_name, holder)
+                error.fatal = False  # a refused rename is no reason to end the connection
+                raise error
             del self._members[name_key(old_name)]
             self._members[new_key] = member
             for room in member.rooms.values():
@@ -1541,8 +1549,6 @@ class SocketWriter:
 # back into bytes. JsonLinesSession is the door for this file's own clients and for
 # anything else that speaks the protocol above. Each runs on its connection's thread.
 
-log = logging.getLogger("localchat")
-
 _BEFORE_HELLO = frozenset(["hello", "auth", "ping", "pong", "bye"])
 AUTH_FAILED_DELAY_S = 1.0  # a wrong password waits this long for its answer, so guessing is slow
 
@@ -1871,7 +1877,486 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
 
 # =============================================================================
-# 8. Server: accept, threads, shutdown
+# 8. Discovery: UDP probes and replies, finding servers on the LAN
+# =============================================================================
+#
+# A server's DiscoveryResponder answers probes on its own "discovery" thread;
+# discover_servers() runs on whichever thread calls it (never the Tk thread: it
+# blocks for about DISCOVERY_WAIT_S). Discovery is IPv4 only: IPv6 has no broadcast.
+
+def lan_addresses():
+    """Return this computer's IPv4 addresses that others on the network could reach."""
+    found = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET, socket.SOCK_STREAM):
+            found.add(info[4][0])
+    except OSError:
+        pass
+    # Connecting a UDP socket sends nothing: it only asks the routing table which
+    # local address would be used, which finds the LAN address when the host name
+    # resolves to 127.0.1.1 (as on Debian).
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 9))
+        found.add(probe.getsockname()[0])
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    return sorted(a for a in found if not a.startswith(("127.", "0.", "169.254.")))
+
+
+DISCOVERY_DOC = """LocalChat discovery, version 1.
+
+Transport: UDP, by default on the same port number as the server's TCP port.
+
+Probe (client to server, sent to broadcast addresses and to 127.0.0.1):
+  b"LOCALCHAT-DISCOVER 1\\n" followed by NUL bytes up to exactly 512 bytes.
+  A server answers only a datagram of 512 to 2048 bytes made of that prefix and
+  NUL bytes, from a source port of 1024 or more, at most 5 times a second to one
+  address; everything else is dropped without a word.
+
+Reply (server to the probe's source address and port): one JSON object on one
+line, UTF-8, at most 400 bytes (less than the probe, so a reply never amplifies):
+  {"type":"localchat","name":"lab-pc","port":13333,"users":3,"password":false,
+   "tls":true,"fingerprint":"AB:CD:...","version":1,"id":"9f3c2a71d04be815"}
+  name: the server's display name (cut to fit); port: its TCP port; users: how
+  many people are connected; password: whether it asks for one; tls: whether it
+  encrypts; fingerprint: SHA-256 of its certificate in hex pairs, or null;
+  version: its protocol version; id: random, one per running server, so one
+  server seen through several of its addresses is listed once.
+  Fields a receiver does not know are ignored.
+"""
+
+DISCOVERY_PROBE = b"LOCALCHAT-DISCOVER 1\n"  # a probe starts so; the rest is NUL padding
+DISCOVERY_PROBE_BYTES = 512             # probes are padded to this; shorter ones get no reply
+DISCOVERY_REPLY_MAX_BYTES = 400         # a reply fits this, below the probe size: no amplification
+DISCOVERY_MAX_PACKET_BYTES = 2048       # longer datagrams are dropped unread
+DISCOVERY_WAIT_S = 1.0                  # how long discover_servers() listens for replies
+DISCOVERY_POLL_S = 0.2                  # the responder looks at stop() this often
+DISCOVERY_RATE_PER_S = 5                # replies per second to any one source address
+DISCOVERY_RATE_SOURCES = 1024           # source addresses the rate limit remembers at once
+DISCOVERY_MAX_FOUND = 256               # discover_servers() keeps at most this many replies
+DISCOVERY_NAME_MAX_CHARS = 64           # a server name longer than this is cut in replies
+DISCOVERY_MIN_SOURCE_PORT = 1024        # probes from service ports are reflection attempts
+DISCOVERY_TARGETS_ENV = "LOCALCHAT_DISCOVERY_TARGETS"  # comma-separated addresses to probe
+
+_LIMITED_BROADCAST = "255.255.255.255"
+_SIOCGIFBRDADDR = 0x8919                # Linux ioctl: an interface's IPv4 broadcast address
+_FINGERPRINT_CHARS = frozenset("0123456789ABCDEFabcdef:")
+_REPLY_FIELDS = (("name", str), ("port", int), ("users", int), ("password", bool),
+                 ("tls", bool), ("version", int))
+
+
+def discovery_probe():
+    """Return the probe datagram: the prefix padded with NUL bytes to DISCOVERY_PROBE_BYTES."""
+    return DISCOVERY_PROBE.ljust(DISCOVERY_PROBE_BYTES, b"\0")
+
+
+def is_discovery_probe(data):
+    """Return True if a datagram is exactly a valid probe: prefix, NUL padding, sane size."""
+    if not DISCOVERY_PROBE_BYTES <= len(data) <= DISCOVERY_MAX_PACKET_BYTES:
+        return False
+    if not data.startswith(DISCOVERY_PROBE):
+        return False
+    return not data[len(DISCOVERY_PROBE):].strip(b"\0")
+
+
+def encode_discovery_reply(description, server_id=None, limit=DISCOVERY_REPLY_MAX_BYTES):
+    """Return the reply datagram for a describe() dict, the name cut so it fits `limit` bytes.
+
+    Returns None if even an empty name does not fit. Raises KeyError, TypeError or
+    ValueError if the description lacks "name" or "port" or holds values of the wrong kind.
+    """
+    fields = {
+        "type": "localchat",
+        "name": _clean_server_name(description["name"]),
+        "port": int(description["port"]),
+        "users": int(description.get("users", 0)),
+        "password": bool(description.get("password", False)),
+        "tls": bool(description.get("tls", False)),
+        "fingerprint": _optional_str(description.get("fingerprint")),
+        "version": int(description.get("version", PROTOCOL_VERSION)),
+    }
+    if server_id is not None:
+        fields["id"] = server_id
+    return _fit_reply(fields, limit)
+
+
+def _clean_server_name(name):
+    """Return the name as text that UTF-8 can carry, at most DISCOVERY_NAME_MAX_CHARS long."""
+    # A name from the command line may hold lone surrogates (undecodable bytes on Linux).
+    text = str(name).encode("utf-8", "replace").decode("utf-8")
+    return text[:DISCOVERY_NAME_MAX_CHARS]
+
+
+def _optional_str(value):
+    return None if value is None else str(value)
+
+
+def _fit_reply(fields, limit):
+    """Return the encoded fields, shortening fields["name"] until they fit `limit` bytes."""
+    while True:
+        data = encode_frame(fields)
+        excess = len(data) - limit
+        if excess <= 0:
+            return data
+        if not fields["name"]:
+            return None
+        # One character takes at most 6 bytes in JSON ("\u001b"): cut at least that many.
+        fields["name"] = fields["name"][:-max(1, -(-excess // 6))]
+
+
+def parse_discovery_reply(data, address):
+    """Return the server a reply describes, with its "address", or None if it is malformed."""
+    if len(data) > DISCOVERY_PROBE_BYTES:
+        return None
+    try:
+        frame = parse_frame(data.rstrip(b"\r\n"))
+    except ProtocolError:
+        return None
+    if frame["type"] != "localchat" or not _reply_fields_valid(frame):
+        return None
+    found = {key: frame[key] for key, _ in _REPLY_FIELDS}
+    found["fingerprint"] = frame.get("fingerprint")
+    found["id"] = frame.get("id")
+    found["address"] = address
+    return found
+
+
+def _reply_fields_valid(frame):
+    """Return True if a reply's fields have the right kinds and sane values."""
+    for key, kind in _REPLY_FIELDS:
+        value = frame.get(key)
+        # bool is an int in Python, but true is no port number.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return False
+    if len(frame["name"]) > DISCOVERY_NAME_MAX_CHARS or not 0 < frame["port"] < 65536:
+        return False
+    if frame["users"] < 0 or frame["version"] < 1:
+        return False
+    fingerprint, server_id = frame.get("fingerprint"), frame.get("id")
+    if fingerprint is not None and not _is_fingerprint(fingerprint):
+        return False
+    return server_id is None or (isinstance(server_id, str) and 0 < len(server_id) <= 32
+                                 and server_id.isascii() and server_id.isalnum())
+
+
+def _is_fingerprint(value):
+    return isinstance(value, str) and 0 < len(value) <= 128 and set(value) <= _FINGERPRINT_CHARS
+
+
+class ReplyRateLimit:
+    """Allow at most `per_window` replies per `window_s` to one source address.
+
+    Remembers at most `max_sources` addresses: entries whose window has ended are
+    forgotten first, and a new address is refused while the table is full of
+    current ones, so a flood from spoofed addresses costs bounded memory.
+    Not thread-safe: the responder's own thread is its only user.
+    """
+
+    def __init__(self, per_window=DISCOVERY_RATE_PER_S, window_s=1.0,
+                 max_sources=DISCOVERY_RATE_SOURCES, clock=time.monotonic):
+        self.per_window = per_window
+        self.window_s = window_s
+        self.max_sources = max_sources
+        self._clock = clock
+        self._windows = {}  # address -> [window start, replies]; insertion order is start order
+
+    def __len__(self):
+        return len(self._windows)
+
+    def allow(self, address):
+        """Return True if one more reply to `address` is allowed now, and count it."""
+        now = self._clock()
+        window = self._windows.get(address)
+        if window is not None and now - window[0] < self.window_s:
+            if window[1] >= self.per_window:
+                return False
+            window[1] += 1
+            return True
+        self._windows.pop(address, None)
+        self._forget_ended(now)
+        if len(self._windows) >= self.max_sources:
+            return False
+        self._windows[address] = [now, 1]
+        return True
+
+    def _forget_ended(self, now):
+        """Drop the windows that have ended; they are the oldest, so stop at the first live one."""
+        while self._windows:
+            oldest = next(iter(self._windows))
+            if now - self._windows[oldest][0] < self.window_s:
+                break
+            del self._windows[oldest]
+
+
+class DiscoveryResponder:
+    """Answer discovery probes on a UDP socket, on a daemon thread named "discovery".
+
+    `describe()` runs on that thread for every probe answered and returns a dict:
+    {"name", "port", "users", "password", "tls", "fingerprint", "version"} ("name"
+    and "port" required); it must be quick and thread-safe. Binds in __init__, so
+    an OSError (port taken) comes from the constructor. Bind to "0.0.0.0" to be
+    found: on Linux a socket bound to one unicast address does not get broadcasts.
+    `rate_limit` (tests) replaces the default ReplyRateLimit.
+    Counters, for tests: `answered`, `ignored` (not a valid probe, or an unfair
+    source), `limited` (over the rate limit), `failed` (describe() raised or the
+    reply could not be sent).
+    """
+
+    def __init__(self, host, port, describe, rate_limit=None):
+        self.describe = describe
+        self.server_id = secrets.token_hex(8)
+        self.answered = self.ignored = self.limited = self.failed = 0
+        self._rate_limit = rate_limit if rate_limit is not None else ReplyRateLimit()
+        self._stopping = threading.Event()
+        self._thread = None
+        self._sock = _bind_udp(host, port)
+        self.address = self._sock.getsockname()[:2]
+
+    def start(self):
+        """Start answering on the "discovery" thread."""
+        self._thread = threading.Thread(target=self._responder_loop, name="discovery", daemon=True)
+        self._thread.start()
+
+    def is_alive(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout=1.0):
+        """Stop answering, join the thread and close the socket. Safe to call twice."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        # Closed after the join: closing does not wake a blocked recvfrom() on Linux,
+        # and a closed descriptor number could be reused under the thread's feet.
+        self._sock.close()
+
+    def _responder_loop(self):
+        """Runs on the discovery thread: read datagrams until stop(), answering valid probes."""
+        while not self._stopping.is_set():
+            try:
+                data, source = self._sock.recvfrom(DISCOVERY_MAX_PACKET_BYTES + 1)
+            except socket.timeout:
+                continue
+            except OSError:
+                # Windows reports an oversized datagram, or an ICMP "port unreachable"
+                # caused by an earlier reply, as an error on the next read.
+                self.ignored += 1
+                continue
+            self._handle_datagram(data, source)
+
+    def _handle_datagram(self, data, source):
+        """Runs on the discovery thread: answer one datagram if it deserves it; never raise.
+
+        Nothing is logged per datagram, so a hostile flood cannot flood the log.
+        """
+        if not is_discovery_probe(data) or not _fair_source(source):
+            self.ignored += 1
+        elif not self._rate_limit.allow(source[0]):
+            self.limited += 1
+        else:
+            self._answer(len(data), source)
+
+    def _answer(self, probe_bytes, source):
+        """Runs on the discovery thread: send one reply, never longer than the probe."""
+        try:
+            reply = encode_discovery_reply(self.describe(), self.server_id)
+        except Exception:  # a bug in describe(): log it once, keep answering nothing
+            self.failed += 1
+            if self.failed == 1:
+                log.exception("discovery: describe() failed; probes go unanswered")
+            return
+        if reply is None or len(reply) > probe_bytes:
+            self.failed += 1
+            return
+        self.answered += 1  # before sending: whoever reads the reply sees the count
+        try:
+            self._sock.sendto(reply, source)
+        except OSError:
+            self.answered -= 1
+            self.failed += 1
+
+
+def _bind_udp(host, port):
+    """Return a UDP socket bound to (host, port), with a read timeout of DISCOVERY_POLL_S."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # No SO_REUSEADDR: UDP has no TIME_WAIT to skip, and on Linux and BSD it would
+    # let a second server bind the same port and silently take half the probes.
+    try:
+        sock.settimeout(DISCOVERY_POLL_S)
+        sock.bind((host or "0.0.0.0", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _fair_source(source):
+    """Return True if replying to this source cannot reflect traffic at a service or a group."""
+    host, port = source[:2]
+    try:
+        first = int(host.split(".", 1)[0])
+    except ValueError:
+        return False
+    # Below 1024 sit services (echo, chargen) that would answer back; 0 and 224+ are
+    # "this network", multicast and broadcast, which no real probe comes from.
+    return port >= DISCOVERY_MIN_SOURCE_PORT and 0 < first < 224
+
+
+def default_discovery_targets():
+    """Return the addresses discover_servers() probes when given none.
+
+    The environment variable LOCALCHAT_DISCOVERY_TARGETS (comma-separated addresses)
+    replaces the list: it is for tests, which must keep to loopback, and for
+    networks where broadcasts do not arrive (list the servers' addresses). Otherwise:
+    255.255.255.255, the broadcast address of each local IPv4 network (exact on
+    Linux, guessed as the /24 one elsewhere: the standard library cannot read
+    netmasks portably), and 127.0.0.1 for a server on this computer.
+    Computing the list sends nothing.
+    """
+    configured = os.environ.get(DISCOVERY_TARGETS_ENV, "")
+    if configured.strip():
+        return _unique(part.strip() for part in configured.split(",") if part.strip())
+    guessed = [address.rsplit(".", 1)[0] + ".255" for address in lan_addresses()]
+    return _unique([_LIMITED_BROADCAST] + _linux_broadcast_addresses() + guessed + ["127.0.0.1"])
+
+
+def _unique(items):
+    """Return the items in their first order, without repeats."""
+    seen = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _linux_broadcast_addresses():
+    """Return the IPv4 broadcast address of every Linux network interface (elsewhere: [])."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        import fcntl  # Unix only
+        names = [name for _, name in socket.if_nameindex()]
+    except (ImportError, OSError):
+        return []
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name in names:
+            # struct ifreq: 16 bytes of name, then a sockaddr_in whose address is at 20.
+            request = name.encode("utf-8", "replace")[:15].ljust(40, b"\0")
+            try:
+                answer = fcntl.ioctl(sock.fileno(), _SIOCGIFBRDADDR, request)
+            except OSError:  # no IPv4 address on that interface
+                continue
+            address = socket.inet_ntoa(answer[20:24])
+            if address != "0.0.0.0" and not address.startswith("127."):
+                found.append(address)
+    return found
+
+
+def discover_servers(port=DEFAULT_PORT, targets=None, wait_s=DISCOVERY_WAIT_S):
+    """Probe `targets` on UDP `port` and return the servers that answer within `wait_s`.
+
+    Runs on the calling thread and blocks it for wait_s (never call it on the Tk
+    thread). `targets` defaults to default_discovery_targets(). Returns a list of
+    reply dicts (see DISCOVERY_DOC) each with the sender's "address", one per
+    (address, port) and one per server seen through several addresses (its
+    non-loopback address kept), sorted by name. Malformed replies are ignored;
+    targets that cannot be sent to are skipped (a host name among them is looked
+    up first, which may block). Raises nothing but OSError if no UDP socket can be made.
+    """
+    if targets is None:
+        targets = default_discovery_targets()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if not _send_probes(sock, targets, port):
+            return []
+        found = _collect_replies(sock, time.monotonic() + wait_s)
+    return _distinct_servers(found)
+
+
+def _send_probes(sock, targets, port):
+    """Send one probe to each target; return how many went out."""
+    probe, sent = discovery_probe(), 0
+    for target in targets:
+        try:
+            sock.sendto(probe, (target, port))
+            sent += 1
+        except (OSError, ValueError, TypeError):  # a network gone or unreachable, a malformed name
+            pass
+    return sent
+
+
+def _collect_replies(sock, deadline):
+    """Return the valid replies read from sock until the deadline (at most DISCOVERY_MAX_FOUND)."""
+    found = []
+    while len(found) < DISCOVERY_MAX_FOUND:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        sock.settimeout(remaining)
+        try:
+            data, source = sock.recvfrom(DISCOVERY_MAX_PACKET_BYTES + 1)
+        except socket.timeout:
+            break
+        except OSError:  # Windows: an ICMP "port unreachable" from a target without a server
+            continue
+        server = parse_discovery_reply(data, source[0])
+        if server is not None:
+            found.append(server)
+    return found
+
+
+def _distinct_servers(found):
+    """Return the servers found, one per (address, port) and per server id, sorted by name."""
+    by_address = {}
+    for server in found:
+        by_address.setdefault((server["address"], server["port"]), server)
+    kept = {}
+    for server in by_address.values():
+        # The same id with the same name, port and fingerprint is one server reached
+        # through two of its addresses (127.0.0.1 and its LAN address, typically).
+        key = (server["id"], server["name"], server["port"], server["fingerprint"])
+        if server["id"] is None:
+            key = (server["address"], server["port"])
+        if key not in kept or (_is_loopback(kept[key]["address"]) and not _is_loopback(server["address"])):
+            kept[key] = server
+    return sorted(kept.values(), key=lambda s: (s["name"].casefold(), s["address"], s["port"]))
+
+
+def _is_loopback(address):
+    return address.startswith("127.")
+
+
+def describe_found_server(found):
+    """Return one line about a found server for a person, its text made printable."""
+    parts = [printable(found["name"] or "(no name)", DISCOVERY_NAME_MAX_CHARS),
+             "%s:%d" % (found["address"], found["port"])]
+    parts.append("1 user" if found["users"] == 1 else "%d users" % found["users"])
+    if found["password"]:
+        parts.append("password")
+    if found["tls"]:
+        parts.append("encrypted (%s)" % _short_fingerprint(found["fingerprint"]))
+    else:
+        parts.append("not encrypted")
+    if found["version"] > PROTOCOL_VERSION:
+        parts.append("needs a newer LocalChat (protocol %d)" % found["version"])
+    return "  ".join(parts)
+
+
+def _short_fingerprint(fingerprint):
+    """Return "AB:CD:...:12" for a colon-separated fingerprint, "no fingerprint" for None."""
+    if not fingerprint:
+        return "no fingerprint"
+    pairs = fingerprint.split(":")
+    if len(pairs) <= 4:
+        return fingerprint
+    return "%s:%s:...:%s" % (pairs[0], pairs[1], pairs[-1])
+
+
+# =============================================================================
+# 9. Server: accept, threads, shutdown
 # =============================================================================
 #
 # ChatServer accepts on the thread running serve_forever() and gives every
@@ -2020,28 +2505,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.hub.store.close()
 
 
-def lan_addresses():
-    """Return this computer's IPv4 addresses that others on the network could reach."""
-    found = set()
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET, socket.SOCK_STREAM):
-            found.add(info[4][0])
-    except OSError:
-        pass
-    # Connecting a UDP socket sends nothing: it only asks the routing table which
-    # local address would be used, which finds the LAN address when the host name
-    # resolves to 127.0.1.1 (as on Debian).
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect(("10.255.255.255", 9))
-        found.add(probe.getsockname()[0])
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    return sorted(a for a in found if not a.startswith(("127.", "0.", "169.254.")))
-
-
 def bind_error_sentence(error, host, port):
     """Return one sentence saying why the server could not listen on host:port."""
     if error.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
@@ -2160,6 +2623,23 @@ def _target_minutes_reason(rest):
     return parts[0], minutes, reason
 
 
+def start_discovery(server, host, fingerprint=None):
+    """Answer discovery probes on the server's port number (UDP); return the responder or None."""
+    hub = server.hub
+
+    def describe():  # runs on the discovery thread
+        return {"name": hub.server_name, "port": server.port, "users": hub.count(),
+                "password": hub.password is not None, "tls": fingerprint is not None,
+                "fingerprint": fingerprint, "version": PROTOCOL_VERSION}
+    try:
+        responder = DiscoveryResponder(host, server.port, describe)
+    except OSError as error:
+        log.warning("discovery is off: UDP port %d: %s", server.port, error.strerror or error)
+        return None
+    responder.start()
+    return responder
+
+
 def raise_open_file_limit():
     """Let the process hold as many sockets as the system allows (each client needs two)."""
     try:
@@ -2227,7 +2707,7 @@ def run_server(args):
         path = Path(args.history) if args.history else data_dir() / "history.sqlite3"
         store, where = SqliteStore(path), "History: kept in %s" % path
     limits = Limits(**{attribute: getattr(args, attribute) for attribute, _, _ in Limits.TABLE})
-    hub = ChatHub(socket.gethostname(), store, scrollback=args.scrollback, limits=limits,
+    hub = ChatHub(args.server_name or socket.gethostname(), store, scrollback=args.scrollback, limits=limits,
                   password=server_password(args.password))
     for name in args.op or []:
         hub.moderation.add_operator(name)
@@ -2246,6 +2726,7 @@ def run_server(args):
         print("A password is needed to join.")
     print("Type /help for the console's commands.")
     sys.stdout.flush()
+    discovery = None if args.no_discovery else start_discovery(server, args.host)
     ServerConsole(server).start()
     log.info("server started on %s:%d", args.host, server.port)
     accept_thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
@@ -2256,6 +2737,8 @@ def run_server(args):
     except KeyboardInterrupt:
         pass
     log.info("shutting down")
+    if discovery is not None:
+        discovery.stop()
     server.stop()
     if accept_thread.is_alive():
         accept_thread.join(1.0)
@@ -2264,7 +2747,7 @@ def run_server(args):
 
 
 # =============================================================================
-# 9. Client connection (no Tk)
+# 10. Client connection (no Tk)
 # =============================================================================
 #
 # ChatConnection is what both clients use: connect and hello on the caller's
@@ -2865,7 +3348,7 @@ def load_identity():
 
 
 # =============================================================================
-# 10. Tk window
+# 11. Tk window
 # =============================================================================
 #
 # ChatWindow runs on the Tk thread only. The connection's threads put frames on
@@ -3003,7 +3486,7 @@ def conversation_key(kind, name):
 class ChatWindow:
     """The chat window: conversations, log, people, input, status line. Runs on the Tk thread."""
 
-    def __init__(self, root, host, port, name, identity=None):
+    def __init__(self, root, host, port, name, identity=None, hosted=None):
         import tkinter
         from tkinter import ttk
         self.tk, self.ttk, self.root = tkinter, ttk, root
@@ -3026,8 +3509,11 @@ class ChatWindow:
         self.password_dialog = None
         self._ref_prefix = secrets.token_hex(3)
         self._next_ref = 0
+        self.hosted = hosted  # a HostedServer this window started, stopped when it closes
         self._build_window()
         self._open_conversation("room", GENERAL_ROOM)
+        if hosted is not None:
+            self._add_notice(hosted.join_hint())
         self._poll_id = root.after(POLL_INTERVAL_MS, self._poll)
         self._connect()
 
@@ -3696,11 +4182,193 @@ class ChatWindow:
             self.root.after_cancel(self._poll_id)
             self._poll_id = None
         self.connection.close(say_bye=self.connected)
+        if self.hosted is not None:
+            self.hosted.stop()
         self.root.destroy()
 
 
+class HostedServer:
+    """A server started inside the window's process ("Host a chat on this computer")."""
+
+    def __init__(self, port=DEFAULT_PORT):
+        hub = ChatHub(socket.gethostname(), SqliteStore(data_dir() / "history.sqlite3"))
+        try:
+            self.server = ChatServer((DEFAULT_HOST, port), hub=hub)
+        except OSError:  # the usual port is taken (another server here?): any free one will do
+            self.server = ChatServer((DEFAULT_HOST, 0), hub=hub)
+        self.discovery = start_discovery(self.server, DEFAULT_HOST)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="accept", daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self):
+        return self.server.port
+
+    def join_hint(self):
+        """Return the sentence that tells the others how to join."""
+        addresses = lan_addresses()
+        suffix = "" if self.port == DEFAULT_PORT else ":%d" % self.port
+        if not addresses:
+            return "You are hosting this chat, but this computer has no network address others could use."
+        return ("You are hosting this chat. Others join by starting LocalChat (it finds this chat by "
+                "itself), or with: python3 localchat.py NAME --server %s%s" % (addresses[0], suffix))
+
+    def stop(self):
+        if self.discovery is not None:
+            self.discovery.stop()
+        self.server.stop()
+        self.thread.join(2.0)
+
+
+class JoinWindow:
+    """The window a double-click opens: a name, the chats found nearby, an address, or host one.
+
+    Runs on the Tk thread; discovery runs on a worker thread and reports by a queue.
+    on_join(host, port, name, hosted) is called once the person has chosen.
+    """
+
+    def __init__(self, root, on_join, name=None, found=None):
+        import tkinter
+        from tkinter import ttk
+        self.tk, self.ttk, self.root = tkinter, ttk, root
+        self.on_join = on_join
+        self.settings = load_settings()
+        self.found = []
+        self.results = queue.Queue()  # lists of servers from the discovery thread
+        self._poll_id = None
+        self._closed = False
+        self._build(name or self.settings.get("name", ""))
+        if found is None:
+            self.refresh()
+        else:
+            self._show_found(found)
+        self._poll_id = root.after(POLL_INTERVAL_MS, self._poll)
+
+    def _build(self, name):
+        self.root.title("LocalChat - join a chat")
+        self.frame = self.ttk.Frame(self.root, padding=16)
+        self.frame.pack(fill="both", expand=True)
+        self.ttk.Label(self.frame, text="Your name").pack(anchor="w")
+        self.name_entry = self.ttk.Entry(self.frame, width=32)
+        self.name_entry.insert(0, name)
+        self.name_entry.pack(anchor="w", fill="x", pady=(0, 10))
+        self.ttk.Label(self.frame, text="Chats found on this network").pack(anchor="w")
+        self.server_list = self.tk.Listbox(self.frame, height=6, activestyle="none", exportselection=False)
+        self.server_list.pack(fill="both", expand=True)
+        self.server_list.bind("<Double-Button-1>", lambda event: self.join())
+        self.refresh_button = self.ttk.Button(self.frame, text="Look again", command=self.refresh)
+        self.refresh_button.pack(anchor="e", pady=(4, 10))
+        self.ttk.Label(self.frame, text="Or the address of a chat (HOST or HOST:PORT)").pack(anchor="w")
+        self.address_entry = self.ttk.Entry(self.frame, width=32)
+        self.address_entry.insert(0, self.settings.get("server", ""))
+        self.address_entry.pack(anchor="w", fill="x", pady=(0, 10))
+        buttons = self.ttk.Frame(self.frame)
+        buttons.pack(fill="x")
+        self.join_button = self.ttk.Button(buttons, text="Join", command=self.join)
+        self.join_button.pack(side="right")
+        self.host_button = self.ttk.Button(buttons, text="Host a chat on this computer", command=self.host)
+        self.host_button.pack(side="left")
+        self.status = self.ttk.Label(self.frame, text="", foreground="#b00020", wraplength=420)
+        self.status.pack(anchor="w", pady=(10, 0))
+        self.root.bind("<Return>", lambda event: self.join())
+        self.name_entry.focus_set()
+
+    def refresh(self):
+        """Look for chats on a worker thread; the list fills in when it answers."""
+        self.status.configure(text="Looking for chats...", foreground="")
+        self.refresh_button.state(["disabled"])
+        threading.Thread(target=self._discovery_worker, name="discovery-client", daemon=True).start()
+
+    def _discovery_worker(self):
+        """Runs on the discovery-client thread."""
+        self.results.put(discover_servers())
+
+    def _poll(self):
+        self._poll_id = None
+        try:
+            self._show_found(self.results.get_nowait())
+        except queue.Empty:
+            pass
+        if not self._closed:
+            self._poll_id = self.root.after(POLL_INTERVAL_MS, self._poll)
+
+    def _show_found(self, found):
+        self.found = list(found)
+        self.refresh_button.state(["!disabled"])
+        self.server_list.delete(0, "end")
+        for server in self.found:
+            self.server_list.insert("end", describe_found_server(server))
+        if self.found:
+            self.server_list.selection_set(0)
+            self.status.configure(text="")
+        else:
+            self.status.configure(text="No chat found on this network. Type the address of one "
+                                       "(ask whoever runs it), or host one here.", foreground="")
+
+    def _chosen_name(self):
+        name = self.name_entry.get().strip()
+        try:
+            check_name(name)
+        except ProtocolError as error:
+            self._complain(error.text)
+            return None
+        return name
+
+    def _complain(self, text):
+        self.status.configure(text=text, foreground="#b00020")
+
+    def join(self):
+        """Join the typed address, else the chat selected in the list."""
+        name = self._chosen_name()
+        if name is None:
+            return
+        typed = self.address_entry.get().strip()
+        selection = self.server_list.curselection()
+        try:
+            if typed:
+                host, port = split_host_port(typed)
+            elif selection:
+                server = self.found[selection[0]]
+                host, port = server["address"], server["port"]
+            else:
+                self._complain("Choose a chat from the list, type an address, or host a chat here.")
+                return
+        except UserError as error:
+            self._complain(str(error))
+            return
+        self._finish(host, port, name, None, typed or None)
+
+    def host(self):
+        """Start a server in this process and join it."""
+        name = self._chosen_name()
+        if name is None:
+            return
+        try:
+            hosted = HostedServer()
+        except (OSError, UserError) as error:
+            self._complain("Could not start a chat here: %s" % error)
+            return
+        self._finish("127.0.0.1", hosted.port, name, hosted, None)
+
+    def _finish(self, host, port, name, hosted, typed):
+        self.settings["name"] = name
+        if typed:
+            self.settings["server"] = typed
+        save_settings(self.settings)
+        self.close()
+        self.on_join(host, port, name, hosted)
+
+    def close(self):
+        self._closed = True
+        if self._poll_id is not None:
+            self.root.after_cancel(self._poll_id)
+            self._poll_id = None
+        self.root.unbind("<Return>")
+        self.frame.destroy()
+
+
 def run_window(args):
-    """Open the chat window and run Tk's main loop until it closes."""
+    """Open the join window or the chat window, and run Tk's main loop until it closes."""
     try:
         import tkinter
     except ImportError:
@@ -3708,18 +4376,31 @@ def run_window(args):
             "The chat window needs Tkinter, which this Python does not have: install it (on Debian or "
             "Ubuntu: sudo apt install python3-tk), or use --cli for the line client."
         ) from None
-    host, port = split_host_port(args.server)
     try:
         root = tkinter.Tk()
     except tkinter.TclError as error:
         raise UserError("Could not open a window (%s); use --cli for the line client." % error) from None
-    ChatWindow(root, host, port, args.name, identity=load_identity())
+    identity = load_identity()
+
+    def open_chat(host, port, name, hosted=None):
+        ChatWindow(root, host, port, name, identity=identity, hosted=hosted)
+
+    if args.server:
+        open_chat(*split_host_port(args.server), args.name)
+    elif args.name is None:
+        JoinWindow(root, open_chat)
+    else:
+        found = discover_servers()
+        if len(found) == 1:
+            open_chat(found[0]["address"], found[0]["port"], args.name)
+        else:
+            JoinWindow(root, open_chat, name=args.name, found=found)
     root.mainloop()
     return 0
 
 
 # =============================================================================
-# 11. Terminal client
+# 12. Terminal client
 # =============================================================================
 #
 # A line client for terminals and scripts. The main thread owns stdout; a stdin
@@ -3838,8 +4519,30 @@ class TerminalClient:
         self.stdout.flush()
 
 
+def run_discover():
+    """Print the chats found on this network, one a line; exit 1 if there is none."""
+    found = discover_servers()
+    for server in found:
+        print(describe_found_server(server))
+    if not found:
+        sys.stderr.write("No LocalChat server answered on this network.\n")
+    return 0 if found else 1
+
+
+def server_from_discovery():
+    """Return (host, port) of the one chat found on this network; raise UserError otherwise."""
+    found = discover_servers()
+    if len(found) == 1:
+        return found[0]["address"], found[0]["port"]
+    if not found:
+        raise UserError("no LocalChat server answered on this network. Ask whoever runs it for its "
+                        "address, and give it with --server HOST[:PORT].")
+    raise UserError("several chats answered; choose one with --server HOST:PORT:\n  "
+                    + "\n  ".join(describe_found_server(server) for server in found))
+
+
 def run_cli(args):
-    host, port = split_host_port(args.server)
+    host, port = split_host_port(args.server) if args.server else server_from_discovery()
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a Windows console cannot show every character
     password = os.environ.get("LOCALCHAT_PASSWORD")
@@ -3860,7 +4563,7 @@ def run_cli(args):
 
 
 # =============================================================================
-# 12. Command line
+# 13. Command line
 # =============================================================================
 
 DESCRIPTION = """\
@@ -3888,12 +4591,14 @@ def build_parser():
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("name", metavar="NAME|server",
-                        help="your name in the chat (1-%d letters, digits, _ - .), or 'server'" % MAX_NAME_CHARS)
+    parser.add_argument("name", metavar="NAME|server", nargs="?",
+                        help="your name in the chat (1-%d letters, digits, _ - .), or 'server'; "
+                        "without it, a window asks" % MAX_NAME_CHARS)
     parser.add_argument("--version", action="version", version="LocalChat %s" % __version__)
     client = parser.add_argument_group("client options")
     client.add_argument("--server", metavar="HOST[:PORT]",
-                        help="the server to join (default %s:%d)" % (DEFAULT_CLIENT_HOST, DEFAULT_PORT))
+                        help="the server to join (default: look for one on this network)")
+    client.add_argument("--discover", action="store_true", help="list the chats found on this network, and exit")
     client.add_argument("--cli", action="store_true", help="use the line client instead of the window")
     server = parser.add_argument_group("server options")
     server.add_argument("--host", help="the address to listen on (default %s: all of them)" % DEFAULT_HOST)
@@ -3905,6 +4610,10 @@ def build_parser():
     server.add_argument("--no-history", action="store_true", help="keep history in memory only")
     server.add_argument("--scrollback", type=int, metavar="N",
                         help="messages shown of a room's history on joining it (default %d)" % DEFAULT_SCROLLBACK)
+    server.add_argument("--name", dest="server_name", metavar="TEXT",
+                        help="the name others see when they look for chats (default: this computer's name)")
+    server.add_argument("--no-discovery", action="store_true",
+                        help="do not answer when clients on the network look for chats")
     server.add_argument("--op", action="append", metavar="NAME",
                         help="make NAME an operator (may be given several times)")
     parser.add_argument("--password", action="store_true",
@@ -3940,10 +4649,17 @@ def check_args(parser, args):
         return
     for option, value in (("--host", args.host), ("--port", args.port), ("--quiet", args.quiet),
                           ("--history", args.history), ("--no-history", args.no_history),
-                          ("--scrollback", args.scrollback), ("--op", args.op)) + tuple(
+                          ("--scrollback", args.scrollback), ("--op", args.op),
+                          ("--name", args.server_name), ("--no-discovery", args.no_discovery)) + tuple(
             ("--" + attribute.replace("_", "-"), getattr(args, attribute)) for attribute, _, _ in Limits.TABLE):
         if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)
+    if args.discover:
+        return
+    if args.name is None:
+        if args.cli:
+            parser.error("the line client needs a NAME")
+        return
     try:
         check_name(args.name)
         split_host_port(args.server or "")
@@ -3952,7 +4668,6 @@ def check_args(parser, args):
     except UserError as error:
         if args.server is not None:
             parser.error(str(error))
-    args.server = args.server or "%s:%d" % (DEFAULT_CLIENT_HOST, DEFAULT_PORT)
 
 
 def main(argv=None):
@@ -3960,6 +4675,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
+        if args.discover:
+            return run_discover()
         if args.name == "server":
             return run_server(args)
         if args.cli:

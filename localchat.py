@@ -4190,13 +4190,13 @@ class ChatWindow:
 class HostedServer:
     """A server started inside the window's process ("Host a chat on this computer")."""
 
-    def __init__(self, port=DEFAULT_PORT):
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT):
         hub = ChatHub(socket.gethostname(), SqliteStore(data_dir() / "history.sqlite3"))
         try:
-            self.server = ChatServer((DEFAULT_HOST, port), hub=hub)
+            self.server = ChatServer((host, port), hub=hub)
         except OSError:  # the usual port is taken (another server here?): any free one will do
-            self.server = ChatServer((DEFAULT_HOST, 0), hub=hub)
-        self.discovery = start_discovery(self.server, DEFAULT_HOST)
+            self.server = ChatServer((host, 0), hub=hub)
+        self.discovery = start_discovery(self.server, host)
         self.thread = threading.Thread(target=self.server.serve_forever, name="accept", daemon=True)
         self.thread.start()
 
@@ -4227,11 +4227,13 @@ class JoinWindow:
     on_join(host, port, name, hosted) is called once the person has chosen.
     """
 
-    def __init__(self, root, on_join, name=None, found=None):
+    def __init__(self, root, on_join, name=None, found=None, port=DEFAULT_PORT, host_address=None):
         import tkinter
         from tkinter import ttk
         self.tk, self.ttk, self.root = tkinter, ttk, root
         self.on_join = on_join
+        self.port = port  # where discovery probes go
+        self.host_address = host_address or (DEFAULT_HOST, DEFAULT_PORT)  # where "Host a chat" listens
         self.settings = load_settings()
         self.found = []
         self.results = queue.Queue()  # lists of servers from the discovery thread
@@ -4246,6 +4248,7 @@ class JoinWindow:
 
     def _build(self, name):
         self.root.title("LocalChat - join a chat")
+        self.root.geometry("520x430")
         self.frame = self.ttk.Frame(self.root, padding=16)
         self.frame.pack(fill="both", expand=True)
         self.ttk.Label(self.frame, text="Your name").pack(anchor="w")
@@ -4256,12 +4259,14 @@ class JoinWindow:
         self.server_list = self.tk.Listbox(self.frame, height=6, activestyle="none", exportselection=False)
         self.server_list.pack(fill="both", expand=True)
         self.server_list.bind("<Double-Button-1>", lambda event: self.join())
+        self.server_list.bind("<<ListboxSelect>>", lambda event: self.address_entry.delete(0, "end"))
         self.refresh_button = self.ttk.Button(self.frame, text="Look again", command=self.refresh)
         self.refresh_button.pack(anchor="e", pady=(4, 10))
         self.ttk.Label(self.frame, text="Or the address of a chat (HOST or HOST:PORT)").pack(anchor="w")
         self.address_entry = self.ttk.Entry(self.frame, width=32)
         self.address_entry.insert(0, self.settings.get("server", ""))
         self.address_entry.pack(anchor="w", fill="x", pady=(0, 10))
+        self.address_entry.bind("<Key>", lambda event: self.server_list.selection_clear(0, "end"))
         buttons = self.ttk.Frame(self.frame)
         buttons.pack(fill="x")
         self.join_button = self.ttk.Button(buttons, text="Join", command=self.join)
@@ -4281,7 +4286,7 @@ class JoinWindow:
 
     def _discovery_worker(self):
         """Runs on the discovery-client thread."""
-        self.results.put(discover_servers())
+        self.results.put(discover_servers(self.port))
 
     def _poll(self):
         self._poll_id = None
@@ -4299,7 +4304,8 @@ class JoinWindow:
         for server in self.found:
             self.server_list.insert("end", describe_found_server(server))
         if self.found:
-            self.server_list.selection_set(0)
+            if not self.address_entry.get().strip():
+                self.server_list.selection_set(0)
             self.status.configure(text="")
         else:
             self.status.configure(text="No chat found on this network. Type the address of one "
@@ -4344,7 +4350,7 @@ class JoinWindow:
         if name is None:
             return
         try:
-            hosted = HostedServer()
+            hosted = HostedServer(*self.host_address)
         except (OSError, UserError) as error:
             self._complain("Could not start a chat here: %s" % error)
             return

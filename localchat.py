@@ -12,28 +12,33 @@ Sections:
     3. Protocol: wire format, frames, limits
     4. Core: users, rooms, direct messages, history, fan-out (no sockets, no JSON)
     5. Storage: message history, topics, identities
-    6. Transport: per-connection outboxes and the writer thread
-    7. Doors: JSON lines
-    8. Discovery: UDP probes and replies, finding servers on the LAN
-    9. Server: accept, threads, shutdown
-    10. Client connection (no Tk)
-    11. Tk window
-    12. Terminal client
-    13. Command line
+    6. Certificates: a self-signed one, made with the standard library alone
+    7. Encryption: TLS over memory buffers
+    8. Transport: per-connection outboxes and the writer thread
+    9. Doors: JSON lines
+    10. Discovery: UDP probes and replies, finding servers on the LAN
+    11. Server: accept, threads, shutdown
+    12. Client connection (no Tk)
+    13. Tk window
+    14. Terminal client
+    15. Command line
 """
 
 __version__ = "1.0"
 
 import _thread
 import argparse
+import base64
 import collections
-import getpass
+import datetime
 import errno
+import getpass
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -42,12 +47,14 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import ssl
 import sys
 import threading
 import time
 import unicodedata
 import zlib
 from pathlib import Path
+from typing import Iterable, List, NamedTuple, Sequence
 
 # =============================================================================
 # 1. Constants
@@ -195,7 +202,10 @@ hello_first, already_joined, bad_version, bad_name, bad_room, name_taken,
 empty_text, text_too_long, bad_text, not_in_room, already_in_room,
 too_many_rooms, unknown_user, not_stored, line_too_long (fatal),
 too_many_errors (fatal), hello_timeout (fatal), shutting_down (fatal: a hello
-while the server stops).
+while the server stops); and from moderation and limits: rate_limited,
+flooding (fatal), muted, banned (fatal at hello), not_operator, no_identity,
+not_banned, not_muted, bad_auth, auth_first (fatal), auth_failed (fatal),
+server_full (fatal), too_many_connections (fatal).
 """
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -1354,7 +1364,858 @@ class SqliteStore:
 
 
 # =============================================================================
-# 6. Transport: per-connection outboxes and the writer thread
+# 6. Certificates: a self-signed one, made with the standard library alone
+# =============================================================================
+#
+# `server --tls` needs a certificate, and the openssl command is not on every machine
+# (Windows). So this section makes one itself: a tiny DER encoder, RSA key generation
+# (random primes, sieve and Miller-Rabin), an X.509 v3 certificate signed with
+# sha256WithRSAEncryption, and the SHA-256 fingerprint people compare. Runs on the
+# thread that starts the server, once.
+#
+# The certificate is a leaf (CA:FALSE); clients trust it by fingerprint (like SSH),
+# never by a certificate authority, so every OpenSSL version accepts it.
+
+# --- DER encoding (ITU-T X.690) --------------------------------------------
+
+_TAG_BOOLEAN = 0x01
+_TAG_INTEGER = 0x02
+_TAG_BIT_STRING = 0x03
+_TAG_OCTET_STRING = 0x04
+_TAG_NULL = 0x05
+_TAG_OBJECT_IDENTIFIER = 0x06
+_TAG_UTF8_STRING = 0x0C
+_TAG_PRINTABLE_STRING = 0x13
+_TAG_UTC_TIME = 0x17
+_TAG_GENERALIZED_TIME = 0x18
+_TAG_SEQUENCE = 0x30  # 0x10 with the "constructed" bit set
+_TAG_SET = 0x31  # 0x11 with the "constructed" bit set
+
+_TAG_CLASS_CONTEXT = 0x80
+_TAG_CONSTRUCTED = 0x20
+
+# Characters allowed in an ASN.1 PrintableString (X.680, 41.4).
+_PRINTABLE_STRING_CHARACTERS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"
+)
+
+
+def _der_length(length: int) -> bytes:
+    """Encode a DER length: one byte below 128, else 0x80|count + big-endian bytes."""
+    if length < 0x80:
+        return bytes([length])
+    length_bytes = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(length_bytes)]) + length_bytes
+
+
+def _der_tlv(tag: int, content: bytes) -> bytes:
+    """Encode one tag-length-value element (single-byte tags only)."""
+    return bytes([tag]) + _der_length(len(content)) + content
+
+
+def _der_boolean(value: bool) -> bytes:
+    """Encode a BOOLEAN; DER requires TRUE to be exactly 0xFF."""
+    return _der_tlv(_TAG_BOOLEAN, b"\xff" if value else b"\x00")
+
+
+def _der_integer(value: int) -> bytes:
+    """Encode an INTEGER as minimal big-endian two's complement.
+
+    One byte more than the magnitude needs leaves room for the sign bit, so
+    128 becomes 00 80 (positive) while -128 stays 80.
+    """
+    magnitude_bits = value.bit_length() if value >= 0 else (~value).bit_length()
+    byte_count = magnitude_bits // 8 + 1
+    return _der_tlv(_TAG_INTEGER, value.to_bytes(byte_count, "big", signed=True))
+
+
+def _der_bit_string(data: bytes, unused_bits: int = 0) -> bytes:
+    """Encode a BIT STRING; the first content byte counts unused trailing bits."""
+    if not 0 <= unused_bits <= 7 or (unused_bits and not data):
+        raise ValueError("invalid number of unused bits")
+    return _der_tlv(_TAG_BIT_STRING, bytes([unused_bits]) + data)
+
+
+def _der_octet_string(data: bytes) -> bytes:
+    """Encode an OCTET STRING."""
+    return _der_tlv(_TAG_OCTET_STRING, data)
+
+
+def _der_null() -> bytes:
+    """Encode NULL (the parameters of RSA algorithm identifiers)."""
+    return _der_tlv(_TAG_NULL, b"")
+
+
+def _der_oid_arc(arc: int) -> bytes:
+    """Encode one OID arc in base 128, high bit set on all but the last byte."""
+    chunks = [arc & 0x7F]
+    arc >>= 7
+    while arc:
+        chunks.append(0x80 | (arc & 0x7F))
+        arc >>= 7
+    return bytes(reversed(chunks))
+
+
+def _der_oid(dotted: str) -> bytes:
+    """Encode an OBJECT IDENTIFIER given as "1.2.840.113549.1.1.11"."""
+    arcs = [int(part) for part in dotted.split(".")]
+    if len(arcs) < 2 or arcs[0] > 2 or (arcs[0] < 2 and arcs[1] >= 40):
+        raise ValueError("invalid object identifier: %r" % dotted)
+    # X.690 packs the first two arcs into one number: 40 * first + second.
+    content = _der_oid_arc(40 * arcs[0] + arcs[1])
+    content += b"".join(_der_oid_arc(arc) for arc in arcs[2:])
+    return _der_tlv(_TAG_OBJECT_IDENTIFIER, content)
+
+
+def _der_utf8_string(text: str) -> bytes:
+    """Encode a UTF8String."""
+    return _der_tlv(_TAG_UTF8_STRING, text.encode("utf-8"))
+
+
+def _der_printable_string(text: str) -> bytes:
+    """Encode a PrintableString; rejects characters outside its small alphabet."""
+    if not set(text) <= _PRINTABLE_STRING_CHARACTERS:
+        raise ValueError("not a PrintableString: %r" % text)
+    return _der_tlv(_TAG_PRINTABLE_STRING, text.encode("ascii"))
+
+
+def _der_utc_time(moment: datetime.datetime) -> bytes:
+    """Encode a UTCTime "YYMMDDHHMMSSZ" (RFC 5280: years 1950-2049 only)."""
+    if not 1950 <= moment.year <= 2049:
+        raise ValueError("UTCTime only covers the years 1950-2049")
+    text = _as_utc(moment).strftime("%y%m%d%H%M%SZ")
+    return _der_tlv(_TAG_UTC_TIME, text.encode("ascii"))
+
+
+def _der_generalized_time(moment: datetime.datetime) -> bytes:
+    """Encode a GeneralizedTime "YYYYMMDDHHMMSSZ" (no fractional seconds)."""
+    # Format the year by hand: strftime("%Y") does not zero-pad on every OS.
+    moment = _as_utc(moment)
+    text = "%04d" % moment.year + moment.strftime("%m%d%H%M%SZ")
+    return _der_tlv(_TAG_GENERALIZED_TIME, text.encode("ascii"))
+
+
+def _der_time(moment: datetime.datetime) -> bytes:
+    """Encode an X.509 Time: UTCTime up to 2049, GeneralizedTime from 2050 on.
+
+    RFC 5280 section 4.1.2.5 makes this choice mandatory, not a preference.
+    """
+    if 1950 <= moment.year <= 2049:
+        return _der_utc_time(moment)
+    return _der_generalized_time(moment)
+
+
+def _der_sequence(*elements: bytes) -> bytes:
+    """Encode a SEQUENCE of already-encoded elements, in the given order."""
+    return _der_tlv(_TAG_SEQUENCE, b"".join(elements))
+
+
+def _der_set(*elements: bytes) -> bytes:
+    """Encode a SET OF; DER requires the encoded elements in sorted order."""
+    return _der_tlv(_TAG_SET, b"".join(sorted(elements)))
+
+
+def _der_explicit(tag_number: int, inner_der: bytes) -> bytes:
+    """Wrap a complete element in a constructed context tag, e.g. [0] EXPLICIT."""
+    if not 0 <= tag_number <= 30:
+        raise ValueError("only low tag numbers are supported")
+    tag = _TAG_CLASS_CONTEXT | _TAG_CONSTRUCTED | tag_number
+    return _der_tlv(tag, inner_der)
+
+
+def _der_implicit(tag_number: int, content: bytes, constructed: bool = False) -> bytes:
+    """Encode content under a context tag that replaces the universal one, e.g. [2] IMPLICIT."""
+    if not 0 <= tag_number <= 30:
+        raise ValueError("only low tag numbers are supported")
+    tag = _TAG_CLASS_CONTEXT | tag_number
+    if constructed:
+        tag |= _TAG_CONSTRUCTED
+    return _der_tlv(tag, content)
+
+
+def _as_utc(moment: datetime.datetime) -> datetime.datetime:
+    """Return the moment in UTC; naive datetimes are taken to already be UTC."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(datetime.timezone.utc)
+
+
+# --- Prime numbers and RSA keys --------------------------------------------
+
+_RSA_PUBLIC_EXPONENT = 65537
+_MINIMUM_RSA_BITS = 512  # only for tests; TLS peers demand 2048 or more
+
+# Each Miller-Rabin round with a random base catches a composite with
+# probability at least 3/4 (Rabin 1980), so 64 rounds leave a worst-case
+# error of 4**-64 = 2**-128 per number.  For random 1024-bit candidates the
+# true error is far smaller still (Damgard, Landrock, Pomerance 1993).
+_MILLER_RABIN_ROUNDS = 64
+
+_SMALL_PRIME_LIMIT = 10000
+
+
+def _small_primes_up_to(limit: int) -> List[int]:
+    """Return all primes <= limit (sieve of Eratosthenes)."""
+    is_prime = bytearray([1]) * (limit + 1)
+    is_prime[0] = is_prime[1] = 0
+    for number in range(2, math.isqrt(limit) + 1):
+        if is_prime[number]:
+            multiples = range(number * number, limit + 1, number)
+            is_prime[number * number :: number] = bytes(len(multiples))
+    return [number for number in range(limit + 1) if is_prime[number]]
+
+
+_SMALL_PRIMES = _small_primes_up_to(_SMALL_PRIME_LIMIT)
+_SMALL_PRIMES_SET = frozenset(_SMALL_PRIMES)
+# One gcd against the product of all small primes replaces ~1200 trial
+# divisions; it rejects most random odd candidates before the expensive
+# Miller-Rabin step.
+_SMALL_PRIMES_PRODUCT = math.prod(_SMALL_PRIMES)
+
+
+def _is_miller_rabin_witness(base: int, odd_part: int, twos: int, n: int) -> bool:
+    """Return True if base proves n composite; n - 1 == odd_part * 2**twos."""
+    x = pow(base, odd_part, n)
+    if x == 1 or x == n - 1:
+        return False
+    for _ in range(twos - 1):
+        x = pow(x, 2, n)
+        if x == n - 1:
+            return False
+    return True
+
+
+def _passes_miller_rabin(n: int, rounds: int = _MILLER_RABIN_ROUNDS) -> bool:
+    """Run Miller-Rabin with random bases from secrets on an odd n > 3.
+
+    A composite n survives with probability at most 4**-rounds.
+    """
+    odd_part, twos = n - 1, 0
+    while odd_part % 2 == 0:
+        odd_part //= 2
+        twos += 1
+    for _ in range(rounds):
+        base = 2 + secrets.randbelow(n - 3)  # uniform in [2, n - 2]
+        if _is_miller_rabin_witness(base, odd_part, twos, n):
+            return False
+    return True
+
+
+def _is_probable_prime(n: int, rounds: int = _MILLER_RABIN_ROUNDS) -> bool:
+    """Return True if n is prime (certain below 10**8, else error <= 4**-rounds)."""
+    if n <= _SMALL_PRIME_LIMIT:
+        return n in _SMALL_PRIMES_SET
+    if math.gcd(n, _SMALL_PRIMES_PRODUCT) != 1:
+        return False
+    # No factor <= 10000 and n < 10001**2 means n has no factor at all.
+    if n < (_SMALL_PRIME_LIMIT + 1) ** 2:
+        return True
+    return _passes_miller_rabin(n, rounds)
+
+
+def _random_rsa_prime(bits: int) -> int:
+    """Return a random prime of exactly `bits` bits with gcd(e, p - 1) == 1."""
+    # Setting the top two bits makes the product of two such primes have
+    # exactly twice as many bits; the low bit makes the candidate odd.
+    top_two_bits = 0b11 << (bits - 2)
+    while True:
+        candidate = secrets.randbits(bits) | top_two_bits | 1
+        # Checked first because it is cheap: d exists only if e is
+        # invertible modulo p - 1.
+        if math.gcd(_RSA_PUBLIC_EXPONENT, candidate - 1) != 1:
+            continue
+        if _is_probable_prime(candidate):
+            return candidate
+
+
+class _RsaPrivateKey(NamedTuple):
+    """An RSA private key with the CRT values PKCS#1 stores (RFC 8017, A.1.2)."""
+
+    n: int  # modulus p * q
+    e: int  # public exponent
+    d: int  # private exponent, e * d == 1 mod lcm(p - 1, q - 1)
+    p: int
+    q: int
+    dp: int  # d mod (p - 1)
+    dq: int  # d mod (q - 1)
+    qinv: int  # q**-1 mod p
+
+
+def _primes_too_close(p: int, q: int, bits: int) -> bool:
+    """FIPS 186-4 B.3.1: |p - q| must exceed 2**(bits/2 - 100) (Fermat factoring)."""
+    return abs(p - q) <= 1 << (bits // 2 - 100)
+
+
+def generate_rsa_key(bits: int = 2048) -> _RsaPrivateKey:
+    """Generate an RSA private key with public exponent 65537.
+
+    The modulus has exactly `bits` bits.  Takes a fraction of a second for
+    2048 bits in CPython; the time varies because prime search is random.
+    """
+    if bits < _MINIMUM_RSA_BITS:
+        raise ValueError("RSA keys need at least %d bits" % _MINIMUM_RSA_BITS)
+    e = _RSA_PUBLIC_EXPONENT
+    while True:
+        p = _random_rsa_prime(bits - bits // 2)
+        q = _random_rsa_prime(bits // 2)
+        if p != q and not _primes_too_close(p, q, bits):
+            break
+    # Carmichael's lambda(n) gives the smallest valid d (as FIPS 186 asks).
+    lambda_n = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    d = pow(e, -1, lambda_n)  # pow(x, -1, m) needs Python 3.8+
+    return _RsaPrivateKey(
+        n=p * q, e=e, d=d, p=p, q=q,
+        dp=d % (p - 1), dq=d % (q - 1), qinv=pow(q, -1, p),
+    )
+
+
+# --- Object identifiers used below ------------------------------------------
+
+_OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+_OID_SHA256_WITH_RSA = "1.2.840.113549.1.1.11"
+_OID_COMMON_NAME = "2.5.4.3"
+_OID_SUBJECT_KEY_IDENTIFIER = "2.5.29.14"
+_OID_KEY_USAGE = "2.5.29.15"
+_OID_SUBJECT_ALT_NAME = "2.5.29.17"
+_OID_BASIC_CONSTRAINTS = "2.5.29.19"
+_OID_EXTENDED_KEY_USAGE = "2.5.29.37"
+_OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
+
+# DER of DigestInfo{sha256, NULL} up to the 32 hash bytes (RFC 8017, 9.2).
+_SHA256_DIGEST_INFO_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+# --- PEM and the private key ------------------------------------------------
+
+
+def _pem_encode(label: str, der: bytes) -> str:
+    """Wrap DER bytes as PEM text with 64-character lines (RFC 7468)."""
+    encoded = base64.b64encode(der).decode("ascii")
+    lines = [encoded[start : start + 64] for start in range(0, len(encoded), 64)]
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+
+
+def _rsa_algorithm_identifier() -> bytes:
+    """AlgorithmIdentifier for rsaEncryption; RFC 3279 requires NULL parameters."""
+    return _der_sequence(_der_oid(_OID_RSA_ENCRYPTION), _der_null())
+
+
+def _rsa_private_key_der(key: _RsaPrivateKey) -> bytes:
+    """PKCS#1 RSAPrivateKey (RFC 8017, A.1.2), version 0 = two primes."""
+    fields = (0, key.n, key.e, key.d, key.p, key.q, key.dp, key.dq, key.qinv)
+    return _der_sequence(*(_der_integer(value) for value in fields))
+
+
+def private_key_pem(key: _RsaPrivateKey) -> str:
+    """Return the key as PKCS#8 "BEGIN PRIVATE KEY" PEM (unencrypted).
+
+    PKCS#8 (RFC 5208) is the format modern OpenSSL writes by default and
+    ssl.SSLContext.load_cert_chain reads on every platform.
+    """
+    private_key_info = _der_sequence(
+        _der_integer(0),
+        _rsa_algorithm_identifier(),
+        _der_octet_string(_rsa_private_key_der(key)),
+    )
+    return _pem_encode("PRIVATE KEY", private_key_info)
+
+
+# --- Signing ----------------------------------------------------------------
+
+
+def _modulus_byte_length(key: _RsaPrivateKey) -> int:
+    """Return k, the length of the modulus in bytes (RFC 8017 notation)."""
+    return (key.n.bit_length() + 7) // 8
+
+
+def _emsa_pkcs1_v1_5_sha256(message: bytes, encoded_length: int) -> bytes:
+    """EMSA-PKCS1-v1_5 encoding: 00 01 FF..FF 00 DigestInfo (RFC 8017, 9.2)."""
+    digest_info = _SHA256_DIGEST_INFO_PREFIX + hashlib.sha256(message).digest()
+    padding_length = encoded_length - len(digest_info) - 3
+    if padding_length < 8:
+        raise ValueError("RSA modulus too short for a SHA-256 signature")
+    return b"\x00\x01" + b"\xff" * padding_length + b"\x00" + digest_info
+
+
+def _rsa_private_operation(key: _RsaPrivateKey, m: int) -> int:
+    """Compute m**d mod n with the Chinese remainder theorem (about 3x faster)."""
+    m1 = pow(m, key.dp, key.p)
+    m2 = pow(m, key.dq, key.q)
+    h = (key.qinv * (m1 - m2)) % key.p
+    return m2 + h * key.q
+
+
+def _rsa_sign_sha256(key: _RsaPrivateKey, message: bytes) -> bytes:
+    """Sign with RSASSA-PKCS1-v1_5 and SHA-256; returns k signature bytes."""
+    k = _modulus_byte_length(key)
+    m = int.from_bytes(_emsa_pkcs1_v1_5_sha256(message, k), "big")
+    s = _rsa_private_operation(key, m)
+    # A miscomputed CRT signature would reveal a factor of n, so check it
+    # with the cheap public operation before anything leaves this function.
+    if pow(s, key.e, key.n) != m:
+        raise RuntimeError("RSA signature self-check failed")
+    return s.to_bytes(k, "big")
+
+
+# --- The certificate --------------------------------------------------------
+
+_MAX_COMMON_NAME_LENGTH = 64  # ub-common-name in RFC 5280
+
+
+def _name_with_common_name(common_name: str) -> bytes:
+    """X.501 Name holding a single CN, as a UTF8String (RFC 5280 4.1.2.6)."""
+    if not 1 <= len(common_name) <= _MAX_COMMON_NAME_LENGTH:
+        raise ValueError("common name must be 1-64 characters")
+    attribute = _der_sequence(_der_oid(_OID_COMMON_NAME), _der_utf8_string(common_name))
+    relative_distinguished_name = _der_set(attribute)
+    return _der_sequence(relative_distinguished_name)
+
+
+def _rsa_public_key_der(key: _RsaPrivateKey) -> bytes:
+    """PKCS#1 RSAPublicKey: SEQUENCE { modulus, publicExponent }."""
+    return _der_sequence(_der_integer(key.n), _der_integer(key.e))
+
+
+def _subject_public_key_info(key: _RsaPrivateKey) -> bytes:
+    """SubjectPublicKeyInfo with rsaEncryption (RFC 5280 4.1.2.7, RFC 3279)."""
+    return _der_sequence(
+        _rsa_algorithm_identifier(), _der_bit_string(_rsa_public_key_der(key))
+    )
+
+
+def _key_identifier(key: _RsaPrivateKey) -> bytes:
+    """Leftmost 160 bits of SHA-256 of the public key (RFC 7093, method 1).
+
+    SHA-256 instead of RFC 5280's SHA-1 so FIPS-restricted systems work too.
+    """
+    return hashlib.sha256(_rsa_public_key_der(key)).digest()[:20]
+
+
+def _extension(oid: str, value_der: bytes, critical: bool = False) -> bytes:
+    """Extension ::= SEQUENCE { extnID, critical DEFAULT FALSE, extnValue }."""
+    # DER forbids encoding a DEFAULT value, so "critical" appears only if TRUE.
+    parts = [_der_oid(oid)]
+    if critical:
+        parts.append(_der_boolean(True))
+    parts.append(_der_octet_string(value_der))
+    return _der_sequence(*parts)
+
+
+def _general_name(name: str) -> bytes:
+    """A subjectAltName entry: iPAddress [7] for IPs, else dNSName [2]."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        address = None
+    if address is not None:
+        return _der_implicit(7, address.packed)
+    try:
+        return _der_implicit(2, name.encode("ascii"))  # IA5String
+    except UnicodeEncodeError:
+        raise ValueError("DNS names must be ASCII (use punycode): %r" % name) from None
+
+
+def _key_usage_digital_signature_and_key_encipherment() -> bytes:
+    """KeyUsage BIT STRING with bits 0 and 2 set (RFC 5280 4.2.1.3).
+
+    Bit 0 is the most significant bit: 1010 0000 = 0xA0.  DER drops the
+    trailing zero bits, so 5 of the 8 bits are marked unused.
+    """
+    return _der_bit_string(b"\xa0", unused_bits=5)
+
+
+def _certificate_extensions(key: _RsaPrivateKey, alt_names: Sequence[str]) -> bytes:
+    """The [3] EXPLICIT extensions block of a TLS server leaf certificate."""
+    extensions = [
+        # CA:FALSE is the DEFAULT, so DER leaves the SEQUENCE empty.
+        _extension(_OID_BASIC_CONSTRAINTS, _der_sequence(), critical=True),
+        _extension(
+            _OID_KEY_USAGE,
+            _key_usage_digital_signature_and_key_encipherment(),
+            critical=True,
+        ),
+        _extension(_OID_EXTENDED_KEY_USAGE, _der_sequence(_der_oid(_OID_SERVER_AUTH))),
+    ]
+    # RFC 5280 forbids an empty subjectAltName, so leave it out when empty.
+    if alt_names:
+        san = _der_sequence(*(_general_name(name) for name in alt_names))
+        extensions.append(_extension(_OID_SUBJECT_ALT_NAME, san))
+    extensions.append(
+        _extension(_OID_SUBJECT_KEY_IDENTIFIER, _der_octet_string(_key_identifier(key)))
+    )
+    return _der_explicit(3, _der_sequence(*extensions))
+
+
+def _random_serial_number() -> int:
+    """A random positive 159-bit serial (fits RFC 5280's 20-octet limit)."""
+    # Forcing the top bit keeps the length fixed; bit 159 stays clear so the
+    # DER INTEGER needs no sign padding byte.
+    return secrets.randbits(159) | (1 << 158)
+
+
+def _validity(days: int) -> bytes:
+    """Validity from one day ago (tolerates clock skew) until `days` from now."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    not_before = now - datetime.timedelta(days=1)
+    not_after = now + datetime.timedelta(days=days)
+    return _der_sequence(_der_time(not_before), _der_time(not_after))
+
+
+def _tbs_certificate(
+    key: _RsaPrivateKey, common_name: str, days: int, alt_names: Sequence[str]
+) -> bytes:
+    """TBSCertificate (RFC 5280 4.1): the part that gets signed."""
+    name = _name_with_common_name(common_name)
+    signature_algorithm = _der_sequence(_der_oid(_OID_SHA256_WITH_RSA), _der_null())
+    return _der_sequence(
+        _der_explicit(0, _der_integer(2)),  # version: 2 means X.509 v3
+        _der_integer(_random_serial_number()),
+        signature_algorithm,
+        name,  # issuer: self-signed, so the same as the subject
+        _validity(days),
+        name,  # subject
+        _subject_public_key_info(key),
+        _certificate_extensions(key, alt_names),
+    )
+
+
+def make_self_signed_certificate(
+    key: _RsaPrivateKey, common_name: str, days: int = 3650, alt_names: Iterable[str] = ()
+) -> str:
+    """Return a PEM X.509 v3 certificate for `key`, signed by `key` itself.
+
+    alt_names are strings; IP addresses become iPAddress entries and all
+    others dNSName entries.  TLS clients check host names against these,
+    not against the common name, so list every name clients will dial.
+    """
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    tbs = _tbs_certificate(key, common_name, days, list(alt_names))
+    signature_algorithm = _der_sequence(_der_oid(_OID_SHA256_WITH_RSA), _der_null())
+    certificate = _der_sequence(
+        tbs, signature_algorithm, _der_bit_string(_rsa_sign_sha256(key, tbs))
+    )
+    return _pem_encode("CERTIFICATE", certificate)
+
+
+def certificate_fingerprint(cert_pem: str) -> str:
+    """SHA-256 of the certificate's DER as "AB:CD:...", for users to compare."""
+    der = ssl.PEM_cert_to_DER_cert(cert_pem)
+    digest = hashlib.sha256(der).digest()
+    return ":".join("%02X" % byte for byte in digest)
+
+
+def _write_private_file(path, text: str) -> None:
+    """Write text to path readable only by the owner where the OS supports it."""
+    data = text.encode("ascii")
+    if os.name != "posix":
+        # Windows ignores POSIX modes; files in the user's profile are
+        # already private to that user by default ACLs.
+        path.write_bytes(data)
+        return
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        # os.open's mode only applies to new files; tighten an existing one.
+        os.fchmod(file.fileno(), 0o600)
+        file.write(data)
+
+
+def write_certificate_files(
+    cert_path, key_path, common_name: str, alt_names: Iterable[str] = ()
+) -> str:
+    """Create a new key and self-signed certificate, write both, return the fingerprint.
+
+    cert_path and key_path are pathlib.Path objects; existing files are
+    replaced.  The key file gets mode 0o600 on POSIX systems.
+    """
+    key = generate_rsa_key()
+    cert_pem = make_self_signed_certificate(key, common_name, alt_names=alt_names)
+    _write_private_file(key_path, private_key_pem(key))
+    cert_path.write_bytes(cert_pem.encode("ascii"))
+    return certificate_fingerprint(cert_pem)
+
+
+# =============================================================================
+# 7. Encryption: TLS over memory buffers
+# =============================================================================
+#
+# An ssl.SSLSocket cannot be dup()ed for the writer thread, nor used by two threads
+# at once. So the TCP socket stays plain and a TlsChannel does the TLS in memory: the
+# connection's reader thread decrypts what it received, the writer thread encrypts
+# what it is about to send, one at a time under the channel's lock. The handshake runs
+# first, on the connection's own thread. Clients trust by fingerprint, not by
+# certificate authority: the caller compares fingerprint() with the one it saw before.
+
+TLS_MIN_VERSION = ssl.TLSVersion.TLSv1_2  # both sides refuse anything older
+TLS_CHUNK_BYTES = 64 * 1024               # one recv() during the handshake, one SSLObject.read()
+
+# What an ssl.SSLError's reason means for a person, for tls_error_sentence().
+_TLS_FAILURES = (
+    (("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST",
+      "UNKNOWN_PROTOCOL", "RECORD_LENGTH_MISMATCH"),  # it answered our ClientHello with a JSON line
+     "The server at %s does not use encryption: connect without --tls, or ask its owner."),
+    (("UNEXPECTED_EOF_WHILE_READING",),
+     "The server at %s closed the connection during the encrypted handshake: it may not use "
+     "encryption (connect without --tls), or it may not be a LocalChat server."),
+    (("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE"),
+     "The server at %s and this computer have no version of encryption in common (LocalChat needs "
+     "TLS 1.2 or newer): update LocalChat, or ask the server's owner to."),
+    (("SSLV3_ALERT_HANDSHAKE_FAILURE", "NO_SHARED_CIPHER", "NO_SUITABLE_SIGNATURE_ALGORITHM",
+      "TLSV1_ALERT_INSUFFICIENT_SECURITY", "SSLV3_ALERT_BAD_CERTIFICATE"),
+     "The server at %s and this computer could not agree on how to encrypt: ask its owner to "
+     "update LocalChat, or to make a new certificate."),
+)
+
+
+class TlsChannel:
+    """One connection's TLS state, kept in memory; the caller moves raw bytes over a plain socket.
+
+    Thread contract: handshake() runs once, on the connection's thread, before anyone
+    else uses the channel. After it, decrypt() (the reader thread) and encrypt() (the
+    writer thread) may be called at the same time: each holds the channel's lock while
+    it touches the SSLObject, and nothing blocks or does I/O with the lock held.
+    Ciphertext must reach the wire in the order the channel produced it (see decrypt()).
+    """
+
+    def __init__(self, context, server_side, server_hostname=None):
+        self._incoming = ssl.MemoryBIO()  # raw bytes received, not yet decrypted
+        self._outgoing = ssl.MemoryBIO()  # raw bytes the TLS layer wants sent
+        self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                        server_hostname=server_hostname)
+        # OpenSSL's SSL object keeps one state for both directions: a read and a write
+        # running at once on two threads could corrupt it, so they take turns.
+        self._lock = threading.Lock()
+        self.closed = False  # the peer sent close_notify: nothing more will come
+
+    # -- handshake (the connection's thread, before the reader and writer start) --
+
+    def handshake(self, sock, timeout):
+        """Run the TLS handshake over the blocking socket sock, all of it within timeout seconds.
+
+        Returns the application data that came in with the handshake's last bytes,
+        usually b"": a peer may send its first frame right behind its last handshake
+        message, and the caller must treat it as the start of the stream. Raises
+        socket.timeout at the deadline, ssl.SSLError when the peer does not speak TLS
+        or refuses ours, OSError when the connection fails. Restores sock's timeout.
+        """
+        deadline = time.monotonic() + timeout
+        old_timeout = sock.gettimeout()
+        try:
+            while not self._handshake_step(sock, deadline):
+                self._receive(sock, deadline)
+            plaintext, to_send = self.decrypt(b"")  # TLS 1.3 tickets, or a first frame right behind
+            _send_by(sock, to_send, deadline)
+            return plaintext
+        finally:
+            sock.settimeout(old_timeout)
+
+    def _handshake_step(self, sock, deadline):
+        """Advance the handshake and send what it wrote; return True once it is complete."""
+        try:
+            with self._lock:
+                self._sslobj.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        except ssl.SSLError:
+            try:  # tell the peer why, if it still listens (an alert)
+                _send_by(sock, self.encrypt(b""), deadline)
+            except OSError:
+                pass
+            raise
+        _send_by(sock, self.encrypt(b""), deadline)
+        return done
+
+    def _receive(self, sock, deadline):
+        """Wait for the peer's next handshake bytes and put them in the incoming buffer."""
+        sock.settimeout(_seconds_left(deadline))
+        data = sock.recv(TLS_CHUNK_BYTES)
+        with self._lock:
+            if data:
+                self._incoming.write(data)
+            elif self._incoming.eof:  # OpenSSL asked for more after the end: never loop on it
+                raise ssl.SSLEOFError("EOF occurred in violation of protocol")
+            else:
+                self._incoming.write_eof()
+
+    # -- after the handshake (reader and writer threads) -------------------------
+
+    def encrypt(self, data):
+        """Return the TLS records carrying data, behind anything the channel still owed the peer.
+
+        Runs on the writer thread (or whichever one thread sends); holds the lock,
+        never blocks. The caller sends the result raw, in order. encrypt(b"") only
+        returns what is owed. Raises ssl.SSLError after close_notify().
+        """
+        view = memoryview(data)
+        with self._lock:
+            while view:  # Python 3.8's write(b"") raises, so empty data writes nothing
+                written = self._sslobj.write(view)
+                view = view[written:]
+            return self._outgoing.read()
+
+    def decrypt(self, raw, keep_output=False):
+        """Take raw bytes from the socket; return (plaintext, to_send).
+
+        Runs on the reader thread; holds the lock, never blocks. plaintext is every
+        byte of application data that raw completes (b"" when it ends mid-record).
+        When the peer's close_notify arrives, `closed` is set and what came before it
+        is returned. Raises ssl.SSLError if raw is not valid TLS from this peer.
+
+        to_send is what the TLS layer wrote while reading, usually b"" (a TLS 1.3
+        KeyUpdate answer, say). It must reach the wire before anything a later
+        encrypt() returns, or the peer gets records out of order and drops us. A
+        reader that does not send itself passes keep_output=True: the bytes stay in
+        the channel, output_waiting() says so, and the next encrypt(b"") sends them.
+        """
+        with self._lock:
+            if raw:
+                self._incoming.write(raw)
+            plaintext = self._read_all()
+            to_send = b"" if keep_output else self._outgoing.read()
+        return plaintext, to_send
+
+    def _read_all(self):
+        """Return all the plaintext the incoming buffer completes. Called with the lock held."""
+        chunks = []
+        while not self.closed:
+            try:
+                chunk = self._sslobj.read(TLS_CHUNK_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            if not chunk:  # the peer's close_notify: read() returns b"" or raises the above
+                self.closed = True
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def output_waiting(self):
+        """Return True if the channel holds bytes owed to the peer (encrypt(b"") returns them). Any thread."""
+        with self._lock:
+            return self._outgoing.pending > 0
+
+    def close_notify(self):
+        """Return the bytes of a TLS close_notify alert, to send as the connection's last bytes.
+
+        Runs on the thread that sends; holds the lock, never blocks. Anything the
+        channel still owed the peer comes first. Returns b"" if the handshake never
+        finished, and b"" the second time. After it, encrypt() raises.
+        """
+        with self._lock:
+            try:
+                self._sslobj.unwrap()
+            except ssl.SSLWantReadError:
+                pass  # our alert is written; we do not wait for the peer's
+            except ssl.SSLError:
+                pass  # shutdown while in init: there is nobody to tell
+            return self._outgoing.read()
+
+    def peer_certificate_der(self):
+        """Return the peer's certificate as DER bytes, or None (no handshake yet, or none sent).
+
+        Runs on any thread; holds the lock.
+        """
+        with self._lock:
+            try:
+                return self._sslobj.getpeercert(binary_form=True)
+            except ValueError:  # "handshake not done yet"
+                return None
+
+    def fingerprint(self):
+        """Return the SHA-256 of the peer's certificate as "AB:CD:...", or None. Any thread.
+
+        On the client this is the server's identity: compare it with the one seen the
+        first time (trust on first use, as SSH does).
+        """
+        der = self.peer_certificate_der()
+        if der is None:
+            return None
+        return ":".join("%02X" % byte for byte in hashlib.sha256(der).digest())
+
+
+def _seconds_left(deadline):
+    """Return the seconds until deadline (a time.monotonic() value); raise socket.timeout if none."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("the TLS handshake did not finish in time")
+    return left
+
+
+def _send_by(sock, data, deadline):
+    """Send all of data on the blocking socket sock before deadline."""
+    if data:
+        sock.settimeout(_seconds_left(deadline))
+        sock.sendall(data)
+
+
+def server_tls_context(cert_path, key_path):
+    """Return the server's TLS context: TLS 1.2 or newer, with this certificate and key.
+
+    Raises OSError if a file cannot be read, ssl.SSLError if they do not fit together.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_MIN_VERSION
+    # Each connection is a new TLS session: tickets to resume one would only be bytes
+    # every client has to read after the handshake. Renegotiation would make the
+    # reader thread write; TLS 1.3 has none and 1.2's is not needed.
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    context.load_cert_chain(str(cert_path), str(key_path))
+    return context
+
+
+def client_tls_context():
+    """Return the client's TLS context: TLS 1.2 or newer, any certificate accepted.
+
+    Accepting any certificate is on purpose: LocalChat servers sign their own, so the
+    caller checks TlsChannel.fingerprint() after the handshake instead (as SSH does).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # before verify_mode: CERT_NONE is refused while it is on
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = TLS_MIN_VERSION
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    return context
+
+
+def looks_like_tls(first_bytes):
+    """Return True if a connection's first bytes are the start of TLS, not of a JSON line.
+
+    A TLS ClientHello starts with 0x16 (a handshake record) and 0x03 (version 3.x); a
+    LocalChat frame starts with "{" or blank space. One byte is enough to tell, as from
+    sock.recv(1, socket.MSG_PEEK); b"" (the peer closed) is not TLS.
+    """
+    head = bytes(first_bytes[:2])
+    return head[:1] == b"\x16" and head[1:2] in (b"", b"\x03")
+
+
+def tls_error_sentence(error, address, timeout_s=None):
+    """Return one sentence for a person saying why the encrypted handshake with address failed.
+
+    address is (host, port) or "host:port"; timeout_s is the handshake's time limit.
+    """
+    where = "%s:%s" % tuple(address[:2]) if isinstance(address, tuple) else str(address)
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        within = "in %g s" % timeout_s if timeout_s else "in time"
+        return ("The server at %s did not complete the encrypted handshake %s: it may not use encryption "
+                "(connect without --tls), or the network is very slow." % (where, within))
+    reason = getattr(error, "reason", None)
+    # An EOF or a reset mid-handshake (Python 3.8 and 3.9 with OpenSSL 3 call an EOF a "zero return").
+    if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)):
+        reason = "UNEXPECTED_EOF_WHILE_READING"
+    for reasons, sentence in _TLS_FAILURES:
+        if reason in reasons:
+            return sentence % where
+    if isinstance(error, ssl.SSLError):
+        detail = reason.replace("_", " ").lower() if reason else str(error).split(" (_ssl.c:")[0]
+        return "The encrypted connection to %s failed: %s." % (where, detail)
+    return "The connection to %s was lost during the encrypted handshake: %s." % (
+        where, getattr(error, "strerror", None) or error)
+
+
+# =============================================================================
+# 8. Transport: per-connection outboxes and the writer thread
 # =============================================================================
 #
 # Readers never write to sockets. Each connection has an Outbox that collects the
@@ -1367,14 +2228,16 @@ class Outbox:
     """The bytes owed to one connection, and the state of their sending."""
 
     __slots__ = (
-        "sock", "writer", "chunks", "pending_bytes", "unsent", "unsent_bytes",
-        "queued", "closing", "hangup", "failed", "drained",
+        "sock", "writer", "chunks", "pending_bytes", "taken", "unsent", "unsent_bytes",
+        "queued", "closing", "hangup", "failed", "drained", "encrypt",
     )
 
-    def __init__(self, sock, writer):
+    def __init__(self, sock, writer, encrypt=None):
         self.sock = sock  # a duplicate of the connection's socket, non-blocking, the writer's own
         self.writer = writer
+        self.encrypt = encrypt  # a TlsChannel's encrypt(), used by the writer thread, or None
         self.chunks = []  # frames not yet handed to the writer (guarded by the writer's lock)
+        self.taken = []  # frames the writer took, to join (and encrypt) outside the lock
         self.pending_bytes = 0
         self.unsent = b""  # what the writer has taken but the kernel has not accepted yet
         self.unsent_bytes = 0
@@ -1479,18 +2342,25 @@ class SocketWriter:
                 self._close(key.data)
 
     def _take(self, box):
-        """Move box's new frames behind its unsent bytes. Called with the lock held."""
+        """Take box's new frames for sending. Called with the lock held: only list moves here."""
         box.queued = False
         if box.chunks:
-            box.unsent += b"".join(box.chunks)
+            box.taken.extend(box.chunks)
             box.chunks = []
+            box.unsent_bytes += box.pending_bytes
             box.pending_bytes = 0
-            box.unsent_bytes = len(box.unsent)
 
     def _send(self, box):
         """Send as much of box.unsent as the kernel takes now; watch the socket for the rest."""
         if box.drained.is_set():
             return
+        if box.taken:  # joined (and encrypted) here, outside the lock
+            data = b"".join(box.taken)
+            box.taken = []
+            try:
+                box.unsent += box.encrypt(data) if box.encrypt is not None else data
+            except (OSError, ValueError):  # the TLS channel is closed
+                box.failed = "lost"
         if box.failed is None and box.unsent:
             try:
                 sent = box.sock.send(box.unsent)
@@ -1542,7 +2412,7 @@ class SocketWriter:
 
 
 # =============================================================================
-# 7. Doors: JSON lines
+# 9. Doors: JSON lines
 # =============================================================================
 #
 # A door turns one kind of connection into calls on the hub, and the hub's events
@@ -1561,6 +2431,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     """
 
     name = None  # set by the hub when the hello is accepted
+    channel = None  # the TlsChannel when the server uses TLS
 
     def setup(self):
         self.hub = self.server.hub
@@ -1595,33 +2466,82 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     def handle(self):
         reason = "lost"
         try:
-            reason = self._reader_loop()
+            first = self._open()
+            reason = self._reader_loop(first) if isinstance(first, bytes) else first
         finally:
             self._end(reason)
 
     # -- reading ---------------------------------------------------------------
 
-    def _reader_loop(self):
-        """Read lines until the connection ends; return why it ended."""
+    def _open(self):
+        """Start TLS if this server uses it; return the first plaintext bytes, or why to stop.
+
+        The first byte tells a TLS client (a handshake record) from a plain one ("{"),
+        so each gets a clear answer from a server of the other kind instead of a hang.
+        """
         sock = self.request
         sock.settimeout(self.server.hello_timeout)
-        buffer = bytearray()
-        while True:
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except socket.timeout:
+            return self._on_protocol_error(ProtocolError("hello_timeout", "No hello came in time.", fatal=True))
+        except OSError:
+            return "lost"
+        if not first:
+            return "lost"
+        context = self.server.tls_context
+        if looks_like_tls(first) != (context is not None):
+            code, text = (("tls_required", "This server encrypts its connections (TLS); connect with encryption.")
+                          if context is not None else
+                          ("tls_not_used", "This server does not use encryption; connect without it."))
+            return self._on_protocol_error(ProtocolError(code, text, fatal=True))
+        if context is None:
+            return b""
+        return self._start_tls(context)
+
+    def _start_tls(self, context):
+        channel = TlsChannel(context, server_side=True)
+        try:
+            first = channel.handshake(self.request, self.server.hello_timeout)
+        except (OSError, ValueError) as error:  # ssl.SSLError and socket.timeout are OSErrors
+            log.info("%s: encrypted handshake failed: %s", self.peer, printable(str(error)))
+            return "lost"
+        self.channel = channel
+        self.outbox.encrypt = channel.encrypt
+        return first
+
+    def _receive(self, sock):
+        """Return the next plaintext bytes (maybe b"" while TLS records are incomplete), or None at the end."""
+        raw = sock.recv(RECV_BYTES)
+        if not raw:
+            return None
+        if self.channel is None:
+            return raw
+        plaintext, _ = self.channel.decrypt(raw, keep_output=True)
+        if self.channel.output_waiting():
+            self.outbox.put(b"")  # the writer's next encrypt() sends what TLS owes the peer, in order
+        return None if self.channel.closed and not plaintext else plaintext
+
+    def _reader_loop(self, first=b""):
+        """Read lines until the connection ends; return why it ended."""
+        sock = self.request
+        buffer = bytearray(first)
+        reason = self._handle_lines(buffer) if buffer else None
+        while not reason:
             try:
-                chunk = sock.recv(RECV_BYTES)
+                chunk = self._receive(sock)
             except socket.timeout:
                 if self._on_silence():
                     continue
                 return "timeout"
-            except OSError:
+            except OSError:  # ssl.SSLError too: what came was not valid TLS
                 return "lost"
-            if not chunk:
+            if chunk is None:
                 return "lost"
             self._silent_periods = 0
             buffer += chunk
             reason = self._handle_lines(buffer)
-            if reason:
-                return reason
+        return reason
 
     def _handle_lines(self, buffer):
         """Handle each complete line in buffer and remove it; return a reason to stop, or None."""
@@ -1877,7 +2797,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
 
 # =============================================================================
-# 8. Discovery: UDP probes and replies, finding servers on the LAN
+# 10. Discovery: UDP probes and replies, finding servers on the LAN
 # =============================================================================
 #
 # A server's DiscoveryResponder answers probes on its own "discovery" thread;
@@ -2356,7 +3276,7 @@ def _short_fingerprint(fingerprint):
 
 
 # =============================================================================
-# 9. Server: accept, threads, shutdown
+# 11. Server: accept, threads, shutdown
 # =============================================================================
 #
 # ChatServer accepts on the thread running serve_forever() and gives every
@@ -2371,7 +3291,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address=(DEFAULT_HOST, DEFAULT_PORT), hub=None, hello_timeout=HELLO_TIMEOUT_S,
-                 idle_ping=IDLE_PING_S, max_outbox_bytes=MAX_OUTBOX_BYTES):
+                 idle_ping=IDLE_PING_S, max_outbox_bytes=MAX_OUTBOX_BYTES, tls_context=None):
+        self.tls_context = tls_context  # an ssl.SSLContext: every connection is encrypted
         self.hub = hub if hub is not None else ChatHub(server_name=socket.gethostname())
         self.hello_timeout = hello_timeout
         self.idle_ping = idle_ping
@@ -2678,6 +3599,29 @@ def print_join_instructions(server, host):
     sys.stdout.flush()
 
 
+def server_certificate(args):
+    """Return (ssl context, fingerprint) for --tls, making a certificate the first time."""
+    if bool(args.cert) != bool(args.key):
+        raise UserError("--cert and --key go together.")
+    if args.cert:
+        cert_path, key_path = Path(args.cert), Path(args.key)
+    else:
+        cert_path, key_path = data_dir() / "tls-cert.pem", data_dir() / "tls-key.pem"
+        if not (cert_path.is_file() and key_path.is_file()):
+            print("Making a certificate for encryption (once; it is kept in %s)..." % cert_path.parent)
+            sys.stdout.flush()
+            cert_path.parent.mkdir(parents=True, exist_ok=True)
+            host = socket.gethostname()
+            write_certificate_files(cert_path, key_path, host[:64] or "localchat",
+                                    [host, "localhost", "127.0.0.1"] + lan_addresses())
+    try:
+        context = server_tls_context(str(cert_path), str(key_path))
+        fingerprint = certificate_fingerprint(cert_path.read_text(encoding="ascii"))
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        raise UserError("cannot use the certificate %s with the key %s: %s" % (cert_path, key_path, error)) from None
+    return context, fingerprint
+
+
 def server_password(asked):
     """Return the server's password (from LOCALCHAT_PASSWORD or a prompt), or None."""
     password = os.environ.get("LOCALCHAT_PASSWORD")
@@ -2711,8 +3655,9 @@ def run_server(args):
                   password=server_password(args.password))
     for name in args.op or []:
         hub.moderation.add_operator(name)
+    context, fingerprint = server_certificate(args) if args.tls else (None, None)
     try:
-        server = ChatServer((args.host, args.port), hub=hub)
+        server = ChatServer((args.host, args.port), hub=hub, tls_context=context)
     except OSError as error:
         store.close()
         raise UserError(bind_error_sentence(error, args.host, args.port)) from None
@@ -2724,9 +3669,12 @@ def run_server(args):
     print(where)
     if hub.password is not None:
         print("A password is needed to join.")
+    if fingerprint:
+        print("Connections are encrypted. Certificate fingerprint (SHA-256), for people to compare:")
+        print("    " + fingerprint)
     print("Type /help for the console's commands.")
     sys.stdout.flush()
-    discovery = None if args.no_discovery else start_discovery(server, args.host)
+    discovery = None if args.no_discovery else start_discovery(server, args.host, fingerprint)
     ServerConsole(server).start()
     log.info("server started on %s:%d", args.host, server.port)
     accept_thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
@@ -2747,7 +3695,7 @@ def run_server(args):
 
 
 # =============================================================================
-# 10. Client connection (no Tk)
+# 12. Client connection (no Tk)
 # =============================================================================
 #
 # ChatConnection is what both clients use: connect and hello on the caller's
@@ -2783,12 +3731,18 @@ class ChatConnection:
       {"type": "disconnected", "text": ..., "expected": bool}   (the very last frame)
     """
 
-    def __init__(self, host, port, name, on_event=None, identity=None, reconnect=False, password=None):
+    def __init__(self, host, port, name, on_event=None, identity=None, reconnect=False, password=None,
+                 tls=False, fingerprint=None):
         self.host = host
         self.port = port
         self.name = name
         self.identity = identity
         self.password = password
+        self.tls = tls  # encrypt; also switched on when a server says it needs it
+        self.pinned = fingerprint  # the certificate fingerprint the server's owner gave, if any
+        self.channel = None  # the TlsChannel while connected with encryption
+        self.fingerprint = None  # the server's certificate fingerprint, once seen
+        self.fingerprint_status = None  # "new", "known" or "pinned" (see trust_fingerprint)
         self.reconnect = reconnect
         self.on_event = on_event or (lambda frame: None)
         self.welcome = None
@@ -2819,10 +3773,13 @@ class ChatConnection:
             if self.last_id is not None:
                 hello["last_id"] = self.last_id
         self._buffer = bytearray()
+        self.channel = None
         try:
             self._sock = socket.create_connection((self.host, self.port), timeout=timeout)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self.tls:
+                self._buffer = bytearray(self._start_tls(timeout))
             self.send(hello)
             frame = self._answer_challenge(self._read_frame())
         except OSError as error:
@@ -2831,7 +3788,28 @@ class ChatConnection:
         except ProtocolError:
             self._close_socket()
             raise UserError("%s does not speak the LocalChat protocol." % self.address) from None
+        if frame is not None and frame.get("code") == "tls_required" and not self.tls:
+            self._close_socket()
+            self.tls = True  # the server encrypts: do so too, from now on
+            return self.connect(timeout)
         return self._check_welcome(frame)
+
+    def _start_tls(self, timeout):
+        """Encrypt the new connection and check the server's certificate; return early plaintext."""
+        channel = TlsChannel(client_tls_context(), server_side=False)
+        try:
+            early = channel.handshake(self._sock, timeout)
+        except (OSError, ValueError) as error:  # ssl.SSLError and socket.timeout are OSErrors
+            self._close_socket()
+            raise UserError(tls_error_sentence(error, self.address, timeout)) from None
+        self.fingerprint = channel.fingerprint()
+        try:
+            self.fingerprint_status = trust_fingerprint(self.address, self.fingerprint, self.pinned)
+        except UserError:
+            self._close_socket()
+            raise
+        self.channel = channel
+        return early
 
     def _answer_challenge(self, frame):
         """If the server asks for a password, prove we know it; return the next frame."""
@@ -2874,6 +3852,8 @@ class ChatConnection:
         with self._send_lock:
             if self._sock is None:
                 raise OSError(errno.ENOTCONN, "not connected")
+            if self.channel is not None:
+                data = self.channel.encrypt(data)
             self._sock.sendall(data)
 
     def post(self, fields):
@@ -2932,7 +3912,20 @@ class ChatConnection:
             chunk = sock.recv(RECV_BYTES)
             if not chunk:
                 return None
+            if self.channel is not None:
+                chunk = self._decrypt(chunk)
+                if chunk is None:
+                    return None
             self._buffer += chunk
+
+    def _decrypt(self, raw):
+        """Return the plaintext in raw (maybe b""), or None once the server closed TLS."""
+        plaintext, _ = self.channel.decrypt(raw, keep_output=True)
+        if self.channel.output_waiting():
+            with self._send_lock:  # what TLS owes the server goes before any later frame
+                if self._sock is not None:
+                    self._sock.sendall(self.channel.encrypt(b""))
+        return None if self.channel.closed and not plaintext else plaintext
 
     def _reader_loop(self):
         """Runs on the reader thread: read until the connection ends, then reconnect or stop."""
@@ -3018,7 +4011,8 @@ class ChatConnection:
                 self.on_event(self.connect())
                 return None, False
             except UserError as error:
-                if error.code in ("name_taken", "bad_name", "banned", "auth_failed", "password_required"):
+                if error.code in ("name_taken", "bad_name", "banned", "auth_failed", "password_required",
+                                  "fingerprint_changed", "fingerprint_mismatch"):
                     return str(error), True
                 why = str(error)
             delay = min(delay * 2, RECONNECT_MAX_S)
@@ -3332,6 +4326,47 @@ def save_settings(settings):
         return False
 
 
+def encryption_notice(connection):
+    """Return the sentence that tells a person the connection is encrypted, and by whom."""
+    words = {"new": "first connection: remembered; compare it with the one the server shows",
+             "known": "the same as last time", "pinned": "as given"}
+    return "Encrypted. The server's certificate fingerprint is %s (%s)." % (
+        connection.fingerprint, words.get(connection.fingerprint_status, ""))
+
+
+def normal_fingerprint(text):
+    """Return a fingerprint as "AB:CD:...", whatever its case, colons or spaces."""
+    digits = "".join(ch for ch in text.upper() if ch in "0123456789ABCDEF")
+    return ":".join(digits[i:i + 2] for i in range(0, len(digits), 2))
+
+
+def trust_fingerprint(address, fingerprint, pinned=None):
+    """Check a server's certificate as SSH checks host keys; return "pinned", "known" or "new".
+
+    The first time, the fingerprint is remembered; a different one later is refused
+    loudly (somebody may pretend to be the server). Raises UserError.
+    """
+    if pinned:
+        if normal_fingerprint(pinned) != fingerprint:
+            raise UserError("The certificate of %s does not match the fingerprint you gave: somebody may be "
+                            "pretending to be that server. Not connecting." % address, code="fingerprint_mismatch")
+        return "pinned"
+    settings = load_settings()
+    known = settings.get("fingerprints") if isinstance(settings.get("fingerprints"), dict) else {}
+    if known.get(address) is None:
+        known[address] = fingerprint
+        settings["fingerprints"] = known
+        save_settings(settings)
+        return "new"
+    if known[address] != fingerprint:
+        raise UserError(
+            "WARNING: the certificate of %s has CHANGED since you last connected: somebody may be pretending "
+            "to be that server. Not connecting. If its owner really made a new certificate (compare the "
+            "fingerprint the server prints: %s), remove %s from %s."
+            % (address, fingerprint, address, config_dir() / "settings.json"), code="fingerprint_changed")
+    return "known"
+
+
 def load_identity():
     """Return this computer's client identity: a random token, made once and kept.
 
@@ -3348,7 +4383,7 @@ def load_identity():
 
 
 # =============================================================================
-# 11. Tk window
+# 13. Tk window
 # =============================================================================
 #
 # ChatWindow runs on the Tk thread only. The connection's threads put frames on
@@ -3486,12 +4521,13 @@ def conversation_key(kind, name):
 class ChatWindow:
     """The chat window: conversations, log, people, input, status line. Runs on the Tk thread."""
 
-    def __init__(self, root, host, port, name, identity=None, hosted=None):
+    def __init__(self, root, host, port, name, identity=None, hosted=None, tls=False, fingerprint=None):
         import tkinter
         from tkinter import ttk
         self.tk, self.ttk, self.root = tkinter, ttk, root
         self.connection = ChatConnection(host, port, name, on_event=self.events_put, identity=identity,
-                                         reconnect=True, password=os.environ.get("LOCALCHAT_PASSWORD"))
+                                         reconnect=True, password=os.environ.get("LOCALCHAT_PASSWORD"),
+                                         tls=tls, fingerprint=fingerprint)
         self.events = queue.Queue()  # frames from the connection's threads
         self.astral_ok = tk_shows_astral(str(root.tk.call("info", "patchlevel")))
         self.connected = False
@@ -3763,9 +4799,12 @@ class ChatWindow:
 
     def _on_frame_welcome(self, frame):
         self.connected = True
-        self._set_status("Connected to %s as %s" % (self.connection.address, self.connection.name))
+        self._set_status("Connected to %s as %s%s" % (self.connection.address, self.connection.name,
+                                                      " (encrypted)" if self.connection.channel else ""))
         self._update_title()
         self._add_notice(notice_text(frame))
+        if self.connection.channel is not None and not frame.get("resumed"):
+            self._add_notice(encryption_notice(self.connection))
 
     def _on_frame_connect_failed(self, frame):
         self._set_status(frame["text"], error=True)
@@ -4388,8 +5427,9 @@ def run_window(args):
         raise UserError("Could not open a window (%s); use --cli for the line client." % error) from None
     identity = load_identity()
 
-    def open_chat(host, port, name, hosted=None):
-        ChatWindow(root, host, port, name, identity=identity, hosted=hosted)
+    def open_chat(host, port, name, hosted=None, tls=False):
+        ChatWindow(root, host, port, name, identity=identity, hosted=hosted, tls=tls or args.tls,
+                   fingerprint=args.fingerprint)
 
     if args.server:
         open_chat(*split_host_port(args.server), args.name)
@@ -4398,7 +5438,7 @@ def run_window(args):
     else:
         found = discover_servers()
         if len(found) == 1:
-            open_chat(found[0]["address"], found[0]["port"], args.name)
+            open_chat(found[0]["address"], found[0]["port"], args.name, tls=found[0].get("tls", False))
         else:
             JoinWindow(root, open_chat, name=args.name, found=found)
     root.mainloop()
@@ -4406,7 +5446,7 @@ def run_window(args):
 
 
 # =============================================================================
-# 12. Terminal client
+# 14. Terminal client
 # =============================================================================
 #
 # A line client for terminals and scripts. The main thread owns stdout; a stdin
@@ -4418,9 +5458,10 @@ CONFIRM_TIMEOUT_S = 10.0  # at the end of input, how long to wait for our messag
 class TerminalClient:
     """Send each stdin line, print each event as one timestamped line."""
 
-    def __init__(self, host, port, name, stdin=None, stdout=None, identity=None, password=None):
-        self.connection = ChatConnection(host, port, name, on_event=self._on_event,
-                                         identity=identity, reconnect=True, password=password)
+    def __init__(self, host, port, name, stdin=None, stdout=None, identity=None, password=None,
+                 tls=False, fingerprint=None):
+        self.connection = ChatConnection(host, port, name, on_event=self._on_event, identity=identity,
+                                         reconnect=True, password=password, tls=tls, fingerprint=fingerprint)
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.where = {"room": GENERAL_ROOM}  # where plain lines go: the last room joined
@@ -4435,6 +5476,8 @@ class TerminalClient:
         """Connect and chat until input ends or the connection does; return the exit code."""
         self.connection.connect()
         self._print(clock(), "* Connected to %s." % self.connection.address)
+        if self.connection.channel is not None:
+            self._print(clock(), "* " + encryption_notice(self.connection))
         self.connection.start()
         threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
         try:
@@ -4553,7 +5596,8 @@ def run_cli(args):
         sys.stdout.reconfigure(errors="replace")  # a Windows console cannot show every character
     password = os.environ.get("LOCALCHAT_PASSWORD")
     for attempt in range(3):
-        client = TerminalClient(host, port, args.name, identity=load_identity(), password=password)
+        client = TerminalClient(host, port, args.name, identity=load_identity(), password=password,
+                                tls=args.tls, fingerprint=args.fingerprint)
         try:
             return client.run()
         except UserError as error:
@@ -4569,7 +5613,7 @@ def run_cli(args):
 
 
 # =============================================================================
-# 13. Command line
+# 15. Command line
 # =============================================================================
 
 DESCRIPTION = """\
@@ -4605,6 +5649,9 @@ def build_parser():
     client.add_argument("--server", metavar="HOST[:PORT]",
                         help="the server to join (default: look for one on this network)")
     client.add_argument("--discover", action="store_true", help="list the chats found on this network, and exit")
+    client.add_argument("--fingerprint", metavar="FP",
+                        help="the server certificate's SHA-256 fingerprint, as its owner gave it: "
+                        "anything else is refused")
     client.add_argument("--cli", action="store_true", help="use the line client instead of the window")
     server = parser.add_argument_group("server options")
     server.add_argument("--host", help="the address to listen on (default %s: all of them)" % DEFAULT_HOST)
@@ -4620,8 +5667,13 @@ def build_parser():
                         help="the name others see when they look for chats (default: this computer's name)")
     server.add_argument("--no-discovery", action="store_true",
                         help="do not answer when clients on the network look for chats")
+    server.add_argument("--cert", metavar="FILE", help="with --tls: use this certificate (PEM) ...")
+    server.add_argument("--key", metavar="FILE", help="... and this private key (PEM)")
     server.add_argument("--op", action="append", metavar="NAME",
                         help="make NAME an operator (may be given several times)")
+    parser.add_argument("--tls", action="store_true",
+                        help="server: encrypt every connection (a certificate is made the first time); "
+                        "client: insist on encryption (used anyway when the server asks for it)")
     parser.add_argument("--password", action="store_true",
                         help="server: ask for a password to join (from LOCALCHAT_PASSWORD, or prompted); "
                         "client: the password is taken from LOCALCHAT_PASSWORD or asked for")
@@ -4635,7 +5687,8 @@ def build_parser():
 def check_args(parser, args):
     """Reject options that do not fit the mode; fill in defaults."""
     if args.name == "server":
-        for option, value in (("--server", args.server), ("--cli", args.cli)):
+        for option, value in (("--server", args.server), ("--cli", args.cli), ("--fingerprint", args.fingerprint),
+                              ("--discover", args.discover)):
             if value:
                 parser.error("%s is a client option; see the server options in --help" % option)
         args.host = DEFAULT_HOST if args.host is None else args.host
@@ -4656,7 +5709,8 @@ def check_args(parser, args):
     for option, value in (("--host", args.host), ("--port", args.port), ("--quiet", args.quiet),
                           ("--history", args.history), ("--no-history", args.no_history),
                           ("--scrollback", args.scrollback), ("--op", args.op),
-                          ("--name", args.server_name), ("--no-discovery", args.no_discovery)) + tuple(
+                          ("--name", args.server_name), ("--no-discovery", args.no_discovery),
+                          ("--cert", args.cert), ("--key", args.key)) + tuple(
             ("--" + attribute.replace("_", "-"), getattr(args, attribute)) for attribute, _, _ in Limits.TABLE):
         if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)

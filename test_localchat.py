@@ -19,11 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
-
-import tempfile
+from unittest import mock
 
 import localchat
 
@@ -32,6 +32,9 @@ import localchat
 _SCRATCH = tempfile.TemporaryDirectory(prefix="localchat-test-")
 os.environ["LOCALCHAT_DATA_DIR"] = os.path.join(_SCRATCH.name, "data")
 os.environ["LOCALCHAT_CONFIG_DIR"] = os.path.join(_SCRATCH.name, "config")
+# Looking for servers probes only this computer: tests never send to any other address.
+os.environ["LOCALCHAT_DISCOVERY_TARGETS"] = "127.0.0.1"
+os.environ.pop("LOCALCHAT_PASSWORD", None)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "localchat.py")
@@ -53,6 +56,32 @@ def frame_bytes(fields, ascii_only=True):
 
 def is_message(frame):
     return frame["type"] == "message"
+
+
+def is_kind(kind, **fields):
+    """Return a predicate for frames of one type whose given fields have the given values."""
+    return lambda frame: frame["type"] == kind and all(frame.get(k) == v for k, v in fields.items())
+
+
+def texts(frames):
+    """Return the texts of the message frames among frames, in order."""
+    return [frame["text"] for frame in frames if frame["type"] == "message"]
+
+
+def ids(frames):
+    """Return the ids of frames, in order."""
+    return [frame["id"] for frame in frames]
+
+
+def summary(frame, *keys):
+    """Return the values of keys in frame, as a tuple."""
+    return tuple(frame.get(key) for key in keys)
+
+
+def only(frames, kind, **fields):
+    """Return the one frame of that kind (with those field values) among frames."""
+    (frame,) = [frame for frame in frames if is_kind(kind, **fields)(frame)]
+    return frame
 
 
 class RawClient:
@@ -85,13 +114,23 @@ class RawClient:
         fields.update(extra)
         self.send(fields)
 
-    def hello(self, name):
-        """Say hello as name; return the welcome (the test fails on anything else)."""
-        self.send({"type": "hello", "name": name, "version": localchat.PROTOCOL_VERSION})
+    def hello(self, name, sync=True, **fields):
+        """Say hello as name; return the welcome (the test fails on anything else).
+
+        fields go into the hello (identity, resume, last_id, rooms). With sync, the
+        frames after the welcome are read too, up to and including "synced": the
+        room frames and the history replay land in self.joining, synced in self.synced.
+        """
+        hello = {"type": "hello", "name": name, "version": localchat.PROTOCOL_VERSION}
+        hello.update(fields)
+        self.send(hello)
         frame = self.read_frame()
         if frame is None or frame["type"] != "welcome":
             raise AssertionError("hello as %r got %r instead of a welcome" % (name, frame))
         self.welcome = frame
+        self.joining, self.synced = [], None
+        if sync:
+            self.synced, self.joining = self.read_until(is_kind("synced"))
         return frame
 
     def read_frame(self, timeout=READ_TIMEOUT_S):
@@ -181,6 +220,107 @@ class QueueWriter:
         raise AssertionError("too many writes")
 
 
+class CutProxy:
+    """A TCP relay between clients and the server that a test cuts, as a network would.
+
+    Each connection accepted on the proxy's port gets its own connection to the
+    target and a thread per direction. cut() breaks every relayed connection at
+    once: the server sees its connection lost, the client sees it closed, and new
+    connections are relayed as before. drop("up") or drop("down") discards what
+    goes one way from then on, as a link that fails before anybody notices.
+    """
+
+    def __init__(self, target):
+        self.target = target
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(8)
+        self.address = self.listener.getsockname()
+        self.accepted = 0
+        self.dropped = threading.Event()  # set once some bytes were discarded
+        self._dropping = set()
+        self._lock = threading.Lock()
+        self._sockets = []
+        self._threads = []
+        self._closed = False
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="test-proxy-accept")
+        self._accept_thread.start()
+
+    def _accept_loop(self):
+        """Runs on the proxy's accept thread until close()."""
+        while not self._closed:
+            ready, _, _ = select.select([self.listener], [], [], 0.05)  # bounded: close() is noticed
+            if not ready:
+                continue
+            client, _ = self.listener.accept()
+            try:
+                upstream = socket.create_connection(self.target, timeout=READ_TIMEOUT_S)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self.accepted += 1
+                self._sockets += [client, upstream]
+                for source, sink, way in ((client, upstream, "up"), (upstream, client, "down")):
+                    thread = threading.Thread(target=self._pump_loop, args=(source, sink, way),
+                                              name="test-proxy-" + way)
+                    self._threads.append(thread)
+                    thread.start()
+
+    def _pump_loop(self, source, sink, way):
+        """Runs on one direction's thread: copy (or drop) bytes until either side ends."""
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            if way in self._dropping:
+                self.dropped.set()
+                continue
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        for sock in (source, sink):  # one way ended: the link is gone both ways
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv(), unlike close()
+        except OSError:
+            pass
+
+    def drop(self, way):
+        self._dropping.add(way)
+
+    def cut(self):
+        """Break every relayed connection now; later connections are relayed normally."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+            self._dropping.clear()
+        for sock in sockets:
+            self._shut(sock)
+
+    def close(self):
+        self._closed = True
+        self._accept_thread.join(THREAD_END_S)
+        self.cut()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(THREAD_END_S)
+        self.listener.close()
+
+
+def unlimited_hub():
+    """Return a hub without flood limits, for tests that send far faster than anybody types."""
+    return localchat.ChatHub("test", limits=localchat.Limits(messages_per_s=0, kbytes_per_s=0))
+
+
 class ServerFixture:
     """setUp/tearDown for tests that run a ChatServer on a thread.
 
@@ -195,12 +335,15 @@ class ServerFixture:
         self.address = None
         self.clients = []
         self.connections = []
+        self.proxies = []
 
     def tearDown(self):
         for client in self.clients:
             client.close()
         for connection in self.connections:
             connection.close(say_bye=False)
+        for proxy in self.proxies:
+            proxy.close()
         if self.server is not None:
             self.server.stop()
             self.server_thread.join(THREAD_END_S)
@@ -219,9 +362,9 @@ class ServerFixture:
                 leaked.append(thread.name)
         self.assertEqual(leaked, [], "threads left running")
 
-    def start_server(self, **options):
-        """Start a ChatServer on 127.0.0.1, a free port, and serve it on a thread."""
-        self.server = localchat.ChatServer((LOOPBACK, 0), **options)
+    def start_server(self, port=0, **options):
+        """Start a ChatServer on 127.0.0.1 (a free port by default) and serve it on a thread."""
+        self.server = localchat.ChatServer((LOOPBACK, port), **options)
         self.server_thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-serve", daemon=True
         )
@@ -234,18 +377,50 @@ class ServerFixture:
         self.clients.append(client)
         return client
 
-    def join(self, name, rcvbuf=None):
+    def join(self, name, rcvbuf=None, sync=True, **hello_fields):
+        """Connect and say hello; with sync, read on up to and including "synced"."""
         client = self.connect(rcvbuf)
-        client.hello(name)
+        client.hello(name, sync=sync, **hello_fields)
         return client
 
-    def connection(self, name):
+    def proxy(self):
+        """Return a CutProxy to the server (closed at tearDown)."""
+        proxy = CutProxy(self.address)
+        self.proxies.append(proxy)
+        return proxy
+
+    def connection(self, name, address=None, **options):
         """Return a ChatConnection (not yet connected) whose events go to its .events queue."""
         events = queue.Queue()
-        connection = localchat.ChatConnection(self.address[0], self.address[1], name, on_event=events.put)
+        host, port = address or self.address
+        connection = localchat.ChatConnection(host, port, name, on_event=events.put, **options)
         connection.events = events
         self.connections.append(connection)
         return connection
+
+    def started(self, name, **options):
+        """Return a connected, started ChatConnection that has seen "synced"."""
+        connection = self.connection(name, **options)
+        connection.connect()
+        connection.start()
+        self.event_until(connection, is_kind("synced"))
+        return connection
+
+    def assert_error(self, client, code, fatal=False):
+        frame = client.read_frame()
+        self.assertIsNotNone(frame, "closed instead of an error %s" % code)
+        self.assertEqual((frame["type"], frame.get("code")), ("error", code), frame)
+        self.assertIsInstance(frame["text"], str)
+        self.assertTrue(frame["text"].strip())
+        self.assertEqual(frame.get("fatal", False), fatal, frame)
+        return frame
+
+    def assert_closed(self, client):
+        self.assertIsNone(client.read_frame(), "the server did not close the connection")
+
+    def assert_left(self, client, name, reason):
+        frame = client.read_frame()
+        self.assertEqual((frame["type"], frame.get("name"), frame.get("reason")), ("left", name, reason), frame)
 
     def next_event(self, connection, timeout=READ_TIMEOUT_S):
         try:
@@ -433,7 +608,8 @@ class ProtocolTests(unittest.TestCase):
     def test_every_documented_client_frame_has_a_handler(self):
         client_part = localchat.PROTOCOL_DOC.split("Client to server:", 1)[1].split("Server to client:", 1)[0]
         kinds = set(re.findall(r'\{"type":"([a-z_]+)"', client_part))
-        self.assertEqual(kinds, {"hello", "say", "users", "ping", "pong", "bye"})
+        self.assertEqual(kinds, {"hello", "say", "join", "leave", "users", "rooms", "topic", "nick", "away",
+                                 "back", "history", "ping", "pong", "bye"})
         for kind in kinds:
             with self.subTest(kind=kind):
                 self.assertTrue(callable(getattr(localchat.JsonLinesSession, "do_" + kind, None)))
@@ -484,15 +660,15 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(welcome["users"], ["alice", "Bob"])  # sorted without regard to case
         self.assertEqual(welcome["server"], "test-hub")
         self.assertEqual(welcome["version"], localchat.PROTOCOL_VERSION)
-        self.assertEqual(alice.kinds(), ["welcome", "joined"])
-        self.assertEqual(alice.events[1]["name"], "Bob")
-        self.assertEqual(bob.kinds(), ["welcome"])  # nobody hears of their own joining
+        self.assertEqual(alice.kinds(), ["welcome", "room", "synced", "joined"])
+        self.assertEqual((alice.events[3]["name"], alice.events[3]["room"]), ("Bob", "general"))
+        self.assertEqual(bob.kinds(), ["welcome", "room", "synced"])  # nobody hears of their own joining
 
     def test_welcome_comes_before_later_messages(self):
         alice = self.member("alice")
         bob = self.member("bob")
         self.hub.say(alice, "hi")
-        self.assertEqual(bob.kinds(), ["welcome", "message"])
+        self.assertEqual(bob.kinds(), ["welcome", "room", "synced", "message"])
 
     def test_say_reaches_everybody_with_the_sender_included(self):
         alice, bob, carol = self.member("alice"), self.member("bob"), self.member("carol")
@@ -540,15 +716,17 @@ class CoreTests(unittest.TestCase):
         alice.take()
         bob.take()
         self.hub.users(bob)
-        self.assertEqual(bob.events, [{"type": "users", "users": ["alice", "bob"]}])
+        self.assertEqual(bob.events, [{"type": "users", "users": ["alice", "bob"], "away": {}}])
         self.assertEqual(alice.events, [])
 
     def test_leave_tells_the_others_why(self):
+        self.hub = localchat.ChatHub("test-hub", resume_grace_s=0)  # no grace: "timeout" is final at once
         alice, bob = self.member("alice"), self.member("bob")
         alice.take()
         self.assertTrue(self.hub.leave(bob, "timeout"))
         (left,) = alice.take()
         self.assertEqual((left["type"], left["name"], left["reason"]), ("left", "bob", "timeout"))
+        self.assertNotIn("room", left)  # left the server, not one room
         self.assertNotIn("left", bob.kinds())
         self.assertEqual(self.hub.count(), 1)
 
@@ -558,7 +736,7 @@ class CoreTests(unittest.TestCase):
         self.hub.say(bob, "hi")
         self.hub.users(alice)
         self.hub.leave(bob, "quit")
-        self.assertEqual(alice.kinds(), ["welcome", "joined", "message", "users", "left"])
+        self.assertEqual(alice.kinds(), ["welcome", "room", "synced", "joined", "message", "users", "left"])
 
     def test_leave_twice_or_without_joining_does_nothing(self):
         alice, bob = self.member("alice"), self.member("bob")
@@ -619,6 +797,598 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(alice.events, [])  # no "left" noise while shutting down
 
 
+class HubHelpers:
+    """Members joined to self.hub, and refusals checked by code."""
+
+    def member(self, name, *rooms, **hello):
+        """Join name (and rooms besides general) with hello's fields; return it, its frames kept."""
+        member = FakeMember()
+        self.hub.join(member, name, **hello)
+        for room in rooms:
+            self.hub.join_room(member, room)
+        return member
+
+    def quiet(self, *members):
+        """Forget what members have been given so far."""
+        for member in members:
+            member.take()
+
+    def assertRefused(self, code, function, *args, fatal=False, **kwargs):
+        with self.assertRaises(localchat.ProtocolError) as caught:
+            function(*args, **kwargs)
+        self.assertEqual(caught.exception.code, code)
+        self.assertEqual(caught.exception.fatal, fatal)
+        self.assertTrue(caught.exception.text.strip())
+        return caught.exception
+
+
+class ConversationCoreTests(HubHelpers, unittest.TestCase):
+    """Rooms, topics, direct messages, names, presence and history in the hub: no sockets."""
+
+    def setUp(self):
+        self.hub = localchat.ChatHub("test-hub")
+
+    # -- rooms -------------------------------------------------------------------------
+
+    def test_joining_a_room_creates_it_and_tells_its_members(self):
+        alice, bob, carol = self.member("alice"), self.member("bob"), self.member("carol")
+        self.quiet(alice, bob, carol)
+        self.hub.join_room(alice, "games")
+        self.assertEqual(alice.take(), [{"type": "room", "room": "games", "topic": None, "users": ["alice"],
+                                         "away": {}}])
+        self.hub.join_room(bob, "GAMES")  # room names, like user names, ignore case
+        self.assertEqual(bob.take(), [{"type": "room", "room": "games", "topic": None, "users": ["alice", "bob"],
+                                       "away": {}}])
+        (joined,) = alice.take()
+        self.assertEqual((joined["type"], joined["name"], joined["room"]), ("joined", "bob", "games"))
+        self.assertEqual(carol.events, [])  # not in the room: hears nothing of it
+        self.assertRefused("already_in_room", self.hub.join_room, bob, "Games")
+        self.assertRefused("bad_room", self.hub.join_room, bob, "two words")
+
+    def test_say_in_a_room_reaches_only_its_members(self):
+        alice = self.member("alice", "games", "music")  # in three rooms at once
+        bob = self.member("bob", "games")
+        carol = self.member("carol")
+        self.quiet(alice, bob, carol)
+        self.hub.say(alice, "chess, anyone?", room="games")
+        self.hub.say(alice, "la la", room="Music")
+        self.hub.say(bob, "hello all")  # no room: general
+        seen = {member.name: [(frame["room"], frame["text"]) for frame in member.take()]
+                for member in (alice, bob, carol)}
+        self.assertEqual(seen, {
+            "alice": [("games", "chess, anyone?"), ("music", "la la"), ("general", "hello all")],
+            "bob": [("games", "chess, anyone?"), ("general", "hello all")],
+            "carol": [("general", "hello all")],
+        })
+
+    def test_say_in_a_room_one_is_not_in_gets_not_in_room_and_uses_no_id(self):
+        alice, bob = self.member("alice", "games"), self.member("bob")
+        self.quiet(alice, bob)
+        self.hub.say(bob, "first")
+        refused = self.assertRefused("not_in_room", self.hub.say, bob, "let me in", room="games")
+        self.assertIn("games", refused.text)
+        self.assertRefused("not_in_room", self.hub.say, bob, "hello?", room="nowhere")
+        self.hub.say(bob, "second")
+        messages = alice.take()
+        self.assertEqual(texts(messages), ["first", "second"])
+        self.assertEqual(messages[1]["id"], messages[0]["id"] + 1)
+
+    def test_users_can_be_asked_for_everybody_or_per_room(self):
+        alice, bob, carol = self.member("alice", "games"), self.member("bob", "games"), self.member("carol")
+        self.quiet(alice, bob, carol)
+        self.hub.users(carol)
+        self.hub.users(alice, "Games")
+        self.assertEqual(carol.take(), [{"type": "users", "users": ["alice", "bob", "carol"], "away": {}}])
+        self.assertEqual(alice.take(), [{"type": "users", "room": "games", "users": ["alice", "bob"], "away": {}}])
+        self.assertRefused("not_in_room", self.hub.users, carol, "games")
+
+    def test_rooms_lists_every_room_with_its_size_and_topic(self):
+        alice, bob = self.member("alice", "games", "Zoo"), self.member("bob", "games")
+        self.hub.set_topic(bob, "games", "chess at five")
+        self.quiet(alice, bob)
+        self.hub.rooms(bob)
+        self.assertEqual(bob.take(), [{"type": "rooms", "rooms": [
+            {"name": "games", "users": 2, "topic": "chess at five"},
+            {"name": "general", "users": 2, "topic": None},
+            {"name": "Zoo", "users": 1, "topic": None},
+        ]}])
+
+    def test_leaving_a_room_tells_the_room_and_the_leaver(self):
+        alice, bob, carol = self.member("alice", "games"), self.member("bob", "games"), self.member("carol")
+        self.quiet(alice, bob, carol)
+        self.hub.leave_room(bob, "Games")
+        for member in (alice, bob):
+            with self.subTest(member=member.name):
+                (left,) = member.take()
+                self.assertEqual((left["type"], left["name"], left["room"], left["reason"]),
+                                 ("left", "bob", "games", "part"))
+        self.assertEqual(carol.events, [])
+        self.assertRefused("not_in_room", self.hub.say, bob, "hi", room="games")
+        self.assertRefused("not_in_room", self.hub.leave_room, bob, "games")
+        self.hub.say(alice, "still here", room="games")
+        self.assertEqual(texts(alice.take()), ["still here"])
+        self.assertEqual(bob.events, [])
+
+    def test_a_room_vanishes_when_its_last_member_leaves_it_or_the_chat(self):
+        alice, bob = self.member("alice", "solo", "games"), self.member("bob")
+        self.hub.leave_room(alice, "solo")
+        self.hub.leave(alice, "quit")  # games is left empty too
+        bob.take()
+        self.hub.rooms(bob)
+        self.assertEqual(bob.take(), [{"type": "rooms", "rooms": [{"name": "general", "users": 1, "topic": None}]}])
+
+    def test_leaving_the_chat_is_told_to_everybody_sharing_a_room_and_nobody_else(self):
+        alice, bob = self.member("alice"), self.member("bob", "games")
+        carol, dave = self.member("carol", "games"), self.member("dave", "solo")
+        self.hub.leave_room(carol, "general")
+        self.hub.leave_room(dave, "general")
+        self.quiet(alice, bob, carol, dave)
+        self.hub.leave(bob, "quit")
+        for member in (alice, carol):  # alice shares general with bob, carol shares games
+            with self.subTest(member=member.name):
+                (left,) = member.take()
+                self.assertEqual(summary(left, "type", "name", "reason", "room"), ("left", "bob", "quit", None))
+        self.assertEqual(dave.events, [])
+
+    def test_topic_is_told_to_the_room_kept_while_it_is_empty_and_can_be_asked(self):
+        alice, bob, carol = self.member("alice", "games"), self.member("bob", "games"), self.member("carol")
+        self.quiet(alice, bob, carol)
+        self.hub.set_topic(alice, "games", "chess\nat five")
+        for member in (alice, bob):
+            with self.subTest(member=member.name):
+                (topic,) = member.take()
+                self.assertEqual({key: topic[key] for key in ("type", "room", "topic", "by")},
+                                 {"type": "topic", "room": "games", "topic": "chess at five", "by": "alice"})
+        self.assertEqual(carol.events, [])
+        self.hub.topic(bob, "games")
+        self.assertEqual(bob.take(), [{"type": "topic", "room": "games", "topic": "chess at five"}])
+        self.assertRefused("not_in_room", self.hub.topic, carol, "games")
+        self.assertRefused("not_in_room", self.hub.set_topic, carol, "games", "mine now")
+        self.hub.leave_room(alice, "games")
+        self.hub.leave_room(bob, "games")  # the room is gone; its topic is not
+        self.hub.join_room(carol, "games")
+        (room,) = carol.take()
+        self.assertEqual((room["room"], room["topic"]), ("games", "chess at five"))
+        self.hub.set_topic(carol, "games", None)
+        self.assertIsNone(carol.take()[0]["topic"])
+        self.assertRefused("text_too_long", self.hub.set_topic, carol, "games", "x" * (localchat.MAX_TOPIC_CHARS + 1))
+
+    # -- direct messages ---------------------------------------------------------------
+
+    def test_direct_message_reaches_only_sender_and_recipient(self):
+        alice, bob = self.member("alice", identity="A"), self.member("bob", identity="B")
+        carol = self.member("carol")
+        self.quiet(alice, bob, carol)
+        self.hub.say(alice, "psst", to="BOB", ref="d1")
+        self.hub.say(bob, "waves back", to="alice", action=True)
+        for member in (alice, bob):
+            with self.subTest(member=member.name):
+                first, second = member.take()
+                self.assertEqual({key: value for key, value in first.items() if key not in ("id", "ts")},
+                                 {"type": "message", "from": "alice", "to": "bob", "text": "psst", "ref": "d1"})
+                self.assertEqual((second["from"], second["to"], second["action"]), ("bob", "alice", True))
+                self.assertNotIn("room", second)
+        self.assertEqual(carol.events, [])
+
+    def test_direct_message_to_an_absent_identity_waits_and_is_delivered_once_when_it_returns(self):
+        alice, bob = self.member("alice", identity="A"), self.member("bob", identity="B")
+        self.hub.leave(bob, "quit")
+        alice.take()
+        self.hub.say(alice, "call me", to="bob")
+        (echo,) = alice.take()
+        self.assertEqual((echo["to"], echo["text"], echo.get("queued")), ("bob", "call me", True))
+        back = self.member("bob", identity="B")  # the same name and identity
+        self.assertEqual(back.kinds(), ["welcome", "room", "message", "synced"])
+        waited = back.events[2]
+        self.assertEqual((waited["id"], waited["from"], waited["to"], waited["text"], waited["replay"]),
+                         (echo["id"], "alice", "bob", "call me", True))
+        self.assertNotIn("queued", waited)
+        self.hub.leave(back, "quit")
+        again = self.member("bob", identity="B")
+        self.assertEqual(texts(again.events), [])  # delivered once, not on every return
+
+    def test_waiting_direct_message_is_never_given_to_another_identity_under_that_name(self):
+        alice, bob = self.member("alice", identity="A"), self.member("bob", identity="B")
+        self.hub.leave(bob, "quit")
+        self.hub.say(alice, "the code is 1234", to="bob")
+        for identity in ("M", None):
+            with self.subTest(identity=identity):
+                impostor = self.member("bob", identity=identity)
+                self.assertEqual(texts(impostor.events), [])
+                self.hub.leave(impostor, "quit")
+        owner = self.member("bob", identity="B")
+        self.assertEqual(texts(owner.events), ["the code is 1234"])
+
+    def test_direct_message_to_a_name_never_seen_gets_unknown_user(self):
+        alice = self.member("alice", identity="A")
+        alice.take()
+        refused = self.assertRefused("unknown_user", self.hub.say, alice, "hello?", to="nobody")
+        self.assertIn("nobody", refused.text)
+        self.assertEqual(alice.events, [])
+
+    def test_direct_message_to_an_absent_user_without_identity_gets_unknown_user(self):
+        bob = self.member("bob")  # a client that keeps no identity cannot be given messages later
+        self.hub.leave(bob, "quit")
+        alice = self.member("alice", identity="A")
+        refused = self.assertRefused("unknown_user", self.hub.say, alice, "hi", to="bob")
+        self.assertIn("later", refused.text)
+
+    # -- names and presence -------------------------------------------------------------
+
+    def test_rename_is_seen_by_everybody_and_frees_the_old_name(self):
+        alice, bob, carol = self.member("alice"), self.member("bob", "games"), self.member("carol", "games")
+        self.hub.leave_room(carol, "general")  # shares no room with alice, and hears it all the same
+        self.quiet(alice, bob, carol)
+        self.hub.rename(alice, "alicia")
+        for member in (alice, bob, carol):
+            with self.subTest(member=member.name):
+                (renamed,) = member.take()
+                self.assertEqual((renamed["type"], renamed["old"], renamed["name"]), ("renamed", "alice", "alicia"))
+        self.hub.say(alice, "it is me")
+        self.assertEqual(bob.take()[0]["from"], "alicia")
+        self.hub.users(bob, "general")
+        self.assertEqual(bob.take()[0]["users"], ["alicia", "bob"])
+        newcomer = self.member("alice")  # the old name is free
+        self.assertEqual(newcomer.events[0]["name"], "alice")
+
+    def test_rename_to_a_taken_name_gets_name_taken_and_keeps_the_connection(self):
+        # Regression: the refusal was fatal, so /nick with a taken name disconnected.
+        alice, bob = self.member("alice"), self.member("bob")
+        self.quiet(alice, bob)
+        refused = self.assertRefused("name_taken", self.hub.rename, alice, "BOB")
+        self.assertIn("BOB", refused.text)
+        self.assertRefused("bad_name", self.hub.rename, alice, "two words")
+        self.assertEqual((alice.events, bob.events), ([], []))
+        self.hub.rename(alice, "Alice")  # one's own name in another case is no clash
+        self.assertEqual(bob.take()[0]["name"], "Alice")
+
+    def test_away_and_back_are_told_to_everybody_and_shown_in_user_lists(self):
+        alice, bob = self.member("alice"), self.member("bob", "games")
+        self.quiet(alice, bob)
+        self.hub.set_away(bob, "at lunch\nback at 2")
+        for member in (alice, bob):
+            with self.subTest(member=member.name):
+                (away,) = member.take()
+                self.assertEqual((away["type"], away["name"], away["text"]), ("away", "bob", "at lunch back at 2"))
+        self.hub.users(alice)
+        self.assertEqual(alice.take()[0]["away"], {"bob": "at lunch back at 2"})
+        carol = self.member("carol", "games")
+        self.assertEqual(only(carol.events, "room", room="games")["away"], {"bob": "at lunch back at 2"})
+        self.quiet(alice, bob, carol)
+        self.hub.set_away(bob, None)
+        (back,) = alice.take()
+        self.assertEqual((back["type"], back["name"], back["text"]), ("away", "bob", None))
+        self.hub.users(alice, "general")
+        self.assertEqual(alice.take()[0]["away"], {})
+
+    # -- history -----------------------------------------------------------------------
+
+    def test_joining_a_room_replays_its_last_messages(self):
+        self.hub = localchat.ChatHub("test-hub", scrollback=3)
+        alice = self.member("alice", "games")
+        for number in range(5):
+            self.hub.say(alice, "m%d" % number)
+        self.hub.say(alice, "elsewhere", room="games")
+        said = [frame for frame in alice.take() if is_message(frame)]
+        bob = self.member("bob")
+        frames = bob.take()
+        self.assertEqual([frame["type"] for frame in frames],
+                         ["welcome", "room", "message", "message", "message", "synced"])
+        replayed = frames[2:5]
+        self.assertEqual(texts(replayed), ["m2", "m3", "m4"])
+        self.assertEqual([frame["id"] for frame in replayed], [frame["id"] for frame in said[2:5]])
+        for frame in replayed:
+            self.assertEqual((frame["replay"], frame["room"], frame["from"]), (True, "general", "alice"))
+        self.assertEqual(frames[0]["last_id"], said[-1]["id"])
+        self.assertEqual(frames[-1], {"type": "synced", "last_id": said[-1]["id"]})
+        self.hub.join_room(bob, "games")
+        self.assertEqual(texts(bob.take()), ["elsewhere"])
+
+    def test_history_pages_back_with_before_and_limit(self):
+        alice = self.member("alice")
+        for number in range(7):
+            self.hub.say(alice, "m%d" % number)
+        ids = [frame["id"] for frame in alice.take() if is_message(frame)]
+        self.hub.history(alice, "general", before=ids[5], limit=3)
+        page = alice.take()
+        self.assertEqual(texts(page), ["m2", "m3", "m4"])
+        self.assertTrue(all(frame["replay"] for frame in page[:-1]))
+        self.assertEqual(page[-1], {"type": "history_end", "room": "general", "count": 3, "more": True})
+        self.hub.history(alice, "general", before=ids[2], limit=3)
+        page = alice.take()
+        self.assertEqual(texts(page), ["m0", "m1"])
+        self.assertEqual(page[-1], {"type": "history_end", "room": "general", "count": 2, "more": False})
+        self.hub.history(alice)  # general, the newest page
+        self.assertEqual(texts(alice.take()), ["m%d" % number for number in range(7)])
+        self.assertRefused("not_in_room", self.hub.history, alice, "games")
+
+    def test_history_of_a_direct_conversation_is_only_for_its_two_people(self):
+        alice, bob = self.member("alice", identity="A"), self.member("bob", identity="B")
+        carol = self.member("carol", identity="C")
+        self.hub.say(alice, "one", to="bob")
+        self.hub.say(bob, "two", to="alice")
+        self.hub.say(alice, "other", to="carol")
+        self.quiet(alice, bob, carol)
+        self.hub.history(alice, with_name="bob")
+        page = alice.take()
+        self.assertEqual(texts(page), ["one", "two"])
+        self.assertEqual(page[-1], {"type": "history_end", "with": "bob", "count": 2, "more": False})
+        self.hub.history(carol, with_name="bob")
+        self.assertEqual(carol.take(), [{"type": "history_end", "with": "bob", "count": 0, "more": False}])
+
+
+class ClosableMember(FakeMember):
+    """A member whose connection is still open: close_soon() is how the hub ends it."""
+
+    closed = False
+
+    def close_soon(self):
+        self.closed = True
+
+
+class ResumeCoreTests(HubHelpers, unittest.TestCase):
+    """Lost connections, the grace period, resuming and taking over: the hub alone."""
+
+    def setUp(self):
+        self.hub = localchat.ChatHub("test-hub", resume_grace_s=60)
+
+    def test_lost_member_keeps_name_and_rooms_quietly_until_the_grace_period_ends(self):
+        for reason in ("lost", "timeout"):
+            with self.subTest(reason=reason):
+                alice, bob = self.member("alice"), self.member("bob", "games")
+                self.quiet(alice, bob)
+                self.assertTrue(self.hub.leave(bob, reason))
+                self.assertEqual(alice.events, [])  # nobody hears of it yet
+                self.hub.users(alice)
+                self.assertEqual(alice.take()[0]["users"], ["alice", "bob"])
+                refused = self.assertRefused("name_taken", self.hub.join, FakeMember(), "BOB", fatal=True)
+                self.assertIn("kept", refused.text)
+                self.assertEqual(self.hub.expire(), 0)  # not yet
+                self.assertEqual(self.hub.expire(now=time.monotonic() + 61), 1)
+                (left,) = alice.take()
+                self.assertEqual((left["type"], left["name"], left["reason"]), ("left", "bob", reason))
+                self.assertNotIn("room", left)
+                self.hub.rooms(alice)
+                self.assertEqual([room["name"] for room in alice.take()[0]["rooms"]], ["general"])
+                self.hub.leave(self.member("bob"), "quit")  # the name is free again
+                self.hub.leave(alice, "quit")
+
+    def test_quit_is_told_at_once_even_with_a_grace_period(self):
+        alice, bob = self.member("alice"), self.member("bob")
+        alice.take()
+        self.hub.leave(bob, "quit")
+        self.assertEqual([(frame["type"], frame["reason"]) for frame in alice.take()], [("left", "quit")])
+
+    def test_resume_takes_the_place_back_unnoticed_and_replays_what_was_missed(self):
+        alice, bob = self.member("alice", "games"), self.member("bob", "games", identity="B")
+        token = bob.events[0]["resume"]
+        self.hub.say(alice, "seen")
+        seen_id = bob.events[-1]["id"]
+        self.hub.leave(bob, "lost")
+        self.hub.say(alice, "missed in general")
+        self.hub.say(alice, "missed in games", room="games")
+        self.hub.say(alice, "missed direct", to="bob")
+        carol = self.member("carol", "games")  # comes while bob is away
+        self.quiet(alice, carol)
+        back = FakeMember()
+        self.hub.join(back, "bob", identity="B", resume=token, last_id=seen_id)
+        frames = back.take()
+        self.assertEqual((frames[0]["type"], frames[0]["resume"]), ("welcome", token))
+        self.assertEqual(sorted(frames[0]["rooms"]), ["games", "general"])
+        # Regression: a resumed member got no room frames, so it never learned who
+        # came and went while it was away.
+        self.assertEqual(only(frames, "room", room="games")["users"], ["alice", "bob", "carol"])
+        self.assertEqual(only(frames, "room", room="general")["users"], ["alice", "bob", "carol"])
+        self.assertEqual(texts(frames), ["missed in general", "missed in games", "missed direct"])
+        self.assertTrue(all(frame["replay"] for frame in frames if is_message(frame)))
+        self.assertEqual(frames[-1]["type"], "synced")
+        self.assertEqual((alice.events, carol.events), ([], []))  # nobody noticed a thing
+        self.hub.say(carol, "hi bob", room="games")
+        self.assertEqual(texts(back.take()), ["hi bob"])
+        self.assertEqual(self.hub.count(), 3)
+
+    def test_resume_with_a_wrong_token_is_refused_as_name_taken(self):
+        bob = self.member("bob")
+        self.hub.leave(bob, "lost")
+        self.assertRefused("name_taken", self.hub.join, FakeMember(), "bob", resume="not-the-token", fatal=True)
+
+    def test_resume_after_the_grace_period_is_a_new_arrival(self):
+        alice, bob = self.member("alice"), self.member("bob")
+        token = bob.events[0]["resume"]
+        self.hub.leave(bob, "lost")
+        self.hub.expire(now=time.monotonic() + 61)
+        alice.take()
+        again = FakeMember()
+        self.hub.join(again, "bob", resume=token, last_id=0)
+        self.assertNotEqual(again.events[0]["resume"], token)
+        self.assertEqual([(frame["type"], frame["name"]) for frame in alice.take()], [("joined", "bob")])
+
+    def test_resume_while_the_old_connection_is_open_replaces_it(self):
+        old = ClosableMember()
+        self.hub.join(old, "bob")
+        alice = self.member("alice")
+        token, last_id = old.events[0]["resume"], old.events[0]["last_id"]
+        self.quiet(alice, old)
+        new = FakeMember()
+        self.hub.join(new, "bob", resume=token, last_id=last_id)
+        (bye,) = old.take()
+        self.assertEqual((bye["type"], bye["reason"]), ("bye", "replaced"))
+        self.assertTrue(old.closed)
+        self.assertFalse(self.hub.leave(old, "lost"))  # the old connection's end changes nothing
+        self.assertEqual(alice.events, [])
+        self.hub.say(alice, "still there?")
+        self.assertEqual(texts(new.take()), ["still there?"])
+        self.assertEqual(old.events, [])
+
+    def test_hello_with_rooms_rejoins_them_after_a_server_restart(self):
+        alice = self.member("alice", rooms=["games", "two words", 5, "music"], last_id=0)
+        self.assertEqual([frame["room"] for frame in alice.events if frame["type"] == "room"], ["games", "music"])
+        self.assertEqual(alice.kinds()[-1], "synced")
+
+
+# =============================================================================
+# 5. Storage
+# =============================================================================
+
+
+class StoreContract:
+    """What both stores promise the hub; a subclass says which store to make."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    @staticmethod
+    def message(number, room="general", to=None, sender="alice"):
+        fields = {"type": "message", "id": number, "ts": 1000.0 + number, "from": sender}
+        if to is None:
+            fields["room"] = room
+        else:
+            fields["to"] = to
+        fields["text"] = "m%d" % number
+        return fields
+
+    def test_room_history_gives_the_newest_messages_oldest_first(self):
+        store = self.make_store()
+        self.assertEqual(store.last_id(), 0)
+        for number in range(1, 8):
+            store.add_message(self.message(number, room="General" if number % 2 else "games"))
+        self.assertEqual(ids(store.room_history("general", 3)), [3, 5, 7])
+        self.assertEqual(ids(store.room_history("general", 10, before=5)), [1, 3])
+        self.assertEqual(ids(store.room_history("games", 10)), [2, 4, 6])
+        self.assertEqual(store.room_history("general", 1), [self.message(7, room="General")])
+        self.assertEqual(store.room_history("nowhere", 10), [])
+        self.assertEqual(store.last_id(), 7)
+
+    def test_action_and_ref_are_kept(self):
+        store = self.make_store()
+        fields = dict(self.message(1), action=True, ref="r-1")
+        store.add_message(fields)
+        self.assertEqual(store.room_history("general", 1), [fields])
+
+    def test_since_gives_what_followed_in_the_rooms_and_the_identitys_direct_messages(self):
+        store = self.make_store()
+        store.add_message(self.message(1))
+        store.add_message(self.message(2, room="games"))
+        store.add_message(self.message(3, to="bob"), "A", "B")
+        store.add_message(self.message(4, to="carol"), "A", "C")
+        store.add_message(self.message(5))
+        self.assertEqual(ids(store.since(1, ["general"], "B", 100)), [3, 5])
+        self.assertEqual(ids(store.since(0, ["general", "games"], None, 100)), [1, 2, 5])
+        self.assertEqual(ids(store.since(0, ["general"], "A", 2)), [4, 5])  # the newest, in order
+        self.assertEqual(ids(store.since(5, ["general"], "A", 100)), [])
+
+    def test_undelivered_direct_messages_wait_for_their_identity_until_marked(self):
+        store = self.make_store()
+        store.add_message(self.message(1, to="bob"), "A", "B", delivered=False)
+        store.add_message(self.message(2, to="bob"), "A", "B", delivered=True)
+        store.add_message(self.message(3, to="carol"), "A", "C", delivered=False)
+        self.assertEqual(ids(store.undelivered("B")), [1])
+        self.assertEqual(store.undelivered(None), [])
+        store.mark_delivered("B")
+        self.assertEqual(store.undelivered("B"), [])
+        self.assertEqual(ids(store.undelivered("C")), [3])
+
+    def test_direct_history_is_one_identitys_conversation_with_one_name(self):
+        store = self.make_store()
+        store.add_message(self.message(1, to="bob"), "A", "B")
+        store.add_message(self.message(2, to="alice", sender="Bob"), "B", "A")
+        store.add_message(self.message(3, to="carol"), "A", "C")
+        self.assertEqual(ids(store.direct_history("A", "bob", 10)), [1, 2])
+        self.assertEqual(ids(store.direct_history("A", "bob", 1)), [2])
+        self.assertEqual(ids(store.direct_history("A", "bob", 10, before=2)), [1])
+        self.assertEqual(ids(store.direct_history("C", "bob", 10)), [])
+        self.assertEqual(store.direct_history(None, "bob", 10), [])
+
+    def test_a_known_name_keeps_its_identity_until_another_identity_comes_under_it(self):
+        store = self.make_store()
+        self.assertIsNone(store.known_user("bob"))
+        store.remember_user("bob", "Bob", "B")
+        store.remember_user("bob", "bob", None)  # a client without identity under that name
+        self.assertEqual(store.known_user("bob"), ("Bob", "B"))
+        store.remember_user("bob", "BOB", "M")
+        self.assertEqual(store.known_user("bob"), ("BOB", "M"))
+        store.remember_user("old", "old", None)
+        self.assertEqual(store.known_user("old"), ("old", None))
+
+    def test_topics_are_set_replaced_and_cleared(self):
+        store = self.make_store()
+        self.assertIsNone(store.topic("games"))
+        store.set_topic("games", "chess")
+        store.set_topic("games", "go")
+        self.assertEqual(store.topic("games"), "go")
+        store.set_topic("games", None)
+        self.assertIsNone(store.topic("games"))
+
+
+class MemoryStoreTests(StoreContract, unittest.TestCase):
+    """History in memory (--no-history)."""
+
+    def make_store(self):
+        return localchat.MemoryStore()
+
+    def test_keeps_at_most_max_messages(self):
+        store = localchat.MemoryStore(max_messages=3)
+        for number in range(1, 6):
+            store.add_message(self.message(number))
+        self.assertEqual(ids(store.room_history("general", 10)), [3, 4, 5])
+        self.assertEqual(store.last_id(), 5)
+
+
+class SqliteStoreTests(StoreContract, unittest.TestCase):
+    """History in an SQLite file, kept across restarts."""
+
+    def setUp(self):
+        folder = tempfile.TemporaryDirectory(prefix="store-", dir=_SCRATCH.name)
+        self.addCleanup(folder.cleanup)
+        self.path = os.path.join(folder.name, "new-folder", "history.sqlite3")  # the folder is made
+        self.stores = []
+
+    def tearDown(self):
+        for store in self.stores:
+            store.close()
+
+    def make_store(self):
+        store = localchat.SqliteStore(self.path)
+        self.stores.append(store)
+        return store
+
+    def test_database_is_in_wal_mode(self):
+        store = self.make_store()
+        self.assertEqual(store.db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+
+    def test_history_topics_and_waiting_messages_outlive_the_hub_and_ids_go_on(self):
+        hub = localchat.ChatHub("first", self.make_store())
+        alice, bob = FakeMember(), FakeMember()
+        hub.join(alice, "alice", identity="A")
+        hub.join(bob, "bob", identity="B")
+        hub.join_room(alice, "games")
+        hub.set_topic(alice, "games", "chess")
+        hub.say(alice, "one")
+        hub.say(alice, "two", room="games")
+        hub.leave(bob, "quit")
+        hub.say(alice, "for bob", to="bob")
+        last_id = alice.events[-1]["id"]
+        self.stores.pop().close()
+        hub = localchat.ChatHub("second", self.make_store())
+        carol = FakeMember()
+        hub.join(carol, "carol")
+        self.assertEqual(carol.events[0]["last_id"], last_id)
+        self.assertEqual(texts(carol.take()), ["one"])
+        hub.join_room(carol, "games")
+        frames = carol.take()
+        self.assertEqual((only(frames, "room")["topic"], texts(frames)), ("chess", ["two"]))
+        bob = FakeMember()
+        hub.join(bob, "bob", identity="B")
+        self.assertEqual(texts(bob.events), ["one", "for bob"])
+        hub.say(carol, "three")
+        self.assertEqual(carol.events[-1]["id"], last_id + 1)  # no id is used twice
+
+    def test_a_file_that_cannot_be_a_database_gives_a_user_error(self):
+        with self.assertRaises(localchat.UserError) as caught:
+            localchat.SqliteStore(_SCRATCH.name)  # a folder
+        self.assertIn(_SCRATCH.name, str(caught.exception))
+
+
 # =============================================================================
 # 6-7. Doors and server, over real sockets
 # =============================================================================
@@ -633,24 +1403,8 @@ class ServerTests(ServerFixture, unittest.TestCase):
         alice = self.join("alice")
         bob = self.join("bob")
         joined = alice.read_frame()
-        self.assertEqual((joined["type"], joined["name"]), ("joined", "bob"))
+        self.assertEqual((joined["type"], joined["name"], joined["room"]), ("joined", "bob", "general"))
         return alice, bob
-
-    def assert_error(self, client, code, fatal=False):
-        frame = client.read_frame()
-        self.assertIsNotNone(frame, "closed instead of an error %s" % code)
-        self.assertEqual((frame["type"], frame.get("code")), ("error", code), frame)
-        self.assertIsInstance(frame["text"], str)
-        self.assertTrue(frame["text"].strip())
-        self.assertEqual(frame.get("fatal", False), fatal, frame)
-        return frame
-
-    def assert_closed(self, client):
-        self.assertIsNone(client.read_frame(), "the server did not close the connection")
-
-    def assert_left(self, client, name, reason):
-        frame = client.read_frame()
-        self.assertEqual((frame["type"], frame.get("name"), frame.get("reason")), ("left", name, reason), frame)
 
     def assert_refused_and_not_relayed(self, data, code):
         """Alice sends data: only she gets error `code`, and both chats go on."""
@@ -673,10 +1427,20 @@ class ServerTests(ServerFixture, unittest.TestCase):
         self.assertEqual(welcome["version"], localchat.PROTOCOL_VERSION)
         self.assertEqual(welcome["max_text_bytes"], localchat.MAX_TEXT_BYTES)
         self.assertIsInstance(welcome["server"], str)
+        self.assertIsInstance(welcome["rooms"], list)
+        self.assertIsInstance(welcome["resume"], str)
+        self.assertGreaterEqual(len(welcome["resume"]), 16)  # unguessable
+        self.assertEqual(welcome["last_id"], 0)  # a new server has said nothing yet
+        # Then the room everybody starts in, its (empty) history, and synced.
+        self.assertEqual(alice.read_frame(), {"type": "room", "room": "general", "topic": None,
+                                              "users": ["alice"], "away": {}})
+        self.assertEqual(alice.read_frame(), {"type": "synced", "last_id": 0})
         bob = self.join("Bob")
         self.assertEqual(bob.welcome["users"], ["alice", "Bob"])
+        self.assertNotEqual(bob.welcome["resume"], welcome["resume"])
+        self.assertEqual(bob.joining[0]["users"], ["alice", "Bob"])
         joined = alice.read_frame()
-        self.assertEqual((joined["type"], joined["name"]), ("joined", "Bob"))
+        self.assertEqual((joined["type"], joined["name"], joined["room"]), ("joined", "Bob", "general"))
         self.assertAlmostEqual(joined["ts"], time.time(), delta=60)
 
     def test_invalid_names_get_bad_name_and_close(self):
@@ -722,7 +1486,7 @@ class ServerTests(ServerFixture, unittest.TestCase):
                 self.assertIn(name, error["text"])
                 self.assert_closed(client)
         alice.send({"type": "users"})
-        self.assertEqual(alice.read_frame(), {"type": "users", "users": ["alice"]})
+        self.assertEqual(alice.read_frame(), {"type": "users", "users": ["alice"], "away": {}})
 
     def test_second_hello_gets_already_joined(self):
         self.assert_refused_and_not_relayed(frame_bytes({"type": "hello", "name": "carol", "version": 1}),
@@ -808,7 +1572,7 @@ class ServerTests(ServerFixture, unittest.TestCase):
     def test_users_request_gets_the_list(self):
         alice, bob = self.pair()
         bob.send({"type": "users"})
-        self.assertEqual(bob.read_frame(), {"type": "users", "users": ["alice", "bob"]})
+        self.assertEqual(bob.read_frame(), {"type": "users", "users": ["alice", "bob"], "away": {}})
 
     def test_ping_gets_pong_with_its_token(self):
         alice, _ = self.pair()
@@ -843,7 +1607,8 @@ class ServerTests(ServerFixture, unittest.TestCase):
         self.assert_left(bob, "alice", "quit")
 
     def test_connection_closed_without_bye_is_lost(self):
-        self.start_server()
+        # A lost user is announced when its grace period ends (here soon), not at once.
+        self.start_server(hub=localchat.ChatHub("test", resume_grace_s=0.2))
         watcher = self.join("watcher")
         for name, reset in (("closer", False), ("resetter", True)):
             with self.subTest(name=name):
@@ -855,7 +1620,7 @@ class ServerTests(ServerFixture, unittest.TestCase):
                 self.assert_left(watcher, name, "lost")
 
     def test_client_that_never_answers_pings_is_dropped_as_timeout(self):
-        self.start_server(idle_ping=0.3)
+        self.start_server(idle_ping=0.3, hub=localchat.ChatHub("test", resume_grace_s=0.2))
         watcher = self.connection("watcher")  # ChatConnection answers pings by itself
         watcher.connect()
         watcher.start()
@@ -879,7 +1644,7 @@ class ServerTests(ServerFixture, unittest.TestCase):
             self.assertEqual(client.read_frame(), {"type": "ping"})
             client.send({"type": "pong"})
         client.send({"type": "users"})
-        self.assertEqual(client.read_frame(), {"type": "users", "users": ["alice"]})
+        self.assertEqual(client.read_frame(), {"type": "users", "users": ["alice"], "away": {}})
 
     # -- bad input ---------------------------------------------------------------------
 
@@ -971,7 +1736,7 @@ class ServerTests(ServerFixture, unittest.TestCase):
     # -- load ------------------------------------------------------------------------
 
     def test_concurrent_senders_lose_nothing_and_keep_each_senders_order(self):
-        self.start_server()
+        self.start_server(hub=unlimited_hub())
         senders, per_sender = 5, 200
         clients = [self.join("c%d" % index) for index in range(senders)]
         barrier = threading.Barrier(senders, timeout=READ_TIMEOUT_S)
@@ -1027,7 +1792,7 @@ class ServerTests(ServerFixture, unittest.TestCase):
         raise AssertionError("still going after %d messages of %d characters" % (limit, FLOOD_TEXT_CHARS))
 
     def test_reader_that_never_reads_is_dropped_as_too_slow_while_others_get_everything(self):
-        self.start_server(max_outbox_bytes=256 * 1024)
+        self.start_server(max_outbox_bytes=256 * 1024, hub=unlimited_hub())
         self.join("slow", rcvbuf=SMALL_RCVBUF)  # says hello, then never reads again
         normal = self.join("normal")
         sender = self.join("sender")
@@ -1071,7 +1836,7 @@ class ServerTests(ServerFixture, unittest.TestCase):
             RawClient(self.address).close()
 
     def test_stop_returns_in_time_with_a_client_that_never_reads(self):
-        self.start_server(max_outbox_bytes=64 * 1024 * 1024)  # big: stuck is never dropped
+        self.start_server(max_outbox_bytes=64 * 1024 * 1024, hub=unlimited_hub())  # big: stuck is never dropped
         stuck = self.join("stuck", rcvbuf=SMALL_RCVBUF)
         sender = self.join("sender")
         # More than any kernel buffers on the way (tcp_wmem tops out at 4 MiB on Linux),
@@ -1101,6 +1866,260 @@ class ServerTests(ServerFixture, unittest.TestCase):
                 self.assertEqual(bye and (bye["type"], bye["reason"]), ("bye", "shutdown"))
 
 
+class ConversationServerTests(ServerFixture, unittest.TestCase):
+    """Rooms, direct messages, names, presence, history and commands over real sockets."""
+
+    def trio(self, **options):
+        """Start a server; return alice, bob and carol, each with an identity, nothing left unread."""
+        self.start_server(**options)
+        clients = [self.join(name, identity="identity-of-" + name) for name in ("alice", "bob", "carol")]
+        for client in clients[:2]:
+            client.read_until(is_kind("joined", name="carol"))
+        return clients
+
+    def test_rooms_are_joined_spoken_in_listed_and_left_over_the_wire(self):
+        alice, bob, carol = self.trio()
+        alice.send({"type": "join", "room": "games"})
+        self.assertEqual(alice.read_frame(), {"type": "room", "room": "games", "topic": None, "users": ["alice"],
+                                              "away": {}})
+        bob.send({"type": "join", "room": "Games"})
+        self.assertEqual(summary(bob.read_frame(), "type", "room", "users"), ("room", "games", ["alice", "bob"]))
+        self.assertEqual(summary(alice.read_frame(), "type", "name", "room"), ("joined", "bob", "games"))
+        alice.say("chess?", room="games")
+        for client in (alice, bob):
+            self.assertEqual(summary(client.read_frame(), "type", "room", "text"), ("message", "games", "chess?"))
+        carol.say("in general")
+        for client in (carol, alice, bob):  # carol's very next frame: she never got "chess?"
+            self.assertEqual(summary(client.read_frame(), "room", "from", "text"), ("general", "carol", "in general"))
+        carol.say("let me in", room="games")
+        self.assert_error(carol, "not_in_room")
+        carol.send({"type": "join", "room": "two words"})
+        self.assert_error(carol, "bad_room")
+        carol.send({"type": "users", "room": "games"})
+        self.assert_error(carol, "not_in_room")
+        alice.send({"type": "users", "room": "games"})
+        self.assertEqual(alice.read_frame(), {"type": "users", "room": "games", "users": ["alice", "bob"], "away": {}})
+        carol.send({"type": "rooms"})
+        self.assertEqual(carol.read_frame(), {"type": "rooms", "rooms": [
+            {"name": "games", "users": 2, "topic": None}, {"name": "general", "users": 3, "topic": None}]})
+        bob.send({"type": "leave", "room": "games"})
+        for client in (bob, alice):
+            self.assertEqual(summary(client.read_frame(), "type", "name", "room", "reason"),
+                             ("left", "bob", "games", "part"))
+        bob.send({"type": "leave", "room": "games"})
+        self.assert_error(bob, "not_in_room")
+
+    def test_topic_is_set_asked_and_cleared_over_the_wire(self):
+        alice, bob, carol = self.trio()
+        alice.send({"type": "topic", "room": "general", "topic": "welcome all"})
+        for client in (alice, bob, carol):
+            self.assertEqual(summary(client.read_frame(), "type", "room", "topic", "by"),
+                             ("topic", "general", "welcome all", "alice"))
+        carol.send({"type": "topic", "room": "general"})
+        self.assertEqual(carol.read_frame(), {"type": "topic", "room": "general", "topic": "welcome all"})
+        bob.send({"type": "topic", "room": "general", "topic": None})
+        for client in (alice, bob, carol):
+            self.assertEqual(summary(client.read_frame(), "topic", "by"), (None, "bob"))
+        carol.send({"type": "topic", "room": "games"})
+        self.assert_error(carol, "not_in_room")
+        carol.send({"type": "topic"})
+        self.assert_error(carol, "bad_field")
+
+    def test_direct_messages_over_the_wire_wait_for_the_same_identity(self):
+        alice, bob, carol = self.trio()
+        alice.say("psst", to="bob", ref="d1")
+        for client in (alice, bob):
+            frame = client.read_frame()
+            self.assertEqual(summary(frame, "from", "to", "text", "ref"), ("alice", "bob", "psst", "d1"))
+            self.assertNotIn("room", frame)
+        carol.say("anything?")
+        self.assertEqual(carol.read_frame()["text"], "anything?")  # the very next frame: no psst
+        bob.send({"type": "bye"})
+        bob.read_until(is_kind("bye"))
+        alice.read_until(is_kind("left", name="bob"))
+        alice.say("later", to="bob")
+        echo = alice.read_frame()
+        self.assertEqual(summary(echo, "to", "text", "queued"), ("bob", "later", True))
+        impostor = self.join("bob", identity="not-the-identity-of-bob")
+        self.assertEqual([frame for frame in impostor.joining if "to" in frame], [])
+        impostor.send({"type": "bye"})
+        impostor.read_until(is_kind("bye"))
+        back = self.join("bob", identity="identity-of-bob")
+        self.assertEqual([summary(frame, "id", "text", "replay") for frame in back.joining if "to" in frame],
+                         [(echo["id"], "later", True)])
+        alice.say("hello?", to="nobody")
+        error, _ = alice.read_until(is_kind("error"))
+        self.assertEqual(error["code"], "unknown_user")
+
+    def test_nick_is_seen_by_everybody_and_a_taken_name_is_refused_without_disconnecting(self):
+        alice, bob, carol = self.trio()
+        alice.send({"type": "nick", "name": "BOB"})
+        self.assert_error(alice, "name_taken")  # not fatal: she stays
+        alice.send({"type": "nick", "name": "alicia"})
+        for client in (alice, bob, carol):
+            self.assertEqual(summary(client.read_frame(), "type", "old", "name"), ("renamed", "alice", "alicia"))
+        alice.say("it is me")
+        self.assertEqual(summary(bob.read_frame(), "from", "text"), ("alicia", "it is me"))
+        self.join("alice")  # the old name is free again
+
+    def test_away_and_back_over_the_wire(self):
+        alice, bob, carol = self.trio()
+        bob.send({"type": "away"})
+        bob.send({"type": "away", "text": "lunch"})
+        for client in (alice, bob, carol):
+            frames = [client.read_frame(), client.read_frame()]
+            self.assertEqual([summary(frame, "type", "name", "text") for frame in frames],
+                             [("away", "bob", "away"), ("away", "bob", "lunch")])
+        alice.send({"type": "users", "room": "general"})
+        self.assertEqual(alice.read_frame()["away"], {"bob": "lunch"})
+        bob.send({"type": "back"})
+        for client in (alice, bob, carol):
+            self.assertEqual(summary(client.read_frame(), "type", "name", "text"), ("away", "bob", None))
+
+    def test_history_on_joining_and_paging_back_over_the_wire(self):
+        self.start_server(hub=localchat.ChatHub("test", scrollback=3))
+        alice = self.join("alice")
+        said = []
+        for number in range(6):
+            alice.say("m%d" % number)
+            said.append(alice.read_frame())
+        bob = self.join("bob")
+        replayed = [frame for frame in bob.joining if is_message(frame)]
+        self.assertEqual([summary(frame, "id", "text", "replay") for frame in replayed],
+                         [(frame["id"], frame["text"], True) for frame in said[3:]])
+        bob.send({"type": "history", "room": "general", "before": said[3]["id"], "limit": 2})
+        page = [bob.read_frame() for _ in range(3)]
+        self.assertEqual(texts(page), ["m1", "m2"])
+        self.assertEqual(page[2], {"type": "history_end", "room": "general", "count": 2, "more": True})
+        bob.send({"type": "history", "before": said[1]["id"]})  # general, a whole page
+        page = [bob.read_frame() for _ in range(2)]
+        self.assertEqual(texts(page), ["m0"])
+        self.assertEqual(page[1], {"type": "history_end", "room": "general", "count": 1, "more": False})
+
+    def test_every_command_line_becomes_a_frame_the_server_understands(self):
+        self.start_server()
+        alice = self.join("alice")
+        self.join("bob", identity="identity-of-bob")
+        alice.read_until(is_kind("joined", name="bob"))
+        games, general, bob = {"room": "games"}, {"room": "general"}, {"to": "bob"}
+        steps = (
+            ("/join #games", general, "room"),
+            ("/topic chess at five", games, "topic"),
+            ("/topic", games, "topic"),
+            ("/users", games, "users"),
+            ("/users", bob, "users"),
+            ("/rooms", games, "rooms"),
+            ("/me waves", games, "message"),
+            ("hello games", games, "message"),
+            ("//slash", games, "message"),
+            ("/msg bob psst", games, "message"),
+            ("just for bob", bob, "message"),
+            ("/me waves at bob", bob, "message"),
+            ("/away lunch", games, "away"),
+            ("/away", games, "away"),
+            ("/back", games, "away"),
+            ("/nick alicia", games, "renamed"),
+            ("/leave", games, "left"),
+        )
+        for line, where, kind in steps:
+            with self.subTest(line=line):
+                action, frame = localchat.parse_input(line, where)
+                self.assertEqual(action, "send")
+                alice.send(frame)
+                self.assertEqual(alice.read_frame()["type"], kind)
+
+
+class ResumeServerTests(ServerFixture, unittest.TestCase):
+    """Lost connections over real sockets: the grace period, resuming, taking over."""
+
+    @staticmethod
+    def cut(client, how):
+        """End client's connection without a bye: a reset as a crash sends, or a plain close."""
+        if how == "reset":
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        else:
+            client.sock.shutdown(socket.SHUT_RDWR)
+        client.close()
+
+    def test_cut_connection_resumes_with_exactly_the_missed_messages(self):
+        self.start_server()
+        alice = self.join("alice")
+        alice.send({"type": "join", "room": "games"})
+        alice.read_until(is_kind("room"))
+        for number, how in enumerate(("reset", "close")):
+            with self.subTest(how=how):
+                name, newcomer = "bob%d" % number, "carol%d" % number
+                bob = self.join(name, identity="identity-of-" + name)
+                bob.send({"type": "join", "room": "games"})
+                bob.read_until(is_kind("room"))
+                alice.say("seen by " + name)
+                seen, _ = bob.read_until(is_kind("message", text="seen by " + name))
+                alice.read_until(is_kind("message", text=seen["text"]))
+                self.cut(bob, how)
+                said = []  # each one acknowledged (echoed to alice) while bob is away
+                for text, where in (("missed in general", {}), ("missed in games", {"room": "games"}),
+                                    ("missed direct", {"to": name})):
+                    alice.say(text, **where)
+                    said.append(alice.read_frame())
+                self.join(newcomer)
+                self.assertEqual(summary(alice.read_frame(), "type", "name"), ("joined", newcomer))
+                back = self.join(name, identity="identity-of-" + name, resume=bob.welcome["resume"],
+                                 last_id=seen["id"])
+                self.assertEqual(back.welcome["resume"], bob.welcome["resume"])
+                self.assertEqual(sorted(back.welcome["rooms"]), ["games", "general"])
+                replayed = [frame for frame in back.joining if is_message(frame)]
+                self.assertEqual([summary(frame, "id", "text", "replay") for frame in replayed],
+                                 [(frame["id"], frame["text"], True) for frame in said])
+                self.assertIn(newcomer, only(back.joining, "room", room="general")["users"])
+                alice.say("after " + name)
+                self.assertEqual(back.read_frame()["text"], "after " + name)  # the very next: nothing twice
+                self.assertEqual(alice.read_frame()["text"], "after " + name)  # no left, no joined for bob
+                back.send({"type": "bye"})
+                alice.read_until(is_kind("left", name=name))
+
+    def test_name_is_kept_for_its_owner_during_the_grace_period_then_freed(self):
+        self.start_server(hub=localchat.ChatHub("test", resume_grace_s=0.5))
+        alice = self.join("alice")
+        self.cut(self.join("bob"), "reset")
+        cut_at = time.monotonic()
+        alice.read_until(is_kind("joined", name="bob"))
+        deadline = cut_at + READ_TIMEOUT_S
+        for _ in range(MAX_FRAMES):
+            claimer = self.connect()
+            claimer.send({"type": "hello", "name": "BOB", "version": 1})
+            refusal = self.assert_error(claimer, "name_taken", fatal=True)
+            self.assert_closed(claimer)
+            if "kept" in refusal["text"]:
+                break
+            self.assertIn("already taken", refusal["text"])  # the loss is not noticed yet: ask again
+            self.assertLess(time.monotonic(), deadline, "the server never noticed the lost connection")
+        self.assertIn("owner", refusal["text"])
+        left = alice.read_frame()  # only when the grace period is over
+        self.assertEqual(summary(left, "type", "name", "reason", "room"), ("left", "bob", "lost", None))
+        self.assertGreaterEqual(time.monotonic() - cut_at, 0.5)
+        self.join("bob")
+        self.assertEqual(summary(alice.read_frame(), "type", "name"), ("joined", "bob"))
+
+    def test_resume_while_the_old_connection_is_still_open_replaces_it(self):
+        self.start_server()
+        alice = self.join("alice")
+        bob = self.join("bob")
+        alice.read_until(is_kind("joined", name="bob"))
+        forger = self.connect()
+        forger.send({"type": "hello", "name": "bob", "version": 1, "resume": "a-guessed-token"})
+        self.assertIn("already taken", self.assert_error(forger, "name_taken", fatal=True)["text"])
+        new = self.join("bob", resume=bob.welcome["resume"], last_id=bob.synced["last_id"])
+        bye = bob.read_frame()
+        self.assertEqual((bye["type"], bye["reason"]), ("bye", "replaced"))
+        self.assertTrue(bye["text"])
+        self.assert_closed(bob)
+        alice.say("who is there?")
+        self.assertEqual(alice.read_frame()["text"], "who is there?")  # no left, no joined
+        self.assertEqual(new.read_frame()["text"], "who is there?")
+        alice.send({"type": "users"})
+        self.assertEqual(alice.read_frame()["users"], ["alice", "bob"])
+
+
 # =============================================================================
 # 8. Client connection
 # =============================================================================
@@ -1117,9 +2136,13 @@ class ClientTests(ServerFixture, unittest.TestCase):
         self.assertEqual(connection.address, "%s:%d" % self.address)
         connection.start()
         connection.say("multi\nline 😀", ref="r1")
-        message = self.next_event(connection)
-        self.assertEqual((message["type"], message["from"], message["text"], message["ref"]),
-                         ("message", "alice", "multi\nline 😀", "r1"))
+        self.assertEqual(self.next_event(connection), welcome)  # the reader's first event
+        message, before = self.event_until(connection, is_message)
+        self.assertEqual((message["type"], message["from"], message["text"], message["ref"], message["room"]),
+                         ("message", "alice", "multi\nline 😀", "r1", "general"))
+        self.assertEqual([event["type"] for event in before], ["room", "synced"])
+        self.assertEqual(connection.last_id, message["id"])
+        self.assertEqual(connection.rooms, ["general"])
 
     def test_close_says_bye_and_others_see_quit(self):
         self.start_server()
@@ -1134,11 +2157,35 @@ class ClientTests(ServerFixture, unittest.TestCase):
         last, _ = self.event_until(connection, lambda event: event["type"] == "disconnected")
         self.assertTrue(last["expected"])
 
+    def test_close_at_once_after_start_still_says_bye(self):
+        # Regression: close() left the bye to the sender thread, which waits for
+        # "synced"; closing before that dropped the bye, so the others heard nothing
+        # (the server kept the name for its grace period) instead of a quit.
+        self.start_server()
+        watcher = self.join("watcher")
+        release = threading.Event()
+        # The reader thread is held in its first event (the welcome), so "synced"
+        # cannot have been seen when close() runs, every time.
+        connection = localchat.ChatConnection(LOOPBACK, self.server.port, "alice",
+                                              on_event=lambda frame: release.wait(READ_TIMEOUT_S))
+        connection.connect()
+        connection.start()
+        closer = threading.Thread(target=connection.close, name="test-closer")
+        closer.start()
+        try:
+            left, _ = watcher.read_until(is_kind("left"))
+        finally:
+            release.set()
+            closer.join(THREAD_END_S)
+        self.assertFalse(closer.is_alive())
+        self.assertEqual((left["name"], left["reason"]), ("alice", "quit"))
+
     def test_server_shutdown_reaches_the_client_as_bye_then_disconnected(self):
         self.start_server()
         connection = self.connection("alice")
         connection.connect()
         connection.start()
+        self.event_until(connection, is_kind("synced"))
         self.server.stop()
         bye = self.next_event(connection)
         self.assertEqual((bye["type"], bye["reason"]), ("bye", "shutdown"))
@@ -1240,7 +2287,7 @@ class ClientTests(ServerFixture, unittest.TestCase):
         connection.connect()
         connection.close()
         with self.assertRaises(OSError):
-            connection.say("too late")
+            connection.send({"type": "say", "text": "too late"})  # say() only queues: send() is immediate
 
     # -- the line client, in-process -------------------------------------------------
 
@@ -1257,8 +2304,11 @@ class ClientTests(ServerFixture, unittest.TestCase):
         text = output.getvalue()
         self.assertIn("<term> hello there", text)
         self.assertIn("<term> /slash", text)
-        self.assertIn("2 here: term, watcher", text)
+        self.assertIn("* 2 here in #general: term, watcher", text)  # /users: the people where one types
         self.assertIn("Unknown command /nope", text)
+        self.assertEqual([line[11:] for line in lines[:3]],
+                         ["* Connected to %s:%d." % self.address, "* Welcome, term!",
+                          "* You are in #general with 2 here: term, watcher."])
         frames = [watcher.read_frame() for _ in range(4)]
         self.assertEqual([frame["type"] for frame in frames], ["joined", "message", "message", "left"])
         self.assertEqual(frames[3]["reason"], "quit")
@@ -1285,17 +2335,39 @@ class ClientTests(ServerFixture, unittest.TestCase):
         self.assertEqual(codes, [0])
         self.assertRegex(printed, r"^\[\d\d:\d\d:\d\d\] <sender> first\n {11}second\n$")
 
+    def test_terminal_client_commands_switch_rooms_and_send_direct_messages(self):
+        self.start_server()
+        watcher = self.join("watcher", identity="identity-of-watcher")
+        output = io.StringIO()
+        typed = "/join games\nin games\n/topic chess\n/msg watcher psst\n/me waves\n/leave\nback in general\n"
+        client = localchat.TerminalClient(LOOPBACK, self.server.port, "term", stdin=io.StringIO(typed),
+                                          stdout=output)
+        self.assertEqual(client.run(), 0)
+        shown = [line[11:] for line in output.getvalue().splitlines()]
+        for line in ("* You are in #games with 1 here: term.", "#games <term> in games",
+                     "* term set the topic of #games: chess", "[term -> watcher] psst", "#games * term waves",
+                     "* term left #games", "<term> back in general"):
+            with self.subTest(line=line):
+                self.assertIn(line, shown)
+        frames = [watcher.read_frame() for _ in range(4)]  # nothing from #games reaches the watcher
+        self.assertEqual([summary(frame, "type", "name", "to", "text", "room") for frame in frames], [
+            ("joined", "term", None, None, "general"), ("message", None, "watcher", "psst", None),
+            ("message", None, None, "back in general", "general"), ("left", "term", None, None, None)])
+
     # -- what a person types ---------------------------------------------------------
 
     def test_parse_input_tells_text_from_commands(self):
+        def say(text):
+            return ("send", {"type": "say", "room": "general", "text": text})
+
         cases = {
-            "hello": ("say", "hello"),
-            "  indented": ("say", "  indented"),
-            "//etc/hosts": ("say", "/etc/hosts"),
-            "/users": ("users", None),
-            "/USERS extra": ("users", None),
+            "hello": say("hello"),
+            "  indented": say("  indented"),
+            "//etc/hosts": say("/etc/hosts"),
+            "/users": ("send", {"type": "users", "room": "general"}),
+            "/USERS games": ("send", {"type": "users", "room": "games"}),
             "/quit": ("quit", None),
-            "/help": ("help", None),
+            "/help": ("help", localchat.HELP_TEXT),
             "": (None, None),
             "   ": (None, None),
         }
@@ -1303,7 +2375,7 @@ class ClientTests(ServerFixture, unittest.TestCase):
             with self.subTest(line=line):
                 self.assertEqual(localchat.parse_input(line), expected)
         command, sentence = localchat.parse_input("/dance now")
-        self.assertEqual(command, "unknown")
+        self.assertEqual(command, "error")
         self.assertIn("/dance", sentence)
 
     def test_notice_text_says_why_somebody_left(self):
@@ -1314,6 +2386,218 @@ class ClientTests(ServerFixture, unittest.TestCase):
                          "bob left (new)")
         self.assertEqual(localchat.notice_text({"type": "users", "users": ["a", "b"]}), "2 here: a, b")
         self.assertIsNone(localchat.notice_text({"type": "pong"}))
+
+
+class ReconnectTests(ServerFixture, unittest.TestCase):
+    """ChatConnection(reconnect=True) across cut connections and a restarted server."""
+
+    def through_proxy(self):
+        """Start a server; return (proxy, alice reconnecting through it, watcher joined directly)."""
+        self.start_server()
+        proxy = self.proxy()
+        watcher = self.join("watcher")
+        alice = self.started("alice", address=proxy.address, reconnect=True, identity="identity-of-alice-0001")
+        watcher.read_until(is_kind("joined", name="alice"))
+        return proxy, alice, watcher
+
+    def message_event(self, connection, text):
+        """Return (the message event with this text, the events before it)."""
+        return self.event_until(connection, lambda event: is_message(event) and event["text"] == text)
+
+    def test_cut_connection_resumes_and_what_was_posted_meanwhile_goes_once(self):
+        proxy, alice, watcher = self.through_proxy()
+        token = alice.welcome["resume"]
+        proxy.cut()
+        reconnecting, _ = self.event_until(alice, is_kind("reconnecting"))
+        self.assertIn("Reconnecting", reconnecting["text"])
+        self.assertEqual(localchat.notice_text(reconnecting), reconnecting["text"])
+        alice.say("typed while away", ref="a1")  # posted while disconnected
+        watcher.say("said while alice was away")
+        watcher.read_frame()
+        welcome, _ = self.event_until(alice, is_kind("welcome"))
+        self.assertTrue(welcome["resumed"])
+        self.assertEqual(welcome["resume"], token)
+        self.assertEqual(localchat.notice_text(welcome), "Reconnected.")
+        _, before = self.message_event(alice, "typed while away")
+        self.assertEqual(texts(before), ["said while alice was away"])  # what was missed, once
+        self.assertIn("synced", [event["type"] for event in before])
+        alice.say("marker", ref="a2")
+        _, skipped = watcher.read_until(is_kind("message", text="marker"))
+        self.assertEqual(texts(skipped), ["typed while away"])  # once, and nobody saw alice leave or come
+        self.assertEqual([event["type"] for event in skipped], ["message"])
+        _, between = self.message_event(alice, "marker")
+        self.assertEqual(texts(between), [])
+        self.assertEqual(alice.unconfirmed, 0)
+        self.assertEqual(proxy.accepted, 2)
+
+    def test_message_whose_echo_was_lost_is_not_sent_again(self):
+        proxy, alice, watcher = self.through_proxy()
+        proxy.drop("down")  # what the server sends alice is lost from now on
+        alice.say("in flight", ref="f1")
+        watcher.read_until(is_kind("message", text="in flight"))  # the server has it
+        proxy.cut()
+        echo, _ = self.message_event(alice, "in flight")
+        self.assertTrue(echo.get("replay"))  # it came back in the replay, so it was not sent again
+        alice.say("marker", ref="f2")
+        _, skipped = watcher.read_until(is_kind("message", text="marker"))
+        self.assertEqual(texts(skipped), [])
+
+    def test_message_that_never_reached_the_server_is_sent_again_once(self):
+        proxy, alice, watcher = self.through_proxy()
+        proxy.drop("up")  # what alice sends is lost from now on
+        alice.say("lost on the way", ref="u1")
+        self.assertTrue(proxy.dropped.wait(READ_TIMEOUT_S), "alice never sent it")
+        proxy.cut()
+        echo, _ = self.message_event(alice, "lost on the way")
+        self.assertNotIn("replay", echo)  # sent again after the resume
+        alice.say("marker", ref="u2")
+        _, skipped = watcher.read_until(is_kind("message", text="marker"))
+        self.assertEqual(texts(skipped), ["lost on the way"])
+
+    def test_connection_rejoins_its_rooms_on_a_new_server_on_the_same_port(self):
+        store = localchat.MemoryStore()  # what a restarted server reads back from its file
+        self.start_server(hub=localchat.ChatHub("first", store))
+        alice = self.started("alice", reconnect=True)
+        alice.post({"type": "join", "room": "games"})
+        self.event_until(alice, is_kind("room", room="games"))
+        alice.say("before", ref="b1", room="games")
+        self.message_event(alice, "before")
+        first = self.server
+        first.stop()
+        self.server_thread.join(THREAD_END_S)
+        self.assertEqual(first.internal_errors, 0)
+        self.event_until(alice, is_kind("bye", reason="shutdown"))
+        self.event_until(alice, is_kind("reconnecting"))
+        alice.say("while down", ref="b2", room="games")
+        self.start_server(port=first.port, hub=localchat.ChatHub("second", store))
+        welcome, _ = self.event_until(alice, is_kind("welcome"))
+        self.assertFalse(welcome["resumed"])  # a new server: a new session, the same rooms
+        _, joining = self.event_until(alice, is_kind("synced"))
+        self.assertEqual([event["room"] for event in joining if event["type"] == "room"], ["general", "games"])
+        self.assertEqual(texts(joining), [])  # "before" was seen already
+        self.message_event(alice, "while down")
+        watcher = self.join("watcher")
+        watcher.send({"type": "join", "room": "games"})
+        watcher.read_until(is_kind("room", room="games"))
+        watcher.say("done", room="games")
+        _, games = watcher.read_until(is_kind("message", text="done"))
+        self.assertEqual(texts(games), ["before", "while down"])  # each once
+
+
+class InputTests(unittest.TestCase):
+    """What a person types and reads: commands, notices, message lines, the identity. No sockets."""
+
+    def test_every_command_becomes_its_frame(self):
+        games, bob = {"room": "games"}, {"to": "bob"}
+        cases = (
+            ("plain text", games, {"type": "say", "room": "games", "text": "plain text"}),
+            ("plain text", bob, {"type": "say", "to": "bob", "text": "plain text"}),
+            ("//me too", games, {"type": "say", "room": "games", "text": "/me too"}),
+            ("/join #music", games, {"type": "join", "room": "music"}),
+            ("/leave", games, {"type": "leave", "room": "games"}),
+            ("/leave music", games, {"type": "leave", "room": "music"}),
+            ("/part", games, {"type": "leave", "room": "games"}),
+            ("/msg bob hi there", games, {"type": "say", "to": "bob", "text": "hi there"}),
+            ("/msg @bob hi", games, {"type": "say", "to": "bob", "text": "hi"}),
+            ("/me waves", games, {"type": "say", "room": "games", "text": "waves", "action": True}),
+            ("/me waves", bob, {"type": "say", "to": "bob", "text": "waves", "action": True}),
+            ("/nick alicia", games, {"type": "nick", "name": "alicia"}),
+            ("/users", games, {"type": "users", "room": "games"}),
+            ("/users #music", games, {"type": "users", "room": "music"}),
+            ("/users", bob, {"type": "users"}),
+            ("/rooms", games, {"type": "rooms"}),
+            ("/topic", games, {"type": "topic", "room": "games"}),
+            ("/topic chess at five", games, {"type": "topic", "room": "games", "topic": "chess at five"}),
+            ("/away", games, {"type": "away", "text": None}),
+            ("/away at lunch", games, {"type": "away", "text": "at lunch"}),
+            ("/back", games, {"type": "back"}),
+        )
+        for line, where, frame in cases:
+            with self.subTest(line=line, where=where):
+                self.assertEqual(localchat.parse_input(line, where), ("send", frame))
+        for line in ("/quit", "/exit", "/QUIT"):
+            self.assertEqual(localchat.parse_input(line, games), ("quit", None))
+        self.assertEqual(localchat.parse_input("/help", games), ("help", localchat.HELP_TEXT))
+        self.assertEqual(localchat.parse_input("  ", games), (None, None))
+
+    def test_commands_missing_what_they_need_get_a_sentence(self):
+        cases = (("/join", {"room": "games"}, "Usage: /join ROOM"), ("/msg bob", {"room": "games"}, "Usage: /msg"),
+                 ("/msg", {"room": "games"}, "Usage: /msg"), ("/me", {"room": "games"}, "Usage: /me"),
+                 ("/nick", {"room": "games"}, "Usage: /nick"), ("/leave", {"to": "bob"}, "Usage: /leave"),
+                 ("/topic", {"to": "bob"}, "Topics belong to rooms"),
+                 ("/dance now", {"room": "games"}, "Unknown command /dance. Type /help"))
+        for line, where, fragment in cases:
+            with self.subTest(line=line):
+                action, sentence = localchat.parse_input(line, where)
+                self.assertEqual(action, "error")
+                self.assertIn(fragment, sentence)
+
+    def test_help_names_every_command(self):
+        for command in ("/join", "/leave", "/msg", "/me", "/nick", "/users", "/rooms", "/topic", "/away", "/back",
+                        "/quit", "/help", "//"):
+            with self.subTest(command=command):
+                self.assertIn(command, localchat.HELP_TEXT)
+
+    def test_notice_text_for_the_conversation_frames(self):
+        cases = (
+            ({"type": "joined", "name": "bob", "room": "games"}, "bob joined #games"),
+            ({"type": "left", "name": "bob", "room": "games", "reason": "part"}, "bob left #games"),
+            ({"type": "left", "name": "bob", "reason": "lost"}, "bob lost the connection"),
+            ({"type": "room", "room": "games", "topic": "chess", "users": ["alice", "bob"], "away": {}},
+             "You are in #games with 2 here: alice, bob. Topic: chess"),
+            ({"type": "topic", "room": "games", "topic": "chess", "by": "alice"},
+             "alice set the topic of #games: chess"),
+            ({"type": "topic", "room": "games", "topic": None, "by": "alice"}, "alice cleared the topic of #games"),
+            ({"type": "topic", "room": "games", "topic": "chess"}, "Topic of #games: chess"),
+            ({"type": "topic", "room": "games", "topic": None}, "#games has no topic."),
+            ({"type": "rooms", "rooms": [{"name": "games", "users": 2, "topic": "chess"},
+                                         {"name": "general", "users": 3, "topic": None}]},
+             "Rooms: #games (2): chess, #general (3)"),
+            ({"type": "rooms", "rooms": []}, "There are no rooms."),
+            ({"type": "renamed", "old": "alice", "name": "alicia"}, "alice is now known as alicia"),
+            ({"type": "away", "name": "bob", "text": "lunch"}, "bob is away: lunch"),
+            ({"type": "away", "name": "bob", "text": None}, "bob is back"),
+            ({"type": "users", "room": "games", "users": ["alice", "bob"], "away": {"bob": "lunch"}},
+             "2 here in #games: alice, bob (away: lunch)"),
+            ({"type": "welcome", "name": "alice", "resumed": False}, "Welcome, alice!"),
+            ({"type": "welcome", "name": "alice", "resumed": True}, "Reconnected."),
+            ({"type": "history_end", "room": "games", "count": 0, "more": False}, "No older messages."),
+            ({"type": "history_end", "room": "games", "count": 5, "more": True}, None),
+            ({"type": "synced", "last_id": 4}, None),
+        )
+        for frame, expected in cases:
+            with self.subTest(frame=frame):
+                self.assertEqual(localchat.notice_text(frame), expected)
+
+    def test_message_line_shows_room_direct_action_and_queued(self):
+        base = {"type": "message", "id": 1, "ts": 0.0, "from": "alice", "text": "hi"}
+        cases = (
+            ({"room": "general"}, "<alice> hi"),
+            ({"room": "games"}, "#games <alice> hi"),
+            ({"room": "games", "action": True}, "#games * alice hi"),
+            ({"room": "general", "action": True}, "* alice hi"),
+            ({"to": "bob"}, "[alice -> bob] hi"),
+            ({"to": "bob", "action": True}, "[alice -> bob] * alice hi"),
+            ({"to": "bob", "queued": True}, "[alice -> bob] hi (will be delivered when bob returns)"),
+        )
+        for extra, expected in cases:
+            with self.subTest(extra=extra):
+                self.assertEqual(localchat.message_line(dict(base, **extra)), expected)
+
+    def test_identity_is_made_once_kept_and_remade_when_damaged(self):
+        folder = tempfile.TemporaryDirectory(prefix="config-", dir=_SCRATCH.name)
+        self.addCleanup(folder.cleanup)
+        with mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": folder.name}):
+            first = localchat.load_identity()
+            self.assertGreaterEqual(len(first), 16)
+            self.assertEqual(localchat.load_identity(), first)
+            with open(os.path.join(folder.name, "settings.json"), encoding="utf-8") as saved:
+                self.assertEqual(json.load(saved)["identity"], first)
+            localchat.save_settings({"identity": "short", "other": 1})
+            remade = localchat.load_identity()
+            self.assertNotEqual(remade, "short")
+            self.assertGreaterEqual(len(remade), 16)
+            self.assertEqual(localchat.load_settings(), {"identity": remade, "other": 1})
 
 
 # =============================================================================
@@ -1379,6 +2663,9 @@ class CliTests(unittest.TestCase):
         self.processes = []
         self.pipes = []
         self.clients = []
+        scratch = tempfile.TemporaryDirectory(prefix="cli-", dir=_SCRATCH.name)
+        self.addCleanup(scratch.cleanup)
+        self.history = os.path.join(scratch.name, "history.sqlite3")  # this test's own history
 
     def tearDown(self):
         for client in self.clients:
@@ -1409,17 +2696,23 @@ class CliTests(unittest.TestCase):
         return subprocess.run(self.command(*args), input=input_text.encode("utf-8"), capture_output=True,
                               timeout=PROCESS_TIMEOUT_S, cwd=HERE)
 
-    def start_server(self, *extra):
-        """Run a server on a free loopback port; return (process, port, stderr lines)."""
-        process, stdout, stderr = self.popen("server", "--host", LOOPBACK, "--port", "0", *extra)
+    def start_server(self, *extra, port=0):
+        """Run a server on loopback (a free port by default); return (process, port, stderr lines).
+
+        It keeps its history in this test's own file unless extra says otherwise.
+        """
+        if "--history" not in extra and "--no-history" not in extra:
+            extra += ("--history", self.history)
+        process, stdout, stderr = self.popen("server", "--host", LOOPBACK, "--port", str(port), *extra)
         match = stdout.wait_for(r"listening on ([0-9.]+):(\d+)$", PROCESS_TIMEOUT_S)
         self.assertEqual(match.group(1), LOOPBACK)
+        process.out = stdout
         return process, int(match.group(2)), stderr
 
-    def join(self, port, name):
+    def join(self, port, name, **hello_fields):
         client = RawClient((LOOPBACK, port))
         self.clients.append(client)
-        client.hello(name)
+        client.hello(name, **hello_fields)
         return client
 
     def assert_one_line_error(self, result, code, *fragments):
@@ -1450,10 +2743,12 @@ class CliTests(unittest.TestCase):
         _, port, _ = self.start_server()
         server_option = "%s:%d" % (LOOPBACK, port)
         listener, out, _ = self.popen("listener", "--cli", "--server", server_option, stdin=subprocess.PIPE)
-        out.wait_for(r"\* Connected to %s\. Welcome, listener!" % re.escape(server_option))
+        out.wait_for(r"\* Connected to %s\.$" % re.escape(server_option))
+        out.wait_for(r"\* Welcome, listener!$")
+        out.wait_for(r"\* You are in #general with 1 here: listener\.$")
         result = self.run_cli("ci", "--cli", "--server", server_option, input_text="line one\nline two\n")
         self.assertEqual(result.returncode, 0, result.stderr)
-        out.wait_for(r"\* ci joined$")
+        out.wait_for(r"\* ci joined #general$")
         out.wait_for(r"<ci> line one$")
         out.wait_for(r"<ci> line two$")
         out.wait_for(r"\* ci left$")
@@ -1465,7 +2760,7 @@ class CliTests(unittest.TestCase):
         self.join(port, "watcher")
         result = self.run_cli("ci", "--cli", "--server", "%s:%d" % (LOOPBACK, port), input_text="/users\n")
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("* 2 here: ci, watcher", result.stdout.decode("utf-8"))
+        self.assertIn("* 2 here in #general: ci, watcher", result.stdout.decode("utf-8"))
 
     def test_cli_client_to_a_closed_port_gives_one_sentence_and_exit_1(self):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed_port:
@@ -1533,11 +2828,124 @@ class CliTests(unittest.TestCase):
         lines = self.assert_one_line_error(result, 1, "localchat: error:", "port %d" % port, "already in use")
         self.assertEqual(len(lines), 1)
 
+    # -- history and restarts --------------------------------------------------------
+
+    @staticmethod
+    def free_port():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((LOOPBACK, 0))
+            return probe.getsockname()[1]
+
+    def restart_server(self, port):
+        """Start the server again on port, trying again (a bounded number of times) while it is busy."""
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        for _ in range(20):
+            try:
+                return self.start_server(port=port)
+            except AssertionError:  # it ended without listening
+                process, stderr = self.processes[-1], self.pipes[-1]
+                process.wait(PROCESS_TIMEOUT_S)
+                if not any("already in use" in line for line in stderr.rest()) or time.monotonic() > deadline:
+                    raise
+        self.fail("port %d stayed busy" % port)
+
+    @staticmethod
+    def type_line(process, text):
+        process.stdin.write(text.encode("utf-8") + b"\n")
+        process.stdin.flush()
+
+    def test_server_says_where_it_keeps_the_history(self):
+        process, _, _ = self.start_server()
+        process.out.wait_for(r"^History: kept in %s$" % re.escape(self.history))
+        process, _, _ = self.start_server("--no-history")
+        process.out.wait_for(r"^History: kept in memory only")
+
+    def test_scrollback_option_sets_how_much_history_a_newcomer_sees(self):
+        _, port, _ = self.start_server("--scrollback", "2")
+        alice = self.join(port, "alice")
+        for number in range(4):
+            alice.say("m%d" % number)
+            alice.read_frame()
+        self.assertEqual(texts(self.join(port, "bob").joining), ["m2", "m3"])
+
+    def test_bad_history_options_give_a_one_line_error(self):
+        cases = (["server", "--history", "h.sqlite3", "--no-history"], ["server", "--scrollback", "-1"],
+                 ["server", "--scrollback", "100000"], ["alice", "--history", "h.sqlite3"], ["alice", "--no-history"])
+        for args in cases:
+            with self.subTest(args=args):
+                self.assert_one_line_error(self.run_cli(*args), 2, "localchat.py: error:")
+        with open(self.history, "w"):
+            pass  # a file where the history's folder should be
+        result = self.run_cli("server", "--host", LOOPBACK, "--port", "0", "--history",
+                              os.path.join(self.history, "history.sqlite3"))
+        self.assertEqual(len(self.assert_one_line_error(result, 1, "localchat: error:", "history")), 1)
+
+    def test_sigkilled_server_keeps_every_acknowledged_message_and_ids_go_on(self):
+        process, port, _ = self.start_server()
+        alice = self.join(port, "alice")
+        bob = self.join(port, "bob", identity="identity-of-bob")
+        bob.send({"type": "bye"})
+        bob.read_until(is_kind("bye"))
+        alice.send({"type": "join", "room": "games"})
+        alice.send({"type": "topic", "room": "games", "topic": "chess at five"})
+        alice.read_until(is_kind("topic"))
+        alice.say("for bob", to="bob")
+        waiting, _ = alice.read_until(is_message)
+        self.assertTrue(waiting["queued"])
+        for number in range(25):
+            alice.say("m%02d" % number)  # all at once
+        acknowledged = [alice.read_until(is_message)[0] for _ in range(15)]
+        process.kill()  # SIGKILL: no goodbye, no clean-up, the rest maybe still on its way
+        process.wait(PROCESS_TIMEOUT_S)
+        _, port, _ = self.start_server()  # the same history file
+        fresh = self.join(port, "fresh")
+        kept = [frame for frame in fresh.joining if is_message(frame)]
+        self.assertEqual([summary(frame, "id", "text") for frame in kept[:15]],
+                         [summary(frame, "id", "text") for frame in acknowledged])
+        self.assertEqual(texts(kept), ["m%02d" % number for number in range(len(kept))])  # in order, no gap
+        self.assertEqual(fresh.welcome["last_id"], kept[-1]["id"])
+        fresh.say("after the restart")
+        self.assertEqual(fresh.read_frame()["id"], kept[-1]["id"] + 1)  # no id is used twice
+        fresh.send({"type": "join", "room": "games"})
+        room, _ = fresh.read_until(is_kind("room"))
+        self.assertEqual(room["topic"], "chess at five")
+        back = self.join(port, "bob", identity="identity-of-bob")
+        self.assertEqual([summary(frame, "id", "text") for frame in back.joining if "to" in frame],
+                         [(waiting["id"], "for bob")])
+
+    def test_cli_client_keeps_going_across_a_server_restart_and_nothing_is_lost_or_doubled(self):
+        port = self.free_port()
+        server, _, _ = self.start_server(port=port)
+        client, out, _ = self.popen("term", "--cli", "--server", "%s:%d" % (LOOPBACK, port), stdin=subprocess.PIPE)
+        out.wait_for(r"\* You are in #general with 1 here: term\.$")
+        self.type_line(client, "before")
+        out.wait_for(r"<term> before$")
+        server.kill()
+        server.wait(PROCESS_TIMEOUT_S)
+        out.wait_for(r"Reconnecting")
+        self.type_line(client, "typed while the server was down")
+        self.restart_server(port)
+        out.wait_for(r"\* Welcome, term!$")
+        out.wait_for(r"<term> typed while the server was down$")
+        watcher = self.join(port, "watcher")
+        self.assertEqual(texts(watcher.joining), ["before", "typed while the server was down"])
+        self.type_line(client, "after")
+        frame, _ = watcher.read_until(is_message)
+        self.assertEqual(summary(frame, "from", "text"), ("term", "after"))
+        client.stdin.close()  # end of input: the client leaves
+        self.assertEqual(client.wait(PROCESS_TIMEOUT_S), 0)
+        _, skipped = watcher.read_until(is_kind("left", name="term"))
+        self.assertEqual(texts(skipped), [])
+        out.rest()
+        for text in ("before", "typed while the server was down", "after"):
+            with self.subTest(text=text):
+                self.assertEqual(sum(line.endswith("<term> " + text) for line in out.lines), 1, out.lines)
+
     # -- arguments -------------------------------------------------------------------
 
     def test_bad_arguments_give_a_one_line_error_and_exit_2(self):
         cases = (
-            [],
+            ["--cli"],  # no name: the line client cannot ask for one (the window can)
             ["server", "--cli"],
             ["server", "--server", "h"],
             ["server", "--port", "70000"],
@@ -1679,9 +3087,18 @@ def _start_xvfb():
         pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     os.close(write_end)
-    ready, _, _ = select.select([read_end], [], [], 10.0)
-    number = os.read(read_end, 32).decode().strip() if ready else ""
+    # Xvfb writes the number and then a newline, apart: closing our end before the
+    # newline has come makes that second write fail, and Xvfb exit.
+    received = b""
+    deadline = time.monotonic() + 10.0
+    while not received.endswith(b"\n") and time.monotonic() < deadline:
+        ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(read_end, 32) if ready else b""
+        if not chunk:
+            break
+        received += chunk
     os.close(read_end)
+    number = received.decode().strip()
     if not number.isdigit():
         process.kill()
         process.wait(5)
@@ -1827,7 +3244,7 @@ class WindowTests(unittest.TestCase):
         window.send_button.invoke()
         self.pump_until(lambda: "alice: via the button" in self.log_text(window), "message not shown")
         window.users_button.invoke()
-        self.pump_until(lambda: "2 here: alice, bob" in self.log_text(window), "user list not shown")
+        self.pump_until(lambda: "2 here in #general: alice, bob" in self.log_text(window), "user list not shown")
         self.assertEqual(window.people.get(0, "end"), ("alice (you)", "bob"))
         self.assertEqual(window.people_title.cget("text"), "People here: 2")
 
@@ -1926,6 +3343,7 @@ class WindowTests(unittest.TestCase):
         self.assertEqual(str(window.log.cget("state")), "disabled")
 
     def test_log_follows_new_messages_unless_scrolled_up(self):
+        self.server.hub.limits = localchat.Limits(messages_per_s=0)  # 60 lines at once are no flood here
         window = self.open_window()
         window.root.deiconify()
         peer, _ = self.add_peer()
@@ -1983,10 +3401,10 @@ class WindowTests(unittest.TestCase):
         self.pump_until(lambda: "already taken" in self.log_text(window), "no name-taken sentence")
         self.assertFalse(window.connected)
 
-    def test_server_gone_shows_in_the_status_line(self):
+    def test_server_gone_shows_in_the_status_line_and_reconnecting(self):
         window = self.open_window()
         self.server.stop()
-        self.pump_until(lambda: "Disconnected" in str(window.status.cget("text")), "loss not shown")
+        self.pump_until(lambda: "Reconnecting" in str(window.status.cget("text")), "loss not shown")
         self.assertIn("shutting down", self.log_text(window))
         self.assertFalse(window.connected)
 
@@ -1997,6 +3415,194 @@ class WindowTests(unittest.TestCase):
         self.assertIn("127.0.0.1:%d" % self.server.port, title)
         self.assertIn("Connected to 127.0.0.1:%d" % self.server.port, str(window.status.cget("text")))
         self.assertEqual(str(window.root.focus_get()), str(window.input))
+
+    # -- conversations (rooms, direct messages, noticing) ------------------------
+
+    def conversation_labels(self, window):
+        return list(window.conversation_list.get(0, "end"))
+
+    def test_join_room_by_command_opens_it_and_messages_stay_in_their_room(self):
+        window = self.open_window()
+        peer, events = self.add_peer("bob")
+        peer.post({"type": "join", "room": "games"})
+        self.wait_frame(events, lambda f: f["type"] == "room" and f["room"] == "games")
+        self.type_and_press(window, "/join games")
+        self.pump_until(lambda: "# games" in self.conversation_labels(window), "room not listed")
+        self.pump_until(lambda: window.current == "room:games", "did not switch to the new room")
+        self.assertIn("#games", str(window.topic_label.cget("text")))
+        self.assertEqual(window.people.get(0, "end"), ("alice (you)", "bob"))
+        self.type_and_press(window, "gg everyone")
+        frame = self.wait_frame(events, lambda f: f["type"] == "message")
+        self.assertEqual((frame["room"], frame["text"]), ("games", "gg everyone"))
+        peer.say("back in general", room="general")
+        general = window.conversations["room:general"]
+        self.pump_until(lambda: general.unread == 1, "no unread count for the other room")
+        self.assertIn("# general (1)", self.conversation_labels(window))
+        self.assertNotIn("back in general", self.log_text(window), "general's message is not in #games")
+        window.conversation_list.selection_clear(0, "end")
+        window.conversation_list.selection_set(0)
+        window.conversation_list.event_generate("<<ListboxSelect>>")
+        self.root.update()
+        self.assertEqual(window.current, "room:general")
+        self.assertIn("bob: back in general", self.log_text(window))
+        self.assertEqual(general.unread, 0)
+
+    def test_join_and_leave_buttons(self):
+        window = self.open_window()
+        window.join_entry.insert(0, "#lab")
+        window.join_button.invoke()
+        self.pump_until(lambda: window.current == "room:lab", "Join button did not open the room")
+        window.leave_button.invoke()
+        self.pump_until(lambda: "# lab" not in self.conversation_labels(window), "Leave did not close the room")
+        self.assertEqual(window.current, "room:general")
+
+    def test_direct_message_opens_its_own_conversation_and_rings(self):
+        window = self.open_window()
+        peer, events = self.add_peer("bob")
+        self.type_and_press(window, "/msg bob psst")
+        frame = self.wait_frame(events, lambda f: f["type"] == "message")
+        self.assertEqual((frame.get("to"), frame["text"]), ("bob", "psst"))
+        self.pump_until(lambda: "alice: psst" in self.log_text(window), "own direct message not shown")
+        self.assertEqual(window.current, "direct:bob")
+        self.assertIn("@ bob", self.conversation_labels(window))
+        self.type_and_press(window, "second whisper")  # typed in the direct conversation
+        frame = self.wait_frame(events, lambda f: f["type"] == "message")
+        self.assertEqual(frame.get("to"), "bob")
+        bells = []
+        window.root.bell = lambda: bells.append(1)
+        window._show_conversation("room:general")
+        peer.say("hi back", to="alice")
+        direct = window.conversations["direct:bob"]
+        self.pump_until(lambda: direct.unread == 1, "no unread count for the direct message")
+        self.assertEqual(bells, [1], "a direct message rings the bell")
+        self.assertIn("mention", direct.log.tag_names(direct.log.search("hi back", "1.0")))
+
+    def test_title_counts_unread_while_another_window_has_focus(self):
+        window = self.open_window()
+        window.root.deiconify()
+        peer, _ = self.add_peer("bob")
+        other = self.tkinter.Toplevel(self.root)
+        self.addCleanup(other.destroy)
+        other.focus_force()
+        self.pump_until(lambda: not window.has_focus, "the window did not notice losing focus")
+        peer.say("one")
+        peer.say("two")
+        self.pump_until(lambda: window.root.title().startswith("(2) "), "no unread count in the title")
+        window.input.focus_force()
+        self.pump_until(lambda: not window.root.title().startswith("("), "the count did not clear on focus")
+
+    def test_tab_completes_names(self):
+        window = self.open_window()
+        self.add_peer("bobby")
+        self.pump_until(lambda: "bobby" in window.conversations["room:general"].users, "bobby not listed")
+        window.input.insert("end", "bo")
+        window.input.event_generate("<Tab>")
+        self.assertEqual(window.input.get("1.0", "end-1c"), "bobby: ")
+        window.input.delete("1.0", "end")
+        window.input.insert("end", "thanks @bo")
+        window.input.event_generate("<Tab>")
+        self.assertEqual(window.input.get("1.0", "end-1c"), "thanks @bobby ")
+
+    def test_topic_and_away_show_in_the_window(self):
+        window = self.open_window()
+        peer, _ = self.add_peer("bob")
+        self.type_and_press(window, "/topic Friday: pizza")
+        self.pump_until(lambda: "Friday: pizza" in str(window.topic_label.cget("text")), "topic not shown")
+        peer.post({"type": "away", "text": "lunch"})
+        self.pump_until(lambda: "bob (away)" in window.people.get(0, "end"), "away not shown in the list")
+        self.assertIn("bob is away: lunch", self.log_text(window))
+
+    def test_history_shows_on_join_and_pages_back(self):
+        self.server.hub.scrollback = 2
+        peer, _ = self.add_peer("bob")
+        for number in range(5):
+            peer.say("old %d" % number)
+        self.wait_frame(self.peers[0][1], lambda f: f.get("text") == "old 4")
+        window = self.open_window()
+        self.pump_until(lambda: "old 4" in self.log_text(window), "scrollback not shown")
+        self.assertNotIn("old 2", self.log_text(window))
+        window._on_older(window.conversations["room:general"])  # what clicking "Show earlier messages" does
+        self.pump_until(lambda: "old 0" in self.log_text(window), "older page not shown")
+        text = self.log_text(window)
+        self.assertLess(text.index("old 0"), text.index("old 2"))
+        self.assertLess(text.index("old 2"), text.index("old 4"))
+        self.assertEqual(text.count("old 3"), 1, "nothing shows twice")
+        self.assertIn("No earlier messages", text)
+
+    def test_reconnects_by_itself_and_sends_what_was_typed_meanwhile(self):
+        window = self.open_window()
+        peer, events = self.add_peer("bob")
+        with self.server._state_lock:
+            session = next(s for s in self.server._sessions if s.name == "alice")
+        session.request.shutdown(socket.SHUT_RDWR)  # the network drops alice's connection
+        self.pump_until(lambda: not window.connected, "the drop was not noticed")
+        self.assertIn("Reconnecting", str(window.status.cget("text")))
+        self.type_and_press(window, "typed while away")
+        self.pump_until(lambda: window.connected, "did not reconnect")
+        frame = self.wait_frame(events, lambda f: f["type"] == "message")
+        self.assertEqual((frame["from"], frame["text"]), ("alice", "typed while away"))
+        self.pump_until(lambda: "alice: typed while away" in self.log_text(window), "echo not shown")
+        self.assertEqual(self.log_text(window).count("typed while away"), 1)
+        self.assertFalse(any(f["type"] in ("left", "joined") for f in list(events.queue)),
+                         "bob saw nothing of alice's reconnection")
+
+    # -- the join window (what a double-click opens) -----------------------------
+
+    def open_join_window(self, **options):
+        top = self.tkinter.Toplevel(self.root)
+        self.addCleanup(lambda: top.winfo_exists() and top.destroy())
+        chosen = []
+        window = localchat.JoinWindow(top, lambda *args: chosen.append(args), **options)
+        self.addCleanup(lambda: window._closed or window.close())
+        return window, chosen
+
+    def test_join_window_finds_a_server_and_joins_it(self):
+        responder = localchat.start_discovery(self.server, "127.0.0.1")
+        try:
+            window, chosen = self.open_join_window(name="", port=self.server.port)
+            window.address_entry.delete(0, "end")  # the address remembered from an earlier test
+            self.pump_until(lambda: window.server_list.size() == 1, "the server was not found")
+            window.server_list.selection_set(0)
+        finally:
+            responder.stop()
+        self.assertIn("127.0.0.1:%d" % self.server.port, window.server_list.get(0))
+        window.name_entry.insert(0, "bad name")
+        window.join_button.invoke()
+        self.assertIn("without spaces", str(window.status.cget("text")))
+        self.assertEqual(chosen, [])
+        window.name_entry.delete(0, "end")
+        window.name_entry.insert(0, "erin")
+        window.join_button.invoke()
+        self.assertEqual(chosen, [("127.0.0.1", self.server.port, "erin", None)])
+        self.assertEqual(localchat.load_settings().get("name"), "erin", "the name is remembered")
+
+    def test_join_window_says_when_nothing_is_found_and_takes_an_address(self):
+        window, chosen = self.open_join_window(name="erin", found=[])
+        self.assertIn("No chat found", str(window.status.cget("text")))
+        window.address_entry.delete(0, "end")
+        window.address_entry.insert(0, "127.0.0.1:%d" % self.server.port)
+        window.join_button.invoke()
+        self.assertEqual(chosen, [("127.0.0.1", self.server.port, "erin", None)])
+
+    def test_host_a_chat_starts_a_server_here_and_the_chat_window_joins_it(self):
+        window, chosen = self.open_join_window(name="host", found=[], host_address=("127.0.0.1", 0))
+        window.host_button.invoke()
+        self.assertEqual(len(chosen), 1)
+        host, port, name, hosted = chosen[0]
+        self.assertIsNotNone(hosted)
+        chat = self.open_window_on(host, port, name, hosted)
+        self.assertIn("You are hosting this chat", self.log_text(chat))
+        found = localchat.discover_servers(port, targets=["127.0.0.1"], wait_s=0.5)
+        self.assertEqual([(f["port"], f["users"]) for f in found], [(port, 1)], "the hosted chat answers discovery")
+        chat.close()
+        self.assertFalse(hosted.thread.is_alive(), "closing the window stops the hosted server")
+
+    def open_window_on(self, host, port, name, hosted):
+        top = self.tkinter.Toplevel(self.root)
+        window = localchat.ChatWindow(top, host, port, name, hosted=hosted)
+        self.windows.append(window)
+        self.pump_until(lambda: window.connected, "the window never connected")
+        return window
 
 
 if __name__ == "__main__":

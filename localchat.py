@@ -3293,6 +3293,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
     def __init__(self, address=(DEFAULT_HOST, DEFAULT_PORT), hub=None, hello_timeout=HELLO_TIMEOUT_S,
                  idle_ping=IDLE_PING_S, max_outbox_bytes=MAX_OUTBOX_BYTES, tls_context=None):
         self.tls_context = tls_context  # an ssl.SSLContext: every connection is encrypted
+        self.local_exempt = True  # connections from this computer do not count towards max_per_ip
         self.hub = hub if hub is not None else ChatHub(server_name=socket.gethostname())
         self.hello_timeout = hello_timeout
         self.idle_ping = idle_ping
@@ -3351,7 +3352,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self._state_lock:
             if len(self._session_threads) >= limits.max_connections:
                 return "server_full", "The server is full (%d connections). Try again later." % limits.max_connections
-            local = address.startswith("127.") or address == "::1"
+            local = self.local_exempt and (address.startswith("127.") or address == "::1")
             if not local and self._per_address[address] >= limits.max_per_ip:
                 return "too_many_connections", ("Too many connections from your address (at most %d)."
                                                 % limits.max_per_ip)

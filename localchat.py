@@ -194,8 +194,22 @@ Server to client:
   {"type":"pong","token":"x"}
   {"type":"error","code":"name_taken","text":"a sentence for a person","fatal":true}
         fatal errors are followed by the server closing the connection
-  {"type":"bye","reason":"quit"|"shutdown"|"replaced","text":"a sentence"}
+  {"type":"bye","reason":"quit"|"shutdown"|"replaced"|"kicked"|"banned","text":"a sentence"}
         then the server closes
+  {"type":"notice","action":"mute","name":"bob","by":"alice","text":"a sentence"}
+        moderation and the server owner's announcements, for everybody
+
+Password: a server that wants one answers the hello with
+  {"type":"challenge","nonce":"<hex>"}; the client replies
+  {"type":"auth","proof":"<hex HMAC-SHA256 keyed by the password, of the nonce>"}
+  and then gets the welcome (or error auth_failed, and the connection closes).
+Operators (see the README) send {"type":"kick","name":..,"reason":..},
+  {"type":"ban","target":NAME_OR_IP,"minutes":..,"reason":..}, {"type":"unban","target":..},
+  {"type":"mute","name":..,"minutes":..}, {"type":"unmute","name":..},
+  {"type":"op","name":..}, {"type":"deop","name":..}.
+Encryption: a TLS server expects a TLS handshake as the first bytes; a plain
+  first byte gets the plain error tls_required, and a TLS handshake sent to a
+  plain server gets tls_not_used (which the TLS client sees as a failed handshake).
 
 Error codes: bad_utf8, bad_json, not_object, bad_type, unknown_type, bad_field,
 hello_first, already_joined, bad_version, bad_name, bad_room, name_taken,
@@ -205,7 +219,8 @@ too_many_errors (fatal), hello_timeout (fatal), shutting_down (fatal: a hello
 while the server stops); and from moderation and limits: rate_limited,
 flooding (fatal), muted, banned (fatal at hello), not_operator, no_identity,
 not_banned, not_muted, bad_auth, auth_first (fatal), auth_failed (fatal),
-server_full (fatal), too_many_connections (fatal).
+server_full (fatal), too_many_connections (fatal), tls_required (fatal),
+tls_not_used (fatal).
 """
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))

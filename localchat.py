@@ -5635,11 +5635,13 @@ def run_cli(args):
 DESCRIPTION = """\
 LocalChat: chat with the people on your local network. No internet, no accounts.
 
+  python3 localchat.py                     a window asks for your name and finds the chats
   python3 localchat.py server              run the server (on one computer)
   python3 localchat.py NAME                open the chat window as NAME
   python3 localchat.py NAME --cli          chat from a terminal or a script
+  python3 localchat.py --discover          list the chats on this network
 
-The server prints the address the others should use with --server.
+Clients find the server on the network by themselves; --server HOST[:PORT] names it.
 """
 
 EPILOG = """\

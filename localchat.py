@@ -4409,8 +4409,8 @@ def load_identity():
 POLL_INTERVAL_MS = 50       # how often the window drains the event queue
 EVENTS_PER_POLL = 500       # at most this many events per drain, so typing stays responsive
 INPUT_HISTORY = 100         # sent lines that Up/Down can recall
-NAME_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
-                "#17becf", "#bcbd22", "#ff7f0e", "#393b79", "#637939", "#843c39")
+NAME_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#c2369b",
+                "#0f8a96", "#7a7a00", "#e06c00", "#393b79", "#637939", "#843c39")  # readable on white
 
 
 def name_colour(name):

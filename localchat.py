@@ -307,8 +307,8 @@ def printable(text, limit=80):
 #
 # A member is any object with a `deliver(event)` method that never blocks and
 # never calls back into the hub: every door provides one. The hub keeps its
-# per-member state in attributes it sets on the member itself: name, rooms,
-# away, identity, resume_token, lost_at.
+# per-member state in attributes it sets on the member itself: name, key (the
+# folded name), rooms, away, identity, resume_token, lost_at, flood.
 
 GENERAL_ROOM = "general"
 MAX_ROOM_CHARS = 32           # room names are 1 to this many characters
@@ -536,6 +536,7 @@ class ChatHub:
                 raise self._name_taken(name, old)
             self.moderation.check_join(member, name, identity)
             member.name, member.identity, member.lost_at = name, identity, None
+            member.key = name_key(name)  # kept, so the hot paths never fold the name again
             member.flood = FloodGuard(self.limits)
             if old is not None:
                 self._take_over(old, member)
@@ -690,7 +691,7 @@ class ChatHub:
 
     def _room_fields(self, room):
         return {"type": "room", "room": room.name, "topic": room.topic,
-                "users": self._names(room.members.values()), "away": self._away(room.members.values())}
+                "users": self._names(room.members), "away": self._away(room.members.values())}
 
     def set_topic(self, member, room_name, topic):
         """Set a room's topic (kept across restarts) and tell the room."""
@@ -726,7 +727,7 @@ class ChatHub:
         text = clean_text(text)
         member.flood.check_message(len(text.encode("utf-8")))
         with self.lock:
-            if self._members.get(name_key(member.name)) is not member:
+            if self._members.get(member.key) is not member:
                 return
             self.moderation.check_speak(member)
             fields = {"type": "message", "id": self._next_id, "ts": _now(), "from": member.name}
@@ -774,14 +775,14 @@ class ChatHub:
         """Tell member who is here: everybody, or the people in one room."""
         with self.lock:
             if room_name is None:
-                people = list(self._members.values())
+                people = self._members
                 fields = {"type": "users"}
             else:
                 room = self._member_room(member, room_name)
-                people = list(room.members.values())
+                people = room.members
                 fields = {"type": "users", "room": room.name}
             fields["users"] = self._names(people)
-            fields["away"] = self._away(people)
+            fields["away"] = self._away(people.values())
             member.deliver(Event(fields))
 
     def history(self, member, room_name=None, with_name=None, before=None, limit=MAX_PAGE):
@@ -816,7 +817,7 @@ class ChatHub:
             self._members[new_key] = member
             for room in member.rooms.values():
                 room.members = {(new_key if k == name_key(old_name) else k): m for k, m in room.members.items()}
-            member.name = new_name
+            member.name, member.key = new_name, new_key
             self.store.remember_user(new_key, new_name, member.identity)
             self._deliver_to_all(Event({"type": "renamed", "old": old_name, "name": new_name, "ts": _now()}))
 
@@ -838,7 +839,7 @@ class ChatHub:
         return {
             "type": "welcome",
             "name": member.name,
-            "users": self._names(self._members.values()),
+            "users": self._names(self._members),
             "rooms": [room.name for room in member.rooms.values()],
             "server": self.server_name,
             "version": PROTOCOL_VERSION,
@@ -869,8 +870,14 @@ class ChatHub:
             fields.pop("queued", None)
             member.deliver(Event(fields))
 
-    def _names(self, members):
-        return sorted((m.name for m in members), key=name_key)
+    @staticmethod
+    def _names(members_by_key):
+        """Return the names in a {name_key: member} dict, sorted by their keys.
+
+        The keys are computed once, on joining: folding every name again for every
+        join made a join storm quadratic in unicodedata calls.
+        """
+        return [members_by_key[key].name for key in sorted(members_by_key)]
 
     def _away(self, members):
         return {m.name: m.away for m in members if m.away is not None}
@@ -918,7 +925,7 @@ class Moderation:
             self.hub.store.set_operator(name_key(name), identity)  # --op NAME: the first to come with an identity
 
     def check_speak(self, member):
-        key = name_key(member.name)
+        key = member.key
         if key in self._mutes:
             until = self._mutes[key]
             if until is not None and until <= time.time():
@@ -2244,7 +2251,7 @@ class Outbox:
 
     __slots__ = (
         "sock", "writer", "chunks", "pending_bytes", "taken", "unsent", "unsent_bytes",
-        "queued", "closing", "hangup", "failed", "drained", "encrypt",
+        "queued", "closing", "hangup", "failed", "drained", "encrypt", "watched",
     )
 
     def __init__(self, sock, writer, encrypt=None):
@@ -2253,6 +2260,7 @@ class Outbox:
         self.encrypt = encrypt  # a TlsChannel's encrypt(), used by the writer thread, or None
         self.chunks = []  # frames not yet handed to the writer (guarded by the writer's lock)
         self.taken = []  # frames the writer took, to join (and encrypt) outside the lock
+        self.watched = False  # registered with the writer's selector, waiting to be writable
         self.pending_bytes = 0
         self.unsent = b""  # what the writer has taken but the kernel has not accepted yet
         self.unsent_bytes = 0
@@ -2396,11 +2404,12 @@ class SocketWriter:
 
     def _watch(self, box, writable):
         """Have select() tell us when box's socket can take more, or stop that."""
-        registered = box.sock in self._selector.get_map()
-        if writable and not registered:
+        if writable and not box.watched:
             self._selector.register(box.sock, selectors.EVENT_WRITE, box)
-        elif not writable and registered:
+            box.watched = True
+        elif not writable and box.watched:
             self._selector.unregister(box.sock)
+            box.watched = False
 
     def _close(self, box):
         """Done with box: close the writer's socket; on failure or hang-up wake the session's reader."""

@@ -71,7 +71,10 @@ MAX_LINE_BYTES = 64 * 1024        # one frame, newline included
 MAX_TEXT_BYTES = 32000            # message text in UTF-8; even fully escaped it fits one line
 MAX_NAME_CHARS = 32               # user names are 1 to this many characters
 MAX_REF_CHARS = 64                # a client's own reference for a message, echoed back
-RECV_BYTES = 64 * 1024            # one recv() call
+RECV_BYTES = 64 * 1024            # the most one recv() call asks for
+RECV_IDLE_BYTES = 1024            # what a server read asks for when the last one was small: recv()
+                                  # holds its buffer while it waits, so a thousand idle readers
+                                  # asking for 64 KiB each would hold 64 MiB
 
 HELLO_TIMEOUT_S = 10.0            # a connection must say hello within this
 IDLE_PING_S = 30.0                # the server pings a connection silent this long; a second
@@ -2456,6 +2459,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
     name = None  # set by the hub when the hello is accepted
     channel = None  # the TlsChannel when the server uses TLS
+    _recv_size = RECV_IDLE_BYTES  # what the next recv() asks for
 
     def setup(self):
         self.hub = self.server.hub
@@ -2536,9 +2540,11 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
     def _receive(self, sock):
         """Return the next plaintext bytes (maybe b"" while TLS records are incomplete), or None at the end."""
-        raw = sock.recv(RECV_BYTES)
+        raw = sock.recv(self._recv_size)
         if not raw:
             return None
+        # Ask for more while reads come back full (a paste, a flood), little while idle.
+        self._recv_size = min(RECV_BYTES, self._recv_size * 4) if len(raw) == self._recv_size else RECV_IDLE_BYTES
         if self.channel is None:
             return raw
         plaintext, _ = self.channel.decrypt(raw, keep_output=True)
@@ -3637,8 +3643,10 @@ def server_certificate(args):
             sys.stdout.flush()
             cert_path.parent.mkdir(parents=True, exist_ok=True)
             host = socket.gethostname()
+            names = [host, "localhost", "127.0.0.1"] + lan_addresses()
+            # A certificate's DNS names are ASCII: a computer named "Jürgen-PC" leaves its name out.
             write_certificate_files(cert_path, key_path, host[:64] or "localchat",
-                                    [host, "localhost", "127.0.0.1"] + lan_addresses())
+                                    [name for name in names if name and name.isascii()])
     try:
         context = server_tls_context(str(cert_path), str(key_path))
         fingerprint = certificate_fingerprint(cert_path.read_text(encoding="ascii"))

@@ -821,6 +821,7 @@ class ChatHub:
             for room in member.rooms.values():
                 room.members = {(new_key if k == name_key(old_name) else k): m for k, m in room.members.items()}
             member.name, member.key = new_name, new_key
+            self.moderation.renamed(old_name, new_name)
             self.store.remember_user(new_key, new_name, member.identity)
             self._deliver_to_all(Event({"type": "renamed", "old": old_name, "name": new_name, "ts": _now()}))
 
@@ -936,6 +937,12 @@ class Moderation:
             else:
                 raise ProtocolError("muted", "You are muted%s: your message was not sent." % _until_words(until),
                                     counts=False)
+
+    def renamed(self, old_name, new_name):
+        """A mute follows its user to a new name: /nick is no way out of one."""
+        until = self._mutes.pop(name_key(old_name), False)
+        if until is not False:
+            self._mutes[name_key(new_name)] = until
 
     def is_operator(self, member):
         entry = self.hub.store.operator(name_key(member.name))
@@ -4521,19 +4528,24 @@ class PasswordDialog:
 
 
 class Conversation:
-    """One room or direct conversation as the window shows it: its own log and people."""
+    """One room or direct conversation as the window shows it: its log (a Text) and its people.
 
-    def __init__(self, kind, name):
+    Runs on the Tk thread. The window makes one per room and per direct partner and
+    shows one at a time.
+    """
+
+    def __init__(self, kind, name, astral_ok=True):
         self.kind = kind  # "room" or "direct"
         self.name = name
         self.key = conversation_key(kind, name)
+        self.astral_ok = astral_ok
         self.users = []
         self.away = {}
         self.topic = None
         self.unread = 0
         self.oldest_id = None  # the oldest message shown, for paging back
         self.page_before = None  # while a page is coming: messages older than this go on top
-        self.frame = None  # the Tk frame holding the log, made by the window
+        self.frame = None  # the Tk frame holding the log (see build())
         self.log = None
 
     @property
@@ -4546,9 +4558,183 @@ class Conversation:
         prefix = "# " if self.kind == "room" else "@ "
         return prefix + self.name + (" (%d)" % self.unread if self.unread else "")
 
+    def build(self, tk, ttk, parent, on_older):
+        """Make the log: a read-only Text with a scrollbar, and a link to earlier messages."""
+        self.frame = ttk.Frame(parent)
+        log = self.log = tk.Text(self.frame, wrap="word", state="disabled", padx=8, pady=6, font="TkDefaultFont",
+                                 relief="flat", borderwidth=0, highlightthickness=1, cursor="arrow")
+        scrollbar = ttk.Scrollbar(self.frame, command=log.yview)
+        log.configure(yscrollcommand=scrollbar.set)
+        scrollbar.pack(side="right", fill="y")
+        log.pack(side="left", fill="both", expand=True)
+        for tag, options in LOG_TAGS:
+            log.tag_configure(tag, **options)
+        log.tag_bind("older", "<Button-1>", lambda event: on_older(self))
+        log.configure(state="normal")
+        log.insert("end", "Show earlier messages\n", ("older",))
+        log.mark_set("page", "2.0")
+        log.configure(state="disabled")
+
+    def append(self, pieces, index="end"):
+        """Insert (text, tags) pieces into the log; follow the end unless scrolled up."""
+        following = self.log.yview()[1] >= 0.999
+        self.log.configure(state="normal")
+        for text, tags in pieces:
+            self.log.insert(index, displayable(text, self.astral_ok), tags)
+        self.log.configure(state="disabled")
+        if following and index == "end":
+            self.log.see("end")
+
+    def add_message(self, frame, extra=()):
+        """Show a message: time, coloured name, text; older ones (a page) go on top."""
+        sender, text = str(frame.get("from")), str(frame.get("text"))
+        colour_tag = "colour-" + name_colour(sender)
+        self.log.tag_configure(colour_tag, foreground=name_colour(sender))
+        first, _, rest = text.partition("\n")
+        body = ("body", "code") if rest else ("body",)
+        pieces = [("%s " % clock(frame.get("ts")), ("time",) + extra)]
+        if frame.get("action"):
+            pieces += [("* ", ("body",) + extra), (sender, ("name", colour_tag) + extra), (" ", extra)]
+        else:
+            pieces += [(sender, ("name", colour_tag) + extra), (": ", ("body",) + extra)]
+        pieces.append((first + ("\n" if rest else ""), body + extra))
+        if rest:
+            pieces.append((rest, ("more", "code") + extra))
+        if frame.get("queued"):
+            pieces.append(("  (delivered when %s returns)" % frame.get("to"), ("notice",)))
+        pieces.append(("\n", extra))
+        message_id = frame.get("id") if isinstance(frame.get("id"), int) else None
+        if message_id is not None and (self.oldest_id is None or message_id < self.oldest_id):
+            self.oldest_id = message_id
+        older = self.page_before is not None and message_id is not None and message_id < self.page_before
+        self.append(pieces, "page" if older else "end")
+
+    def add_notice(self, text, ts=None, tag="notice"):
+        self.append([("%s " % clock(ts), ("time",)), ("* " + text + "\n", (tag,))])
+
+    def start_page(self):
+        """Get ready for a page of older messages; return the id they come before (or None)."""
+        self.page_before = self.oldest_id
+        # Older messages go in above what is shown, in order: each is inserted at
+        # this mark, which moves on past it.
+        self.log.mark_set("page", "2.0")
+        self.log.mark_gravity("page", "right")
+        return self.page_before
+
+    def end_page(self, more):
+        self.page_before = None
+        if not more:
+            self.log.configure(state="normal")
+            ranges = self.log.tag_ranges("older")
+            if ranges:
+                self.log.delete(ranges[0], ranges[1])
+                self.log.insert("1.0", "No earlier messages\n", ("notice",))
+            self.log.configure(state="disabled")
+
+
+# How the parts of a log line look.
+LOG_TAGS = (
+    ("time", {"foreground": "#8a8a8a"}),
+    ("name", {"font": ("TkDefaultFont", 10, "bold")}),
+    ("body", {"lmargin2": 24}),
+    ("more", {"lmargin1": 24, "lmargin2": 24}),
+    ("code", {"font": "TkFixedFont"}),  # pasted logs and code keep their columns
+    ("own", {"background": "#eef4ff"}),
+    ("mention", {"background": "#fff3b0"}),
+    ("notice", {"foreground": "#6b6b6b", "font": ("TkDefaultFont", 9, "italic")}),
+    ("error", {"foreground": "#b00020"}),
+    ("older", {"foreground": "#1f5fbf", "underline": True}),
+)
+
 
 def conversation_key(kind, name):
     return kind + ":" + name_key(name)
+
+
+class InputBox:
+    """Where a person types: Enter sends, Shift+Enter adds a line, Up/Down recall, Tab completes.
+
+    Runs on the Tk thread. on_submit() is called for Enter; complete(prefix)
+    returns the names that may complete a word.
+    """
+
+    def __init__(self, tk, parent, on_submit, complete):
+        self.on_submit = on_submit
+        self.complete = complete
+        self.history = []
+        self._history_index = 0
+        self._completion = None  # (matches, index, text inserted) while Tab cycles through names
+        self.text = tk.Text(parent, height=3, wrap="word", undo=True, padx=6, pady=4,
+                            font="TkDefaultFont", highlightthickness=1)
+        for key, handler in (("<Return>", self._on_return), ("<KP_Enter>", self._on_return),
+                             ("<Shift-Return>", self._on_shift_return), ("<Up>", self._on_history_up),
+                             ("<Down>", self._on_history_down), ("<Tab>", self._on_tab)):
+            self.text.bind(key, handler)
+        self.text.bind("<Key>", self._on_key, add="+")
+
+    def get(self):
+        return self.text.get("1.0", "end-1c")
+
+    def clear(self):
+        self.text.delete("1.0", "end")
+
+    def remember(self, line):
+        """Keep a sent line for Up/Down."""
+        if not self.history or self.history[-1] != line:
+            self.history.append(line)
+            del self.history[:-INPUT_HISTORY]
+        self._history_index = len(self.history)
+
+    def _on_return(self, event):
+        self.on_submit()
+        return "break"
+
+    def _on_shift_return(self, event):
+        self.text.insert("insert", "\n")
+        self.text.see("insert")
+        return "break"
+
+    def _on_history_up(self, event):
+        if self.text.compare("insert linestart", "!=", "1.0") or not self.history:
+            return None  # move within a multi-line draft as usual
+        self._history_index = max(0, self._history_index - 1)
+        self._show_history()
+        return "break"
+
+    def _on_history_down(self, event):
+        if self.text.compare("insert lineend", "!=", "end-1c") or not self.history:
+            return None
+        self._history_index = min(len(self.history), self._history_index + 1)
+        self._show_history()
+        return "break"
+
+    def _show_history(self):
+        self.clear()
+        if self._history_index < len(self.history):
+            self.text.insert("1.0", self.history[self._history_index])
+
+    def _on_tab(self, event):
+        """Complete the name before the cursor; Tab again cycles through the matches."""
+        before = self.text.get("insert linestart", "insert")
+        if self._completion and before.endswith(self._completion[2]):
+            matches, index, word = self._completion
+            index = (index + 1) % len(matches)
+        else:
+            word = before.split()[-1] if before.strip() and not before[-1].isspace() else ""
+            matches = self.complete(word.lstrip("@")) if word.lstrip("@") else []
+            index = 0
+        if matches:
+            at = "@" if word.startswith("@") else ""
+            suffix = ": " if before[:len(before) - len(word)].strip() == "" and not at else " "
+            completed = at + matches[index] + suffix
+            self.text.delete("insert - %dc" % len(word), "insert")
+            self.text.insert("insert", completed)
+            self._completion = (matches, index, completed)
+        return "break"
+
+    def _on_key(self, event):
+        if event.keysym != "Tab":
+            self._completion = None
 
 
 class ChatWindow:
@@ -4562,15 +4748,12 @@ class ChatWindow:
                                          reconnect=True, password=os.environ.get("LOCALCHAT_PASSWORD"),
                                          tls=tls, fingerprint=fingerprint)
         self.events = queue.Queue()  # frames from the connection's threads
+        self.conversations = {}  # key -> Conversation, in the order they opened
         self.astral_ok = tk_shows_astral(str(root.tk.call("info", "patchlevel")))
         self.connected = False
         self.has_focus = True
-        self.conversations = {}  # key -> Conversation, in the order they opened
         self.current = None
         self.seen_ids = set()  # message ids shown, so nothing shows twice
-        self.history = []
-        self._history_index = 0
-        self._completion = None  # (prefix, matches, index) while Tab cycles through names
         self._switch_to = conversation_key("room", GENERAL_ROOM)  # open this room when it arrives
         self._closing = False
         self._poll_id = None
@@ -4589,6 +4772,17 @@ class ChatWindow:
     def events_put(self, frame):
         """Runs on the connection's threads: hand a frame to the Tk thread."""
         self.events.put(frame)
+
+    @property
+    def astral_ok(self):
+        """Whether this Tk shows characters above U+FFFF (else they show as U+FFFD)."""
+        return self._astral_ok
+
+    @astral_ok.setter
+    def astral_ok(self, value):
+        self._astral_ok = value
+        for conversation in self.conversations.values():
+            conversation.astral_ok = value
 
     # -- building --------------------------------------------------------------
 
@@ -4640,33 +4834,6 @@ class ChatWindow:
         self.log_stack.pack(side="top", fill="both", expand=True)
         return frame
 
-    def _build_log(self, conversation):
-        """Make the log of one conversation (shown when it is the current one)."""
-        frame = self.ttk.Frame(self.log_stack)
-        log = self.tk.Text(frame, wrap="word", state="disabled", padx=8, pady=6, font="TkDefaultFont",
-                           relief="flat", borderwidth=0, highlightthickness=1, cursor="arrow")
-        scrollbar = self.ttk.Scrollbar(frame, command=log.yview)
-        log.configure(yscrollcommand=scrollbar.set)
-        scrollbar.pack(side="right", fill="y")
-        log.pack(side="left", fill="both", expand=True)
-        bold = ("TkDefaultFont", 10, "bold")
-        log.tag_configure("time", foreground="#8a8a8a")
-        log.tag_configure("name", font=bold)
-        log.tag_configure("body", lmargin2=24)
-        log.tag_configure("more", lmargin1=24, lmargin2=24)
-        log.tag_configure("code", font="TkFixedFont")  # pasted logs and code keep their columns
-        log.tag_configure("own", background="#eef4ff")
-        log.tag_configure("mention", background="#fff3b0")
-        log.tag_configure("notice", foreground="#6b6b6b", font=("TkDefaultFont", 9, "italic"))
-        log.tag_configure("error", foreground="#b00020")
-        log.tag_configure("older", foreground="#1f5fbf", underline=True)
-        log.tag_bind("older", "<Button-1>", lambda event, c=conversation: self._on_older(c))
-        log.configure(state="normal")
-        log.insert("end", "Show earlier messages\n", ("older",))
-        log.mark_set("page", "2.0")
-        log.configure(state="disabled")
-        conversation.frame, conversation.log = frame, log
-
     def _build_people(self, parent):
         frame = self.ttk.Frame(parent)
         self.people_title = self.ttk.Label(frame, text="People")
@@ -4686,16 +4853,9 @@ class ChatWindow:
         self.users_button = self.ttk.Button(buttons, text="Users", command=self._on_users)
         self.send_button.pack(side="top", fill="x")
         self.users_button.pack(side="top", fill="x", pady=(4, 0))
-        self.input = self.tk.Text(frame, height=3, wrap="word", undo=True, padx=6, pady=4,
-                                  font="TkDefaultFont", highlightthickness=1)
+        self.input_box = InputBox(self.tk, frame, self._on_send, self._names_starting)
+        self.input = self.input_box.text
         self.input.pack(side="left", fill="both", expand=True)
-        self.input.bind("<Return>", self._on_return)
-        self.input.bind("<KP_Enter>", self._on_return)
-        self.input.bind("<Shift-Return>", self._on_shift_return)
-        self.input.bind("<Up>", self._on_history_up)
-        self.input.bind("<Down>", self._on_history_down)
-        self.input.bind("<Tab>", self._on_tab)
-        self.input.bind("<Key>", self._on_key, add="+")
 
     def _build_status(self):
         self.status = self.ttk.Label(self.root, text="", anchor="w", padding=(8, 2))
@@ -4713,8 +4873,8 @@ class ChatWindow:
         key = conversation_key(kind, name)
         conversation = self.conversations.get(key)
         if conversation is None:
-            conversation = self.conversations[key] = Conversation(kind, name)
-            self._build_log(conversation)
+            conversation = self.conversations[key] = Conversation(kind, name, self.astral_ok)
+            conversation.build(self.tk, self.ttk, self.log_stack, self._on_older)
             if self.current is None:
                 self._show_conversation(key)
             self._update_conversation_list()
@@ -4880,7 +5040,7 @@ class ChatWindow:
         fresh = not frame.get("replay") and not own
         highlight = not own and (direct or mentions(text, self.connection.name))
         extra = ("own",) if own else ("mention",) if highlight else ()
-        self._add_message(conversation, frame, extra)
+        conversation.add_message(frame, extra)
         if fresh:
             self._count_unread(conversation, ring=highlight)
 
@@ -4952,9 +5112,7 @@ class ChatWindow:
             conversation = self.conversations.get(conversation_key("direct", str(frame.get("with"))))
         if conversation is None:
             return
-        conversation.page_before = None
-        if not frame.get("more"):
-            self._replace_older_link(conversation, "No earlier messages\n")
+        conversation.end_page(frame.get("more"))
 
     def _on_frame_error(self, frame):
         self._add_notice(notice_text(frame), tag="error")
@@ -4999,70 +5157,15 @@ class ChatWindow:
         if ring:
             self.root.bell()
 
-    def _append(self, conversation, pieces, index="end"):
-        """Insert (text, tags) pieces into a log; follow the end unless scrolled up."""
-        log = conversation.log
-        following = log.yview()[1] >= 0.999
-        log.configure(state="normal")
-        for text, tags in pieces:
-            log.insert(index, displayable(text, self.astral_ok), tags)
-        log.configure(state="disabled")
-        if following and index == "end":
-            log.see("end")
-
-    def _add_message(self, conversation, frame, extra=()):
-        sender, text = str(frame.get("from")), str(frame.get("text"))
-        colour_tag = "colour-" + name_colour(sender)
-        conversation.log.tag_configure(colour_tag, foreground=name_colour(sender))
-        first, _, rest = text.partition("\n")
-        body = ("body", "code") if rest else ("body",)
-        pieces = [("%s " % clock(frame.get("ts")), ("time",) + extra)]
-        if frame.get("action"):
-            pieces += [("* ", ("body",) + extra), (sender, ("name", colour_tag) + extra), (" ", extra)]
-        else:
-            pieces += [(sender, ("name", colour_tag) + extra), (": ", ("body",) + extra)]
-        pieces.append((first + ("\n" if rest else ""), body + extra))
-        if rest:
-            pieces.append((rest, ("more", "code") + extra))
-        if frame.get("queued"):
-            pieces.append(("  (delivered when %s returns)" % frame.get("to"), ("notice",)))
-        pieces.append(("\n", extra))
-        message_id = frame.get("id")
-        if isinstance(message_id, int) and (conversation.oldest_id is None or message_id < conversation.oldest_id):
-            conversation.oldest_id = message_id
-        older = conversation.page_before is not None and isinstance(message_id, int) and (
-            message_id < conversation.page_before)
-        self._append(conversation, pieces, "page" if older else "end")
-
     def _add_notice(self, text, ts=None, tag="notice", conversation=None):
-        if not text:
-            return
         conversation = conversation or self.conversations.get(self.current)
-        if conversation is not None:
-            self._append(conversation, [("%s " % clock(ts), ("time",)), ("* " + text + "\n", (tag,))])
-
-    def _replace_older_link(self, conversation, text):
-        log = conversation.log
-        log.configure(state="normal")
-        ranges = log.tag_ranges("older")
-        if ranges:
-            log.delete(ranges[0], ranges[1])
-            log.insert("1.0", text, ("notice",))
-        log.configure(state="disabled")
+        if text and conversation is not None:
+            conversation.add_notice(text, ts, tag)
 
     # -- what the person does ---------------------------------------------------------
 
-    def _on_return(self, event):
-        self._on_send()
-        return "break"
-
-    def _on_shift_return(self, event):
-        self.input.insert("insert", "\n")
-        self.input.see("insert")
-        return "break"
-
     def _on_send(self):
-        text = self.input.get("1.0", "end-1c")
+        text = self.input_box.get()
         conversation = self.conversations.get(self.current)
         where = conversation.where if conversation else {"room": GENERAL_ROOM}
         action, value = parse_input(text, where)
@@ -5072,8 +5175,8 @@ class ChatWindow:
             self._add_notice("Not connected: your message was not sent (it is still in the input box).",
                              tag="error")
             return
-        self._remember(text)
-        self.input.delete("1.0", "end")
+        self.input_box.remember(text)
+        self.input_box.clear()
         if action == "send":
             self._send(value)
         elif action == "quit":
@@ -5139,38 +5242,10 @@ class ChatWindow:
         """Ask the server for the page of messages before the oldest one shown."""
         request = {"type": "history", "limit": 50}
         request.update({"room": conversation.name} if conversation.kind == "room" else {"with": conversation.name})
-        if conversation.oldest_id is not None:
-            request["before"] = conversation.page_before = conversation.oldest_id
-        # Older messages go in above what is shown, in order: each is inserted at
-        # this mark, which moves on past it.
-        conversation.log.mark_set("page", "2.0")
-        conversation.log.mark_gravity("page", "right")
+        before = conversation.start_page()
+        if before is not None:
+            request["before"] = before
         self.connection.post(request)
-
-    def _on_tab(self, event):
-        """Complete the name before the cursor; Tab again cycles through the matches."""
-        before = self.input.get("insert linestart", "insert")
-        word = before.split()[-1] if before.strip() and not before[-1].isspace() else ""
-        if self._completion and before.endswith(self._completion[3]):
-            prefix, matches, index, _ = self._completion
-            word = self._completion[3]
-            index = (index + 1) % len(matches)
-        else:
-            prefix = word.lstrip("@")
-            matches = self._names_starting(prefix) if prefix else []
-            index = 0
-        if matches:
-            at = "@" if word.startswith("@") else ""
-            suffix = ": " if before[:len(before) - len(word)].strip() == "" and not at else " "
-            completed = at + matches[index] + suffix
-            self.input.delete("insert - %dc" % len(word), "insert")
-            self.input.insert("insert", completed)
-            self._completion = (prefix, matches, index, completed)
-        return "break"
-
-    def _on_key(self, event):
-        if event.keysym != "Tab":
-            self._completion = None
 
     def _names_starting(self, prefix):
         conversation = self.conversations.get(self.current)
@@ -5182,31 +5257,6 @@ class ChatWindow:
             if name_key(name).startswith(key) and name not in found and name_key(name) != name_key(self.connection.name):
                 found.append(name)
         return found
-
-    def _remember(self, text):
-        if not self.history or self.history[-1] != text:
-            self.history.append(text)
-            del self.history[:-INPUT_HISTORY]
-        self._history_index = len(self.history)
-
-    def _on_history_up(self, event):
-        if self.input.compare("insert linestart", "!=", "1.0") or not self.history:
-            return None  # move within a multi-line draft as usual
-        self._history_index = max(0, self._history_index - 1)
-        self._show_history()
-        return "break"
-
-    def _on_history_down(self, event):
-        if self.input.compare("insert lineend", "!=", "end-1c") or not self.history:
-            return None
-        self._history_index = min(len(self.history), self._history_index + 1)
-        self._show_history()
-        return "break"
-
-    def _show_history(self):
-        self.input.delete("1.0", "end")
-        if self._history_index < len(self.history):
-            self.input.insert("1.0", self.history[self._history_index])
 
     def _on_focus_in(self, event):
         if not self.has_focus:

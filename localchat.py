@@ -26,7 +26,6 @@ Sections:
 
 __version__ = "1.0"
 
-import _thread
 import argparse
 import base64
 import collections
@@ -3495,6 +3494,7 @@ class ServerConsole:
 
     def __init__(self, server, stdin=None, stdout=None):
         self.server = server
+        self.quit_requested = threading.Event()  # set by /quit; run_server's main loop watches it
         self.moderation = server.hub.moderation
         self.stdin = stdin if stdin is not None else sys.stdin
         self.stdout = stdout if stdout is not None else sys.stdout
@@ -3568,7 +3568,9 @@ class ServerConsole:
         return self.moderation.announce(rest) if rest else "Usage: /say TEXT"
 
     def _do_quit(self, rest):
-        _thread.interrupt_main()  # the main thread stops the server as on Ctrl+C
+        # Not interrupt_main(): a server started in the background of a shell script
+        # ignores SIGINT, and the interrupt would be lost.
+        self.quit_requested.set()
         return "Stopping the server."
 
 
@@ -3715,13 +3717,16 @@ def run_server(args):
     print("Type /help for the console's commands.")
     sys.stdout.flush()
     discovery = None if args.no_discovery else start_discovery(server, args.host, fingerprint)
-    ServerConsole(server).start()
+    console = ServerConsole(server)
+    console.start()
     log.info("server started on %s:%d", args.host, server.port)
     accept_thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     try:
         accept_thread.start()  # inside the try: a signal the moment clients can join still stops cleanly
         while True:
             time.sleep(0.5)  # in steps, so Ctrl+C is seen on Windows too
+            if console.quit_requested.is_set():
+                break
     except KeyboardInterrupt:
         pass
     log.info("shutting down")

@@ -262,6 +262,8 @@ def frame_field(frame, key, kind, required=True):
     # bool is an int in Python, but true is no version number.
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ProtocolError("bad_field", 'The field "%s" is missing or of the wrong type.' % key)
+    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:  # JSON has no limit; SQLite has 64 bits
+        raise ProtocolError("bad_field", 'The field "%s" is out of range.' % key)
     return value
 
 
@@ -322,6 +324,7 @@ DEFAULT_SCROLLBACK = 100      # messages shown from a room's history on joining 
 MAX_REPLAY = 1000             # messages replayed at most on reconnect, per request
 MAX_PAGE = 200                # messages per history page
 RESUME_GRACE_S = 60.0         # a lost user's name and rooms wait this long for it to return
+MAX_MODERATION_MINUTES = 10 * 366 * 24 * 60  # the longest ban or mute with an end: ten years
 
 
 def name_key(name):
@@ -953,21 +956,22 @@ class Moderation:
         """Remove a user from the chat (they may come back)."""
         with self.hub.lock:
             self._authorise(by)
-            target = self._target(name)
+            target, reason = self._target(name), _clean_reason(reason)
             text = "%s was kicked by %s%s" % (target.name, _who(by), _reason_words(reason))
             self._eject(target, "kicked", text)
             return text
 
     def ban(self, by, target, minutes=None, reason=None):
         """Ban a name (and, if they are here, their address) or an address; eject them."""
-        until = time.time() + minutes * 60 if minutes else None
         with self.hub.lock:
-            self._authorise(by)
+            self._authorise(by)  # first: whoever may not ban learns nothing else
+            until, reason = _until_for(minutes), _clean_reason(reason)
             if _is_address(target):
                 self.hub.store.add_ban("address", target, until, reason)
                 victims = [m for m in self.hub._members.values() if getattr(m, "address", None) == target]
                 label = target
             else:
+                check_name(target)  # else it could not be stored (a lone surrogate) or ever join
                 member = self._target(target, must_be_here=False)
                 label = member.name if member else target
                 self.hub.store.add_ban("name", name_key(label), until, reason)
@@ -984,6 +988,8 @@ class Moderation:
     def unban(self, by, target):
         with self.hub.lock:
             self._authorise(by)
+            if not _is_address(target):
+                check_name(target)
             kind, value = ("address", target) if _is_address(target) else ("name", name_key(target))
             if not self.hub.store.remove_ban(kind, value):
                 raise ProtocolError("not_banned", "%s is not banned." % printable(target, 40))
@@ -993,7 +999,8 @@ class Moderation:
         with self.hub.lock:
             self._authorise(by)
             target = self._target(name)
-            self._mutes[name_key(target.name)] = time.time() + minutes * 60 if minutes else None
+            until, reason = _until_for(minutes), _clean_reason(reason)
+            self._mutes[name_key(target.name)] = until
             text = "%s was muted by %s%s%s" % (target.name, _who(by), _for_words(minutes), _reason_words(reason))
             return self._announce(text, "mute", target.name, by)
 
@@ -1009,6 +1016,7 @@ class Moderation:
         with self.hub.lock:
             self._authorise(by)
             if not on:
+                check_name(name)
                 if not self.hub.store.remove_operator(name_key(name)):
                     raise ProtocolError("not_operator", "%s is not an operator." % printable(name, 40))
                 return self._announce("%s is no longer an operator (%s)" % (name, _who(by)), "deop", name, by)
@@ -1093,6 +1101,23 @@ def _for_words(minutes):
 
 def _reason_words(reason):
     return ": %s" % reason if reason else ""
+
+
+def _until_for(minutes):
+    """Return the time.time() at which a ban or mute of `minutes` ends (None: never); raise bad_field."""
+    if not minutes:
+        return None
+    if not isinstance(minutes, int) or not 0 < minutes <= MAX_MODERATION_MINUTES:
+        raise ProtocolError("bad_field", "The minutes must be a whole number from 1 to %d."
+                            % MAX_MODERATION_MINUTES)
+    return time.time() + minutes * 60
+
+
+def _clean_reason(reason):
+    """Return a reason fit for a notice and the store, on one line, or None; raise ProtocolError."""
+    if reason is None or not reason.strip():
+        return None
+    return " ".join(clean_text(reason, MAX_TOPIC_CHARS, "reason").split())
 
 
 def _until_words(until):
@@ -2713,7 +2738,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         self.hub.say(
             self, frame_field(frame, "text", str), self._short_field(frame, "ref"),
             room=frame_field(frame, "room", str, required=False),
-            to=frame_field(frame, "to", str, required=False),
+            to=self._short_field(frame, "to"),  # printable: a lone surrogate cannot be looked up in SQLite
             action=frame.get("action") is True,
         )
 
@@ -2775,7 +2800,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         self.hub.history(
             self,
             room_name=frame_field(frame, "room", str, required=False),
-            with_name=frame_field(frame, "with", str, required=False),
+            with_name=self._short_field(frame, "with"),
             before=frame_field(frame, "before", int, required=False),
             limit=frame_field(frame, "limit", int, required=False) or MAX_PAGE,
         )
@@ -3579,7 +3604,8 @@ def _target_minutes_reason(rest):
     parts = rest.split(None, 2)
     if not parts:
         return None, None, None
-    minutes = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    # isdecimal(), not isdigit(): "²" is a digit that int() refuses.
+    minutes = int(parts[1]) if len(parts) > 1 and parts[1].isdecimal() else None
     reason = " ".join(parts[2 if minutes is not None else 1:]) or None
     return parts[0], minutes, reason
 
@@ -3783,7 +3809,9 @@ class ChatConnection:
         self.name = name
         self.identity = identity
         self.password = password
-        self.tls = tls  # encrypt; also switched on when a server says it needs it
+        # Encrypt; also switched on when a server says it needs it. A pinned fingerprint
+        # can only be checked encrypted: a plain server must not get around it.
+        self.tls = tls or bool(fingerprint)
         self.pinned = fingerprint  # the certificate fingerprint the server's owner gave, if any
         self.channel = None  # the TlsChannel while connected with encryption
         self.fingerprint = None  # the server's certificate fingerprint, once seen
@@ -3819,6 +3847,8 @@ class ChatConnection:
                 hello["last_id"] = self.last_id
         self._buffer = bytearray()
         self.channel = None
+        if not self.tls and self.address in known_fingerprints():
+            self.tls = True  # encrypted before: a plain server at that address must not slip past the check
         try:
             self._sock = socket.create_connection((self.host, self.port), timeout=timeout)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -4385,6 +4415,13 @@ def normal_fingerprint(text):
     return ":".join(digits[i:i + 2] for i in range(0, len(digits), 2))
 
 
+def known_fingerprints(settings=None):
+    """Return the {address: fingerprint} of the servers this client has trusted before."""
+    settings = load_settings() if settings is None else settings
+    known = settings.get("fingerprints")
+    return known if isinstance(known, dict) else {}
+
+
 def trust_fingerprint(address, fingerprint, pinned=None):
     """Check a server's certificate as SSH checks host keys; return "pinned", "known" or "new".
 
@@ -4397,7 +4434,7 @@ def trust_fingerprint(address, fingerprint, pinned=None):
                             "pretending to be that server. Not connecting." % address, code="fingerprint_mismatch")
         return "pinned"
     settings = load_settings()
-    known = settings.get("fingerprints") if isinstance(settings.get("fingerprints"), dict) else {}
+    known = known_fingerprints(settings)
     if known.get(address) is None:
         known[address] = fingerprint
         settings["fingerprints"] = known

@@ -8,21 +8,29 @@ bounded in count and time. No traffic goes anywhere but the loopback interface.
 """
 
 import ast
+import datetime
+import hashlib
+import hmac
 import io
+import ipaddress
 import json
+import math
 import os
 import queue
+import random
 import re
 import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import unittest
+from pathlib import Path
 from unittest import mock
 
 import localchat
@@ -3066,6 +3074,2190 @@ class ShapeTests(unittest.TestCase):
         self.assertGreaterEqual(len(listed), 10)
         self.assertEqual(banners, listed)
         self.assertEqual([int(number) for number, _ in banners], list(range(1, len(banners) + 1)))
+
+
+# =============================================================================
+# 6. Certificates
+# =============================================================================
+
+CERT_ALT_NAMES = ("localhost", "127.0.0.1", "::1", "chat.example.lan")
+CERT_FINGERPRINT_PATTERN = re.compile(r"^(?:[0-9A-F]{2}:){31}[0-9A-F]{2}$")
+CERT_SOCKET_TIMEOUT_S = 10.0
+# OpenSSL verify flags that the ssl module does not name (values from x509_vfy.h).
+X509_V_FLAG_CHECK_SS_SIGNATURE = 0x4000  # also verify a self-signed anchor's signature
+X509_V_FLAG_PARTIAL_CHAIN = 0x80000  # ssl.VERIFY_X509_PARTIAL_CHAIN in Python 3.10+
+OPENSSL_COMMAND = shutil.which("openssl")
+
+_SHARED_CERTIFICATE = {}  # made once by shared_certificate()
+
+
+def shared_certificate():
+    """Return the module's one key and certificate: {"key", "dir", "cert", "key_path", "pem", "fingerprint"}.
+
+    Made by write_certificate_files itself (its key is kept for the tests that sign).
+    """
+    if not _SHARED_CERTIFICATE:
+        folder = Path(tempfile.mkdtemp(prefix="cert-", dir=_SCRATCH.name))
+        made, real = [], localchat.generate_rsa_key
+
+        def keep(bits=2048):
+            made.append(real(bits))
+            return made[-1]
+        cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+        with mock.patch.object(localchat, "generate_rsa_key", keep):
+            fingerprint = localchat.write_certificate_files(cert_path, key_path, "localhost", CERT_ALT_NAMES)
+        _SHARED_CERTIFICATE.update(key=made[0], dir=folder, cert=cert_path, key_path=key_path,
+                                   pem=cert_path.read_text(), fingerprint=fingerprint)
+    return _SHARED_CERTIFICATE
+
+
+def other_certificate(name="other"):
+    """Return (cert_path, key_path, fingerprint) of a second certificate for the shared key.
+
+    Another serial number makes another fingerprint: what clients see when a server
+    made a new certificate (or somebody pretends to be it).
+    """
+    shared = shared_certificate()
+    pem = localchat.make_self_signed_certificate(shared["key"], "localhost", alt_names=["localhost"])
+    path = shared["dir"] / ("%s-cert.pem" % name)
+    path.write_text(pem)
+    return path, shared["key_path"], localchat.certificate_fingerprint(pem)
+
+
+def cert_read_tlv_header(der, offset):
+    """Return (tag, content_start, content_end) of the DER element at offset."""
+    tag, first_length = der[offset], der[offset + 1]
+    if first_length < 0x80:
+        return tag, offset + 2, offset + 2 + first_length
+    count = first_length & 0x7F
+    length = int.from_bytes(der[offset + 2:offset + 2 + count], "big")
+    start = offset + 2 + count
+    return tag, start, start + length
+
+
+def cert_der_parts(cert_pem):
+    """Split a certificate into (TBSCertificate DER, signature bytes)."""
+    der = ssl.PEM_cert_to_DER_cert(cert_pem)
+    _, body_start, _ = cert_read_tlv_header(der, 0)
+    _, _, tbs_end = cert_read_tlv_header(der, body_start)
+    _, _, algorithm_end = cert_read_tlv_header(der, tbs_end)
+    _, signature_start, signature_end = cert_read_tlv_header(der, algorithm_end)
+    return der[body_start:tbs_end], der[signature_start + 1:signature_end]  # skip "unused bits"
+
+
+def cert_is_prime_by_trial_division(n):
+    """Slow but obviously correct primality test for small numbers."""
+    return n >= 2 and all(n % divisor for divisor in range(2, math.isqrt(n) + 1))
+
+
+def cert_strict_client_context(cadata):
+    """A client context that trusts only cadata, checks the host name and the self-signature."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+    context.load_verify_locations(cadata=cadata)
+    flags = int(context.verify_flags) | ssl.VERIFY_X509_STRICT | X509_V_FLAG_CHECK_SS_SIGNATURE
+    if ssl.OPENSSL_VERSION_INFO[0] < 3:
+        # OpenSSL 1.1.1 will not treat a CA:FALSE leaf as its own issuer; partial-chain
+        # mode lets it be a trust anchor.
+        flags |= X509_V_FLAG_PARTIAL_CHAIN
+    context.verify_flags = flags
+    return context
+
+
+def cert_tls_exchange(cert_path, key_path, cadata, server_hostname, host=LOOPBACK):
+    """Do a real TLS handshake with the ssl module over loopback; return (peer_der, peer_dict, echo)."""
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(cert_path), str(key_path))
+    client_context = cert_strict_client_context(cadata)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.settimeout(CERT_SOCKET_TIMEOUT_S)
+
+    def serve_one_client():  # runs on the echo thread; errors show on the client side
+        try:
+            connection, _ = listener.accept()
+            connection.settimeout(CERT_SOCKET_TIMEOUT_S)
+            with server_context.wrap_socket(connection, server_side=True) as tls:
+                tls.sendall(tls.recv(100))
+        except OSError:
+            pass
+
+    try:
+        listener.bind((host, 0))
+        listener.listen(1)
+        thread = threading.Thread(target=serve_one_client, name="test-cert-echo", daemon=True)
+        thread.start()
+        try:
+            address = listener.getsockname()[:2]
+            with socket.create_connection(address, timeout=CERT_SOCKET_TIMEOUT_S) as raw:
+                with client_context.wrap_socket(raw, server_hostname=server_hostname) as tls:
+                    tls.sendall(b"ping")
+                    return tls.getpeercert(binary_form=True), tls.getpeercert(), tls.recv(100)
+        finally:
+            thread.join(CERT_SOCKET_TIMEOUT_S)
+    finally:
+        listener.close()
+
+
+class CertificateTests(unittest.TestCase):
+    """The self-signed certificate made with the standard library, checked by hand, by ssl and by openssl."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cert = shared_certificate()
+        cls.key = cls.cert["key"]
+
+    # -- DER ---------------------------------------------------------------------
+
+    def test_der_integers_lengths_and_octet_strings_match_x690(self):
+        vectors = {0: "020100", 1: "020101", 127: "02017f", 128: "02020080", 255: "020200ff",
+                   256: "02020100", 65535: "020300ffff", -1: "0201ff", -128: "020180",
+                   -129: "0202ff7f", -256: "0202ff00"}
+        for value, expected in vectors.items():
+            self.assertEqual(localchat._der_integer(value).hex(), expected, value)
+        self.assertEqual(localchat._der_integer(1 << 2047)[:5].hex(), "0282010100")
+        self.assertEqual(localchat._der_integer((1 << 2047) - 1)[:4].hex(), "02820100")
+        lengths = {0: "00", 127: "7f", 128: "8180", 255: "81ff", 256: "820100", 65536: "83010000"}
+        for length, expected in lengths.items():
+            self.assertEqual(localchat._der_length(length).hex(), expected, length)
+        encoded = localchat._der_octet_string(b"\x00" * 200)
+        self.assertEqual((encoded[:3].hex(), len(encoded)), ("0481c8", 203))
+
+    def test_der_object_identifiers_and_bad_ones_refused(self):
+        vectors = {"1.2.840.113549.1.1.11": "06092a864886f70d01010b",
+                   "1.2.840.113549.1.1.1": "06092a864886f70d010101", "2.5.4.3": "0603550403",
+                   "2.5.29.17": "0603551d11", "1.3.6.1.5.5.7.3.1": "06082b06010505070301",
+                   "2.999.3": "0603883703"}  # X.690's example: the first arcs 2.999 make 1079
+        for dotted, expected in vectors.items():
+            self.assertEqual(localchat._der_oid(dotted).hex(), expected, dotted)
+        for dotted in ("1", "3.1", "1.40"):
+            with self.assertRaises(ValueError, msg=dotted):
+                localchat._der_oid(dotted)
+
+    def test_der_simple_types_strings_and_containers(self):
+        self.assertEqual(localchat._der_null().hex(), "0500")
+        self.assertEqual(localchat._der_boolean(True).hex(), "0101ff")
+        self.assertEqual(localchat._der_boolean(False).hex(), "010100")
+        self.assertEqual(localchat._der_octet_string(b"\x01\x02").hex(), "04020102")
+        self.assertEqual(localchat._der_bit_string(b"").hex(), "030100")
+        self.assertEqual(localchat._der_bit_string(b"\xa0", 5).hex(), "030205a0")
+        self.assertEqual(localchat._der_utf8_string("\u00e9").hex(), "0c02c3a9")
+        self.assertEqual(localchat._der_printable_string("Test").hex(), "130454657374")
+        for bad in ("a@b", "under_score", "\u00e9"):
+            with self.assertRaises(ValueError, msg=bad):
+                localchat._der_printable_string(bad)
+        null = localchat._der_null()
+        self.assertEqual(localchat._der_sequence().hex(), "3000")
+        self.assertEqual(localchat._der_sequence(null, null).hex(), "300405000500")
+        one, five = localchat._der_integer(1), localchat._der_integer(5)
+        self.assertEqual(localchat._der_set(five, one).hex(), "3106020101020105", "SET OF comes out sorted")
+        self.assertEqual(localchat._der_explicit(0, localchat._der_integer(2)).hex(), "a003020102")
+        self.assertEqual(localchat._der_implicit(2, b"ab").hex(), "82026162")
+        self.assertEqual(localchat._der_implicit(1, b"", constructed=True).hex(), "a100")
+
+    def test_der_times_are_utc_and_choose_utctime_or_generalizedtime_as_rfc5280_says(self):
+        utc = datetime.timezone.utc
+        utc_time = localchat._der_utc_time(datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=utc))
+        self.assertEqual(utc_time, b"\x17\x0d" + b"240102030405Z")
+        generalized = localchat._der_generalized_time(datetime.datetime(2050, 1, 1, tzinfo=utc))
+        self.assertEqual(generalized, b"\x18\x0f" + b"20500101000000Z")
+        plus_two = datetime.timezone(datetime.timedelta(hours=2))
+        self.assertEqual(localchat._der_utc_time(datetime.datetime(2024, 1, 2, 5, 4, 5, tzinfo=plus_two)), utc_time)
+        for year, tag in {1949: 0x18, 1950: 0x17, 2049: 0x17, 2050: 0x18, 9999: 0x18}.items():
+            moment = datetime.datetime(year, 12, 31, 23, 59, 59, tzinfo=utc)
+            self.assertEqual(localchat._der_time(moment)[0], tag, year)
+
+    # -- primes and RSA ----------------------------------------------------------
+
+    KNOWN_PRIMES = (2, 3, 5, 7, 97, 7919, 9973, 10007, 104729, 1000003,
+                    2 ** 31 - 1, 2 ** 61 - 1, 2 ** 89 - 1, 2 ** 127 - 1, 2 ** 521 - 1)
+    # Carmichael numbers fool the Fermat test for every coprime base; the last ones
+    # are strong pseudoprimes to the bases 2 (2047) and 2..23.
+    KNOWN_COMPOSITES = (0, 1, 4, 9, 10001, 561, 1105, 1729, 41041, 825265, 321197185,
+                        2047, 3215031751, 3825123056546413051, (2 ** 61 - 1) * (2 ** 89 - 1))
+
+    def test_small_prime_sieve_matches_trial_division(self):
+        expected = [n for n in range(2000) if cert_is_prime_by_trial_division(n)]
+        self.assertEqual(localchat._small_primes_up_to(1999), expected)
+        self.assertEqual(len(localchat._SMALL_PRIMES), 1229)  # pi(10000)
+
+    def test_primality_test_knows_primes_composites_and_carmichael_numbers(self):
+        for n in self.KNOWN_PRIMES:
+            self.assertTrue(localchat._is_probable_prime(n), n)
+        for n in self.KNOWN_COMPOSITES:
+            self.assertFalse(localchat._is_probable_prime(n), n)
+        # Past the small-prime sieve, Miller-Rabin itself must do the work.
+        for n in (561, 1105, 1729, 41041, 825265, 321197185, 3825123056546413051):
+            self.assertFalse(localchat._passes_miller_rabin(n), n)
+        for n in (7919, 2 ** 61 - 1, 2 ** 127 - 1):
+            self.assertTrue(localchat._passes_miller_rabin(n), n)
+
+    def test_carmichael_number_without_small_factors_is_composite(self):
+        # Chernick form (6k+1)(12k+1)(18k+1), k=1696: all factors > 10000, so only
+        # Miller-Rabin can reject it.
+        factors = (10177, 20353, 30529)
+        n = math.prod(factors)
+        for factor in factors:
+            self.assertTrue(cert_is_prime_by_trial_division(factor))
+            self.assertEqual((n - 1) % (factor - 1), 0)  # Korselt's criterion
+        self.assertEqual(math.gcd(n, localchat._SMALL_PRIMES_PRODUCT), 1)
+        self.assertFalse(localchat._is_probable_prime(n))
+
+    def test_a_fixed_base_would_be_fooled_so_bases_are_random(self):
+        self.assertFalse(localchat._is_miller_rabin_witness(2, 1023, 1, 2047))  # 2047 = 23 * 89
+        self.assertTrue(localchat._is_miller_rabin_witness(3, 1023, 1, 2047))
+
+    def test_random_rsa_prime_has_the_top_two_bits_and_fits_the_exponent(self):
+        p = localchat._random_rsa_prime(512)
+        self.assertEqual((p.bit_length(), p >> 510), (512, 0b11))
+        self.assertEqual(math.gcd(localchat._RSA_PUBLIC_EXPONENT, p - 1), 1)
+        self.assertTrue(localchat._is_probable_prime(p))
+
+    def test_rsa_key_values_are_consistent(self):
+        key = self.key
+        self.assertEqual((key.e, key.n, key.n.bit_length()), (65537, key.p * key.q, 2048))
+        self.assertNotEqual(key.p, key.q)
+        self.assertEqual((key.p.bit_length(), key.q.bit_length()), (1024, 1024))
+        p1, q1 = key.p - 1, key.q - 1
+        self.assertEqual(math.gcd(key.e, p1 * q1), 1)
+        self.assertEqual(key.e * key.d % (p1 * q1 // math.gcd(p1, q1)), 1)
+        self.assertEqual(pow(pow(12345, key.e, key.n), key.d, key.n), 12345)
+        self.assertEqual((key.dp, key.dq), (key.d % p1, key.d % q1))
+        self.assertEqual(key.qinv * key.q % key.p, 1)
+        self.assertEqual(localchat._rsa_private_operation(key, 0x1234567890ABCDEF),
+                         pow(0x1234567890ABCDEF, key.d, key.n))
+        self.assertTrue(localchat._is_probable_prime(key.p) and localchat._is_probable_prime(key.q))
+
+    def test_other_key_sizes_and_too_small_ones(self):
+        for bits in (1024, 1025):
+            key = localchat.generate_rsa_key(bits)
+            self.assertEqual((key.n.bit_length(), key.n), (bits, key.p * key.q))
+        with self.assertRaises(ValueError):
+            localchat.generate_rsa_key(256)
+
+    def test_pkcs1_signature_verifies_with_the_public_key(self):
+        encoded = localchat._emsa_pkcs1_v1_5_sha256(b"abc", 256)
+        self.assertEqual(len(encoded), 256)
+        self.assertTrue(encoded.startswith(b"\x00\x01\xff\xff"))
+        self.assertTrue(encoded.endswith(b"\x00" + localchat._SHA256_DIGEST_INFO_PREFIX
+                                         + hashlib.sha256(b"abc").digest()))
+        self.assertEqual(set(encoded[2:-52]), {0xFF})
+        signature = localchat._rsa_sign_sha256(self.key, b"hello")
+        recovered = pow(int.from_bytes(signature, "big"), self.key.e, self.key.n).to_bytes(256, "big")
+        self.assertEqual(recovered, localchat._emsa_pkcs1_v1_5_sha256(b"hello", 256))
+
+    # -- the certificate ---------------------------------------------------------
+
+    def test_pem_files_and_fingerprint_format(self):
+        pem, key_pem = self.cert["pem"], self.cert["key_path"].read_text()
+        self.assertTrue(pem.startswith("-----BEGIN CERTIFICATE-----\n") and pem.endswith("-----END CERTIFICATE-----\n"))
+        self.assertTrue(key_pem.startswith("-----BEGIN PRIVATE KEY-----\n"))
+        self.assertTrue(key_pem.endswith("-----END PRIVATE KEY-----\n"))
+        self.assertTrue(all(len(line) <= 64 for line in key_pem.splitlines() + pem.splitlines()))
+        self.assertRegex(self.cert["fingerprint"], CERT_FINGERPRINT_PATTERN)
+        self.assertEqual(localchat.certificate_fingerprint(pem), self.cert["fingerprint"])
+        self.assertEqual(self.cert["fingerprint"].replace(":", "").lower(),
+                         hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest())
+
+    @unittest.skipUnless(os.name == "posix", "file modes are a POSIX feature")
+    def test_key_file_is_private_even_when_it_existed_before(self):
+        self.assertEqual(self.cert["key_path"].stat().st_mode & 0o777, 0o600)
+        folder = Path(tempfile.mkdtemp(prefix="cert-", dir=_SCRATCH.name))
+        self.addCleanup(shutil.rmtree, str(folder), True)
+        cert_path, key_path = folder / "c.pem", folder / "k.pem"
+        key_path.write_text("old")
+        os.chmod(str(key_path), 0o644)
+        with mock.patch.object(localchat, "generate_rsa_key", lambda bits=2048: self.key):  # no new key: slow
+            localchat.write_certificate_files(cert_path, key_path, "again")
+        self.assertEqual(key_path.stat().st_mode & 0o777, 0o600)
+        self.assertIn("BEGIN PRIVATE KEY", key_path.read_text())
+
+    def test_ssl_loads_the_certificate_and_key(self):
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(self.cert["cert"]), str(self.cert["key_path"]))
+        context = localchat.server_tls_context(self.cert["cert"], self.cert["key_path"])
+        self.assertGreaterEqual(context.minimum_version, ssl.TLSVersion.TLSv1_2)
+
+    def test_ssl_refuses_a_key_that_does_not_fit_the_certificate(self):
+        folder = Path(tempfile.mkdtemp(prefix="cert-", dir=_SCRATCH.name))
+        self.addCleanup(shutil.rmtree, str(folder), True)
+        small = localchat.generate_rsa_key(1024)
+        (folder / "k.pem").write_text(localchat.private_key_pem(small))
+        with self.assertRaises(ssl.SSLError):
+            localchat.server_tls_context(self.cert["cert"], folder / "k.pem")
+
+    def test_certificate_signature_verifies_by_hand(self):
+        # Independent of OpenSSL: the PKCS#1 v1.5 check redone with pow().
+        pem = localchat.make_self_signed_certificate(self.key, "by hand", alt_names=["a.lan"])
+        tbs, signature = cert_der_parts(pem)
+        self.assertEqual(len(signature), 256)
+        recovered = pow(int.from_bytes(signature, "big"), self.key.e, self.key.n).to_bytes(256, "big")
+        self.assertEqual(recovered, localchat._emsa_pkcs1_v1_5_sha256(tbs, 256))
+
+    def test_serial_numbers_are_positive_159_bit_and_differ(self):
+        serials = [localchat._random_serial_number() for _ in range(50)]
+        for serial in serials:
+            self.assertEqual(serial.bit_length(), 159)
+            self.assertEqual(len(localchat._der_integer(serial)), 22)  # 02 14 + 20 bytes
+        self.assertEqual(len(set(serials)), 50)
+
+    def test_invalid_certificate_inputs_are_refused(self):
+        for common_name, alt_names, days in (("", (), 1), ("x" * 65, (), 1), ("ok", ["h\u00f6st"], 1), ("ok", (), 0)):
+            with self.assertRaises(ValueError, msg=(common_name[:5], alt_names, days)):
+                localchat.make_self_signed_certificate(self.key, common_name, days=days, alt_names=alt_names)
+
+    @unittest.skipUnless(hasattr(ssl._ssl, "_test_decode_cert"), "CPython's private certificate decoder is missing")
+    def test_ssl_decodes_subject_names_and_validity(self):
+        decoded = ssl._ssl._test_decode_cert(str(self.cert["cert"]))
+        self.assertEqual(decoded["subject"], ((("commonName", "localhost"),),))
+        self.assertEqual(decoded["issuer"], decoded["subject"])
+        self.assertEqual((decoded["version"], len(decoded["serialNumber"])), (3, 40))
+        dns = [value for kind, value in decoded["subjectAltName"] if kind == "DNS"]
+        ips = [ipaddress.ip_address(value.strip()) for kind, value in decoded["subjectAltName"] if kind == "IP Address"]
+        self.assertEqual(dns, ["localhost", "chat.example.lan"])
+        self.assertEqual(ips, [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")])
+        now = time.time()
+        self.assertAlmostEqual(ssl.cert_time_to_seconds(decoded["notBefore"]), now - 86400, delta=600)
+        self.assertAlmostEqual(ssl.cert_time_to_seconds(decoded["notAfter"]), now + 3650 * 86400, delta=600)
+
+    @unittest.skipUnless(hasattr(ssl._ssl, "_test_decode_cert"), "CPython's private certificate decoder is missing")
+    def test_dates_after_2049_use_generalized_time(self):
+        days = 365 * 60
+        pem = localchat.make_self_signed_certificate(self.key, "far future", days=days)
+        tbs, _ = cert_der_parts(pem)
+        self.assertIn(b"\x18\x0f", tbs)  # notAfter: GeneralizedTime
+        self.assertIn(b"\x17\x0d", tbs)  # notBefore: still UTCTime
+        path = self.cert["dir"] / "future.pem"
+        path.write_text(pem)
+        decoded = ssl._ssl._test_decode_cert(str(path))
+        year = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)).year
+        self.assertIn(" %d " % year, decoded["notAfter"])
+        self.assertNotIn("subjectAltName", decoded, "no alt names: no empty extension")
+
+    # -- ssl's strict verification over a real handshake -------------------------
+
+    def handshake(self, server_hostname, host=LOOPBACK, cadata=None, cert_path=None):
+        return cert_tls_exchange(cert_path or self.cert["cert"], self.cert["key_path"],
+                                 cadata or self.cert["pem"], server_hostname, host)
+
+    def test_strict_ssl_client_accepts_it_by_dns_name_and_by_ip_address(self):
+        for server_hostname in ("localhost", "127.0.0.1"):
+            peer_der, peer, echo = self.handshake(server_hostname)
+            self.assertEqual(echo, b"ping")
+            self.assertEqual(peer["subject"], ((("commonName", "localhost"),),))
+            self.assertEqual(hashlib.sha256(peer_der).digest().hex(":").upper(), self.cert["fingerprint"])
+
+    @unittest.skipUnless(socket.has_ipv6, "no IPv6 support")
+    def test_strict_ssl_client_accepts_it_by_ipv6_address(self):
+        try:
+            _, _, echo = self.handshake("::1", host="::1")
+        except ssl.SSLError:
+            raise
+        except OSError as error:
+            self.skipTest("IPv6 loopback unavailable: %s" % error)
+        self.assertEqual(echo, b"ping")
+
+    def test_strict_ssl_client_refuses_another_host_name_or_certificate(self):
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            self.handshake("not-in-the-certificate.example")
+        other = localchat.make_self_signed_certificate(self.key, "localhost", alt_names=["localhost"])
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            self.handshake("localhost", cadata=other)
+
+    @unittest.skipIf(ssl.OPENSSL_VERSION_INFO[0] < 3, "OpenSSL 1.x's partial-chain mode skips the self-signature check")
+    def test_strict_ssl_client_refuses_a_corrupted_signature(self):
+        # Proves the client really checks our RSA signature: one flipped bit and it fails.
+        der = bytearray(ssl.PEM_cert_to_DER_cert(self.cert["pem"]))
+        der[-1] ^= 0x01
+        bad_pem = ssl.DER_cert_to_PEM_cert(bytes(der))
+        bad_path = self.cert["dir"] / "bad-signature.pem"
+        bad_path.write_text(bad_pem)
+        with self.assertRaises(ssl.SSLCertVerificationError) as caught:
+            self.handshake("localhost", cadata=bad_pem, cert_path=bad_path)
+        self.assertIn("signature", str(caught.exception).lower())
+
+    # -- the openssl command, where there is one ---------------------------------
+
+    def openssl(self, *arguments):
+        if OPENSSL_COMMAND is None:
+            self.skipTest("the openssl command is not on PATH; ssl's own checks cover the same ground")
+        result = subprocess.run([OPENSSL_COMMAND] + list(arguments), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, universal_newlines=True, timeout=PROCESS_TIMEOUT_S)
+        return result.returncode, result.stdout
+
+    def test_openssl_x509_shows_a_v3_server_certificate(self):
+        status, output = self.openssl("x509", "-in", str(self.cert["cert"]), "-noout", "-text")
+        self.assertEqual(status, 0, output)
+        for expected in ("Version: 3 (0x2)", "Signature Algorithm: sha256WithRSAEncryption",
+                         "Public-Key: (2048 bit)", "Exponent: 65537 (0x10001)",
+                         "X509v3 Basic Constraints: critical", "CA:FALSE", "X509v3 Key Usage: critical",
+                         "Digital Signature, Key Encipherment", "TLS Web Server Authentication",
+                         "X509v3 Subject Key Identifier", "DNS:localhost", "IP Address:127.0.0.1",
+                         "IP Address:0:0:0:0:0:0:0:1", "DNS:chat.example.lan"):
+            self.assertIn(expected, output)
+        self.assertRegex(output, r"Subject: ?CN ?= ?localhost")
+        self.assertRegex(output, r"Issuer: ?CN ?= ?localhost")
+
+    def test_openssl_fingerprint_is_ours(self):
+        status, output = self.openssl("x509", "-in", str(self.cert["cert"]), "-noout", "-fingerprint", "-sha256")
+        self.assertEqual(status, 0, output)
+        self.assertEqual(output.strip().split("=", 1)[1], self.cert["fingerprint"])
+
+    def test_openssl_verifies_the_self_signature_strictly(self):
+        _, version = self.openssl("version")
+        match = re.search(r"(\d+)\.\d+", version)
+        arguments = ["verify", "-CAfile", str(self.cert["cert"])]
+        if match and int(match.group(1)) >= 3:
+            arguments += ["-x509_strict", "-check_ss_sig"]
+        else:  # OpenSSL 1.x refuses a CA:FALSE leaf as its own issuer
+            arguments += ["-partial_chain"]
+        status, output = self.openssl(*(arguments + [str(self.cert["cert"])]))
+        self.assertEqual(status, 0, output)
+        self.assertIn("OK", output)
+
+    def test_openssl_checks_validity_key_and_matching_modulus(self):
+        status, output = self.openssl("x509", "-in", str(self.cert["cert"]), "-noout", "-checkend", "0")
+        self.assertEqual(status, 0, output)
+        status, output = self.openssl("rsa", "-in", str(self.cert["key_path"]), "-check", "-noout")
+        self.assertEqual(status, 0, output)
+        self.assertIn("RSA key ok", output)
+        _, cert_modulus = self.openssl("x509", "-in", str(self.cert["cert"]), "-noout", "-modulus")
+        _, key_modulus = self.openssl("rsa", "-in", str(self.cert["key_path"]), "-noout", "-modulus")
+        self.assertTrue(cert_modulus.startswith("Modulus="), cert_modulus)
+        self.assertEqual(cert_modulus, key_modulus)
+
+    # -- the server's certificate (server --tls) ---------------------------------
+
+    def test_server_certificate_is_made_once_in_the_data_folder_and_kept(self):
+        folder = tempfile.mkdtemp(prefix="data-", dir=_SCRATCH.name)
+        self.addCleanup(shutil.rmtree, folder, True)
+        args = localchat.build_parser().parse_args(["server", "--tls"])
+        with mock.patch.dict(os.environ, {"LOCALCHAT_DATA_DIR": folder}), \
+                mock.patch.object(localchat, "generate_rsa_key", lambda bits=2048: self.key), \
+                mock.patch.object(localchat, "lan_addresses", lambda: ["192.0.2.7"]), \
+                mock.patch("sys.stdout", new_callable=io.StringIO) as out:
+            context, fingerprint = localchat.server_certificate(args)
+            self.assertIn("Making a certificate", out.getvalue())
+            again = localchat.server_certificate(args)[1]
+        self.assertEqual(out.getvalue().count("Making a certificate"), 1, "made once, then kept")
+        self.assertIsInstance(context, ssl.SSLContext)
+        cert_path = Path(folder) / "tls-cert.pem"
+        self.assertEqual((fingerprint, again), (localchat.certificate_fingerprint(cert_path.read_text()),) * 2)
+
+    def test_server_certificate_works_on_a_computer_with_a_non_ascii_name(self):
+        # Bug: a host name like "Jürgen-PC" went into the certificate as a DNS name,
+        # which must be ASCII: `server --tls` died with a traceback.
+        folder = tempfile.mkdtemp(prefix="data-", dir=_SCRATCH.name)
+        self.addCleanup(shutil.rmtree, folder, True)
+        args = localchat.build_parser().parse_args(["server", "--tls"])
+        with mock.patch.dict(os.environ, {"LOCALCHAT_DATA_DIR": folder}), \
+                mock.patch.object(localchat, "generate_rsa_key", lambda bits=2048: self.key), \
+                mock.patch.object(localchat.socket, "gethostname", lambda: "J\u00fcrgen-PC"), \
+                mock.patch.object(localchat, "lan_addresses", lambda: []), \
+                mock.patch("sys.stdout", new_callable=io.StringIO):
+            context, fingerprint = localchat.server_certificate(args)
+        self.assertRegex(fingerprint, CERT_FINGERPRINT_PATTERN)
+
+    def test_server_certificate_options_give_one_sentence(self):
+        for argv, words in ((["server", "--tls", "--cert", "c.pem"], "--cert and --key go together"),
+                            (["server", "--tls", "--cert", str(self.cert["key_path"]), "--key",
+                              str(self.cert["key_path"])], "cannot use the certificate"),
+                            (["server", "--tls", "--cert", "/nonexistent/c.pem", "--key", "/nonexistent/k.pem"],
+                             "cannot use the certificate")):
+            with self.assertRaises(localchat.UserError, msg=argv) as caught:
+                localchat.server_certificate(localchat.build_parser().parse_args(argv))
+            self.assertIn(words, str(caught.exception))
+
+
+# =============================================================================
+# 7. Encryption: TlsChannel
+# =============================================================================
+
+TLS_WAIT_S = 10.0        # the longest any single wait in an encryption test may take
+TLS_HANDSHAKE_S = 5.0    # the handshake deadline the tests give
+TLS_MAX_LOOPS = 200000   # the bound on every read loop
+TLS_VERSIONS = (("TLS 1.3", None), ("TLS 1.2", ssl.TLSVersion.TLSv1_2))
+
+
+def tls_server_context(maximum=None, minimum=None):
+    """The shared certificate's server context, optionally held to a range of TLS versions."""
+    shared = shared_certificate()
+    context = localchat.server_tls_context(shared["cert"], shared["key_path"])
+    if maximum:
+        context.maximum_version = maximum
+    if minimum:
+        context.minimum_version = minimum
+    return context
+
+
+def tls_tcp_pair():
+    """Return (server_side, client_side): two ends of a real TCP connection on 127.0.0.1."""
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname(), timeout=TLS_WAIT_S)
+        listener.settimeout(TLS_WAIT_S)
+        server, _ = listener.accept()
+    server.settimeout(TLS_WAIT_S)
+    return server, client
+
+
+def tls_read_plain(channel, sock, size, already=b""):
+    """Return (plaintext, recv_calls): read sock through channel until size bytes or the end."""
+    data = bytearray(already)
+    deadline = time.monotonic() + TLS_WAIT_S
+    calls = 0
+    while len(data) < size and not channel.closed and calls < TLS_MAX_LOOPS:
+        if time.monotonic() > deadline:
+            raise AssertionError("only %d of %d bytes within %s s" % (len(data), size, TLS_WAIT_S))
+        raw = sock.recv(64 * 1024)
+        calls += 1
+        if not raw:
+            break
+        plain, to_send = channel.decrypt(raw)
+        sock.sendall(to_send)
+        data += plain
+    return bytes(data), calls
+
+
+def tls_read_until_closed(channel, sock):
+    """Return the plaintext that comes before the peer's close_notify."""
+    return tls_read_plain(channel, sock, float("inf"))[0]
+
+
+class TlsWorker(threading.Thread):
+    """A thread running one function; outcome() returns its result or raises its error in the test."""
+
+    def __init__(self, function, *args):
+        super().__init__(name="test-" + function.__name__, daemon=True)
+        self._function, self._args = function, args
+        self.result = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self._function(*self._args)
+        except Exception as error:  # handed to the test thread by outcome()
+            self.error = error
+
+    def outcome(self, timeout=TLS_WAIT_S):
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError("%s still running after %s s" % (self.name, timeout))
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class TlsLazySocket:
+    """A socket whose sendall() waits for its next recv() or flush().
+
+    It glues a handshake's last flight to the data sent right after into one segment,
+    as a fast peer does, so the tests of that case are deterministic.
+    """
+
+    def __init__(self, sock):
+        self.sock, self.held = sock, b""
+
+    def gettimeout(self):
+        return self.sock.gettimeout()
+
+    def settimeout(self, timeout):
+        self.sock.settimeout(timeout)
+
+    def sendall(self, data):
+        self.held += data
+
+    def recv(self, size):
+        self.flush()
+        return self.sock.recv(size)
+
+    def flush(self):
+        self.sock.sendall(self.held)
+        self.held = b""
+
+
+class TlsLockCheckingSslObject:
+    """Stands in for a channel's SSLObject and fails every call made without the channel's lock."""
+
+    def __init__(self, channel):
+        self._real, self._lock, self.calls = channel._sslobj, channel._lock, []
+        channel._sslobj = self
+
+    def __getattr__(self, name):
+        method = getattr(self._real, name)
+
+        def checked(*args, **kwargs):
+            if not self._lock.locked():
+                raise AssertionError("SSLObject.%s() was called without the channel's lock" % name)
+            self.calls.append(name)
+            return method(*args, **kwargs)
+        return checked
+
+
+def tls_numbered_line(tag, number):
+    """The number-th line a test sends: tag, number, and 0 to 5,000 bytes of filler."""
+    return b"%s %06d %s\n" % (tag, number, b"x" * (number * 997 % 5001))
+
+
+def tls_send_numbered(channel, sock, tag, count):
+    """Runs on a writer thread: encrypt and send count numbered lines of varied length."""
+    for number in range(count):
+        sock.sendall(channel.encrypt(tls_numbered_line(tag, number)))
+
+
+def tls_receive_numbered(channel, sock, tag, count):
+    """Runs on a reader thread: decrypt until count numbered lines came, in order and intact."""
+    buffer, expected = b"", 0
+    deadline = time.monotonic() + 5 * TLS_WAIT_S
+    for _ in range(TLS_MAX_LOOPS):
+        if expected == count:
+            return
+        if time.monotonic() > deadline:
+            break
+        raw = sock.recv(64 * 1024)
+        if not raw:
+            break
+        plain, _ = channel.decrypt(raw, keep_output=True)  # the writer sends what is owed
+        lines = (buffer + plain).split(b"\n")
+        buffer = lines.pop()
+        for line in lines:
+            if line + b"\n" != tls_numbered_line(tag, expected):
+                raise AssertionError("line %d is wrong: %r" % (expected, line[:40]))
+            expected += 1
+    raise AssertionError("only %d of %d lines arrived" % (expected, count))
+
+
+def tls_echo_once_then_unwrap(context, sock):
+    """Runs on a server thread: TLS-wrap sock, echo one line, close TLS; return the line."""
+    with context.wrap_socket(sock, server_side=True) as wrapped:
+        line = wrapped.recv(100)
+        wrapped.sendall(b"echo:" + line)
+        wrapped.unwrap()  # sends close_notify, waits for the client's
+    return line
+
+
+def tls_handshake_error(channel, sock):
+    """Runs on a client thread: return the error the handshake raised (fail if it raised none)."""
+    try:
+        channel.handshake(sock, TLS_HANDSHAKE_S)
+    except OSError as error:
+        return error
+    raise AssertionError("the handshake succeeded")
+
+
+def tls_read_one_record(sock):
+    """Read one whole TLS record from sock (5-byte header, then its length); return it."""
+    data = b""
+    for _ in range(1000):
+        if len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big"):
+            return data
+        chunk = sock.recv(64 * 1024)
+        if not chunk:
+            break
+        data += chunk
+    raise AssertionError("no whole TLS record: %r" % data[:20])
+
+
+class EncryptionTests(unittest.TestCase):
+    """TlsChannel over real loopback sockets: data both ways, threads, interop with ssl, failures as sentences."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cert = shared_certificate()
+
+    def setUp(self):
+        self._threads_before = set(threading.enumerate())
+        self._workers = []
+
+    def tearDown(self):
+        for worker in self._workers:
+            worker.join(TLS_WAIT_S)
+        leaked = [t.name for t in set(threading.enumerate()) - self._threads_before if t.is_alive()]
+        self.assertEqual(leaked, [], "threads left running")
+
+    def worker(self, function, *args):
+        worker = TlsWorker(function, *args)
+        self._workers.append(worker)
+        return worker
+
+    def sockets(self):
+        server, client = tls_tcp_pair()
+        self.addCleanup(server.close)
+        self.addCleanup(client.close)
+        return server, client
+
+    def connected_channels(self, server_ctx=None, client_ctx=None):
+        """Return (server_channel, client_channel, server_sock, client_sock) after a handshake."""
+        server_sock, client_sock = self.sockets()
+        server = localchat.TlsChannel(server_ctx or tls_server_context(), server_side=True)
+        client = localchat.TlsChannel(client_ctx or localchat.client_tls_context(), server_side=False)
+        accepting = self.worker(server.handshake, server_sock, TLS_HANDSHAKE_S)
+        self.assertEqual(client.handshake(client_sock, TLS_HANDSHAKE_S), b"")
+        self.assertEqual(accepting.outcome(), b"")
+        return server, client, server_sock, client_sock
+
+    # -- channels ----------------------------------------------------------------
+
+    def test_handshake_then_data_both_ways_in_tls_1_3_and_1_2(self):
+        for label, maximum in TLS_VERSIONS:
+            with self.subTest(label):
+                server, client, server_sock, client_sock = self.connected_channels(tls_server_context(maximum))
+                client_sock.sendall(client.encrypt(b'{"type":"hello"}\n'))
+                self.assertEqual(tls_read_plain(server, server_sock, 17)[0], b'{"type":"hello"}\n')
+                server_sock.sendall(server.encrypt(b'{"type":"welcome"}\n'))
+                self.assertEqual(tls_read_plain(client, client_sock, 19)[0], b'{"type":"welcome"}\n')
+                self.assertFalse(server.closed or client.closed)
+
+    def test_one_megabyte_each_way_over_many_recv_calls(self):
+        server, client, server_sock, client_sock = self.connected_channels()
+        payload = os.urandom(1024 * 1024)
+        for sender, sender_sock, receiver, receiver_sock in (
+                (server, server_sock, client, client_sock), (client, client_sock, server, server_sock)):
+            sending = self.worker(sender_sock.sendall, sender.encrypt(payload))
+            received, calls = tls_read_plain(receiver, receiver_sock, len(payload))
+            sending.outcome()
+            self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(payload).digest())
+            self.assertGreaterEqual(calls, 16)
+
+    def test_reader_and_writer_threads_share_one_channel(self):
+        # Why TlsChannel has a lock: a session decrypts on its reader thread while the
+        # writer thread encrypts for the same connection.
+        server, client, server_sock, client_sock = self.connected_channels()
+        count = 1000
+        threads = []
+        for channel, sock, mine, theirs in ((server, server_sock, b"S", b"C"), (client, client_sock, b"C", b"S")):
+            writer_sock = sock.dup()  # the writer's own socket, as SocketWriter has
+            self.addCleanup(writer_sock.close)
+            threads.append(self.worker(tls_send_numbered, channel, writer_sock, mine, count))
+            threads.append(self.worker(tls_receive_numbered, channel, sock, theirs, count))
+        for thread in threads:
+            thread.outcome(timeout=6 * TLS_WAIT_S)
+        self.assertFalse(server.output_waiting() or client.output_waiting())
+
+    def test_every_sslobject_call_holds_the_channels_lock(self):
+        # The stress test above catches a missing lock only now and then; this always does.
+        server_sock, client_sock = self.sockets()
+        server = localchat.TlsChannel(tls_server_context(), server_side=True)
+        client = localchat.TlsChannel(localchat.client_tls_context(), server_side=False)
+        checks = [TlsLockCheckingSslObject(channel) for channel in (server, client)]
+        accepting = self.worker(server.handshake, server_sock, TLS_HANDSHAKE_S)
+        client.handshake(client_sock, TLS_HANDSHAKE_S)
+        accepting.outcome()
+        client_sock.sendall(client.encrypt(b"hi\n") + client.close_notify())
+        self.assertEqual(tls_read_until_closed(server, server_sock), b"hi\n")
+        server.output_waiting()
+        self.assertIsNotNone(client.fingerprint())
+        called = set(checks[0].calls) | set(checks[1].calls)
+        self.assertLessEqual({"do_handshake", "read", "write", "unwrap", "getpeercert"}, called)
+
+    def test_client_fingerprint_is_the_server_certificates(self):
+        server, client, _, _ = self.connected_channels()
+        self.assertEqual(client.fingerprint(), self.cert["fingerprint"])
+        self.assertEqual(client.peer_certificate_der(), ssl.PEM_cert_to_DER_cert(self.cert["pem"]))
+        self.assertIsNone(server.fingerprint())  # clients send no certificate
+
+    def test_no_fingerprint_before_the_handshake(self):
+        channel = localchat.TlsChannel(localchat.client_tls_context(), server_side=False)
+        self.assertIsNone(channel.peer_certificate_der())
+        self.assertIsNone(channel.fingerprint())
+        self.assertEqual(channel.close_notify(), b"")
+
+    def test_close_notify_closes_the_peer_after_the_last_data(self):
+        server, client, server_sock, client_sock = self.connected_channels()
+        client_sock.sendall(client.encrypt(b'{"type":"bye"}\n') + client.close_notify())
+        self.assertEqual(tls_read_until_closed(server, server_sock), b'{"type":"bye"}\n')
+        self.assertTrue(server.closed)
+        self.assertEqual(server.decrypt(b""), (b"", b""))  # stays closed, quietly
+        self.assertEqual(client.close_notify(), b"")
+        with self.assertRaises(ssl.SSLError):
+            client.encrypt(b"too late")
+
+    def test_data_glued_to_the_last_handshake_flight_is_returned(self):
+        # A fast peer's first frame can come in the same recv() as the end of the
+        # handshake: handshake() must return it, or the reader waits for it forever.
+        for label, maximum in TLS_VERSIONS:
+            with self.subTest(label):
+                server_sock, client_sock = self.sockets()
+                server = localchat.TlsChannel(tls_server_context(maximum), server_side=True)
+                client = localchat.TlsChannel(localchat.client_tls_context(), server_side=False)
+                last_is_client = maximum is None  # TLS 1.3: the client's Finished; 1.2: the server's
+                lazy = TlsLazySocket(client_sock if last_is_client else server_sock)
+                first, second = (client, server) if last_is_client else (server, client)
+                second_sock = server_sock if last_is_client else client_sock
+                waiting = self.worker(second.handshake, second_sock, TLS_HANDSHAKE_S)
+                self.assertEqual(first.handshake(lazy, TLS_HANDSHAKE_S), b"")
+                lazy.sendall(first.encrypt(b'{"type":"hello"}\n'))
+                lazy.flush()
+                self.assertEqual(waiting.outcome(), b'{"type":"hello"}\n')
+
+    def test_handshake_keeps_the_sockets_timeout(self):
+        server_sock, client_sock = self.sockets()
+        client_sock.settimeout(7.5)
+        server = localchat.TlsChannel(tls_server_context(), server_side=True)
+        client = localchat.TlsChannel(localchat.client_tls_context(), server_side=False)
+        accepting = self.worker(server.handshake, server_sock, TLS_HANDSHAKE_S)
+        client.handshake(client_sock, TLS_HANDSHAKE_S)
+        accepting.outcome()
+        self.assertEqual(client_sock.gettimeout(), 7.5)
+        self.assertEqual(server_sock.gettimeout(), TLS_WAIT_S)
+
+    # -- interoperation with the ssl module's sockets ----------------------------
+
+    def test_channel_server_with_an_ssl_socket_client(self):
+        for label, maximum in TLS_VERSIONS:
+            with self.subTest(label):
+                server_sock, client_sock = self.sockets()
+                server = localchat.TlsChannel(tls_server_context(maximum), server_side=True)
+                accepting = self.worker(server.handshake, server_sock, TLS_HANDSHAKE_S)
+                wrapped = localchat.client_tls_context().wrap_socket(client_sock)
+                self.addCleanup(wrapped.close)
+                accepting.outcome()
+                fingerprint = hashlib.sha256(wrapped.getpeercert(binary_form=True)).hexdigest().upper()
+                self.assertEqual(fingerprint, self.cert["fingerprint"].replace(":", ""))
+                wrapped.sendall(b"ping\n")
+                self.assertEqual(tls_read_plain(server, server_sock, 5)[0], b"ping\n")
+                server_sock.sendall(server.encrypt(b"pong\n"))
+                self.assertEqual(wrapped.recv(100), b"pong\n")
+                unwrapping = self.worker(wrapped.unwrap)  # sends close_notify and waits for ours
+                self.assertEqual(tls_read_until_closed(server, server_sock), b"")
+                server_sock.sendall(server.close_notify())
+                unwrapping.outcome()
+
+    def test_channel_client_with_an_ssl_socket_server(self):
+        for label, maximum in TLS_VERSIONS:
+            with self.subTest(label):
+                # A default server context: it sends TLS 1.3 session tickets after the handshake.
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(str(self.cert["cert"]), str(self.cert["key_path"]))
+                if maximum:
+                    context.maximum_version = maximum
+                server_sock, client_sock = self.sockets()
+                serving = self.worker(tls_echo_once_then_unwrap, context, server_sock)
+                client = localchat.TlsChannel(localchat.client_tls_context(), server_side=False)
+                self.assertEqual(client.handshake(client_sock, TLS_HANDSHAKE_S), b"")
+                self.assertEqual(client.fingerprint(), self.cert["fingerprint"])
+                client_sock.sendall(client.encrypt(b"ping\n"))
+                self.assertEqual(tls_read_plain(client, client_sock, 10)[0], b"echo:ping\n")
+                self.assertEqual(tls_read_until_closed(client, client_sock), b"")
+                client_sock.sendall(client.close_notify())
+                self.assertEqual(serving.outcome(), b"ping\n")
+
+    # -- telling TLS from plain --------------------------------------------------
+
+    def test_looks_like_tls_on_first_bytes(self):
+        for data, expected in ((b"", False), (b"{", False), (b' \r\n{"type"', False), (b"\x16", True),
+                               (b"\x16\x03\x01\x02\x00", True), (b"\x16\x01", False), (b"\x17\x03", False),
+                               (bytearray(b"\x16\x03"), True)):
+            self.assertIs(localchat.looks_like_tls(data), expected, data)
+
+    def test_plain_hello_is_not_tls_and_peeking_takes_nothing(self):
+        server_sock, client_sock = self.sockets()
+        client_sock.sendall(b'{"type":"hello"}\n')
+        self.assertFalse(localchat.looks_like_tls(server_sock.recv(1, socket.MSG_PEEK)))
+        self.assertEqual(server_sock.recv(100), b'{"type":"hello"}\n')
+
+    def test_client_hello_is_tls_and_a_silent_close_is_explained(self):
+        server_sock, client_sock = self.sockets()
+        client = localchat.TlsChannel(localchat.client_tls_context(), server_side=False)
+        connecting = self.worker(tls_handshake_error, client, client_sock)
+        peeked = server_sock.recv(2, socket.MSG_PEEK)
+        first = server_sock.recv(64 * 1024)
+        self.assertTrue(localchat.looks_like_tls(peeked[:1]))
+        self.assertTrue(localchat.looks_like_tls(peeked))
+        self.assertTrue(localchat.looks_like_tls(first))
+        server_sock.close()  # what a plain server that only closes would do
+        error = connecting.outcome()
+        self.assertIsInstance(error, OSError)
+        self.assertIn("closed the connection during the encrypted handshake",
+                      localchat.tls_error_sentence(error, (LOOPBACK, 13333)))
+
+    # -- handshakes that fail ----------------------------------------------------
+
+    def test_tls_client_to_plain_server_is_told_it_does_not_use_encryption(self):
+        server_sock, client_sock = self.sockets()
+        client = localchat.TlsChannel(localchat.client_tls_context(), server_side=False)
+        connecting = self.worker(tls_handshake_error, client, client_sock)
+        tls_read_one_record(server_sock)  # the whole ClientHello, so closing sends no reset
+        server_sock.sendall(b'{"type":"error","code":"tls_not_used","text":"No encryption here."}\n')
+        server_sock.shutdown(socket.SHUT_WR)
+        error = connecting.outcome()
+        self.assertIsInstance(error, ssl.SSLError)
+        self.assertEqual(localchat.tls_error_sentence(error, ("192.168.1.7", 13333)),
+                         "The server at 192.168.1.7:13333 does not use encryption: "
+                         "connect without --tls, or ask its owner.")
+
+    def test_client_times_out_when_the_server_never_answers(self):
+        server_sock, client_sock = self.sockets()
+        client = localchat.TlsChannel(localchat.client_tls_context(), server_side=False)
+        started = time.monotonic()
+        with self.assertRaises(socket.timeout) as caught:
+            client.handshake(client_sock, 0.5)
+        self.assertLess(time.monotonic() - started, 0.5 + 2.0)
+        self.assertGreaterEqual(time.monotonic() - started, 0.45)
+        self.assertIn("did not complete the encrypted handshake in 0.5 s",
+                      localchat.tls_error_sentence(caught.exception, ("h", 1), timeout_s=0.5))
+
+    def test_server_times_out_on_a_silent_or_dribbling_client(self):
+        for label, sent in (("silent", b""), ("dribbling", b"\x16\x03\x01\x02\x00\x01")):
+            with self.subTest(label):
+                server_sock, client_sock = self.sockets()
+                client_sock.sendall(sent)
+                server = localchat.TlsChannel(tls_server_context(), server_side=True)
+                started = time.monotonic()
+                with self.assertRaises(socket.timeout):
+                    server.handshake(server_sock, 0.5)
+                self.assertLess(time.monotonic() - started, 0.5 + 2.0)
+
+    def failed_handshake(self, server_ctx, client_ctx):
+        """Return the client's error from a handshake that both sides must refuse."""
+        server_sock, client_sock = self.sockets()
+        server = localchat.TlsChannel(server_ctx, server_side=True)
+        client = localchat.TlsChannel(client_ctx, server_side=False)
+        connecting = self.worker(tls_handshake_error, client, client_sock)
+        with self.assertRaises(ssl.SSLError):
+            server.handshake(server_sock, TLS_HANDSHAKE_S)
+        return connecting.outcome()
+
+    def test_no_common_version_is_a_sentence(self):
+        client_context = localchat.client_tls_context()
+        client_context.maximum_version = ssl.TLSVersion.TLSv1_2
+        error = self.failed_handshake(tls_server_context(minimum=ssl.TLSVersion.TLSv1_3), client_context)
+        self.assertIn("no version of encryption in common", localchat.tls_error_sentence(error, "h:1"))
+
+    def test_no_common_cipher_is_a_sentence(self):
+        server = tls_server_context(maximum=ssl.TLSVersion.TLSv1_2)
+        server.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+        client_context = localchat.client_tls_context()
+        client_context.maximum_version = ssl.TLSVersion.TLSv1_2
+        client_context.set_ciphers("ECDHE-RSA-AES256-GCM-SHA384")
+        error = self.failed_handshake(server, client_context)
+        self.assertIn("could not agree on how to encrypt", localchat.tls_error_sentence(error, "h:1"))
+
+    def test_tls_error_sentences_for_errors_hard_to_provoke(self):
+        def ssl_error(reason):
+            error = ssl.SSLError(1, "[SSL: %s] something" % reason)
+            error.reason = reason
+            return error
+
+        def sentence(error):
+            return localchat.tls_error_sentence(error, ("10.0.0.2", 13333))
+
+        for reason, words in (("WRONG_VERSION_NUMBER", "does not use encryption"),
+                              ("RECORD_LAYER_FAILURE", "does not use encryption"),
+                              ("UNEXPECTED_EOF_WHILE_READING", "closed the connection"),
+                              ("UNSUPPORTED_PROTOCOL", "no version of encryption in common"),
+                              ("SSLV3_ALERT_HANDSHAKE_FAILURE", "could not agree"),
+                              ("SOMETHING_NEW", "failed: something new.")):
+            self.assertIn(words, sentence(ssl_error(reason)), reason)
+            self.assertIn("10.0.0.2:13333", sentence(ssl_error(reason)))
+        self.assertIn("closed the connection", sentence(ConnectionResetError(104, "reset")))
+        self.assertIn("closed the connection", sentence(ssl.SSLEOFError("EOF")))
+        self.assertIn("closed the connection", sentence(ssl.SSLZeroReturnError(6, "closed (EOF)")))
+        self.assertEqual(sentence(ssl.SSLError(1, "odd thing (_ssl.c:1131)")),
+                         "The encrypted connection to 10.0.0.2:13333 failed: odd thing.")
+        self.assertIn("in time", sentence(socket.timeout("timed out")))
+        self.assertEqual(sentence(OSError(113, "No route to host")),
+                         "The connection to 10.0.0.2:13333 was lost during the encrypted handshake: "
+                         "No route to host.")
+
+
+# =============================================================================
+# 10. Discovery
+# =============================================================================
+
+DISCOVERY_SECOND_LOOPBACK = "127.0.0.2"  # Linux routes all of 127/8 to lo; macOS and Windows do not
+DISCOVERY_STOP_LIMIT_S = 1.0             # stop() ends the responder's thread within this
+# Targets Python refuses before any lookup: no DNS query may leave this computer.
+DISCOVERY_UNSENDABLE_TARGETS = ["127.0.0.1\0x", "\xe9" * 64]
+DISCOVERY_FINGERPRINT = ":".join(["AB", "CD"] + ["0F"] * 29 + ["12"])  # 32 pairs, as SHA-256 gives
+
+
+def discovery_description(**changes):
+    """Return what a server's describe() returns, with some fields changed."""
+    fields = {"name": "lab-pc", "port": 13333, "users": 3, "password": False, "tls": True,
+              "fingerprint": DISCOVERY_FINGERPRINT, "version": 1}
+    fields.update(changes)
+    return fields
+
+
+def discovery_udp_socket(host=LOOPBACK):
+    """Return a UDP socket bound to host on an ephemeral port, reads timing out."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(READ_TIMEOUT_S)
+        sock.bind((host, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def discovery_pending_datagrams(sock):
+    """Return every datagram already waiting on sock, without waiting for more."""
+    found = []
+    sock.setblocking(False)
+    try:
+        for _ in range(10000):
+            try:
+                found.append(sock.recv(65536))
+            except BlockingIOError:
+                break
+    finally:
+        sock.settimeout(READ_TIMEOUT_S)
+    return found
+
+
+def discovery_second_loopback_usable():
+    """Return True if 127.0.0.2 can be bound (Linux), so tests can use two sources."""
+    try:
+        discovery_udp_socket(DISCOVERY_SECOND_LOOPBACK).close()
+        return True
+    except OSError:
+        return False
+
+
+def discovery_malformed_replies():
+    """Return datagrams a hostile or broken "server" might send, none of them acceptable."""
+    good = discovery_description()
+
+    def reply(**changes):
+        fields = dict(good, type="localchat")
+        fields.update(changes)
+        fields = {k: v for k, v in fields.items() if v is not Ellipsis}
+        return json.dumps(fields).encode("utf-8") + b"\n"
+
+    rng = random.Random(5)
+    return [
+        b"", b"\n", b"not json\n", b"[1, 2]\n", b'"localchat"\n', b"\xff\xfe\n", b"[" * 400,
+        bytes(rng.getrandbits(8) for _ in range(300)),
+        reply(type="other"), reply(port="13333"), reply(port=True), reply(port=0), reply(port=70000),
+        reply(users=-1), reply(users=2.5), reply(password="yes"), reply(tls=1), reply(version=0),
+        reply(version=True), reply(name=None), reply(name=...), reply(port=...), reply(users=...),
+        reply(name="n" * (localchat.DISCOVERY_NAME_MAX_CHARS + 1)), reply(fingerprint="zz:zz"),
+        reply(fingerprint="A" * 129), reply(fingerprint=5), reply(id="has space"), reply(id=""),
+        reply(id=7), reply(name="x" * 60, fingerprint="A" * 128, extra="y" * 300),
+    ]
+
+
+class DiscoveryFakeServer:
+    """A "server" on loopback that answers the first datagram it gets with the given datagrams."""
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.sock = discovery_udp_socket()
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve_loop, name="test-fake-discovery", daemon=True)
+        self.thread.start()
+
+    def _serve_loop(self):
+        """Runs on the fake server's thread."""
+        try:
+            _, source = self.sock.recvfrom(65536)
+        except socket.timeout:
+            return
+        for data in self.replies:
+            self.sock.sendto(data, source)
+
+    def close(self):
+        self.thread.join(READ_TIMEOUT_S + 1)
+        self.sock.close()
+
+
+class DiscoveryTests(unittest.TestCase):
+    """Probes, replies and their limits; a DiscoveryResponder probed on loopback by hand and by discover_servers()."""
+
+    def setUp(self):
+        self.threads_before = set(threading.enumerate())
+        self.addCleanup(self._check_threads)  # cleanups run last-in first-out: after the responders stop
+
+    def _check_threads(self):
+        deadline = time.monotonic() + THREAD_END_S
+        for thread in threading.enumerate():
+            if thread not in self.threads_before:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        leaked = [t.name for t in threading.enumerate() if t not in self.threads_before and t.is_alive()]
+        self.assertEqual(leaked, [], "threads leaked")
+
+    def start_responder(self, host=LOOPBACK, port=0, describe=None, rate_limit=None):
+        """Return a started DiscoveryResponder that the test's cleanup stops."""
+        responder = localchat.DiscoveryResponder(host, port, describe or discovery_description, rate_limit=rate_limit)
+        self.addCleanup(responder.stop)
+        responder.start()
+        return responder
+
+    def client(self, host=LOOPBACK):
+        sock = discovery_udp_socket(host)
+        self.addCleanup(sock.close)
+        return sock
+
+    def probe(self, sock, responder, data=None):
+        """Send one probe (a valid one by default) from sock to the responder."""
+        sock.sendto(localchat.discovery_probe() if data is None else data, responder.address)
+
+    def read_reply(self, sock):
+        """Return the next datagram on sock and its parsed reply; fail if none comes in time."""
+        try:
+            data, source = sock.recvfrom(65536)
+        except socket.timeout:
+            self.fail("no reply within %.0f s" % READ_TIMEOUT_S)
+        return data, localchat.parse_discovery_reply(data, source[0])
+
+    # -- formats, no sockets -----------------------------------------------------
+
+    def test_probe_is_the_padded_prefix_and_replies_are_smaller_than_probes(self):
+        probe = localchat.discovery_probe()
+        self.assertEqual(len(probe), localchat.DISCOVERY_PROBE_BYTES)
+        self.assertTrue(probe.startswith(localchat.DISCOVERY_PROBE))
+        self.assertTrue(localchat.is_discovery_probe(probe))
+        self.assertLess(localchat.DISCOVERY_REPLY_MAX_BYTES, localchat.DISCOVERY_PROBE_BYTES)
+        self.assertLess(localchat.DISCOVERY_PROBE_BYTES, localchat.DISCOVERY_MAX_PACKET_BYTES)
+
+    def test_anything_but_an_exact_probe_is_refused(self):
+        prefix, size = localchat.DISCOVERY_PROBE, localchat.DISCOVERY_PROBE_BYTES
+        refused = [b"", prefix, prefix.ljust(size - 1, b"\0"),
+                   prefix.ljust(localchat.DISCOVERY_MAX_PACKET_BYTES + 1, b"\0"),
+                   (prefix + b"x").ljust(size, b"\0"), prefix.ljust(size - 1, b"\0") + b"!",
+                   prefix.ljust(size, b" "), b"LOCALCHAT-DISCOVER 2\n".ljust(size, b"\0"),
+                   b"\0" * size, bytes(range(256)) * 2]
+        for data in refused:
+            self.assertFalse(localchat.is_discovery_probe(data), data[:40])
+        self.assertTrue(localchat.is_discovery_probe(prefix.ljust(localchat.DISCOVERY_MAX_PACKET_BYTES, b"\0")))
+
+    def test_reply_round_trip_keeps_every_field(self):
+        data = localchat.encode_discovery_reply(discovery_description(), "0123abcd")
+        self.assertEqual(localchat.parse_discovery_reply(data, "192.0.2.7"),
+                         discovery_description(address="192.0.2.7", id="0123abcd"))
+        self.assertTrue(data.endswith(b"\n"))
+        self.assertEqual(json.loads(data.decode("utf-8"))["type"], "localchat")
+
+    def test_every_reply_fits_the_cap_whatever_the_name(self):
+        names = ["x" * 300, "\u00e9" * 300, "\U0001f600" * 300, "\u0001" * 300, '"\\' * 150, "\udcff" * 300,
+                 "a\nb" * 100, "", "ok"]
+        for name in names:
+            data = localchat.encode_discovery_reply(discovery_description(name=name), "f" * 16)
+            self.assertLessEqual(len(data), localchat.DISCOVERY_REPLY_MAX_BYTES, repr(name[:10]))
+            found = localchat.parse_discovery_reply(data, LOOPBACK)
+            self.assertIsNotNone(found, repr(name[:10]))
+            if "\udcff" not in name:
+                self.assertTrue(name.startswith(found["name"]))
+        data = localchat.encode_discovery_reply(discovery_description(name="n" * 300))
+        self.assertEqual(localchat.parse_discovery_reply(data, LOOPBACK)["name"],
+                         "n" * localchat.DISCOVERY_NAME_MAX_CHARS, "a long name is cut, not dropped")
+
+    def test_reply_that_cannot_fit_is_none_and_a_bad_description_raises(self):
+        self.assertIsNone(localchat.encode_discovery_reply(discovery_description(fingerprint="A" * 500)))
+        for bad in ({"port": 1}, {"name": "x"}, discovery_description(port="nope"), discovery_description(users=None)):
+            with self.assertRaises((KeyError, TypeError, ValueError)):
+                localchat.encode_discovery_reply(bad)
+
+    def test_malformed_replies_are_refused_and_unknown_fields_ignored(self):
+        for data in discovery_malformed_replies():
+            self.assertIsNone(localchat.parse_discovery_reply(data, LOOPBACK), data[:80])
+        fields = dict(discovery_description(), type="localchat", later="field", fingerprint=None)
+        found = localchat.parse_discovery_reply(json.dumps(fields).encode(), "192.0.2.9")
+        self.assertNotIn("later", found)
+        self.assertIsNone(found["fingerprint"])
+        self.assertIsNone(found["id"])
+
+    def test_describe_found_server_is_one_printable_line(self):
+        found = discovery_description(address="192.168.1.7", password=True, id=None)
+        self.assertEqual(localchat.describe_found_server(found),
+                         "lab-pc  192.168.1.7:13333  3 users  password  encrypted (AB:CD:...:12)")
+        plain = discovery_description(address=LOOPBACK, users=1, tls=False, fingerprint=None, id=None)
+        self.assertEqual(localchat.describe_found_server(plain), "lab-pc  127.0.0.1:13333  1 user  not encrypted")
+        line = localchat.describe_found_server(discovery_description(name="evil\x1b[2J\n", address=LOOPBACK, id=None))
+        self.assertTrue(line.isprintable(), line)
+        self.assertIn("evil\\x1b[2J\\n", line)
+        newer = localchat.describe_found_server(discovery_description(version=2, address=LOOPBACK, id=None))
+        self.assertIn("needs a newer LocalChat", newer)
+
+    def test_one_server_seen_through_two_addresses_is_listed_once(self):
+        same = discovery_description(id="abc")
+        found = [dict(same, address="127.0.0.1"), dict(same, address="192.0.2.7"), dict(same, address="192.0.2.7"),
+                 dict(discovery_description(name="Other", id="def"), address="192.0.2.8"),
+                 dict(discovery_description(name="anon", id=None), address="192.0.2.9"),
+                 dict(discovery_description(name="anon", id=None), address="192.0.2.10")]
+        self.assertEqual([(s["name"], s["address"]) for s in localchat._distinct_servers(found)],
+                         [("anon", "192.0.2.10"), ("anon", "192.0.2.9"), ("lab-pc", "192.0.2.7"),
+                          ("Other", "192.0.2.8")])
+        # A hostile reply that copies a server's id must not hide that server.
+        copied = [dict(discovery_description(id="abc"), address="127.0.0.1"),
+                  dict(discovery_description(id="abc", name="impostor"), address="192.0.2.66")]
+        self.assertEqual(len(localchat._distinct_servers(copied)), 2)
+
+    def test_rate_limit_per_address_per_window_with_a_bounded_table(self):
+        now = [100.0]
+        limit = localchat.ReplyRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
+        self.assertEqual([limit.allow("a") for _ in range(7)], [True] * 5 + [False] * 2)
+        self.assertTrue(limit.allow("b"))
+        now[0] += 0.99
+        self.assertFalse(limit.allow("a"))
+        now[0] += 0.02
+        self.assertTrue(limit.allow("a"))
+        limit = localchat.ReplyRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
+        for address in "abc":
+            self.assertTrue(limit.allow(address))
+        self.assertFalse(limit.allow("d"), "a full table of live windows refuses newcomers")
+        self.assertEqual(len(limit), 3)
+        now[0] += 1.0
+        self.assertTrue(limit.allow("d"))
+        self.assertEqual(len(limit), 1, "ended windows are forgotten")
+        for n in range(10000):
+            limit.allow("10.%d.%d.%d" % (n >> 16, (n >> 8) & 255, n & 255))
+            now[0] += 0.001
+            self.assertLessEqual(len(limit), 3)
+
+    def test_default_targets_are_the_environment_variable_else_broadcasts_and_loopback(self):
+        with mock.patch.dict(os.environ, {localchat.DISCOVERY_TARGETS_ENV: " 127.0.0.1, 127.0.0.3 ,,127.0.0.1"}):
+            self.assertEqual(localchat.default_discovery_targets(), ["127.0.0.1", "127.0.0.3"])
+        # lan_addresses() is replaced: looking up the host name could ask a DNS server. Nothing is sent.
+        with mock.patch.dict(os.environ, {localchat.DISCOVERY_TARGETS_ENV: " "}), \
+                mock.patch.object(localchat, "lan_addresses", lambda: ["192.0.2.44"]):
+            targets = localchat.default_discovery_targets()
+        self.assertEqual((targets[0], targets[-1]), ("255.255.255.255", "127.0.0.1"))
+        self.assertIn("192.0.2.255", targets, "the /24 guess")
+        self.assertEqual(len(targets), len(set(targets)))
+        for target in targets:
+            socket.inet_aton(target)
+        for target in targets[1:-1]:
+            self.assertFalse(target.startswith("127."), target)
+
+    # -- a responder on loopback ---------------------------------------------------
+
+    def test_responder_is_found_with_all_fields(self):
+        responder = self.start_responder()
+        found = localchat.discover_servers(responder.address[1], targets=[LOOPBACK], wait_s=0.3)
+        self.assertEqual(found, [discovery_description(address=LOOPBACK, id=responder.server_id)])
+        self.assertEqual(responder.answered, 1)
+        self.assertEqual(responder.address[0], LOOPBACK)
+        self.assertNotEqual(responder.address[1], 0)
+
+    def test_discover_servers_without_targets_probes_the_environments(self):
+        responder = self.start_responder()
+        with mock.patch.dict(os.environ, {localchat.DISCOVERY_TARGETS_ENV: LOOPBACK}):
+            found = localchat.discover_servers(responder.address[1], wait_s=0.3)
+        self.assertEqual([s["address"] for s in found], [LOOPBACK])
+
+    def test_two_responders_on_different_ports_are_found_separately(self):
+        first = self.start_responder(describe=lambda: discovery_description(name="first", port=1111))
+        second = self.start_responder(describe=lambda: discovery_description(name="second", port=2222))
+        for responder, name in ((first, "first"), (second, "second")):
+            found = localchat.discover_servers(responder.address[1], targets=[LOOPBACK], wait_s=0.3)
+            self.assertEqual([s["name"] for s in found], [name])
+
+    @unittest.skipUnless(discovery_second_loopback_usable(), "127.0.0.2 cannot be bound here (only Linux routes 127/8)")
+    def test_two_responders_on_one_port_two_addresses_are_both_listed_by_name(self):
+        first = self.start_responder(describe=lambda: discovery_description(name="zeta"))
+        self.start_responder(DISCOVERY_SECOND_LOOPBACK, first.address[1],
+                             describe=lambda: discovery_description(name="Alpha"))
+        found = localchat.discover_servers(first.address[1], targets=[LOOPBACK, DISCOVERY_SECOND_LOOPBACK],
+                                           wait_s=0.3)
+        self.assertEqual([(s["name"], s["address"]) for s in found],
+                         [("Alpha", DISCOVERY_SECOND_LOOPBACK), ("zeta", LOOPBACK)])
+
+    def test_unsendable_targets_are_skipped(self):
+        responder = self.start_responder()
+        found = localchat.discover_servers(responder.address[1], targets=DISCOVERY_UNSENDABLE_TARGETS + [LOOPBACK],
+                                           wait_s=0.3)
+        self.assertEqual(len(found), 1)
+        started = time.monotonic()
+        self.assertEqual(localchat.discover_servers(9, targets=DISCOVERY_UNSENDABLE_TARGETS, wait_s=5.0), [])
+        self.assertLess(time.monotonic() - started, 2.0, "nothing sent: no waiting")
+
+    def test_nothing_listening_gives_an_empty_list_in_time(self):
+        sock = discovery_udp_socket()
+        port = sock.getsockname()[1]
+        sock.close()
+        started = time.monotonic()
+        self.assertEqual(localchat.discover_servers(port, targets=[LOOPBACK], wait_s=0.2), [])
+        self.assertLess(time.monotonic() - started, 2.0)
+
+    def test_malformed_replies_from_a_fake_server_are_ignored(self):
+        good = json.dumps(dict(discovery_description(), type="localchat", later="ignored")).encode("utf-8") + b"\n"
+        fake = DiscoveryFakeServer(discovery_malformed_replies() + [good, good, b"x" * 3000])
+        self.addCleanup(fake.close)
+        found = localchat.discover_servers(fake.port, targets=[LOOPBACK], wait_s=0.3)
+        self.assertEqual(found, [discovery_description(address=LOOPBACK, id=None)])
+
+    # -- hostile datagrams ---------------------------------------------------------
+
+    def test_hostile_datagrams_get_no_reply_and_do_not_stop_it(self):
+        responder = self.start_responder()
+        prefix, size = localchat.DISCOVERY_PROBE, localchat.DISCOVERY_PROBE_BYTES
+        rng = random.Random(1)
+        junk = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 1500))) for _ in range(5)]
+        junk += [b"", prefix, prefix.ljust(size - 1, b"\0"), prefix.ljust(3000, b"\0"),
+                 (prefix + b"garbage").ljust(size, b"\0"), prefix.ljust(size, b"\0")[:-1] + b"\x01",
+                 localchat.encode_discovery_reply(discovery_description()).ljust(size, b"\0")]
+        sock = self.client()
+        for data in junk:
+            self.probe(sock, responder, data)
+        self.probe(sock, responder)
+        _, found = self.read_reply(sock)
+        self.assertIsNotNone(found, "the first datagram back answers the valid probe")
+        self.assertEqual(discovery_pending_datagrams(sock), [])
+        self.assertEqual((responder.ignored, responder.answered), (len(junk), 1))
+        self.assertTrue(responder.is_alive())
+
+    def test_thousand_junk_datagrams_then_it_still_answers(self):
+        # No rate limit here: a valid probe after every batch proves the batch was read.
+        responder = self.start_responder(rate_limit=localchat.ReplyRateLimit(per_window=10 ** 6))
+        rng = random.Random(2)
+        sock = self.client()
+        for _ in range(20):
+            for _ in range(50):
+                self.probe(sock, responder, bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 700))))
+            self.probe(sock, responder)
+            self.assertIsNotNone(self.read_reply(sock)[1])
+        self.assertEqual(discovery_pending_datagrams(sock), [])
+        self.assertEqual((responder.ignored, responder.answered), (1000, 20))
+        self.assertTrue(responder.is_alive())
+
+    def test_reply_is_never_longer_than_the_probe(self):
+        responder = self.start_responder(describe=lambda: discovery_description(name="N" * 300))
+        sock = self.client()
+        probe = localchat.discovery_probe()
+        self.probe(sock, responder, probe)
+        reply, found = self.read_reply(sock)
+        self.assertLessEqual(len(reply), min(len(probe), localchat.DISCOVERY_REPLY_MAX_BYTES))
+        self.assertEqual(found["name"], "N" * localchat.DISCOVERY_NAME_MAX_CHARS)
+
+    @unittest.skipUnless(discovery_second_loopback_usable(), "127.0.0.2 cannot be bound here (only Linux routes 127/8)")
+    def test_rate_limit_answers_at_most_the_limit_to_one_address(self):
+        # A clock that stands still: all 50 probes fall in one window, whatever the machine's speed.
+        responder = self.start_responder(rate_limit=localchat.ReplyRateLimit(clock=lambda: 1000.0))
+        flooder, marker = self.client(), self.client(DISCOVERY_SECOND_LOOPBACK)
+        for _ in range(50):
+            self.probe(flooder, responder)
+        self.probe(marker, responder)
+        self.assertIsNotNone(self.read_reply(marker)[1], "another address is still answered")
+        self.assertEqual(len(discovery_pending_datagrams(flooder)), localchat.DISCOVERY_RATE_PER_S)
+        self.assertEqual((responder.answered, responder.limited), (localchat.DISCOVERY_RATE_PER_S + 1, 45))
+
+    def test_probe_from_a_service_port_is_ignored(self):
+        responder = self.start_responder()
+        low = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(low.close)
+        for port in range(1000, 1024):
+            try:
+                low.bind((LOOPBACK, port))
+                break
+            except OSError:
+                continue
+        else:
+            self.skipTest("cannot bind a port below 1024 (needs root)")
+        self.probe(low, responder)
+        sock = self.client()
+        self.probe(sock, responder)
+        self.assertIsNotNone(self.read_reply(sock)[1])
+        self.assertEqual(discovery_pending_datagrams(low), [])
+        self.assertEqual(responder.ignored, 1)
+
+    def test_describe_failure_is_logged_once_and_survived(self):
+        calls = []
+
+        def describe():
+            calls.append(1)
+            if len(calls) <= 2:
+                raise RuntimeError("broken describe")
+            return discovery_description()
+
+        responder = self.start_responder(describe=describe)
+        sock = self.client()
+        with self.assertLogs("localchat", "ERROR") as logged:
+            for _ in range(3):
+                self.probe(sock, responder)
+            self.assertIsNotNone(self.read_reply(sock)[1])
+        self.assertEqual(len(logged.records), 1)
+        self.assertEqual(discovery_pending_datagrams(sock), [])
+        self.assertEqual((responder.failed, responder.answered), (2, 1))
+
+    def test_stop_ends_the_thread_within_a_second_and_twice_is_harmless(self):
+        responder = self.start_responder()
+        started = time.monotonic()
+        responder.stop()
+        self.assertLess(time.monotonic() - started, DISCOVERY_STOP_LIMIT_S)
+        self.assertFalse(responder.is_alive())
+        responder.stop()
+        localchat.DiscoveryResponder(LOOPBACK, 0, discovery_description).stop()  # never started
+
+    def test_port_taken_raises_from_the_constructor(self):
+        responder = self.start_responder()
+        with self.assertRaises(OSError):
+            localchat.DiscoveryResponder(LOOPBACK, responder.address[1], discovery_description)
+
+
+class ProcessFixture(ServerFixture):
+    """ServerFixture plus localchat.py subprocesses: killed, reaped and their pipes closed at tearDown.
+
+    Every subprocess gets this test's own settings folder (LOCALCHAT_CONFIG_DIR), so
+    remembered fingerprints and identities never leak from one test into another.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.processes, self.pipes, self.responders = [], [], []
+        self.folder = tempfile.mkdtemp(prefix="issue5-", dir=_SCRATCH.name)
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.config = os.path.join(self.folder, "config")
+        self.env = dict(os.environ, LOCALCHAT_CONFIG_DIR=self.config)
+        self.env.pop("LOCALCHAT_PASSWORD", None)
+
+    def tearDown(self):
+        for responder in self.responders:
+            responder.stop()
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(PROCESS_TIMEOUT_S)
+        for pipe in self.pipes:
+            pipe.join(THREAD_END_S)
+        for process in self.processes:
+            for stream in (process.stdin, process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+        super().tearDown()
+
+    def environment(self, **changes):
+        """Return this test's environment with changes (a value of None removes the variable)."""
+        env = dict(self.env)
+        for key, value in changes.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+
+    def popen(self, *args, env=None, prefix=(), stdin=subprocess.DEVNULL):
+        """Start `[prefix] python3 localchat.py args`; return (process, stdout lines, stderr lines)."""
+        process = subprocess.Popen(list(prefix) + [sys.executable, SCRIPT] + list(args), stdin=stdin,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE,
+                                   env=env if env is not None else self.env)
+        self.processes.append(process)
+        stdout, stderr = PipeLines(process.stdout), PipeLines(process.stderr)
+        self.pipes.extend([stdout, stderr])
+        return process, stdout, stderr
+
+    def start_server_process(self, *extra, host=LOOPBACK, port=0, env=None, prefix=()):
+        """Run `localchat.py server`; return (process, port, stdout lines, stderr lines) once it answers discovery.
+
+        "server started on" is logged after the discovery responder started, so probes
+        sent after it are answered. History stays in memory unless extra says otherwise.
+        """
+        if "--history" not in extra:
+            extra += ("--no-history",)
+        process, stdout, stderr = self.popen("server", "--host", host, "--port", str(port), *extra,
+                                             env=env, prefix=prefix)
+        match = stdout.wait_for(r"listening on ([0-9.]+):(\d+)$", PROCESS_TIMEOUT_S)
+        self.assertEqual(match.group(1), host)
+        stderr.wait_for(r"server started on", PROCESS_TIMEOUT_S)
+        return process, int(match.group(2)), stdout, stderr
+
+    def run_clients(self, *runs):
+        """Run several `localchat.py` clients at once: runs are (args, input_text, env); return their results.
+
+        Each result has .returncode, .stdout and .stderr as text.
+        """
+        started = []
+        for args, input_text, env in runs:
+            process = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE,
+                                       env=env if env is not None else self.env)
+            self.processes.append(process)
+            started.append((process, input_text))
+        results = []
+        for process, input_text in started:
+            stdout, stderr = process.communicate(input_text.encode("utf-8"), timeout=PROCESS_TIMEOUT_S)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode,
+                                                       stdout.decode("utf-8", "replace"),
+                                                       stderr.decode("utf-8", "replace")))
+        return results
+
+    def run_client(self, *args, input_text="", env=None):
+        return self.run_clients((args, input_text, env))[0]
+
+    def assert_one_line_error(self, result, code, *fragments):
+        """The client failed with exit code `code` and one sentence (no traceback) holding fragments."""
+        self.assertEqual(result.returncode, code, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        lines = result.stderr.strip().splitlines()
+        self.assertTrue(lines, "nothing on stderr")
+        for fragment in fragments:
+            self.assertIn(fragment, lines[-1])
+        return lines[-1]
+
+    def stop_server_process(self, process):
+        """SIGTERM the server and check it stops cleanly (exit 0)."""
+        process.terminate()
+        self.assertEqual(process.wait(PROCESS_TIMEOUT_S), 0)
+
+    def default_port_or_skip(self):
+        """Skip unless LocalChat's default port is free on loopback (TCP and UDP): clients probe only it."""
+        port = localchat.DEFAULT_PORT
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            sock = socket.socket(socket.AF_INET, kind)
+            try:
+                if kind == socket.SOCK_STREAM:  # as the server does: a TIME_WAIT is no obstacle
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((LOOPBACK, port))
+            except OSError as error:
+                self.skipTest("port %d (the one clients probe) is in use here: %s" % (port, error))
+            finally:
+                sock.close()
+        return port
+
+
+def discovery_defaults(port, wait_s=0.3):
+    """Patch discover_servers() so that calls without arguments probe `port` (not 13333) for wait_s."""
+    return mock.patch.object(localchat.discover_servers, "__defaults__", (port, None, wait_s))
+
+
+class DiscoveryServerTests(ProcessFixture, unittest.TestCase):
+    """A ChatServer's discovery replies; finding it from the command line's functions and programs."""
+
+    def answer_discovery(self, fingerprint=None, host=LOOPBACK):
+        responder = localchat.start_discovery(self.server, host, fingerprint)
+        self.assertIsNotNone(responder)
+        self.responders.append(responder)
+        return responder
+
+    def find(self, port=None, wait_s=0.3):
+        return localchat.discover_servers(port or self.server.port, targets=[LOOPBACK], wait_s=wait_s)
+
+    def test_server_answers_with_its_name_port_users_password_and_fingerprint(self):
+        self.start_server(hub=localchat.ChatHub("lab chat", password="pw"))
+        responder = self.answer_discovery(fingerprint=DISCOVERY_FINGERPRINT)
+        self.assertEqual(self.find(), [{"name": "lab chat", "port": self.server.port, "users": 0, "password": True,
+                                        "tls": True, "fingerprint": DISCOVERY_FINGERPRINT, "version": 1,
+                                        "id": responder.server_id, "address": LOOPBACK}])
+
+    def test_server_reply_counts_the_people_in_the_chat(self):
+        self.start_server(hub=localchat.ChatHub("lab"))
+        self.answer_discovery()
+        self.assertEqual([(s["users"], s["password"], s["tls"], s["fingerprint"]) for s in self.find()],
+                         [(0, False, False, None)])
+        self.join("alice")
+        self.join("bob")
+        self.assertEqual([s["users"] for s in self.find()], [2])
+
+    def test_discovery_is_off_with_a_warning_when_its_udp_port_is_taken(self):
+        self.start_server()
+        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(taken.close)
+        taken.bind((LOOPBACK, self.server.port))
+        with self.assertLogs("localchat", "WARNING") as logged:
+            self.assertIsNone(localchat.start_discovery(self.server, LOOPBACK))
+        self.assertIn("discovery is off", logged.output[0])
+
+    def test_run_discover_prints_one_line_a_server_and_exits_0(self):
+        self.start_server(hub=localchat.ChatHub("lab chat"))
+        self.answer_discovery()
+        with discovery_defaults(self.server.port), mock.patch("sys.stdout", new_callable=io.StringIO) as out:
+            self.assertEqual(localchat.run_discover(), 0)
+        self.assertEqual(out.getvalue(), "lab chat  127.0.0.1:%d  0 users  not encrypted\n" % self.server.port)
+
+    def test_run_discover_says_when_nothing_answered_and_exits_1(self):
+        self.start_server()  # no responder: nothing answers on its port
+        with discovery_defaults(self.server.port), mock.patch("sys.stdout", new_callable=io.StringIO) as out, \
+                mock.patch("sys.stderr", new_callable=io.StringIO) as err:
+            self.assertEqual(localchat.run_discover(), 1)
+        self.assertEqual((out.getvalue(), err.getvalue()), ("", "No LocalChat server answered on this network.\n"))
+
+    def test_server_from_discovery_takes_the_one_found_else_says_how_to_give_an_address(self):
+        self.start_server()
+        with discovery_defaults(self.server.port):
+            with self.assertRaises(localchat.UserError) as caught:
+                localchat.server_from_discovery()
+            self.assertIn("--server HOST[:PORT]", str(caught.exception))
+            self.answer_discovery()
+            self.assertEqual(localchat.server_from_discovery(), (LOOPBACK, self.server.port))
+
+    @unittest.skipUnless(discovery_second_loopback_usable(), "127.0.0.2 cannot be bound here (only Linux routes 127/8)")
+    def test_server_from_discovery_lists_several_and_asks_to_choose(self):
+        self.start_server(hub=localchat.ChatHub("first"))
+        self.answer_discovery()
+        other = localchat.DiscoveryResponder(DISCOVERY_SECOND_LOOPBACK, self.server.port,
+                                             lambda: discovery_description(name="second", port=self.server.port))
+        self.responders.append(other)
+        other.start()
+        targets = "%s,%s" % (LOOPBACK, DISCOVERY_SECOND_LOOPBACK)
+        with discovery_defaults(self.server.port), \
+                mock.patch.dict(os.environ, {localchat.DISCOVERY_TARGETS_ENV: targets}):
+            with self.assertRaises(localchat.UserError) as caught:
+                localchat.server_from_discovery()
+        text = str(caught.exception)
+        self.assertIn("choose one with --server", text)
+        self.assertIn("first  127.0.0.1:%d" % self.server.port, text)
+        self.assertIn("second  127.0.0.2:%d" % self.server.port, text)
+
+    # -- the programs ------------------------------------------------------------------
+
+    def test_no_discovery_server_is_silent_and_a_normal_one_answers_despite_junk(self):
+        _, quiet_port, _, _ = self.start_server_process("--no-discovery")
+        _, port, _, _ = self.start_server_process("--name", "lab chat")
+        junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(junk.close)
+        for data in (b"", b"hello?", localchat.DISCOVERY_PROBE, b"\xff" * 1500):
+            junk.sendto(data, (LOOPBACK, port))
+        self.assertEqual(self.find(quiet_port), [])
+        found = self.find(port)
+        self.assertEqual([(s["name"], s["port"], s["users"], s["tls"]) for s in found], [("lab chat", port, 0, False)])
+
+    def test_discover_and_cli_find_the_server_on_the_default_port(self):
+        port = self.default_port_or_skip()
+        self.start_server_process("--name", "issue5 default", port=port)
+        listed, joined = self.run_clients((["--discover"], "", None),
+                                          (["erin", "--cli"], "found it by itself\n", None))
+        self.assertEqual((listed.returncode, listed.stdout), (0, "issue5 default  127.0.0.1:%d  0 users  not encrypted\n"
+                                                             % port), listed.stderr)
+        self.assertEqual(joined.returncode, 0, joined.stderr)
+        self.assertIn("* Connected to 127.0.0.1:%d." % port, joined.stdout)
+        self.assertIn("<erin> found it by itself", joined.stdout)
+
+    def test_discover_and_cli_say_so_when_nothing_answers(self):
+        self.default_port_or_skip()
+        listed, joined = self.run_clients((["--discover"], "", None), (["erin", "--cli"], "hello\n", None))
+        self.assertEqual((listed.returncode, listed.stdout), (1, ""))
+        self.assertEqual(listed.stderr, "No LocalChat server answered on this network.\n")
+        self.assert_one_line_error(joined, 1, "no LocalChat server answered", "--server HOST[:PORT]")
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "network namespaces are Linux only")
+class DiscoveryNamespaceTests(ProcessFixture, unittest.TestCase):
+    """A real broadcast on a LAN of two network namespaces this test makes and deletes.
+
+    The server (10.99.0.1/16) and the clients (10.99.0.2/16) are joined by a veth pair;
+    every packet stays inside the two namespaces.
+    """
+
+    PASSWORD = "namespace secret"
+
+    def setUp(self):
+        super().setUp()
+        if shutil.which("ip") is None:
+            self.skipTest("the ip command (iproute2) is not installed")
+        tag = "%d" % (os.getpid() % 100000)
+        self.server_ns, self.client_ns = "lcdisc-%s-s" % tag, "lcdisc-%s-c" % tag
+        for ns in (self.server_ns, self.client_ns):
+            result = self.ip("netns", "add", ns, check=False)
+            if result.returncode != 0:
+                self.skipTest("cannot make network namespaces (needs root): %s" % result.stderr.strip())
+            self.addCleanup(self.ip, "netns", "del", ns, check=False)
+        server_if, client_if = "lcd%ss" % tag, "lcd%sc" % tag
+        result = self.ip("link", "add", server_if, "netns", self.server_ns, "type", "veth",
+                         "peer", "name", client_if, "netns", self.client_ns, check=False)
+        if result.returncode != 0:
+            self.skipTest("cannot make a veth pair: %s" % result.stderr.strip())
+        for ns, dev, address in ((self.server_ns, server_if, "10.99.0.1/16"),
+                                 (self.client_ns, client_if, "10.99.0.2/16")):
+            self.ip("-n", ns, "addr", "add", address, "brd", "+", "dev", dev)
+            self.ip("-n", ns, "link", "set", dev, "up")
+            self.ip("-n", ns, "link", "set", "lo", "up")
+
+    def ip(self, *args, check=True):
+        result = subprocess.run(("ip",) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=PROCESS_TIMEOUT_S)
+        if check and result.returncode != 0:
+            self.fail("ip %s: %s" % (" ".join(args), result.stderr.strip()))
+        return result
+
+    def in_client_namespace(self, *args, input_text="", python=False):
+        """Run localchat.py args (or python3 -c args[0]) in the clients' namespace, with default targets."""
+        env = self.environment(LOCALCHAT_DISCOVERY_TARGETS=None, LOCALCHAT_PASSWORD=self.PASSWORD)
+        command = ["ip", "netns", "exec", self.client_ns, sys.executable]
+        command += ["-c", args[0]] if python else [SCRIPT] + list(args)
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   cwd=HERE, env=env, universal_newlines=True)
+        self.processes.append(process)
+        stdout, stderr = process.communicate(input_text, timeout=PROCESS_TIMEOUT_S)
+        return process.returncode, stdout, stderr
+
+    def test_clients_find_an_encrypted_password_server_by_broadcast_with_no_address_typed(self):
+        shared = shared_certificate()
+        env = self.environment(LOCALCHAT_PASSWORD=self.PASSWORD)
+        self.start_server_process("--name", "in-namespace", "--tls", "--cert", str(shared["cert"]),
+                                  "--key", str(shared["key_path"]), "--password", host="0.0.0.0",
+                                  port=localchat.DEFAULT_PORT, env=env,
+                                  prefix=("ip", "netns", "exec", self.server_ns))
+        code, out, err = self.in_client_namespace("--discover")
+        self.assertEqual((code, out), (0, "in-namespace  10.99.0.1:%d  0 users  password  encrypted (%s)\n"
+                                       % (localchat.DEFAULT_PORT, localchat._short_fingerprint(shared["fingerprint"]))),
+                         err)
+        code, out, err = self.in_client_namespace("dave", "--cli", input_text="found you\n")
+        self.assertEqual(code, 0, err)
+        self.assertIn("* Connected to 10.99.0.1:%d." % localchat.DEFAULT_PORT, out)
+        self.assertIn("Encrypted. The server's certificate fingerprint is %s (first connection" % shared["fingerprint"],
+                      out)
+        self.assertIn("<dave> found you", out)
+        code, out, err = self.in_client_namespace(
+            "import json, sys; sys.path.insert(0, %r); import localchat; "
+            "print(json.dumps(localchat.default_discovery_targets()))" % HERE, python=True)
+        self.assertEqual(code, 0, err)
+        self.assertIn("10.99.255.255", json.loads(out), "the Linux interface's broadcast address")
+
+
+# =============================================================================
+# 9. Doors and 12. Client connection: password
+# =============================================================================
+
+class TappedProxy(CutProxy):
+    """A CutProxy that also keeps every byte it relays: seen["up"] (client to server) and seen["down"]."""
+
+    def __init__(self, target):
+        self.seen = {"up": bytearray(), "down": bytearray()}
+        self._seen_lock = threading.Lock()
+        self._relayed = set()  # every socket relayed, closed by close() once the threads ended
+        super().__init__(target)  # last: it starts relaying
+
+    def close(self):
+        super().close()
+        with self._seen_lock:
+            relayed, self._relayed = self._relayed, set()
+        for sock in relayed:
+            sock.close()
+
+    def _pump_loop(self, source, sink, way):
+        """Runs on one direction's thread: record and copy bytes until either side ends."""
+        with self._seen_lock:
+            self._relayed.update((source, sink))
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            with self._seen_lock:
+                self.seen[way] += data  # before relaying: whatever the far end got, the tap has
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        for sock in (source, sink):
+            self._shut(sock)
+
+    def bytes_seen(self, way):
+        with self._seen_lock:
+            return bytes(self.seen[way])
+
+
+def password_hmac(password, nonce):
+    """The proof the protocol asks for, computed here independently: HMAC-SHA256(password, nonce) in hex."""
+    return hmac.new(password.encode("utf-8"), nonce.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+class PasswordTests(ServerFixture, unittest.TestCase):
+    """A server with a password: challenge, proof, refusals, over raw sockets and through ChatConnection."""
+
+    PASSWORD = "correct horse \u00e9t\u00e9-42"
+
+    def setUp(self):
+        super().setUp()
+        self.start_server(hub=localchat.ChatHub("test", password=self.PASSWORD))
+
+    def challenged(self, name="alice", client=None):
+        """Connect (or use client) and say hello; return (client, nonce) from the challenge."""
+        client = client or self.connect()
+        client.send({"type": "hello", "name": name, "version": localchat.PROTOCOL_VERSION})
+        frame = client.read_frame()
+        self.assertEqual(frame["type"], "challenge", frame)
+        self.assertIn("password", frame["text"])
+        return client, frame["nonce"]
+
+    def authenticated(self, name):
+        """Return a client that answered its challenge and read up to "synced"."""
+        client, nonce = self.challenged(name)
+        client.send({"type": "auth", "proof": password_hmac(self.PASSWORD, nonce)})
+        welcome, _ = client.read_until(is_kind("welcome"))
+        client.welcome = welcome
+        client.read_until(is_kind("synced"))
+        return client
+
+    def test_hello_gets_a_challenge_with_a_fresh_nonce_per_connection_and_nobody_joins(self):
+        nonces = [self.challenged("user%d" % number)[1] for number in range(3)]
+        for nonce in nonces:
+            self.assertRegex(nonce, r"^[0-9a-f]{32,}$")
+        self.assertEqual(len(set(nonces)), 3, "every connection gets its own nonce")
+        self.assertEqual(self.server.hub.count(), 0, "nobody is in before answering")
+
+    def test_right_proof_is_hmac_sha256_and_gets_the_welcome_others_see_the_join(self):
+        alice = self.authenticated("alice")
+        self.assertEqual(alice.welcome["name"], "alice")
+        bob, nonce = self.challenged("bob")
+        self.assertEqual(localchat.password_proof(self.PASSWORD, nonce), password_hmac(self.PASSWORD, nonce))
+        bob.send({"type": "auth", "proof": password_hmac(self.PASSWORD, nonce)})
+        self.assertEqual(bob.read_until(is_kind("welcome"))[0]["users"], ["alice", "bob"])
+        alice.read_until(is_kind("joined", name="bob"))
+
+    def test_wrong_proof_gets_auth_failed_after_a_delay_and_the_connection_closes(self):
+        alice = self.authenticated("alice")
+        mallory, nonce = self.challenged("mallory")
+        started = time.monotonic()
+        mallory.send({"type": "auth", "proof": password_hmac("guess", nonce)})
+        frame = self.assert_error(mallory, "auth_failed", fatal=True)
+        self.assertGreaterEqual(time.monotonic() - started, localchat.AUTH_FAILED_DELAY_S * 0.9, "guessing is slowed")
+        self.assertGreaterEqual(localchat.AUTH_FAILED_DELAY_S, 1.0)
+        self.assertEqual(frame["text"], "Wrong password.")
+        self.assert_closed(mallory)
+        alice.send({"type": "users"})
+        self.assertEqual(alice.read_until(is_kind("users"))[0]["users"], ["alice"], "mallory never joined")
+
+    def test_a_proof_made_for_another_connections_nonce_is_refused(self):
+        with mock.patch.object(localchat, "AUTH_FAILED_DELAY_S", 0.05):
+            first, first_nonce = self.challenged("alice")
+            second, _ = self.challenged("alice2")
+            second.send({"type": "auth", "proof": password_hmac(self.PASSWORD, first_nonce)})  # a replay
+            self.assert_error(second, "auth_failed", fatal=True)
+        first.send({"type": "auth", "proof": password_hmac(self.PASSWORD, first_nonce)})
+        self.assertEqual(first.read_until(is_kind("welcome"))[0]["name"], "alice")
+
+    def test_second_hello_before_auth_is_refused_and_closes(self):
+        client, _ = self.challenged("alice")
+        client.send({"type": "hello", "name": "alice", "version": localchat.PROTOCOL_VERSION})
+        self.assert_error(client, "auth_first", fatal=True)
+        self.assert_closed(client)
+
+    def test_frames_before_auth_get_hello_first_and_auth_still_works(self):
+        client, nonce = self.challenged("alice")
+        client.say("sneaking in")
+        self.assert_error(client, "hello_first")
+        client.send({"type": "auth"})
+        self.assert_error(client, "bad_field")
+        client.send({"type": "auth", "proof": 12})
+        self.assert_error(client, "bad_field")
+        client.send({"type": "ping", "token": "t"})
+        self.assertEqual(client.read_frame(), {"type": "pong", "token": "t"})
+        client.send({"type": "auth", "proof": password_hmac(self.PASSWORD, nonce)})
+        self.assertEqual(client.read_until(is_kind("welcome"))[0]["name"], "alice")
+
+    def test_auth_without_a_challenge_gets_bad_auth(self):
+        early = self.connect()
+        early.send({"type": "auth", "proof": "00"})
+        self.assert_error(early, "bad_auth")
+        alice = self.authenticated("alice")
+        alice.send({"type": "auth", "proof": "00"})
+        self.assert_error(alice, "bad_auth")
+
+    def test_the_password_never_crosses_the_wire(self):
+        proxy = TappedProxy(self.address)
+        self.proxies.append(proxy)
+        connection = self.connection("alice", address=proxy.address, password=self.PASSWORD)
+        connection.connect()
+        up, down = proxy.bytes_seen("up"), proxy.bytes_seen("down")
+        (challenge,) = [json.loads(line) for line in down.splitlines() if b'"challenge"' in line]
+        for form in (self.PASSWORD.encode("utf-8"), json.dumps(self.PASSWORD).encode("ascii")[1:-1],
+                     self.PASSWORD.encode("utf-8").hex().encode("ascii"), b"correct horse"):
+            self.assertNotIn(form, up + down)
+        self.assertIn(password_hmac(self.PASSWORD, challenge["nonce"]).encode("ascii"), up, "only the proof went")
+
+    def test_connection_with_the_right_password_chats(self):
+        alice = self.started("alice", password=self.PASSWORD)
+        alice.say("in with the password", ref="r1")
+        frame, _ = self.event_until(alice, is_kind("message"))
+        self.assertEqual((frame["from"], frame["text"]), ("alice", "in with the password"))
+
+    def test_connection_with_a_wrong_or_no_password_gets_a_sentence_and_a_code(self):
+        with mock.patch.object(localchat, "AUTH_FAILED_DELAY_S", 0.05):
+            with self.assertRaises(localchat.UserError) as caught:
+                self.connection("alice", password="guess").connect()
+        self.assertEqual((caught.exception.code, str(caught.exception)), ("auth_failed", "Wrong password."))
+        with self.assertRaises(localchat.UserError) as caught:
+            self.connection("alice").connect()
+        self.assertEqual(caught.exception.code, "password_required")
+        self.assertEqual(str(caught.exception), "The server at 127.0.0.1:%d needs a password." % self.server.port)
+
+    def test_reconnection_answers_the_challenge_again(self):
+        proxy = TappedProxy(self.address)  # closes what it relayed (CutProxy leaves sockets to the GC)
+        self.proxies.append(proxy)
+        alice = self.started("alice", address=proxy.address, password=self.PASSWORD, reconnect=True)
+        proxy.cut()
+        self.event_until(alice, is_kind("reconnecting"))
+        welcome, _ = self.event_until(alice, is_kind("welcome"))
+        self.assertTrue(welcome["resumed"])
+        self.event_until(alice, is_kind("synced"))
+        alice.say("still here", ref="r2")
+        frame, _ = self.event_until(alice, is_kind("message"))
+        self.assertEqual(frame["text"], "still here")
+
+
+class PasswordCliTests(ProcessFixture, unittest.TestCase):
+    """server --password and the --cli client, with the password in LOCALCHAT_PASSWORD."""
+
+    PASSWORD = "s3cret pass"
+
+    def test_cli_client_with_the_right_password_chats_and_wrong_or_missing_get_a_sentence(self):
+        _, port, stdout, _ = self.start_server_process("--password", env=self.environment(LOCALCHAT_PASSWORD=self.PASSWORD))
+        stdout.wait_for(r"^A password is needed to join\.$")
+        server = "127.0.0.1:%d" % port
+        right, wrong, missing = self.run_clients(
+            (["ann", "--cli", "--server", server], "hello with the password\n",
+             self.environment(LOCALCHAT_PASSWORD=self.PASSWORD)),
+            (["ben", "--cli", "--server", server], "hello\n", self.environment(LOCALCHAT_PASSWORD="guess")),
+            (["cat", "--cli", "--server", server], "hello\n", None))
+        self.assertEqual(right.returncode, 0, right.stderr)
+        self.assertIn("<ann> hello with the password", right.stdout)
+        self.assertEqual(self.assert_one_line_error(wrong, 1), "localchat: error: Wrong password.")
+        self.assert_one_line_error(missing, 1, "The server at %s needs a password." % server, "LOCALCHAT_PASSWORD")
+
+    def test_server_password_without_the_variable_or_a_terminal_is_one_sentence(self):
+        process, _, stderr = self.popen("server", "--host", LOOPBACK, "--port", "0", "--no-history", "--password")
+        self.assertEqual(process.wait(PROCESS_TIMEOUT_S), 1)
+        stderr.wait_for(r"^localchat: error: --password needs the password: set LOCALCHAT_PASSWORD")
+
+
+# =============================================================================
+# 7. and 11.-12. Encryption between servers and clients
+# =============================================================================
+
+class TlsServerTests(ServerFixture, unittest.TestCase):
+    """A ChatServer with TLS and ChatConnection's trust on first use, pinning and mismatches."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cert = shared_certificate()
+        cls.other_cert, _, cls.other_fingerprint = other_certificate()
+
+    def setUp(self):
+        super().setUp()
+        folder = tempfile.mkdtemp(prefix="config-", dir=_SCRATCH.name)
+        self.addCleanup(shutil.rmtree, folder, True)
+        patcher = mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": folder})  # fingerprints seen: none yet
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.settings_path = Path(folder) / "settings.json"
+
+    def start_tls_server(self, **options):
+        return self.start_server(tls_context=tls_server_context(), **options)
+
+    def remembered(self):
+        return json.loads(self.settings_path.read_text()).get("fingerprints")
+
+    def test_strict_ssl_client_chats_with_the_tls_server(self):
+        # The server's certificate and TlsChannel checked by the ssl module's own client,
+        # verifying the chain, the host name and the self-signature.
+        self.start_tls_server()
+        context = cert_strict_client_context(self.cert["pem"])
+        with socket.create_connection(self.address, timeout=READ_TIMEOUT_S) as raw:
+            with context.wrap_socket(raw, server_hostname=LOOPBACK) as tls:
+                tls.sendall(b'{"type":"hello","name":"sslclient","version":1}\n{"type":"bye"}\n')
+                received = bytearray()
+                deadline = time.monotonic() + READ_TIMEOUT_S
+                while b'"bye"' not in received and time.monotonic() < deadline:
+                    tls.settimeout(max(0.01, deadline - time.monotonic()))
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+        kinds = [json.loads(line)["type"] for line in received.splitlines()]
+        self.assertEqual((kinds[0], kinds[-1]), ("welcome", "bye"), kinds)
+
+    def test_first_connection_remembers_the_fingerprint_and_the_next_one_knows_it(self):
+        self.start_tls_server()
+        first = self.connection("alice", tls=True)
+        first.connect()
+        self.assertEqual((first.fingerprint, first.fingerprint_status), (self.cert["fingerprint"], "new"))
+        self.assertEqual(localchat.encryption_notice(first),
+                         "Encrypted. The server's certificate fingerprint is %s (first connection: remembered; "
+                         "compare it with the one the server shows)." % self.cert["fingerprint"])
+        self.assertEqual(self.remembered(), {"127.0.0.1:%d" % self.server.port: self.cert["fingerprint"]})
+        first.close()
+        second = self.connection("alice", tls=True)
+        second.connect()
+        self.assertEqual(second.fingerprint_status, "known")
+        self.assertIn("(the same as last time)", localchat.encryption_notice(second))
+
+    def test_changed_certificate_at_the_same_address_is_refused_with_a_loud_warning(self):
+        self.start_tls_server()
+        self.connection("alice", tls=True).connect()
+        self.server.tls_context = localchat.server_tls_context(self.other_cert, self.cert["key_path"])
+        for tls in (True, False):  # whether it asked for encryption or was told to use it
+            with self.assertRaises(localchat.UserError) as caught:
+                self.connection("alice", tls=tls).connect()
+            text = str(caught.exception)
+            self.assertEqual(caught.exception.code, "fingerprint_changed")
+            self.assertTrue(text.startswith("WARNING: the certificate of 127.0.0.1:%d has CHANGED" % self.server.port),
+                            text)
+            self.assertIn("Not connecting", text)
+            self.assertIn(self.other_fingerprint, text)
+            self.assertIn(str(self.settings_path), text)
+        self.assertEqual(self.remembered(), {"127.0.0.1:%d" % self.server.port: self.cert["fingerprint"]},
+                         "the first fingerprint is kept")
+        self.assertEqual(self.server.hub.count(), 1, "only the first connection joined")
+
+    def test_pinned_fingerprint_is_used_when_right_and_refused_when_wrong(self):
+        self.start_tls_server()
+        pinned = self.cert["fingerprint"].lower().replace(":", " ")  # as somebody might type it
+        connection = self.connection("alice", tls=True, fingerprint=pinned)
+        connection.connect()
+        self.assertEqual(connection.fingerprint_status, "pinned")
+        self.assertIn("(as given)", localchat.encryption_notice(connection))
+        with self.assertRaises(localchat.UserError) as caught:
+            self.connection("bob", fingerprint=self.other_fingerprint).connect()
+        self.assertEqual(caught.exception.code, "fingerprint_mismatch")
+        self.assertIn("does not match the fingerprint you gave", str(caught.exception))
+        self.assertFalse(self.settings_path.exists(), "a pinned fingerprint is not remembered")
+
+    def test_pinned_fingerprint_is_never_satisfied_by_a_plain_server(self):
+        # Bug: with --fingerprint but without --tls the client spoke plain TCP to a plain
+        # server and never checked the pin: whoever answered at the address got in unencrypted.
+        self.start_server()
+        with self.assertRaises(localchat.UserError) as caught:
+            self.connection("alice", fingerprint=self.cert["fingerprint"]).connect()
+        self.assertIn("does not use encryption", str(caught.exception))
+        self.assertEqual(self.server.hub.count(), 0)
+
+    def test_plain_client_switches_to_encryption_by_itself_and_chats(self):
+        self.start_tls_server()
+        alice = self.started("alice")
+        self.assertTrue(alice.tls)
+        self.assertIsNotNone(alice.channel)
+        self.assertEqual(alice.fingerprint, self.cert["fingerprint"])
+        alice.say("over tls", ref="r1")
+        frame, _ = self.event_until(alice, is_kind("message"))
+        self.assertEqual(frame["text"], "over tls")
+
+    def test_raw_plain_hello_to_a_tls_server_gets_tls_required_and_close(self):
+        self.start_tls_server()
+        client = self.connect()
+        client.send({"type": "hello", "name": "alice", "version": 1})
+        frame = self.assert_error(client, "tls_required", fatal=True)
+        self.assertIn("encrypts", frame["text"])
+        self.assert_closed(client)
+
+    def test_tls_client_to_a_plain_server_gets_a_sentence_in_bounded_time(self):
+        self.start_server()
+        started = time.monotonic()
+        with self.assertRaises(localchat.UserError) as caught:
+            self.connection("alice", tls=True).connect(timeout=5.0)
+        self.assertLess(time.monotonic() - started, 3.0, "no hang")
+        self.assertEqual(str(caught.exception), "The server at 127.0.0.1:%d does not use encryption: "
+                         "connect without --tls, or ask its owner." % self.server.port)
+        raw = self.connect()
+        raw.send_raw(b"\x16\x03\x01\x00\x05hello")
+        self.assert_error(raw, "tls_not_used", fatal=True)
+        self.assert_closed(raw)
+
+    def test_messages_cross_the_network_encrypted(self):
+        self.start_tls_server()
+        proxy = TappedProxy(self.address)
+        self.proxies.append(proxy)
+        alice = self.started("alice", address=proxy.address, tls=True)
+        bob = self.started("bob", tls=True)
+        secret = "the plan is on thursday"
+        alice.say(secret, ref="r1")
+        self.assertEqual(self.event_until(bob, is_kind("message"))[0]["text"], secret)
+        self.assertEqual(self.event_until(alice, is_kind("message"))[0]["text"], secret)
+        up, down = proxy.bytes_seen("up"), proxy.bytes_seen("down")
+        self.assertEqual(up[:1], b"\x16", "a TLS handshake first")
+        for plaintext in (secret.encode(), b"thursday", b"alice", b'"type"', b"welcome"):
+            self.assertNotIn(plaintext, up + down)
+
+    def test_password_and_encryption_together(self):
+        self.server_hub = localchat.ChatHub("test", password="pw")
+        self.start_tls_server(hub=self.server_hub)
+        alice = self.started("alice", password="pw")
+        self.assertEqual((alice.welcome["name"], alice.fingerprint_status), ("alice", "new"))
+        with mock.patch.object(localchat, "AUTH_FAILED_DELAY_S", 0.05):
+            with self.assertRaises(localchat.UserError) as caught:
+                self.connection("bob", password="nope", tls=True).connect()
+        self.assertEqual(caught.exception.code, "auth_failed")
+
+    def test_client_stalling_in_the_handshake_is_dropped_without_blocking_others(self):
+        self.start_tls_server(hello_timeout=0.5)
+        stalled = self.connect()
+        stalled.send_raw(b"\x16\x03\x01")
+        alice = self.started("alice")  # served meanwhile
+        self.assertIsNone(stalled.read_frame(timeout=3.0), "dropped at the hello timeout")
+        self.assertEqual(alice.welcome["users"], ["alice"])
+
+    def test_encrypted_connection_reconnects_after_a_cut_and_still_trusts_the_server(self):
+        self.start_tls_server()
+        proxy = TappedProxy(self.address)  # closes what it relayed (CutProxy leaves sockets to the GC)
+        self.proxies.append(proxy)
+        alice = self.started("alice", address=proxy.address, tls=True, reconnect=True)
+        proxy.cut()
+        self.event_until(alice, is_kind("reconnecting"))
+        self.assertTrue(self.event_until(alice, is_kind("welcome"))[0]["resumed"])
+        self.event_until(alice, is_kind("synced"))
+        self.assertEqual(alice.fingerprint_status, "known")
+        alice.say("after the cut", ref="r2")
+        self.assertEqual(self.event_until(alice, is_kind("message"))[0]["text"], "after the cut")
+
+
+class TlsCliTests(ProcessFixture, unittest.TestCase):
+    """server --tls (made or given certificate) and the --cli client's trust on first use, as people run them."""
+
+    FINGERPRINT_LINE = r"^    ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})$"
+
+    def test_tls_server_makes_its_certificate_once_prints_its_fingerprint_and_clients_trust_on_first_use(self):
+        data = os.path.join(self.folder, "data")
+        env = self.environment(LOCALCHAT_DATA_DIR=data)
+        process, port, stdout, _ = self.start_server_process("--tls", env=env)
+        self.assertIn("Making a certificate for encryption (once; it is kept in %s)..." % data, stdout.lines)
+        fingerprint = stdout.wait_for(self.FINGERPRINT_LINE).group(1)
+        cert_path = Path(data) / "tls-cert.pem"
+        self.assertEqual(fingerprint, localchat.certificate_fingerprint(cert_path.read_text()))
+        if os.name == "posix":
+            self.assertEqual((Path(data) / "tls-key.pem").stat().st_mode & 0o777, 0o600)
+        found = localchat.discover_servers(port, targets=[LOOPBACK], wait_s=0.3)
+        self.assertEqual([(s["tls"], s["fingerprint"]) for s in found], [(True, fingerprint)])
+        server = "127.0.0.1:%d" % port
+        first = self.run_client("ann", "--cli", "--server", server, input_text="one\n")
+        second = self.run_client("ann", "--cli", "--server", server, input_text="two\n")
+        for result, words in ((first, "first connection: remembered"), (second, "the same as last time")):
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn("* Encrypted. The server's certificate fingerprint is %s (%s" % (fingerprint, words),
+                          result.stdout)
+        self.stop_server_process(process)
+        _, _, again, _ = self.start_server_process("--tls", env=env)
+        self.assertEqual(again.wait_for(self.FINGERPRINT_LINE).group(1), fingerprint, "the same certificate")
+        self.assertFalse([line for line in again.lines if "Making a certificate" in line], again.lines)
+
+    def test_given_certificate_files_are_used_and_clients_check_fingerprints(self):
+        shared = shared_certificate()
+        _, port, stdout, _ = self.start_server_process("--tls", "--cert", str(shared["cert"]),
+                                                       "--key", str(shared["key_path"]))
+        self.assertEqual(stdout.wait_for(self.FINGERPRINT_LINE).group(1), shared["fingerprint"])
+        self.assertFalse([line for line in stdout.lines if "Making a certificate" in line])
+        server = "127.0.0.1:%d" % port
+        changed_config = os.path.join(self.folder, "changed")
+        os.makedirs(changed_config)
+        with open(os.path.join(changed_config, "settings.json"), "w") as settings:
+            json.dump({"fingerprints": {server: DISCOVERY_FINGERPRINT}}, settings)
+        pinned, mismatch, changed = self.run_clients(
+            (["ann", "--cli", "--server", server, "--fingerprint", shared["fingerprint"].lower()], "pinned\n", None),
+            (["ben", "--cli", "--server", server, "--fingerprint", DISCOVERY_FINGERPRINT], "x\n", None),
+            (["cat", "--cli", "--server", server], "x\n", self.environment(LOCALCHAT_CONFIG_DIR=changed_config)))
+        self.assertEqual(pinned.returncode, 0, pinned.stderr)
+        self.assertIn("(as given)", pinned.stdout)
+        self.assertIn("<ann> pinned", pinned.stdout)
+        self.assert_one_line_error(mismatch, 1, "does not match the fingerprint you gave", "Not connecting")
+        self.assert_one_line_error(changed, 1, "localchat: error: WARNING: the certificate of %s has CHANGED" % server,
+                                   shared["fingerprint"])
+
+    def test_plain_cli_switches_to_a_tls_server_and_tls_cli_to_a_plain_server_gets_a_sentence(self):
+        self.start_server(tls_context=tls_server_context())
+        _, plain_port, _, _ = self.start_server_process()
+        switched, refused, pinned = self.run_clients(
+            (["ann", "--cli", "--server", "127.0.0.1:%d" % self.server.port], "switched\n", None),
+            (["ben", "--cli", "--tls", "--server", "127.0.0.1:%d" % plain_port], "x\n", None),
+            (["cat", "--cli", "--fingerprint", DISCOVERY_FINGERPRINT, "--server", "127.0.0.1:%d" % plain_port],
+             "x\n", None))
+        self.assertEqual(switched.returncode, 0, switched.stderr)
+        self.assertIn("* Encrypted.", switched.stdout)
+        self.assertIn("<ann> switched", switched.stdout)
+        self.assert_one_line_error(refused, 1, "The server at 127.0.0.1:%d does not use encryption" % plain_port)
+        self.assert_one_line_error(pinned, 1, "does not use encryption")  # a pin is never met unencrypted
+
+    def test_bad_certificate_options_give_one_line_errors(self):
+        shared = shared_certificate()
+        no_key, wrong, client_option = self.run_clients(
+            (["server", "--port", "0", "--no-history", "--tls", "--cert", str(shared["cert"])], "", None),
+            (["server", "--port", "0", "--no-history", "--tls", "--cert", str(shared["key_path"]),
+              "--key", str(shared["key_path"])], "", None),
+            (["alice", "--cli", "--cert", str(shared["cert"])], "", None))
+        self.assert_one_line_error(no_key, 1, "--cert and --key go together.")
+        self.assert_one_line_error(wrong, 1, "cannot use the certificate %s" % shared["key_path"])
+        self.assert_one_line_error(client_option, 2, "--cert is a server option")
 
 
 # -----------------------------------------------------------------------------

@@ -2508,6 +2508,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         self.outbox = Outbox(writer_sock, self.server.writer)
         self._error_times = collections.deque()
         self._silent_periods = 0
+        self._hello_deadline = time.monotonic() + self.server.hello_timeout
         self.server.add_session(self)
 
     def deliver(self, event):
@@ -2589,6 +2590,8 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         buffer = bytearray(first)
         reason = self._handle_lines(buffer) if buffer else None
         while not reason:
+            if self.name is None:  # the hello has a deadline: a byte now and then must not hold a thread for ever
+                sock.settimeout(max(0.01, self._hello_deadline - time.monotonic()))
             try:
                 chunk = self._receive(sock)
             except socket.timeout:
@@ -2831,7 +2834,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
             self.send_frame({"type": "bye", "reason": "quit", "text": "Goodbye."})
         self.outbox.finish()
         self.outbox.drained.wait(CLOSE_FLUSH_S)
-        if reason in ("quit", "error", "timeout"):
+        if reason in ("quit", "error", "timeout", "flood"):
             self._linger()
         self.server.remove_session(self)
 

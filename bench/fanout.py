@@ -1,0 +1,1968 @@
+#!/usr/bin/env python3
+"""Fan-out benchmark for LocalChat, with ngIRCd as the yardstick.
+
+Starts the server under test on 127.0.0.1, connects N clients from separate load
+processes (non-blocking sockets driven by `selectors`), runs one workload, and prints
+one JSON line per run plus a readable table. Standard library only, Python 3.8+.
+
+Usage:
+    python3 bench/fanout.py --workload burst --clients 200
+    python3 bench/fanout.py --workload paced --clients 1000 --senders 100 --duration 20
+    python3 bench/fanout.py --workload paced --clients 1000 --all-send
+    python3 bench/fanout.py --workload idle --clients 5000
+    python3 bench/fanout.py --all                 # the standard set, about 6-8 minutes
+    python3 bench/fanout.py --all --no-compare    # LocalChat only, about 4 minutes
+    python3 bench/fanout.py --workload paced --clients 200 --senders 20 --profile /tmp/prof
+
+Workloads:
+    burst   S senders send as fast as the server takes them, each with at most
+            --window own messages unconfirmed; everybody receives. Runs for
+            --messages per sender or --duration seconds, whichever ends first.
+    paced   S senders each send --rate messages a second for --duration seconds,
+            spread evenly over the second; everybody receives. Measures latency.
+    idle    N clients connect, join and stay quiet; measures memory per connection
+            and the CPU an idle server burns.
+
+What is measured:
+    connect_s        first connect() to the last client welcomed (LocalChat "welcome";
+                     IRC 001 then JOIN #bench answered with 366 end of NAMES).
+    drain_s          then until the last joined notice (all N(N-1)/2 in, or none for
+                     --quiet-ms; pings do not count).
+    deliveries       message frames received by clients, duplicates not counted.
+                     LocalChat sends every message to all N clients, the sender's own
+                     echo included; IRC sends it to the N-1 others. expected_deliveries
+                     = messages_sent * recipients_per_msg for each server.
+    deliveries_per_s deliveries / (last delivery received - start of sending).
+    latency_ms_*     arrival time minus send time. The send time (time.time() in
+                     microseconds, just before send()) rides in the text
+                     "<kind>:<sender>:<seq>:<usec>"; the arrival time is the kernel's
+                     receive timestamp of the bytes on the client socket (SO_TIMESTAMPNS,
+                     CLOCK_REALTIME like time.time()), so the load process's own delay in
+                     reading 1000 sockets one by one is not counted as server latency;
+                     that delay is reported as read_lag_ms_*. Without kernel stamps the
+                     read time is used. Blocks of up to 32 messages have every message
+                     timed, larger blocks every 4th (weighted 4); histogram buckets are
+                     10 us below 100 ms, 1 ms above.
+    cpu_us_per_delivery  server utime+stime (/proc/PID/stat) over the measured phase,
+                     from "go" until every client received everything, / deliveries.
+    rss_kb_per_conn  server VmRSS after connecting and draining, minus before, / N.
+    lost, duplicated, reordered   per receiver and sender, from the sequence numbers
+                     in the text of every message (all of them, not a sample).
+    dropped          connections the server closed (EOF or reset) during the run.
+    loadgen_cpu_pct, other_cpu_pct   the load processes' CPU, and what else ran on
+                     the machine: on 2 cores these say whether a number is the
+                     server's or the machine's.
+
+Windows on IRC: IRC does not echo a PRIVMSG to its sender, so a designated receiver
+(the "witness", the first non-sender client in the senders' load process) confirms
+every sender's messages: a sender's window counts messages the witness has not seen.
+On LocalChat each sender's own echo confirms its messages.
+
+Sections:
+    1. Settings and workloads
+    2. /proc helpers
+    3. Servers under test (LocalChat, ngIRCd)
+    4. Wire protocols (parsing done by the load processes)
+    5. Load process (runs with --_worker)
+    6. Orchestration of one run
+    7. Results: JSON lines and the table
+    8. Command line
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import resource
+import selectors
+import shutil
+import signal
+import struct
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import errno
+
+# =============================================================================
+# 1. Settings and workloads
+# =============================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_LOCALCHAT = os.path.join(os.path.dirname(HERE), "localchat.py")
+HOST = "127.0.0.1"  # the only address this benchmark ever talks to
+IRC_CHANNEL = "#bench"
+
+SERVER_START_TIMEOUT_S = 15.0
+SERVER_STOP_TIMEOUT_S = 5.0
+WORKER_START_TIMEOUT_S = 10.0
+CONTROL_POLL_S = 0.25
+
+# Latency histogram: 10 us buckets below 100 ms, then 1 ms buckets up to 100 s.
+HIST_FINE_US = 10
+HIST_FINE_LIMIT_US = 100000
+HIST_COARSE_US = 1000
+HIST_FINE_N = HIST_FINE_LIMIT_US // HIST_FINE_US
+HIST_N = HIST_FINE_N + 100000  # last bucket catches everything above 100 s
+
+
+
+def hist_add(hist, us, weight=1):
+    """Count `weight` observations of `us` microseconds in a latency histogram."""
+    if us < HIST_FINE_LIMIT_US:
+        hist[us // HIST_FINE_US if us > 0 else 0] += weight
+    else:
+        i = HIST_FINE_N + (us - HIST_FINE_LIMIT_US) // HIST_COARSE_US
+        hist[i if i < HIST_N else HIST_N] += weight
+
+
+# The standard set run by --all: (workload, clients, senders, extra settings).
+STANDARD_SET = [
+    ("burst", 200, 10, {}),
+    ("burst", 1000, 10, {}),
+    ("paced", 200, 20, {}),
+    ("paced", 1000, 100, {}),
+    ("paced", 1000, 1000, {"duration": 10.0}),
+    ("idle", 5000, 0, {}),
+]
+
+
+class Settings:
+    """Everything one run needs; built from the command line, sent to load processes."""
+
+    def __init__(self, **kw):
+        self.workload = kw.get("workload", "burst")
+        self.clients = kw.get("clients", 200)
+        self.senders = kw.get("senders", 10)
+        self.duration = kw.get("duration", 10.0)
+        self.messages = kw.get("messages", 2000)
+        self.window = kw.get("window", 20)
+        self.rate = kw.get("rate", 1.0)
+        self.payload_bytes = kw.get("payload_bytes", 0)
+        self.procs = kw.get("procs", 0)
+        self.connect_concurrency = kw.get("connect_concurrency", 50)
+        # 0: scale with N (joining is quadratic: everyone hears of everyone)
+        self.connect_timeout = kw.get("connect_timeout", 0) or max(60.0, 0.06 * self.clients)
+        self.drain_timeout = kw.get("drain_timeout", 120.0)
+        self.quiet_ms = kw.get("quiet_ms", 500)
+        self.settle_timeout = kw.get("settle_timeout", 30.0)
+        self.idle_hold = kw.get("idle_hold", 5.0)
+        self.profile_dir = kw.get("profile_dir")
+        self.profile_rate = kw.get("profile_rate", 100)
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+    def label(self):
+        if self.workload == "burst":
+            return "burst N=%d senders=%d window=%d" % (self.clients, self.senders, self.window)
+        if self.workload == "paced":
+            return "paced N=%d senders=%d rate=%g/s for %gs" % (
+                self.clients, self.senders, self.rate, self.duration)
+        return "idle N=%d" % self.clients
+
+
+def load_procs(s):
+    """How many load processes split the clients (0 = choose)."""
+    if s.procs:
+        return max(1, s.procs)
+    heavy = s.workload == "burst" or (s.workload == "paced" and s.senders * s.rate * s.clients > 200000)
+    return 2 if heavy and s.clients >= 100 else 1
+
+
+# =============================================================================
+# 2. /proc helpers
+# =============================================================================
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid):
+    """utime+stime of pid (all threads) in seconds, or None when it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()  # the name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_s():
+    """CPU seconds all cores spent not idle since boot (/proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def wait_for_quiet_machine(limit_pct, max_wait_s, log):
+    """Wait (at most max_wait_s) until other work uses under limit_pct of one core.
+
+    Returns the busy percentage of the last 1 s sample. Other jobs on a 2-core machine
+    skew every number here, so each run starts on a machine as quiet as it gets.
+    """
+    deadline = time.time() + max_wait_s
+    warned = False
+    while True:
+        a = machine_busy_s()
+        time.sleep(1.0)
+        b = machine_busy_s()
+        if a is None or b is None:
+            return None
+        busy = 100.0 * (b - a)
+        if busy < limit_pct or time.time() >= deadline:
+            if warned or busy >= limit_pct:
+                log("  machine %s (%.0f%% of a core busy)" % (
+                    "quiet now" if busy < limit_pct else "still busy, running anyway", busy))
+            return round(busy, 1)
+        if not warned:
+            log("  machine busy (%.0f%% of a core used by other work): waiting up to %ds"
+                % (busy, max_wait_s))
+            warned = True
+
+
+def proc_rss_kb(pid):
+    """VmRSS of pid in KiB, or None."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def proc_threads(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that is free right now."""
+    s = socket.socket()
+    try:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+class ServerProfiler:
+    """py-spy sampling a Python server for one phase (raw collapsed stacks).
+
+    Only used with --profile: sampling costs CPU on a 2-core machine, so profiled
+    runs are marked "profiled": 1 and their numbers are not the clean ones.
+    """
+
+    def __init__(self, pid, path, rate):
+        self.path = path
+        self.proc = None
+        exe = shutil.which("py-spy")
+        if exe is None:
+            raise RuntimeError("py-spy not found (pip install py-spy)")
+        self.proc = subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--output", path, "--format", "raw",
+             "--function", "--gil", "--nonblocking", "--rate", str(rate)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def profile_summary(path, top=12):
+    """Top functions of a py-spy raw file: (self %, inclusive %, function) rows."""
+    self_n = {}
+    incl_n = {}
+    total = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                stack, _, count = line.rstrip("\n").rpartition(" ")
+                if not stack or not count.isdigit():
+                    continue
+                n = int(count)
+                total += n
+                frames = stack.split(";")
+                self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+                for fr in set(frames):
+                    incl_n[fr] = incl_n.get(fr, 0) + n
+    except OSError:
+        return 0, [], []
+    rows = []
+    for fr, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append((100.0 * n / total, 100.0 * incl_n[fr] / total, fr))
+    incl_rows = []
+    for fr, n in sorted(incl_n.items(), key=lambda kv: -kv[1])[:top]:
+        incl_rows.append((100.0 * self_n.get(fr, 0) / total, 100.0 * n / total, fr))
+    return total, rows, incl_rows
+
+
+# =============================================================================
+# 3. Servers under test
+# =============================================================================
+
+
+class ServerUnderTest:
+    """A server process: start it, find its port, watch it, stop it."""
+
+    name = "server"
+    protocol = "localchat"
+
+    def __init__(self):
+        self.proc = None
+        self.pid = None
+        self.port = None
+        self.version = None
+        self.tmpdir = tempfile.mkdtemp(prefix="fanout-%s-" % self.name)
+        self.log_path = os.path.join(self.tmpdir, "server.log")
+
+    def command(self):
+        raise NotImplementedError
+
+    def ready_regex(self):
+        raise NotImplementedError
+
+    def environment(self):
+        return None  # inherit ours
+
+    def start(self):
+        """Start the process and wait (with a deadline) for it to listen."""
+        log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.tmpdir, start_new_session=True, env=self.environment())
+        finally:
+            log.close()
+        self.pid = self.proc.pid
+        deadline = time.time() + SERVER_START_TIMEOUT_S
+        pattern = re.compile(self.ready_regex())
+        while time.time() < deadline:
+            m = pattern.search(self.log_text())
+            if m:
+                self.on_ready(m)
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited with %s before listening: %s" % (
+                    self.name, self.proc.returncode, self.log_text()[-2000:]))
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("%s did not listen within %gs" % (self.name, SERVER_START_TIMEOUT_S))
+
+    def on_ready(self, match):
+        pass
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self):
+        """SIGTERM, wait, then SIGKILL. Returns the exit code (None if it had to be killed)."""
+        if self.proc is None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            return None
+        code = self.proc.poll()
+        if code is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                code = self.proc.wait(SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(SERVER_STOP_TIMEOUT_S)
+                code = None
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        return code
+
+
+class LocalChatServer(ServerUnderTest):
+    name = "localchat"
+    protocol = "localchat"
+
+    def __init__(self, path, python, extra_args=()):
+        self.path = os.path.abspath(path)  # the server runs in its temp dir
+        self.python = python
+        self.extra_args = list(extra_args)
+        self.args = []
+        ServerUnderTest.__init__(self)
+
+    def command(self):
+        with open(self.path, "rb") as f:  # which localchat.py this run measured
+            self.version = "sha1:" + hashlib.sha1(f.read()).hexdigest()[:12]
+        self.args = self.optional_args() + self.extra_args
+        return [self.python, self.path, "server", "--host", HOST, "--port", "0", "--quiet"] + self.args
+
+    def optional_args(self):
+        """Server options this localchat.py has (read from its --help), for a fair fan-out test."""
+        try:
+            out = subprocess.run([self.python, self.path, "--help"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 timeout=30).stdout.decode("utf-8", "replace")
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        args = []
+        # Flood control off: the burst senders send as fast as the server takes them on purpose.
+        for option in ("--messages-per-s", "--kbytes-per-s"):
+            if option in out:
+                args += [option, "0"]
+        # No UDP discovery responder: the benchmark speaks TCP on 127.0.0.1 only.
+        if "--no-discovery" in out:
+            args.append("--no-discovery")
+        return args
+
+    def environment(self):
+        """A fresh data folder per run: history never mixes with a person's or another run's."""
+        env = dict(os.environ)
+        env["LOCALCHAT_DATA_DIR"] = self.tmpdir
+        env["XDG_DATA_HOME"] = self.tmpdir
+        return env
+
+    def ready_regex(self):
+        return r"listening on (\S+):(\d+)"
+
+    def on_ready(self, match):
+        self.port = int(match.group(2))
+
+
+NGIRCD_CONF = """\
+[Global]
+    Name = bench.localhost
+    Info = fan-out benchmark
+    AdminInfo1 = fanout.py
+    AdminInfo2 = 127.0.0.1
+    AdminEMail = bench@localhost
+    Listen = 127.0.0.1
+    Ports = %(port)d
+    MotdPhrase = "bench"
+    PidFile = %(tmpdir)s/ngircd.pid
+[Limits]
+    MaxConnections = 0
+    MaxConnectionsIP = 0
+    MaxJoins = 0
+    MaxPenaltyTime = 0
+    PingTimeout = 600
+    PongTimeout = 600
+[Options]
+    DNS = no
+    Ident = no
+    PAM = no
+    IncludeDir = %(tmpdir)s/conf.d
+"""
+
+
+class NgircdServer(ServerUnderTest):
+    """ngIRCd in the foreground with a generated config.
+
+    MaxPenaltyTime = 0 turns off flood penalties; limits are unlimited (0); DNS and
+    IDENT look-ups are off. Started as root, ngIRCd switches to user nobody by itself,
+    so the temp dir is made world-writable for its PID file.
+    """
+
+    name = "ngircd"
+    protocol = "irc"
+
+    def __init__(self, binary):
+        self.binary = binary
+        ServerUnderTest.__init__(self)
+
+    def command(self):
+        self.port = free_port()
+        os.chmod(self.tmpdir, 0o777)
+        os.mkdir(os.path.join(self.tmpdir, "conf.d"))
+        conf = os.path.join(self.tmpdir, "ngircd.conf")
+        with open(conf, "w") as f:
+            f.write(NGIRCD_CONF % {"port": self.port, "tmpdir": self.tmpdir})
+        os.chmod(conf, 0o644)
+        return [self.binary, "-n", "-f", conf]
+
+    def ready_regex(self):
+        return r"Server \".*\" .*ready"
+
+    def on_ready(self, match):
+        m = re.search(r"ngIRCd (\S+)", self.log_text())
+        if m:
+            self.version = m.group(1)[:40]
+        m = re.search(r"with PID (\d+)", self.log_text())
+        if m and int(m.group(1)) != self.pid:
+            self.pid = int(m.group(1))  # should not happen with -n, but measure the right one
+
+
+# =============================================================================
+# 4. Wire protocols
+# =============================================================================
+#
+# Message payloads are "<kind>:<sender index>:<seq>:<send time in us>" with kind "b"
+# (burst) or "p" (paced). In a block of complete lines, each protocol finds every
+# message as a tuple (id, from, sender, seq, usec) of bytes, where `from` is the
+# digits of the sender's name "u<digits>" (so it must equal `sender`) and IRC, which
+# has no ids, gives an empty id. A fast regex does the common case; when it does not
+# match every message mark in the block, a slow path parses each line (JSON for
+# LocalChat) and the block's messages are counted as slow_lines.
+
+
+def _from_digits(name, sender):
+    """The sender digits if name is "u<sender>", else b"?" (a from mismatch)."""
+    return sender if name == b"u" + sender else b"?"
+
+
+class LocalChatProto:
+    name = "localchat"
+    echoes_sender = True
+    # Compact JSON with the keys in the order of the spec (a "room" may sit before
+    # "text"). GENERIC_RE allows other fields and spacing; json.loads is the last resort.
+    FAST_RE = re.compile(
+        rb'"id":(\d+),"ts":[0-9.eE+-]+,"from":"u(\d+)",(?:"room":"[^"\n]*",)?'
+        rb'"text":"[a-z]:(\d+):(\d+):(\d+)"')
+    GENERIC_RE = re.compile(
+        rb'"id":\s*(\d+)[^\n]*?"from":\s*"u(\d+)"[^\n]*?"text":\s*"[a-z]:(\d+):(\d+):(\d+)"')
+    # History replayed on joining (LocalChat with rooms/history) is not a delivery.
+    REPLAY_MARK = b'"replay":true'
+    TEXT_RE = re.compile(r"^[a-z]:(\d+):(\d+):(\d+)")
+
+    def __init__(self):
+        self.set_style(compact=True)
+
+    def set_style(self, compact):
+        sep = b'":"' if compact else b'": "'
+        self.msg_mark = b'"type' + sep + b'message"'
+        self.joined_mark = b'"type' + sep + b'joined"'
+        self.ping_mark = b'"type' + sep + b'ping"'
+        self.trouble_marks = (b'"type' + sep + b'error"', b'"type' + sep + b'bye"',
+                              b'"type' + sep + b'left"')
+
+    def hello(self, name):
+        return b'{"type":"hello","name":"%s","version":1}\n' % name
+
+    def say(self, text):
+        return b'{"type":"say","text":"%s"}\n' % text
+
+    def pong(self):
+        return b'{"type":"pong"}\n'
+
+    def bye(self):
+        return b'{"type":"bye"}\n'
+
+    def handshake_line(self, client, line):
+        """Returns (done, reply bytes or None, error text or None) for one line."""
+        try:
+            frame = json.loads(line)
+        except ValueError:
+            return False, None, "bad json in handshake: %r" % line[:200]
+        kind = frame.get("type")
+        if kind == "welcome":
+            self.set_style(compact=b'"type":"welcome"' in line)
+            return True, None, None
+        if kind == "ping":
+            return False, self.pong(), None
+        if kind in ("error", "bye"):
+            return False, None, "%s %s: %s" % (kind, frame.get("code") or frame.get("reason"),
+                                               frame.get("text"))
+        return False, None, None
+
+    def slow_messages(self, block, marks):
+        """Messages of block as FAST_RE tuples, replays left out; (tuples, replays)."""
+        if self.REPLAY_MARK not in block:
+            found = self.GENERIC_RE.findall(block)
+            if len(found) == marks:
+                return found, 0
+        return self.json_messages(block)
+
+    def json_messages(self, block):
+        """json.loads every message line of block; (FAST_RE-shaped tuples, replays)."""
+        out = []
+        replays = 0
+        for line in block.split(b"\n"):
+            if b'"message"' not in line:
+                continue
+            try:
+                frame = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(frame, dict) or frame.get("type") != "message":
+                continue
+            if frame.get("replay"):
+                replays += 1
+                continue
+            m = self.TEXT_RE.match(str(frame.get("text", "")))
+            if not m:
+                continue
+            sender = m.group(1).encode()
+            out.append((str(frame.get("id", "")).encode(),
+                        _from_digits(str(frame.get("from", "")).encode(), sender),
+                        sender, m.group(2).encode(), m.group(3).encode()))
+        return out, replays
+
+    def pings(self, block):
+        return block.count(self.ping_mark)
+
+    def trouble(self, block):
+        """Error, bye and left frames in block, as short strings."""
+        out = []
+        for line in block.split(b"\n"):
+            for mark in self.trouble_marks:
+                if mark in line:
+                    out.append(line[:200].decode("utf-8", "replace"))
+        return out
+
+
+class IrcProto:
+    name = "irc"
+    echoes_sender = False
+    FAST_RE = re.compile(rb"^:()u(\d+)!\S* PRIVMSG \S+ :[a-z]:(\d+):(\d+):(\d+)", re.M)
+    ANY_RE = re.compile(rb"^:([^!\s]+)\S* PRIVMSG \S+ :[a-z]:(\d+):(\d+):(\d+)", re.M)
+    msg_mark = b" PRIVMSG "
+    joined_mark = b" JOIN "
+    ping_mark = b"PING "
+    TROUBLE_RE = re.compile(rb"^(ERROR .*|:\S+ (?:[45]\d\d|KILL|KICK) .*|:\S+ (?:QUIT|PART) .*)$", re.M)
+
+    def hello(self, name):
+        return b"NICK %s\r\nUSER %s 0 * :%s\r\n" % (name, name, name)
+
+    def say(self, text):
+        return b"PRIVMSG " + IRC_CHANNEL.encode() + b" :" + text + b"\r\n"
+
+    def pong(self):
+        return b"PONG :bench.localhost\r\n"
+
+    def bye(self):
+        return b"QUIT :bye\r\n"
+
+    def handshake_line(self, client, line):
+        parts = line.split(b" ", 3)
+        if line.startswith(b"PING "):
+            return False, b"PONG " + line[5:].strip() + b"\r\n", None
+        if len(parts) >= 2:
+            code = parts[1]
+            if code == b"001":
+                return False, b"JOIN " + IRC_CHANNEL.encode() + b"\r\n", None
+            if code == b"366":
+                return True, None, None
+            if code[:1] in (b"4", b"5") and len(code) == 3:
+                return False, None, "irc error: %s" % line[:200].decode("utf-8", "replace")
+        if line.startswith(b"ERROR"):
+            return False, None, line[:200].decode("utf-8", "replace")
+        return False, None, None
+
+    def slow_messages(self, block, marks):
+        """Any nick; a PRIVMSG whose text is not a payload is not ours. (tuples, 0)"""
+        return [(b"", _from_digits(nick, s), s, q, t) for nick, s, q, t in self.ANY_RE.findall(block)], 0
+
+    def pings(self, block):
+        return len(re.findall(rb"^PING ", block, re.M))
+
+    def trouble(self, block):
+        return [t.decode("utf-8", "replace")[:200] for t in self.TROUBLE_RE.findall(block)]
+
+
+def make_proto(name):
+    return LocalChatProto() if name == "localchat" else IrcProto()
+
+
+# =============================================================================
+# 5. Load process
+# =============================================================================
+#
+# One load process owns a slice of the clients. The orchestrator drives it with JSON
+# lines on stdin ("connect", "status", "go", "expect", "quit"); it answers with JSON
+# lines on stdout. Every wait has a deadline; EOF on stdin ends the process.
+
+CONNECTING, HANDSHAKE, READY, CLOSED = range(4)
+RECV_BYTES = 256 * 1024
+# Kernel receive timestamps (Linux x86/arm value; socket has no name for it): the
+# latency runs from the send() in the sender to the kernel queuing the bytes on the
+# receiving socket, so the load process's own delay in reading them is left out
+# (and reported separately as the read lag).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@ll")
+LAT_ALL = 32   # blocks with up to this many messages have every message timed
+LAT_STEP = 4   # larger blocks: every LAT_STEP-th message, weighted LAT_STEP
+MAX_BUFFER = 1 << 20  # a partial line longer than this is an error
+
+
+class Client:
+    __slots__ = ("idx", "key", "name", "sock", "state", "buf", "out", "writing", "next_seq", "missing",
+                 "last_id", "confirms", "sent", "acked", "welcomed_at", "started_at")
+
+    def __init__(self, idx):
+        self.idx = idx
+        self.key = b"%d" % idx  # how messages name their sender
+        self.name = b"u%d" % idx
+        self.sock = None
+        self.state = CONNECTING
+        self.buf = b""
+        self.out = b""
+        self.writing = False
+        self.next_seq = {}   # sender -> next seq expected
+        self.missing = {}    # sender -> set of seqs skipped (not yet seen)
+        self.last_id = 0
+        self.confirms = None  # set of sender indexes whose window this client confirms
+        self.sent = 0
+        self.acked = 0
+        self.welcomed_at = 0.0
+        self.started_at = 0.0
+
+
+class LoadWorker:
+    """Connects its clients, runs the workload, reports counts and latencies."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.s = Settings(**cfg["settings"])
+        self.proto = make_proto(cfg["protocol"])
+        self.port = cfg["port"]
+        self.wid = cfg["worker"]
+        self.clients = [Client(i) for i in cfg["indexes"]]
+        self.by_idx = dict((c.idx, c) for c in self.clients)
+        self.by_key = dict((c.key, c) for c in self.clients)
+        self.senders = [self.by_idx[i] for i in cfg["senders"] if i in self.by_idx]
+        self.sel = selectors.DefaultSelector()
+        self.ctl_buf = b""
+        self.phase = "init"
+        self.hist = [0] * (HIST_N + 1)
+        self.lat_max_us = 0
+        self.lat_samples = 0
+        self.lag_hist = [0] * (HIST_N + 1)  # kernel arrival to read by the load process
+        self.kernel_stamps = sys.platform.startswith("linux")
+        self.counts = dict(received=0, unique=0, duplicated=0, reordered=0, gaps=0,
+                           from_mismatch=0, id_disorder=0, slow_lines=0, joined=0, pings=0,
+                           dropped=0, connect_failed=0, handshake_errors=0, replayed=0)
+        self.errors = []
+        self.rx_bytes = 0
+        self.last_rx = 0.0
+        self.last_joined_rx = 0.0  # pings keep bytes flowing; notices tell the drain
+        self.first_msg_rx = 0.0
+        self.last_msg_rx = 0.0
+        self.pending_connects = []
+        self.in_handshake = 0
+        self.connect_started = 0.0
+        self.last_welcome = 0.0
+        self.go_at = 0.0
+        self.expected = None
+        self.expected_total = 0
+        self.send_stop_at = 0.0
+        self.sent_reported = False
+        self.done_reported = False
+        self.settle_deadline = 0.0
+        self.cpu_at_go = 0.0
+        self.paced_next = 0
+        self.paced_order = []
+        self._setup_confirmers()
+        sel = self.sel
+        sel.register(0, selectors.EVENT_READ, None)
+
+    # --- control channel ---------------------------------------------------
+
+    def emit(self, **msg):
+        data = (json.dumps(msg) + "\n").encode()
+        while data:
+            n = os.write(1, data)
+            data = data[n:]
+
+    def note_error(self, text):
+        if len(self.errors) < 20:
+            self.errors.append(text)
+
+    def on_control(self):
+        data = os.read(0, 65536)
+        if not data:
+            raise SystemExit(0)  # orchestrator is gone
+        self.ctl_buf += data
+        self.run_commands()
+
+    def run_commands(self):
+        while b"\n" in self.ctl_buf:
+            line, self.ctl_buf = self.ctl_buf.split(b"\n", 1)
+            self.on_command(json.loads(line))
+
+    def on_command(self, msg):
+        cmd = msg["cmd"]
+        if cmd == "connect":
+            self.start_connecting()
+        elif cmd == "status":
+            self.emit(ev="status", worker=self.wid, joined=self.counts["joined"], rx_bytes=self.rx_bytes,
+                      last_rx=self.last_rx, last_joined_rx=self.last_joined_rx,
+                      dropped=self.counts["dropped"],
+                      welcomed=sum(1 for c in self.clients if c.state == READY))
+        elif cmd == "go":
+            self.start_workload(msg["at"])
+        elif cmd == "expect":
+            self.set_expected(dict((k.encode(), v) for k, v in msg["sent"].items()))
+        elif cmd == "report":
+            self.report_done(forced=True)
+        elif cmd == "quit":
+            self.close_all()
+            raise SystemExit(0)
+
+    # --- connecting ----------------------------------------------------------
+
+    def start_connecting(self):
+        self.phase = "connect"
+        self.connect_started = time.time()
+        self.pending_connects = list(reversed(self.clients))
+        self.fill_connects()
+
+    def fill_connects(self):
+        limit = max(1, self.s.connect_concurrency // self.cfg["workers"])
+        while self.pending_connects and self.in_handshake < limit:
+            self.open_client(self.pending_connects.pop())
+
+    def open_client(self, c):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.kernel_stamps:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            except OSError:
+                self.kernel_stamps = False
+        c.sock = sock
+        c.started_at = time.time()
+        self.in_handshake += 1
+        err = sock.connect_ex((HOST, self.port))
+        if err not in (0, errno.EINPROGRESS):
+            self.fail_client(c, "connect: %s" % os.strerror(err), connect=True)
+            return
+        c.state = CONNECTING
+        self.sel.register(sock, selectors.EVENT_WRITE, c)
+        c.writing = True
+
+    def on_connected(self, c):
+        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.fail_client(c, "connect: %s" % os.strerror(err), connect=True)
+            return
+        c.state = HANDSHAKE
+        self.sel.modify(c.sock, selectors.EVENT_READ, c)
+        c.writing = False
+        self.queue(c, self.proto.hello(c.name))
+
+    def on_handshake(self, c, block):
+        lines = block.split(b"\n")
+        for i, raw in enumerate(lines):
+            line = raw.rstrip(b"\r")
+            if not line:
+                continue
+            done, reply, err = self.proto.handshake_line(c, line)
+            if reply:
+                self.queue(c, reply)
+            if err:
+                self.counts["handshake_errors"] += 1
+                self.note_error("u%d: %s" % (c.idx, err))
+            if done:
+                c.state = READY
+                c.welcomed_at = time.time()
+                self.last_welcome = c.welcomed_at
+                self.in_handshake -= 1
+                rest = b"\n".join(lines[i + 1:])
+                if rest.strip():
+                    now = time.time()
+                    self.on_lines(c, rest, now, now)
+                self.fill_connects()
+                self.check_connected()
+                return
+
+    def check_connected(self):
+        if self.phase != "connect":
+            return
+        if all(c.state in (READY, CLOSED) for c in self.clients):
+            self.phase = "connected"
+            self.emit(ev="connected", worker=self.wid, started=self.connect_started,
+                      last_welcome=self.last_welcome,
+                      welcomed=sum(1 for c in self.clients if c.state == READY),
+                      failed=self.counts["connect_failed"] + self.counts["dropped"],
+                      errors=self.errors[:5])
+
+    # --- sockets ------------------------------------------------------------
+
+    def queue(self, c, data):
+        if c.state == CLOSED:
+            return
+        if c.out:
+            c.out += data
+            return
+        try:
+            n = c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self.fail_client(c, "send: %s" % e)
+            return
+        if n < len(data):
+            c.out = data[n:]
+            if not c.writing:
+                self.sel.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
+                c.writing = True
+
+    def on_writable(self, c):
+        if c.state == CONNECTING:
+            self.on_connected(c)
+            return
+        try:
+            n = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.fail_client(c, "send: %s" % e)
+            return
+        c.out = c.out[n:]
+        if not c.out and c.writing:
+            self.sel.modify(c.sock, selectors.EVENT_READ, c)
+            c.writing = False
+
+    def on_readable(self, c):
+        anc = None
+        try:
+            if self.kernel_stamps:
+                data, anc, _flags, _addr = c.sock.recvmsg(RECV_BYTES, 64)
+            else:
+                data = c.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.fail_client(c, "recv: %s" % e)
+            return
+        if not data:
+            self.fail_client(c, "closed by server")
+            return
+        now = time.time()
+        arrival = now
+        if anc:
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= TIMESPEC.size:
+                    sec, nsec = TIMESPEC.unpack_from(raw)
+                    arrival = sec + nsec * 1e-9
+        self.rx_bytes += len(data)
+        self.last_rx = now
+        if c.buf:
+            data = c.buf + data
+        end = data.rfind(b"\n")
+        if end < 0:
+            c.buf = data
+            if len(data) > MAX_BUFFER:
+                self.fail_client(c, "line longer than %d bytes" % MAX_BUFFER)
+            return
+        if end + 1 < len(data):
+            c.buf = data[end + 1:]
+            data = data[:end + 1]
+        else:
+            c.buf = b""
+        if c.state == HANDSHAKE:
+            self.on_handshake(c, data)
+        else:
+            self.on_lines(c, data, arrival, now)
+
+    def fail_client(self, c, why, connect=False):
+        if c.state == CLOSED:
+            return
+        if c.state in (CONNECTING, HANDSHAKE):
+            self.in_handshake -= 1
+        if connect:
+            self.counts["connect_failed"] += 1
+        else:
+            self.counts["dropped"] += 1
+        self.note_error("u%d: %s (phase %s)" % (c.idx, why, self.phase))
+        c.state = CLOSED
+        if c.sock is not None:
+            try:
+                self.sel.unregister(c.sock)
+            except (KeyError, ValueError):
+                pass
+            c.sock.close()
+        self.fill_connects()
+        self.check_connected()
+
+    def close_all(self):
+        for c in self.clients:
+            if c.state != CLOSED and c.sock is not None:
+                try:
+                    c.sock.close()
+                except OSError:
+                    pass
+                c.state = CLOSED
+
+    # --- the hot path: complete lines of a ready client ---------------------
+
+    def on_lines(self, c, block, arrival, now):
+        """Complete lines from a welcomed client; arrival is the kernel's receive time."""
+        proto = self.proto
+        if proto.msg_mark in block:
+            found = proto.FAST_RE.findall(block)
+            marks = block.count(proto.msg_mark)
+            if len(found) != marks:
+                found, replays = proto.slow_messages(block, marks)
+                self.counts["slow_lines"] += marks
+                self.counts["replayed"] += replays
+            if found:
+                self.account(c, found, int(arrival * 1e6))
+                hist_add(self.lag_hist, int((now - arrival) * 1e6), len(found))
+                if not self.first_msg_rx:
+                    self.first_msg_rx = now
+                self.last_msg_rx = now
+        elif proto.joined_mark in block:
+            self.counts["joined"] += block.count(proto.joined_mark)
+            self.last_joined_rx = now
+        if proto.ping_mark in block:
+            for _ in range(proto.pings(block)):
+                self.queue(c, proto.pong())
+            self.counts["pings"] += 1
+        for mark in getattr(proto, "trouble_marks", ()):
+            if mark in block:
+                for t in proto.trouble(block):
+                    self.note_error("u%d got %s" % (c.idx, t))
+                break
+        else:
+            if proto.name == "irc" and (b"ERROR" in block or b" KICK " in block or b" QUIT " in block
+                                        or b" PART " in block or b" KILL " in block):
+                for t in proto.trouble(block):
+                    self.note_error("u%d got %s" % (c.idx, t))
+
+    def account(self, c, found, now_us):
+        """Check id order, sender and sequence of every message in found; time a sample.
+
+        Sequence state is per receiver and sender (keys are the sender's digits as
+        bytes): the next seq expected, and the set of seqs skipped over so far. A seq
+        above the next one opens a gap (its skipped seqs become missing); one below it
+        either fills a gap (reordered) or was seen before (duplicated).
+
+        Latency: every message of a block of up to LAT_ALL messages; in larger blocks
+        (only under heavy load) every LAT_STEP-th one, counted LAT_STEP times, so the
+        histogram stays unbiased while the load generator saves its time.
+        """
+        exp = c.next_seq
+        missing = c.missing
+        last_id = c.last_id
+        unique = dup = reord = gaps = badfrom = badid = 0
+        for mid, frm, s, q, t in found:
+            if frm != s:
+                badfrom += 1
+                continue
+            q = int(q)
+            if mid:
+                mid = int(mid)
+                if mid <= last_id:
+                    badid += 1
+                last_id = mid
+            n = exp.get(s, 0)
+            if q == n:
+                exp[s] = q + 1
+            elif q > n:
+                if q - n > 10000000:
+                    badfrom += 1
+                    continue
+                miss = missing.get(s)
+                if miss is None:
+                    miss = missing[s] = set()
+                miss.update(range(n, q))
+                exp[s] = q + 1
+                gaps += 1
+            else:
+                miss = missing.get(s)
+                if miss and q in miss:
+                    miss.discard(q)
+                    reord += 1
+                else:
+                    dup += 1
+                    continue
+            unique += 1
+        c.last_id = last_id
+        counts = self.counts
+        counts["received"] += unique + dup
+        counts["unique"] += unique
+        counts["duplicated"] += dup
+        counts["reordered"] += reord
+        counts["gaps"] += gaps
+        counts["from_mismatch"] += badfrom
+        counts["id_disorder"] += badid
+
+        # latency
+        hist = self.hist
+        lat_max = self.lat_max_us
+        total = len(found)
+        step = 1 if total <= LAT_ALL else LAT_STEP
+        for k in range(0, total, step):
+            lat = now_us - int(found[k][4])
+            if lat > lat_max:
+                lat_max = lat
+            w = step if k + step <= total else total - k
+            if lat < HIST_FINE_LIMIT_US:
+                hist[lat // HIST_FINE_US if lat > 0 else 0] += w
+            else:
+                i = HIST_FINE_N + (lat - HIST_FINE_LIMIT_US) // HIST_COARSE_US
+                hist[i if i < HIST_N else HIST_N] += w
+        self.lat_max_us = lat_max
+        self.lat_samples += (total + step - 1) // step
+
+        # windows: the confirming client moves its senders' acknowledgements
+        confirms = c.confirms
+        if confirms is not None:
+            by_key = self.by_key
+            for mid, frm, s, q, t in found:
+                if s in confirms:
+                    sc = by_key[s]
+                    q = int(q)
+                    if q >= sc.acked:
+                        sc.acked = q + 1
+
+    # --- workloads -------------------------------------------------------------
+
+    def _setup_confirmers(self):
+        """Who confirms each sender's window in burst (see the module docstring)."""
+        if not self.senders:
+            return
+        if self.proto.echoes_sender:
+            for c in self.senders:
+                c.confirms = {c.key}
+            return
+        sender_set = set(c.key for c in self.senders)
+        witness = next((c for c in self.clients if c.key not in sender_set), None)
+        if witness is None:
+            return  # paced with everybody sending: no windows there
+        witness.confirms = sender_set
+
+    def start_workload(self, at):
+        self.phase = "run"
+        self.go_at = at
+        self.cpu_at_go = self.cpu_now()
+        s = self.s
+        if s.workload == "burst":
+            self.send_stop_at = at + s.duration
+        elif s.workload == "paced":
+            self.send_stop_at = at + s.duration
+            # Sender i of S sends at at + i/S/rate + k/rate: spread evenly.
+            self.paced_order = sorted(self.senders, key=lambda c: c.idx)
+            self.paced_next = 0
+        if not self.senders:
+            self.report_sent()  # nothing to send: tell the orchestrator at once
+
+    def payload(self, kind, c, seq):
+        text = b"%s:%d:%d:%d" % (kind, c.idx, seq, int(time.time() * 1e6))
+        if self.s.payload_bytes:
+            text += b"~" * self.s.payload_bytes
+        return text
+
+    def tick_burst(self, now):
+        if self.sent_reported:
+            return
+        s = self.s
+        stop = now >= self.send_stop_at
+        for c in self.senders:
+            if c.state != READY:
+                continue
+            room = s.window - (c.sent - c.acked)
+            left = s.messages - c.sent
+            if stop or room <= 0 or left <= 0:
+                continue
+            n = room if room < left else left
+            frames = [self.proto.say(self.payload(b"b", c, c.sent + k)) for k in range(n)]
+            c.sent += n
+            self.queue(c, b"".join(frames))
+        finished = all(c.state != READY or c.sent >= s.messages or stop for c in self.senders)
+        confirmed = all(c.state != READY or c.acked >= c.sent for c in self.senders)
+        if finished and (confirmed or now > self.send_stop_at + s.settle_timeout):
+            self.report_sent()
+
+    def tick_paced(self, now):
+        """Send every message that is due; return seconds until the next one."""
+        if self.sent_reported:
+            return 1.0
+        s = self.s
+        order = self.paced_order
+        nsend = len(order)
+        period = 1.0 / s.rate
+        total_senders = max(1, s.senders)
+        for _ in range(100000):
+            j = self.paced_next
+            c = order[j % nsend]
+            due = self.go_at + (j // nsend) * period + (c.idx % total_senders) * period / total_senders
+            if due >= self.send_stop_at:
+                self.report_sent()
+                return 1.0
+            if due > now:
+                return due - now
+            if c.state == READY:
+                self.queue(c, self.proto.say(self.payload(b"p", c, c.sent)))
+                c.sent += 1
+            self.paced_next = j + 1
+        return 0.0
+
+    def report_sent(self):
+        if self.sent_reported:
+            return
+        self.sent_reported = True
+        self.emit(ev="sent", worker=self.wid, sent=dict((str(c.idx), c.sent) for c in self.senders),
+                  unconfirmed=sum(c.sent - c.acked for c in self.senders if c.confirms is not None
+                                  or not self.proto.echoes_sender) if self.s.workload == "burst" else 0)
+
+    def set_expected(self, sent):
+        """Every client should receive every message (IRC: but its own)."""
+        self.expected = sent
+        total = 0
+        own_excluded = not self.proto.echoes_sender
+        for c in self.clients:
+            for s, n in sent.items():
+                if own_excluded and s == c.key:
+                    continue
+                total += n
+        self.expected_total = total
+        now = time.time()
+        self.settle_deadline = now + self.s.settle_timeout
+        self.check_done(now)
+
+    def check_done(self, now):
+        if self.expected is None or self.done_reported:
+            return
+        if self.counts["unique"] >= self.expected_total:
+            self.report_done()
+        elif now > self.settle_deadline:
+            self.report_done(forced=True)
+
+    def lost(self):
+        """Expected deliveries that never arrived, over every client and sender."""
+        if self.expected is None:
+            return 0
+        lost = 0
+        own_excluded = not self.proto.echoes_sender
+        for c in self.clients:
+            for s, n in self.expected.items():
+                if own_excluded and s == c.key:
+                    continue
+                got = min(c.next_seq.get(s, 0), n)
+                miss = c.missing.get(s)
+                if miss:
+                    got -= sum(1 for q in miss if q < n)
+                lost += n - got
+        return lost
+
+    def cpu_now(self):
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def report_done(self, forced=False):
+        if self.done_reported:
+            return
+        self.done_reported = True
+        hist = dict((str(i), n) for i, n in enumerate(self.hist) if n)
+        lag = dict((str(i), n) for i, n in enumerate(self.lag_hist) if n)
+        self.emit(ev="done", worker=self.wid, forced=forced, counts=self.counts, lost=self.lost(),
+                  expected=self.expected_total, hist=hist, lag=lag, lat_max_us=self.lat_max_us, lat_samples=self.lat_samples,
+                  kernel_stamps=self.kernel_stamps,
+                  first_msg_rx=self.first_msg_rx, last_msg_rx=self.last_msg_rx,
+                  cpu_s=self.cpu_now() - self.cpu_at_go, errors=self.errors[:10])
+
+    # --- the loop ----------------------------------------------------------------
+
+    def run(self, hard_deadline):
+        self.emit(ev="ready", worker=self.wid)
+        self.run_commands()  # any that came with the config
+        sel = self.sel
+        while time.time() < hard_deadline:
+            timeout = 0.05
+            if self.phase == "run" and time.time() >= self.go_at:
+                if self.s.workload == "paced":
+                    timeout = min(timeout, self.tick_paced(time.time()))
+                elif self.s.workload == "burst":
+                    self.tick_burst(time.time())
+            for key, mask in sel.select(timeout):
+                c = key.data
+                if c is None:
+                    self.on_control()
+                    continue
+                if mask & selectors.EVENT_READ and c.state != CLOSED:
+                    self.on_readable(c)
+                if mask & selectors.EVENT_WRITE and c.state != CLOSED:
+                    self.on_writable(c)
+            if self.expected is not None:
+                self.check_done(time.time())
+        self.note_error("load process hit its hard deadline")
+        self.report_done(forced=True)
+
+
+def worker_main():
+    """Entry point of a load process: config on the first stdin line."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+    line = b""
+    while b"\n" not in line:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            return
+        line += chunk
+    first, rest = line.split(b"\n", 1)
+    cfg = json.loads(first)
+    worker = LoadWorker(cfg)
+    worker.ctl_buf = rest
+    profile_dir = os.environ.get("FANOUT_PROFILE_DIR")  # cProfile the load process
+    profiler = None
+    if profile_dir:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        worker.run(time.time() + cfg["hard_timeout"])
+    except SystemExit:
+        pass
+    finally:
+        worker.close_all()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, "worker-%s-%d.prof" % (
+                cfg["protocol"], cfg["worker"])))
+
+
+# =============================================================================
+# 6. Orchestration of one run
+# =============================================================================
+
+
+class WorkerHandle:
+    """A load process seen from the orchestrator."""
+
+    def __init__(self, wid, cfg):
+        self.wid = wid
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.buf = b""
+        self.events = []
+        self.dead = False
+        self.send(cfg)
+
+    def send(self, msg):
+        try:
+            self.proc.stdin.write((json.dumps(msg) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def stop(self):
+        try:
+            self.send({"cmd": "quit"})
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class Control:
+    """Reads events from all load processes, each wait with a deadline."""
+
+    def __init__(self, workers):
+        self.workers = workers
+        self.lost_workers = []  # load processes that ended before they were told to
+        self.sel = selectors.DefaultSelector()
+        for w in workers:
+            os.set_blocking(w.proc.stdout.fileno(), False)
+            self.sel.register(w.proc.stdout.fileno(), selectors.EVENT_READ, w)
+
+    def pump(self, timeout):
+        for key, _ in self.sel.select(timeout):
+            w = key.data
+            try:
+                data = os.read(key.fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not data:
+                self.sel.unregister(key.fd)
+                w.events.append({"ev": "exit", "worker": w.wid})
+                continue
+            w.buf += data
+            while b"\n" in w.buf:
+                line, w.buf = w.buf.split(b"\n", 1)
+                w.events.append(json.loads(line))
+
+    def take(self, w, ev):
+        for i, e in enumerate(w.events):
+            if e.get("ev") == ev:
+                return w.events.pop(i)
+            if e.get("ev") == "exit":
+                w.dead = True
+        return None
+
+    def wait_all(self, ev, deadline, workers=None):
+        """Wait for event ev from each live worker; returns {wid: event}.
+
+        Workers that did not answer by the deadline, or whose process ended, are
+        absent from the result (a dead one is noted once in self.lost_workers).
+        """
+        workers = self.workers if workers is None else workers
+        got = {}
+        while time.time() < deadline:
+            for w in workers:
+                if w.wid not in got and not w.dead:
+                    e = self.take(w, ev)
+                    if e is not None:
+                        got[w.wid] = e
+            waiting = [w for w in workers if w.wid not in got and not w.dead]
+            if not waiting:
+                break
+            self.pump(min(CONTROL_POLL_S, max(0.0, deadline - time.time())))
+        for w in workers:
+            if w.dead and w.wid not in self.lost_workers:
+                self.lost_workers.append(w.wid)
+        return got
+
+    def close(self):
+        self.sel.close()
+
+
+def split_clients(s, nworkers):
+    """Client indexes per load process; senders (and the IRC witness) go to process 0."""
+    n = s.clients
+    senders = list(range(min(s.senders, n)))
+    if s.workload == "paced":
+        # paced needs no windows: spread senders over the processes too
+        return [list(range(w, n, nworkers)) for w in range(nworkers)], senders
+    base = list(range(len(senders) + 1))  # senders plus a witness
+    rest = list(range(len(base), n))
+    per = [[] for _ in range(nworkers)]
+    per[0] = base[:]
+    target = n // nworkers
+    w = 0
+    for i in rest:
+        while len(per[w]) >= target + (1 if w < n % nworkers else 0) and w < nworkers - 1:
+            w += 1
+        per[w].append(i)
+    return per, senders
+
+
+def hist_percentile(hist, total, p):
+    """Upper edge (ms) of the bucket holding the p-quantile of a merged histogram."""
+    if total <= 0:
+        return None
+    rank = p * total
+    seen = 0
+    for i in sorted(hist):
+        seen += hist[i]
+        if seen >= rank:
+            if i < HIST_FINE_N:
+                return (i + 1) * HIST_FINE_US / 1000.0
+            return (HIST_FINE_LIMIT_US + (i - HIST_FINE_N + 1) * HIST_COARSE_US) / 1000.0
+    return None
+
+
+def run_one(s, server, log):
+    """Run workload s against a started server; returns the result dict."""
+    res = {"workload": s.workload, "server": server.name, "clients": s.clients,
+           "senders": s.senders if s.workload != "idle" else 0, "status": "ok",
+           "server_version": server.version, "server_args": " ".join(getattr(server, "args", []))}
+    notes = []
+    nworkers = load_procs(s)
+    per, senders = split_clients(s, nworkers)
+    hard = s.connect_timeout + s.drain_timeout + s.duration + s.settle_timeout * 2 + 120
+    rss0 = proc_rss_kb(server.pid)
+    cpu0 = proc_cpu_s(server.pid)
+    workers = []
+    profiler = None
+    try:
+        for wid in range(nworkers):
+            cfg = {"settings": s.to_dict(), "protocol": server.protocol, "port": server.port,
+                   "worker": wid, "workers": nworkers, "indexes": per[wid], "senders": senders,
+                   "hard_timeout": hard}
+            workers.append(WorkerHandle(wid, cfg))
+        ctl = Control(workers)
+        if len(ctl.wait_all("ready", time.time() + WORKER_START_TIMEOUT_S)) < nworkers:
+            raise RuntimeError("load processes did not start")
+        res["load_procs"] = nworkers
+
+        if s.profile_dir and server.name == "localchat" and s.workload == "idle":
+            profiler = start_profiler(s, server, res)
+
+        # -- connect and welcome N clients
+        log("  connecting %d clients (%d load process%s)" % (s.clients, nworkers, "es" if nworkers > 1 else ""))
+        for w in workers:
+            w.send({"cmd": "connect"})
+        got = ctl.wait_all("connected", time.time() + s.connect_timeout)
+        if len(got) < nworkers:
+            res["status"] = "loadgen_failed" if ctl.lost_workers else "connect_timeout"
+            notes.append("not every client was welcomed within %gs" % s.connect_timeout
+                         if not ctl.lost_workers else
+                         "load process(es) %s ended early (traceback on stderr)" % ctl.lost_workers)
+            return finish(res, notes, server)
+        t0 = min(e["started"] for e in got.values())
+        t1 = max(e["last_welcome"] for e in got.values())
+        res["connect_s"] = round(t1 - t0, 3)
+        res["welcomed"] = sum(e["welcomed"] for e in got.values())
+        res["connect_failed"] = sum(e["failed"] for e in got.values())
+        for e in got.values():
+            notes.extend(e.get("errors", [])[:3])
+        if not server.alive():
+            res["status"] = "server_died"
+            return finish(res, notes, server)
+
+        # -- drain the joined notices: every client hears of everyone who joined after
+        # it, N(N-1)/2 in all; done when they are all in, or none came for quiet_ms
+        # (pings and pongs do not count: idle servers ping all the time).
+        drain_t0 = time.time()
+        deadline = drain_t0 + s.drain_timeout
+        expected_joined = s.clients * (s.clients - 1) // 2
+        joined = 0
+        last_joined = t1
+        while time.time() < deadline:
+            for w in workers:
+                w.send({"cmd": "status"})
+            st = ctl.wait_all("status", time.time() + 5)
+            if len(st) < nworkers:
+                break
+            joined = sum(e["joined"] for e in st.values())
+            last_joined = max([t1] + [e["last_joined_rx"] for e in st.values()])
+            if joined >= expected_joined or time.time() - last_joined > s.quiet_ms / 1000.0:
+                break
+            time.sleep(CONTROL_POLL_S)
+        else:
+            notes.append("joined notices still arriving after %gs" % s.drain_timeout)
+            res["status"] = "drain_timeout"
+        res["drain_s"] = round(max(0.0, last_joined - t1), 3)  # last welcome to last notice
+        res["joined_notices"] = joined
+        res["joined_expected"] = expected_joined
+        if joined != expected_joined:
+            notes.append("%d joined notices, expected N(N-1)/2 = %d" % (joined, expected_joined))
+        rss1 = proc_rss_kb(server.pid)
+        cpu1 = proc_cpu_s(server.pid)
+        if cpu0 is not None and cpu1 is not None:
+            res["connect_server_cpu_s"] = round(cpu1 - cpu0, 3)
+        if rss0 is not None and rss1 is not None:
+            res["rss_kb_before"] = rss0
+            res["rss_kb_after"] = rss1
+            res["rss_kb_per_conn"] = round((rss1 - rss0) / float(s.clients), 2)
+        res["server_threads"] = proc_threads(server.pid)
+
+        if s.workload == "idle":
+            c0 = proc_cpu_s(server.pid)
+            time.sleep(s.idle_hold)
+            c1 = proc_cpu_s(server.pid)
+            if c0 is not None and c1 is not None:
+                res["idle_cpu_pct"] = round(100.0 * (c1 - c0) / s.idle_hold, 2)
+            rss2 = proc_rss_kb(server.pid)
+            if rss1 is not None and rss2 is not None:
+                res["idle_rss_growth_kb"] = rss2 - rss1
+            if profiler is not None:
+                profiler.stop()
+            res["dropped"] = sum(e["dropped"] for e in status_all(ctl, workers).values())
+            return finish(res, notes, server)
+
+        # -- the measured phase
+        log("  running %s" % s.label())
+        if s.profile_dir and server.name == "localchat":
+            profiler = start_profiler(s, server, res)
+        cpu_a = proc_cpu_s(server.pid)
+        busy_a = machine_busy_s()
+        busy_t0 = time.time()
+        go = busy_t0 + 0.2
+        for w in workers:
+            w.send({"cmd": "go", "at": go})
+        send_deadline = go + s.duration + s.settle_timeout + 10
+        sent_ev = ctl.wait_all("sent", send_deadline)
+        if len(sent_ev) < nworkers:
+            res["status"] = "send_timeout"
+            notes.append("senders did not finish by the deadline (server stalled?)")
+        sent = {}
+        unconfirmed = 0
+        for e in sent_ev.values():
+            sent.update(e["sent"])
+            unconfirmed += e.get("unconfirmed", 0)
+        if unconfirmed:
+            notes.append("%d messages were still unconfirmed when senders stopped waiting" % unconfirmed)
+        for w in workers:
+            w.send({"cmd": "expect", "sent": sent})
+        done = ctl.wait_all("done", time.time() + s.settle_timeout + 10)
+        if len(done) < nworkers:
+            for w in workers:
+                w.send({"cmd": "report"})
+            done.update(ctl.wait_all("done", time.time() + 10,
+                                     [w for w in workers if w.wid not in done]))
+        t_end = time.time()
+        cpu_b = proc_cpu_s(server.pid)
+        busy_b = machine_busy_s()
+        if busy_a is not None and busy_b is not None:
+            # over the same span as server_cpu_pct and loadgen_cpu_pct (t_end - go), so
+            # other_cpu_pct = machine - server - load generator is not skewed negative
+            res["machine_cpu_pct"] = round(100.0 * (busy_b - busy_a) / (t_end - go), 1)
+        if profiler is not None:
+            profiler.stop()
+        summarize(res, notes, s, server, go, t_end, cpu_a, cpu_b, sent, done)
+        if ctl.lost_workers:
+            res["status"] = "loadgen_failed"
+            notes.insert(0, "load process(es) %s ended early (traceback on stderr)" % ctl.lost_workers)
+        return finish(res, notes, server)
+    except RuntimeError as e:
+        res["status"] = "error"
+        notes.append(str(e))
+        return finish(res, notes, server)
+    finally:
+        if profiler is not None:
+            profiler.stop()
+        for w in workers:
+            w.stop()
+
+
+def start_profiler(s, server, res):
+    path = os.path.join(s.profile_dir, "%s-%s-%d-%d.pyspy.txt" % (
+        server.name, s.workload, s.clients, s.senders))
+    res["profiled"] = 1
+    res["profile_path"] = path
+    return ServerProfiler(server.pid, path, s.profile_rate)
+
+
+def status_all(ctl, workers):
+    for w in workers:
+        w.send({"cmd": "status"})
+    return ctl.wait_all("status", time.time() + 5)
+
+
+def summarize(res, notes, s, server, go, t_end, cpu_a, cpu_b, sent, done):
+    """Fold the load processes' reports into res."""
+    counts = {}
+    hist = {}
+    lost = expected = 0
+    lat_max = 0
+    lat_samples = 0
+    lag = {}
+    kernel_stamps = True
+    first_rx = None
+    last_rx = 0.0
+    loadgen_cpu = 0.0
+    for e in done.values():
+        if e.get("ev") != "done":
+            continue
+        for k, v in e["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+        for k, v in e["hist"].items():
+            hist[int(k)] = hist.get(int(k), 0) + v
+        lost += e["lost"]
+        expected += e["expected"]
+        lat_max = max(lat_max, e["lat_max_us"])
+        lat_samples += e.get("lat_samples", 0)
+        kernel_stamps = kernel_stamps and e.get("kernel_stamps", False)
+        for k, v in e.get("lag", {}).items():
+            lag[int(k)] = lag.get(int(k), 0) + v
+        if e["first_msg_rx"]:
+            first_rx = e["first_msg_rx"] if first_rx is None else min(first_rx, e["first_msg_rx"])
+        last_rx = max(last_rx, e["last_msg_rx"])
+        loadgen_cpu += e["cpu_s"]
+        if e.get("forced"):
+            notes.append("load process %d stopped waiting: deliveries missing" % e["worker"])
+            res["status"] = "incomplete"
+        notes.extend(e.get("errors", [])[:3])
+    messages = sum(sent.values())
+    recipients = s.clients if server.protocol == "localchat" else s.clients - 1
+    deliveries = counts.get("unique", 0)
+    span = (last_rx - go) if last_rx > go else None
+    wall = t_end - go
+    res.update({
+        "messages_sent": messages,
+        "recipients_per_msg": recipients,
+        "expected_deliveries": messages * recipients,
+        "deliveries": deliveries,
+        "deliveries_per_s": round(deliveries / span, 1) if span else 0.0,
+        "messages_per_s": round(messages / span, 1) if span else 0.0,
+        "latency_ms_p50": hist_percentile(hist, sum(hist.values()), 0.50),
+        "latency_ms_p99": hist_percentile(hist, sum(hist.values()), 0.99),
+        "latency_ms_max": round(lat_max / 1000.0, 3),
+        "latency_samples": lat_samples,
+        "latency_from_kernel_stamps": 1 if kernel_stamps else 0,
+        "read_lag_ms_p50": hist_percentile(lag, sum(lag.values()), 0.50),
+        "read_lag_ms_p99": hist_percentile(lag, sum(lag.values()), 0.99),
+        "lost": messages * recipients - deliveries if deliveries <= messages * recipients else 0,
+        "lost_by_seq": lost,
+        "duplicated": counts.get("duplicated", 0),
+        "reordered": counts.get("reordered", 0),
+        "bad_from": counts.get("from_mismatch", 0),
+        "id_disorder": counts.get("id_disorder", 0),
+        "slow_lines": counts.get("slow_lines", 0),
+        "replayed": counts.get("replayed", 0),
+        "dropped": counts.get("dropped", 0),
+        "measured_s": round(wall, 3),
+        "loadgen_cpu_pct": round(100.0 * loadgen_cpu / wall, 1) if wall > 0 else None,
+    })
+    if cpu_a is not None and cpu_b is not None:
+        res["server_cpu_s"] = round(cpu_b - cpu_a, 3)
+        res["server_cpu_pct"] = round(100.0 * (cpu_b - cpu_a) / wall, 1) if wall > 0 else None
+        res["cpu_us_per_delivery"] = round((cpu_b - cpu_a) * 1e6 / deliveries, 3) if deliveries else None
+    if "machine_cpu_pct" in res and res.get("server_cpu_pct") is not None:
+        # what else ran on the machine meanwhile (other jobs, kernel work not charged to us)
+        res["other_cpu_pct"] = round(res["machine_cpu_pct"] - res["server_cpu_pct"]
+                                     - (res["loadgen_cpu_pct"] or 0.0), 1)
+    if res["lost"] or res["duplicated"] or res["reordered"] or res["bad_from"] or res["id_disorder"]:
+        if res["status"] == "ok":
+            res["status"] = "errors"
+
+
+def finish(res, notes, server):
+    if not server.alive():
+        res["status"] = "server_died"
+        notes.insert(0, "server exited with code %s; log tail: %s" % (
+            server.proc.returncode, server.log_text()[-500:].replace("\n", " | ")))
+    res["notes"] = notes
+    return res
+
+
+# =============================================================================
+# 7. Results
+# =============================================================================
+
+TABLE_ROWS = [
+    ("connect_s", "connect+welcome N (s)", "%.3f"),
+    ("drain_s", "drain joined notices (s)", "%.3f"),
+    ("connect_server_cpu_s", "server CPU connect+drain (s)", "%.2f"),
+    ("messages_sent", "messages sent", "%d"),
+    ("recipients_per_msg", "recipients per message", "%d"),
+    ("deliveries", "deliveries received", "%d"),
+    ("deliveries_per_s", "deliveries / s", "%.0f"),
+    ("latency_ms_p50", "latency p50 (ms)", "%.3f"),
+    ("latency_ms_p99", "latency p99 (ms)", "%.3f"),
+    ("latency_ms_max", "latency max (ms)", "%.3f"),
+    ("read_lag_ms_p99", "load gen read lag p99 (ms)", "%.3f"),
+    ("cpu_us_per_delivery", "server CPU us / delivery", "%.3f"),
+    ("server_cpu_pct", "server CPU %", "%.1f"),
+    ("loadgen_cpu_pct", "load generator CPU %", "%.1f"),
+    ("other_cpu_pct", "other CPU on machine %", "%.1f"),
+    ("rss_kb_per_conn", "server RSS KiB / conn", "%.2f"),
+    ("idle_cpu_pct", "idle server CPU %", "%.2f"),
+    ("idle_rss_growth_kb", "RSS growth while idle (KiB)", "%d"),
+    ("lost", "lost", "%d"),
+    ("duplicated", "duplicated", "%d"),
+    ("reordered", "reordered", "%d"),
+    ("dropped", "clients dropped", "%d"),
+    ("connect_failed", "connects failed", "%d"),
+]
+
+
+def json_line(res):
+    return json.dumps(dict((k, v) for k, v in res.items() if k != "notes"), sort_keys=False)
+
+
+def fmt(v, f):
+    if v is None:
+        return "-"
+    try:
+        return f % v
+    except TypeError:
+        return str(v)
+
+
+def render_table(results, label_of):
+    """Group results by workload label: LocalChat and ngIRCd side by side, with ratios."""
+    out = []
+    groups = []
+    for r in results:
+        lab = label_of(r)
+        for g in groups:
+            if g[0] == lab:
+                g[1].append(r)
+                break
+        else:
+            groups.append((lab, [r]))
+    for lab, rs in groups:
+        lc = next((r for r in rs if r["server"] == "localchat"), None)
+        ng = next((r for r in rs if r["server"] == "ngircd"), None)
+        out.append("")
+        out.append("== %s" % lab)
+        out.append("%-28s %14s %14s %12s" % ("metric", "LocalChat", "ngIRCd", "LC/ngIRCd"))
+        for key, title, f in TABLE_ROWS:
+            a = lc.get(key) if lc else None
+            b = ng.get(key) if ng else None
+            if a is None and b is None:
+                continue
+            ratio = "-"
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+                ratio = "%.2f" % (float(a) / b)
+            out.append("%-28s %14s %14s %12s" % (title, fmt(a, f), fmt(b, f), ratio))
+        for r in rs:
+            out.append("status %s: %s" % (r["server"], r["status"]))
+            for n in r.get("notes", [])[:8]:
+                out.append("  note %s: %s" % (r["server"], n))
+    return "\n".join(out)
+
+
+def render_profile(r):
+    got = profile_summary(r["profile_path"])
+    out = ["", "== py-spy: %s on %s (%s)" % (r["server"], r["label"], r["profile_path"])]
+    if not got or not got[0]:
+        out.append("  (no samples)")
+        return "\n".join(out)
+    total, rows, incl_rows = got
+    out.append("  %d samples; top by own time:" % total)
+    out.append("  %7s %7s  %s" % ("self%", "incl%", "function"))
+    for self_pct, incl_pct, fr in rows:
+        out.append("  %7.1f %7.1f  %s" % (self_pct, incl_pct, fr[:110]))
+    out.append("  top by inclusive time:")
+    for self_pct, incl_pct, fr in incl_rows:
+        out.append("  %7.1f %7.1f  %s" % (self_pct, incl_pct, fr[:110]))
+    return "\n".join(out)
+
+
+# =============================================================================
+# 8. Command line
+# =============================================================================
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="LocalChat fan-out benchmark (ngIRCd for comparison).")
+    p.add_argument("--workload", choices=["burst", "paced", "idle"], default="burst")
+    p.add_argument("--all", action="store_true", help="run the standard set of workloads")
+    p.add_argument("--clients", default=None, help="N, or a comma-separated list of N")
+    p.add_argument("--senders", type=int, default=None,
+                   help="senders (burst default 10, paced default 100)")
+    p.add_argument("--all-send", action="store_true", help="paced: every client sends")
+    p.add_argument("--duration", type=float, default=None, help="seconds of sending (burst 10, paced 20)")
+    p.add_argument("--messages", type=int, default=2000, help="burst: messages per sender at most")
+    p.add_argument("--window", type=int, default=20, help="burst: unconfirmed messages per sender")
+    p.add_argument("--rate", type=float, default=1.0, help="paced: messages per second per sender")
+    p.add_argument("--payload-bytes", type=int, default=0, help="padding added to each text")
+    p.add_argument("--procs", type=int, default=0, help="load processes (0: 2 for heavy loads, else 1)")
+    p.add_argument("--connect-concurrency", type=int, default=50,
+                   help="clients connecting at once, over all load processes")
+    p.add_argument("--connect-timeout", type=float, default=0,
+                   help="seconds to connect and welcome N (0: max(60, 0.06*N))")
+    p.add_argument("--settle-timeout", type=float, default=30.0,
+                   help="how long to wait for missing deliveries after sending stops")
+    p.add_argument("--quiet-ms", type=int, default=500, help="drain: silence that ends the connect phase")
+    p.add_argument("--idle-hold", type=float, default=5.0, help="idle: seconds to measure idle CPU")
+    p.add_argument("--localchat", default=DEFAULT_LOCALCHAT, help="path of localchat.py")
+    p.add_argument("--localchat-args", default="",
+                   help="extra server options as one string, e.g. --localchat-args=--no-history")
+    p.add_argument("--python", default=sys.executable, help="interpreter for the LocalChat server")
+    p.add_argument("--compare", default="auto", help="ngircd (default when installed) or none")
+    p.add_argument("--no-compare", action="store_true", help="LocalChat only")
+    p.add_argument("--only-compare", action="store_true", help="ngIRCd only (to check the harness)")
+    p.add_argument("--ngircd", default=None, help="path of the ngircd binary")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="sample the LocalChat server with py-spy during the measured phase; "
+                        "raw stacks go to DIR, top functions are printed (numbers are perturbed)")
+    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--quiet-machine-pct", type=float, default=25.0,
+                   help="before each run, wait until other work uses less than this %% of a core")
+    p.add_argument("--quiet-machine-wait", type=float, default=60.0,
+                   help="how long to wait for that at most (0: do not wait)")
+    p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build_runs(a):
+    """The list of Settings to run."""
+    common = dict(messages=a.messages, window=a.window, rate=a.rate, payload_bytes=a.payload_bytes,
+                  procs=a.procs, connect_concurrency=a.connect_concurrency,
+                  connect_timeout=a.connect_timeout, settle_timeout=a.settle_timeout,
+                  quiet_ms=a.quiet_ms, idle_hold=a.idle_hold,
+                  profile_dir=os.path.abspath(a.profile) if a.profile else None,
+                  profile_rate=a.profile_rate)
+    runs = []
+    if a.all:
+        for workload, n, senders, extra in STANDARD_SET:
+            kw = dict(common, workload=workload, clients=n, senders=senders,
+                      duration=10.0 if workload == "burst" else 20.0)
+            if a.duration is not None:
+                kw["duration"] = a.duration
+            kw.update(extra)
+            runs.append(Settings(**kw))
+        return runs
+    ns = [int(x) for x in (a.clients or {"burst": "200", "paced": "1000", "idle": "5000"}[a.workload]).split(",")]
+    for n in ns:
+        senders = a.senders
+        if senders is None:
+            senders = {"burst": 10, "paced": 100, "idle": 0}[a.workload]
+        if a.all_send:
+            senders = n
+        duration = a.duration if a.duration is not None else (10.0 if a.workload == "burst" else 20.0)
+        runs.append(Settings(**dict(common, workload=a.workload, clients=n,
+                                    senders=min(senders, n), duration=duration)))
+    return runs
+
+
+def servers_for(a):
+    """Factories of the servers to compare, in order."""
+    out = []
+    if not a.only_compare:
+        extra = a.localchat_args.split() if a.localchat_args else []
+        out.append(("localchat", lambda: LocalChatServer(a.localchat, a.python, extra)))
+    want_ng = not a.no_compare and a.compare.lower() != "none"
+    ng = a.ngircd or shutil.which("ngircd") or ("/usr/sbin/ngircd" if os.path.exists("/usr/sbin/ngircd") else None)
+    if want_ng and ng:
+        out.append(("ngircd", lambda: NgircdServer(ng)))
+    elif want_ng and a.compare.lower() == "ngircd":
+        print("ngircd not found: comparison skipped", file=sys.stderr)
+    return out
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a._worker:
+        worker_main()
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+    log = lambda text: print(text, file=sys.stderr, flush=True)
+    results = []
+    for s in build_runs(a):
+        for name, factory in servers_for(a):
+            log("%s: %s" % (name, s.label()))
+            busy_before = None
+            if a.quiet_machine_wait > 0:
+                busy_before = wait_for_quiet_machine(a.quiet_machine_pct, a.quiet_machine_wait, log)
+            server = factory()
+            try:
+                server.start()
+            except (RuntimeError, OSError) as e:
+                server.stop()
+                res = {"workload": s.workload, "server": name, "clients": s.clients,
+                       "senders": s.senders, "status": "start_failed", "notes": [str(e)[:500]]}
+            else:
+                try:
+                    res = run_one(s, server, log)
+                finally:
+                    code = server.stop()
+                    if code not in (0, None, -signal.SIGTERM):
+                        res.setdefault("notes", []).append("server exit code %s" % code)
+            res["label"] = s.label()
+            res["machine_busy_before_pct"] = busy_before
+            results.append(res)
+            line = json_line(res)
+            print(line, flush=True)
+            if a.json_out:
+                with open(a.json_out, "a") as f:
+                    f.write(line + "\n")
+    print(render_table(results, lambda r: r["label"]))
+    for r in results:
+        if r.get("profile_path"):
+            print(render_profile(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

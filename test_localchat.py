@@ -2617,6 +2617,20 @@ class InputTests(unittest.TestCase):
 # =============================================================================
 
 
+def end_processes(processes, pipes):
+    """Kill what still runs of a test's subprocesses, wait for them, close their pipes."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(PROCESS_TIMEOUT_S)
+    for pipe in pipes:
+        pipe.join(THREAD_END_S)
+    for process in processes:
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
 class PipeLines:
     """The lines a subprocess writes to one pipe, read by a thread that ends with the pipe."""
 
@@ -2682,16 +2696,7 @@ class CliTests(unittest.TestCase):
     def tearDown(self):
         for client in self.clients:
             client.close()
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(PROCESS_TIMEOUT_S)
-        for pipe in self.pipes:
-            pipe.join(THREAD_END_S)
-        for process in self.processes:
-            for stream in (process.stdin, process.stdout, process.stderr):
-                if stream is not None:
-                    stream.close()
+        end_processes(self.processes, self.pipes)
 
     def command(self, *args):
         return [sys.executable, SCRIPT] + list(args)
@@ -4509,16 +4514,7 @@ class ProcessFixture(ServerFixture):
     def tearDown(self):
         for responder in self.responders:
             responder.stop()
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(PROCESS_TIMEOUT_S)
-        for pipe in self.pipes:
-            pipe.join(THREAD_END_S)
-        for process in self.processes:
-            for stream in (process.stdin, process.stdout, process.stderr):
-                if stream is not None:
-                    stream.close()
+        end_processes(self.processes, self.pipes)
         super().tearDown()
 
     def environment(self, **changes):
@@ -5935,16 +5931,7 @@ class ServerConsoleCliTests(unittest.TestCase):
     def tearDown(self):
         for client in self.clients:
             client.close()
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(PROCESS_TIMEOUT_S)
-        for pipe in self.pipes:
-            pipe.join(THREAD_END_S)
-        for process in self.processes:
-            for stream in (process.stdin, process.stdout, process.stderr):
-                if stream is not None:
-                    stream.close()
+        end_processes(self.processes, self.pipes)
 
     def start_server(self, *extra, stdin=subprocess.PIPE):
         """Run a server on loopback, a free port; return (process, port). process.out has its stdout lines."""

@@ -35,6 +35,7 @@ import getpass
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -86,6 +87,7 @@ LINGER_S = 1.0                    # after the last frame, how long to read and d
 SHUTDOWN_FLUSH_S = 0.5            # at shutdown, how long to wait for the goodbye frames
 LISTEN_BACKLOG = 1024             # pending connections the kernel queues for accept()
 SESSION_STACK_BYTES = 512 * 1024  # stack of each connection thread (touched pages only cost memory)
+WRITER_THREADS = 2                # threads sending to sockets (each connection has one of them)
 HOUSEKEEPING_S = 1.0              # how often the server looks for lost users whose grace period ended
 
 CONNECT_TIMEOUT_S = 5.0           # client: connecting and waiting for the welcome
@@ -2339,7 +2341,7 @@ class Outbox:
 class SocketWriter:
     """One thread that sends every connection's outbox without ever blocking on one."""
 
-    def __init__(self, lock, max_outbox_bytes=MAX_OUTBOX_BYTES):
+    def __init__(self, lock, max_outbox_bytes=MAX_OUTBOX_BYTES, name="writer"):
         self.lock = lock  # the hub's lock: outboxes are filled under it
         self.max_outbox_bytes = max_outbox_bytes
         self._news = []  # outboxes with new frames or state, appended under the lock
@@ -2350,7 +2352,7 @@ class SocketWriter:
         self._wake_send.setblocking(False)
         self._selector.register(self._wake_recv, selectors.EVENT_READ, None)
         self._stopping = False
-        self._thread = threading.Thread(target=self._writer_loop, name="writer", daemon=True)
+        self._thread = threading.Thread(target=self._writer_loop, name=name, daemon=True)
 
     def start(self):
         self._thread.start()
@@ -2505,7 +2507,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         # can keep a timeout while the writer never waits on a full socket.
         writer_sock = sock.dup()
         writer_sock.setblocking(False)
-        self.outbox = Outbox(writer_sock, self.server.writer)
+        self.outbox = Outbox(writer_sock, self.server.next_writer())
         self._error_times = collections.deque()
         self._silent_periods = 0
         self._hello_deadline = time.monotonic() + self.server.hello_timeout
@@ -3369,8 +3371,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._serving = threading.Event()
         self._stopped = False
         super().__init__(address, JsonLinesSession)
-        self.writer = SocketWriter(self.hub.lock, max_outbox_bytes)
-        self.writer.start()
+        # Sending is mostly system calls, which run without the GIL: one writer per
+        # core sends to different sockets at the same time.
+        self.writers = [SocketWriter(self.hub.lock, max_outbox_bytes, name="writer-%d" % number)
+                        for number in range(WRITER_THREADS)]
+        self._writer_turn = itertools.cycle(self.writers)
+        for writer in self.writers:
+            writer.start()
         self._housekeeping_stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
         self._housekeeper.start()
@@ -3439,6 +3446,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         error = sys.exc_info()[1]
         log.error("%s:%s: internal error: %r", client_address[0], client_address[1], error, exc_info=True)
 
+    def next_writer(self):
+        """Return the writer thread a new connection's outbox goes to (in turn)."""
+        with self._state_lock:
+            return next(self._writer_turn)
+
     def add_session(self, session):
         with self._state_lock:
             self._sessions.add(session)
@@ -3487,7 +3499,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
             thread.join(max(0.0, deadline - time.monotonic()))
         self._housekeeping_stop.set()
         self._housekeeper.join(max(0.1, deadline - time.monotonic()))
-        self.writer.stop(max(0.1, deadline - time.monotonic()))
+        for writer in self.writers:
+            writer.stop(max(0.1, deadline - time.monotonic()))
         self.hub.store.close()
 
 

@@ -841,6 +841,11 @@ class ChatHub:
         with self.lock:
             return len(self._members)
 
+    def flush(self):
+        """Commit what the store holds (the writers do so before every send anyway)."""
+        with self.lock:
+            self.store.flush()
+
     # -- helpers (called with the lock held) -------------------------------------------
 
     def _welcome_fields(self, member):
@@ -1219,6 +1224,9 @@ class MemoryStore:
     def set_topic(self, room_key, topic):
         self._topics[room_key] = topic
 
+    def flush(self):
+        pass  # nothing to commit: memory only
+
     def add_ban(self, kind, value, until, reason):
         self._bans[(kind, value)] = (until, reason)
 
@@ -1301,6 +1309,8 @@ class SqliteStore:
     def add_message(self, fields, from_identity=None, to_identity=None, delivered=True):
         room, to = fields.get("room"), fields.get("to")
         try:
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN")
             self.db.execute(
                 "INSERT INTO messages (id, ts, sender, room, room_key, recipient, recipient_key, sender_key,"
                 " sender_identity, recipient_identity, text, action, ref, delivered)"
@@ -1312,6 +1322,19 @@ class SqliteStore:
         except sqlite3.Error as error:
             log.error("history: cannot store message %s: %s", fields["id"], error)
             raise ProtocolError("not_stored", "The server could not store your message, so it was not sent.")
+
+    def flush(self):
+        """Commit the messages stored since the last flush. The writers call it before they send.
+
+        Group commit: one commit covers every message stored since the last one,
+        and nothing reaches a socket before the messages in it are committed, so a
+        message somebody saw survives even a kill -9 the next instant.
+        """
+        if self.db.in_transaction:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as error:
+                log.error("history: cannot commit: %s", error)
 
     def room_history(self, room_key, limit, before=None):
         rows = self.db.execute(
@@ -1403,6 +1426,7 @@ class SqliteStore:
         return self.db.execute("DELETE FROM operators WHERE name_key = ?", (key,)).rowcount > 0
 
     def close(self):
+        self.flush()
         self.db.close()
 
     @staticmethod
@@ -2341,8 +2365,9 @@ class Outbox:
 class SocketWriter:
     """One thread that sends every connection's outbox without ever blocking on one."""
 
-    def __init__(self, lock, max_outbox_bytes=MAX_OUTBOX_BYTES, name="writer"):
+    def __init__(self, lock, max_outbox_bytes=MAX_OUTBOX_BYTES, name="writer", before_send=None):
         self.lock = lock  # the hub's lock: outboxes are filled under it
+        self.before_send = before_send  # called with the lock held before frames are taken (store.flush)
         self.max_outbox_bytes = max_outbox_bytes
         self._news = []  # outboxes with new frames or state, appended under the lock
         self._asleep = False  # the thread waits in select(); note() must wake it
@@ -2386,6 +2411,8 @@ class SocketWriter:
             with self.lock:
                 self._asleep = False
                 news, self._news = self._news, []
+                if news and self.before_send is not None:
+                    self.before_send()
                 for box in news:
                     self._take(box)
                 if not news:
@@ -3373,7 +3400,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         super().__init__(address, JsonLinesSession)
         # Sending is mostly system calls, which run without the GIL: one writer per
         # core sends to different sockets at the same time.
-        self.writers = [SocketWriter(self.hub.lock, max_outbox_bytes, name="writer-%d" % number)
+        self.writers = [SocketWriter(self.hub.lock, max_outbox_bytes, name="writer-%d" % number,
+                                     before_send=self.hub.store.flush)
                         for number in range(WRITER_THREADS)]
         self._writer_turn = itertools.cycle(self.writers)
         for writer in self.writers:
@@ -3383,10 +3411,11 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._housekeeper.start()
 
     def _housekeeping_loop(self):
-        """Runs on the housekeeping thread: end the grace period of lost users in time."""
+        """Runs on the housekeeping thread: end grace periods in time, commit what nobody was sent."""
         interval = max(0.05, min(HOUSEKEEPING_S, self.hub.resume_grace_s / 4))
         while not self._housekeeping_stop.wait(interval):
             self.hub.expire()
+            self.hub.flush()
 
     @property
     def port(self):

@@ -1257,12 +1257,17 @@ class MemoryStore:
         pass
 
 
+def _first(rows):
+    return rows[0] if rows else None
+
+
 class SqliteStore:
     """History, topics and known users in an SQLite database (WAL), kept across restarts.
 
-    Each message is committed before the hub delivers it: in WAL mode with
-    synchronous=NORMAL a commit survives the server process being killed the next
-    instant (only a power cut can take the last commits).
+    Messages are queued by the hub and committed by the writer threads before they
+    send anything (see flush()): in WAL mode with synchronous=NORMAL a commit
+    survives the server process being killed the next instant (only a power cut
+    can take the last commits). Every other call writes the queue first.
     """
 
     SCHEMA = """
@@ -1294,6 +1299,9 @@ class SqliteStore:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._pending = []  # message rows not yet written (guarded by _pending_lock)
+        self._pending_lock = threading.Lock()
+        self._db_lock = threading.Lock()  # one user of the connection at a time
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -1303,127 +1311,146 @@ class SqliteStore:
         except (OSError, sqlite3.Error) as error:
             raise UserError("cannot open the history database %s: %s" % (self.path, error)) from None
 
-    def last_id(self):
-        return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
-
     def add_message(self, fields, from_identity=None, to_identity=None, delivered=True):
+        """Queue a message's row for the next flush(): no database work on the fan-out path.
+
+        The hub calls this with its lock held; SQLite would give up the GIL inside
+        that lock and make every other thread queue behind it.
+        """
         room, to = fields.get("room"), fields.get("to")
-        try:
-            if not self.db.in_transaction:
-                self.db.execute("BEGIN")
-            self.db.execute(
-                "INSERT INTO messages (id, ts, sender, room, room_key, recipient, recipient_key, sender_key,"
-                " sender_identity, recipient_identity, text, action, ref, delivered)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (fields["id"], fields["ts"], fields["from"], room, room and name_key(room), to,
-                 to and name_key(to), name_key(fields["from"]), from_identity, to_identity, fields["text"],
-                 int(bool(fields.get("action"))), fields.get("ref"), int(delivered)),
-            )
-        except sqlite3.Error as error:
-            log.error("history: cannot store message %s: %s", fields["id"], error)
-            raise ProtocolError("not_stored", "The server could not store your message, so it was not sent.")
+        row = (fields["id"], fields["ts"], fields["from"], room, room and name_key(room), to,
+               to and name_key(to), name_key(fields["from"]), from_identity, to_identity, fields["text"],
+               int(bool(fields.get("action"))), fields.get("ref"), int(delivered))
+        with self._pending_lock:
+            self._pending.append(row)
 
     def flush(self):
-        """Commit the messages stored since the last flush. The writers call it before they send.
+        """Write and commit the queued messages. The writers call it before they send anything.
 
-        Group commit: one commit covers every message stored since the last one,
-        and nothing reaches a socket before the messages in it are committed, so a
-        message somebody saw survives even a kill -9 the next instant.
+        So nothing reaches a socket before the messages in it are committed, and a
+        message somebody saw survives even a kill -9 the next instant; and one
+        commit covers every message queued meanwhile (group commit). Called without
+        the hub's lock; _db_lock makes a second caller wait for the first's commit.
         """
-        if self.db.in_transaction:
-            try:
-                self.db.execute("COMMIT")
-            except sqlite3.Error as error:
-                log.error("history: cannot commit: %s", error)
+        with self._db_lock:
+            self._write_pending()
+
+    def _write_pending(self):
+        """Write the queued rows in one transaction. Called with _db_lock held."""
+        with self._pending_lock:
+            rows, self._pending = self._pending, []
+        if not rows:
+            return
+        try:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT INTO messages (id, ts, sender, room, room_key, recipient, recipient_key, sender_key,"
+                " sender_identity, recipient_identity, text, action, ref, delivered)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as error:
+            log.error("history: cannot store messages %d-%d: %s", rows[0][0], rows[-1][0], error)
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+
+    def _query(self, sql, parameters=()):
+        """Run one statement after the queued messages are written; return its cursor's rows."""
+        with self._db_lock:
+            self._write_pending()
+            cursor = self.db.execute(sql, parameters)
+            return cursor.fetchall() if cursor.description else cursor.rowcount
+
+    def last_id(self):
+        return self._query("SELECT COALESCE(MAX(id), 0) FROM messages")[0][0]
 
     def room_history(self, room_key, limit, before=None):
-        rows = self.db.execute(
+        rows = self._query(
             "SELECT %s FROM messages WHERE room_key = ? AND id < ? ORDER BY id DESC LIMIT ?" % self.COLUMNS,
             (room_key, before if before is not None else 2 ** 62, limit),
-        ).fetchall()
+        )
         return [self._fields(row) for row in reversed(rows)]
 
     def direct_history(self, identity, other_key, limit, before=None):
         if identity is None:
             return []
-        rows = self.db.execute(
+        rows = self._query(
             "SELECT %s FROM messages WHERE room_key IS NULL AND id < ?"
             " AND ((sender_identity = ? AND recipient_key = ?) OR (recipient_identity = ? AND sender_key = ?))"
             " ORDER BY id DESC LIMIT ?" % self.COLUMNS,
             (before if before is not None else 2 ** 62, identity, other_key, identity, other_key, limit),
-        ).fetchall()
+        )
         return [self._fields(row) for row in reversed(rows)]
 
     def since(self, last_id, room_keys, identity, limit):
         marks = ",".join("?" * len(room_keys)) or "NULL"
-        rows = self.db.execute(
+        rows = self._query(
             "SELECT %s FROM messages WHERE id > ? AND (room_key IN (%s)"
             " OR (room_key IS NULL AND ? IS NOT NULL AND (sender_identity = ? OR recipient_identity = ?)))"
             " ORDER BY id DESC LIMIT ?" % (self.COLUMNS, marks),
             [last_id] + list(room_keys) + [identity, identity, identity, limit],
-        ).fetchall()
+        )
         return [self._fields(row) for row in reversed(rows)]
 
     def undelivered(self, identity):
         if identity is None:
             return []
-        rows = self.db.execute(
+        rows = self._query(
             "SELECT %s FROM messages WHERE recipient_identity = ? AND delivered = 0 ORDER BY id" % self.COLUMNS,
             (identity,),
-        ).fetchall()
+        )
         return [self._fields(row) for row in rows]
 
     def mark_delivered(self, identity):
         if identity is not None:
-            self.db.execute("UPDATE messages SET delivered = 1 WHERE recipient_identity = ? AND delivered = 0",
-                            (identity,))
+            self._query("UPDATE messages SET delivered = 1 WHERE recipient_identity = ? AND delivered = 0",
+                        (identity,))
 
     def remember_user(self, key, name, identity):
         if identity is None:
-            self.db.execute("INSERT OR IGNORE INTO users (name_key, name, identity) VALUES (?, ?, NULL)",
-                            (key, name))
+            self._query("INSERT OR IGNORE INTO users (name_key, name, identity) VALUES (?, ?, NULL)",
+                        (key, name))
         else:
-            self.db.execute("INSERT OR REPLACE INTO users (name_key, name, identity) VALUES (?, ?, ?)",
-                            (key, name, identity))
+            self._query("INSERT OR REPLACE INTO users (name_key, name, identity) VALUES (?, ?, ?)",
+                        (key, name, identity))
 
     def known_user(self, key):
-        row = self.db.execute("SELECT name, identity FROM users WHERE name_key = ?", (key,)).fetchone()
+        row = _first(self._query("SELECT name, identity FROM users WHERE name_key = ?", (key,)))
         return tuple(row) if row else None
 
     def topic(self, room_key):
-        row = self.db.execute("SELECT topic FROM topics WHERE room_key = ?", (room_key,)).fetchone()
+        row = _first(self._query("SELECT topic FROM topics WHERE room_key = ?", (room_key,)))
         return row[0] if row else None
 
     def set_topic(self, room_key, topic):
-        self.db.execute("INSERT OR REPLACE INTO topics (room_key, topic) VALUES (?, ?)", (room_key, topic))
+        self._query("INSERT OR REPLACE INTO topics (room_key, topic) VALUES (?, ?)", (room_key, topic))
 
     def add_ban(self, kind, value, until, reason):
-        self.db.execute("INSERT OR REPLACE INTO bans (kind, value, until, reason) VALUES (?, ?, ?, ?)",
-                        (kind, value, until, reason))
+        self._query("INSERT OR REPLACE INTO bans (kind, value, until, reason) VALUES (?, ?, ?, ?)",
+                    (kind, value, until, reason))
 
     def remove_ban(self, kind, value):
-        return self.db.execute("DELETE FROM bans WHERE kind = ? AND value = ?", (kind, value)).rowcount > 0
+        return self._query("DELETE FROM bans WHERE kind = ? AND value = ?", (kind, value)) > 0
 
     def find_ban(self, key, address, now):
-        row = self.db.execute(
+        row = _first(self._query(
             "SELECT until, reason FROM bans WHERE ((kind = 'name' AND value = ?) OR (kind = 'address' AND value = ?))"
-            " AND (until IS NULL OR until > ?) LIMIT 1", (key, address, now)).fetchone()
+            " AND (until IS NULL OR until > ?) LIMIT 1", (key, address, now)))
         return tuple(row) if row else None
 
     def list_bans(self, now):
-        return [tuple(row) for row in self.db.execute(
+        return [tuple(row) for row in self._query(
             "SELECT kind, value, until, reason FROM bans WHERE until IS NULL OR until > ? ORDER BY kind, value",
             (now,))]
 
     def operator(self, key):
-        row = self.db.execute("SELECT name_key, identity FROM operators WHERE name_key = ?", (key,)).fetchone()
+        row = _first(self._query("SELECT name_key, identity FROM operators WHERE name_key = ?", (key,)))
         return tuple(row) if row else None
 
     def set_operator(self, key, identity):
-        self.db.execute("INSERT OR REPLACE INTO operators (name_key, identity) VALUES (?, ?)", (key, identity))
+        self._query("INSERT OR REPLACE INTO operators (name_key, identity) VALUES (?, ?)", (key, identity))
 
     def remove_operator(self, key):
-        return self.db.execute("DELETE FROM operators WHERE name_key = ?", (key,)).rowcount > 0
+        return self._query("DELETE FROM operators WHERE name_key = ?", (key,)) > 0
 
     def close(self):
         self.flush()
@@ -2367,7 +2394,7 @@ class SocketWriter:
 
     def __init__(self, lock, max_outbox_bytes=MAX_OUTBOX_BYTES, name="writer", before_send=None):
         self.lock = lock  # the hub's lock: outboxes are filled under it
-        self.before_send = before_send  # called with the lock held before frames are taken (store.flush)
+        self.before_send = before_send  # called before taken frames are sent (store.flush)
         self.max_outbox_bytes = max_outbox_bytes
         self._news = []  # outboxes with new frames or state, appended under the lock
         self._asleep = False  # the thread waits in select(); note() must wake it
@@ -2411,14 +2438,14 @@ class SocketWriter:
             with self.lock:
                 self._asleep = False
                 news, self._news = self._news, []
-                if news and self.before_send is not None:
-                    self.before_send()
                 for box in news:
                     self._take(box)
                 if not news:
                     if self._stopping:
                         break
                     self._asleep = True
+            if news and self.before_send is not None:
+                self.before_send()  # outside the lock: the next messages go on meanwhile
             for box in news:
                 self._send(box)
             if not news:

@@ -449,6 +449,26 @@ class TokenBucket:
         return (amount - self.tokens) / self.rate
 
 
+class RecentEvents:
+    """Counts events within a sliding window of seconds; holds nothing until the first one."""
+
+    __slots__ = ("window_s", "_times")
+
+    def __init__(self, window_s):
+        self.window_s = window_s
+        self._times = None  # made on first use: most connections never err or flood
+
+    def add(self):
+        """Note one event now; return how many fell within the window."""
+        now = time.monotonic()
+        if self._times is None:
+            self._times = collections.deque()
+        self._times.append(now)
+        while self._times[0] < now - self.window_s:
+            self._times.popleft()
+        return len(self._times)
+
+
 class FloodGuard:
     """One connection's allowance of messages and bytes, and its record of refusals.
 
@@ -460,7 +480,7 @@ class FloodGuard:
         self.bytes = TokenBucket(limits.kbytes_per_s * 1024, max(limits.kbyte_burst * 1024, MAX_TEXT_BYTES))
         self.renames = TokenBucket(limits.renames_per_minute / 60.0, limits.renames_per_minute)
         self.strike_limit = limits.flood_strikes
-        self.strikes = collections.deque()
+        self.strikes = RecentEvents(60.0)
 
     def check_message(self, size):
         """Raise rate_limited (or, after too many, a fatal flood error) if over the limit."""
@@ -479,11 +499,7 @@ class FloodGuard:
             self._refuse("You are changing names too often. Try again in %.0f s." % max(1, wait + 0.5))
 
     def _refuse(self, text):
-        now = time.monotonic()
-        self.strikes.append(now)
-        while self.strikes[0] < now - 60:
-            self.strikes.popleft()
-        if len(self.strikes) > self.strike_limit:
+        if self.strikes.add() > self.strike_limit:
             raise ProtocolError("flooding", "You kept sending too fast; disconnecting.", fatal=True,
                                 reason="flood")
         raise ProtocolError("rate_limited", text, counts=False)
@@ -554,7 +570,8 @@ class ChatHub:
                 self._members[name_key(name)] = member
                 rejoin = self._rooms_to_rejoin(rooms)
             self.store.remember_user(name_key(name), name, identity)
-            member.deliver(Event(self._welcome_fields(member)))
+            joining = [room.name for room in member.rooms.values()] if old is not None else rejoin or [GENERAL_ROOM]
+            member.deliver(Event(self._welcome_fields(member, joining)))
             if old is not None:  # resumed: who came and went meanwhile was told to the lost connection
                 for room in member.rooms.values():
                     member.deliver(Event(self._room_fields(room)))
@@ -745,6 +762,9 @@ class ChatHub:
                 recipient, to_name, to_identity = self._recipient(to)
                 fields["to"] = to_name
                 if recipient is None or recipient.lost_at is not None:
+                    if to_identity is None:  # nothing to deliver it to later
+                        raise ProtocolError("unknown_user", "%s lost the connection, and their client cannot "
+                                            "receive messages later." % to_name)
                     fields["queued"] = True  # delivered when that user comes back
             fields["text"] = text
             if action:
@@ -848,12 +868,12 @@ class ChatHub:
 
     # -- helpers (called with the lock held) -------------------------------------------
 
-    def _welcome_fields(self, member):
+    def _welcome_fields(self, member, rooms):
         return {
             "type": "welcome",
             "name": member.name,
             "users": self._names(self._members),
-            "rooms": [room.name for room in member.rooms.values()],
+            "rooms": rooms,
             "server": self.server_name,
             "version": PROTOCOL_VERSION,
             "max_text_bytes": MAX_TEXT_BYTES,
@@ -2562,7 +2582,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         writer_sock = sock.dup()
         writer_sock.setblocking(False)
         self.outbox = Outbox(writer_sock, self.server.next_writer())
-        self._error_times = collections.deque()
+        self._errors = RecentEvents(ERROR_WINDOW_S)
         self._silent_periods = 0
         self._hello_deadline = time.monotonic() + self.server.hello_timeout
         self.server.add_session(self)
@@ -2721,11 +2741,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     def _on_protocol_error(self, error):
         """Send an error frame; return a reason to stop if it was fatal or one too many."""
         if error.counts:
-            now = time.monotonic()
-            self._error_times.append(now)
-            while self._error_times[0] < now - ERROR_WINDOW_S:
-                self._error_times.popleft()
-            if not error.fatal and len(self._error_times) > ERROR_LIMIT:
+            if self._errors.add() > ERROR_LIMIT and not error.fatal:
                 error = ProtocolError("too_many_errors", "Too many bad frames; closing the connection.", fatal=True)
         fields = {"type": "error", "code": error.code, "text": error.text}
         if error.fatal:

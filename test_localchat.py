@@ -663,6 +663,24 @@ class CoreTests(unittest.TestCase):
         self.hub.join(member, name)
         return member
 
+    def test_welcome_names_the_room_the_member_is_about_to_join(self):
+        # Regression: the welcome listed no rooms on a fresh join, though general followed at once.
+        alice = self.member("alice")
+        self.assertEqual(alice.events[0]["type"], "welcome")
+        self.assertEqual(alice.events[0]["rooms"], ["general"])
+
+    def test_direct_message_to_a_lost_user_without_identity_is_refused(self):
+        # Regression: it was echoed as "queued" but nothing could ever deliver it.
+        hub = localchat.ChatHub("test-hub", resume_grace_s=60)
+        alice, bob = FakeMember(), FakeMember()
+        hub.join(alice, "alice", identity="a" * 32)
+        hub.join(bob, "bob")  # a client without an identity token
+        hub.leave(bob, "lost")  # within the grace period: still listed
+        with self.assertRaises(localchat.ProtocolError) as caught:
+            hub.say(alice, "are you there?", to="bob")
+        self.assertEqual(caught.exception.code, "unknown_user")
+        self.assertIn("lost the connection", caught.exception.text)
+
     def test_join_welcomes_the_member_with_the_user_list(self):
         alice = self.member("alice")
         bob = self.member("Bob")

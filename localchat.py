@@ -72,7 +72,7 @@ MAX_TEXT_BYTES = 32000            # message text in UTF-8; even fully escaped it
 MAX_NAME_CHARS = 32               # user names are 1 to this many characters
 MAX_REF_CHARS = 64                # a client's own reference for a message, echoed back
 RECV_BYTES = 64 * 1024            # the most one recv() call asks for
-RECV_IDLE_BYTES = 1024            # what a server read asks for when the last one was small: recv()
+RECV_IDLE_BYTES = 512             # what a server read asks for when the last one was small: recv()
                                   # holds its buffer while it waits, so a thousand idle readers
                                   # asking for 64 KiB each would hold 64 MiB
 
@@ -2353,6 +2353,37 @@ def tls_error_sentence(error, address, timeout_s=None):
 # send(). A slow connection only grows its own outbox, up to a bound.
 
 
+class Latch:
+    """A one-way flag that threads can wait for: a threading.Event for one use, in a lock.
+
+    An Event costs a Condition, a lock and a deque: about 1 KiB for each of
+    thousands of connections. This is one lock, held until set(), and a flag.
+    """
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self):
+        """Set the flag and wake the waiters. Only the writer thread calls it."""
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self):
+        return self._set
+
+    def wait(self, timeout):
+        """Return True once set, False if timeout seconds passed first."""
+        if self._lock.acquire(timeout=max(0.0, timeout)):
+            self._lock.release()
+            return True
+        return False
+
+
 class Outbox:
     """The bytes owed to one connection, and the state of their sending."""
 
@@ -2375,7 +2406,7 @@ class Outbox:
         self.closing = False  # no more frames: close once everything is sent
         self.hangup = False  # once closed, also end the connection (wakes its reader)
         self.failed = None  # why the connection is over ("too_slow", "lost"), else None
-        self.drained = threading.Event()  # set when the writer is done with this outbox
+        self.drained = Latch()  # set when the writer is done with this outbox
 
     def push(self, data):
         """Queue bytes for sending. Called with the writer's lock held; never blocks."""

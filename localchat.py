@@ -2,9 +2,11 @@
 """LocalChat: a chat for one local network in one file, with no internet, accounts or installation.
 
 Usage:
-    python3 localchat.py server [--host 0.0.0.0] [--port 13333] [--quiet]
+    python3 localchat.py                                       (a window asks: join or host)
+    python3 localchat.py server [--host 0.0.0.0] [--port 13333] [--tls] [--password] ...
     python3 localchat.py NAME [--server HOST[:PORT]]           (the chat window)
     python3 localchat.py NAME --cli [--server HOST[:PORT]]     (a line client)
+    python3 localchat.py --discover                            (list the chats on this network)
 
 Sections:
     1. Constants

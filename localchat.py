@@ -66,7 +66,6 @@ log = logging.getLogger("localchat")  # the server's console log (stderr, set up
 
 DEFAULT_PORT = 13333
 DEFAULT_HOST = "0.0.0.0"
-DEFAULT_CLIENT_HOST = "127.0.0.1"
 PROTOCOL_VERSION = 1
 
 MAX_LINE_BYTES = 64 * 1024        # one frame, newline included
@@ -4374,7 +4373,6 @@ _COMMANDS = {
     "help": lambda argument, where: ("help", HELP_TEXT),
 }
 
-COMMAND_NAMES = tuple("/" + name for name in _COMMANDS)
 
 
 def parse_input(line, where=None):

@@ -252,7 +252,8 @@ class CutProxy:
         self.dropped = threading.Event()  # set once some bytes were discarded
         self._dropping = set()
         self._lock = threading.Lock()
-        self._sockets = []
+        self._sockets = []  # live relayed sockets, which cut() breaks
+        self._every_socket = []  # every socket it made, closed by close()
         self._threads = []
         self._closed = False
         self._accept_thread = threading.Thread(target=self._accept_loop, name="test-proxy-accept")
@@ -274,6 +275,7 @@ class CutProxy:
             with self._lock:
                 self.accepted += 1
                 self._sockets += [client, upstream]
+                self._every_socket += [client, upstream]
                 for source, sink, way in ((client, upstream, "up"), (upstream, client, "down")):
                     thread = threading.Thread(target=self._pump_loop, args=(source, sink, way),
                                               name="test-proxy-" + way)
@@ -325,6 +327,8 @@ class CutProxy:
             threads = list(self._threads)
         for thread in threads:
             thread.join(THREAD_END_S)
+        for sock in self._every_socket:
+            sock.close()
         self.listener.close()
 
 

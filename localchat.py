@@ -817,15 +817,18 @@ class ChatHub:
         """Send member a page of older messages of a room or of a direct conversation."""
         limit = max(1, min(MAX_PAGE, limit))
         with self.lock:
+            # One message more than the page says whether anything older is left.
             if with_name is not None:
-                page = self.store.direct_history(member.identity, name_key(with_name), limit, before)
+                page = self.store.direct_history(member.identity, name_key(with_name), limit + 1, before)
                 end = {"type": "history_end", "with": with_name}
             else:
                 room = self._member_room(member, GENERAL_ROOM if room_name is None else room_name)
-                page = self.store.room_history(name_key(room.name), limit, before)
+                page = self.store.room_history(name_key(room.name), limit + 1, before)
                 end = {"type": "history_end", "room": room.name}
+            more = len(page) > limit
+            page = page[1:] if more else page  # the extra one is the oldest
             self._replay(member, page)
-            end.update(count=len(page), more=len(page) == limit)
+            end.update(count=len(page), more=more)
             member.deliver(Event(end))
 
     # -- names and presence ----------------------------------------------------------

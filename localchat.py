@@ -5477,7 +5477,8 @@ class HostedServer:
     """A server started inside the window's process ("Host a chat on this computer")."""
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT):
-        hub = ChatHub(socket.gethostname(), SqliteStore(data_dir() / "history.sqlite3"))
+        # Its own file: a `localchat.py server` on this computer may be using history.sqlite3.
+        hub = ChatHub(socket.gethostname(), SqliteStore(data_dir() / "hosted-history.sqlite3"))
         try:
             self.server = ChatServer((host, port), hub=hub)
         except OSError:  # the usual port is taken (another server here?): any free one will do

@@ -16,7 +16,7 @@ Sections:
     5. Storage: message history, topics, identities
     6. Certificates: a self-signed one, made with the standard library alone
     7. Encryption: TLS over memory buffers
-    8. Transport: per-connection outboxes and the writer thread
+    8. Transport: per-connection outboxes and the writer threads
     9. Doors: JSON lines
     10. Discovery: UDP probes and replies, finding servers on the LAN
     11. Server: accept, threads, shutdown
@@ -2348,13 +2348,14 @@ def tls_error_sentence(error, address, timeout_s=None):
 
 
 # =============================================================================
-# 8. Transport: per-connection outboxes and the writer thread
+# 8. Transport: per-connection outboxes and the writer threads
 # =============================================================================
 #
 # Readers never write to sockets. Each connection has an Outbox that collects the
-# bytes owed to it (filled under the hub's lock); one SocketWriter thread sends
-# them without blocking, joining all frames pending for a connection into one
-# send(). A slow connection only grows its own outbox, up to a bound.
+# bytes owed to it (filled under the hub's lock); the SocketWriter thread it
+# belongs to (the server runs WRITER_THREADS of them) sends them without
+# blocking, joining all frames pending for a connection into one send(). A slow
+# connection only grows its own outbox, up to a bound.
 
 
 class Latch:
@@ -2445,7 +2446,7 @@ class Outbox:
 
 
 class SocketWriter:
-    """One thread that sends every connection's outbox without ever blocking on one."""
+    """One thread that sends its connections' outboxes without ever blocking on one."""
 
     def __init__(self, lock, max_outbox_bytes=MAX_OUTBOX_BYTES, name="writer", before_send=None):
         self.lock = lock  # the hub's lock: outboxes are filled under it
@@ -3455,7 +3456,7 @@ def _short_fingerprint(fingerprint):
 
 
 class ChatServer(socketserver.ThreadingTCPServer):
-    """The threaded TCP server: a JSON-lines session per connection, one writer thread."""
+    """The threaded TCP server: a JSON-lines session per connection, writer threads that send."""
 
     daemon_threads = True
     allow_reuse_address = os.name != "nt"  # on Windows it would let two servers share a port

@@ -16,7 +16,7 @@ Sections:
     5. Storage: message history, topics, identities
     6. Certificates: a self-signed one, made with the standard library alone
     7. Encryption: TLS over memory buffers
-    8. Transport: per-connection outboxes and the writer threads
+    8. Transport: outboxes, the writer threads and the send budget
     9. Doors: JSON lines
     10. Discovery: UDP probes and replies, finding servers on the LAN
     11. Server: accept, threads, shutdown
@@ -80,7 +80,6 @@ RECV_IDLE_BYTES = 512             # what a server read asks for when the last on
 HELLO_TIMEOUT_S = 10.0            # a connection must say hello within this
 IDLE_PING_S = 30.0                # the server pings a connection silent this long; a second
                                   # silent period of the same length drops it as timed out
-MAX_OUTBOX_BYTES = 4 * 1024 * 1024  # unsent bytes a client may owe before it is dropped as too slow
 ERROR_LIMIT = 10                  # protocol errors allowed in ERROR_WINDOW_S before disconnecting
 ERROR_WINDOW_S = 60.0
 CLOSE_FLUSH_S = 2.0               # how long a closing connection waits for its last frames to go out
@@ -89,6 +88,7 @@ SHUTDOWN_FLUSH_S = 0.5            # at shutdown, how long to wait for the goodby
 LISTEN_BACKLOG = 1024             # pending connections the kernel queues for accept()
 SESSION_STACK_BYTES = 512 * 1024  # stack of each connection thread (touched pages only cost memory)
 WRITER_THREADS = 2                # threads sending to sockets (each connection has one of them)
+SLOW_S = 15.0                     # a client is too slow once a frame owed to it has waited this long
 HOUSEKEEPING_S = 1.0              # how often the server looks for lost users whose grace period ended
 
 CONNECT_TIMEOUT_S = 5.0           # client: connecting and waiting for the welcome
@@ -417,6 +417,8 @@ class Limits:
         ("flood_strikes", 20, "refused messages within a minute before the connection is dropped"),
         ("max_per_ip", 64, "connections from one address (this computer's own are not counted)"),
         ("max_connections", 10000, "connections in all"),
+        ("slow_reader_s", SLOW_S, "seconds a frame may wait for a client that does not read it, before "
+         "that client is dropped as too slow"),
         ("max_rooms", MAX_ROOMS_PER_USER, "rooms one user may be in at once"),
         ("renames_per_minute", 5, "name changes one user may make per minute"),
     )
@@ -2348,14 +2350,27 @@ def tls_error_sentence(error, address, timeout_s=None):
 
 
 # =============================================================================
-# 8. Transport: per-connection outboxes and the writer threads
+# 8. Transport: outboxes, the writer threads and the send budget
 # =============================================================================
 #
 # Readers never write to sockets. Each connection has an Outbox that collects the
-# bytes owed to it (filled under the hub's lock); the SocketWriter thread it
-# belongs to (the server runs WRITER_THREADS of them) sends them without
-# blocking, joining all frames pending for a connection into one send(). A slow
-# connection only grows its own outbox, up to a bound.
+# frames owed to it (filled under the hub's lock); the SocketWriter thread it
+# belongs to sends them without blocking. The Transport holds the writers and one
+# budget for all outboxes together: while they owe more than it, readers wait
+# before their next frame (so TCP slows the senders down), and a connection whose
+# oldest owed frame has waited SLOW_S is dropped as too_slow.
+#
+# The lock rule shows in the names: a method ending in _locked is called with the
+# hub's lock held (it is the writers' lock too); every other method takes it.
+
+QUEUE_BUDGET_BYTES = 64 * 1024 * 1024  # frames owed to all connections together before readers wait
+QUEUE_RESUME_BYTES = 48 * 1024 * 1024  # ... and how far it must fall before they read again
+SEND_BYTES = 256 * 1024       # the most one send() is given: bounds the copy each outbox holds
+SENDS_PER_VISIT = 4           # sends to one connection before the writer turns to the next
+SELECT_LIMIT = 500            # sockets one selector watches: select() on Windows takes at most 512
+OVERFLOW_RETRY_S = 0.05       # how often sockets beyond SELECT_LIMIT are tried without a selector
+SWEEP_S = 1.0                 # how often a writer looks for connections that stopped reading
+MARK_S = 0.25                 # frames taken within this share one timestamp (for their age)
 
 
 class Latch:
@@ -2390,71 +2405,88 @@ class Latch:
 
 
 class Outbox:
-    """The bytes owed to one connection, and the state of their sending."""
+    """The frames owed to one connection, and the state of their sending.
+
+    Filled by push_locked() under the hub's lock; everything past `chunks` belongs
+    to the writer thread.
+    """
 
     __slots__ = (
-        "sock", "writer", "chunks", "pending_bytes", "taken", "unsent", "unsent_bytes",
-        "queued", "closing", "hangup", "failed", "drained", "encrypt", "watched",
+        "sock", "writer", "encrypt", "chunks", "pending_bytes", "queued", "closing", "hangup", "failed",
+        "drained", "taken", "taken_bytes", "unsent", "unsent_plain", "marks", "taken_total", "sent_total",
+        "watch",
     )
 
     def __init__(self, sock, writer, encrypt=None):
         self.sock = sock  # a duplicate of the connection's socket, non-blocking, the writer's own
         self.writer = writer
         self.encrypt = encrypt  # a TlsChannel's encrypt(), used by the writer thread, or None
-        self.chunks = []  # frames not yet handed to the writer (guarded by the writer's lock)
-        self.taken = []  # frames the writer took, to join (and encrypt) outside the lock
-        self.watched = False  # registered with the writer's selector, waiting to be writable
+        self.chunks = []  # frames not yet handed to the writer (guarded by the lock)
         self.pending_bytes = 0
-        self.unsent = b""  # what the writer has taken but the kernel has not accepted yet
-        self.unsent_bytes = 0
         self.queued = False  # on the writer's list of outboxes with news
         self.closing = False  # no more frames: close once everything is sent
         self.hangup = False  # once closed, also end the connection (wakes its reader)
         self.failed = None  # why the connection is over ("too_slow", "lost"), else None
         self.drained = Latch()  # set when the writer is done with this outbox
+        # The writer thread's own: frames taken, the bytes of the send under way, and
+        # marks [taken_total, time] that tell how long the oldest owed frame has waited.
+        self.taken = collections.deque()
+        self.taken_bytes = 0
+        self.unsent = b""
+        self.unsent_plain = 0  # frame bytes in `unsent` not yet counted as sent
+        self.marks = []
+        self.taken_total = self.sent_total = 0
+        self.watch = None  # None, "selector" or "overflow": how the writer waits for the socket
 
-    def push(self, data):
-        """Queue bytes for sending. Called with the writer's lock held; never blocks."""
+    def push_locked(self, data):
+        """Queue bytes for sending. Called with the hub's lock held; never blocks."""
         if self.closing or self.failed:
             return
         self.chunks.append(data)
         self.pending_bytes += len(data)
-        if self.pending_bytes + self.unsent_bytes > self.writer.max_outbox_bytes:
-            self.failed = "too_slow"
-            self.chunks = []
+        self.writer.queued_bytes += len(data)
         if not self.queued:
             self.queued = True
-            self.writer.note(self)
+            self.writer.note_locked(self)
 
     def put(self, data):
-        """Queue bytes for sending from any thread (takes the writer's lock)."""
+        """Queue bytes for sending from a thread that does not hold the hub's lock."""
         with self.writer.lock:
-            self.push(data)
+            self.push_locked(data)
 
-    def finish(self):
-        """Send what is queued, then let the writer close its socket. Any thread."""
-        with self.writer.lock:
-            self.close_soon(hangup=False)
-
-    def close_soon(self, hangup=True):
-        """Send what is queued, then close (and hang up). Called with the writer's lock held."""
+    def close_locked(self, hangup=True):
+        """Send what is queued, then close (and hang up). Called with the hub's lock held."""
         self.closing = True
         self.hangup = self.hangup or hangup
         if not self.queued:
             self.queued = True
-            self.writer.note(self)
+            self.writer.note_locked(self)
+
+    def finish(self):
+        """Send what is queued, then let the writer close its socket (takes the lock)."""
+        with self.writer.lock:
+            self.close_locked(hangup=False)
 
 
 class SocketWriter:
-    """One thread that sends its connections' outboxes without ever blocking on one."""
+    """One thread that sends its connections' outboxes without ever blocking on one.
 
-    def __init__(self, lock, max_outbox_bytes=MAX_OUTBOX_BYTES, name="writer", before_send=None):
-        self.lock = lock  # the hub's lock: outboxes are filled under it
-        self.before_send = before_send  # called before taken frames are sent (store.flush)
-        self.max_outbox_bytes = max_outbox_bytes
+    queued_bytes is written only under the lock, done_bytes only by this thread,
+    so the Transport can add them up from any thread without a lock of its own.
+    """
+
+    def __init__(self, transport, name="writer"):
+        self.transport = transport
+        self.lock = transport.lock  # the hub's lock: outboxes are filled under it
+        self.queued_bytes = 0  # everything ever pushed to this writer's outboxes
+        self.done_bytes = 0  # ... of which sent, or dropped with their connection
         self._news = []  # outboxes with new frames or state, appended under the lock
-        self._asleep = False  # the thread waits in select(); note() must wake it
+        self._asleep = False  # the thread waits in select(); note_locked() must wake it
         self._selector = selectors.DefaultSelector()
+        self._registered = 0  # sockets in the selector besides the wake-up socket
+        self._overflow = []  # outboxes waiting for their socket beyond SELECT_LIMIT: tried in turn
+        self._overflow_at = 0.0  # when to try them next
+        self._withdrawn = ()  # frames not to send: their messages could not be stored
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)
@@ -2475,8 +2507,8 @@ class SocketWriter:
         self._wake_recv.close()
         self._wake_send.close()
 
-    def note(self, box):
-        """Put box on the list of outboxes with news. Called with the lock held."""
+    def note_locked(self, box):
+        """Put box on the list of outboxes with news. Called with the hub's lock held."""
         self._news.append(box)
         if self._asleep:
             self._wake()
@@ -2488,78 +2520,140 @@ class SocketWriter:
         except OSError:  # the buffer is full: a wake-up is already pending
             pass
 
+    # -- the loop (the writer thread) ---------------------------------------------
+
     def _writer_loop(self):
         """Runs on the writer thread: take news, send, wait for news or writable sockets."""
+        again = []  # outboxes the kernel still takes from, with more to send
+        next_sweep = time.monotonic() + SWEEP_S
         while True:
             with self.lock:
-                self._asleep = False
                 news, self._news = self._news, []
+                now = time.monotonic()
                 for box in news:
-                    self._take(box)
-                if not news:
-                    if self._stopping:
-                        break
-                    self._asleep = True
-            if news and self.before_send is not None:
-                self.before_send()  # outside the lock: the next messages go on meanwhile
-            for box in news:
-                self._send(box)
-            if not news:
-                self._wait()
-        for key in list(self._selector.get_map().values()):
-            if key.data is not None:
-                self._close(key.data)
+                    self._take_locked(box, now)
+                idle = not news and not again
+                if idle and self._stopping:
+                    break
+                self._asleep = idle  # from here on, note_locked() wakes the select() below
+            if idle:
+                again = self._wait(self._wait_timeout())
+            else:
+                if news and self.transport.before_send is not None:
+                    # Outside the lock: commit the history rows of these frames (group commit).
+                    self._withdrawn = self.transport.before_send()
+                work, again = again + news, []
+                for box in work:
+                    if self._send(box):
+                        again.append(box)
+                if self._registered or self._overflow:  # sockets that became writable meanwhile
+                    again += self._wait(0)
+            self.transport.progress()
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + SWEEP_S
+        for box in self._waiting_boxes():
+            self._close(box)
 
-    def _take(self, box):
+    def _take_locked(self, box, now):
         """Take box's new frames for sending. Called with the lock held: only list moves here."""
         box.queued = False
-        if box.chunks:
+        if not box.chunks:
+            return
+        if box.drained.is_set():  # closed meanwhile: nobody will send these
+            self.queued_bytes -= box.pending_bytes
+        else:
             box.taken.extend(box.chunks)
-            box.chunks = []
-            box.unsent_bytes += box.pending_bytes
-            box.pending_bytes = 0
+            box.taken_bytes += box.pending_bytes
+            box.taken_total += box.pending_bytes
+            if box.marks and now - box.marks[-1][1] < MARK_S:
+                box.marks[-1][0] = box.taken_total
+            else:
+                box.marks.append([box.taken_total, now])
+        box.chunks = []
+        box.pending_bytes = 0
 
     def _send(self, box):
-        """Send as much of box.unsent as the kernel takes now; watch the socket for the rest."""
+        """Send what the kernel takes now; return True if more could go at once."""
         if box.drained.is_set():
-            return
-        if box.taken:  # joined (and encrypted) here, outside the lock
-            data = b"".join(box.taken)
-            box.taken = []
-            try:
-                box.unsent += box.encrypt(data) if box.encrypt is not None else data
-            except (OSError, ValueError):  # the TLS channel is closed
-                box.failed = "lost"
-        if box.failed is None and box.unsent:
+            return False
+        for _ in range(SENDS_PER_VISIT):
+            if not box.unsent and box.taken:
+                self._fill(box)
+            if box.failed is not None or not box.unsent:
+                break
             try:
                 sent = box.sock.send(box.unsent)
             except (BlockingIOError, InterruptedError):
-                sent = 0
+                break
             except OSError:
                 box.failed = "lost"
-                sent = 0
-            if sent:
-                box.unsent = box.unsent[sent:]
-                box.unsent_bytes = len(box.unsent)
-        # Frames pushed while we sent (the last ones, before finish()) wait in chunks:
-        # closing now would drop them. They are on the news list, so we come back.
-        if box.failed is not None or (box.closing and not box.unsent and not box.chunks):
+                break
+            self._count_sent(box, sent)
+            if box.unsent:
+                break  # the kernel took part: it is full
+        if box.failed is not None or (box.closing and not box.unsent and not box.taken and not box.chunks):
             self._close(box)
-        else:
-            self._watch(box, bool(box.unsent))
+            return False
+        if box.unsent:
+            self._wait_for_socket(box)
+            return False
+        self._stop_waiting(box)
+        return bool(box.taken)
 
-    def _watch(self, box, writable):
-        """Have select() tell us when box's socket can take more, or stop that."""
-        if writable and not box.watched:
-            self._selector.register(box.sock, selectors.EVENT_WRITE, box)
-            box.watched = True
-        elif not writable and box.watched:
-            self._selector.unregister(box.sock)
-            box.watched = False
+    def _fill(self, box):
+        """Join the next frames (up to SEND_BYTES) into box.unsent, encrypted if need be."""
+        parts, size = [], 0
+        while box.taken and size < SEND_BYTES:
+            part = box.taken.popleft()
+            parts.append(part)
+            size += len(part)
+        box.taken_bytes -= size
+        if self._withdrawn:
+            kept = [part for part in parts if part not in self._withdrawn]
+            dropped = size - sum(map(len, kept))
+            if dropped:
+                parts, size = kept, size - dropped
+                self._credit(box, dropped)
+        data = b"".join(parts)
+        box.unsent_plain = size
+        if box.encrypt is not None:
+            try:
+                data = box.encrypt(data)  # b"" too: it sends what TLS owes the peer
+            except (OSError, ValueError):  # the TLS channel is closed
+                box.failed = "lost"
+                return
+        elif not data:
+            return
+        box.unsent = data
+
+    def _count_sent(self, box, sent):
+        if sent == len(box.unsent):
+            box.unsent = b""
+            self._credit(box, box.unsent_plain)
+            box.unsent_plain = 0
+            return
+        box.unsent = box.unsent[sent:]
+        if box.encrypt is None:  # plain: each byte sent is a frame byte (TLS counts whole sends)
+            self._credit(box, sent)
+            box.unsent_plain -= sent
+
+    def _credit(self, box, count):
+        """Count bytes as done: the budget gets them back, the age marks move on."""
+        self.done_bytes += count
+        box.sent_total += count
+        marks = box.marks
+        while marks and marks[0][0] <= box.sent_total:
+            marks.pop(0)
 
     def _close(self, box):
         """Done with box: close the writer's socket; on failure or hang-up wake the session's reader."""
-        self._watch(box, False)
+        self._stop_waiting(box)
+        self._credit(box, box.taken_bytes + box.unsent_plain)  # what was owed is owed no more
+        box.taken.clear()
+        box.taken_bytes = box.unsent_plain = 0
+        box.unsent = b""
+        box.marks = []
         if box.failed is not None or box.hangup:
             try:
                 box.sock.shutdown(socket.SHUT_RDWR)
@@ -2568,17 +2662,126 @@ class SocketWriter:
         box.sock.close()
         box.drained.set()
 
-    def _wait(self):
-        """Sleep until a wake-up byte arrives or a watched socket becomes writable."""
-        for key, _ in self._selector.select():
+    # -- waiting for sockets ----------------------------------------------------------
+
+    def _wait_for_socket(self, box):
+        """Have select() tell us when box's socket can take more (or try it in turn)."""
+        if box.watch is not None:
+            return
+        if self._registered < self.transport.select_limit:
+            self._selector.register(box.sock, selectors.EVENT_WRITE, box)
+            self._registered += 1
+            box.watch = "selector"
+        else:  # select() on Windows takes no more sockets
+            self._overflow.append(box)
+            box.watch = "overflow"
+
+    def _stop_waiting(self, box):
+        if box.watch == "selector":
+            self._selector.unregister(box.sock)
+            self._registered -= 1
+        elif box.watch == "overflow":
+            self._overflow.remove(box)
+        box.watch = None
+
+    def _waiting_boxes(self):
+        boxes = [key.data for key in self._selector.get_map().values() if key.data is not None]
+        return boxes + self._overflow
+
+    def _wait_timeout(self):
+        if self._overflow:
+            return OVERFLOW_RETRY_S
+        return SWEEP_S if self._registered else None
+
+    def _wait(self, timeout):
+        """Wait for news, a writable socket or the timeout; send where it can go.
+
+        Returns the outboxes that could take more at once.
+        """
+        more = []
+        for key, _ in self._selector.select(timeout):
             if key.data is None:
                 try:
                     while self._wake_recv.recv(4096):
                         pass
                 except OSError:
                     pass
-            else:
-                self._send(key.data)
+            elif self._send(key.data):
+                more.append(key.data)
+        if self._overflow and time.monotonic() >= self._overflow_at:
+            self._overflow_at = time.monotonic() + OVERFLOW_RETRY_S
+            for box in list(self._overflow):
+                if self._send(box):
+                    more.append(box)
+        return more
+
+    def _sweep(self, now):
+        """Drop the connections whose oldest owed frame has waited longer than SLOW_S."""
+        slow_s = self.transport.slow_s
+        for box in self._waiting_boxes():
+            if box.marks and now - box.marks[0][1] > slow_s:
+                box.failed = "too_slow"
+                self._close(box)
+
+
+class Transport:
+    """The writer threads, and the budget of bytes that all outboxes together may owe."""
+
+    def __init__(self, lock, before_send=None, writers=WRITER_THREADS, budget=QUEUE_BUDGET_BYTES,
+                 resume_at=None, slow_s=SLOW_S, select_limit=SELECT_LIMIT):
+        self.lock = lock
+        self.before_send = before_send  # commits history; returns frames not to send
+        self.budget = budget
+        self.resume_at = budget * 3 // 4 if resume_at is None else resume_at
+        self.slow_s = slow_s
+        self.select_limit = select_limit
+        self._room = threading.Condition(threading.Lock())
+        self._waiting = 0  # readers waiting for the budget (changed under _room)
+        # Sending is mostly system calls, which run without the GIL: one writer per
+        # core sends to different sockets at the same time.
+        self.writers = [SocketWriter(self, "writer-%d" % number) for number in range(writers)]
+        self._turn = itertools.cycle(self.writers)
+        self._turn_lock = threading.Lock()
+        for writer in self.writers:
+            writer.start()
+
+    def outbox(self, sock, encrypt=None):
+        """Return an Outbox for a connection's writer socket, on the next writer in turn."""
+        with self._turn_lock:
+            writer = next(self._turn)
+        return Outbox(sock, writer, encrypt)
+
+    def owed(self):
+        """Return the bytes all outboxes owe now (any thread; no lock: each count has one writer)."""
+        return sum(writer.queued_bytes - writer.done_bytes for writer in self.writers)
+
+    def wait_for_room(self, give_up):
+        """Block while the outboxes owe more than the budget. Runs on a reader thread.
+
+        Returns once they owe less than resume_at, or when give_up() is true.
+        """
+        if self.owed() <= self.budget:
+            return
+        with self._room:
+            self._waiting += 1
+            try:
+                while self.owed() > self.resume_at and not give_up():
+                    self._room.wait(0.25)
+            finally:
+                self._waiting -= 1
+
+    def progress(self):
+        """Wake the waiting readers if the budget has room again. Runs on a writer thread."""
+        if self._waiting and self.owed() <= self.resume_at:
+            with self._room:
+                self._room.notify_all()
+
+    def stop(self, timeout=2.0):
+        deadline = time.monotonic() + timeout
+        with self._room:
+            self._room.notify_all()
+        for writer in self.writers:
+            writer.stop(max(0.1, deadline - time.monotonic()))
 
 
 # =============================================================================
@@ -2617,7 +2820,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         # can keep a timeout while the writer never waits on a full socket.
         writer_sock = sock.dup()
         writer_sock.setblocking(False)
-        self.outbox = Outbox(writer_sock, self.server.next_writer())
+        self.outbox = self.server.transport.outbox(writer_sock)
         self._errors = RecentEvents(ERROR_WINDOW_S)
         self._silent_periods = 0
         self._hello_deadline = time.monotonic() + self.server.hello_timeout
@@ -2625,11 +2828,11 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
     def deliver(self, event):
         """Queue an event for this connection. Called by the hub with its lock held."""
-        self.outbox.push(event.encoded(encode_frame))
+        self.outbox.push_locked(event.encoded(encode_frame))
 
     def close_soon(self):
         """End this connection once its queued frames are sent. Called with the hub's lock held."""
-        self.outbox.close_soon()
+        self.outbox.close_locked()
 
     def send_frame(self, fields):
         """Queue a frame meant for this connection only."""
@@ -2732,6 +2935,8 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
                 line = bytes(buffer[start:end]).rstrip(b"\r")
                 start = end + 1
                 if line.strip():
+                    # Over the budget, stop reading: TCP then slows this sender down.
+                    self.server.transport.wait_for_room(self._gone)
                     reason = self._handle_line(line)
                     if reason:
                         return reason
@@ -2742,6 +2947,10 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         finally:
             del buffer[:start]
         return None
+
+    def _gone(self):
+        """Return True once this connection is ending: stop waiting for the budget."""
+        return self.outbox.closing or self.outbox.failed is not None or self.server.stopping
 
     @staticmethod
     def _too_long_text():
@@ -3463,7 +3672,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address=(DEFAULT_HOST, DEFAULT_PORT), hub=None, hello_timeout=HELLO_TIMEOUT_S,
-                 idle_ping=IDLE_PING_S, max_outbox_bytes=MAX_OUTBOX_BYTES, tls_context=None):
+                 idle_ping=IDLE_PING_S, tls_context=None, queue_budget=QUEUE_BUDGET_BYTES,
+                 select_limit=SELECT_LIMIT):
         self.tls_context = tls_context  # an ssl.SSLContext: every connection is encrypted
         self.local_exempt = True  # connections from this computer do not count towards max_per_ip
         self.hub = hub if hub is not None else ChatHub(server_name=socket.gethostname())
@@ -3476,15 +3686,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._state_lock = threading.Lock()
         self._serving = threading.Event()
         self._stopped = False
+        self.stopping = False  # set first thing by stop(): readers waiting for the budget give up
         super().__init__(address, JsonLinesSession)
-        # Sending is mostly system calls, which run without the GIL: one writer per
-        # core sends to different sockets at the same time.
-        self.writers = [SocketWriter(self.hub.lock, max_outbox_bytes, name="writer-%d" % number,
-                                     before_send=self.hub.store.flush)
-                        for number in range(WRITER_THREADS)]
-        self._writer_turn = itertools.cycle(self.writers)
-        for writer in self.writers:
-            writer.start()
+        self.transport = Transport(self.hub.lock, before_send=self.hub.store.flush, budget=queue_budget,
+                                   slow_s=self.hub.limits.slow_reader_s, select_limit=select_limit)
         self._housekeeping_stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
         self._housekeeper.start()
@@ -3554,11 +3759,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         error = sys.exc_info()[1]
         log.error("%s:%s: internal error: %r", client_address[0], client_address[1], error, exc_info=True)
 
-    def next_writer(self):
-        """Return the writer thread a new connection's outbox goes to (in turn)."""
-        with self._state_lock:
-            return next(self._writer_turn)
-
     def add_session(self, session):
         with self._state_lock:
             self._sessions.add(session)
@@ -3585,7 +3785,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self._state_lock:
             if self._stopped:
                 return
-            self._stopped = True
+            self._stopped = self.stopping = True
             sessions = list(self._sessions)
         deadline = time.monotonic() + timeout
         self.hub.close()
@@ -3607,8 +3807,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
             thread.join(max(0.0, deadline - time.monotonic()))
         self._housekeeping_stop.set()
         self._housekeeper.join(max(0.1, deadline - time.monotonic()))
-        for writer in self.writers:
-            writer.stop(max(0.1, deadline - time.monotonic()))
+        self.transport.stop(max(0.1, deadline - time.monotonic()))
         self.hub.store.close()
 
 

@@ -12,18 +12,19 @@ Sections:
     1. Constants
     2. Errors
     3. Protocol: wire format, frames, limits
-    4. Core: users, rooms, direct messages, history, fan-out (no sockets, no JSON)
-    5. Storage: message history, topics, identities
-    6. Certificates: a self-signed one, made with the standard library alone
-    7. Encryption: TLS over memory buffers
-    8. Transport: outboxes, the writer threads and the send budget
-    9. Doors: JSON lines
-    10. Discovery: UDP probes and replies, finding servers on the LAN
-    11. Server: accept, threads, shutdown
-    12. Client connection (no Tk)
-    13. Tk window
-    14. Terminal client
-    15. Command line
+    4. Commands: what people type
+    5. Core: users, rooms, direct messages, history, fan-out (no sockets, no JSON)
+    6. Storage: message history, topics, identities
+    7. Certificates: a self-signed one, made with the standard library alone
+    8. Encryption: TLS over memory buffers
+    9. Transport: outboxes, the writer threads and the send budget
+    10. Doors: JSON lines
+    11. Discovery: UDP probes and replies, finding servers on the LAN
+    12. Server: accept, threads, shutdown
+    13. Client connection (no Tk)
+    14. Tk window
+    15. Terminal client
+    16. Command line
 """
 
 __version__ = "1.0"
@@ -305,7 +306,215 @@ def printable(text, limit=80):
 
 
 # =============================================================================
-# 4. Core: users, rooms, direct messages, history, fan-out (no sockets, no JSON)
+# 4. Commands: what people type
+# =============================================================================
+#
+# One table of the /commands for every place one is typed: "chat" (the window, the
+# line client, and the text and IRC doors to come) and "console" (the server's
+# terminal). Runs on any thread: the table and these functions keep no state.
+
+# Who may use a command, by place: an operator's commands are the console's too.
+COMMAND_PLACES = {"chat": ("everybody", "operators"), "console": ("console", "operators")}
+
+
+class Command(NamedTuple):
+    """One /command: its names, how it is typed, what it does, who may use it, how it is read.
+
+    `who` is "everybody" (anybody in a chat), "operators" (an operator in a chat, and
+    the server's console) or "console" (the server's console only). `parse(argument,
+    where)` gets the text after the name, stripped, and where plain text goes
+    ({"room": R} or {"to": NAME}); it returns (action, value) as parse_command does,
+    or None when the argument does not fit: the usage line is then the answer.
+    """
+
+    names: tuple  # the first is the one shown in the help; the others are aliases
+    usage: str    # how it is typed: "/ban NAME|IP [minutes] [reason]"
+    help: str     # what it does, in a few words
+    who: str      # "everybody", "operators" or "console"
+    parse: object  # (argument, where) -> (action, value), or None for "Usage: ..."
+
+
+def _target_minutes_reason(rest):
+    """Split "NAME [minutes] [reason]" into its parts (None where absent)."""
+    parts = rest.split(None, 2)
+    if not parts:
+        return None, None, None
+    # isdecimal(), not isdigit(): "²" is a digit that int() refuses.
+    minutes = int(parts[1]) if len(parts) > 1 and parts[1].isdecimal() else None
+    reason = " ".join(parts[2 if minutes is not None else 1:]) or None
+    return parts[0], minutes, reason
+
+
+def _room_argument(argument, where):
+    return argument.split()[0].lstrip("#") if argument else where.get("room")
+
+
+def _parse_join(argument, where):
+    return ("send", {"type": "join", "room": argument.split()[0].lstrip("#")}) if argument else None
+
+
+def _parse_leave(argument, where):
+    room = _room_argument(argument, where)
+    if not room:
+        return "error", "Usage: /leave ROOM"  # in a direct conversation there is no current room
+    return "send", {"type": "leave", "room": room}
+
+
+def _parse_msg(argument, where):
+    name, _, text = argument.partition(" ")
+    if not name or not text.strip():
+        return None
+    return "send", {"type": "say", "to": name.lstrip("@"), "text": text}
+
+
+def _parse_me(argument, where):
+    return ("send", dict(where, type="say", text=argument, action=True)) if argument else None
+
+
+def _parse_nick(argument, where):
+    return ("send", {"type": "nick", "name": argument.split()[0]}) if argument else None
+
+
+def _parse_users(argument, where):
+    room = _room_argument(argument, where)
+    return "send", {"type": "users", "room": room} if room else {"type": "users"}
+
+
+def _parse_topic(argument, where):
+    room = where.get("room")
+    if not room:
+        return "error", "Topics belong to rooms: switch to a room first."
+    if argument:
+        return "send", {"type": "topic", "room": room, "topic": argument}
+    return "send", {"type": "topic", "room": room}
+
+
+def _moderation_parser(kind, field):
+    """Return the parser of an operator's command: NAME (or IP), then minutes and a reason where they fit."""
+    def parse(argument, where):
+        if kind in ("ban", "mute"):
+            target, minutes, reason = _target_minutes_reason(argument)
+        else:
+            target, _, reason = argument.partition(" ")
+            minutes, reason = None, reason.strip() or None
+        if not target:
+            return None
+        frame = {"type": kind, field: target}
+        if minutes is not None:
+            frame["minutes"] = minutes
+        if reason and kind in ("kick", "ban", "mute"):
+            frame["reason"] = reason
+        return "send", frame
+    return parse
+
+
+# In the order the help shows them. A command answered with a frame sends the same
+# frame from a chat and the console; the console carries it out with its own powers.
+COMMANDS = (
+    Command(("join",), "/join ROOM", "join a room, or switch to it", "everybody", _parse_join),
+    Command(("leave", "part"), "/leave [ROOM]", "leave a room (the current one)", "everybody", _parse_leave),
+    Command(("msg",), "/msg NAME TEXT", "a direct message that only NAME sees", "everybody", _parse_msg),
+    Command(("me",), "/me ACTION", "say what you do, shown as: * alice waves", "everybody", _parse_me),
+    Command(("nick",), "/nick NEWNAME", "change your name", "everybody", _parse_nick),
+    Command(("users",), "/users [ROOM]", "who is in the room (the current one)", "everybody", _parse_users),
+    Command(("rooms",), "/rooms", "the rooms and their topics", "everybody",
+            lambda argument, where: ("send", {"type": "rooms"})),
+    Command(("topic",), "/topic [TEXT]", "show the room's topic, or set it", "everybody", _parse_topic),
+    Command(("away",), "/away [TEXT]", "mark yourself away", "everybody",
+            lambda argument, where: ("send", {"type": "away", "text": argument or None})),
+    Command(("back",), "/back", "say you are back", "everybody",
+            lambda argument, where: ("send", {"type": "back"})),
+    Command(("quit", "exit"), "/quit", "leave the chat", "everybody", lambda argument, where: ("quit", None)),
+    Command(("help",), "/help", "this list", "everybody", lambda argument, where: ("help", HELP_TEXT)),
+    Command(("users",), "/users", "who is here (with addresses)", "console",
+            lambda argument, where: ("users", None)),
+    Command(("kick",), "/kick NAME [reason]", "remove somebody (they may come back)", "operators",
+            _moderation_parser("kick", "name")),
+    Command(("ban",), "/ban NAME|IP [minutes] [reason]", "ban a name (and its address) or an address",
+            "operators", _moderation_parser("ban", "target")),
+    Command(("unban",), "/unban NAME|IP", "lift a ban", "operators", _moderation_parser("unban", "target")),
+    Command(("bans",), "/bans", "list the bans", "console", lambda argument, where: ("bans", None)),
+    Command(("mute",), "/mute NAME [minutes]", "stop somebody from speaking", "operators",
+            _moderation_parser("mute", "name")),
+    Command(("unmute",), "/unmute NAME", "let somebody speak again", "operators",
+            _moderation_parser("unmute", "name")),
+    Command(("op",), "/op NAME", "make somebody an operator", "operators", _moderation_parser("op", "name")),
+    Command(("deop",), "/deop NAME", "make an operator an ordinary user again", "operators",
+            _moderation_parser("deop", "name")),
+    Command(("say",), "/say TEXT", "a notice to everybody", "console",
+            lambda argument, where: ("say", argument) if argument else None),
+    Command(("quit",), "/quit", "stop the server", "console", lambda argument, where: ("quit", None)),
+    Command(("help",), "/help", "this list", "console", lambda argument, where: ("help", CONSOLE_HELP_TEXT)),
+)
+
+# (place, name or alias) -> the command typed there under that name
+_COMMAND_INDEX = {(place, name): command
+                  for command in COMMANDS for place, kinds in COMMAND_PLACES.items() if command.who in kinds
+                  for name in command.names}
+
+
+def commands_at(place, who=None):
+    """Return the commands that may be typed at place ("chat" or "console"), of one kind if `who` is given."""
+    return [command for command in COMMANDS
+            if command.who in COMMAND_PLACES[place] and who in (None, command.who)]
+
+
+def command_help(place):
+    """Return the /help text of a place, made from the table."""
+    if place == "console":
+        return "Console commands:\n" + _help_lines(commands_at("console"))
+    return "Commands:\n%s\nOperators also have:\n%s\nStart a message with // to send text that begins with /." % (
+        _help_lines(commands_at(place, "everybody")), _help_lines(commands_at(place, "operators")))
+
+
+def _help_lines(commands):
+    width = max(len(command.usage) for command in commands) + 4
+    return "\n".join("  %s%s" % (command.usage.ljust(width), command.help) for command in commands)
+
+
+HELP_TEXT = command_help("chat")
+CONSOLE_HELP_TEXT = command_help("console")
+
+
+def parse_command(line, where, place):
+    """Return (action, value) for a line typed at place: "chat" or "console".
+
+    `where` is {"room": name} or {"to": name}: where plain text goes ({} on the
+    console). action is "send" (value: the frame to post), "error" (value: a
+    sentence), None for a blank line, or one to carry out where it was typed:
+    "quit", "help" (value: the help text), and on the console "users", "bans" and
+    "say" (value: the text). In a chat, a line not starting with / is a message, and
+    one starting with // is a message starting with /.
+    """
+    if not line.strip():
+        return None, None
+    if line.startswith("//") or not line.startswith("/"):
+        if place == "console":
+            return "error", "Unknown command. " + CONSOLE_HELP_TEXT
+        return "send", dict(where, type="say", text=line[1:] if line.startswith("//") else line)
+    word, _, argument = line[1:].partition(" ")
+    word = word.split("\n")[0]
+    command = _COMMAND_INDEX.get((place, word.lower()))
+    if command is None:
+        return "error", _refusal(word, place)
+    return command.parse(argument.strip(), where) or ("error", "Usage: " + command.usage)
+
+
+def _refusal(word, place):
+    """Return the sentence for /word, which is no command at place."""
+    shown = word[:40]
+    elsewhere = any((other, word.lower()) in _COMMAND_INDEX for other in COMMAND_PLACES if other != place)
+    if place == "console":
+        if elsewhere:
+            return "/%s is typed in a chat, not on the console. Type /help for the console's commands." % shown
+        return "Unknown command. " + CONSOLE_HELP_TEXT
+    if elsewhere:
+        return "/%s is a command of the server's console only. Type /help for the list." % shown
+    return "Unknown command /%s. Type /help for the list." % shown
+
+
+# =============================================================================
+# 5. Core: users, rooms, direct messages, history, fan-out (no sockets, no JSON)
 # =============================================================================
 #
 # The ChatHub holds who is here, in which rooms, and hands each event to its
@@ -1158,7 +1367,7 @@ def _until_words(until):
 
 
 # =============================================================================
-# 5. Storage: message history, topics, identities
+# 6. Storage: message history, topics, identities
 # =============================================================================
 #
 # Two stores with one interface: MemoryStore (--no-history) and SqliteStore.
@@ -1499,7 +1708,7 @@ class SqliteStore:
 
 
 # =============================================================================
-# 6. Certificates: a self-signed one, made with the standard library alone
+# 7. Certificates: a self-signed one, made with the standard library alone
 # =============================================================================
 #
 # `server --tls` needs a certificate, and the openssl command is not on every machine
@@ -2071,7 +2280,7 @@ def write_certificate_files(
 
 
 # =============================================================================
-# 7. Encryption: TLS over memory buffers
+# 8. Encryption: TLS over memory buffers
 # =============================================================================
 #
 # An ssl.SSLSocket cannot be dup()ed for the writer thread, nor used by two threads
@@ -2350,7 +2559,7 @@ def tls_error_sentence(error, address, timeout_s=None):
 
 
 # =============================================================================
-# 8. Transport: outboxes, the writer threads and the send budget
+# 9. Transport: outboxes, the writer threads and the send budget
 # =============================================================================
 #
 # Readers never write to sockets. Each connection has an Outbox that collects the
@@ -2785,7 +2994,7 @@ class Transport:
 
 
 # =============================================================================
-# 9. Doors: JSON lines
+# 10. Doors: JSON lines
 # =============================================================================
 #
 # A door turns one kind of connection into calls on the hub, and the hub's events
@@ -3178,7 +3387,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
 
 # =============================================================================
-# 10. Discovery: UDP probes and replies, finding servers on the LAN
+# 11. Discovery: UDP probes and replies, finding servers on the LAN
 # =============================================================================
 #
 # A server's DiscoveryResponder answers probes on its own "discovery" thread;
@@ -3657,7 +3866,7 @@ def _short_fingerprint(fingerprint):
 
 
 # =============================================================================
-# 11. Server: accept, threads, shutdown
+# 12. Server: accept, threads, shutdown
 # =============================================================================
 #
 # ChatServer accepts on the thread running serve_forever() and gives every
@@ -3830,15 +4039,7 @@ class ServerConsole:
     terminal (a service, nohup, CI) simply ends at once and the server runs on.
     """
 
-    HELP = """Console commands:
-  /users                          who is here (with addresses)
-  /kick NAME [reason]             remove somebody (they may come back)
-  /ban NAME|IP [minutes] [reason] ban a name (and its address) or an address
-  /unban NAME|IP                  lift a ban          /bans   list the bans
-  /mute NAME [minutes]            stop somebody from speaking;  /unmute NAME
-  /op NAME  /deop NAME            make or unmake an operator
-  /say TEXT                       a notice to everybody
-  /quit                           stop the server"""
+    HELP = CONSOLE_HELP_TEXT
 
     def __init__(self, server, stdin=None, stdout=None):
         self.server = server
@@ -3866,71 +4067,60 @@ class ServerConsole:
 
     def run_command(self, line):
         """Carry out one console command; return what to show its owner."""
-        word, _, rest = line.partition(" ")
-        handler = getattr(self, "_do_" + word.lstrip("/").lower(), None)
-        if not word.startswith("/") or handler is None:
+        action, value = parse_command(line, {}, "console")
+        if action is None:  # a blank line
             return "Unknown command. " + self.HELP
+        if action == "error":
+            return value
+        if action == "send":  # an operator's frame, carried out with the console's own powers (by=None)
+            action = value["type"]
         try:
-            return handler(rest.strip())
+            return getattr(self, "_do_" + action)(value)
         except ProtocolError as error:
             return error.text
 
-    def _do_help(self, rest):
-        return self.HELP
+    def _do_help(self, text):
+        return text
 
-    def _do_users(self, rest):
+    def _do_users(self, _):
         lines = self.moderation.describe()
         return "%d here:\n  %s" % (len(lines), "\n  ".join(lines)) if lines else "Nobody is here."
 
-    def _do_kick(self, rest):
-        name, _, reason = rest.partition(" ")
-        return self.moderation.kick(None, name, reason.strip() or None) if name else "Usage: /kick NAME [reason]"
+    def _do_kick(self, frame):
+        return self.moderation.kick(None, frame["name"], frame.get("reason"))
 
-    def _do_ban(self, rest):
-        target, minutes, reason = _target_minutes_reason(rest)
-        return self.moderation.ban(None, target, minutes, reason) if target else "Usage: /ban NAME|IP [minutes] [reason]"
+    def _do_ban(self, frame):
+        return self.moderation.ban(None, frame["target"], frame.get("minutes"), frame.get("reason"))
 
-    def _do_unban(self, rest):
-        return self.moderation.unban(None, rest.split()[0]) if rest else "Usage: /unban NAME|IP"
+    def _do_unban(self, frame):
+        return self.moderation.unban(None, frame["target"])
 
-    def _do_bans(self, rest):
+    def _do_bans(self, _):
         bans = self.moderation.bans()
         lines = ["%s %s%s%s" % (kind, value, _until_words(until), _reason_words(reason))
                  for kind, value, until, reason in bans]
         return "\n".join(lines) if lines else "Nobody is banned."
 
-    def _do_mute(self, rest):
-        target, minutes, reason = _target_minutes_reason(rest)
-        return self.moderation.mute(None, target, minutes, reason) if target else "Usage: /mute NAME [minutes]"
+    def _do_mute(self, frame):
+        return self.moderation.mute(None, frame["name"], frame.get("minutes"), frame.get("reason"))
 
-    def _do_unmute(self, rest):
-        return self.moderation.unmute(None, rest.split()[0]) if rest else "Usage: /unmute NAME"
+    def _do_unmute(self, frame):
+        return self.moderation.unmute(None, frame["name"])
 
-    def _do_op(self, rest):
-        return self.moderation.set_operator(None, rest.split()[0], True) if rest else "Usage: /op NAME"
+    def _do_op(self, frame):
+        return self.moderation.set_operator(None, frame["name"], True)
 
-    def _do_deop(self, rest):
-        return self.moderation.set_operator(None, rest.split()[0], False) if rest else "Usage: /deop NAME"
+    def _do_deop(self, frame):
+        return self.moderation.set_operator(None, frame["name"], False)
 
-    def _do_say(self, rest):
-        return self.moderation.announce(rest) if rest else "Usage: /say TEXT"
+    def _do_say(self, text):
+        return self.moderation.announce(text)
 
-    def _do_quit(self, rest):
+    def _do_quit(self, _):
         # Not interrupt_main(): a server started in the background of a shell script
         # ignores SIGINT, and the interrupt would be lost.
         self.quit_requested.set()
         return "Stopping the server."
-
-
-def _target_minutes_reason(rest):
-    """Split "NAME [minutes] [reason]" into its parts (None where absent)."""
-    parts = rest.split(None, 2)
-    if not parts:
-        return None, None, None
-    # isdecimal(), not isdigit(): "²" is a digit that int() refuses.
-    minutes = int(parts[1]) if len(parts) > 1 and parts[1].isdecimal() else None
-    reason = " ".join(parts[2 if minutes is not None else 1:]) or None
-    return parts[0], minutes, reason
 
 
 def start_discovery(server, host, fingerprint=None):
@@ -4089,7 +4279,7 @@ def run_server(args):
 
 
 # =============================================================================
-# 12. Client connection (no Tk)
+# 13. Client connection (no Tk)
 # =============================================================================
 #
 # ChatConnection is what both clients use: connect and hello on the caller's
@@ -4453,22 +4643,6 @@ class ChatConnection:
 
 # What a person types and reads, for both clients.
 
-HELP_TEXT = """Commands:
-  /join ROOM        join a room, or switch to it
-  /leave [ROOM]     leave a room (the current one)
-  /msg NAME TEXT    a direct message that only NAME sees
-  /me ACTION        say what you do, shown as: * alice waves
-  /nick NEWNAME     change your name
-  /users [ROOM]     who is in the room (the current one)
-  /rooms            the rooms and their topics
-  /topic [TEXT]     show the room's topic, or set it
-  /away [TEXT]      mark yourself away; /back when you return
-  /quit             leave the chat
-  /help             this list
-Operators also have /kick NAME [reason], /ban NAME|IP [minutes] [reason],
-/unban, /mute NAME [minutes], /unmute, /op NAME and /deop NAME.
-Start a message with // to send text that begins with /."""
-
 _LEFT_WORDS = {
     "quit": "left",
     "part": "left",
@@ -4483,121 +4657,14 @@ _LEFT_WORDS = {
 }
 
 
-def _room_argument(argument, where):
-    room = argument.split()[0].lstrip("#") if argument else where.get("room")
-    return room
-
-
-def _parse_join(argument, where):
-    if not argument:
-        return "error", "Usage: /join ROOM"
-    return "send", {"type": "join", "room": argument.split()[0].lstrip("#")}
-
-
-def _parse_leave(argument, where):
-    room = _room_argument(argument, where)
-    if not room:
-        return "error", "Usage: /leave ROOM"
-    return "send", {"type": "leave", "room": room}
-
-
-def _parse_msg(argument, where):
-    name, _, text = argument.partition(" ")
-    if not name or not text.strip():
-        return "error", "Usage: /msg NAME TEXT"
-    return "send", {"type": "say", "to": name.lstrip("@"), "text": text}
-
-
-def _parse_me(argument, where):
-    if not argument:
-        return "error", "Usage: /me ACTION"
-    return "send", dict(where, type="say", text=argument, action=True)
-
-
-def _parse_nick(argument, where):
-    if not argument:
-        return "error", "Usage: /nick NEWNAME"
-    return "send", {"type": "nick", "name": argument.split()[0]}
-
-
-def _parse_users(argument, where):
-    room = _room_argument(argument, where)
-    return "send", {"type": "users", "room": room} if room else {"type": "users"}
-
-
-def _parse_topic(argument, where):
-    room = where.get("room")
-    if not room:
-        return "error", "Topics belong to rooms: switch to a room first."
-    if argument:
-        return "send", {"type": "topic", "room": room, "topic": argument}
-    return "send", {"type": "topic", "room": room}
-
-
-def _parse_moderation(kind, field, argument, usage):
-    """An operator's command: NAME (or IP), then minutes (ban, mute) and a reason where they fit."""
-    if kind in ("ban", "mute"):
-        target, minutes, reason = _target_minutes_reason(argument)
-    else:
-        target, _, reason = argument.partition(" ")
-        minutes, reason = None, reason.strip() or None
-    if not target:
-        return "error", usage
-    frame = {"type": kind, field: target}
-    if minutes is not None:
-        frame["minutes"] = minutes
-    if reason and kind in ("kick", "ban", "mute"):
-        frame["reason"] = reason
-    return "send", frame
-
-
-_COMMANDS = {
-    "join": _parse_join,
-    "leave": _parse_leave,
-    "part": _parse_leave,
-    "msg": _parse_msg,
-    "me": _parse_me,
-    "nick": _parse_nick,
-    "users": _parse_users,
-    "rooms": lambda argument, where: ("send", {"type": "rooms"}),
-    "topic": _parse_topic,
-    "away": lambda argument, where: ("send", {"type": "away", "text": argument or None}),
-    "back": lambda argument, where: ("send", {"type": "back"}),
-    "kick": lambda argument, where: _parse_moderation("kick", "name", argument, "Usage: /kick NAME [reason]"),
-    "ban": lambda argument, where: _parse_moderation("ban", "target", argument,
-                                                     "Usage: /ban NAME|IP [minutes] [reason]"),
-    "unban": lambda argument, where: _parse_moderation("unban", "target", argument, "Usage: /unban NAME|IP"),
-    "mute": lambda argument, where: _parse_moderation("mute", "name", argument, "Usage: /mute NAME [minutes]"),
-    "unmute": lambda argument, where: _parse_moderation("unmute", "name", argument, "Usage: /unmute NAME"),
-    "op": lambda argument, where: _parse_moderation("op", "name", argument, "Usage: /op NAME"),
-    "deop": lambda argument, where: _parse_moderation("deop", "name", argument, "Usage: /deop NAME"),
-    "quit": lambda argument, where: ("quit", None),
-    "exit": lambda argument, where: ("quit", None),
-    "help": lambda argument, where: ("help", HELP_TEXT),
-}
-
-
-
 def parse_input(line, where=None):
-    """Return (action, value) for a line a person typed in a conversation.
+    """Return (action, value) for a line a person typed in a conversation: parse_command in a chat.
 
-    `where` is {"room": name} or {"to": name}: where plain text goes. action is
-    "send" (value: the frame to post), "quit", "help" (value: the help text),
-    "error" (value: a sentence), or None for a blank line. Text starting with //
-    is sent starting with /.
+    `where` ({"room": name} or {"to": name}, where plain text goes) defaults to the
+    general room. action is "send" (value: the frame to post), "quit", "help"
+    (value: the help text), "error" (value: a sentence), or None for a blank line.
     """
-    where = where if where is not None else {"room": GENERAL_ROOM}
-    if not line.strip():
-        return None, None
-    if line.startswith("//") or not line.startswith("/"):
-        text = line[1:] if line.startswith("//") else line
-        return "send", dict(where, type="say", text=text)
-    word, _, argument = line[1:].partition(" ")
-    word = word.split("\n")[0]
-    parser = _COMMANDS.get(word.lower())
-    if parser is None:
-        return "error", "Unknown command /%s. Type /help for the list." % word[:40]
-    return parser(argument.strip(), where)
+    return parse_command(line, where if where is not None else {"room": GENERAL_ROOM}, "chat")
 
 
 def room_label(room):
@@ -4787,7 +4854,7 @@ def load_identity():
 
 
 # =============================================================================
-# 13. Tk window
+# 14. Tk window
 # =============================================================================
 #
 # ChatWindow runs on the Tk thread only. The connection's threads put frames on
@@ -5894,7 +5961,7 @@ def run_window(args):
 
 
 # =============================================================================
-# 14. Terminal client
+# 15. Terminal client
 # =============================================================================
 #
 # A line client for terminals and scripts. The main thread owns stdout; a stdin
@@ -6061,7 +6128,7 @@ def run_cli(args):
 
 
 # =============================================================================
-# 15. Command line
+# 16. Command line
 # =============================================================================
 
 DESCRIPTION = """\

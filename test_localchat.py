@@ -633,6 +633,187 @@ class ProtocolTests(unittest.TestCase):
 
 
 # =============================================================================
+# Commands: the one table, for every place a command is typed
+# =============================================================================
+
+
+def help_entries(text):
+    """Return the (usage, help) pairs listed in a help text: lines "  /usage  help"."""
+    return set(re.findall(r"(?m)^  (/.+?) {2,}(\S.*)$", text))
+
+
+class CommandTableTests(unittest.TestCase):
+    """The table of /commands: its help in each place, what each command becomes, what a place refuses."""
+
+    # Where each kind of command may be typed, written out here rather than read from the table.
+    PLACES_OF = {"everybody": {"chat"}, "operators": {"chat", "console"}, "console": {"console"}}
+    HELP_OF = {"chat": localchat.HELP_TEXT, "console": localchat.CONSOLE_HELP_TEXT}
+    GAMES, BOB = {"room": "games"}, {"to": "bob"}
+
+    # (place, line, where, expected result); together they use every command in the table.
+    CASES = (
+        ("chat", "/join #games now", BOB, ("send", {"type": "join", "room": "games"})),
+        ("chat", "/join", GAMES, ("error", "Usage: /join ROOM")),
+        ("chat", "/leave", GAMES, ("send", {"type": "leave", "room": "games"})),
+        ("chat", "/part #music", BOB, ("send", {"type": "leave", "room": "music"})),
+        ("chat", "/leave", BOB, ("error", "Usage: /leave ROOM")),
+        ("chat", "/msg @bob hi  there", GAMES, ("send", {"type": "say", "to": "bob", "text": "hi  there"})),
+        ("chat", "/msg bob", GAMES, ("error", "Usage: /msg NAME TEXT")),
+        ("chat", "/me waves", BOB, ("send", {"type": "say", "to": "bob", "text": "waves", "action": True})),
+        ("chat", "/me", GAMES, ("error", "Usage: /me ACTION")),
+        ("chat", "/nick alicia too", GAMES, ("send", {"type": "nick", "name": "alicia"})),
+        ("chat", "/nick", GAMES, ("error", "Usage: /nick NEWNAME")),
+        ("chat", "/users", BOB, ("send", {"type": "users"})),
+        ("chat", "/Users #music", GAMES, ("send", {"type": "users", "room": "music"})),
+        ("chat", "/rooms", GAMES, ("send", {"type": "rooms"})),
+        ("chat", "/topic chess at five", GAMES, ("send", {"type": "topic", "room": "games",
+                                                          "topic": "chess at five"})),
+        ("chat", "/topic", BOB, ("error", "Topics belong to rooms: switch to a room first.")),
+        ("chat", "/away at lunch", GAMES, ("send", {"type": "away", "text": "at lunch"})),
+        ("chat", "/back", GAMES, ("send", {"type": "back"})),
+        ("chat", "/exit", GAMES, ("quit", None)),
+        ("chat", "/help", GAMES, ("help", localchat.HELP_TEXT)),
+        ("chat", "//help", GAMES, ("send", {"type": "say", "room": "games", "text": "/help"})),
+        ("console", "/users", {}, ("users", None)),
+        ("console", "/bans", {}, ("bans", None)),
+        ("console", "/say pizza  is here", {}, ("say", "pizza  is here")),
+        ("console", "/say", {}, ("error", "Usage: /say TEXT")),
+        ("console", "/QUIT", {}, ("quit", None)),
+        ("console", "/help", {}, ("help", localchat.CONSOLE_HELP_TEXT)),
+    )
+    # An operator's command: (line, expected result), the same in a chat and on the console.
+    OPERATOR_CASES = (
+        ("/kick bob too many links", ("send", {"type": "kick", "name": "bob", "reason": "too many links"})),
+        ("/kick", ("error", "Usage: /kick NAME [reason]")),
+        ("/ban 10.0.0.9 30 a script", ("send", {"type": "ban", "target": "10.0.0.9", "minutes": 30,
+                                                "reason": "a script"})),
+        ("/ban bob", ("send", {"type": "ban", "target": "bob"})),
+        ("/unban bob for no reason", ("send", {"type": "unban", "target": "bob"})),
+        ("/mute bob 5 loud", ("send", {"type": "mute", "name": "bob", "minutes": 5, "reason": "loud"})),
+        ("/mute", ("error", "Usage: /mute NAME [minutes]")),
+        ("/unmute bob", ("send", {"type": "unmute", "name": "bob"})),
+        ("/op bob", ("send", {"type": "op", "name": "bob"})),
+        ("/deop bob", ("send", {"type": "deop", "name": "bob"})),
+        ("/deop", ("error", "Usage: /deop NAME")),
+    )
+
+    @staticmethod
+    def command_of(line, place):
+        """Return the command of the table that `line` uses at place."""
+        word = line[1:].split(" ")[0].lower()
+        (command,) = [command for command in localchat.commands_at(place) if word in command.names]
+        return command
+
+    def test_every_command_has_names_usage_help_and_a_kind(self):
+        for command in localchat.COMMANDS:
+            with self.subTest(command=command.usage, who=command.who):
+                self.assertTrue(command.names)
+                for name in command.names:
+                    self.assertRegex(name, r"^[a-z]+$")
+                self.assertRegex(command.usage, r"^/%s( \S+)*$" % command.names[0])
+                self.assertRegex(command.help, r"^[a-z(].*\S$")
+                self.assertNotIn("\n", command.help)
+                self.assertIn(command.who, self.PLACES_OF)
+                self.assertTrue(callable(command.parse))
+
+    def test_only_operators_and_the_console_may_moderate(self):
+        kinds = collections.defaultdict(list)
+        for command in localchat.COMMANDS:
+            kinds[command.who].append(command.names[0])
+        self.assertEqual(dict(kinds), {
+            "everybody": ["join", "leave", "msg", "me", "nick", "users", "rooms", "topic", "away", "back", "quit",
+                          "help"],
+            "operators": ["kick", "ban", "unban", "mute", "unmute", "op", "deop"],
+            "console": ["users", "bans", "say", "quit", "help"]})
+
+    def test_no_name_is_two_commands_in_one_place(self):
+        for place in self.HELP_OF:
+            with self.subTest(place=place):
+                names = [name for command in localchat.commands_at(place) for name in command.names]
+                self.assertEqual(len(names), len(set(names)), names)
+
+    def test_each_place_helps_with_its_commands_and_no_others(self):
+        for place, text in self.HELP_OF.items():
+            with self.subTest(place=place):
+                expected = {(command.usage, command.help) for command in localchat.COMMANDS
+                            if place in self.PLACES_OF[command.who]}
+                self.assertEqual(help_entries(text), expected)
+                self.assertEqual(localchat.command_help(place), text)
+        chat, console = localchat.HELP_TEXT, localchat.CONSOLE_HELP_TEXT
+        for word in ("/say", "/bans", "addresses", "stop the server"):
+            self.assertNotIn(word, chat)
+        for word in ("/join", "/msg", "/nick", "/topic", "/away", "//"):
+            self.assertNotIn(word, console)
+        everybody, operators = chat.split("\nOperators also have:\n")
+        self.assertIn("  /join ROOM ", everybody)
+        self.assertIn("  /kick NAME [reason] ", operators)
+        self.assertNotIn("/kick", everybody)
+        self.assertTrue(chat.endswith("Start a message with // to send text that begins with /."))
+        self.assertTrue(console.startswith("Console commands:\n"))
+        self.assertIs(localchat.ServerConsole.HELP, console)
+
+    def test_every_command_parses_to_its_result(self):
+        used = set()
+        cases = list(self.CASES) + [(place, line, where, expected) for line, expected in self.OPERATOR_CASES
+                                    for place, where in (("chat", self.GAMES), ("console", {}))]
+        for place, line, where, expected in cases:
+            with self.subTest(place=place, line=line):
+                self.assertEqual(localchat.parse_command(line, where, place), expected)
+                if place == "chat":
+                    self.assertEqual(localchat.parse_input(line, where), expected)
+                if not line.startswith("//"):  # "//" makes a message, not a command
+                    used.add(self.command_of(line, place))
+        self.assertEqual([command.usage for command in localchat.COMMANDS if command not in used], [])
+
+    def test_the_console_refuses_what_is_typed_in_a_chat(self):
+        console_names = {name for command in localchat.commands_at("console") for name in command.names}
+        chat_only = [name for command in localchat.commands_at("chat", "everybody") for name in command.names
+                     if name not in console_names]
+        self.assertIn("join", chat_only)
+        hub = localchat.ChatHub("test")
+        console = localchat.ServerConsole(type("Server", (), {"hub": hub})(), stdin=io.StringIO())
+        for name in chat_only:
+            with self.subTest(name=name):
+                action, sentence = localchat.parse_command("/%s games" % name, {}, "console")
+                self.assertEqual(action, "error")
+                self.assertEqual(sentence, "/%s is typed in a chat, not on the console. "
+                                           "Type /help for the console's commands." % name)
+                self.assertEqual(console.run_command("/%s games" % name), sentence)
+        for line in ("/dance", "hello", "//say hi", "/"):
+            with self.subTest(line=line):
+                self.assertEqual(console.run_command(line), "Unknown command. " + localchat.CONSOLE_HELP_TEXT)
+
+    def test_a_chat_refuses_what_only_the_console_may_do(self):
+        chat_names = {name for command in localchat.commands_at("chat") for name in command.names}
+        console_only = [name for command in localchat.commands_at("console", "console") for name in command.names
+                        if name not in chat_names]
+        self.assertEqual(sorted(console_only), ["bans", "say"])
+        for name in console_only:
+            with self.subTest(name=name):
+                self.assertEqual(localchat.parse_input("/%s everybody out" % name, self.GAMES),
+                                 ("error", "/%s is a command of the server's console only. "
+                                           "Type /help for the list." % name))
+        self.assertEqual(localchat.parse_input("/dance", self.GAMES),
+                         ("error", "Unknown command /dance. Type /help for the list."))
+
+    def test_every_result_has_somebody_to_carry_it_out(self):
+        # Each frame a chat command sends has its handler in the door, and each console
+        # result (a frame or a local action) its method in ServerConsole.
+        cases = [(place, line) for place, line, _, _ in self.CASES] + [
+            (place, line) for line, _ in self.OPERATOR_CASES for place in ("chat", "console")]
+        for place, line in cases:
+            action, value = localchat.parse_command(line, self.GAMES if place == "chat" else {}, place)
+            if action == "error" or place == "chat" and action != "send":
+                continue
+            with self.subTest(place=place, line=line):
+                if place == "chat":
+                    self.assertTrue(callable(getattr(localchat.JsonLinesSession, "do_" + value["type"], None)))
+                else:
+                    method = "_do_" + (value["type"] if action == "send" else action)
+                    self.assertTrue(callable(getattr(localchat.ServerConsole, method, None)), method)
+
+
+# =============================================================================
 # 4. Core
 # =============================================================================
 

@@ -3,14 +3,16 @@
 
 Starts the server under test on 127.0.0.1, connects N clients from separate load
 processes (non-blocking sockets driven by `selectors`), runs one workload, and prints
-one JSON line per run plus a readable table. Standard library only, Python 3.8+.
+one JSON line per run, a readable table, and the issue's targets beside the measured
+values (met / MISSED, and PASS / FAIL for delivery). Standard library only, Python 3.8+.
 
 Usage:
     python3 bench/fanout.py --workload burst --clients 200
     python3 bench/fanout.py --workload paced --clients 1000 --senders 100 --duration 20
     python3 bench/fanout.py --workload paced --clients 1000 --all-send
     python3 bench/fanout.py --workload idle --clients 5000
-    python3 bench/fanout.py --all                 # the standard set, about 6-8 minutes
+    python3 bench/fanout.py --workload paste      # 10 senders paste 17 x 30 KB into 100
+    python3 bench/fanout.py --all                 # the standard set, about 7-9 minutes
     python3 bench/fanout.py --all --no-compare    # LocalChat only, about 4 minutes
     python3 bench/fanout.py --workload paced --clients 200 --senders 20 --profile /tmp/prof
 
@@ -22,6 +24,15 @@ Workloads:
             spread evenly over the second; everybody receives. Measures latency.
     idle    N clients connect, join and stay quiet; measures memory per connection
             and the CPU an idle server burns.
+    paste   the user report: S senders (default 10 of N=100; all N read) each hand
+            --paste-messages (17) messages of --paste-bytes (30000) of text to the
+            socket at once, no window; readers read as fast as they can. LocalChat runs
+            with its DEFAULT flood limits here (17 x 30000 B fits its default burst);
+            every other workload turns them off. An IRC line holds 512 bytes, so on
+            ngIRCd each message goes as lines of IRC_PIECE_BYTES of text (75 for 30000 B,
+            as IRC clients split a paste): deliveries count those lines. ngIRCd drops a
+            client whose write buffer passes 32 KiB (WRITEBUFFER_MAX_LEN), which shows
+            in its server log as "Write buffer space exhausted".
 
 What is measured:
     connect_s        first connect() to the last client welcomed (LocalChat "welcome";
@@ -49,6 +60,16 @@ What is measured:
     lost, duplicated, reordered   per receiver and sender, from the sequence numbers
                      in the text of every message (all of them, not a sample).
     dropped          connections the server closed (EOF or reset) during the run.
+    drop_reasons     why, as the server told the others: names per LocalChat "left"
+                     reason (too_slow, flood, ...) or IRC QUIT text. server_log_drops:
+                     the same from the server's own log (ngIRCd always; LocalChat in
+                     paste, which runs it without --quiet). error_frames: error codes
+                     received.
+    rss_kb_peak      server VmRSS sampled every RSS_SAMPLE_S over the measured phase,
+                     its maximum; rss_kb_at_go at its start; vmhwm_kb the kernel's peak
+                     (VmHWM) over the server's whole life.
+    delivery_check   PASS when 0 dropped, 0 lost, 0 duplicated and order kept (no
+                     reordering, ids rising), every expected delivery received.
     loadgen_cpu_pct, other_cpu_pct   the load processes' CPU, and what else ran on
                      the machine: on 2 cores these say whether a number is the
                      server's or the machine's.
@@ -57,6 +78,13 @@ Windows on IRC: IRC does not echo a PRIVMSG to its sender, so a designated recei
 (the "witness", the first non-sender client in the senders' load process) confirms
 every sender's messages: a sender's window counts messages the witness has not seen.
 On LocalChat each sender's own echo confirms its messages.
+
+Targets (printed under "== targets" after the table; see render_targets):
+    burst, paced, paste   0 dropped, 0 lost, 0 duplicated, order kept (flood control off
+                          except paste)
+    burst N=200, N=1000   LocalChat server CPU per delivery <= 1.3x ngIRCd's
+    paced N=1000, all 1000 sending 1/s   p99 latency <= ngIRCd's, every message delivered
+    idle N=5000           memory per connection no worse than 32-36 KiB (met at <= 36)
 
 Sections:
     1. Settings and workloads
@@ -83,6 +111,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import errno
 
@@ -126,7 +155,23 @@ STANDARD_SET = [
     ("paced", 1000, 100, {}),
     ("paced", 1000, 1000, {"duration": 10.0}),
     ("idle", 5000, 0, {}),
+    ("paste", 100, 10, {}),
 ]
+
+# paste: the user report. Each sender pastes PASTE_MESSAGES messages of PASTE_BYTES of
+# text at once, with LocalChat's default flood limits (17 x 30000 B fits its default
+# burst of 30 messages and 512 KiB). An IRC line holds at most 512 bytes, so on IRC
+# each message goes as pieces of at most IRC_PIECE_BYTES of text (as IRC clients split a
+# paste): the same bytes, more lines.
+PASTE_MESSAGES = 17
+PASTE_BYTES = 30000
+IRC_PIECE_BYTES = 400  # ":u1234!~u1234@127.0.0.1 PRIVMSG #bench :" + text + CRLF <= 512
+
+# The issue's targets, printed beside the measured values (see render_targets).
+TARGET_CPU_RATIO = 1.3        # burst: LocalChat CPU per delivery at most 1.3x ngIRCd's
+TARGET_RSS_KB_PER_CONN = 36.0  # idle: memory per connection no worse than 32-36 KiB
+TARGET_RSS_KB_GOAL = 32.0
+RSS_SAMPLE_S = 0.05           # how often the server's VmRSS is sampled in the measured phase
 
 
 class Settings:
@@ -151,6 +196,11 @@ class Settings:
         self.idle_hold = kw.get("idle_hold", 5.0)
         self.profile_dir = kw.get("profile_dir")
         self.profile_rate = kw.get("profile_rate", 100)
+        self.paste_messages = kw.get("paste_messages", PASTE_MESSAGES)
+        self.paste_bytes = kw.get("paste_bytes", PASTE_BYTES)
+        # LocalChat's flood control: off ("--messages-per-s 0 --kbytes-per-s 0") for the
+        # throughput workloads, the server's defaults for paste (the user's setting).
+        self.flood_defaults = kw.get("flood_defaults", self.workload == "paste")
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -161,6 +211,10 @@ class Settings:
         if self.workload == "paced":
             return "paced N=%d senders=%d rate=%g/s for %gs" % (
                 self.clients, self.senders, self.rate, self.duration)
+        if self.workload == "paste":
+            return "paste N=%d senders=%d %dx%dB %s" % (
+                self.clients, self.senders, self.paste_messages, self.paste_bytes,
+                "default flood limits" if self.flood_defaults else "flood control off")
         return "idle N=%d" % self.clients
 
 
@@ -168,7 +222,8 @@ def load_procs(s):
     """How many load processes split the clients (0 = choose)."""
     if s.procs:
         return max(1, s.procs)
-    heavy = s.workload == "burst" or (s.workload == "paced" and s.senders * s.rate * s.clients > 200000)
+    heavy = s.workload in ("burst", "paste") or (
+        s.workload == "paced" and s.senders * s.rate * s.clients > 200000)
     return 2 if heavy and s.clients >= 100 else 1
 
 
@@ -227,16 +282,59 @@ def wait_for_quiet_machine(limit_pct, max_wait_s, log):
             warned = True
 
 
-def proc_rss_kb(pid):
-    """VmRSS of pid in KiB, or None."""
+def proc_status_kb(pid, field):
+    """A "<field>: <n> kB" value of /proc/PID/status (VmRSS, VmHWM) in KiB, or None."""
+    prefix = field + ":"
     try:
         with open("/proc/%d/status" % pid) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(prefix):
                     return int(line.split()[1])
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def proc_rss_kb(pid):
+    """VmRSS of pid in KiB, or None."""
+    return proc_status_kb(pid, "VmRSS")
+
+
+class RssSampler:
+    """Samples a process's VmRSS every RSS_SAMPLE_S on a thread of its own; keeps the peak.
+
+    VmHWM (the kernel's own peak) covers the whole life of the process, connecting
+    included; the sampled peak covers only the span between start() and stop().
+    """
+
+    def __init__(self, pid, interval=RSS_SAMPLE_S):
+        self.pid = pid
+        self.interval = interval
+        self.peak_kb = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self):
+        while True:
+            kb = proc_rss_kb(self.pid)
+            if kb is not None:
+                self.samples += 1
+                if self.peak_kb is None or kb > self.peak_kb:
+                    self.peak_kb = kb
+            if self._stop.wait(self.interval):
+                return
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        kb = proc_rss_kb(self.pid)  # one last look
+        if kb is not None and (self.peak_kb is None or kb > self.peak_kb):
+            self.peak_kb = kb
 
 
 def proc_threads(pid):
@@ -405,10 +503,15 @@ class LocalChatServer(ServerUnderTest):
     name = "localchat"
     protocol = "localchat"
 
-    def __init__(self, path, python, extra_args=()):
+    def __init__(self, path, python, extra_args=(), flood_off=True, log_leaves=False):
         self.path = os.path.abspath(path)  # the server runs in its temp dir
         self.python = python
         self.extra_args = list(extra_args)
+        self.flood_off = flood_off
+        # paste: log at INFO (no --quiet) to read "NAME left (too_slow)" from the log:
+        # when every reader is dropped at once, nobody is left to hear a "left" frame
+        self.log_leaves = log_leaves
+        self.flood_control = None  # "off" or "default", once the command is made
         self.args = []
         ServerUnderTest.__init__(self)
 
@@ -416,7 +519,19 @@ class LocalChatServer(ServerUnderTest):
         with open(self.path, "rb") as f:  # which localchat.py this run measured
             self.version = "sha1:" + hashlib.sha1(f.read()).hexdigest()[:12]
         self.args = self.optional_args() + self.extra_args
-        return [self.python, self.path, "server", "--host", HOST, "--port", "0", "--quiet"] + self.args
+        quiet = [] if self.log_leaves else ["--quiet"]
+        return [self.python, self.path, "server", "--host", HOST, "--port", "0"] + quiet + self.args
+
+    LEFT_LOG_RE = re.compile(r"^\S+ \S+ (\S+) left \(([^)\n]*)\)", re.M)
+
+    def log_drop_reasons(self):
+        """{reason: names} from "NAME left (reason)" in the server log; None under --quiet."""
+        if not self.log_leaves:
+            return None
+        why = {}
+        for _name, reason in dict(self.LEFT_LOG_RE.findall(self.log_text())).items():
+            why[reason] = why.get(reason, 0) + 1
+        return why
 
     def optional_args(self):
         """Server options this localchat.py has (read from its --help), for a fair fan-out test."""
@@ -427,10 +542,14 @@ class LocalChatServer(ServerUnderTest):
         except (OSError, subprocess.SubprocessError):
             out = ""
         args = []
-        # Flood control off: the burst senders send as fast as the server takes them on purpose.
-        for option in ("--messages-per-s", "--kbytes-per-s"):
-            if option in out:
-                args += [option, "0"]
+        # Flood control off: the burst senders send as fast as the server takes them on
+        # purpose. The paste workload keeps the defaults: that is what users run.
+        self.flood_control = "default"
+        if self.flood_off:
+            for option in ("--messages-per-s", "--kbytes-per-s"):
+                if option in out:
+                    args += [option, "0"]
+                    self.flood_control = "off"
         # No UDP discovery responder: the benchmark speaks TCP on 127.0.0.1 only.
         if "--no-discovery" in out:
             args.append("--no-discovery")
@@ -486,6 +605,7 @@ class NgircdServer(ServerUnderTest):
 
     name = "ngircd"
     protocol = "irc"
+    flood_control = "off"  # MaxPenaltyTime = 0: no penalties
 
     def __init__(self, binary):
         self.binary = binary
@@ -504,6 +624,20 @@ class NgircdServer(ServerUnderTest):
     def ready_regex(self):
         return r"Server \".*\" .*ready"
 
+    CLOSE_RE = re.compile(r"Shutting down connection (\d+) \((.*?)\) with")
+
+    def log_drop_reasons(self):
+        """{reason: connections} from ngIRCd's own log ("Shutting down connection N (why)").
+
+        Its QUIT to the others names no reason when it drops a client itself (the text is
+        the nick), so the log is where "Write buffer space exhausted" shows. Read before
+        the load processes quit, so their own QUITs are not in it yet.
+        """
+        why = {}
+        for _conn, reason in dict(self.CLOSE_RE.findall(self.log_text())).items():
+            why[reason] = why.get(reason, 0) + 1
+        return why
+
     def on_ready(self, match):
         m = re.search(r"ngIRCd (\S+)", self.log_text())
         if m:
@@ -518,12 +652,13 @@ class NgircdServer(ServerUnderTest):
 # =============================================================================
 #
 # Message payloads are "<kind>:<sender index>:<seq>:<send time in us>" with kind "b"
-# (burst) or "p" (paced). In a block of complete lines, each protocol finds every
-# message as a tuple (id, from, sender, seq, usec) of bytes, where `from` is the
-# digits of the sender's name "u<digits>" (so it must equal `sender`) and IRC, which
-# has no ids, gives an empty id. A fast regex does the common case; when it does not
-# match every message mark in the block, a slow path parses each line (JSON for
-# LocalChat) and the block's messages are counted as slow_lines.
+# (burst), "p" (paced) or "t" (paste), then any padding of "~" (--payload-bytes, paste).
+# In a block of complete lines, each protocol finds every message as a tuple (id, from,
+# sender, seq, usec) of bytes, where `from` is the digits of the sender's name
+# "u<digits>" (so it must equal `sender`) and IRC, which has no ids, gives an empty id.
+# A fast regex does the common case; when it does not match every message mark in the
+# block, a slow path parses each line (JSON for LocalChat) and the block's messages are
+# counted as slow_lines.
 
 
 def _from_digits(name, sender):
@@ -538,9 +673,9 @@ class LocalChatProto:
     # "text"). GENERIC_RE allows other fields and spacing; json.loads is the last resort.
     FAST_RE = re.compile(
         rb'"id":(\d+),"ts":[0-9.eE+-]+,"from":"u(\d+)",(?:"room":"[^"\n]*",)?'
-        rb'"text":"[a-z]:(\d+):(\d+):(\d+)"')
+        rb'"text":"[a-z]:(\d+):(\d+):(\d+)~*"')
     GENERIC_RE = re.compile(
-        rb'"id":\s*(\d+)[^\n]*?"from":\s*"u(\d+)"[^\n]*?"text":\s*"[a-z]:(\d+):(\d+):(\d+)"')
+        rb'"id":\s*(\d+)[^\n]*?"from":\s*"u(\d+)"[^\n]*?"text":\s*"[a-z]:(\d+):(\d+):(\d+)~*"')
     # History replayed on joining (LocalChat with rooms/history) is not a delivery.
     REPLAY_MARK = b'"replay":true'
     TEXT_RE = re.compile(r"^[a-z]:(\d+):(\d+):(\d+)")
@@ -621,6 +756,16 @@ class LocalChatProto:
     def pings(self, block):
         return block.count(self.ping_mark)
 
+    LEFT_RE = re.compile(rb'"type":\s*"left"[^\n]*?"name":\s*"([^"\n]*)"[^\n]*?"reason":\s*"([^"\n]*)"')
+    ERROR_RE = re.compile(rb'"type":\s*"error"[^\n]*?"code":\s*"([^"\n]*)"')
+
+    def departures(self, block):
+        """(name, reason) of every "left" frame in block (why the server let someone go)."""
+        return self.LEFT_RE.findall(block)
+
+    def error_codes(self, block):
+        return self.ERROR_RE.findall(block)
+
     def trouble(self, block):
         """Error, bye and left frames in block, as short strings."""
         out = []
@@ -679,6 +824,16 @@ class IrcProto:
     def trouble(self, block):
         return [t.decode("utf-8", "replace")[:200] for t in self.TROUBLE_RE.findall(block)]
 
+    QUIT_RE = re.compile(rb"^:([^!\s]+)\S* QUIT :?([^\r\n]*)", re.M)
+    NUMERIC_ERR_RE = re.compile(rb"^(?::\S+ )?([45]\d\d|ERROR) ", re.M)
+
+    def departures(self, block):
+        """(nick, reason) of every QUIT in block (ngIRCd gives its reason as the text)."""
+        return self.QUIT_RE.findall(block)
+
+    def error_codes(self, block):
+        return self.NUMERIC_ERR_RE.findall(block)
+
 
 def make_proto(name):
     return LocalChatProto() if name == "localchat" else IrcProto()
@@ -707,7 +862,7 @@ MAX_BUFFER = 1 << 20  # a partial line longer than this is an error
 
 class Client:
     __slots__ = ("idx", "key", "name", "sock", "state", "buf", "out", "writing", "next_seq", "missing",
-                 "last_id", "confirms", "sent", "acked", "welcomed_at", "started_at")
+                 "last_id", "confirms", "sent", "acked", "welcomed_at", "started_at", "unique")
 
     def __init__(self, idx):
         self.idx = idx
@@ -726,6 +881,7 @@ class Client:
         self.acked = 0
         self.welcomed_at = 0.0
         self.started_at = 0.0
+        self.unique = 0  # messages received, duplicates not counted
 
 
 class LoadWorker:
@@ -753,6 +909,8 @@ class LoadWorker:
                            from_mismatch=0, id_disorder=0, slow_lines=0, joined=0, pings=0,
                            dropped=0, connect_failed=0, handshake_errors=0, replayed=0)
         self.errors = []
+        self.departed = {}     # reason -> names the server said left for it
+        self.error_codes = {}  # error code (LocalChat) or numeric (IRC) -> frames received
         self.rx_bytes = 0
         self.last_rx = 0.0
         self.last_joined_rx = 0.0  # pings keep bytes flowing; notices tell the drain
@@ -1035,12 +1193,26 @@ class LoadWorker:
             if mark in block:
                 for t in proto.trouble(block):
                     self.note_error("u%d got %s" % (c.idx, t))
+                self.note_trouble(block)
                 break
         else:
             if proto.name == "irc" and (b"ERROR" in block or b" KICK " in block or b" QUIT " in block
-                                        or b" PART " in block or b" KILL " in block):
+                                        or b" PART " in block or b" KILL " in block
+                                        or b":bench.localhost " in block):  # numerics
                 for t in proto.trouble(block):
                     self.note_error("u%d got %s" % (c.idx, t))
+                self.note_trouble(block)
+
+    def note_trouble(self, block):
+        """Count who the server let go and why, and the error frames it sent."""
+        for name, reason in self.proto.departures(block):
+            names = self.departed.get(reason.decode("utf-8", "replace")[:80])
+            if names is None:
+                names = self.departed[reason.decode("utf-8", "replace")[:80]] = set()
+            names.add(name.decode("utf-8", "replace"))
+        for code in self.proto.error_codes(block):
+            code = code.decode("utf-8", "replace")
+            self.error_codes[code] = self.error_codes.get(code, 0) + 1
 
     def account(self, c, found, now_us):
         """Check id order, sender and sequence of every message in found; time a sample.
@@ -1091,6 +1263,7 @@ class LoadWorker:
                     continue
             unique += 1
         c.last_id = last_id
+        c.unique += unique
         counts = self.counts
         counts["received"] += unique + dup
         counts["unique"] += unique
@@ -1157,8 +1330,35 @@ class LoadWorker:
             # Sender i of S sends at at + i/S/rate + k/rate: spread evenly.
             self.paced_order = sorted(self.senders, key=lambda c: c.idx)
             self.paced_next = 0
+        elif s.workload == "paste":
+            self.send_stop_at = at
         if not self.senders:
             self.report_sent()  # nothing to send: tell the orchestrator at once
+
+    def paste_pieces(self):
+        """Text lengths of the wire messages one pasted message becomes (IRC: <= 512 B lines)."""
+        size = self.s.paste_bytes
+        if self.proto.name != "irc" or size <= IRC_PIECE_BYTES:
+            return [size]
+        full, rest = divmod(size, IRC_PIECE_BYTES)
+        return [IRC_PIECE_BYTES] * full + ([rest] if rest else [])
+
+    def start_paste(self):
+        """Every sender hands the whole paste to its socket at once: no window, no pacing."""
+        pieces = self.paste_pieces()
+        for c in self.senders:
+            if c.state != READY:
+                continue
+            frames = []
+            seq = 0
+            for _ in range(self.s.paste_messages):
+                for size in pieces:
+                    head = b"t:%d:%d:%d" % (c.idx, seq, int(time.time() * 1e6))
+                    frames.append(self.proto.say(head + b"~" * max(0, size - len(head))))
+                    seq += 1
+            c.sent = seq
+            self.queue(c, b"".join(frames))
+        self.report_sent()
 
     def payload(self, kind, c, seq):
         text = b"%s:%d:%d:%d" % (kind, c.idx, seq, int(time.time() * 1e6))
@@ -1234,11 +1434,18 @@ class LoadWorker:
         self.settle_deadline = now + self.s.settle_timeout
         self.check_done(now)
 
+    def client_expected(self, c):
+        own_excluded = not self.proto.echoes_sender
+        return sum(n for s, n in self.expected.items() if not (own_excluded and s == c.key))
+
     def check_done(self, now):
         if self.expected is None or self.done_reported:
             return
         if self.counts["unique"] >= self.expected_total:
             self.report_done()
+        elif self.counts["dropped"] and all(c.state == CLOSED or c.unique >= self.client_expected(c)
+                                            for c in self.clients):
+            self.report_done()  # the rest went to connections the server closed: never coming
         elif now > self.settle_deadline:
             self.report_done(forced=True)
 
@@ -1273,7 +1480,9 @@ class LoadWorker:
                   expected=self.expected_total, hist=hist, lag=lag, lat_max_us=self.lat_max_us, lat_samples=self.lat_samples,
                   kernel_stamps=self.kernel_stamps,
                   first_msg_rx=self.first_msg_rx, last_msg_rx=self.last_msg_rx,
-                  cpu_s=self.cpu_now() - self.cpu_at_go, errors=self.errors[:10])
+                  cpu_s=self.cpu_now() - self.cpu_at_go, errors=self.errors[:10],
+                  departed=dict((k, sorted(v)) for k, v in self.departed.items()),
+                  error_codes=self.error_codes)
 
     # --- the loop ----------------------------------------------------------------
 
@@ -1288,6 +1497,8 @@ class LoadWorker:
                     timeout = min(timeout, self.tick_paced(time.time()))
                 elif self.s.workload == "burst":
                     self.tick_burst(time.time())
+                elif self.s.workload == "paste" and not self.sent_reported:
+                    self.start_paste()
             for key, mask in sel.select(timeout):
                 c = key.data
                 if c is None:
@@ -1476,7 +1687,15 @@ def run_one(s, server, log):
     """Run workload s against a started server; returns the result dict."""
     res = {"workload": s.workload, "server": server.name, "clients": s.clients,
            "senders": s.senders if s.workload != "idle" else 0, "status": "ok",
-           "server_version": server.version, "server_args": " ".join(getattr(server, "args", []))}
+           "server_version": server.version, "server_args": " ".join(getattr(server, "args", [])),
+           "flood_control": getattr(server, "flood_control", None)}
+    if s.workload == "paced":
+        res["rate"] = s.rate
+    if s.workload == "paste":
+        pieces = s.paste_bytes if server.protocol != "irc" else IRC_PIECE_BYTES
+        res["paste_messages"] = s.paste_messages
+        res["paste_bytes"] = s.paste_bytes
+        res["wire_msgs_per_paste_msg"] = max(1, -(-s.paste_bytes // pieces))
     notes = []
     nworkers = load_procs(s)
     per, senders = split_clients(s, nworkers)
@@ -1485,6 +1704,7 @@ def run_one(s, server, log):
     cpu0 = proc_cpu_s(server.pid)
     workers = []
     profiler = None
+    rss_sampler = None
     try:
         for wid in range(nworkers):
             cfg = {"settings": s.to_dict(), "protocol": server.protocol, "port": server.port,
@@ -1576,6 +1796,8 @@ def run_one(s, server, log):
         log("  running %s" % s.label())
         if s.profile_dir and server.name == "localchat":
             profiler = start_profiler(s, server, res)
+        res["rss_kb_at_go"] = proc_rss_kb(server.pid)
+        rss_sampler = RssSampler(server.pid).start()
         cpu_a = proc_cpu_s(server.pid)
         busy_a = machine_busy_s()
         busy_t0 = time.time()
@@ -1605,6 +1827,9 @@ def run_one(s, server, log):
         t_end = time.time()
         cpu_b = proc_cpu_s(server.pid)
         busy_b = machine_busy_s()
+        rss_sampler.stop()
+        res["rss_kb_peak"] = rss_sampler.peak_kb  # sampled VmRSS, measured phase only
+        res["vmhwm_kb"] = proc_status_kb(server.pid, "VmHWM")  # kernel's peak, whole life
         if busy_a is not None and busy_b is not None:
             # over the same span as server_cpu_pct and loadgen_cpu_pct (t_end - go), so
             # other_cpu_pct = machine - server - load generator is not skewed negative
@@ -1623,6 +1848,8 @@ def run_one(s, server, log):
     finally:
         if profiler is not None:
             profiler.stop()
+        if rss_sampler is not None:
+            rss_sampler.stop()
         for w in workers:
             w.stop()
 
@@ -1653,9 +1880,16 @@ def summarize(res, notes, s, server, go, t_end, cpu_a, cpu_b, sent, done):
     first_rx = None
     last_rx = 0.0
     loadgen_cpu = 0.0
+    departed = {}
+    error_codes = {}
     for e in done.values():
         if e.get("ev") != "done":
             continue
+        for reason, names in e.get("departed", {}).items():
+            for name in names:  # an IRC QUIT whose text is the nick gives no reason
+                departed.setdefault("no reason given" if reason == name else reason, set()).add(name)
+        for code, n in e.get("error_codes", {}).items():
+            error_codes[code] = error_codes.get(code, 0) + n
         for k, v in e["counts"].items():
             counts[k] = counts.get(k, 0) + v
         for k, v in e["hist"].items():
@@ -1703,6 +1937,9 @@ def summarize(res, notes, s, server, go, t_end, cpu_a, cpu_b, sent, done):
         "slow_lines": counts.get("slow_lines", 0),
         "replayed": counts.get("replayed", 0),
         "dropped": counts.get("dropped", 0),
+        # why, as the server told the others ("left" reasons, IRC QUIT texts): names per reason
+        "drop_reasons": dict((k, len(v)) for k, v in sorted(departed.items())),
+        "error_frames": error_codes,
         "measured_s": round(wall, 3),
         "loadgen_cpu_pct": round(100.0 * loadgen_cpu / wall, 1) if wall > 0 else None,
     })
@@ -1714,16 +1951,37 @@ def summarize(res, notes, s, server, go, t_end, cpu_a, cpu_b, sent, done):
         # what else ran on the machine meanwhile (other jobs, kernel work not charged to us)
         res["other_cpu_pct"] = round(res["machine_cpu_pct"] - res["server_cpu_pct"]
                                      - (res["loadgen_cpu_pct"] or 0.0), 1)
-    if res["lost"] or res["duplicated"] or res["reordered"] or res["bad_from"] or res["id_disorder"]:
+    if res["lost"] or res["duplicated"] or res["reordered"] or res["bad_from"] or res["id_disorder"] \
+            or res["dropped"]:
         if res["status"] == "ok":
             res["status"] = "errors"
 
 
+def delivery_failures(res):
+    """What keeps a run from "0 dropped, 0 lost, 0 duplicated, order kept"; [] if nothing."""
+    why = []
+    if not res.get("messages_sent"):
+        why.append("nothing sent")
+    for key in ("dropped", "lost", "lost_by_seq", "duplicated", "reordered", "id_disorder", "bad_from"):
+        if res.get(key):
+            why.append("%s %d" % (key, res[key]))
+    if res.get("deliveries", 0) != res.get("expected_deliveries", 0):
+        why.append("%s of %s deliveries" % (res.get("deliveries"), res.get("expected_deliveries")))
+    if res.get("status") not in ("ok", "errors"):
+        why.append("status %s" % res.get("status"))
+    return why
+
+
 def finish(res, notes, server):
+    drops = server.log_drop_reasons() if hasattr(server, "log_drop_reasons") else None
+    if drops is not None:
+        res["server_log_drops"] = drops
     if not server.alive():
         res["status"] = "server_died"
         notes.insert(0, "server exited with code %s; log tail: %s" % (
             server.proc.returncode, server.log_text()[-500:].replace("\n", " | ")))
+    if "messages_sent" in res:  # with the final status
+        res["delivery_check"] = "PASS" if not delivery_failures(res) else "FAIL"
     res["notes"] = notes
     return res
 
@@ -1736,8 +1994,11 @@ TABLE_ROWS = [
     ("connect_s", "connect+welcome N (s)", "%.3f"),
     ("drain_s", "drain joined notices (s)", "%.3f"),
     ("connect_server_cpu_s", "server CPU connect+drain (s)", "%.2f"),
+    ("flood_control", "flood control", "%s"),
     ("messages_sent", "messages sent", "%d"),
+    ("wire_msgs_per_paste_msg", "wire messages / pasted msg", "%d"),
     ("recipients_per_msg", "recipients per message", "%d"),
+    ("expected_deliveries", "deliveries expected", "%d"),
     ("deliveries", "deliveries received", "%d"),
     ("deliveries_per_s", "deliveries / s", "%.0f"),
     ("latency_ms_p50", "latency p50 (ms)", "%.3f"),
@@ -1749,12 +2010,18 @@ TABLE_ROWS = [
     ("loadgen_cpu_pct", "load generator CPU %", "%.1f"),
     ("other_cpu_pct", "other CPU on machine %", "%.1f"),
     ("rss_kb_per_conn", "server RSS KiB / conn", "%.2f"),
+    ("rss_kb_at_go", "server RSS at start (KiB)", "%d"),
+    ("rss_kb_peak", "server RSS peak, run (KiB)", "%d"),
+    ("vmhwm_kb", "server VmHWM, life (KiB)", "%d"),
     ("idle_cpu_pct", "idle server CPU %", "%.2f"),
     ("idle_rss_growth_kb", "RSS growth while idle (KiB)", "%d"),
     ("lost", "lost", "%d"),
     ("duplicated", "duplicated", "%d"),
     ("reordered", "reordered", "%d"),
     ("dropped", "clients dropped", "%d"),
+    ("drop_reasons", "drop reasons (names)", "%s"),
+    ("server_log_drops", "drops in server log", "%s"),
+    ("error_frames", "error frames received", "%s"),
     ("connect_failed", "connects failed", "%d"),
 ]
 
@@ -1766,6 +2033,8 @@ def json_line(res):
 def fmt(v, f):
     if v is None:
         return "-"
+    if isinstance(v, dict):  # drop reasons, error frames: "too_slow:12 ..." or "none"
+        return " ".join("%s:%s" % kv for kv in sorted(v.items())) or "none"
     try:
         return f % v
     except TypeError:
@@ -1806,6 +2075,116 @@ def render_table(results, label_of):
     return "\n".join(out)
 
 
+def group_results(results, label_of):
+    groups = []
+    for r in results:
+        lab = label_of(r)
+        for g in groups:
+            if g[0] == lab:
+                g[1].append(r)
+                break
+        else:
+            groups.append((lab, [r]))
+    return groups
+
+
+def met(ok):
+    return "met" if ok else "MISSED"
+
+
+def render_targets(results, label_of):
+    """The issue's targets, each beside what this run measured, with met or MISSED.
+
+    Targets (they hold at the sizes named; smaller smoke runs print them for reference):
+      burst, paced, paste: every message to every reader: 0 dropped, 0 lost,
+          0 duplicated, order kept (PASS/FAIL per server);
+      burst N=200 and N=1000: LocalChat's server CPU per delivery at most 1.3x ngIRCd's;
+      paced N=1000, all 1000 sending 1/s: p99 latency at most ngIRCd's, all delivered;
+      idle N=5000: memory per connection no worse than 32-36 KiB (met at <= 36).
+    """
+    out = ["", "== targets"]
+    for lab, rs in group_results(results, label_of):
+        lc = next((r for r in rs if r["server"] == "localchat"), None)
+        ng = next((r for r in rs if r["server"] == "ngircd"), None)
+        first = rs[0]
+        workload, n, senders = first.get("workload"), first.get("clients"), first.get("senders")
+        out.append(lab)
+        if workload in ("burst", "paced", "paste"):
+            for r in rs:
+                if "messages_sent" not in r:
+                    out.append("  %-9s 0 dropped, 0 lost, 0 duplicated, order kept: FAIL (no result: %s)"
+                               % (r["server"], r.get("status")))
+                    continue
+                why = delivery_failures(r)
+                out.append("  %-9s 0 dropped, 0 lost, 0 duplicated, order kept: %s  (flood control %s; "
+                           "delivered %d of %d, dropped %d, lost %d, duplicated %d, reordered %d)" % (
+                               r["server"], "PASS" if not why else "FAIL", r.get("flood_control"),
+                               r.get("deliveries", 0), r.get("expected_deliveries", 0), r.get("dropped", 0),
+                               r.get("lost", 0), r.get("duplicated", 0), r.get("reordered", 0)))
+                if why:
+                    out.append("            why: %s" % "; ".join(why))
+        if workload == "burst":
+            a = lc.get("cpu_us_per_delivery") if lc else None
+            b = ng.get("cpu_us_per_delivery") if ng else None
+            where = "" if n in (200, 1000) else "  [the target is for N=200 and N=1000; this is N=%d]" % n
+            if a is not None and b:
+                out.append("  server CPU / delivery: LocalChat %.3f us, ngIRCd %.3f us, ratio %.2fx; "
+                           "target <= %.1fx ngIRCd: %s%s" % (a, b, a / b, TARGET_CPU_RATIO,
+                                                            met(a / b <= TARGET_CPU_RATIO), where))
+                out.append("      (other CPU on the machine: %s%% / %s%% of a core during the two runs)" % (
+                    fmt(lc.get("other_cpu_pct"), "%.1f"), fmt(ng.get("other_cpu_pct"), "%.1f")))
+            else:
+                out.append("  server CPU / delivery: LocalChat %s us, ngIRCd %s us; target <= %.1fx ngIRCd: "
+                           "not measured (needs both servers)%s" % (fmt(a, "%.3f"), fmt(b, "%.3f"),
+                                                                    TARGET_CPU_RATIO, where))
+        if workload == "paced":
+            a = lc.get("latency_ms_p99") if lc else None
+            b = ng.get("latency_ms_p99") if ng else None
+            rate = first.get("rate")
+            where = "" if (n == 1000 and senders == n and rate == 1.0) else (
+                "  [the target is for N=1000 with all 1000 sending 1/s; this is N=%d, %d sending %s/s]"
+                % (n, senders, fmt(rate, "%g")))
+            if a is not None and b is not None:
+                out.append("  latency p99: LocalChat %.3f ms, ngIRCd %.3f ms; target <= ngIRCd's: %s%s" % (
+                    a, b, met(a <= b), where))
+            else:
+                out.append("  latency p99: LocalChat %s ms, ngIRCd %s ms; target <= ngIRCd's: "
+                           "not measured (needs both servers)%s" % (fmt(a, "%.3f"), fmt(b, "%.3f"), where))
+            for r in rs:
+                if "messages_sent" in r:
+                    out.append("  %-9s every message delivered: %d of %d: %s" % (
+                        r["server"], r.get("deliveries", 0), r.get("expected_deliveries", 0),
+                        met(r.get("deliveries", 0) == r.get("expected_deliveries", 0)
+                            and r.get("messages_sent", 0) > 0)))
+        if workload == "idle":
+            where = "" if n == 5000 else "  [the target is for N=5000; this is N=%d]" % n
+            a = lc.get("rss_kb_per_conn") if lc else None
+            b = ng.get("rss_kb_per_conn") if ng else None
+            if a is not None:
+                out.append("  memory / connection: LocalChat %.2f KiB (ngIRCd %s KiB); target no worse than "
+                           "%g-%g KiB: %s%s" % (a, fmt(b, "%.2f"), TARGET_RSS_KB_GOAL, TARGET_RSS_KB_PER_CONN,
+                                                met(a <= TARGET_RSS_KB_PER_CONN), where))
+            else:
+                out.append("  memory / connection: not measured (LocalChat status %s)%s" % (
+                    lc.get("status") if lc else "not run", where))
+        if workload == "paste":
+            for r in rs:
+                if "messages_sent" not in r:
+                    continue
+                reasons = fmt(r.get("drop_reasons") or {}, "%s")
+                if r.get("server_log_drops"):
+                    reasons += "; server log: " + fmt(r["server_log_drops"], "%s")
+                out.append("  %-9s deliveries expected %d, received %d, lost %d; dropped %d (%s); "
+                           "server RSS peak %s KiB (at start %s, VmHWM %s)" % (
+                               r["server"], r.get("expected_deliveries", 0), r.get("deliveries", 0),
+                               r.get("lost", 0), r.get("dropped", 0), reasons,
+                               fmt(r.get("rss_kb_peak"), "%d"), fmt(r.get("rss_kb_at_go"), "%d"),
+                               fmt(r.get("vmhwm_kb"), "%d")))
+                if r.get("error_frames"):
+                    out.append("            error frames received: %s" % fmt(r["error_frames"], "%s"))
+    return "\n".join(out)
+
+
 def render_profile(r):
     got = profile_summary(r["profile_path"])
     out = ["", "== py-spy: %s on %s (%s)" % (r["server"], r["label"], r["profile_path"])]
@@ -1830,17 +2209,21 @@ def render_profile(r):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="LocalChat fan-out benchmark (ngIRCd for comparison).")
-    p.add_argument("--workload", choices=["burst", "paced", "idle"], default="burst")
+    p.add_argument("--workload", choices=["burst", "paced", "idle", "paste"], default="burst")
     p.add_argument("--all", action="store_true", help="run the standard set of workloads")
     p.add_argument("--clients", default=None, help="N, or a comma-separated list of N")
     p.add_argument("--senders", type=int, default=None,
-                   help="senders (burst default 10, paced default 100)")
+                   help="senders (burst default 10, paced default 100, paste default 10)")
     p.add_argument("--all-send", action="store_true", help="paced: every client sends")
     p.add_argument("--duration", type=float, default=None, help="seconds of sending (burst 10, paced 20)")
     p.add_argument("--messages", type=int, default=2000, help="burst: messages per sender at most")
     p.add_argument("--window", type=int, default=20, help="burst: unconfirmed messages per sender")
     p.add_argument("--rate", type=float, default=1.0, help="paced: messages per second per sender")
     p.add_argument("--payload-bytes", type=int, default=0, help="padding added to each text")
+    p.add_argument("--paste-messages", type=int, default=PASTE_MESSAGES,
+                   help="paste: messages each sender pastes at once (default %d)" % PASTE_MESSAGES)
+    p.add_argument("--paste-bytes", type=int, default=PASTE_BYTES,
+                   help="paste: bytes of text per message (default %d)" % PASTE_BYTES)
     p.add_argument("--procs", type=int, default=0, help="load processes (0: 2 for heavy loads, else 1)")
     p.add_argument("--connect-concurrency", type=int, default=50,
                    help="clients connecting at once, over all load processes")
@@ -1878,7 +2261,8 @@ def build_runs(a):
                   connect_timeout=a.connect_timeout, settle_timeout=a.settle_timeout,
                   quiet_ms=a.quiet_ms, idle_hold=a.idle_hold,
                   profile_dir=os.path.abspath(a.profile) if a.profile else None,
-                  profile_rate=a.profile_rate)
+                  profile_rate=a.profile_rate, paste_messages=a.paste_messages,
+                  paste_bytes=a.paste_bytes)
     runs = []
     if a.all:
         for workload, n, senders, extra in STANDARD_SET:
@@ -1889,11 +2273,12 @@ def build_runs(a):
             kw.update(extra)
             runs.append(Settings(**kw))
         return runs
-    ns = [int(x) for x in (a.clients or {"burst": "200", "paced": "1000", "idle": "5000"}[a.workload]).split(",")]
+    ns = [int(x) for x in (a.clients or {"burst": "200", "paced": "1000", "idle": "5000",
+                                         "paste": "100"}[a.workload]).split(",")]
     for n in ns:
         senders = a.senders
         if senders is None:
-            senders = {"burst": 10, "paced": 100, "idle": 0}[a.workload]
+            senders = {"burst": 10, "paced": 100, "idle": 0, "paste": 10}[a.workload]
         if a.all_send:
             senders = n
         duration = a.duration if a.duration is not None else (10.0 if a.workload == "burst" else 20.0)
@@ -1907,11 +2292,13 @@ def servers_for(a):
     out = []
     if not a.only_compare:
         extra = a.localchat_args.split() if a.localchat_args else []
-        out.append(("localchat", lambda: LocalChatServer(a.localchat, a.python, extra)))
+        out.append(("localchat", lambda s: LocalChatServer(a.localchat, a.python, extra,
+                                                           flood_off=not s.flood_defaults,
+                                                           log_leaves=s.workload == "paste")))
     want_ng = not a.no_compare and a.compare.lower() != "none"
     ng = a.ngircd or shutil.which("ngircd") or ("/usr/sbin/ngircd" if os.path.exists("/usr/sbin/ngircd") else None)
     if want_ng and ng:
-        out.append(("ngircd", lambda: NgircdServer(ng)))
+        out.append(("ngircd", lambda s: NgircdServer(ng)))
     elif want_ng and a.compare.lower() == "ngircd":
         print("ngircd not found: comparison skipped", file=sys.stderr)
     return out
@@ -1935,7 +2322,7 @@ def main(argv=None):
             busy_before = None
             if a.quiet_machine_wait > 0:
                 busy_before = wait_for_quiet_machine(a.quiet_machine_pct, a.quiet_machine_wait, log)
-            server = factory()
+            server = factory(s)
             try:
                 server.start()
             except (RuntimeError, OSError) as e:
@@ -1958,6 +2345,7 @@ def main(argv=None):
                 with open(a.json_out, "a") as f:
                     f.write(line + "\n")
     print(render_table(results, lambda r: r["label"]))
+    print(render_targets(results, lambda r: r["label"]))
     for r in results:
         if r.get("profile_path"):
             print(render_profile(r))

@@ -521,10 +521,9 @@ def _refusal(word, place):
 # recipients. It runs on whichever thread calls it (a connection's reader thread,
 # the server's housekeeping thread); one lock guards its state and its store.
 #
-# A member is any object with a `deliver(event)` method that never blocks and
-# never calls back into the hub: every door provides one. The hub keeps its
-# per-member state in attributes it sets on the member itself: name, key (the
-# folded name), rooms, away, identity, resume_token, lost_at, flood.
+# The hub keeps a User record per person (name, rooms, identity, flood state...);
+# each names the connection it delivers to, which a reconnect replaces. Methods
+# ending in _locked are called with the hub's lock held; the others take it.
 
 GENERAL_ROOM = "general"
 MAX_ROOM_CHARS = 32           # room names are 1 to this many characters
@@ -605,6 +604,10 @@ class Event:
         if data is None:
             data = self._encoded[encoder] = encoder(self.fields)
         return data
+
+    def encodings(self):
+        """Return every encoding made so far (to withdraw a message that could not be stored)."""
+        return list(self._encoded.values())
 
 
 def _now():
@@ -717,24 +720,84 @@ class FloodGuard:
         raise ProtocolError("rate_limited", text, counts=False)
 
 
+class User:
+    """One person in the chat, as the hub keeps them; only the hub changes it, under its lock.
+
+    `conn` is the connection the hub delivers to: any object with deliver_locked(event)
+    and close_locked(), neither of which may block or call back into the hub. A
+    reconnect moves the record to the new connection.
+    """
+
+    __slots__ = ("name", "key", "rooms", "away", "identity", "resume_token", "lost_at", "flood", "address",
+                 "conn")
+
+    def __init__(self, name, conn, address=None):
+        self.name = name
+        self.key = name_key(name)  # kept, so the hot paths never fold the name again
+        self.rooms = {}  # room key -> Room
+        self.away = None  # the away text, or None
+        self.identity = None  # a digest of the client's identity token, or None
+        self.resume_token = secrets.token_urlsafe(16)
+        self.lost_at = None  # (time.monotonic(), reason) while lost within the grace period
+        self.flood = None  # the FloodGuard of the current connection
+        self.address = address  # the peer's IP address, for bans by address
+        self.conn = conn
+
+
 class Room:
-    """A room: its members in joining order, and its topic."""
+    """A room: its users in joining order, and its topic."""
 
     __slots__ = ("name", "members", "topic")
 
     def __init__(self, name, topic=None):
         self.name = name
-        self.members = {}  # name_key -> member
+        self.members = {}  # name_key -> User
         self.topic = topic
+
+
+class _Page:
+    """A place in a _Holding for history read from the store, and what was read."""
+
+    __slots__ = ("kind", "args", "fields")
+
+    def __init__(self, kind, *args):
+        self.kind, self.args, self.fields = kind, args, []
+
+
+class _Holding:
+    """Stands in for a user's connection while the history owed to it is read without the lock.
+
+    What the hub delivers meanwhile waits here in order, a _Page where each piece of
+    history goes; _release_locked() then hands all of it to the connection.
+    """
+
+    __slots__ = ("conn", "items", "pages", "closing")
+
+    def __init__(self, conn):
+        self.conn, self.items, self.pages, self.closing = conn, [], [], False
+
+    def deliver_locked(self, event):
+        self.items.append(event)
+
+    def close_locked(self):
+        self.closing = True
+
+    def add_page(self, kind, *args):
+        page = _Page(kind, *args)
+        self.items.append(page)
+        self.pages.append(page)
 
 
 class ChatHub:
     """Who is in the chat and in which rooms, and the fan-out of what they say.
 
     Every public method takes the lock; what they deliver, they deliver while
-    holding it, so every member sees events in one order. A store (see Storage)
-    keeps messages, topics and known identities; a message is stored before it is
-    delivered to anybody.
+    holding it, so every user sees events in one order. A store (see Storage)
+    keeps messages, topics, known users, bans and operators; the hub keeps the
+    small tables in memory and reads history only without the lock (see join()),
+    so no SQLite statement runs while the lock is held. A message is stored before
+    anybody gets it: the writers commit before they send (commit()), and a message
+    that could not be stored is withdrawn and its sender told (not_stored).
     """
 
     def __init__(self, server_name="LocalChat", store=None, scrollback=DEFAULT_SCROLLBACK,
@@ -745,53 +808,71 @@ class ChatHub:
         self.resume_grace_s = resume_grace_s
         self.limits = limits if limits is not None else Limits()
         self.password = password  # doors check it before join(); the hub only says whether there is one
-        self.moderation = Moderation(self)
+        saved = self.store.load()
+        self._topics = saved["topics"]  # room key -> topic, for rooms with none open now too
+        self._known = saved["users"]  # name key -> (name, identity) of everybody who has been here
+        self.moderation = Moderation(self, saved["bans"], saved["operators"])
         self.lock = threading.Lock()
-        self._members = {}  # name_key -> member, lost ones in their grace period included
-        self._rooms = {}  # room key -> Room, only rooms with members
+        self._users = {}  # name_key -> User, lost ones in their grace period included
+        self._rooms = {}  # room key -> Room, only rooms with users
         self._next_id = self.store.last_id() + 1
         self._closed = False
+        self._withdrawn = {}  # frame bytes -> when: frames of messages that could not be stored
+        self._withdrawn_frames = frozenset()  # the same, for the writers to skip
+        self.store.on_unstored = self._unstored
 
     # -- arriving and leaving ------------------------------------------------------
 
-    def join(self, member, name, identity=None, resume=None, last_id=None, rooms=None):
-        """Admit member under `name`: welcome it, replay history, tell the others.
+    def join(self, conn, name, identity=None, resume=None, last_id=None, rooms=None, address=None):
+        """Admit a connection under `name`; return its User. Raises ProtocolError.
 
-        `resume` is the token of a welcome that an earlier connection got: if that
-        user is still here (or lost, within its grace period), member takes its
-        place silently and gets what it missed after `last_id`. Otherwise `rooms`
-        are the rooms to rejoin (after a server restart). Raises ProtocolError.
+        Welcomes it, replays history, tells the others. `resume` is the token of a
+        welcome that an earlier connection got: if that user is still here (or lost,
+        within its grace period), conn takes its place silently and gets what it
+        missed after `last_id`. Otherwise `rooms` are the rooms to rejoin (after a
+        server restart). The history is read without the lock: meanwhile what the
+        hub delivers to this user waits in a _Holding, so nothing comes out of order.
         """
         check_name(name)
+        if not isinstance(last_id, int) or isinstance(last_id, bool):
+            last_id = None
         with self.lock:
-            if self._closed:
-                raise ProtocolError("shutting_down", "The server is shutting down.", fatal=True)
-            old = self._members.get(name_key(name))
-            if old is not None and not (resume and resume == old.resume_token):
-                raise self._name_taken(name, old)
-            self.moderation.check_join(member, name, identity)
-            member.name, member.identity, member.lost_at = name, identity, None
-            member.key = name_key(name)  # kept, so the hot paths never fold the name again
-            member.flood = FloodGuard(self.limits)
-            if old is not None:
-                self._take_over(old, member)
-                rejoin = []
-            else:
-                member.rooms, member.away = {}, None
-                member.resume_token = secrets.token_urlsafe(16)
-                self._members[name_key(name)] = member
-                rejoin = self._rooms_to_rejoin(rooms)
-            self.store.remember_user(name_key(name), name, identity)
-            joining = [room.name for room in member.rooms.values()] if old is not None else rejoin or [GENERAL_ROOM]
-            member.deliver(Event(self._welcome_fields(member, joining)))
-            if old is not None:  # resumed: who came and went meanwhile was told to the lost connection
-                for room in member.rooms.values():
-                    member.deliver(Event(self._room_fields(room)))
-            for room_name in rejoin:
-                self._enter_room(member, room_name, replay=last_id is None)
-            if old is None and not rejoin:
-                self._enter_room(member, GENERAL_ROOM, replay=last_id is None)
-            self._replay_missed(member, last_id)
+            user, holding = self._admit_locked(conn, name, identity, resume, last_id, rooms, address)
+            upto = self._next_id - 1
+        self._read_pages(holding, upto)
+        with self.lock:
+            self._release_locked(user, holding)
+        return user
+
+    def _admit_locked(self, conn, name, identity, resume, last_id, rooms, address):
+        if self._closed:
+            raise ProtocolError("shutting_down", "The server is shutting down.", fatal=True)
+        key = name_key(name)
+        old = self._users.get(key)
+        if old is not None and not (resume and resume == old.resume_token):
+            raise self._name_taken(name, old)
+        self.moderation.check_join_locked(name, identity, address)
+        if old is not None:
+            user = old
+            self._take_over_locked(user)
+        else:
+            user = self._users[key] = User(name, conn, address)
+        user.name, user.identity, user.lost_at, user.address = name, identity, None, address
+        user.flood = FloodGuard(self.limits)
+        holding = user.conn = _Holding(conn)
+        self._remember_locked(user)
+        joining = [room.name for room in user.rooms.values()] if old else self._rooms_to_rejoin(rooms)
+        joining = joining or [GENERAL_ROOM]
+        holding.deliver_locked(Event(self._welcome_fields(user, joining)))
+        if old is not None:  # resumed: who came and went meanwhile was told to the lost connection
+            for room in user.rooms.values():
+                holding.deliver_locked(Event(self._room_fields(room)))
+        else:
+            for room_name in joining:
+                self._enter_room_locked(user, room_name, replay=last_id is None)
+        holding.add_page("missed", last_id, list(user.rooms), identity)
+        holding.deliver_locked(Event({"type": "synced", "last_id": self._next_id - 1}))
+        return user, holding
 
     def _name_taken(self, name, holder):
         if holder.lost_at is not None:
@@ -812,163 +893,204 @@ class ChatHub:
                 names.append(room_name)
         return names
 
-    def _take_over(self, old, member):
-        """Put member in old's place in every room; nobody else notices."""
-        member.rooms, member.away, member.resume_token = old.rooms, old.away, old.resume_token
-        old.rooms, old.resume_token = {}, None
-        self._members[name_key(member.name)] = member
-        for key in member.rooms:
-            self._rooms[key].members[name_key(member.name)] = member
-        if old.lost_at is None:
-            old.deliver(Event({"type": "bye", "reason": "replaced",
-                               "text": "You connected again from somewhere else."}))
-            self._close_member(old)
+    def _take_over_locked(self, user):
+        """A new connection takes user's place; one still open is told it was replaced."""
+        if user.lost_at is None:
+            user.conn.deliver_locked(Event({"type": "bye", "reason": "replaced",
+                                            "text": "You connected again from somewhere else."}))
+            user.conn.close_locked()
 
-    def _close_member(self, member):
-        closer = getattr(member, "close_soon", None)
-        if closer is not None:
-            closer()
+    def _remember_locked(self, user):
+        """Keep the name with its identity: direct messages to it wait for that identity."""
+        if user.identity is not None or user.key not in self._known:
+            self._known[user.key] = (user.name, user.identity)
+            self.store.save_user(user.key, user.name, user.identity)
 
-    def leave(self, member, reason):
-        """Member's connection ended. Return True if it was here.
+    def _read_pages(self, holding, upto):
+        """Read the history a _Holding waits for, up to message `upto`. Runs without the lock."""
+        for page in holding.pages:
+            if page.kind == "room":
+                room_key, limit = page.args
+                page.fields = self.store.room_history(room_key, limit, before=upto + 1)
+            elif page.kind == "missed":
+                page.fields = self._missed(upto, *page.args)
+            else:  # "older": a page of a room or a direct conversation, before an id
+                page.fields = self._older(*page.args)
+
+    def _missed(self, upto, last_id, room_keys, identity):
+        """Return what followed last_id in the rooms, and direct messages that waited for identity."""
+        missed = []
+        if last_id is not None:
+            missed = self.store.since(last_id, room_keys, identity, MAX_REPLAY, upto)
+        seen = set(fields["id"] for fields in missed)
+        missed += [fields for fields in self.store.undelivered(identity, upto) if fields["id"] not in seen]
+        missed.sort(key=lambda fields: fields["id"])
+        if identity is not None:
+            self.store.mark_delivered(identity, upto)
+        return missed
+
+    def _release_locked(self, user, holding):
+        """Hand what waited in the holding to the connection, history in its place."""
+        conn = holding.conn
+        for item in holding.items:
+            if isinstance(item, _Page):
+                for fields in item.fields:
+                    fields = dict(fields, replay=True)
+                    fields.pop("queued", None)
+                    conn.deliver_locked(Event(fields))
+            else:
+                conn.deliver_locked(item)
+        if user.conn is holding:  # else another connection took the user over meanwhile
+            user.conn = conn
+        if holding.closing:
+            conn.close_locked()
+
+    def leave(self, user, reason, conn):
+        """The connection `conn` of user ended. Return True if it was here.
 
         A lost connection ("lost", "timeout") keeps the name and rooms for the grace
         period, so the owner can come back unnoticed; others hear of it only when
         the grace period ends (see expire()). Any other reason is final at once.
         """
         with self.lock:
-            name = getattr(member, "name", None)
-            if name is None or self._members.get(name_key(name)) is not member:
+            if user is None or self._users.get(user.key) is not user or user.conn is not conn:
                 return False
             if reason in ("lost", "timeout") and self.resume_grace_s > 0 and not self._closed:
-                member.lost_at = (time.monotonic(), reason)
+                user.lost_at = (time.monotonic(), reason)
                 return True
-            self._remove(member, reason)
+            self._remove_locked(user, reason)
             return True
 
     def expire(self, now=None):
-        """End the grace period of lost members whose time is up; return how many."""
+        """End the grace period of lost users whose time is up; return how many."""
         now = time.monotonic() if now is None else now
         with self.lock:
-            expired = [m for m in self._members.values()
-                       if m.lost_at is not None and now - m.lost_at[0] >= self.resume_grace_s]
-            for member in expired:
-                self._remove(member, member.lost_at[1])
+            expired = [u for u in self._users.values()
+                       if u.lost_at is not None and now - u.lost_at[0] >= self.resume_grace_s]
+            for user in expired:
+                self._remove_locked(user, user.lost_at[1])
             return len(expired)
 
-    def _remove(self, member, reason, text=None):
-        """Take member out of every room and tell everyone who shared one."""
-        key = name_key(member.name)
-        del self._members[key]
-        audience = self._sharing(member)
-        for room_key in list(member.rooms):
-            self._drop_from_room(member, room_key)
+    def _remove_locked(self, user, reason, text=None):
+        """Take user out of every room and tell everyone who shared one."""
+        del self._users[user.key]
+        audience = self._sharing(user)
+        for room_key in list(user.rooms):
+            self._drop_from_room(user, room_key)
         if not self._closed:
-            fields = {"type": "left", "name": member.name, "reason": reason, "ts": _now()}
+            fields = {"type": "left", "name": user.name, "reason": reason, "ts": _now()}
             if text:
                 fields["text"] = text
             event = Event(fields)
             for other in audience:
-                other.deliver(event)
+                other.conn.deliver_locked(event)
 
     def close(self, text="The server is shutting down."):
-        """Tell every member goodbye; from now on nobody may join."""
+        """Tell every user goodbye; from now on nobody may join."""
         with self.lock:
             self._closed = True
             event = Event({"type": "bye", "reason": "shutdown", "text": text})
-            for member in self._members.values():
-                member.deliver(event)
+            for user in self._users.values():
+                user.conn.deliver_locked(event)
 
     # -- rooms ---------------------------------------------------------------------
 
-    def join_room(self, member, room_name):
-        """Put member in a room (creating it), show it the room and its history."""
+    def join_room(self, user, room_name):
+        """Put user in a room (creating it), show it the room and its history."""
         check_room(room_name)
         with self.lock:
-            if name_key(room_name) in member.rooms:
+            if self._users.get(user.key) is not user:
+                return
+            if name_key(room_name) in user.rooms:
                 raise ProtocolError("already_in_room", "You are already in %s." % room_name)
-            if len(member.rooms) >= self.limits.max_rooms:
+            if len(user.rooms) >= self.limits.max_rooms:
                 raise ProtocolError("too_many_rooms", "You may be in at most %d rooms." % self.limits.max_rooms)
-            self._enter_room(member, room_name, replay=True)
-
-    def leave_room(self, member, room_name):
-        """Take member out of a room; the room and member hear of it."""
+            holding = user.conn = _Holding(user.conn)
+            self._enter_room_locked(user, room_name, replay=True)
+            upto = self._next_id - 1
+        self._read_pages(holding, upto)
         with self.lock:
-            room = self._member_room(member, room_name)
-            event = Event({"type": "left", "name": member.name, "room": room.name, "reason": "part",
+            self._release_locked(user, holding)
+
+    def leave_room(self, user, room_name):
+        """Take user out of a room; the room and user hear of it."""
+        with self.lock:
+            room = self._user_room(user, room_name)
+            event = Event({"type": "left", "name": user.name, "room": room.name, "reason": "part",
                            "ts": _now()})
             self._deliver_to_room(room, event)
-            self._drop_from_room(member, name_key(room.name))
+            self._drop_from_room(user, name_key(room.name))
 
-    def _enter_room(self, member, room_name, replay):
+    def _enter_room_locked(self, user, room_name, replay):
+        """Put user in the room; with replay, its history follows (user.conn is a _Holding)."""
         key = name_key(room_name)
         room = self._rooms.get(key)
         if room is None:
-            room = self._rooms[key] = Room(room_name, self.store.topic(key))
-        self._deliver_to_room(room, Event({"type": "joined", "name": member.name, "room": room.name,
+            room = self._rooms[key] = Room(room_name, self._topics.get(key))
+        self._deliver_to_room(room, Event({"type": "joined", "name": user.name, "room": room.name,
                                            "ts": _now()}))
-        room.members[name_key(member.name)] = member
-        member.rooms[key] = room
-        member.deliver(Event(self._room_fields(room)))
+        room.members[user.key] = user
+        user.rooms[key] = room
+        user.conn.deliver_locked(Event(self._room_fields(room)))
         if replay:
-            self._replay(member, self.store.room_history(key, self.scrollback))
+            user.conn.add_page("room", key, self.scrollback)
 
-    def _drop_from_room(self, member, room_key):
-        room = member.rooms.pop(room_key)
-        room.members.pop(name_key(member.name), None)
+    def _drop_from_room(self, user, room_key):
+        room = user.rooms.pop(room_key)
+        room.members.pop(user.key, None)
         if not room.members:
             del self._rooms[room_key]
 
-    def _member_room(self, member, room_name):
-        """Return the Room member is in by that name; raise not_in_room otherwise."""
-        if not isinstance(room_name, str) or name_key(room_name) not in member.rooms:
+    def _user_room(self, user, room_name):
+        """Return the Room user is in by that name; raise not_in_room otherwise."""
+        if not isinstance(room_name, str) or name_key(room_name) not in user.rooms:
             raise ProtocolError("not_in_room", "You are not in a room called %s." % printable(str(room_name), 40))
-        return member.rooms[name_key(room_name)]
+        return user.rooms[name_key(room_name)]
 
     def _room_fields(self, room):
         return {"type": "room", "room": room.name, "topic": room.topic,
                 "users": self._names(room.members), "away": self._away(room.members.values())}
 
-    def set_topic(self, member, room_name, topic):
+    def set_topic(self, user, room_name, topic):
         """Set a room's topic (kept across restarts) and tell the room."""
         with self.lock:
-            room = self._member_room(member, room_name)
+            room = self._user_room(user, room_name)
             topic = clean_text(topic, MAX_TOPIC_CHARS, "topic").replace("\n", " ") if topic else None
-            room.topic = topic
-            self.store.set_topic(name_key(room.name), topic)
+            room.topic = self._topics[name_key(room.name)] = topic
+            self.store.save_topic(name_key(room.name), topic)
             self._deliver_to_room(room, Event({"type": "topic", "room": room.name, "topic": topic,
-                                               "by": member.name, "ts": _now()}))
+                                               "by": user.name, "ts": _now()}))
 
-    def topic(self, member, room_name):
-        """Tell member a room's topic."""
+    def topic(self, user, room_name):
+        """Tell user a room's topic."""
         with self.lock:
-            room = self._member_room(member, room_name)
-            member.deliver(Event({"type": "topic", "room": room.name, "topic": room.topic}))
+            room = self._user_room(user, room_name)
+            user.conn.deliver_locked(Event({"type": "topic", "room": room.name, "topic": room.topic}))
 
-    def rooms(self, member):
-        """Tell member which rooms exist, with their sizes and topics."""
+    def rooms(self, user):
+        """Tell user which rooms exist, with their sizes and topics."""
         with self.lock:
             listing = [{"name": r.name, "users": len(r.members), "topic": r.topic}
                        for r in sorted(self._rooms.values(), key=lambda r: name_key(r.name))]
-            member.deliver(Event({"type": "rooms", "rooms": listing}))
+            user.conn.deliver_locked(Event({"type": "rooms", "rooms": listing}))
 
     # -- speaking ------------------------------------------------------------------
 
-    def say(self, member, text, ref=None, room=None, to=None, action=False):
+    def say(self, user, text, ref=None, room=None, to=None, action=False):
         """Send a message to a room (general by default) or, with `to`, to one user.
 
-        The sender gets the message too: the echo confirms it. It is stored
-        before anybody gets it.
+        The sender gets the message too: the echo confirms it. It is queued for the
+        store here and committed by the writers before anybody gets it.
         """
         text = clean_text(text)
-        member.flood.check_message(len(text.encode("utf-8")))
+        user.flood.check_message(len(text.encode("utf-8")))
         with self.lock:
-            if self._members.get(member.key) is not member:
+            if self._users.get(user.key) is not user:
                 return
-            self.moderation.check_speak(member)
-            fields = {"type": "message", "id": self._next_id, "ts": _now(), "from": member.name}
+            self.moderation.check_speak_locked(user)
+            fields = {"type": "message", "id": self._next_id, "ts": _now(), "from": user.name}
             if to is None:
-                target = self._member_room(member, GENERAL_ROOM if room is None else room)
+                target = self._user_room(user, GENERAL_ROOM if room is None else room)
                 fields["room"] = target.name
             else:
                 recipient, to_name, to_identity = self._recipient(to)
@@ -984,25 +1106,25 @@ class ChatHub:
             if ref is not None:
                 fields["ref"] = ref
             self._next_id += 1
+            event = Event(fields)
             if to is None:
-                self.store.add_message(fields)
-                self._deliver_to_room(target, Event(fields))
+                self.store.add_message(fields, token=(event, user))
+                self._deliver_to_room(target, event)
                 return
             live = not fields.get("queued")
-            self.store.add_message(fields, member.identity, to_identity, delivered=live)
-            event = Event(fields)
-            member.deliver(event)
-            if live and recipient is not member:
-                recipient.deliver(event)
+            self.store.add_message(fields, user.identity, to_identity, delivered=live, token=(event, user))
+            user.conn.deliver_locked(event)
+            if live and recipient is not user:
+                recipient.conn.deliver_locked(event)
 
     def _recipient(self, to):
-        """Return (member or None, name, identity) for a direct message to `to`; raise if unknown."""
+        """Return (user or None, name, identity) for a direct message to `to`; raise if unknown."""
         if not isinstance(to, str):
             raise ProtocolError("bad_field", 'The field "to" must be a string.')
-        recipient = self._members.get(name_key(to))
+        recipient = self._users.get(name_key(to))
         if recipient is not None:
             return recipient, recipient.name, recipient.identity
-        known = self.store.known_user(name_key(to))
+        known = self._known.get(name_key(to))
         if known is None:
             raise ProtocolError("unknown_user", "Nobody called %s has been here." % printable(to, 40))
         if known[1] is None:
@@ -1010,170 +1132,206 @@ class ChatHub:
                                 "later." % known[0])
         return None, known[0], known[1]
 
-    def users(self, member, room_name=None):
-        """Tell member who is here: everybody, or the people in one room."""
+    def commit(self):
+        """Store what is queued; return the frames not to send. Runs without the lock.
+
+        The writers call it before they send what they took, so nothing reaches a
+        socket before it is stored; the housekeeping thread calls it too.
+        """
+        self.store.flush()
+        if self._withdrawn and time.monotonic() > min(self._withdrawn.values()) + self._withdrawn_keep_s():
+            with self.lock:
+                self._forget_withdrawn_locked()
+        return self._withdrawn_frames
+
+    def _unstored(self, tokens):
+        """The store could not keep these messages: nobody may get them, their senders hear why.
+
+        Called by the store, from whichever thread flushed, before that flush returns.
+        """
+        with self.lock:
+            now = time.monotonic()
+            for event, sender in tokens:
+                for data in event.encodings():
+                    self._withdrawn[data] = now
+                if self._users.get(sender.key) is sender:
+                    error = {"type": "error", "code": "not_stored", "text": "Your message could not be saved, "
+                             "so nobody got it. The server's disk may be full; try again later."}
+                    if "ref" in event.fields:
+                        error["ref"] = event.fields["ref"]
+                    sender.conn.deliver_locked(Event(error))
+            self._forget_withdrawn_locked()
+
+    def _withdrawn_keep_s(self):
+        # A frame waits in no outbox longer than slow_reader_s before its reader is dropped.
+        return 2 * self.limits.slow_reader_s + 10.0
+
+    def _forget_withdrawn_locked(self):
+        oldest = time.monotonic() - self._withdrawn_keep_s()
+        self._withdrawn = {data: when for data, when in self._withdrawn.items() if when > oldest}
+        self._withdrawn_frames = frozenset(self._withdrawn)
+
+    def users(self, user, room_name=None):
+        """Tell user who is here: everybody, or the people in one room."""
         with self.lock:
             if room_name is None:
-                people = self._members
+                people = self._users
                 fields = {"type": "users"}
             else:
-                room = self._member_room(member, room_name)
+                room = self._user_room(user, room_name)
                 people = room.members
                 fields = {"type": "users", "room": room.name}
             fields["users"] = self._names(people)
             fields["away"] = self._away(people.values())
-            member.deliver(Event(fields))
+            user.conn.deliver_locked(Event(fields))
 
-    def history(self, member, room_name=None, with_name=None, before=None, limit=MAX_PAGE):
-        """Send member a page of older messages of a room or of a direct conversation."""
+    def history(self, user, room_name=None, with_name=None, before=None, limit=MAX_PAGE):
+        """Send user a page of older messages of a room or of a direct conversation.
+
+        The page is read without the lock, then delivered with history_end.
+        """
         limit = max(1, min(MAX_PAGE, limit))
         with self.lock:
-            # One message more than the page says whether anything older is left.
             if with_name is not None:
-                page = self.store.direct_history(member.identity, name_key(with_name), limit + 1, before)
                 end = {"type": "history_end", "with": with_name}
+                what = ("with", user.identity, name_key(with_name))
             else:
-                room = self._member_room(member, GENERAL_ROOM if room_name is None else room_name)
-                page = self.store.room_history(name_key(room.name), limit + 1, before)
+                room = self._user_room(user, GENERAL_ROOM if room_name is None else room_name)
                 end = {"type": "history_end", "room": room.name}
-            more = len(page) > limit
-            page = page[1:] if more else page  # the extra one is the oldest
-            self._replay(member, page)
-            end.update(count=len(page), more=more)
-            member.deliver(Event(end))
+                what = ("room", name_key(room.name))
+        page = self._older(what, limit + 1, before)  # one more says whether anything older is left
+        more = len(page) > limit
+        page = page[1:] if more else page  # the extra one is the oldest
+        end.update(count=len(page), more=more)
+        with self.lock:
+            for fields in page:
+                fields = dict(fields, replay=True)
+                fields.pop("queued", None)
+                user.conn.deliver_locked(Event(fields))
+            user.conn.deliver_locked(Event(end))
+
+    def _older(self, what, limit, before):
+        if what[0] == "with":
+            return self.store.direct_history(what[1], what[2], limit, before)
+        return self.store.room_history(what[1], limit, before)
 
     # -- names and presence ----------------------------------------------------------
 
-    def rename(self, member, new_name):
-        """Change member's name; everybody hears of it."""
+    def rename(self, user, new_name):
+        """Change user's name; everybody hears of it."""
         check_name(new_name)
-        member.flood.check_rename()
+        user.flood.check_rename()
         with self.lock:
-            old_name, new_key = member.name, name_key(new_name)
-            holder = self._members.get(new_key)
-            if holder is not None and holder is not member:
+            old_name, old_key, new_key = user.name, user.key, name_key(new_name)
+            holder = self._users.get(new_key)
+            if holder is not None and holder is not user:
                 error = self._name_taken(new_name, holder)
                 error.fatal = False  # a refused rename is no reason to end the connection
                 raise error
-            del self._members[name_key(old_name)]
-            self._members[new_key] = member
-            for room in member.rooms.values():
-                room.members = {(new_key if k == name_key(old_name) else k): m for k, m in room.members.items()}
-            member.name, member.key = new_name, new_key
+            del self._users[old_key]
+            self._users[new_key] = user
+            for room in user.rooms.values():
+                room.members = {(new_key if k == old_key else k): u for k, u in room.members.items()}
+            user.name, user.key = new_name, new_key
             self.moderation.renamed(old_name, new_name)
-            self.store.remember_user(new_key, new_name, member.identity)
+            self._remember_locked(user)
             self._deliver_to_all(Event({"type": "renamed", "old": old_name, "name": new_name, "ts": _now()}))
 
-    def set_away(self, member, text):
-        """Mark member away (with a short text) or back (text None); everybody hears of it."""
+    def set_away(self, user, text):
+        """Mark user away (with a short text) or back (text None); everybody hears of it."""
         if text is not None:
             text = clean_text(text, MAX_AWAY_CHARS, "away message").replace("\n", " ")
         with self.lock:
-            member.away = text
-            self._deliver_to_all(Event({"type": "away", "name": member.name, "text": text, "ts": _now()}))
+            user.away = text
+            self._deliver_to_all(Event({"type": "away", "name": user.name, "text": text, "ts": _now()}))
 
     def count(self):
         with self.lock:
-            return len(self._members)
-
-    def flush(self):
-        """Commit what the store holds (the writers do so before every send anyway)."""
-        with self.lock:
-            self.store.flush()
+            return len(self._users)
 
     # -- helpers (called with the lock held) -------------------------------------------
 
-    def _welcome_fields(self, member, rooms):
+    def _welcome_fields(self, user, rooms):
         return {
             "type": "welcome",
-            "name": member.name,
-            "users": self._names(self._members),
+            "name": user.name,
+            "users": self._names(self._users),
             "rooms": rooms,
             "server": self.server_name,
             "version": PROTOCOL_VERSION,
             "max_text_bytes": MAX_TEXT_BYTES,
-            "resume": member.resume_token,
+            "resume": user.resume_token,
             "last_id": self._next_id - 1,
-            "operator": self.moderation.is_operator(member),
+            "operator": self.moderation.is_operator(user),
             "ts": _now(),
         }
 
-    def _replay_missed(self, member, last_id):
-        """Send member what it missed since last_id, and its undelivered direct messages."""
-        missed = []
-        if last_id is not None and isinstance(last_id, int):
-            missed = self.store.since(last_id, list(member.rooms), member.identity, MAX_REPLAY)
-        seen = set(m["id"] for m in missed)
-        for fields in self.store.undelivered(member.identity):
-            if fields["id"] not in seen:
-                missed.append(fields)
-        missed.sort(key=lambda m: m["id"])
-        self._replay(member, missed)
-        self.store.mark_delivered(member.identity)
-        member.deliver(Event({"type": "synced", "last_id": self._next_id - 1}))
-
-    def _replay(self, member, messages):
-        for fields in messages:
-            fields = dict(fields, replay=True)
-            fields.pop("queued", None)
-            member.deliver(Event(fields))
-
     @staticmethod
-    def _names(members_by_key):
-        """Return the names in a {name_key: member} dict, sorted by their keys.
+    def _names(users_by_key):
+        """Return the names in a {name_key: User} dict, sorted by their keys.
 
         The keys are computed once, on joining: folding every name again for every
         join made a join storm quadratic in unicodedata calls.
         """
-        return [members_by_key[key].name for key in sorted(members_by_key)]
+        return [users_by_key[key].name for key in sorted(users_by_key)]
 
-    def _away(self, members):
-        return {m.name: m.away for m in members if m.away is not None}
+    def _away(self, users):
+        return {u.name: u.away for u in users if u.away is not None}
 
-    def _sharing(self, member):
-        """Return everybody who shares a room with member (member excluded)."""
+    def _sharing(self, user):
+        """Return everybody who shares a room with user (user excluded)."""
         audience = {}
-        for room in member.rooms.values():
+        for room in user.rooms.values():
             audience.update(room.members)
-        audience.pop(name_key(member.name), None)
+        audience.pop(user.key, None)
         return list(audience.values())
 
     def _deliver_to_room(self, room, event):
-        for member in room.members.values():
-            member.deliver(event)
+        for user in room.members.values():
+            user.conn.deliver_locked(event)
 
     def _deliver_to_all(self, event):
-        for member in self._members.values():
-            member.deliver(event)
+        for user in self._users.values():
+            user.conn.deliver_locked(event)
 
 
 class Moderation:
     """Operators, kicks, bans and mutes: the powers of the server console and of operators.
 
     Public methods take the hub's lock and run on the caller's thread (the console's,
-    or an operator's connection's). `by` is the member asking, or None for the
-    console, which may do everything. Bans and operators live in the hub's store, so
-    they hold across restarts; mutes last while the server runs.
+    or an operator's connection's); they log after letting go of it. `by` is the
+    User asking, or None for the console, which may do everything. Bans and
+    operators are kept in memory and saved in the hub's store, so they hold across
+    restarts; mutes last while the server runs.
     """
 
-    def __init__(self, hub):
+    def __init__(self, hub, bans=None, operators=None):
         self.hub = hub
+        self._bans = bans if bans is not None else {}  # (kind, value) -> (until or None, reason)
+        self._operators = operators if operators is not None else {}  # name_key -> identity (None until bound)
         self._mutes = {}  # name_key -> time.time() when the mute ends, or None for ever
 
     # -- checks the hub makes (lock held) --------------------------------------------
 
-    def check_join(self, member, name, identity):
+    def check_join_locked(self, name, identity, address):
         """Refuse a banned name or address; bind a waiting --op name to this identity."""
-        ban = self.hub.store.find_ban(name_key(name), getattr(member, "address", None), time.time())
+        ban = self._find_ban(name_key(name), address, time.time())
         if ban is not None:
             raise ProtocolError("banned", "You are banned from this chat%s%s." % (
                 _until_words(ban[0]), ": " + ban[1] if ban[1] else ""), fatal=True)
-        entry = self.hub.store.operator(name_key(name))
-        if entry is not None and entry[1] is None and identity is not None:
-            self.hub.store.set_operator(name_key(name), identity)  # --op NAME: the first to come with an identity
+        key = name_key(name)
+        if key in self._operators and self._operators[key] is None and identity is not None:
+            self._set_operator_locked(key, identity)  # --op NAME: the first to come with an identity
 
-    def check_speak(self, member):
-        key = member.key
+    def _find_ban(self, key, address, now):
+        for wanted in (("name", key), ("address", address)):
+            ban = self._bans.get(wanted)
+            if ban is not None and (ban[0] is None or ban[0] > now):
+                return ban
+        return None
+
+    def check_speak_locked(self, user):
+        key = user.key
         if key in self._mutes:
             until = self._mutes[key]
             if until is not None and until <= time.time():
@@ -1188,9 +1346,9 @@ class Moderation:
         if until is not False:
             self._mutes[name_key(new_name)] = until
 
-    def is_operator(self, member):
-        entry = self.hub.store.operator(name_key(member.name))
-        return entry is not None and entry[1] is not None and entry[1] == member.identity
+    def is_operator(self, user):
+        identity = self._operators.get(user.key)
+        return identity is not None and identity == user.identity
 
     # -- powers ----------------------------------------------------------------------
 
@@ -1200,8 +1358,9 @@ class Moderation:
             self._authorise(by)
             target, reason = self._target(name), _clean_reason(reason)
             text = "%s was kicked by %s%s" % (target.name, _who(by), _reason_words(reason))
-            self._eject(target, "kicked", text)
-            return text
+            self._eject_locked(target, "kicked", text)
+        log.info("%s", text)
+        return text
 
     def ban(self, by, target, minutes=None, reason=None):
         """Ban a name (and, if they are here, their address) or an address; eject them."""
@@ -1209,23 +1368,24 @@ class Moderation:
             self._authorise(by)  # first: whoever may not ban learns nothing else
             until, reason = _until_for(minutes), _clean_reason(reason)
             if _is_address(target):
-                self.hub.store.add_ban("address", target, until, reason)
-                victims = [m for m in self.hub._members.values() if getattr(m, "address", None) == target]
+                self._add_ban_locked("address", target, until, reason)
+                victims = [u for u in self.hub._users.values() if u.address == target]
                 label = target
             else:
                 check_name(target)  # else it could not be stored (a lone surrogate) or ever join
-                member = self._target(target, must_be_here=False)
-                label = member.name if member else target
-                self.hub.store.add_ban("name", name_key(label), until, reason)
-                victims = [member] if member else []
-                if member is not None and getattr(member, "address", None):
-                    self.hub.store.add_ban("address", member.address, until, reason)
+                user = self._target(target, must_be_here=False)
+                label = user.name if user else target
+                self._add_ban_locked("name", name_key(label), until, reason)
+                victims = [user] if user else []
+                if user is not None and user.address:
+                    self._add_ban_locked("address", user.address, until, reason)
             text = "%s was banned by %s%s%s" % (label, _who(by), _for_words(minutes), _reason_words(reason))
             for victim in victims:
-                self._eject(victim, "banned", text)
+                self._eject_locked(victim, "banned", text)
             if not victims:
-                self._announce(text, "ban", label, by)
-            return text
+                self._announce_locked(text, "ban", label, by)
+        log.info("%s", text)
+        return text
 
     def unban(self, by, target):
         with self.hub.lock:
@@ -1233,25 +1393,32 @@ class Moderation:
             if not _is_address(target):
                 check_name(target)
             kind, value = ("address", target) if _is_address(target) else ("name", name_key(target))
-            if not self.hub.store.remove_ban(kind, value):
+            if self._bans.pop((kind, value), None) is None:
                 raise ProtocolError("not_banned", "%s is not banned." % printable(target, 40))
-            return self._announce("%s was unbanned by %s" % (target, _who(by)), "unban", target, by)
+            self.hub.store.delete_ban(kind, value)
+            text = self._announce_locked("%s was unbanned by %s" % (target, _who(by)), "unban", target, by)
+        log.info("%s", text)
+        return text
 
     def mute(self, by, name, minutes=None, reason=None):
         with self.hub.lock:
             self._authorise(by)
             target = self._target(name)
             until, reason = _until_for(minutes), _clean_reason(reason)
-            self._mutes[name_key(target.name)] = until
+            self._mutes[target.key] = until
             text = "%s was muted by %s%s%s" % (target.name, _who(by), _for_words(minutes), _reason_words(reason))
-            return self._announce(text, "mute", target.name, by)
+            self._announce_locked(text, "mute", target.name, by)
+        log.info("%s", text)
+        return text
 
     def unmute(self, by, name):
         with self.hub.lock:
             self._authorise(by)
             if self._mutes.pop(name_key(name), False) is False:
                 raise ProtocolError("not_muted", "%s is not muted." % printable(name, 40))
-            return self._announce("%s may speak again (%s)" % (name, _who(by)), "unmute", name, by)
+            text = self._announce_locked("%s may speak again (%s)" % (name, _who(by)), "unmute", name, by)
+        log.info("%s", text)
+        return text
 
     def set_operator(self, by, name, on=True):
         """Make a user an operator (bound to the identity they have now), or stop that."""
@@ -1259,42 +1426,52 @@ class Moderation:
             self._authorise(by)
             if not on:
                 check_name(name)
-                if not self.hub.store.remove_operator(name_key(name)):
+                if self._operators.pop(name_key(name), False) is False:
                     raise ProtocolError("not_operator", "%s is not an operator." % printable(name, 40))
-                return self._announce("%s is no longer an operator (%s)" % (name, _who(by)), "deop", name, by)
-            target = self._target(name)
-            if target.identity is None:
-                raise ProtocolError("no_identity", "%s's client has no identity token, so it cannot be an "
-                                    "operator." % target.name)
-            self.hub.store.set_operator(name_key(target.name), target.identity)
-            return self._announce("%s is now an operator (%s)" % (target.name, _who(by)), "op", target.name, by)
+                self.hub.store.delete_operator(name_key(name))
+                text = self._announce_locked("%s is no longer an operator (%s)" % (name, _who(by)), "deop", name, by)
+            else:
+                target = self._target(name)
+                if target.identity is None:
+                    raise ProtocolError("no_identity", "%s's client has no identity token, so it cannot be an "
+                                        "operator." % target.name)
+                self._set_operator_locked(target.key, target.identity)
+                text = self._announce_locked("%s is now an operator (%s)" % (target.name, _who(by)), "op",
+                                             target.name, by)
+        log.info("%s", text)
+        return text
 
     def add_operator(self, name):
         """Name an operator at start (--op NAME): the first client to join as NAME with an identity."""
         with self.hub.lock:
-            if self.hub.store.operator(name_key(name)) is None:
-                self.hub.store.set_operator(name_key(name), None)
+            if name_key(name) not in self._operators:
+                self._set_operator_locked(name_key(name), None)
 
     def announce(self, text):
         """A notice from the server's owner to everybody."""
         with self.hub.lock:
-            return self._announce("Server: " + text, "notice", None, None)
+            text = self._announce_locked("Server: " + text, "notice", None, None)
+        log.info("%s", text)
+        return text
 
     def describe(self):
         """Return one line per user for the console: name, address, operator, muted, lost."""
         with self.hub.lock:
             lines = []
-            for member in sorted(self.hub._members.values(), key=lambda m: name_key(m.name)):
-                flags = [word for word, on in (("operator", self.is_operator(member)),
-                                               ("muted", name_key(member.name) in self._mutes),
-                                               ("away", member.away is not None),
-                                               ("lost", member.lost_at is not None)) if on]
-                lines.append("%s  %s  %s" % (member.name, getattr(member, "address", "?"), " ".join(flags)))
+            for user in sorted(self.hub._users.values(), key=lambda u: u.key):
+                flags = [word for word, on in (("operator", self.is_operator(user)),
+                                               ("muted", user.key in self._mutes),
+                                               ("away", user.away is not None),
+                                               ("lost", user.lost_at is not None)) if on]
+                lines.append("%s  %s  %s" % (user.name, user.address or "?", " ".join(flags)))
             return lines
 
     def bans(self):
+        """Return the bans in force: (kind, value, until, reason), sorted."""
+        now = time.time()
         with self.hub.lock:
-            return self.hub.store.list_bans(time.time())
+            return [(kind, value, until, reason) for (kind, value), (until, reason) in sorted(self._bans.items())
+                    if until is None or until > now]
 
     # -- helpers (lock held) -----------------------------------------------------------
 
@@ -1303,19 +1480,25 @@ class Moderation:
             raise ProtocolError("not_operator", "Only operators may do that.")
 
     def _target(self, name, must_be_here=True):
-        member = self.hub._members.get(name_key(name)) if isinstance(name, str) else None
-        if member is None and must_be_here:
+        user = self.hub._users.get(name_key(name)) if isinstance(name, str) else None
+        if user is None and must_be_here:
             raise ProtocolError("unknown_user", "Nobody called %s is here." % printable(str(name), 40))
-        return member
+        return user
 
-    def _eject(self, target, reason, text):
-        log.info("%s", text)
-        target.deliver(Event({"type": "bye", "reason": reason, "text": "You were removed: %s." % text}))
-        self.hub._remove(target, reason, text)
-        self.hub._close_member(target)
+    def _add_ban_locked(self, kind, value, until, reason):
+        self._bans[(kind, value)] = (until, reason)
+        self.hub.store.save_ban(kind, value, until, reason)
 
-    def _announce(self, text, action, name, by):
-        log.info("%s", text)
+    def _set_operator_locked(self, key, identity):
+        self._operators[key] = identity
+        self.hub.store.save_operator(key, identity)
+
+    def _eject_locked(self, target, reason, text):
+        target.conn.deliver_locked(Event({"type": "bye", "reason": reason, "text": "You were removed: %s." % text}))
+        self.hub._remove_locked(target, reason, text)
+        target.conn.close_locked()
+
+    def _announce_locked(self, text, action, name, by):
         fields = {"type": "notice", "action": action, "text": text, "ts": _now()}
         if name is not None:
             fields["name"] = name
@@ -1371,8 +1554,13 @@ def _until_words(until):
 # =============================================================================
 #
 # Two stores with one interface: MemoryStore (--no-history) and SqliteStore.
-# The hub calls them with its lock held, so they need no lock of their own.
+# With the hub's lock held the hub only queues: add_message() and the save_*,
+# delete_* and mark_delivered() calls. flush() writes and commits the queue, and
+# the reads (history, since, undelivered) write it first; both run on the thread
+# that asks (a writer, housekeeping, a connection's), never inside the hub's lock.
 # Stored messages are the fields of "message" frames.
+
+LOCK_SUFFIX = ".lock"  # beside the history file: held by the one server that uses it
 
 
 def data_dir():
@@ -1387,106 +1575,95 @@ def data_dir():
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "localchat"
 
 
+def _empty_state():
+    return {"topics": {}, "users": {}, "bans": {}, "operators": {}}
+
+
 class MemoryStore:
     """History kept in memory only, lost when the server stops."""
 
     def __init__(self, max_messages=100000):
-        self._messages = collections.deque(maxlen=max_messages)  # (fields, from_id, to_id, delivered)
-        self._topics = {}
-        self._users = {}  # name_key -> (name, identity)
-        self._bans = {}  # (kind, value) -> (until or None, reason)
-        self._operators = {}  # name_key -> identity (None until the first join)
+        self._messages = collections.deque(maxlen=max_messages)  # [fields, from_id, to_id, delivered]
+        self._lock = threading.Lock()  # the hub appends under its lock; reads come from other threads
+        self._state = _empty_state()
         self._last_id = 0
+        self.on_unstored = None  # a memory store never fails to store
+
+    def load(self):
+        """Return the saved topics, users, bans and operators (copies the hub may change)."""
+        return {table: dict(rows) for table, rows in self._state.items()}
 
     def last_id(self):
         return self._last_id
 
-    def add_message(self, fields, from_identity=None, to_identity=None, delivered=True):
-        self._messages.append([dict(fields), from_identity, to_identity, delivered])
-        self._last_id = max(self._last_id, fields["id"])
+    def add_message(self, fields, from_identity=None, to_identity=None, delivered=True, token=None):
+        with self._lock:
+            self._messages.append([dict(fields), from_identity, to_identity, delivered])
+            self._last_id = max(self._last_id, fields["id"])
+
+    def _select(self, keep, limit, newest=True):
+        """Return up to limit messages for which keep(entry) holds, oldest first."""
+        with self._lock:
+            entries = list(self._messages)
+        found = []
+        for entry in (reversed(entries) if newest else entries):
+            if keep(entry):
+                found.append(entry[0])
+                if newest and len(found) >= limit:
+                    break
+        return found[::-1] if newest else found[-limit:]
 
     def room_history(self, room_key, limit, before=None):
-        found = []
-        for fields, _, _, _ in reversed(self._messages):
-            if len(found) >= limit:
-                break
-            if "room" in fields and name_key(fields["room"]) == room_key and (before is None or fields["id"] < before):
-                found.append(fields)
-        return found[::-1]
+        return self._select(lambda e: "room" in e[0] and name_key(e[0]["room"]) == room_key and (
+            before is None or e[0]["id"] < before), limit)
 
     def direct_history(self, identity, other_key, limit, before=None):
         if identity is None:
             return []
-        found = []
-        for fields, from_id, to_id, _ in reversed(self._messages):
-            if len(found) >= limit:
-                break
-            if "to" in fields and identity in (from_id, to_id) and other_key in (
-                    name_key(fields["to"]), name_key(fields["from"])) and (before is None or fields["id"] < before):
-                found.append(fields)
-        return found[::-1]
+        return self._select(lambda e: "to" in e[0] and identity in (e[1], e[2]) and other_key in (
+            name_key(e[0]["to"]), name_key(e[0]["from"])) and (before is None or e[0]["id"] < before), limit)
 
-    def since(self, last_id, room_keys, identity, limit):
-        found = []
-        for fields, from_id, to_id, _ in self._messages:
-            if fields["id"] <= last_id:
-                continue
-            if ("room" in fields and name_key(fields["room"]) in room_keys) or (
-                    identity is not None and identity in (from_id, to_id)):
-                found.append(fields)
-        return found[-limit:]
+    def since(self, last_id, room_keys, identity, limit, upto=None):
+        def keep(entry):
+            fields = entry[0]
+            if fields["id"] <= last_id or (upto is not None and fields["id"] > upto):
+                return False
+            return ("room" in fields and name_key(fields["room"]) in room_keys) or (
+                identity is not None and identity in (entry[1], entry[2]))
+        return self._select(keep, limit, newest=False)
 
-    def undelivered(self, identity):
+    def undelivered(self, identity, upto=None):
         if identity is None:
             return []
-        return [f for f, _, to_id, delivered in self._messages if to_id == identity and not delivered]
+        return self._select(lambda e: e[2] == identity and not e[3] and (upto is None or e[0]["id"] <= upto),
+                            len(self._messages) or 1, newest=False)
 
-    def mark_delivered(self, identity):
-        for entry in self._messages:
-            if entry[2] == identity:
-                entry[3] = True
+    def mark_delivered(self, identity, upto=None):
+        with self._lock:
+            for entry in self._messages:
+                if entry[2] == identity and (upto is None or entry[0]["id"] <= upto):
+                    entry[3] = True
 
-    def remember_user(self, key, name, identity):
-        if identity is not None or key not in self._users:
-            self._users[key] = (name, identity)
+    def save_user(self, key, name, identity):
+        self._state["users"][key] = (name, identity)
 
-    def known_user(self, key):
-        return self._users.get(key)
+    def save_topic(self, room_key, topic):
+        self._state["topics"][room_key] = topic
 
-    def topic(self, room_key):
-        return self._topics.get(room_key)
+    def save_ban(self, kind, value, until, reason):
+        self._state["bans"][(kind, value)] = (until, reason)
 
-    def set_topic(self, room_key, topic):
-        self._topics[room_key] = topic
+    def delete_ban(self, kind, value):
+        self._state["bans"].pop((kind, value), None)
+
+    def save_operator(self, key, identity):
+        self._state["operators"][key] = identity
+
+    def delete_operator(self, key):
+        self._state["operators"].pop(key, None)
 
     def flush(self):
         pass  # nothing to commit: memory only
-
-    def add_ban(self, kind, value, until, reason):
-        self._bans[(kind, value)] = (until, reason)
-
-    def remove_ban(self, kind, value):
-        return self._bans.pop((kind, value), None) is not None
-
-    def find_ban(self, key, address, now):
-        for wanted in (("name", key), ("address", address)):
-            ban = self._bans.get(wanted)
-            if ban is not None and (ban[0] is None or ban[0] > now):
-                return ban
-        return None
-
-    def list_bans(self, now):
-        return [(kind, value, until, reason) for (kind, value), (until, reason) in sorted(self._bans.items())
-                if until is None or until > now]
-
-    def operator(self, key):
-        return (key, self._operators[key]) if key in self._operators else None
-
-    def set_operator(self, key, identity):
-        self._operators[key] = identity
-
-    def remove_operator(self, key):
-        return self._operators.pop(key, False) is not False
 
     def close(self):
         pass
@@ -1496,13 +1673,39 @@ def _first(rows):
     return rows[0] if rows else None
 
 
-class SqliteStore:
-    """History, topics and known users in an SQLite database (WAL), kept across restarts.
+def _lock_history_file(path):
+    """Hold the lock file beside a history file, or raise UserError if another server holds it.
 
-    Messages are queued by the hub and committed by the writer threads before they
-    send anything (see flush()): in WAL mode with synchronous=NORMAL a commit
-    survives the server process being killed the next instant (only a power cut
-    can take the last commits). Every other call writes the queue first.
+    The system lets go of it when the process ends, however it ends (kill -9 too).
+    """
+    lock_path = Path(str(path) + LOCK_SUFFIX)
+    handle = open(lock_path, "a+b")
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError("the history file %s is in use by another LocalChat server on this computer; stop that "
+                        "server first, or give this one a file of its own with --history FILE." % path) from None
+    return handle
+
+
+class SqliteStore:
+    """History, topics, known users, bans and operators in an SQLite database (WAL).
+
+    Everything is queued and written in order, in one transaction per flush(): the
+    writer threads flush before they send anything, so in WAL mode with
+    synchronous=NORMAL a message somebody saw survives the server being killed the
+    next instant (only a power cut can take the last commits). A flush that fails
+    is rolled back, and on_unstored(tokens) is called with the tokens of its
+    messages before flush() returns. One server at a time uses a file: a second
+    gets a UserError.
     """
 
     SCHEMA = """
@@ -1531,69 +1734,120 @@ class SqliteStore:
         CREATE TABLE IF NOT EXISTS operators (name_key TEXT PRIMARY KEY, identity TEXT);
     """
     COLUMNS = "id, ts, sender, room, recipient, text, action, ref, delivered"
+    INSERT_MESSAGE = ("INSERT INTO messages (id, ts, sender, room, room_key, recipient, recipient_key, sender_key,"
+                      " sender_identity, recipient_identity, text, action, ref, delivered)"
+                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
     def __init__(self, path):
         self.path = Path(path)
-        self._pending = []  # message rows not yet written (guarded by _pending_lock)
+        self.on_unstored = None  # called with the tokens of messages a failed flush lost
+        self._pending = []  # (sql, parameters, token) in order, not yet written (guarded by _pending_lock)
         self._pending_lock = threading.Lock()
         self._db_lock = threading.Lock()  # one user of the connection at a time
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _lock_history_file(self.path)
+        except OSError as error:
+            raise UserError("cannot open the history database %s: %s" % (self.path, error)) from None
+        try:
             self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(self.SCHEMA)
         except (OSError, sqlite3.Error) as error:
+            self._lock_file.close()
             raise UserError("cannot open the history database %s: %s" % (self.path, error)) from None
 
-    def add_message(self, fields, from_identity=None, to_identity=None, delivered=True):
-        """Queue a message's row for the next flush(): no database work on the fan-out path.
+    # -- queued (the hub's lock may be held: no database work here) ------------------
 
-        The hub calls this with its lock held; SQLite would give up the GIL inside
-        that lock and make every other thread queue behind it.
-        """
-        room, to = fields.get("room"), fields.get("to")
-        row = (fields["id"], fields["ts"], fields["from"], room, room and name_key(room), to,
-               to and name_key(to), name_key(fields["from"]), from_identity, to_identity, fields["text"],
-               int(bool(fields.get("action"))), fields.get("ref"), int(delivered))
+    def _queue(self, sql, parameters, token=None):
         with self._pending_lock:
-            self._pending.append(row)
+            self._pending.append((sql, parameters, token))
+
+    def add_message(self, fields, from_identity=None, to_identity=None, delivered=True, token=None):
+        """Queue a message's row for the next flush(); `token` comes back if it cannot be stored."""
+        room, to = fields.get("room"), fields.get("to")
+        self._queue(self.INSERT_MESSAGE, (
+            fields["id"], fields["ts"], fields["from"], room, room and name_key(room), to, to and name_key(to),
+            name_key(fields["from"]), from_identity, to_identity, fields["text"], int(bool(fields.get("action"))),
+            fields.get("ref"), int(delivered)), token if token is not None else fields["id"])
+
+    def mark_delivered(self, identity, upto=None):
+        self._queue("UPDATE messages SET delivered = 1 WHERE recipient_identity = ? AND delivered = 0 AND id <= ?",
+                    (identity, upto if upto is not None else 2 ** 62))
+
+    def save_user(self, key, name, identity):
+        self._queue("INSERT OR REPLACE INTO users (name_key, name, identity) VALUES (?, ?, ?)", (key, name, identity))
+
+    def save_topic(self, room_key, topic):
+        self._queue("INSERT OR REPLACE INTO topics (room_key, topic) VALUES (?, ?)", (room_key, topic))
+
+    def save_ban(self, kind, value, until, reason):
+        self._queue("INSERT OR REPLACE INTO bans (kind, value, until, reason) VALUES (?, ?, ?, ?)",
+                    (kind, value, until, reason))
+
+    def delete_ban(self, kind, value):
+        self._queue("DELETE FROM bans WHERE kind = ? AND value = ?", (kind, value))
+
+    def save_operator(self, key, identity):
+        self._queue("INSERT OR REPLACE INTO operators (name_key, identity) VALUES (?, ?)", (key, identity))
+
+    def delete_operator(self, key):
+        self._queue("DELETE FROM operators WHERE name_key = ?", (key,))
+
+    # -- written (never inside the hub's lock) ----------------------------------------
 
     def flush(self):
-        """Write and commit the queued messages. The writers call it before they send anything.
+        """Write and commit what is queued, in one transaction (group commit).
 
-        So nothing reaches a socket before the messages in it are committed, and a
-        message somebody saw survives even a kill -9 the next instant; and one
-        commit covers every message queued meanwhile (group commit). Called without
-        the hub's lock; _db_lock makes a second caller wait for the first's commit.
+        _db_lock makes a second caller wait for the first one's commit, so when
+        flush() returns, whatever was queued before it was called is committed or
+        reported to on_unstored.
         """
         with self._db_lock:
             self._write_pending()
 
     def _write_pending(self):
-        """Write the queued rows in one transaction. Called with _db_lock held."""
+        """Write the queued statements in one transaction. Called with _db_lock held."""
         with self._pending_lock:
-            rows, self._pending = self._pending, []
-        if not rows:
+            entries, self._pending = self._pending, []
+        if not entries:
             return
         try:
             self.db.execute("BEGIN")
-            self.db.executemany(
-                "INSERT INTO messages (id, ts, sender, room, room_key, recipient, recipient_key, sender_key,"
-                " sender_identity, recipient_identity, text, action, ref, delivered)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            start = 0
+            while start < len(entries):  # runs of message rows go in one executemany()
+                end = start + 1
+                while end < len(entries) and entries[end][0] == entries[start][0]:
+                    end += 1
+                self.db.executemany(entries[start][0], [entry[1] for entry in entries[start:end]])
+                start = end
             self.db.execute("COMMIT")
         except sqlite3.Error as error:
-            log.error("history: cannot store messages %d-%d: %s", rows[0][0], rows[-1][0], error)
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
+            tokens = [entry[2] for entry in entries if entry[2] is not None]
+            log.error("history: cannot store %d messages and %d changes: %s", len(tokens),
+                      len(entries) - len(tokens), error)
+            if tokens and self.on_unstored is not None:
+                self.on_unstored(tokens)
 
     def _query(self, sql, parameters=()):
-        """Run one statement after the queued messages are written; return its cursor's rows."""
+        """Run one SELECT after the queued statements are written; return its rows."""
         with self._db_lock:
             self._write_pending()
-            cursor = self.db.execute(sql, parameters)
-            return cursor.fetchall() if cursor.description else cursor.rowcount
+            return self.db.execute(sql, parameters).fetchall()
+
+    def load(self):
+        """Return the saved topics, users, bans and operators, as the hub keeps them in memory."""
+        return {
+            "topics": dict(self._query("SELECT room_key, topic FROM topics")),
+            "users": {key: (name, identity) for key, name, identity in
+                      self._query("SELECT name_key, name, identity FROM users")},
+            "bans": {(kind, value): (until, reason) for kind, value, until, reason in
+                     self._query("SELECT kind, value, until, reason FROM bans")},
+            "operators": dict(self._query("SELECT name_key, identity FROM operators")),
+        }
 
     def last_id(self):
         return self._query("SELECT COALESCE(MAX(id), 0) FROM messages")[0][0]
@@ -1616,80 +1870,30 @@ class SqliteStore:
         )
         return [self._fields(row) for row in reversed(rows)]
 
-    def since(self, last_id, room_keys, identity, limit):
+    def since(self, last_id, room_keys, identity, limit, upto=None):
         marks = ",".join("?" * len(room_keys)) or "NULL"
         rows = self._query(
-            "SELECT %s FROM messages WHERE id > ? AND (room_key IN (%s)"
+            "SELECT %s FROM messages WHERE id > ? AND id <= ? AND (room_key IN (%s)"
             " OR (room_key IS NULL AND ? IS NOT NULL AND (sender_identity = ? OR recipient_identity = ?)))"
             " ORDER BY id DESC LIMIT ?" % (self.COLUMNS, marks),
-            [last_id] + list(room_keys) + [identity, identity, identity, limit],
+            [last_id, upto if upto is not None else 2 ** 62] + list(room_keys) + [identity, identity, identity,
+                                                                                  limit],
         )
         return [self._fields(row) for row in reversed(rows)]
 
-    def undelivered(self, identity):
+    def undelivered(self, identity, upto=None):
         if identity is None:
             return []
         rows = self._query(
-            "SELECT %s FROM messages WHERE recipient_identity = ? AND delivered = 0 ORDER BY id" % self.COLUMNS,
-            (identity,),
+            "SELECT %s FROM messages WHERE recipient_identity = ? AND delivered = 0 AND id <= ? ORDER BY id"
+            % self.COLUMNS, (identity, upto if upto is not None else 2 ** 62),
         )
         return [self._fields(row) for row in rows]
-
-    def mark_delivered(self, identity):
-        if identity is not None:
-            self._query("UPDATE messages SET delivered = 1 WHERE recipient_identity = ? AND delivered = 0",
-                        (identity,))
-
-    def remember_user(self, key, name, identity):
-        if identity is None:
-            self._query("INSERT OR IGNORE INTO users (name_key, name, identity) VALUES (?, ?, NULL)",
-                        (key, name))
-        else:
-            self._query("INSERT OR REPLACE INTO users (name_key, name, identity) VALUES (?, ?, ?)",
-                        (key, name, identity))
-
-    def known_user(self, key):
-        row = _first(self._query("SELECT name, identity FROM users WHERE name_key = ?", (key,)))
-        return tuple(row) if row else None
-
-    def topic(self, room_key):
-        row = _first(self._query("SELECT topic FROM topics WHERE room_key = ?", (room_key,)))
-        return row[0] if row else None
-
-    def set_topic(self, room_key, topic):
-        self._query("INSERT OR REPLACE INTO topics (room_key, topic) VALUES (?, ?)", (room_key, topic))
-
-    def add_ban(self, kind, value, until, reason):
-        self._query("INSERT OR REPLACE INTO bans (kind, value, until, reason) VALUES (?, ?, ?, ?)",
-                    (kind, value, until, reason))
-
-    def remove_ban(self, kind, value):
-        return self._query("DELETE FROM bans WHERE kind = ? AND value = ?", (kind, value)) > 0
-
-    def find_ban(self, key, address, now):
-        row = _first(self._query(
-            "SELECT until, reason FROM bans WHERE ((kind = 'name' AND value = ?) OR (kind = 'address' AND value = ?))"
-            " AND (until IS NULL OR until > ?) LIMIT 1", (key, address, now)))
-        return tuple(row) if row else None
-
-    def list_bans(self, now):
-        return [tuple(row) for row in self._query(
-            "SELECT kind, value, until, reason FROM bans WHERE until IS NULL OR until > ? ORDER BY kind, value",
-            (now,))]
-
-    def operator(self, key):
-        row = _first(self._query("SELECT name_key, identity FROM operators WHERE name_key = ?", (key,)))
-        return tuple(row) if row else None
-
-    def set_operator(self, key, identity):
-        self._query("INSERT OR REPLACE INTO operators (name_key, identity) VALUES (?, ?)", (key, identity))
-
-    def remove_operator(self, key):
-        return self._query("DELETE FROM operators WHERE name_key = ?", (key,)) > 0
 
     def close(self):
         self.flush()
         self.db.close()
+        self._lock_file.close()
 
     @staticmethod
     def _fields(row):
@@ -3012,7 +3216,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     whichever thread holds its lock.
     """
 
-    name = None  # set by the hub when the hello is accepted
+    user = None  # the hub's User, once the hello is accepted
     channel = None  # the TlsChannel when the server uses TLS
     _recv_size = RECV_IDLE_BYTES  # what the next recv() asks for
 
@@ -3035,11 +3239,11 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         self._hello_deadline = time.monotonic() + self.server.hello_timeout
         self.server.add_session(self)
 
-    def deliver(self, event):
+    def deliver_locked(self, event):
         """Queue an event for this connection. Called by the hub with its lock held."""
         self.outbox.push_locked(event.encoded(encode_frame))
 
-    def close_soon(self):
+    def close_locked(self):
         """End this connection once its queued frames are sent. Called with the hub's lock held."""
         self.outbox.close_locked()
 
@@ -3114,7 +3318,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         buffer = bytearray(first)
         reason = self._handle_lines(buffer) if buffer else None
         while not reason:
-            if self.name is None:  # the hello has a deadline: a byte now and then must not hold a thread for ever
+            if self.user is None:  # the hello has a deadline: a byte now and then must not hold a thread for ever
                 sock.settimeout(max(0.01, self._hello_deadline - time.monotonic()))
             try:
                 chunk = self._receive(sock)
@@ -3173,7 +3377,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
             handler = getattr(self, "do_" + kind, None)
             if handler is None:
                 raise ProtocolError("unknown_type", "Unknown frame type '%s'." % printable(kind, 32))
-            if self.name is None and kind not in _BEFORE_HELLO:
+            if self.user is None and kind not in _BEFORE_HELLO:
                 raise ProtocolError("hello_first", "Say hello first.")
             return handler(frame)
         except ProtocolError as error:
@@ -3181,7 +3385,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
     def _on_silence(self):
         """The read timed out: ping once, then give up. Return True to keep reading."""
-        if self.name is None:
+        if self.user is None:
             self._on_protocol_error(
                 ProtocolError("hello_timeout", "No hello came in time; closing the connection.", fatal=True)
             )
@@ -3207,8 +3411,8 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     # -- frames ----------------------------------------------------------------
 
     def do_hello(self, frame):
-        if self.name is not None:
-            raise ProtocolError("already_joined", "You have already joined as %s." % self.name)
+        if self.user is not None:
+            raise ProtocolError("already_joined", "You have already joined as %s." % self.user.name)
         if self.hub.password is not None and not self._authenticated:
             if self._challenge is not None:
                 raise ProtocolError("auth_first", "Answer the password challenge first.", fatal=True)
@@ -3221,8 +3425,8 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
             version = frame_field(frame, "version", int)
             if version < 1:
                 raise ProtocolError("bad_version", "Protocol version %d is not supported." % version)
-            self.hub.join(
-                self, frame_field(frame, "name", str),
+            self.user = self.hub.join(
+                self, frame_field(frame, "name", str), address=self.address,
                 identity=self._identity(frame),
                 resume=self._short_field(frame, "resume"),
                 last_id=frame_field(frame, "last_id", int, required=False),
@@ -3232,7 +3436,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
             error.fatal = True  # a refused hello ends the connection
             raise
         self.request.settimeout(self.server.idle_ping)
-        log.info("%s joined from %s", self.name, self.peer)
+        log.info("%s joined from %s", self.user.name, self.peer)
         return None
 
     @staticmethod
@@ -3252,7 +3456,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
     def do_auth(self, frame):
         """The answer to a password challenge: HMAC-SHA256(password, nonce), in hex."""
-        if self._challenge is None or self.name is not None:
+        if self._challenge is None or self.user is not None:
             raise ProtocolError("bad_auth", "No password was asked for.")
         nonce, hello = self._challenge
         proof = frame_field(frame, "proof", str)
@@ -3264,70 +3468,68 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         return self.do_hello(hello)
 
     def do_say(self, frame):
-        self.hub.say(
-            self, frame_field(frame, "text", str), self._short_field(frame, "ref"),
+        self.hub.say(self.user, frame_field(frame, "text", str), self._short_field(frame, "ref"),
             room=frame_field(frame, "room", str, required=False),
             to=self._short_field(frame, "to"),  # printable: a lone surrogate cannot be looked up in SQLite
             action=frame.get("action") is True,
         )
 
     def do_users(self, frame):
-        self.hub.users(self, frame_field(frame, "room", str, required=False))
+        self.hub.users(self.user, frame_field(frame, "room", str, required=False))
 
     def do_join(self, frame):
-        self.hub.join_room(self, frame_field(frame, "room", str))
+        self.hub.join_room(self.user, frame_field(frame, "room", str))
 
     def do_leave(self, frame):
-        self.hub.leave_room(self, frame_field(frame, "room", str))
+        self.hub.leave_room(self.user, frame_field(frame, "room", str))
 
     def do_nick(self, frame):
-        self.hub.rename(self, frame_field(frame, "name", str))
+        self.hub.rename(self.user, frame_field(frame, "name", str))
 
     def do_rooms(self, frame):
-        self.hub.rooms(self)
+        self.hub.rooms(self.user)
 
     def do_topic(self, frame):
         room = frame_field(frame, "room", str)
         if "topic" in frame:
-            self.hub.set_topic(self, room, frame_field(frame, "topic", str, required=False))
+            self.hub.set_topic(self.user, room, frame_field(frame, "topic", str, required=False))
         else:
-            self.hub.topic(self, room)
+            self.hub.topic(self.user, room)
 
     def do_away(self, frame):
-        self.hub.set_away(self, frame_field(frame, "text", str, required=False) or "away")
+        self.hub.set_away(self.user, frame_field(frame, "text", str, required=False) or "away")
 
     def do_back(self, frame):
-        self.hub.set_away(self, None)
+        self.hub.set_away(self.user, None)
 
     def do_kick(self, frame):
-        self.hub.moderation.kick(self, frame_field(frame, "name", str),
+        self.hub.moderation.kick(self.user, frame_field(frame, "name", str),
                                  frame_field(frame, "reason", str, required=False))
 
     def do_ban(self, frame):
-        self.hub.moderation.ban(self, frame_field(frame, "target", str),
+        self.hub.moderation.ban(self.user, frame_field(frame, "target", str),
                                 frame_field(frame, "minutes", int, required=False),
                                 frame_field(frame, "reason", str, required=False))
 
     def do_unban(self, frame):
-        self.hub.moderation.unban(self, frame_field(frame, "target", str))
+        self.hub.moderation.unban(self.user, frame_field(frame, "target", str))
 
     def do_mute(self, frame):
-        self.hub.moderation.mute(self, frame_field(frame, "name", str),
+        self.hub.moderation.mute(self.user, frame_field(frame, "name", str),
                                  frame_field(frame, "minutes", int, required=False),
                                  frame_field(frame, "reason", str, required=False))
 
     def do_unmute(self, frame):
-        self.hub.moderation.unmute(self, frame_field(frame, "name", str))
+        self.hub.moderation.unmute(self.user, frame_field(frame, "name", str))
 
     def do_op(self, frame):
-        self.hub.moderation.set_operator(self, frame_field(frame, "name", str), True)
+        self.hub.moderation.set_operator(self.user, frame_field(frame, "name", str), True)
 
     def do_deop(self, frame):
-        self.hub.moderation.set_operator(self, frame_field(frame, "name", str), False)
+        self.hub.moderation.set_operator(self.user, frame_field(frame, "name", str), False)
 
     def do_history(self, frame):
-        self.hub.history(
-            self,
+        self.hub.history(self.user,
             room_name=frame_field(frame, "room", str, required=False),
             with_name=self._short_field(frame, "with"),
             before=frame_field(frame, "before", int, required=False),
@@ -3354,8 +3556,8 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
     def _end(self, reason):
         """Leave the hub, send the last frames, close cleanly. Runs on the session's thread."""
         reason = self.outbox.failed if self.outbox.failed == "too_slow" else reason
-        if self.hub.leave(self, reason):
-            log.info("%s left (%s)", self.name, reason)
+        if self.hub.leave(self.user, reason, self):
+            log.info("%s left (%s)", self.user.name, reason)
         if reason == "quit":
             self.send_frame({"type": "bye", "reason": "quit", "text": "Goodbye."})
         self.outbox.finish()
@@ -3897,7 +4099,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._stopped = False
         self.stopping = False  # set first thing by stop(): readers waiting for the budget give up
         super().__init__(address, JsonLinesSession)
-        self.transport = Transport(self.hub.lock, before_send=self.hub.store.flush, budget=queue_budget,
+        self.transport = Transport(self.hub.lock, before_send=self.hub.commit, budget=queue_budget,
                                    slow_s=self.hub.limits.slow_reader_s, select_limit=select_limit)
         self._housekeeping_stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
@@ -3908,7 +4110,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         interval = max(0.05, min(HOUSEKEEPING_S, self.hub.resume_grace_s / 4))
         while not self._housekeeping_stop.wait(interval):
             self.hub.expire()
-            self.hub.flush()
+            self.hub.commit()
 
     @property
     def port(self):
@@ -3964,7 +4166,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def handle_error(self, request, client_address):
         """A session raised: log one line with the peer's address and keep serving."""
-        self.internal_errors += 1
+        with self._state_lock:  # session threads fail at the same time too
+            self.internal_errors += 1
         error = sys.exc_info()[1]
         log.error("%s:%s: internal error: %r", client_address[0], client_address[1], error, exc_info=True)
 

@@ -16,6 +16,7 @@ import hmac
 import io
 import ipaddress
 import json
+import logging
 import math
 import os
 import queue
@@ -26,6 +27,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import statistics
 import struct
@@ -819,15 +821,26 @@ class CommandTableTests(unittest.TestCase):
 
 
 class FakeMember:
-    """A hub member that keeps the fields of every event it is given."""
+    """A connection for the hub that keeps the fields of every event it is given.
 
-    name = None
+    `user` is the hub's User for it, which the tests set from join()'s answer.
+    """
+
+    user = None
+    closed = False
 
     def __init__(self):
         self.events = []
 
-    def deliver(self, event):
+    @property
+    def name(self):
+        return self.user.name if self.user is not None else None
+
+    def deliver_locked(self, event):
         self.events.append(event.fields)
+
+    def close_locked(self):
+        self.closed = True
 
     def kinds(self):
         return [event["type"] for event in self.events]
@@ -846,7 +859,7 @@ class CoreTests(unittest.TestCase):
 
     def member(self, name):
         member = FakeMember()
-        self.hub.join(member, name)
+        member.user = self.hub.join(member, name)
         return member
 
     def test_welcome_names_the_room_the_member_is_about_to_join(self):
@@ -859,11 +872,11 @@ class CoreTests(unittest.TestCase):
         # Regression: it was echoed as "queued" but nothing could ever deliver it.
         hub = localchat.ChatHub("test-hub", resume_grace_s=60)
         alice, bob = FakeMember(), FakeMember()
-        hub.join(alice, "alice", identity="a" * 32)
-        hub.join(bob, "bob")  # a client without an identity token
-        hub.leave(bob, "lost")  # within the grace period: still listed
+        alice.user = hub.join(alice, "alice", identity="a" * 32)
+        bob.user = hub.join(bob, "bob")  # a client without an identity token
+        hub.leave(bob.user, "lost", bob)  # within the grace period: still listed
         with self.assertRaises(localchat.ProtocolError) as caught:
-            hub.say(alice, "are you there?", to="bob")
+            hub.say(alice.user, "are you there?", to="bob")
         self.assertEqual(caught.exception.code, "unknown_user")
         self.assertIn("lost the connection", caught.exception.text)
 
@@ -883,14 +896,14 @@ class CoreTests(unittest.TestCase):
     def test_welcome_comes_before_later_messages(self):
         alice = self.member("alice")
         bob = self.member("bob")
-        self.hub.say(alice, "hi")
+        self.hub.say(alice.user, "hi")
         self.assertEqual(bob.kinds(), ["welcome", "room", "synced", "message"])
 
     def test_say_reaches_everybody_with_the_sender_included(self):
         alice, bob, carol = self.member("alice"), self.member("bob"), self.member("carol")
         for member in (alice, bob, carol):
             member.take()
-        self.hub.say(bob, "hello all", ref="r1")
+        self.hub.say(bob.user, "hello all", ref="r1")
         for member in (alice, bob, carol):
             with self.subTest(member=member.name):
                 (message,) = member.take()
@@ -903,14 +916,14 @@ class CoreTests(unittest.TestCase):
     def test_message_ids_increase(self):
         alice, bob = self.member("alice"), self.member("bob")
         for index in range(5):
-            self.hub.say(alice if index % 2 else bob, "m%d" % index)
+            self.hub.say((alice if index % 2 else bob).user, "m%d" % index)
         ids = [event["id"] for event in alice.events if event["type"] == "message"]
         self.assertEqual(len(ids), 5)
         self.assertEqual(ids, sorted(set(ids)))
 
     def test_message_from_is_the_members_name(self):
         alice = self.member("alice")
-        self.hub.say(alice, "hi")
+        self.hub.say(alice.user, "hi")
         self.assertEqual(alice.events[-1]["from"], "alice")
         self.assertNotIn("ref", alice.events[-1])
 
@@ -919,19 +932,19 @@ class CoreTests(unittest.TestCase):
         alice.take()
         bob.take()
         with self.assertRaises(localchat.ProtocolError) as caught:
-            self.hub.say(alice, "   ")
+            self.hub.say(alice.user, "   ")
         self.assertEqual(caught.exception.code, "empty_text")
         self.assertEqual((alice.events, bob.events), ([], []))
-        self.hub.say(alice, "real")
+        self.hub.say(alice.user, "real")
         first_id = bob.events[0]["id"]
-        self.hub.say(alice, "next")
+        self.hub.say(alice.user, "next")
         self.assertEqual(bob.events[1]["id"], first_id + 1)
 
     def test_users_lists_everybody_to_the_asker_only(self):
         alice, bob = self.member("alice"), self.member("bob")
         alice.take()
         bob.take()
-        self.hub.users(bob)
+        self.hub.users(bob.user)
         self.assertEqual(bob.events, [{"type": "users", "users": ["alice", "bob"], "away": {}}])
         self.assertEqual(alice.events, [])
 
@@ -939,7 +952,7 @@ class CoreTests(unittest.TestCase):
         self.hub = localchat.ChatHub("test-hub", resume_grace_s=0)  # no grace: "timeout" is final at once
         alice, bob = self.member("alice"), self.member("bob")
         alice.take()
-        self.assertTrue(self.hub.leave(bob, "timeout"))
+        self.assertTrue(self.hub.leave(bob.user, "timeout", bob))
         (left,) = alice.take()
         self.assertEqual((left["type"], left["name"], left["reason"]), ("left", "bob", "timeout"))
         self.assertNotIn("room", left)  # left the server, not one room
@@ -949,17 +962,17 @@ class CoreTests(unittest.TestCase):
     def test_join_say_users_leave_arrive_in_order(self):
         alice = self.member("alice")
         bob = self.member("bob")
-        self.hub.say(bob, "hi")
-        self.hub.users(alice)
-        self.hub.leave(bob, "quit")
+        self.hub.say(bob.user, "hi")
+        self.hub.users(alice.user)
+        self.hub.leave(bob.user, "quit", bob)
         self.assertEqual(alice.kinds(), ["welcome", "room", "synced", "joined", "message", "users", "left"])
 
     def test_leave_twice_or_without_joining_does_nothing(self):
         alice, bob = self.member("alice"), self.member("bob")
-        self.assertTrue(self.hub.leave(bob, "quit"))
+        self.assertTrue(self.hub.leave(bob.user, "quit", bob))
         alice.take()
-        self.assertFalse(self.hub.leave(bob, "quit"))
-        self.assertFalse(self.hub.leave(FakeMember(), "lost"))
+        self.assertFalse(self.hub.leave(bob.user, "quit", bob))
+        self.assertFalse(self.hub.leave(None, "lost", FakeMember()))
         self.assertEqual(alice.events, [])
 
     def test_name_taken_without_regard_to_case_or_width(self):
@@ -969,7 +982,7 @@ class CoreTests(unittest.TestCase):
             with self.subTest(name=name):
                 newcomer = FakeMember()
                 with self.assertRaises(localchat.ProtocolError) as caught:
-                    self.hub.join(newcomer, name)
+                    newcomer.user = self.hub.join(newcomer, name)
                 self.assertEqual(caught.exception.code, "name_taken")
                 self.assertTrue(caught.exception.fatal)
                 self.assertIn(name, caught.exception.text)
@@ -979,7 +992,7 @@ class CoreTests(unittest.TestCase):
 
     def test_a_name_is_free_again_after_its_owner_left(self):
         alice = self.member("alice")
-        self.hub.leave(alice, "quit")
+        self.hub.leave(alice.user, "quit", alice)
         again = self.member("Alice")
         self.assertEqual(again.events[0]["users"], ["Alice"])
 
@@ -993,9 +1006,9 @@ class CoreTests(unittest.TestCase):
 
     def test_member_that_left_cannot_speak(self):
         alice, bob = self.member("alice"), self.member("bob")
-        self.hub.leave(bob, "quit")
+        self.hub.leave(bob.user, "quit", bob)
         alice.take()
-        self.hub.say(bob, "ghost")
+        self.hub.say(bob.user, "ghost")
         self.assertEqual(alice.events, [])
 
     def test_close_says_bye_and_refuses_newcomers(self):
@@ -1009,7 +1022,7 @@ class CoreTests(unittest.TestCase):
         with self.assertRaises(localchat.ProtocolError) as caught:
             self.hub.join(FakeMember(), "carol")
         self.assertEqual(caught.exception.code, "shutting_down")
-        self.hub.leave(bob, "lost")
+        self.hub.leave(bob.user, "lost", bob)
         self.assertEqual(alice.events, [])  # no "left" noise while shutting down
 
 
@@ -1019,9 +1032,9 @@ class HubHelpers:
     def member(self, name, *rooms, **hello):
         """Join name (and rooms besides general) with hello's fields; return it, its frames kept."""
         member = FakeMember()
-        self.hub.join(member, name, **hello)
+        member.user = self.hub.join(member, name, **hello)
         for room in rooms:
-            self.hub.join_room(member, room)
+            self.hub.join_room(member.user, room)
         return member
 
     def quiet(self, *members):
@@ -1049,26 +1062,26 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
     def test_joining_a_room_creates_it_and_tells_its_members(self):
         alice, bob, carol = self.member("alice"), self.member("bob"), self.member("carol")
         self.quiet(alice, bob, carol)
-        self.hub.join_room(alice, "games")
+        self.hub.join_room(alice.user, "games")
         self.assertEqual(alice.take(), [{"type": "room", "room": "games", "topic": None, "users": ["alice"],
                                          "away": {}}])
-        self.hub.join_room(bob, "GAMES")  # room names, like user names, ignore case
+        self.hub.join_room(bob.user, "GAMES")  # room names, like user names, ignore case
         self.assertEqual(bob.take(), [{"type": "room", "room": "games", "topic": None, "users": ["alice", "bob"],
                                        "away": {}}])
         (joined,) = alice.take()
         self.assertEqual((joined["type"], joined["name"], joined["room"]), ("joined", "bob", "games"))
         self.assertEqual(carol.events, [])  # not in the room: hears nothing of it
-        self.assertRefused("already_in_room", self.hub.join_room, bob, "Games")
-        self.assertRefused("bad_room", self.hub.join_room, bob, "two words")
+        self.assertRefused("already_in_room", self.hub.join_room, bob.user, "Games")
+        self.assertRefused("bad_room", self.hub.join_room, bob.user, "two words")
 
     def test_say_in_a_room_reaches_only_its_members(self):
         alice = self.member("alice", "games", "music")  # in three rooms at once
         bob = self.member("bob", "games")
         carol = self.member("carol")
         self.quiet(alice, bob, carol)
-        self.hub.say(alice, "chess, anyone?", room="games")
-        self.hub.say(alice, "la la", room="Music")
-        self.hub.say(bob, "hello all")  # no room: general
+        self.hub.say(alice.user, "chess, anyone?", room="games")
+        self.hub.say(alice.user, "la la", room="Music")
+        self.hub.say(bob.user, "hello all")  # no room: general
         seen = {member.name: [(frame["room"], frame["text"]) for frame in member.take()]
                 for member in (alice, bob, carol)}
         self.assertEqual(seen, {
@@ -1080,11 +1093,11 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
     def test_say_in_a_room_one_is_not_in_gets_not_in_room_and_uses_no_id(self):
         alice, bob = self.member("alice", "games"), self.member("bob")
         self.quiet(alice, bob)
-        self.hub.say(bob, "first")
-        refused = self.assertRefused("not_in_room", self.hub.say, bob, "let me in", room="games")
+        self.hub.say(bob.user, "first")
+        refused = self.assertRefused("not_in_room", self.hub.say, bob.user, "let me in", room="games")
         self.assertIn("games", refused.text)
-        self.assertRefused("not_in_room", self.hub.say, bob, "hello?", room="nowhere")
-        self.hub.say(bob, "second")
+        self.assertRefused("not_in_room", self.hub.say, bob.user, "hello?", room="nowhere")
+        self.hub.say(bob.user, "second")
         messages = alice.take()
         self.assertEqual(texts(messages), ["first", "second"])
         self.assertEqual(messages[1]["id"], messages[0]["id"] + 1)
@@ -1092,17 +1105,17 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
     def test_users_can_be_asked_for_everybody_or_per_room(self):
         alice, bob, carol = self.member("alice", "games"), self.member("bob", "games"), self.member("carol")
         self.quiet(alice, bob, carol)
-        self.hub.users(carol)
-        self.hub.users(alice, "Games")
+        self.hub.users(carol.user)
+        self.hub.users(alice.user, "Games")
         self.assertEqual(carol.take(), [{"type": "users", "users": ["alice", "bob", "carol"], "away": {}}])
         self.assertEqual(alice.take(), [{"type": "users", "room": "games", "users": ["alice", "bob"], "away": {}}])
-        self.assertRefused("not_in_room", self.hub.users, carol, "games")
+        self.assertRefused("not_in_room", self.hub.users, carol.user, "games")
 
     def test_rooms_lists_every_room_with_its_size_and_topic(self):
         alice, bob = self.member("alice", "games", "Zoo"), self.member("bob", "games")
-        self.hub.set_topic(bob, "games", "chess at five")
+        self.hub.set_topic(bob.user, "games", "chess at five")
         self.quiet(alice, bob)
-        self.hub.rooms(bob)
+        self.hub.rooms(bob.user)
         self.assertEqual(bob.take(), [{"type": "rooms", "rooms": [
             {"name": "games", "users": 2, "topic": "chess at five"},
             {"name": "general", "users": 2, "topic": None},
@@ -1112,34 +1125,34 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
     def test_leaving_a_room_tells_the_room_and_the_leaver(self):
         alice, bob, carol = self.member("alice", "games"), self.member("bob", "games"), self.member("carol")
         self.quiet(alice, bob, carol)
-        self.hub.leave_room(bob, "Games")
+        self.hub.leave_room(bob.user, "Games")
         for member in (alice, bob):
             with self.subTest(member=member.name):
                 (left,) = member.take()
                 self.assertEqual((left["type"], left["name"], left["room"], left["reason"]),
                                  ("left", "bob", "games", "part"))
         self.assertEqual(carol.events, [])
-        self.assertRefused("not_in_room", self.hub.say, bob, "hi", room="games")
-        self.assertRefused("not_in_room", self.hub.leave_room, bob, "games")
-        self.hub.say(alice, "still here", room="games")
+        self.assertRefused("not_in_room", self.hub.say, bob.user, "hi", room="games")
+        self.assertRefused("not_in_room", self.hub.leave_room, bob.user, "games")
+        self.hub.say(alice.user, "still here", room="games")
         self.assertEqual(texts(alice.take()), ["still here"])
         self.assertEqual(bob.events, [])
 
     def test_a_room_vanishes_when_its_last_member_leaves_it_or_the_chat(self):
         alice, bob = self.member("alice", "solo", "games"), self.member("bob")
-        self.hub.leave_room(alice, "solo")
-        self.hub.leave(alice, "quit")  # games is left empty too
+        self.hub.leave_room(alice.user, "solo")
+        self.hub.leave(alice.user, "quit", alice)  # games is left empty too
         bob.take()
-        self.hub.rooms(bob)
+        self.hub.rooms(bob.user)
         self.assertEqual(bob.take(), [{"type": "rooms", "rooms": [{"name": "general", "users": 1, "topic": None}]}])
 
     def test_leaving_the_chat_is_told_to_everybody_sharing_a_room_and_nobody_else(self):
         alice, bob = self.member("alice"), self.member("bob", "games")
         carol, dave = self.member("carol", "games"), self.member("dave", "solo")
-        self.hub.leave_room(carol, "general")
-        self.hub.leave_room(dave, "general")
+        self.hub.leave_room(carol.user, "general")
+        self.hub.leave_room(dave.user, "general")
         self.quiet(alice, bob, carol, dave)
-        self.hub.leave(bob, "quit")
+        self.hub.leave(bob.user, "quit", bob)
         for member in (alice, carol):  # alice shares general with bob, carol shares games
             with self.subTest(member=member.name):
                 (left,) = member.take()
@@ -1149,25 +1162,25 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
     def test_topic_is_told_to_the_room_kept_while_it_is_empty_and_can_be_asked(self):
         alice, bob, carol = self.member("alice", "games"), self.member("bob", "games"), self.member("carol")
         self.quiet(alice, bob, carol)
-        self.hub.set_topic(alice, "games", "chess\nat five")
+        self.hub.set_topic(alice.user, "games", "chess\nat five")
         for member in (alice, bob):
             with self.subTest(member=member.name):
                 (topic,) = member.take()
                 self.assertEqual({key: topic[key] for key in ("type", "room", "topic", "by")},
                                  {"type": "topic", "room": "games", "topic": "chess at five", "by": "alice"})
         self.assertEqual(carol.events, [])
-        self.hub.topic(bob, "games")
+        self.hub.topic(bob.user, "games")
         self.assertEqual(bob.take(), [{"type": "topic", "room": "games", "topic": "chess at five"}])
-        self.assertRefused("not_in_room", self.hub.topic, carol, "games")
-        self.assertRefused("not_in_room", self.hub.set_topic, carol, "games", "mine now")
-        self.hub.leave_room(alice, "games")
-        self.hub.leave_room(bob, "games")  # the room is gone; its topic is not
-        self.hub.join_room(carol, "games")
+        self.assertRefused("not_in_room", self.hub.topic, carol.user, "games")
+        self.assertRefused("not_in_room", self.hub.set_topic, carol.user, "games", "mine now")
+        self.hub.leave_room(alice.user, "games")
+        self.hub.leave_room(bob.user, "games")  # the room is gone; its topic is not
+        self.hub.join_room(carol.user, "games")
         (room,) = carol.take()
         self.assertEqual((room["room"], room["topic"]), ("games", "chess at five"))
-        self.hub.set_topic(carol, "games", None)
+        self.hub.set_topic(carol.user, "games", None)
         self.assertIsNone(carol.take()[0]["topic"])
-        self.assertRefused("text_too_long", self.hub.set_topic, carol, "games", "x" * (localchat.MAX_TOPIC_CHARS + 1))
+        self.assertRefused("text_too_long", self.hub.set_topic, carol.user, "games", "x" * (localchat.MAX_TOPIC_CHARS + 1))
 
     # -- direct messages ---------------------------------------------------------------
 
@@ -1175,8 +1188,8 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
         alice, bob = self.member("alice", identity="A"), self.member("bob", identity="B")
         carol = self.member("carol")
         self.quiet(alice, bob, carol)
-        self.hub.say(alice, "psst", to="BOB", ref="d1")
-        self.hub.say(bob, "waves back", to="alice", action=True)
+        self.hub.say(alice.user, "psst", to="BOB", ref="d1")
+        self.hub.say(bob.user, "waves back", to="alice", action=True)
         for member in (alice, bob):
             with self.subTest(member=member.name):
                 first, second = member.take()
@@ -1188,9 +1201,9 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
 
     def test_direct_message_to_an_absent_identity_waits_and_is_delivered_once_when_it_returns(self):
         alice, bob = self.member("alice", identity="A"), self.member("bob", identity="B")
-        self.hub.leave(bob, "quit")
+        self.hub.leave(bob.user, "quit", bob)
         alice.take()
-        self.hub.say(alice, "call me", to="bob")
+        self.hub.say(alice.user, "call me", to="bob")
         (echo,) = alice.take()
         self.assertEqual((echo["to"], echo["text"], echo.get("queued")), ("bob", "call me", True))
         back = self.member("bob", identity="B")  # the same name and identity
@@ -1199,50 +1212,50 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
         self.assertEqual((waited["id"], waited["from"], waited["to"], waited["text"], waited["replay"]),
                          (echo["id"], "alice", "bob", "call me", True))
         self.assertNotIn("queued", waited)
-        self.hub.leave(back, "quit")
+        self.hub.leave(back.user, "quit", back)
         again = self.member("bob", identity="B")
         self.assertEqual(texts(again.events), [])  # delivered once, not on every return
 
     def test_waiting_direct_message_is_never_given_to_another_identity_under_that_name(self):
         alice, bob = self.member("alice", identity="A"), self.member("bob", identity="B")
-        self.hub.leave(bob, "quit")
-        self.hub.say(alice, "the code is 1234", to="bob")
+        self.hub.leave(bob.user, "quit", bob)
+        self.hub.say(alice.user, "the code is 1234", to="bob")
         for identity in ("M", None):
             with self.subTest(identity=identity):
                 impostor = self.member("bob", identity=identity)
                 self.assertEqual(texts(impostor.events), [])
-                self.hub.leave(impostor, "quit")
+                self.hub.leave(impostor.user, "quit", impostor)
         owner = self.member("bob", identity="B")
         self.assertEqual(texts(owner.events), ["the code is 1234"])
 
     def test_direct_message_to_a_name_never_seen_gets_unknown_user(self):
         alice = self.member("alice", identity="A")
         alice.take()
-        refused = self.assertRefused("unknown_user", self.hub.say, alice, "hello?", to="nobody")
+        refused = self.assertRefused("unknown_user", self.hub.say, alice.user, "hello?", to="nobody")
         self.assertIn("nobody", refused.text)
         self.assertEqual(alice.events, [])
 
     def test_direct_message_to_an_absent_user_without_identity_gets_unknown_user(self):
         bob = self.member("bob")  # a client that keeps no identity cannot be given messages later
-        self.hub.leave(bob, "quit")
+        self.hub.leave(bob.user, "quit", bob)
         alice = self.member("alice", identity="A")
-        refused = self.assertRefused("unknown_user", self.hub.say, alice, "hi", to="bob")
+        refused = self.assertRefused("unknown_user", self.hub.say, alice.user, "hi", to="bob")
         self.assertIn("later", refused.text)
 
     # -- names and presence -------------------------------------------------------------
 
     def test_rename_is_seen_by_everybody_and_frees_the_old_name(self):
         alice, bob, carol = self.member("alice"), self.member("bob", "games"), self.member("carol", "games")
-        self.hub.leave_room(carol, "general")  # shares no room with alice, and hears it all the same
+        self.hub.leave_room(carol.user, "general")  # shares no room with alice, and hears it all the same
         self.quiet(alice, bob, carol)
-        self.hub.rename(alice, "alicia")
+        self.hub.rename(alice.user, "alicia")
         for member in (alice, bob, carol):
             with self.subTest(member=member.name):
                 (renamed,) = member.take()
                 self.assertEqual((renamed["type"], renamed["old"], renamed["name"]), ("renamed", "alice", "alicia"))
-        self.hub.say(alice, "it is me")
+        self.hub.say(alice.user, "it is me")
         self.assertEqual(bob.take()[0]["from"], "alicia")
-        self.hub.users(bob, "general")
+        self.hub.users(bob.user, "general")
         self.assertEqual(bob.take()[0]["users"], ["alicia", "bob"])
         newcomer = self.member("alice")  # the old name is free
         self.assertEqual(newcomer.events[0]["name"], "alice")
@@ -1251,30 +1264,30 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
         # Regression: the refusal was fatal, so /nick with a taken name disconnected.
         alice, bob = self.member("alice"), self.member("bob")
         self.quiet(alice, bob)
-        refused = self.assertRefused("name_taken", self.hub.rename, alice, "BOB")
+        refused = self.assertRefused("name_taken", self.hub.rename, alice.user, "BOB")
         self.assertIn("BOB", refused.text)
-        self.assertRefused("bad_name", self.hub.rename, alice, "two words")
+        self.assertRefused("bad_name", self.hub.rename, alice.user, "two words")
         self.assertEqual((alice.events, bob.events), ([], []))
-        self.hub.rename(alice, "Alice")  # one's own name in another case is no clash
+        self.hub.rename(alice.user, "Alice")  # one's own name in another case is no clash
         self.assertEqual(bob.take()[0]["name"], "Alice")
 
     def test_away_and_back_are_told_to_everybody_and_shown_in_user_lists(self):
         alice, bob = self.member("alice"), self.member("bob", "games")
         self.quiet(alice, bob)
-        self.hub.set_away(bob, "at lunch\nback at 2")
+        self.hub.set_away(bob.user, "at lunch\nback at 2")
         for member in (alice, bob):
             with self.subTest(member=member.name):
                 (away,) = member.take()
                 self.assertEqual((away["type"], away["name"], away["text"]), ("away", "bob", "at lunch back at 2"))
-        self.hub.users(alice)
+        self.hub.users(alice.user)
         self.assertEqual(alice.take()[0]["away"], {"bob": "at lunch back at 2"})
         carol = self.member("carol", "games")
         self.assertEqual(only(carol.events, "room", room="games")["away"], {"bob": "at lunch back at 2"})
         self.quiet(alice, bob, carol)
-        self.hub.set_away(bob, None)
+        self.hub.set_away(bob.user, None)
         (back,) = alice.take()
         self.assertEqual((back["type"], back["name"], back["text"]), ("away", "bob", None))
-        self.hub.users(alice, "general")
+        self.hub.users(alice.user, "general")
         self.assertEqual(alice.take()[0]["away"], {})
 
     # -- history -----------------------------------------------------------------------
@@ -1283,8 +1296,8 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
         self.hub = localchat.ChatHub("test-hub", scrollback=3)
         alice = self.member("alice", "games")
         for number in range(5):
-            self.hub.say(alice, "m%d" % number)
-        self.hub.say(alice, "elsewhere", room="games")
+            self.hub.say(alice.user, "m%d" % number)
+        self.hub.say(alice.user, "elsewhere", room="games")
         said = [frame for frame in alice.take() if is_message(frame)]
         bob = self.member("bob")
         frames = bob.take()
@@ -1297,49 +1310,43 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
             self.assertEqual((frame["replay"], frame["room"], frame["from"]), (True, "general", "alice"))
         self.assertEqual(frames[0]["last_id"], said[-1]["id"])
         self.assertEqual(frames[-1], {"type": "synced", "last_id": said[-1]["id"]})
-        self.hub.join_room(bob, "games")
+        self.hub.join_room(bob.user, "games")
         self.assertEqual(texts(bob.take()), ["elsewhere"])
 
     def test_history_pages_back_with_before_and_limit(self):
         alice = self.member("alice")
         for number in range(7):
-            self.hub.say(alice, "m%d" % number)
+            self.hub.say(alice.user, "m%d" % number)
         ids = [frame["id"] for frame in alice.take() if is_message(frame)]
-        self.hub.history(alice, "general", before=ids[5], limit=3)
+        self.hub.history(alice.user, "general", before=ids[5], limit=3)
         page = alice.take()
         self.assertEqual(texts(page), ["m2", "m3", "m4"])
         self.assertTrue(all(frame["replay"] for frame in page[:-1]))
         self.assertEqual(page[-1], {"type": "history_end", "room": "general", "count": 3, "more": True})
-        self.hub.history(alice, "general", before=ids[2], limit=3)
+        self.hub.history(alice.user, "general", before=ids[2], limit=3)
         page = alice.take()
         self.assertEqual(texts(page), ["m0", "m1"])
         self.assertEqual(page[-1], {"type": "history_end", "room": "general", "count": 2, "more": False})
-        self.hub.history(alice)  # general, the newest page
+        self.hub.history(alice.user)  # general, the newest page
         self.assertEqual(texts(alice.take()), ["m%d" % number for number in range(7)])
-        self.assertRefused("not_in_room", self.hub.history, alice, "games")
+        self.assertRefused("not_in_room", self.hub.history, alice.user, "games")
 
     def test_history_of_a_direct_conversation_is_only_for_its_two_people(self):
         alice, bob = self.member("alice", identity="A"), self.member("bob", identity="B")
         carol = self.member("carol", identity="C")
-        self.hub.say(alice, "one", to="bob")
-        self.hub.say(bob, "two", to="alice")
-        self.hub.say(alice, "other", to="carol")
+        self.hub.say(alice.user, "one", to="bob")
+        self.hub.say(bob.user, "two", to="alice")
+        self.hub.say(alice.user, "other", to="carol")
         self.quiet(alice, bob, carol)
-        self.hub.history(alice, with_name="bob")
+        self.hub.history(alice.user, with_name="bob")
         page = alice.take()
         self.assertEqual(texts(page), ["one", "two"])
         self.assertEqual(page[-1], {"type": "history_end", "with": "bob", "count": 2, "more": False})
-        self.hub.history(carol, with_name="bob")
+        self.hub.history(carol.user, with_name="bob")
         self.assertEqual(carol.take(), [{"type": "history_end", "with": "bob", "count": 0, "more": False}])
 
 
-class ClosableMember(FakeMember):
-    """A member whose connection is still open: close_soon() is how the hub ends it."""
-
-    closed = False
-
-    def close_soon(self):
-        self.closed = True
+ClosableMember = FakeMember  # every fake connection notes close_locked()
 
 
 class ResumeCoreTests(HubHelpers, unittest.TestCase):
@@ -1353,9 +1360,9 @@ class ResumeCoreTests(HubHelpers, unittest.TestCase):
             with self.subTest(reason=reason):
                 alice, bob = self.member("alice"), self.member("bob", "games")
                 self.quiet(alice, bob)
-                self.assertTrue(self.hub.leave(bob, reason))
+                self.assertTrue(self.hub.leave(bob.user, reason, bob))
                 self.assertEqual(alice.events, [])  # nobody hears of it yet
-                self.hub.users(alice)
+                self.hub.users(alice.user)
                 self.assertEqual(alice.take()[0]["users"], ["alice", "bob"])
                 refused = self.assertRefused("name_taken", self.hub.join, FakeMember(), "BOB", fatal=True)
                 self.assertIn("kept", refused.text)
@@ -1364,30 +1371,31 @@ class ResumeCoreTests(HubHelpers, unittest.TestCase):
                 (left,) = alice.take()
                 self.assertEqual((left["type"], left["name"], left["reason"]), ("left", "bob", reason))
                 self.assertNotIn("room", left)
-                self.hub.rooms(alice)
+                self.hub.rooms(alice.user)
                 self.assertEqual([room["name"] for room in alice.take()[0]["rooms"]], ["general"])
-                self.hub.leave(self.member("bob"), "quit")  # the name is free again
-                self.hub.leave(alice, "quit")
+                again = self.member("bob")  # the name is free again
+                self.hub.leave(again.user, "quit", again)
+                self.hub.leave(alice.user, "quit", alice)
 
     def test_quit_is_told_at_once_even_with_a_grace_period(self):
         alice, bob = self.member("alice"), self.member("bob")
         alice.take()
-        self.hub.leave(bob, "quit")
+        self.hub.leave(bob.user, "quit", bob)
         self.assertEqual([(frame["type"], frame["reason"]) for frame in alice.take()], [("left", "quit")])
 
     def test_resume_takes_the_place_back_unnoticed_and_replays_what_was_missed(self):
         alice, bob = self.member("alice", "games"), self.member("bob", "games", identity="B")
         token = bob.events[0]["resume"]
-        self.hub.say(alice, "seen")
+        self.hub.say(alice.user, "seen")
         seen_id = bob.events[-1]["id"]
-        self.hub.leave(bob, "lost")
-        self.hub.say(alice, "missed in general")
-        self.hub.say(alice, "missed in games", room="games")
-        self.hub.say(alice, "missed direct", to="bob")
+        self.hub.leave(bob.user, "lost", bob)
+        self.hub.say(alice.user, "missed in general")
+        self.hub.say(alice.user, "missed in games", room="games")
+        self.hub.say(alice.user, "missed direct", to="bob")
         carol = self.member("carol", "games")  # comes while bob is away
         self.quiet(alice, carol)
         back = FakeMember()
-        self.hub.join(back, "bob", identity="B", resume=token, last_id=seen_id)
+        back.user = self.hub.join(back, "bob", identity="B", resume=token, last_id=seen_id)
         frames = back.take()
         self.assertEqual((frames[0]["type"], frames[0]["resume"]), ("welcome", token))
         self.assertEqual(sorted(frames[0]["rooms"]), ["games", "general"])
@@ -1399,40 +1407,40 @@ class ResumeCoreTests(HubHelpers, unittest.TestCase):
         self.assertTrue(all(frame["replay"] for frame in frames if is_message(frame)))
         self.assertEqual(frames[-1]["type"], "synced")
         self.assertEqual((alice.events, carol.events), ([], []))  # nobody noticed a thing
-        self.hub.say(carol, "hi bob", room="games")
+        self.hub.say(carol.user, "hi bob", room="games")
         self.assertEqual(texts(back.take()), ["hi bob"])
         self.assertEqual(self.hub.count(), 3)
 
     def test_resume_with_a_wrong_token_is_refused_as_name_taken(self):
         bob = self.member("bob")
-        self.hub.leave(bob, "lost")
+        self.hub.leave(bob.user, "lost", bob)
         self.assertRefused("name_taken", self.hub.join, FakeMember(), "bob", resume="not-the-token", fatal=True)
 
     def test_resume_after_the_grace_period_is_a_new_arrival(self):
         alice, bob = self.member("alice"), self.member("bob")
         token = bob.events[0]["resume"]
-        self.hub.leave(bob, "lost")
+        self.hub.leave(bob.user, "lost", bob)
         self.hub.expire(now=time.monotonic() + 61)
         alice.take()
         again = FakeMember()
-        self.hub.join(again, "bob", resume=token, last_id=0)
+        again.user = self.hub.join(again, "bob", resume=token, last_id=0)
         self.assertNotEqual(again.events[0]["resume"], token)
         self.assertEqual([(frame["type"], frame["name"]) for frame in alice.take()], [("joined", "bob")])
 
     def test_resume_while_the_old_connection_is_open_replaces_it(self):
         old = ClosableMember()
-        self.hub.join(old, "bob")
+        old.user = self.hub.join(old, "bob")
         alice = self.member("alice")
         token, last_id = old.events[0]["resume"], old.events[0]["last_id"]
         self.quiet(alice, old)
         new = FakeMember()
-        self.hub.join(new, "bob", resume=token, last_id=last_id)
+        new.user = self.hub.join(new, "bob", resume=token, last_id=last_id)
         (bye,) = old.take()
         self.assertEqual((bye["type"], bye["reason"]), ("bye", "replaced"))
         self.assertTrue(old.closed)
-        self.assertFalse(self.hub.leave(old, "lost"))  # the old connection's end changes nothing
+        self.assertFalse(self.hub.leave(old.user, "lost", old))  # the old connection's end changes nothing
         self.assertEqual(alice.events, [])
-        self.hub.say(alice, "still there?")
+        self.hub.say(alice.user, "still there?")
         self.assertEqual(texts(new.take()), ["still there?"])
         self.assertEqual(old.events, [])
 
@@ -1515,25 +1523,39 @@ class StoreContract:
         self.assertEqual(ids(store.direct_history("C", "bob", 10)), [])
         self.assertEqual(store.direct_history(None, "bob", 10), [])
 
-    def test_a_known_name_keeps_its_identity_until_another_identity_comes_under_it(self):
+    def test_saved_users_topics_bans_and_operators_come_back_from_load(self):
         store = self.make_store()
-        self.assertIsNone(store.known_user("bob"))
-        store.remember_user("bob", "Bob", "B")
-        store.remember_user("bob", "bob", None)  # a client without identity under that name
-        self.assertEqual(store.known_user("bob"), ("Bob", "B"))
-        store.remember_user("bob", "BOB", "M")
-        self.assertEqual(store.known_user("bob"), ("BOB", "M"))
-        store.remember_user("old", "old", None)
-        self.assertEqual(store.known_user("old"), ("old", None))
+        self.assertEqual(store.load(), {"topics": {}, "users": {}, "bans": {}, "operators": {}})
+        store.save_user("bob", "Bob", "B")
+        store.save_user("bob", "BOB", "M")  # replaced
+        store.save_user("old", "old", None)
+        store.save_topic("games", "chess")
+        store.save_topic("games", "go")
+        store.save_topic("music", "jazz")
+        store.save_topic("music", None)
+        store.save_ban("name", "eve", 1234.5, "spam")
+        store.save_ban("address", "10.0.0.9", None, None)
+        store.save_ban("name", "gone", None, None)
+        store.delete_ban("name", "gone")
+        store.save_operator("alice", None)
+        store.save_operator("alice", "A")
+        store.save_operator("carol", "C")
+        store.delete_operator("carol")
+        self.assertEqual(store.load(), {
+            "topics": {"games": "go", "music": None},
+            "users": {"bob": ("BOB", "M"), "old": ("old", None)},
+            "bans": {("name", "eve"): (1234.5, "spam"), ("address", "10.0.0.9"): (None, None)},
+            "operators": {"alice": "A"},
+        })
 
-    def test_topics_are_set_replaced_and_cleared(self):
+    def test_since_and_undelivered_stop_at_upto_and_mark_delivered_too(self):
         store = self.make_store()
-        self.assertIsNone(store.topic("games"))
-        store.set_topic("games", "chess")
-        store.set_topic("games", "go")
-        self.assertEqual(store.topic("games"), "go")
-        store.set_topic("games", None)
-        self.assertIsNone(store.topic("games"))
+        for number in range(1, 5):
+            store.add_message(self.message(number, to="bob"), "A", "B", delivered=False)
+        self.assertEqual(ids(store.since(0, [], "B", 100, upto=3)), [1, 2, 3])
+        self.assertEqual(ids(store.undelivered("B", upto=2)), [1, 2])
+        store.mark_delivered("B", 2)
+        self.assertEqual(ids(store.undelivered("B")), [3, 4])
 
 
 class MemoryStoreTests(StoreContract, unittest.TestCase):
@@ -1575,34 +1597,192 @@ class SqliteStoreTests(StoreContract, unittest.TestCase):
     def test_history_topics_and_waiting_messages_outlive_the_hub_and_ids_go_on(self):
         hub = localchat.ChatHub("first", self.make_store())
         alice, bob = FakeMember(), FakeMember()
-        hub.join(alice, "alice", identity="A")
-        hub.join(bob, "bob", identity="B")
-        hub.join_room(alice, "games")
-        hub.set_topic(alice, "games", "chess")
-        hub.say(alice, "one")
-        hub.say(alice, "two", room="games")
-        hub.leave(bob, "quit")
-        hub.say(alice, "for bob", to="bob")
+        alice.user = hub.join(alice, "alice", identity="A")
+        bob.user = hub.join(bob, "bob", identity="B")
+        hub.join_room(alice.user, "games")
+        hub.set_topic(alice.user, "games", "chess")
+        hub.say(alice.user, "one")
+        hub.say(alice.user, "two", room="games")
+        hub.leave(bob.user, "quit", bob)
+        hub.say(alice.user, "for bob", to="bob")
         last_id = alice.events[-1]["id"]
         self.stores.pop().close()
         hub = localchat.ChatHub("second", self.make_store())
         carol = FakeMember()
-        hub.join(carol, "carol")
+        carol.user = hub.join(carol, "carol")
         self.assertEqual(carol.events[0]["last_id"], last_id)
         self.assertEqual(texts(carol.take()), ["one"])
-        hub.join_room(carol, "games")
+        hub.join_room(carol.user, "games")
         frames = carol.take()
         self.assertEqual((only(frames, "room")["topic"], texts(frames)), ("chess", ["two"]))
         bob = FakeMember()
-        hub.join(bob, "bob", identity="B")
+        bob.user = hub.join(bob, "bob", identity="B")
         self.assertEqual(texts(bob.events), ["one", "for bob"])
-        hub.say(carol, "three")
+        hub.say(carol.user, "three")
         self.assertEqual(carol.events[-1]["id"], last_id + 1)  # no id is used twice
 
     def test_a_file_that_cannot_be_a_database_gives_a_user_error(self):
         with self.assertRaises(localchat.UserError) as caught:
             localchat.SqliteStore(_SCRATCH.name)  # a folder
         self.assertIn(_SCRATCH.name, str(caught.exception))
+
+    def test_a_second_store_on_the_same_file_is_refused_with_a_sentence(self):
+        # The issue: two servers on one file both wrote; the second's messages failed to
+        # store ("UNIQUE constraint failed") and were delivered anyway.
+        self.make_store()
+        with self.assertRaises(localchat.UserError) as caught:
+            localchat.SqliteStore(self.path)
+        self.assertIn(self.path, str(caught.exception))
+        self.assertIn("--history", str(caught.exception))
+        self.stores.pop().close()  # once the first lets go, the file may be used again
+        self.make_store()
+
+
+class OwnedLock:
+    """A lock that knows which thread holds it, to catch work done inside the hub's lock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.owner = None
+
+    def acquire(self, blocking=True, timeout=-1):
+        taken = self._lock.acquire(blocking, timeout)
+        if taken:
+            self.owner = threading.get_ident()
+        return taken
+
+    def release(self):
+        self.owner = None
+        self._lock.release()
+
+    def held_here(self):
+        return self.owner == threading.get_ident()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+class WatchedDatabase:
+    """An sqlite3 connection that notes every statement run while `lock` is held by the same thread."""
+
+    def __init__(self, db, lock):
+        self._db, self._lock, self.inside = db, lock, []
+        self.statements = 0
+
+    def _check(self, sql):
+        self.statements += 1
+        if self._lock.held_here():
+            self.inside.append(sql.split()[0] + " " + " ".join(sql.split()[1:4]))
+
+    def execute(self, sql, *args):
+        self._check(sql)
+        return self._db.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        self._check(sql)
+        return self._db.executemany(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+class LockedLogCheck(logging.Handler):
+    """A log handler that notes every line logged while the hub's lock is held by the logging thread."""
+
+    def __init__(self, lock):
+        super().__init__()
+        self._lock, self.inside, self.lines = lock, [], 0
+
+    def emit(self, record):
+        self.lines += 1
+        if self._lock.held_here():
+            self.inside.append(record.getMessage())
+
+
+class StoredBeforeSeenTests(ServerFixture, unittest.TestCase):
+    """A real server on an SQLite store: nothing reaches anybody unstored, and no SQLite in the lock."""
+
+    def setUp(self):
+        super().setUp()
+        folder = tempfile.TemporaryDirectory(prefix="stored-", dir=_SCRATCH.name)
+        self.addCleanup(folder.cleanup)
+        self.path = os.path.join(folder.name, "history.sqlite3")
+
+    def start_watched_server(self):
+        store = localchat.SqliteStore(self.path)
+        hub = localchat.ChatHub("test", store, limits=localchat.Limits(messages_per_s=0, kbytes_per_s=0))
+        hub.lock = OwnedLock()
+        hub.moderation.add_operator("alice")
+        store.db = WatchedDatabase(store.db, hub.lock)
+        check = LockedLogCheck(hub.lock)
+        localchat.log.addHandler(check)
+        self.addCleanup(localchat.log.removeHandler, check)
+        self.addCleanup(localchat.log.setLevel, localchat.log.level)
+        self.addCleanup(setattr, localchat.log, "propagate", localchat.log.propagate)
+        localchat.log.setLevel(logging.INFO)
+        localchat.log.propagate = False  # the test's own output stays quiet
+        self.start_server(hub=hub)
+        return store, check
+
+    def test_no_sqlite_statement_and_no_log_line_runs_inside_the_hubs_lock(self):
+        # The issue: about seven statements per join, and history pages, ran inside the
+        # lock; and moderation logged inside it (a full stderr pipe would stall the chat).
+        store, check = self.start_watched_server()
+        alice = self.join("alice", identity="token-alice")
+        bob = self.join("bob", identity="token-bob")
+        for number in range(5):
+            alice.say("m%d" % number)
+        alice.send({"type": "join", "room": "games"})
+        alice.send({"type": "topic", "room": "games", "topic": "chess"})
+        alice.send({"type": "history", "room": "general", "limit": 2})
+        alice.read_until(is_kind("history_end"))
+        alice.say("for bob", to="bob")
+        bob.send({"type": "bye"})
+        bob.read_until(is_kind("bye"))
+        alice.say("while away", to="bob")
+        later = self.join("bob", identity="token-bob")  # gets the direct message that waited
+        self.assertIn("while away", texts(later.joining))
+        for frame in ({"type": "mute", "name": "bob"}, {"type": "unmute", "name": "bob"},
+                      {"type": "ban", "target": "mallory", "minutes": 5}, {"type": "unban", "target": "mallory"},
+                      {"type": "kick", "name": "bob", "reason": "test"}):
+            alice.send(frame)
+        alice.read_until(is_kind("left", name="bob"))
+        self.server.console = localchat.ServerConsole(self.server, stdin=io.StringIO(""), stdout=io.StringIO())
+        self.assertIn("was banned", self.server.console.run_command("/ban carol 5"))
+        alice.send({"type": "ping", "token": "end"})
+        alice.read_until(is_kind("pong"))
+        self.assertGreater(store.db.statements, 5)
+        self.assertGreater(check.lines, 5)
+        self.assertEqual(store.db.inside, [])
+        self.assertEqual(check.inside, [])
+
+    def test_a_store_that_starts_failing_delivers_nothing_unstored_and_tells_the_sender(self):
+        store, _ = self.start_watched_server()
+        alice = self.join("alice")
+        bob = self.join("bob")
+        alice.say("kept", ref="r1")
+        self.assertEqual(texts([bob.read_until(is_message)[0]]), ["kept"])
+        alice.read_until(is_message)
+        # The file turns read-only under the running server (the disk, a permission).
+        store.db = WatchedDatabase(sqlite3.connect("file:%s?mode=ro" % self.path, uri=True,
+                                                   check_same_thread=False, isolation_level=None),
+                                   self.server.hub.lock)
+        alice.say("lost", ref="r2")
+        error = self.assert_error(alice, "not_stored")
+        self.assertEqual(error["ref"], "r2")
+        self.assertIn("could not be saved", error["text"])
+        bob.send({"type": "ping", "token": "after"})
+        self.assertEqual(bob.read_frame(), {"type": "pong", "token": "after"})  # and no "lost" before it
+        # Writable again: the chat goes on, and the history holds only what was seen.
+        store.db = WatchedDatabase(sqlite3.connect(self.path, check_same_thread=False, isolation_level=None),
+                                   self.server.hub.lock)
+        alice.say("again", ref="r3")
+        self.assertEqual(texts([bob.read_until(is_message)[0]]), ["again"])
+        alice.read_until(is_message)
+        carol = self.join("carol")
+        self.assertEqual(texts(carol.joining), ["kept", "again"])
 
 
 # =============================================================================
@@ -5503,11 +5683,9 @@ class ModerationTests(HubHelpers, unittest.TestCase):
     def member(self, name, *rooms, address=None, **hello):
         """Join name (with an address, as a connection has one); return it, its frames kept."""
         member = ClosableMember()
-        if address is not None:
-            member.address = address
-        self.hub.join(member, name, **hello)
+        member.user = self.hub.join(member, name, address=address, **hello)
         for room in rooms:
-            self.hub.join_room(member, room)
+            self.hub.join_room(member.user, room)
         return member
 
     def trio(self):
@@ -5532,16 +5710,16 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         self.moderation.add_operator("Alice")
         first = self.member("alice", identity="id-first")
         self.assertTrue(first.events[0]["operator"])  # the welcome says so
-        self.assertTrue(self.moderation.is_operator(first))
-        self.hub.leave(first, "quit")
+        self.assertTrue(self.moderation.is_operator(first.user))
+        self.hub.leave(first.user, "quit", first)
         impostor = self.member("ALICE", identity="id-second")
         self.assertFalse(impostor.events[0]["operator"])
-        self.assertFalse(self.moderation.is_operator(impostor))
+        self.assertFalse(self.moderation.is_operator(impostor.user))
         bob = self.member("bob", identity="id-bob")
         self.quiet(impostor, bob)
-        self.assertRefused("not_operator", self.moderation.kick, impostor, "bob")
+        self.assertRefused("not_operator", self.moderation.kick, impostor.user, "bob")
         self.assertEqual((impostor.events, bob.events), ([], []))
-        self.hub.leave(impostor, "quit")
+        self.hub.leave(impostor.user, "quit", impostor)
         again = self.member("alice", identity="id-first")
         self.assertTrue(again.events[0]["operator"])
 
@@ -5549,7 +5727,7 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         self.moderation.add_operator("carol")
         anonymous = self.member("carol")  # an old client: no identity token
         self.assertFalse(anonymous.events[0]["operator"])
-        self.hub.leave(anonymous, "quit")
+        self.hub.leave(anonymous.user, "quit", anonymous)
         real = self.member("carol", identity="id-carol")
         self.assertTrue(real.events[0]["operator"])
 
@@ -5561,26 +5739,26 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         self.assertIn("bob is now an operator", text)
         for member in (bob, carol):
             self.assertNotice(member.take(), "op", "bob", None, "the server's owner")
-        self.assertTrue(self.moderation.is_operator(bob))
-        self.hub.leave(bob, "quit")
+        self.assertTrue(self.moderation.is_operator(bob.user))
+        self.hub.leave(bob.user, "quit", bob)
         other = self.member("bob", identity="id-somebody-else")
-        self.assertFalse(self.moderation.is_operator(other))
+        self.assertFalse(self.moderation.is_operator(other.user))
 
     def test_op_needs_a_client_with_an_identity_and_somebody_here(self):
         dave = self.member("dave")
         self.assertRefused("no_identity", self.moderation.set_operator, None, "dave")
         self.assertRefused("unknown_user", self.moderation.set_operator, None, "nobody")
-        self.assertFalse(self.moderation.is_operator(dave))
+        self.assertFalse(self.moderation.is_operator(dave.user))
 
     def test_an_operator_can_make_and_unmake_operators(self):
         alice, bob, carol = self.trio()
-        self.moderation.set_operator(alice, "bob")
+        self.moderation.set_operator(alice.user, "bob")
         self.assertNotice(carol.take(), "op", "bob", "alice", "bob is now an operator (alice)")
-        self.assertTrue(self.moderation.is_operator(bob))
-        self.moderation.set_operator(alice, "bob", on=False)
+        self.assertTrue(self.moderation.is_operator(bob.user))
+        self.moderation.set_operator(alice.user, "bob", on=False)
         self.assertNotice(carol.take(), "deop", "bob", "alice", "bob is no longer an operator")
-        self.assertFalse(self.moderation.is_operator(bob))
-        self.assertRefused("not_operator", self.moderation.set_operator, alice, "bob", on=False)
+        self.assertFalse(self.moderation.is_operator(bob.user))
+        self.assertRefused("not_operator", self.moderation.set_operator, alice.user, "bob", on=False)
 
     def test_somebody_who_is_no_operator_may_do_nothing_and_nobody_hears_of_it(self):
         alice, bob, carol = self.trio()
@@ -5596,16 +5774,16 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         )
         for power, args in powers:
             with self.subTest(power=power.__name__, args=args):
-                self.assertRefused("not_operator", power, bob, *args)
+                self.assertRefused("not_operator", power, bob.user, *args)
         self.assertEqual((alice.events, bob.events, carol.events), ([], [], []))
         self.assertEqual(self.moderation.bans(), [])
-        self.assertTrue(self.moderation.is_operator(alice))
+        self.assertTrue(self.moderation.is_operator(alice.user))
 
     # -- kick ----------------------------------------------------------------------
 
     def test_kick_says_bye_with_the_reason_tells_everybody_and_closes(self):
         alice, bob, carol = self.trio()
-        text = self.moderation.kick(alice, "Bob", "spamming links")
+        text = self.moderation.kick(alice.user, "Bob", "spamming links")
         self.assertEqual(text, "bob was kicked by alice: spamming links")
         bye = only(bob.events, "bye")
         self.assertEqual(bye["reason"], "kicked")
@@ -5614,21 +5792,21 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         for member in (alice, carol):
             left = only(member.take(), "left")
             self.assertEqual(summary(left, "name", "reason", "text"), ("bob", "kicked", text))
-        self.hub.users(alice)
+        self.hub.users(alice.user)
         self.assertEqual(only(alice.take(), "users")["users"], ["alice", "carol"])
         again = self.member("bob", identity="id-bob", address="10.0.0.2")  # a kick is no ban
         self.assertEqual(again.events[0]["type"], "welcome")
 
     def test_kick_of_somebody_not_here_gets_unknown_user(self):
         alice, _, _ = self.trio()
-        self.assertRefused("unknown_user", self.moderation.kick, alice, "nobody")
-        self.assertRefused("unknown_user", self.moderation.kick, alice, 17)
+        self.assertRefused("unknown_user", self.moderation.kick, alice.user, "nobody")
+        self.assertRefused("unknown_user", self.moderation.kick, alice.user, 17)
 
     # -- ban -----------------------------------------------------------------------
 
     def test_ban_of_a_name_bans_it_and_its_address_with_a_sentence(self):
         alice, bob, carol = self.trio()
-        text = self.moderation.ban(alice, "bob", None, "flooding")
+        text = self.moderation.ban(alice.user, "bob", None, "flooding")
         self.assertEqual(text, "bob was banned by alice: flooding")
         self.assertEqual(summary(only(bob.events, "bye"), "reason"), ("banned",))
         self.assertTrue(bob.closed)
@@ -5659,7 +5837,7 @@ class ModerationTests(HubHelpers, unittest.TestCase):
 
     def test_ban_of_somebody_absent_is_announced_as_a_notice(self):
         alice, bob, carol = self.trio()
-        self.moderation.ban(alice, "mallory", 5, "trolling")
+        self.moderation.ban(alice.user, "mallory", 5, "trolling")
         for member in (alice, bob, carol):
             self.assertNotice(member.take(), "ban", "mallory", "alice", "mallory was banned by alice for 5 minutes: "
                               "trolling")
@@ -5667,20 +5845,20 @@ class ModerationTests(HubHelpers, unittest.TestCase):
 
     def test_unban_lets_the_name_in_again_and_tells_everybody(self):
         alice, bob, carol = self.trio()
-        self.moderation.ban(alice, "bob")
+        self.moderation.ban(alice.user, "bob")
         self.quiet(alice, carol)
-        self.moderation.unban(alice, "BOB")
+        self.moderation.unban(alice.user, "BOB")
         self.assertNotice(carol.take(), "unban", "BOB", "alice", "unbanned by alice")
         self.assertRefused("banned", self.member, "bob", address="10.0.0.2", fatal=True)  # the address still is
         self.member("bob", address="10.0.0.8")
         self.moderation.unban(None, "10.0.0.2")
         self.member("zed", address="10.0.0.2")
-        self.assertRefused("not_banned", self.moderation.unban, alice, "bob")
+        self.assertRefused("not_banned", self.moderation.unban, alice.user, "bob")
         self.assertRefused("not_banned", self.moderation.unban, None, "10.9.9.9")
 
     def test_a_ban_for_some_minutes_ends_by_itself(self):
         alice, bob, _ = self.trio()
-        self.moderation.ban(alice, "bob", 5)
+        self.moderation.ban(alice.user, "bob", 5)
         self.assertRefused("banned", self.member, "bob", fatal=True)
         with mock.patch.object(localchat, "time", ShiftedClock(4 * 60)):
             self.assertRefused("banned", self.member, "bob", fatal=True)
@@ -5692,51 +5870,51 @@ class ModerationTests(HubHelpers, unittest.TestCase):
 
     def test_muted_user_gets_muted_and_nobody_sees_the_message(self):
         alice, bob, carol = self.trio()
-        text = self.moderation.mute(alice, "bob", None, "calm down")
+        text = self.moderation.mute(alice.user, "bob", None, "calm down")
         self.assertEqual(text, "bob was muted by alice: calm down")
         for member in (alice, bob, carol):
             self.assertNotice(member.take(), "mute", "bob", "alice", text)
         self.assertFalse(bob.closed)
         for _ in range(3):
-            error = self.assertRefused("muted", self.hub.say, bob, "can you hear me")
+            error = self.assertRefused("muted", self.hub.say, bob.user, "can you hear me")
             self.assertFalse(error.counts)  # muted is no bad frame: it never disconnects
         self.assertEqual((alice.events, carol.events), ([], []))
-        self.hub.say(carol, "still here")
+        self.hub.say(carol.user, "still here")
         self.assertEqual(texts(alice.take()), ["still here"])
-        self.assertEqual(self.moderation.unmute(alice, "bob"), "bob may speak again (alice)")
+        self.assertEqual(self.moderation.unmute(alice.user, "bob"), "bob may speak again (alice)")
         self.assertNotice(carol.take(), "unmute", "bob", "alice")
-        self.hub.say(bob, "thanks")
+        self.hub.say(bob.user, "thanks")
         self.assertEqual(texts(carol.take()), ["thanks"])
-        self.assertRefused("not_muted", self.moderation.unmute, alice, "bob")
+        self.assertRefused("not_muted", self.moderation.unmute, alice.user, "bob")
 
     def test_a_mute_for_some_minutes_ends_by_itself(self):
         alice, bob, carol = self.trio()
         self.moderation.mute(None, "bob", 2)
-        error = self.assertRefused("muted", self.hub.say, bob, "hello")
+        error = self.assertRefused("muted", self.hub.say, bob.user, "hello")
         self.assertIn(" until ", error.text)
         with mock.patch.object(localchat, "time", ShiftedClock(2 * 60 + 1)):
-            self.hub.say(bob, "free again")
+            self.hub.say(bob.user, "free again")
         self.assertEqual(texts(carol.take()), ["free again"])
         self.assertFalse(any("muted" in line for line in self.moderation.describe()))
 
     def test_mute_holds_across_a_reconnect_under_the_name(self):
         alice, bob, carol = self.trio()
-        self.moderation.mute(alice, "bob")
-        self.hub.leave(bob, "quit")
+        self.moderation.mute(alice.user, "bob")
+        self.hub.leave(bob.user, "quit", bob)
         again = self.member("bob", identity="id-bob")
-        self.assertRefused("muted", self.hub.say, again, "back again")
+        self.assertRefused("muted", self.hub.say, again.user, "back again")
         self.assertEqual(texts(carol.take()), [])
 
     def test_mute_follows_a_rename(self):
         # Regression: mutes were kept by name only, so /nick was a way out of one.
         alice, bob, carol = self.trio()
-        self.moderation.mute(alice, "bob")
-        self.hub.rename(bob, "bobby")
-        self.assertRefused("muted", self.hub.say, bob, "new name, new luck")
+        self.moderation.mute(alice.user, "bob")
+        self.hub.rename(bob.user, "bobby")
+        self.assertRefused("muted", self.hub.say, bob.user, "new name, new luck")
         self.assertEqual(texts(carol.take()), [])
         self.assertIn("bobby", [line.split()[0] for line in self.moderation.describe() if "muted" in line])
-        self.moderation.unmute(alice, "bobby")
-        self.hub.say(bob, "sorry")
+        self.moderation.unmute(alice.user, "bobby")
+        self.hub.say(bob.user, "sorry")
         self.assertEqual(texts(carol.take()), ["sorry"])
 
     def test_minutes_out_of_range_are_refused_before_anything_happens(self):
@@ -5744,16 +5922,16 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         # number of minutes from anybody raised OverflowError; a ban of 10**20 minutes
         # made every later hello and the console's /bans raise it too.
         alice, bob, carol = self.trio()
-        self.assertRefused("not_operator", self.moderation.ban, bob, "carol", 10 ** 400)
+        self.assertRefused("not_operator", self.moderation.ban, bob.user, "carol", 10 ** 400)
         for minutes in (10 ** 400, 10 ** 20, -5):
             for power in (self.moderation.ban, self.moderation.mute):
                 with self.subTest(minutes=minutes, power=power.__name__):
-                    error = self.assertRefused("bad_field", power, alice, "bob", minutes)
+                    error = self.assertRefused("bad_field", power, alice.user, "bob", minutes)
                     self.assertIn("minutes", error.text)
         self.assertEqual(self.moderation.bans(), [])
         self.assertEqual(self.moderation.describe()[1].split(), ["bob", "10.0.0.2"])  # not muted
         self.assertEqual((bob.closed, carol.events[-1:]), (False, []))
-        longest = self.moderation.ban(alice, "bob", localchat.MAX_MODERATION_MINUTES)
+        longest = self.moderation.ban(alice.user, "bob", localchat.MAX_MODERATION_MINUTES)
         self.assertIn("for %d minutes" % localchat.MAX_MODERATION_MINUTES, longest)
         error = self.assertRefused("banned", self.member, "bob", fatal=True)
         self.assertIn(" until ", error.text)
@@ -5785,10 +5963,10 @@ class ModerationTests(HubHelpers, unittest.TestCase):
                             (self.moderation.mute, ("bob", None, "bad \u0007 reason"))):
             with self.subTest(power=power.__name__, args=args):
                 with self.assertRaises(localchat.ProtocolError) as caught:
-                    power(alice, *args)
+                    power(alice.user, *args)
                 self.assertIn(caught.exception.code, ("bad_name", "bad_field", "bad_text"))
         self.assertEqual((alice.events, bob.events, carol.events, bob.closed), ([], [], [], False))
-        text = self.moderation.kick(alice, "bob", "  two\nlines  ")
+        text = self.moderation.kick(alice.user, "bob", "  two\nlines  ")
         self.assertEqual(text, "bob was kicked by alice: two lines")
 
     # -- lasting -------------------------------------------------------------------
@@ -5801,10 +5979,9 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         hub = localchat.ChatHub("first", store)
         hub.moderation.add_operator("alice")
         alice, bob = ClosableMember(), ClosableMember()
-        bob.address = "10.0.0.2"
-        hub.join(alice, "alice", identity="id-alice")
-        hub.join(bob, "bob", identity="id-bob")
-        hub.moderation.ban(alice, "bob", None, "for good")
+        alice.user = hub.join(alice, "alice", identity="id-alice")
+        bob.user = hub.join(bob, "bob", identity="id-bob", address="10.0.0.2")
+        hub.moderation.ban(alice.user, "bob", None, "for good")
         hub.moderation.ban(None, "mallory", 10)
         store.close()
 
@@ -5829,12 +6006,12 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         self.addCleanup(sqlite_store.close)
         for store in (localchat.MemoryStore(), sqlite_store):
             with self.subTest(store=type(store).__name__):
-                self.hub = localchat.ChatHub("test", store)
-                self.moderation = self.hub.moderation
                 now = time.time()
-                store.add_ban("name", "old", now - 1, "long ago")
-                store.add_ban("address", "10.0.0.7", now - 1, None)
-                store.add_ban("name", "current", now + 600, "still")
+                store.save_ban("name", "old", now - 1, "long ago")
+                store.save_ban("address", "10.0.0.7", now - 1, None)
+                store.save_ban("name", "current", now + 600, "still")
+                self.hub = localchat.ChatHub("test", store)  # it reads the bans saved
+                self.moderation = self.hub.moderation
                 self.assertEqual([ban[:2] for ban in self.moderation.bans()], [("name", "current")])
                 self.member("old", address="10.0.0.7")
                 error = self.assertRefused("banned", self.member, "current", fatal=True)
@@ -7634,6 +7811,24 @@ class BackpressureTests(ProcessFixture, unittest.TestCase):
 
 
 
+class HistoryFileProcessTests(ProcessFixture, unittest.TestCase):
+    """Two server processes and one history file."""
+
+    def test_a_second_server_on_the_same_history_file_refuses_to_start(self):
+        history = os.path.join(self.folder, "shared.sqlite3")
+        first, port, _, _ = self.start_server_process("--history", history)
+        second, _, stderr = self.popen("server", "--host", LOOPBACK, "--port", "0", "--no-discovery",
+                                       "--history", history)
+        self.assertEqual(second.wait(PROCESS_TIMEOUT_S), 1)
+        line = stderr.wait_for(r"localchat: error: .*", PROCESS_TIMEOUT_S).group(0)
+        self.assertIn(history, line)
+        self.assertIn("--history", line)
+        client = RawClient((LOOPBACK, port))  # the first goes on serving
+        client.hello("alice")
+        client.close()
+        self.stop_server_process(first)
+
+
 # -----------------------------------------------------------------------------
 # 9. Tk window (driven for real: under Xvfb when there is no display)
 # -----------------------------------------------------------------------------
@@ -8099,7 +8294,7 @@ class WindowTests(unittest.TestCase):
         window = self.open_window()
         peer, events = self.add_peer("bob")
         with self.server._state_lock:
-            session = next(s for s in self.server._sessions if s.name == "alice")
+            session = next(s for s in self.server._sessions if s.user is not None and s.user.name == "alice")
         session.request.shutdown(socket.SHUT_RDWR)  # the network drops alice's connection
         self.pump_until(lambda: not window.connected, "the drop was not noticed")
         self.assertIn("Reconnecting", str(window.status.cget("text")))

@@ -18,7 +18,7 @@ Sections:
     7. Certificates: a self-signed one, made with the standard library alone
     8. Encryption: TLS over memory buffers
     9. Transport: outboxes, the writer threads and the send budget
-    10. Doors: JSON lines
+    10. Sessions and doors: one session per connection, a door per protocol
     11. Discovery: UDP probes and replies, finding servers on the LAN
     12. Server: accept, threads, shutdown
     13. Client connection (no Tk)
@@ -199,7 +199,9 @@ Server to client:
   {"type":"ping"}    answer with pong (any frame will do) within 30 s
   {"type":"pong","token":"x"}
   {"type":"error","code":"name_taken","text":"a sentence for a person","fatal":true}
-        fatal errors are followed by the server closing the connection
+        fatal errors are followed by the server closing the connection;
+        not_stored (the history could not keep a message, so nobody got it)
+        carries the message's "ref"
   {"type":"bye","reason":"quit"|"shutdown"|"replaced"|"kicked"|"banned","text":"a sentence"}
         then the server closes
   {"type":"notice","action":"mute","name":"bob","by":"alice","text":"a sentence"}
@@ -3198,26 +3200,102 @@ class Transport:
 
 
 # =============================================================================
-# 10. Doors: JSON lines
+# 10. Sessions and doors: one session per connection, a door per protocol
 # =============================================================================
 #
-# A door turns one kind of connection into calls on the hub, and the hub's events
-# back into bytes. JsonLinesSession is the door for this file's own clients and for
-# anything else that speaks the protocol above. Each runs on its connection's thread.
+# A Session handles one connection whatever it speaks: the TLS sniff, bounded
+# reads, the hello deadline and idle pings, the hello/password/resume gate,
+# dispatch to the hub by frame type (do_<type>), error counting and the end. A
+# door is a small codec, chosen by the connection's first bytes: it cuts bytes
+# into protocol frames (dicts, as in the Protocol section) and encodes the hub's
+# events, once per event for every connection on that door. A session runs on
+# its connection's thread; deliver_locked() and close_locked() run on whichever
+# thread holds the hub's lock.
 
 _BEFORE_HELLO = frozenset(["hello", "auth", "ping", "pong", "bye"])
 AUTH_FAILED_DELAY_S = 1.0  # a wrong password waits this long for its answer, so guessing is slow
+DOOR_SNIFF_BYTES = 16      # the most first bytes a door may need to see before it says yes or no
 
 
-class JsonLinesSession(socketserver.BaseRequestHandler):
-    """One connection speaking JSON lines: read frames, dispatch them by type to do_<type>.
+class Door:
+    """A way in: which first bytes it claims, how it cuts frames, how it encodes events.
 
-    Runs on the connection's own thread, except deliver(), which the hub calls from
-    whichever thread holds its lock.
+    One instance per connection (a door may keep the state of its framing); it
+    knows no hub and no socket: the Session reads, writes and dispatches. `encode`
+    turns the fields of any server frame (events, errors, pongs) into the door's
+    bytes; it must be one function for all connections of the door, so that
+    Event.encoded() encodes each event once for all of them.
+    """
+
+    name = "door"
+    encode = staticmethod(encode_frame)
+
+    @staticmethod
+    def claims(first):
+        """Return True if a connection starting with these bytes is this door's, False if not,
+        or None if it cannot tell yet (it is never asked about more than DOOR_SNIFF_BYTES)."""
+        raise NotImplementedError
+
+    def greet(self, session):
+        """The door was chosen: say what this protocol says first (nothing, by default)."""
+
+    def frames(self, buffer):
+        """Cut what is complete off the bytearray buffer; yield frames (dicts) or ProtocolErrors.
+
+        A fatal ProtocolError ends the connection; others are answered and reading goes on.
+        """
+        raise NotImplementedError
+
+
+class JsonLinesDoor(Door):
+    """The protocol of this file's own clients: one JSON object per line (see the Protocol section)."""
+
+    name = "json"
+    max_line_bytes = MAX_LINE_BYTES  # one frame, newline included
+
+    @staticmethod
+    def claims(first):
+        stripped = first.lstrip(b" \t\r\n")
+        return stripped[:1] == b"{" if stripped else None
+
+    def frames(self, buffer):
+        end = buffer.rfind(b"\n")
+        lines = []
+        if end >= 0:
+            lines = bytes(buffer[:end]).split(b"\n")
+            del buffer[:end + 1]
+        for line in lines:
+            if len(line) >= self.max_line_bytes:
+                yield self._too_long()
+                return
+            line = line.rstrip(b"\r")
+            if line.strip():
+                try:
+                    yield parse_frame(line)
+                except ProtocolError as error:
+                    yield error
+        if len(buffer) >= self.max_line_bytes:
+            yield self._too_long()
+
+    def _too_long(self):
+        return ProtocolError("line_too_long", "A line may hold at most %d bytes; closing the connection."
+                             % self.max_line_bytes, fatal=True)
+
+
+DOORS = (JsonLinesDoor,)  # tried in order on a connection's first bytes; the last one takes the rest
+
+
+class Session(socketserver.BaseRequestHandler):
+    """One connection, whatever door it came in by: read frames, dispatch them by type to do_<type>.
+
+    Runs on the connection's own thread, except deliver_locked() and close_locked(),
+    which the hub calls from whichever thread holds its lock.
     """
 
     user = None  # the hub's User, once the hello is accepted
     channel = None  # the TlsChannel when the server uses TLS
+    door = None  # the Door chosen by the first bytes
+    encode = staticmethod(encode_frame)  # the door's encoder (JSON lines until a door is chosen)
     _recv_size = RECV_IDLE_BYTES  # what the next recv() asks for
 
     def setup(self):
@@ -3241,15 +3319,15 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
 
     def deliver_locked(self, event):
         """Queue an event for this connection. Called by the hub with its lock held."""
-        self.outbox.push_locked(event.encoded(encode_frame))
+        self.outbox.push_locked(event.encoded(self.encode))
 
     def close_locked(self):
         """End this connection once its queued frames are sent. Called with the hub's lock held."""
         self.outbox.close_locked()
 
     def send_frame(self, fields):
-        """Queue a frame meant for this connection only."""
-        self.outbox.put(encode_frame(fields))
+        """Queue a frame meant for this connection only (takes the hub's lock)."""
+        self.outbox.put(self.encode(fields))
 
     def handle(self):
         reason = "lost"
@@ -3316,7 +3394,7 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
         """Read lines until the connection ends; return why it ended."""
         sock = self.request
         buffer = bytearray(first)
-        reason = self._handle_lines(buffer) if buffer else None
+        reason = self._feed(buffer) if buffer else None
         while not reason:
             if self.user is None:  # the hello has a deadline: a byte now and then must not hold a thread for ever
                 sock.settimeout(max(0.01, self._hello_deadline - time.monotonic()))
@@ -3332,47 +3410,35 @@ class JsonLinesSession(socketserver.BaseRequestHandler):
                 return "lost"
             self._silent_periods = 0
             buffer += chunk
-            reason = self._handle_lines(buffer)
+            reason = self._feed(buffer)
         return reason
 
-    def _handle_lines(self, buffer):
-        """Handle each complete line in buffer and remove it; return a reason to stop, or None."""
-        start = 0
-        try:
-            while True:
-                end = buffer.find(b"\n", start)
-                if end < 0:
-                    break
-                if end - start >= MAX_LINE_BYTES:
-                    raise ProtocolError("line_too_long", self._too_long_text(), fatal=True)
-                line = bytes(buffer[start:end]).rstrip(b"\r")
-                start = end + 1
-                if line.strip():
-                    # Over the budget, stop reading: TCP then slows this sender down.
-                    self.server.transport.wait_for_room(self._gone)
-                    reason = self._handle_line(line)
-                    if reason:
-                        return reason
-            if len(buffer) - start >= MAX_LINE_BYTES:
-                raise ProtocolError("line_too_long", self._too_long_text(), fatal=True)
-        except ProtocolError as error:
-            return self._on_protocol_error(error)
-        finally:
-            del buffer[:start]
+    def _feed(self, buffer):
+        """Choose the door if need be, then handle each complete frame; return a reason to stop, or None."""
+        if self.door is None:
+            door = self.server.door_for(bytes(buffer[:DOOR_SNIFF_BYTES]))
+            if door is None:
+                return None  # it cannot tell yet: read on (the hello deadline still holds)
+            self.door, self.encode = door(), door.encode
+            self.door.greet(self)
+        for item in self.door.frames(buffer):
+            if isinstance(item, ProtocolError):
+                reason = self._on_protocol_error(item)
+            else:
+                # Over the budget, stop reading: TCP then slows this sender down.
+                self.server.transport.wait_for_room(self._gone)
+                reason = self._handle_frame(item)
+            if reason:
+                return reason
         return None
 
     def _gone(self):
         """Return True once this connection is ending: stop waiting for the budget."""
         return self.outbox.closing or self.outbox.failed is not None or self.server.stopping
 
-    @staticmethod
-    def _too_long_text():
-        return "A line may hold at most %d bytes; closing the connection." % MAX_LINE_BYTES
-
-    def _handle_line(self, line):
+    def _handle_frame(self, frame):
         """Dispatch one frame to its do_<type> method; return a reason to stop, or None."""
         try:
-            frame = parse_frame(line)
             kind = frame["type"]
             handler = getattr(self, "do_" + kind, None)
             if handler is None:
@@ -4076,7 +4142,7 @@ def _short_fingerprint(fingerprint):
 
 
 class ChatServer(socketserver.ThreadingTCPServer):
-    """The threaded TCP server: a JSON-lines session per connection, writer threads that send."""
+    """The threaded TCP server: a Session per connection (its door chosen by the first bytes), writers that send."""
 
     daemon_threads = True
     allow_reuse_address = os.name != "nt"  # on Windows it would let two servers share a port
@@ -4084,8 +4150,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address=(DEFAULT_HOST, DEFAULT_PORT), hub=None, hello_timeout=HELLO_TIMEOUT_S,
                  idle_ping=IDLE_PING_S, tls_context=None, queue_budget=QUEUE_BUDGET_BYTES,
-                 select_limit=SELECT_LIMIT):
+                 select_limit=SELECT_LIMIT, doors=DOORS):
         self.tls_context = tls_context  # an ssl.SSLContext: every connection is encrypted
+        self.doors = tuple(doors)  # Door classes, tried in order on each connection's first bytes
         self.local_exempt = True  # connections from this computer do not count towards max_per_ip
         self.hub = hub if hub is not None else ChatHub(server_name=socket.gethostname())
         self.hello_timeout = hello_timeout
@@ -4098,7 +4165,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._serving = threading.Event()
         self._stopped = False
         self.stopping = False  # set first thing by stop(): readers waiting for the budget give up
-        super().__init__(address, JsonLinesSession)
+        super().__init__(address, Session)
         self.transport = Transport(self.hub.lock, before_send=self.hub.commit, budget=queue_budget,
                                    slow_s=self.hub.limits.slow_reader_s, select_limit=select_limit)
         self._housekeeping_stop = threading.Event()
@@ -4115,6 +4182,20 @@ class ChatServer(socketserver.ThreadingTCPServer):
     @property
     def port(self):
         return self.server_address[1]
+
+    def door_for(self, first):
+        """Return the Door class for a connection that began with `first`, or None to read more.
+
+        The first door that claims the bytes takes the connection; when none does, or
+        DOOR_SNIFF_BYTES came and a door still cannot tell, the last door takes it.
+        """
+        undecided = False
+        for door in self.doors:
+            claim = door.claims(first)
+            if claim:
+                return door
+            undecided = undecided or claim is None
+        return None if undecided and len(first) < DOOR_SNIFF_BYTES else self.doors[-1]
 
     def serve_forever(self, poll_interval=0.2):
         self._serving.set()
@@ -4783,6 +4864,8 @@ class ChatConnection:
             self.last_id = max(self.last_id or 0, frame.get("last_id") or 0)
             self._resend_unconfirmed()
             self._synced.set()
+        elif kind == "error" and frame.get("ref"):  # refused (not_stored): never sent again
+            self._unconfirmed.pop(frame.get("ref"), None)
         self.on_event(frame)
 
     def _resend_unconfirmed(self):

@@ -631,7 +631,7 @@ class ProtocolTests(unittest.TestCase):
                                  "back", "history", "ping", "pong", "bye"})
         for kind in kinds:
             with self.subTest(kind=kind):
-                self.assertTrue(callable(getattr(localchat.JsonLinesSession, "do_" + kind, None)))
+                self.assertTrue(callable(getattr(localchat.Session, "do_" + kind, None)))
 
 
 # =============================================================================
@@ -809,7 +809,7 @@ class CommandTableTests(unittest.TestCase):
                 continue
             with self.subTest(place=place, line=line):
                 if place == "chat":
-                    self.assertTrue(callable(getattr(localchat.JsonLinesSession, "do_" + value["type"], None)))
+                    self.assertTrue(callable(getattr(localchat.Session, "do_" + value["type"], None)))
                 else:
                     method = "_do_" + (value["type"] if action == "send" else action)
                     self.assertTrue(callable(getattr(localchat.ServerConsole, method, None)), method)
@@ -2267,6 +2267,133 @@ class ServerTests(ServerFixture, unittest.TestCase):
             with self.subTest(attempt=attempt):
                 bye = client.read_frame()
                 self.assertEqual(bye and (bye["type"], bye["reason"]), ("bye", "shutdown"))
+
+
+class DoorContract:
+    """One short chat through a door, against a JSON-lines client: every door passes it.
+
+    As StoreContract does for the stores: a subclass names the door and gives a
+    client for it with the methods below (frames come back as protocol-like
+    summaries, so the test reads the same for every door).
+    """
+
+    door = None  # the Door class under test
+
+    def door_client(self, name):
+        """Connect through the door and join as name; return the client (see JsonDoorClient)."""
+        raise NotImplementedError
+
+    def test_a_short_chat_through_the_door(self):
+        self.assertIn(self.door, localchat.DOORS)  # the server's own list of doors
+        self.start_server(hub=unlimited_hub())
+
+        def from_alice(frame):
+            return is_message(frame) and frame["from"] == "alice"
+
+        bob = self.join("bob")
+        alice = self.door_client("alice")
+        self.assertEqual(summary(bob.read_until(is_kind("joined"))[0], "name", "room"), ("alice", "general"))
+        alice.say("hello from the door")
+        frame, _ = bob.read_until(from_alice)
+        self.assertEqual(summary(frame, "from", "room", "text"), ("alice", "general", "hello from the door"))
+        self.assertEqual(alice.next_message(), ("alice", "general", "hello from the door"))
+        bob.say("hello back")
+        self.assertEqual(alice.next_message(), ("bob", "general", "hello back"))
+        alice.join_room("games")
+        bob.send({"type": "join", "room": "games"})
+        bob.read_until(is_kind("room", room="games"))
+        bob.say("in games", room="games")
+        self.assertEqual(alice.next_message(), ("bob", "games", "in games"))
+        bob.say("just for you", to="alice")
+        self.assertEqual(alice.next_message(), ("bob", None, "just for you"))
+        alice.say_to("bob", "for bob alone")
+        frame, _ = bob.read_until(from_alice)
+        self.assertEqual(summary(frame, "from", "to", "text"), ("alice", "bob", "for bob alone"))
+        self.assertTrue(alice.send_bad_frame())  # an error with a stable code, and the connection stays
+        alice.say("still here")
+        frame, _ = bob.read_until(from_alice)
+        self.assertEqual(frame["text"], "still here")
+        alice.quit()
+        frame, _ = bob.read_until(is_kind("left"))
+        self.assertEqual(summary(frame, "name", "reason"), ("alice", "quit"))
+
+
+class JsonDoorClient:
+    """The JSON-lines door's side of DoorContract: a RawClient and its frames, summarised."""
+
+    def __init__(self, raw, name):
+        self.raw = raw
+        raw.hello(name)
+
+    def say(self, text, room=None):
+        self.raw.say(text, **({"room": room} if room else {}))
+
+    def say_to(self, name, text):
+        self.raw.say(text, to=name)
+
+    def join_room(self, room):
+        self.raw.send({"type": "join", "room": room})
+        self.raw.read_until(is_kind("room", room=room))
+
+    def next_message(self):
+        frame, _ = self.raw.read_until(is_message)
+        return frame["from"], frame.get("room"), frame["text"]
+
+    def send_bad_frame(self):
+        self.raw.send_raw(b'{"type": "say", "text": \n')
+        frame, _ = self.raw.read_until(is_kind("error"))
+        return frame["code"] == "bad_json" and not frame.get("fatal")
+
+    def quit(self):
+        self.raw.send({"type": "bye"})
+        self.raw.read_until(is_kind("bye"))
+
+
+class JsonLinesDoorTests(DoorContract, ServerFixture, unittest.TestCase):
+    """The door contract for JSON lines, and how the server chooses a door."""
+
+    door = localchat.JsonLinesDoor
+
+    def door_client(self, name):
+        return JsonDoorClient(self.connect(), name)
+
+    def test_the_first_door_that_claims_the_first_bytes_takes_the_connection(self):
+        class ShoutDoor(localchat.Door):
+            """A door for the test: lines that start with SHOUT, each one a message."""
+
+            name = "shout"
+
+            @staticmethod
+            def claims(first):
+                if len(first) >= 5:
+                    return first.startswith(b"SHOUT")
+                return None if b"SHOUT".startswith(first) else False
+
+            def frames(self, buffer):
+                end = buffer.rfind(b"\n")
+                lines = bytes(buffer[:end]).split(b"\n") if end >= 0 else []
+                del buffer[:end + 1]
+                for line in lines:
+                    text = line.decode("utf-8", "replace")[5:].strip()
+                    yield ({"type": "hello", "name": text, "version": 1} if text.startswith("I-AM-")
+                           else {"type": "say", "text": text})
+
+        server = localchat.ChatServer((LOOPBACK, 0), hub=unlimited_hub(), doors=(ShoutDoor, localchat.JsonLinesDoor))
+        self.server = server
+        self.server_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                              daemon=True)
+        self.server_thread.start()
+        self.address = (LOOPBACK, server.port)
+        self.assertIs(server.door_for(b"SHO"), None)  # cannot tell yet
+        self.assertIs(server.door_for(b"SHOUT I"), ShoutDoor)
+        self.assertIs(server.door_for(b'{"type"'), localchat.JsonLinesDoor)
+        self.assertIs(server.door_for(b"\x00junk"), localchat.JsonLinesDoor)  # nobody claims it: the last door
+        bob = self.join("bob")
+        shouter = self.connect()
+        shouter.send_raw(b"SHO")  # split before the door can tell
+        shouter.send_raw(b"UT I-AM-carol\nSHOUT hi from the other door\n")
+        frame, _ = bob.read_until(is_message)
+        self.assertEqual(summary(frame, "from", "text"), ("I-AM-carol", "hi from the other door"))
 
 
 class ConversationServerTests(ServerFixture, unittest.TestCase):

@@ -3946,6 +3946,7 @@ class ChatConnection:
         self.last_id = None  # the highest message id seen
         self.rooms = []  # the rooms we are in, in joining order
         self._sock = None
+        self._sock_lock = threading.Lock()  # connect() attaching a socket vs close() taking it away
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
         self._closing = threading.Event()
@@ -3974,9 +3975,7 @@ class ChatConnection:
         if not self.tls and self.address in known_fingerprints():
             self.tls = True  # encrypted before: a plain server at that address must not slip past the check
         try:
-            self._sock = socket.create_connection((self.host, self.port), timeout=timeout)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self._attach(socket.create_connection((self.host, self.port), timeout=timeout))
             if self.tls:
                 self._buffer = bytearray(self._start_tls(timeout))
             self.send(hello)
@@ -3992,6 +3991,21 @@ class ChatConnection:
             self.tls = True  # the server encrypts: do so too, from now on
             return self.connect(timeout)
         return self._check_welcome(frame)
+
+    def _attach(self, sock):
+        """Make sock the connection's socket; if close() came first, close it and raise OSError.
+
+        Without this, a socket connected just after close() took the old one would
+        wait the whole CONNECT_TIMEOUT_S for a welcome nobody wants any more.
+        """
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        with self._sock_lock:
+            if not self._closing.is_set():
+                self._sock = sock
+                return
+        sock.close()
+        raise OSError(errno.ECANCELED, "the connection was closed while connecting")
 
     def _start_tls(self, timeout):
         """Encrypt the new connection and check the server's certificate; return early plaintext."""
@@ -4222,7 +4236,9 @@ class ChatConnection:
     def close(self, say_bye=True, wait_s=2.0):
         """Leave: send what is posted and a bye (if asked), then close the socket.
 
-        Waits at most wait_s for the threads.
+        Blocks for up to wait_s (a server that stopped reading never takes the bye),
+        so the window calls it on a worker thread. A connect() still under way on
+        another thread gives up at once.
         """
         if say_bye:
             self._outgoing.put({"type": "bye"})
@@ -4243,7 +4259,8 @@ class ChatConnection:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
     def _close_socket(self):
-        sock, self._sock = self._sock, None
+        with self._sock_lock:
+            sock, self._sock = self._sock, None
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -5461,17 +5478,27 @@ class ChatWindow:
         )
 
     def close(self):
-        """Leave the chat and destroy the window."""
+        """Leave the chat and destroy the window, at once.
+
+        Saying goodbye can take seconds (a server that stopped reading), and so can
+        stopping a hosted server: a "closing" thread does both. It is no daemon, so
+        when this was the last window Python waits for it before exiting, and the
+        bye and the hosted chat's history still get where they go.
+        """
         if self._closing:
             return
         self._closing = True
         if self._poll_id is not None:
             self.root.after_cancel(self._poll_id)
             self._poll_id = None
-        self.connection.close(say_bye=self.connected)
+        threading.Thread(target=self._close_worker, args=(self.connected,), name="closing").start()
+        self.root.destroy()
+
+    def _close_worker(self, say_bye):
+        """Runs on the closing thread: leave the server, then stop the hosted one, if any."""
+        self.connection.close(say_bye=say_bye)
         if self.hosted is not None:
             self.hosted.stop()
-        self.root.destroy()
 
 
 class HostedServer:

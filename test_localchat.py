@@ -56,6 +56,7 @@ READ_TIMEOUT_S = 5.0        # a frame that should come comes within this
 THREAD_END_S = 3.0          # threads a test started must all end within this after it
 PROCESS_TIMEOUT_S = 20.0    # any subprocess must end within this
 SHUTDOWN_LIMIT_S = 2.0      # the issue: the server stops within 2 seconds
+CLOSE_RETURN_S = 0.5        # closing a window gives the Tk thread back within this, whatever the server does
 MAX_FRAMES = 20000          # no read loop looks at more frames than this
 FLOOD_TEXT_CHARS = 30000    # one big message (under MAX_TEXT_BYTES) for the slow-reader tests
 SMALL_RCVBUF = 4096         # a client that never reads asks for a tiny receive buffer
@@ -330,6 +331,47 @@ class CutProxy:
         for sock in self._every_socket:
             sock.close()
         self.listener.close()
+
+
+class StallingProxy(CutProxy):
+    """A CutProxy that stall() turns into a server that hangs: it stops reading what clients send.
+
+    What a client sends then piles up in the socket buffers (the proxy asks for a
+    small receive buffer) until the client's send() blocks. close() lets go.
+    """
+
+    def __init__(self, target):
+        self._stalled = threading.Event()
+        self._released = threading.Event()
+        super().__init__(target)
+        # Before any connection: accepted sockets inherit the listener's buffer size.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+
+    def stall(self):
+        self._stalled.set()
+
+    def close(self):
+        self._released.set()
+        super().close()
+
+    def _pump_loop(self, source, sink, way):
+        """Runs on one direction's thread: copy bytes until either side ends, or hang once stalled."""
+        for _ in range(MAX_FRAMES * 100):
+            if way == "up" and self._stalled.is_set():
+                self._released.wait(PROCESS_TIMEOUT_S)  # bounded: close() ends the wait
+                break
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        for sock in (source, sink):
+            self._shut(sock)
 
 
 def unlimited_hub():
@@ -7278,6 +7320,7 @@ class WindowTests(unittest.TestCase):
         self.server_thread.start()
         self.peers = []
         self.windows = []
+        self.fixture_threads = set(threading.enumerate())  # the above and the server's
 
     def tearDown(self):
         for window in self.windows:
@@ -7300,9 +7343,9 @@ class WindowTests(unittest.TestCase):
 
     # -- helpers -------------------------------------------------------------
 
-    def open_window(self, name="alice", port=None, connected=True):
+    def open_window(self, name="alice", port=None, connected=True, **options):
         top = self.tkinter.Toplevel(self.root)
-        window = localchat.ChatWindow(top, "127.0.0.1", port or self.server.port, name)
+        window = localchat.ChatWindow(top, "127.0.0.1", port or self.server.port, name, **options)
         self.windows.append(window)
         if connected:
             self.pump_until(lambda: window.connected, "the window never connected")
@@ -7342,6 +7385,26 @@ class WindowTests(unittest.TestCase):
 
     def log_text(self, window):
         return window.log.get("1.0", "end-1c")
+
+    def timed_on_tk_thread(self, action):
+        """Run action() here, on the Tk thread; return how many seconds it held it."""
+        started = time.monotonic()
+        action()
+        return time.monotonic() - started
+
+    def assert_threads_end(self, keep=("session-",)):
+        """The threads of the windows (and what they hosted) end within THREAD_END_S.
+
+        Left out: the test's server (started in setUp) and threads named starting
+        with one of keep (the server's sessions, a test's proxy), which tearDown ends.
+        """
+        def ours(thread):
+            return thread not in self.fixture_threads and not thread.name.startswith(tuple(keep))
+        deadline = time.monotonic() + THREAD_END_S
+        for thread in filter(ours, threading.enumerate()):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in threading.enumerate() if ours(t) and t.is_alive()]
+        self.assertEqual(alive, [], "threads still running %.1f s after closing" % THREAD_END_S)
 
     def type_and_press(self, window, text, key="<Return>"):
         window.input.insert("end", text)
@@ -7437,6 +7500,43 @@ class WindowTests(unittest.TestCase):
         self.assertFalse(top.winfo_exists())
         frame = self.wait_frame(events, lambda f: f["type"] == "left")
         self.assertEqual((frame["name"], frame["reason"]), ("alice", "quit"))
+
+    def test_closing_returns_at_once_when_the_server_stopped_reading(self):
+        # Bug: close() waited on the Tk thread for the bye to go out (up to 2 s, the
+        # window frozen) when the server had stopped reading.
+        proxy = StallingProxy((LOOPBACK, self.server.port))
+        try:
+            window = self.open_window(port=proxy.address[1])
+            self.pump_until(lambda: window.connection._synced.is_set(), "never synced")
+            proxy.stall()
+            for number in range(200):  # 6 MB: more than the socket buffers hold, so send() blocks
+                window.connection.post({"type": "say", "text": "%d %s" % (number, "x" * 30000)})
+            window.input.event_generate("<Escape>")
+            self.root.update()
+            held = self.timed_on_tk_thread(window.confirm_dialog.yes_button.invoke)
+            self.assertLess(held, CLOSE_RETURN_S, "closing held the Tk thread")
+            self.assertTrue(window._closing)
+            self.assert_threads_end(keep=("session-", "test-proxy-"))
+        finally:
+            proxy.close()
+
+    def test_closing_returns_at_once_while_a_silent_server_keeps_us_waiting_for_the_welcome(self):
+        silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(silent.close)
+        silent.bind((LOOPBACK, 0))
+        silent.listen(1)
+        silent.settimeout(READ_TIMEOUT_S)
+        window = self.open_window(port=silent.getsockname()[1], connected=False)
+        accepted, _ = silent.accept()  # accepted, and never answered
+        self.addCleanup(accepted.close)
+        accepted.settimeout(READ_TIMEOUT_S)
+        self.assertIn(b'"hello"', accepted.recv(65536), "the window said hello and now waits")
+        top = window.root
+        self.root.update()  # shown: key events reach it
+        held = self.timed_on_tk_thread(lambda: window.input.event_generate("<Escape>"))  # not connected: no question
+        self.assertLess(held, CLOSE_RETURN_S, "closing held the Tk thread")
+        self.assertFalse(top.winfo_exists())
+        self.assert_threads_end()  # well before CONNECT_TIMEOUT_S: closing ended the wait for the welcome
 
     def test_escape_then_stay_keeps_chatting(self):
         window = self.open_window()
@@ -7718,8 +7818,20 @@ class WindowTests(unittest.TestCase):
         self.assertIn("You are hosting this chat", self.log_text(chat))
         found = localchat.discover_servers(port, targets=["127.0.0.1"], wait_s=0.5)
         self.assertEqual([(f["port"], f["users"]) for f in found], [(port, 1)], "the hosted chat answers discovery")
-        chat.close()
+        # Stopping a server can take seconds (goodbyes to clients that do not read, up to
+        # SHUTDOWN_LIMIT_S): here it waits for the test, which lets it go once close() returned.
+        go_on, real_stop = threading.Event(), hosted.stop
+
+        def slow_stop():
+            go_on.wait(THREAD_END_S)
+            real_stop()
+        hosted.stop = slow_stop
+        held = self.timed_on_tk_thread(chat.close)
+        go_on.set()
+        self.assertLess(held, CLOSE_RETURN_S, "closing waited on the Tk thread for the hosted server to stop")
+        hosted.thread.join(THREAD_END_S)
         self.assertFalse(hosted.thread.is_alive(), "closing the window stops the hosted server")
+        self.assert_threads_end()
 
     def open_window_on(self, host, port, name, hosted):
         top = self.tkinter.Toplevel(self.root)

@@ -3939,7 +3939,8 @@ class ChatConnection:
         self.pinned = fingerprint  # the certificate fingerprint the server's owner gave, if any
         self.channel = None  # the TlsChannel while connected with encryption
         self.fingerprint = None  # the server's certificate fingerprint, once seen
-        self.fingerprint_status = None  # "new", "known" or "pinned" (see trust_fingerprint)
+        self.fingerprint_status = None  # "new", "known", "pinned" or "unsaved" (see trust_fingerprint)
+        self.fingerprint_problem = None  # with "unsaved": why the fingerprint could not be kept
         self.reconnect = reconnect
         self.on_event = on_event or (lambda frame: None)
         self.welcome = None
@@ -4017,7 +4018,8 @@ class ChatConnection:
             raise UserError(tls_error_sentence(error, self.address, timeout)) from None
         self.fingerprint = channel.fingerprint()
         try:
-            self.fingerprint_status = trust_fingerprint(self.address, self.fingerprint, self.pinned)
+            self.fingerprint_status, self.fingerprint_problem = trust_fingerprint(
+                self.address, self.fingerprint, self.pinned)
         except UserError:
             self._close_socket()
             raise
@@ -4529,24 +4531,36 @@ def load_settings():
 
 
 def save_settings(settings):
-    """Save the client settings; return False if the folder cannot be written."""
+    """Save the client settings; return None, or why they could not be saved (a short phrase).
+
+    Most callers can carry on without: a name or an identity not kept is only a
+    nuisance. A fingerprint not kept is a security matter, and is told.
+    """
     folder = config_dir()
+    temporary = folder / "settings.json.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / "settings.json.tmp"
         temporary.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(str(temporary), str(folder / "settings.json"))
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as error:
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+        return "cannot write %s (%s)" % (folder / "settings.json", error.strerror or error)
 
 
 def encryption_notice(connection):
     """Return the sentence that tells a person the connection is encrypted, and by whom."""
     words = {"new": "first connection: remembered; compare it with the one the server shows",
+             "unsaved": "first connection: compare it with the one the server shows",
              "known": "the same as last time", "pinned": "as given"}
-    return "Encrypted. The server's certificate fingerprint is %s (%s)." % (
+    notice = "Encrypted. The server's certificate fingerprint is %s (%s)." % (
         connection.fingerprint, words.get(connection.fingerprint_status, ""))
+    if connection.fingerprint_status == "unsaved":
+        notice += " It could not be saved, so next time it cannot be checked: %s." % connection.fingerprint_problem
+    return notice
 
 
 def normal_fingerprint(text):
@@ -4563,30 +4577,32 @@ def known_fingerprints(settings=None):
 
 
 def trust_fingerprint(address, fingerprint, pinned=None):
-    """Check a server's certificate as SSH checks host keys; return "pinned", "known" or "new".
+    """Check a server's certificate as SSH checks host keys; return (status, problem).
 
-    The first time, the fingerprint is remembered; a different one later is refused
-    loudly (somebody may pretend to be the server). Raises UserError.
+    status is "pinned", "known", "new" or "unsaved"; problem is None, or for
+    "unsaved" why the settings could not be written. The first time, the fingerprint
+    is remembered; a different one later is refused loudly (somebody may pretend to
+    be the server). Raises UserError.
     """
     if pinned:
         if normal_fingerprint(pinned) != fingerprint:
             raise UserError("The certificate of %s does not match the fingerprint you gave: somebody may be "
                             "pretending to be that server. Not connecting." % address, code="fingerprint_mismatch")
-        return "pinned"
+        return "pinned", None
     settings = load_settings()
     known = known_fingerprints(settings)
     if known.get(address) is None:
         known[address] = fingerprint
         settings["fingerprints"] = known
-        save_settings(settings)
-        return "new"
+        problem = save_settings(settings)
+        return ("new", None) if problem is None else ("unsaved", problem)
     if known[address] != fingerprint:
         raise UserError(
             "WARNING: the certificate of %s has CHANGED since you last connected: somebody may be pretending "
             "to be that server. Not connecting. If its owner really made a new certificate (compare the "
             "fingerprint the server prints: %s), remove %s from %s."
             % (address, fingerprint, address, config_dir() / "settings.json"), code="fingerprint_changed")
-    return "known"
+    return "known", None
 
 
 def load_identity():
@@ -5179,7 +5195,8 @@ class ChatWindow:
         self._update_title()
         self._add_notice(notice_text(frame))
         if self.connection.channel is not None and not frame.get("resumed"):
-            self._add_notice(encryption_notice(self.connection))
+            unsaved = self.connection.fingerprint_status == "unsaved"
+            self._add_notice(encryption_notice(self.connection), tag="error" if unsaved else "notice")
 
     def _on_frame_connect_failed(self, frame):
         self._set_status(frame["text"], error=True)
@@ -5753,7 +5770,8 @@ class TerminalClient:
         self.connection.connect()
         self._print(clock(), "* Connected to %s." % self.connection.address)
         if self.connection.channel is not None:
-            self._print(clock(), "* " + encryption_notice(self.connection))
+            unsaved = self.connection.fingerprint_status == "unsaved"
+            self._print(clock(), ("! " if unsaved else "* ") + encryption_notice(self.connection))
         self.connection.start()
         threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
         try:

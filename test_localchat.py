@@ -5072,6 +5072,33 @@ class PasswordCliTests(ProcessFixture, unittest.TestCase):
 # 7. and 11.-12. Encryption between servers and clients
 # =============================================================================
 
+def unwritable_config_dirs(test):
+    """Return [(label, folder, skip)]: settings folders that cannot be written, made for this test.
+
+    A folder under a regular file fails for everybody, root included; a folder
+    whose settings.json is a folder fails at the rename; a read-only folder fails
+    only for those who are not root: where it is writable anyway, skip says why.
+    """
+    base = Path(tempfile.mkdtemp(prefix="unwritable-", dir=_SCRATCH.name))
+    test.addCleanup(shutil.rmtree, str(base), True)
+    blocker = base / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    taken = base / "settings-is-a-folder"
+    (taken / "settings.json").mkdir(parents=True)
+    folders = [("under a regular file", blocker / "config", None), ("settings.json is a folder", taken, None)]
+    read_only = base / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    test.addCleanup(read_only.chmod, 0o700)  # so that rmtree can empty it
+    writable = os.access(str(read_only), os.W_OK)
+    folders.append(("read-only folder", read_only, "root writes into read-only folders" if writable else None))
+    return folders
+
+
+FINGERPRINT_NOT_SAVED = re.compile(r"It could not be saved, so next time it cannot be checked: "
+                                   r"cannot write (.+settings\.json) \((.+)\)\.$")
+
+
 class TlsServerTests(ServerFixture, unittest.TestCase):
     """A ChatServer with TLS and ChatConnection's trust on first use, pinning and mismatches."""
 
@@ -5159,6 +5186,31 @@ class TlsServerTests(ServerFixture, unittest.TestCase):
         self.assertEqual(caught.exception.code, "fingerprint_mismatch")
         self.assertIn("does not match the fingerprint you gave", str(caught.exception))
         self.assertFalse(self.settings_path.exists(), "a pinned fingerprint is not remembered")
+
+    def test_fingerprint_that_cannot_be_saved_is_told_never_claimed_remembered(self):
+        # Bug: save_settings() failed quietly and the notice still said "remembered", so
+        # a person trusted a check that could never happen the next time.
+        self.start_tls_server()
+        for number, (label, folder, skip) in enumerate(unwritable_config_dirs(self)):
+            with self.subTest(label), mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": str(folder)}):
+                if skip:
+                    self.skipTest(skip)
+                for attempt in range(2):  # nothing was kept: the second time is a first time again
+                    connection = self.connection("user%d%d" % (number, attempt), tls=True)
+                    connection.connect()
+                    self.assertEqual(connection.fingerprint_status, "unsaved")
+                    notice = localchat.encryption_notice(connection)
+                    self.assertNotIn("remembered", notice)
+                    self.assertTrue(notice.startswith("Encrypted. The server's certificate fingerprint is %s "
+                                                      "(first connection: compare it" % self.cert["fingerprint"]),
+                                    notice)
+                    match = FINGERPRINT_NOT_SAVED.search(notice)
+                    self.assertIsNotNone(match, notice)
+                    self.assertEqual(match.group(1), str(folder / "settings.json"))
+                    self.assertNotIn("Traceback", notice)
+                    connection.close()
+                self.assertEqual(localchat.load_settings(), {})
+                self.assertEqual(list(folder.parent.glob("**/settings.json.tmp")), [], "no half-written file left")
 
     def test_pinned_fingerprint_is_never_satisfied_by_a_plain_server(self):
         # Bug: with --fingerprint but without --tls the client spoke plain TCP to a plain
@@ -5275,6 +5327,20 @@ class TlsCliTests(ProcessFixture, unittest.TestCase):
         _, _, again, _ = self.start_server_process("--tls", env=env)
         self.assertEqual(again.wait_for(self.FINGERPRINT_LINE).group(1), fingerprint, "the same certificate")
         self.assertFalse([line for line in again.lines if "Making a certificate" in line], again.lines)
+
+    def test_line_client_says_when_the_fingerprint_could_not_be_saved(self):
+        self.start_server(tls_context=tls_server_context())
+        _, folder, _ = unwritable_config_dirs(self)[0]  # under a regular file: fails even for root
+        result = self.run_client("ann", "--cli", "--server", "127.0.0.1:%d" % self.server.port, input_text="hi\n",
+                                 env=self.environment(LOCALCHAT_CONFIG_DIR=str(folder)))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = [line for line in result.stdout.splitlines() if "Encrypted." in line]
+        self.assertEqual(len(lines), 1, result.stdout)
+        self.assertRegex(lines[0], r"^\[[0-9:]{8}\] ! Encrypted\. ")
+        self.assertNotIn("remembered", lines[0])
+        self.assertRegex(lines[0], FINGERPRINT_NOT_SAVED)
+        self.assertIn(str(folder / "settings.json"), lines[0])
+        self.assertIn("<ann> hi", result.stdout)
 
     def test_given_certificate_files_are_used_and_clients_check_fingerprints(self):
         shared = shared_certificate()
@@ -7537,6 +7603,24 @@ class WindowTests(unittest.TestCase):
         self.assertLess(held, CLOSE_RETURN_S, "closing held the Tk thread")
         self.assertFalse(top.winfo_exists())
         self.assert_threads_end()  # well before CONNECT_TIMEOUT_S: closing ended the wait for the welcome
+
+    def test_window_says_when_the_fingerprint_could_not_be_saved(self):
+        self.server.stop()
+        self.server_thread.join(THREAD_END_S)
+        self.server = localchat.ChatServer((LOOPBACK, 0), tls_context=tls_server_context())
+        self.server_thread = threading.Thread(target=self.server.serve_forever, name="test-accept")
+        self.server_thread.start()
+        _, folder, _ = unwritable_config_dirs(self)[0]  # under a regular file: fails even for root
+        patcher = mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": str(folder)})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        window = self.open_window(tls=True)
+        self.pump_until(lambda: "Encrypted." in self.log_text(window), "no word on the encryption")
+        line = next(line for line in self.log_text(window).splitlines() if "Encrypted." in line)
+        self.assertNotIn("remembered", line)
+        self.assertRegex(line, FINGERPRINT_NOT_SAVED)
+        self.assertIn(str(folder / "settings.json"), line)
+        self.assertIn("error", window.log.tag_names(window.log.search("could not be saved", "1.0")))
 
     def test_escape_then_stay_keeps_chatting(self):
         window = self.open_window()

@@ -3953,7 +3953,7 @@ class ChatConnection:
         self._closing = threading.Event()
         self._synced = threading.Event()  # set while connected and caught up
         self._outgoing = queue.Queue()  # frames for the sender thread (see post())
-        self._unconfirmed = collections.OrderedDict()  # ref -> say frame sent but not yet echoed
+        self.unconfirmed = collections.OrderedDict()  # ref -> say frame sent but not yet echoed
         self._threads = []
 
     @property
@@ -4078,19 +4078,6 @@ class ChatConnection:
         """
         self._outgoing.put(fields)
 
-    def say(self, text, ref=None, **where):
-        """Post a message (where: room=..., to=..., action=True)."""
-        fields = {"type": "say", "text": text}
-        fields.update(where)
-        if ref is not None:
-            fields["ref"] = ref
-        self.post(fields)
-
-    @property
-    def unconfirmed(self):
-        """How many posted messages the server has not echoed yet."""
-        return self._outgoing.qsize() + len(self._unconfirmed)
-
     def _sender_loop(self):
         """Runs on the sender thread: send posted frames in order, waiting while disconnected."""
         while True:
@@ -4101,7 +4088,7 @@ class ChatConnection:
                 if self._closing.is_set():
                     return
             if fields.get("type") == "say" and fields.get("ref"):
-                self._unconfirmed[fields["ref"]] = fields
+                self.unconfirmed[fields["ref"]] = fields
             try:
                 self.send(fields)
             except OSError:
@@ -4196,7 +4183,7 @@ class ChatConnection:
         if kind == "message" and isinstance(frame.get("id"), int):
             self.last_id = max(self.last_id or 0, frame["id"])
             if frame.get("from") == self.name:
-                self._unconfirmed.pop(frame.get("ref"), None)
+                self.unconfirmed.pop(frame.get("ref"), None)
         elif kind == "room" and frame.get("room") not in self.rooms:
             self.rooms.append(frame.get("room"))
         elif kind == "left" and frame.get("room") and frame.get("name") == self.name:
@@ -4211,7 +4198,7 @@ class ChatConnection:
 
     def _resend_unconfirmed(self):
         """After (re)connecting: send again what the server never echoed, in order."""
-        for fields in list(self._unconfirmed.values()):
+        for fields in list(self.unconfirmed.values()):
             self.send(fields)
 
     def _reconnect(self, why):
@@ -4956,7 +4943,6 @@ class ChatWindow:
         self._closing = False
         self._poll_id = None
         self.confirm_dialog = None
-        self.password_dialog = None
         self._ref_prefix = secrets.token_hex(3)
         self._next_ref = 0
         self.hosted = hosted  # a HostedServer this window started, stopped when it closes
@@ -5206,7 +5192,7 @@ class ChatWindow:
 
     def _ask_password(self, why):
         """Ask for the server's password in a small window, then connect again."""
-        self.password_dialog = PasswordDialog(self.root, self.tk, self.ttk, why, self._on_password)
+        PasswordDialog(self.root, self.tk, self.ttk, why, self._on_password)
 
     def _on_password(self, password):
         if password:

@@ -2998,27 +2998,26 @@ def lan_addresses():
     return sorted(a for a in found if not a.startswith(("127.", "0.", "169.254.")))
 
 
-DISCOVERY_DOC = """LocalChat discovery, version 1.
-
-Transport: UDP, by default on the same port number as the server's TCP port.
-
-Probe (client to server, sent to broadcast addresses and to 127.0.0.1):
-  b"LOCALCHAT-DISCOVER 1\\n" followed by NUL bytes up to exactly 512 bytes.
-  A server answers only a datagram of 512 to 2048 bytes made of that prefix and
-  NUL bytes, from a source port of 1024 or more, at most 5 times a second to one
-  address; everything else is dropped without a word.
-
-Reply (server to the probe's source address and port): one JSON object on one
-line, UTF-8, at most 400 bytes (less than the probe, so a reply never amplifies):
-  {"type":"localchat","name":"lab-pc","port":13333,"users":3,"password":false,
-   "tls":true,"fingerprint":"AB:CD:...","version":1,"id":"9f3c2a71d04be815"}
-  name: the server's display name (cut to fit); port: its TCP port; users: how
-  many people are connected; password: whether it asks for one; tls: whether it
-  encrypts; fingerprint: SHA-256 of its certificate in hex pairs, or null;
-  version: its protocol version; id: random, one per running server, so one
-  server seen through several of its addresses is listed once.
-  Fields a receiver does not know are ignored.
-"""
+# LocalChat discovery, version 1.
+#
+# Transport: UDP, by default on the same port number as the server's TCP port.
+#
+# Probe (client to server, sent to broadcast addresses and to 127.0.0.1):
+#   b"LOCALCHAT-DISCOVER 1\n" followed by NUL bytes up to exactly 512 bytes.
+#   A server answers only a datagram of 512 to 2048 bytes made of that prefix and
+#   NUL bytes, from a source port of 1024 or more, at most 5 times a second to one
+#   address; everything else is dropped without a word.
+#
+# Reply (server to the probe's source address and port): one JSON object on one
+# line, UTF-8, at most 400 bytes (less than the probe, so a reply never amplifies):
+#   {"type":"localchat","name":"lab-pc","port":13333,"users":3,"password":false,
+#    "tls":true,"fingerprint":"AB:CD:...","version":1,"id":"9f3c2a71d04be815"}
+#   name: the server's display name (cut to fit); port: its TCP port; users: how
+#   many people are connected; password: whether it asks for one; tls: whether it
+#   encrypts; fingerprint: SHA-256 of its certificate in hex pairs, or null;
+#   version: its protocol version; id: random, one per running server, so one
+#   server seen through several of its addresses is listed once.
+#   Fields a receiver does not know are ignored.
 
 DISCOVERY_PROBE = b"LOCALCHAT-DISCOVER 1\n"  # a probe starts so; the rest is NUL padding
 DISCOVERY_PROBE_BYTES = 512             # probes are padded to this; shorter ones get no reply
@@ -3155,9 +3154,6 @@ class ReplyRateLimit:
         self._clock = clock
         self._windows = {}  # address -> [window start, replies]; insertion order is start order
 
-    def __len__(self):
-        return len(self._windows)
-
     def allow(self, address):
         """Return True if one more reply to `address` is allowed now, and count it."""
         now = self._clock()
@@ -3191,16 +3187,14 @@ class DiscoveryResponder:
     and "port" required); it must be quick and thread-safe. Binds in __init__, so
     an OSError (port taken) comes from the constructor. Bind to "0.0.0.0" to be
     found: on Linux a socket bound to one unicast address does not get broadcasts.
-    `rate_limit` (tests) replaces the default ReplyRateLimit.
-    Counters, for tests: `answered`, `ignored` (not a valid probe, or an unfair
-    source), `limited` (over the rate limit), `failed` (describe() raised or the
-    reply could not be sent).
+    `rate_limit` (tests) replaces the default ReplyRateLimit. `failed` counts the
+    probes describe() or sending failed to answer (the first describe() failure is logged).
     """
 
     def __init__(self, host, port, describe, rate_limit=None):
         self.describe = describe
         self.server_id = secrets.token_hex(8)
-        self.answered = self.ignored = self.limited = self.failed = 0
+        self.failed = 0
         self._rate_limit = rate_limit if rate_limit is not None else ReplyRateLimit()
         self._stopping = threading.Event()
         self._thread = None
@@ -3211,9 +3205,6 @@ class DiscoveryResponder:
         """Start answering on the "discovery" thread."""
         self._thread = threading.Thread(target=self._responder_loop, name="discovery", daemon=True)
         self._thread.start()
-
-    def is_alive(self):
-        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout=1.0):
         """Stop answering, join the thread and close the socket. Safe to call twice."""
@@ -3234,7 +3225,6 @@ class DiscoveryResponder:
             except OSError:
                 # Windows reports an oversized datagram, or an ICMP "port unreachable"
                 # caused by an earlier reply, as an error on the next read.
-                self.ignored += 1
                 continue
             self._handle_datagram(data, source)
 
@@ -3243,11 +3233,7 @@ class DiscoveryResponder:
 
         Nothing is logged per datagram, so a hostile flood cannot flood the log.
         """
-        if not is_discovery_probe(data) or not _fair_source(source):
-            self.ignored += 1
-        elif not self._rate_limit.allow(source[0]):
-            self.limited += 1
-        else:
+        if is_discovery_probe(data) and _fair_source(source) and self._rate_limit.allow(source[0]):
             self._answer(len(data), source)
 
     def _answer(self, probe_bytes, source):
@@ -3262,11 +3248,9 @@ class DiscoveryResponder:
         if reply is None or len(reply) > probe_bytes:
             self.failed += 1
             return
-        self.answered += 1  # before sending: whoever reads the reply sees the count
         try:
             self._sock.sendto(reply, source)
         except OSError:
-            self.answered -= 1
             self.failed += 1
 
 

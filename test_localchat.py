@@ -4247,6 +4247,52 @@ class DiscoveryFakeServer:
         self.sock.close()
 
 
+class CountingRateLimit(localchat.ReplyRateLimit):
+    """A ReplyRateLimit that counts its answers (`allowed`, `limited`) and tells its table's size."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.allowed = self.limited = 0
+
+    def allow(self, address):
+        allowed = super().allow(address)
+        if allowed:
+            self.allowed += 1
+        else:
+            self.limited += 1
+        return allowed
+
+    def sources(self):
+        """How many addresses the limit remembers now: what its bound is about."""
+        return len(self._windows)
+
+
+class CountingResponder(localchat.DiscoveryResponder):
+    """A DiscoveryResponder that counts the datagrams it read (`handled`), for the tests.
+
+    With a CountingRateLimit: `ignored` is what was dropped before the rate limit
+    looked (not a probe, or an unfair source). Each count is taken before the
+    reply goes out, so whoever has read a reply sees the datagrams before it counted.
+    """
+
+    def __init__(self, host, port, describe, rate_limit=None):
+        self.rate_limit = rate_limit if rate_limit is not None else CountingRateLimit()
+        super().__init__(host, port, describe, rate_limit=self.rate_limit)
+        self.handled = 0
+
+    def _handle_datagram(self, data, source):
+        self.handled += 1
+        super()._handle_datagram(data, source)
+
+    @property
+    def ignored(self):
+        return self.handled - self.rate_limit.allowed - self.rate_limit.limited
+
+    def is_alive(self):
+        """Whether the "discovery" thread still runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+
 class DiscoveryTests(unittest.TestCase):
     """Probes, replies and their limits; a DiscoveryResponder probed on loopback by hand and by discover_servers()."""
 
@@ -4263,8 +4309,8 @@ class DiscoveryTests(unittest.TestCase):
         self.assertEqual(leaked, [], "threads leaked")
 
     def start_responder(self, host=LOOPBACK, port=0, describe=None, rate_limit=None):
-        """Return a started DiscoveryResponder that the test's cleanup stops."""
-        responder = localchat.DiscoveryResponder(host, port, describe or discovery_description, rate_limit=rate_limit)
+        """Return a started CountingResponder that the test's cleanup stops."""
+        responder = CountingResponder(host, port, describe or discovery_description, rate_limit=rate_limit)
         self.addCleanup(responder.stop)
         responder.start()
         return responder
@@ -4371,25 +4417,25 @@ class DiscoveryTests(unittest.TestCase):
 
     def test_rate_limit_per_address_per_window_with_a_bounded_table(self):
         now = [100.0]
-        limit = localchat.ReplyRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
+        limit = CountingRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
         self.assertEqual([limit.allow("a") for _ in range(7)], [True] * 5 + [False] * 2)
         self.assertTrue(limit.allow("b"))
         now[0] += 0.99
         self.assertFalse(limit.allow("a"))
         now[0] += 0.02
         self.assertTrue(limit.allow("a"))
-        limit = localchat.ReplyRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
+        limit = CountingRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
         for address in "abc":
             self.assertTrue(limit.allow(address))
         self.assertFalse(limit.allow("d"), "a full table of live windows refuses newcomers")
-        self.assertEqual(len(limit), 3)
+        self.assertEqual(limit.sources(), 3)
         now[0] += 1.0
         self.assertTrue(limit.allow("d"))
-        self.assertEqual(len(limit), 1, "ended windows are forgotten")
+        self.assertEqual(limit.sources(), 1, "ended windows are forgotten")
         for n in range(10000):
             limit.allow("10.%d.%d.%d" % (n >> 16, (n >> 8) & 255, n & 255))
             now[0] += 0.001
-            self.assertLessEqual(len(limit), 3)
+            self.assertLessEqual(limit.sources(), 3)
 
     def test_default_targets_are_the_environment_variable_else_broadcasts_and_loopback(self):
         with mock.patch.dict(os.environ, {localchat.DISCOVERY_TARGETS_ENV: " 127.0.0.1, 127.0.0.3 ,,127.0.0.1"}):
@@ -4412,7 +4458,7 @@ class DiscoveryTests(unittest.TestCase):
         responder = self.start_responder()
         found = localchat.discover_servers(responder.address[1], targets=[LOOPBACK], wait_s=0.3)
         self.assertEqual(found, [discovery_description(address=LOOPBACK, id=responder.server_id)])
-        self.assertEqual(responder.answered, 1)
+        self.assertEqual((responder.handled, responder.rate_limit.allowed), (1, 1))
         self.assertEqual(responder.address[0], LOOPBACK)
         self.assertNotEqual(responder.address[1], 0)
 
@@ -4480,12 +4526,12 @@ class DiscoveryTests(unittest.TestCase):
         _, found = self.read_reply(sock)
         self.assertIsNotNone(found, "the first datagram back answers the valid probe")
         self.assertEqual(discovery_pending_datagrams(sock), [])
-        self.assertEqual((responder.ignored, responder.answered), (len(junk), 1))
+        self.assertEqual((responder.ignored, responder.rate_limit.allowed), (len(junk), 1))
         self.assertTrue(responder.is_alive())
 
     def test_thousand_junk_datagrams_then_it_still_answers(self):
         # No rate limit here: a valid probe after every batch proves the batch was read.
-        responder = self.start_responder(rate_limit=localchat.ReplyRateLimit(per_window=10 ** 6))
+        responder = self.start_responder(rate_limit=CountingRateLimit(per_window=10 ** 6))
         rng = random.Random(2)
         sock = self.client()
         for _ in range(20):
@@ -4494,7 +4540,7 @@ class DiscoveryTests(unittest.TestCase):
             self.probe(sock, responder)
             self.assertIsNotNone(self.read_reply(sock)[1])
         self.assertEqual(discovery_pending_datagrams(sock), [])
-        self.assertEqual((responder.ignored, responder.answered), (1000, 20))
+        self.assertEqual((responder.ignored, responder.rate_limit.allowed), (1000, 20))
         self.assertTrue(responder.is_alive())
 
     def test_reply_is_never_longer_than_the_probe(self):
@@ -4509,14 +4555,15 @@ class DiscoveryTests(unittest.TestCase):
     @unittest.skipUnless(discovery_second_loopback_usable(), "127.0.0.2 cannot be bound here (only Linux routes 127/8)")
     def test_rate_limit_answers_at_most_the_limit_to_one_address(self):
         # A clock that stands still: all 50 probes fall in one window, whatever the machine's speed.
-        responder = self.start_responder(rate_limit=localchat.ReplyRateLimit(clock=lambda: 1000.0))
+        responder = self.start_responder(rate_limit=CountingRateLimit(clock=lambda: 1000.0))
         flooder, marker = self.client(), self.client(DISCOVERY_SECOND_LOOPBACK)
         for _ in range(50):
             self.probe(flooder, responder)
         self.probe(marker, responder)
         self.assertIsNotNone(self.read_reply(marker)[1], "another address is still answered")
         self.assertEqual(len(discovery_pending_datagrams(flooder)), localchat.DISCOVERY_RATE_PER_S)
-        self.assertEqual((responder.answered, responder.limited), (localchat.DISCOVERY_RATE_PER_S + 1, 45))
+        self.assertEqual((responder.rate_limit.allowed, responder.rate_limit.limited),
+                         (localchat.DISCOVERY_RATE_PER_S + 1, 45))
 
     def test_probe_from_a_service_port_is_ignored(self):
         responder = self.start_responder()
@@ -4554,7 +4601,7 @@ class DiscoveryTests(unittest.TestCase):
             self.assertIsNotNone(self.read_reply(sock)[1])
         self.assertEqual(len(logged.records), 1)
         self.assertEqual(discovery_pending_datagrams(sock), [])
-        self.assertEqual((responder.failed, responder.answered), (2, 1))
+        self.assertEqual((responder.failed, responder.rate_limit.allowed), (2, 3))
 
     def test_stop_ends_the_thread_within_a_second_and_twice_is_harmless(self):
         responder = self.start_responder()

@@ -3684,27 +3684,26 @@ def lan_addresses():
     return sorted(a for a in found if not a.startswith(("127.", "0.", "169.254.")))
 
 
-DISCOVERY_DOC = """LocalChat discovery, version 1.
-
-Transport: UDP, by default on the same port number as the server's TCP port.
-
-Probe (client to server, sent to broadcast addresses and to 127.0.0.1):
-  b"LOCALCHAT-DISCOVER 1\\n" followed by NUL bytes up to exactly 512 bytes.
-  A server answers only a datagram of 512 to 2048 bytes made of that prefix and
-  NUL bytes, from a source port of 1024 or more, at most 5 times a second to one
-  address; everything else is dropped without a word.
-
-Reply (server to the probe's source address and port): one JSON object on one
-line, UTF-8, at most 400 bytes (less than the probe, so a reply never amplifies):
-  {"type":"localchat","name":"lab-pc","port":13333,"users":3,"password":false,
-   "tls":true,"fingerprint":"AB:CD:...","version":1,"id":"9f3c2a71d04be815"}
-  name: the server's display name (cut to fit); port: its TCP port; users: how
-  many people are connected; password: whether it asks for one; tls: whether it
-  encrypts; fingerprint: SHA-256 of its certificate in hex pairs, or null;
-  version: its protocol version; id: random, one per running server, so one
-  server seen through several of its addresses is listed once.
-  Fields a receiver does not know are ignored.
-"""
+# LocalChat discovery, version 1.
+#
+# Transport: UDP, by default on the same port number as the server's TCP port.
+#
+# Probe (client to server, sent to broadcast addresses and to 127.0.0.1):
+#   b"LOCALCHAT-DISCOVER 1\n" followed by NUL bytes up to exactly 512 bytes.
+#   A server answers only a datagram of 512 to 2048 bytes made of that prefix and
+#   NUL bytes, from a source port of 1024 or more, at most 5 times a second to one
+#   address; everything else is dropped without a word.
+#
+# Reply (server to the probe's source address and port): one JSON object on one
+# line, UTF-8, at most 400 bytes (less than the probe, so a reply never amplifies):
+#   {"type":"localchat","name":"lab-pc","port":13333,"users":3,"password":false,
+#    "tls":true,"fingerprint":"AB:CD:...","version":1,"id":"9f3c2a71d04be815"}
+#   name: the server's display name (cut to fit); port: its TCP port; users: how
+#   many people are connected; password: whether it asks for one; tls: whether it
+#   encrypts; fingerprint: SHA-256 of its certificate in hex pairs, or null;
+#   version: its protocol version; id: random, one per running server, so one
+#   server seen through several of its addresses is listed once.
+#   Fields a receiver does not know are ignored.
 
 DISCOVERY_PROBE = b"LOCALCHAT-DISCOVER 1\n"  # a probe starts so; the rest is NUL padding
 DISCOVERY_PROBE_BYTES = 512             # probes are padded to this; shorter ones get no reply
@@ -3841,9 +3840,6 @@ class ReplyRateLimit:
         self._clock = clock
         self._windows = {}  # address -> [window start, replies]; insertion order is start order
 
-    def __len__(self):
-        return len(self._windows)
-
     def allow(self, address):
         """Return True if one more reply to `address` is allowed now, and count it."""
         now = self._clock()
@@ -3877,16 +3873,14 @@ class DiscoveryResponder:
     and "port" required); it must be quick and thread-safe. Binds in __init__, so
     an OSError (port taken) comes from the constructor. Bind to "0.0.0.0" to be
     found: on Linux a socket bound to one unicast address does not get broadcasts.
-    `rate_limit` (tests) replaces the default ReplyRateLimit.
-    Counters, for tests: `answered`, `ignored` (not a valid probe, or an unfair
-    source), `limited` (over the rate limit), `failed` (describe() raised or the
-    reply could not be sent).
+    `rate_limit` (tests) replaces the default ReplyRateLimit. `failed` counts the
+    probes describe() or sending failed to answer (the first describe() failure is logged).
     """
 
     def __init__(self, host, port, describe, rate_limit=None):
         self.describe = describe
         self.server_id = secrets.token_hex(8)
-        self.answered = self.ignored = self.limited = self.failed = 0
+        self.failed = 0
         self._rate_limit = rate_limit if rate_limit is not None else ReplyRateLimit()
         self._stopping = threading.Event()
         self._thread = None
@@ -3897,9 +3891,6 @@ class DiscoveryResponder:
         """Start answering on the "discovery" thread."""
         self._thread = threading.Thread(target=self._responder_loop, name="discovery", daemon=True)
         self._thread.start()
-
-    def is_alive(self):
-        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout=1.0):
         """Stop answering, join the thread and close the socket. Safe to call twice."""
@@ -3920,7 +3911,6 @@ class DiscoveryResponder:
             except OSError:
                 # Windows reports an oversized datagram, or an ICMP "port unreachable"
                 # caused by an earlier reply, as an error on the next read.
-                self.ignored += 1
                 continue
             self._handle_datagram(data, source)
 
@@ -3929,11 +3919,7 @@ class DiscoveryResponder:
 
         Nothing is logged per datagram, so a hostile flood cannot flood the log.
         """
-        if not is_discovery_probe(data) or not _fair_source(source):
-            self.ignored += 1
-        elif not self._rate_limit.allow(source[0]):
-            self.limited += 1
-        else:
+        if is_discovery_probe(data) and _fair_source(source) and self._rate_limit.allow(source[0]):
             self._answer(len(data), source)
 
     def _answer(self, probe_bytes, source):
@@ -3948,11 +3934,9 @@ class DiscoveryResponder:
         if reply is None or len(reply) > probe_bytes:
             self.failed += 1
             return
-        self.answered += 1  # before sending: whoever reads the reply sees the count
         try:
             self._sock.sendto(reply, source)
         except OSError:
-            self.answered -= 1
             self.failed += 1
 
 
@@ -4612,19 +4596,21 @@ class ChatConnection:
         self.pinned = fingerprint  # the certificate fingerprint the server's owner gave, if any
         self.channel = None  # the TlsChannel while connected with encryption
         self.fingerprint = None  # the server's certificate fingerprint, once seen
-        self.fingerprint_status = None  # "new", "known" or "pinned" (see trust_fingerprint)
+        self.fingerprint_status = None  # "new", "known", "pinned" or "unsaved" (see trust_fingerprint)
+        self.fingerprint_problem = None  # with "unsaved": why the fingerprint could not be kept
         self.reconnect = reconnect
         self.on_event = on_event or (lambda frame: None)
         self.welcome = None
         self.last_id = None  # the highest message id seen
         self.rooms = []  # the rooms we are in, in joining order
         self._sock = None
+        self._sock_lock = threading.Lock()  # connect() attaching a socket vs close() taking it away
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
         self._closing = threading.Event()
         self._synced = threading.Event()  # set while connected and caught up
         self._outgoing = queue.Queue()  # frames for the sender thread (see post())
-        self._unconfirmed = collections.OrderedDict()  # ref -> say frame sent but not yet echoed
+        self.unconfirmed = collections.OrderedDict()  # ref -> say frame sent but not yet echoed
         self._threads = []
 
     @property
@@ -4647,9 +4633,7 @@ class ChatConnection:
         if not self.tls and self.address in known_fingerprints():
             self.tls = True  # encrypted before: a plain server at that address must not slip past the check
         try:
-            self._sock = socket.create_connection((self.host, self.port), timeout=timeout)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self._attach(socket.create_connection((self.host, self.port), timeout=timeout))
             if self.tls:
                 self._buffer = bytearray(self._start_tls(timeout))
             self.send(hello)
@@ -4666,6 +4650,21 @@ class ChatConnection:
             return self.connect(timeout)
         return self._check_welcome(frame)
 
+    def _attach(self, sock):
+        """Make sock the connection's socket; if close() came first, close it and raise OSError.
+
+        Without this, a socket connected just after close() took the old one would
+        wait the whole CONNECT_TIMEOUT_S for a welcome nobody wants any more.
+        """
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        with self._sock_lock:
+            if not self._closing.is_set():
+                self._sock = sock
+                return
+        sock.close()
+        raise OSError(errno.ECANCELED, "the connection was closed while connecting")
+
     def _start_tls(self, timeout):
         """Encrypt the new connection and check the server's certificate; return early plaintext."""
         channel = TlsChannel(client_tls_context(), server_side=False)
@@ -4676,7 +4675,8 @@ class ChatConnection:
             raise UserError(tls_error_sentence(error, self.address, timeout)) from None
         self.fingerprint = channel.fingerprint()
         try:
-            self.fingerprint_status = trust_fingerprint(self.address, self.fingerprint, self.pinned)
+            self.fingerprint_status, self.fingerprint_problem = trust_fingerprint(
+                self.address, self.fingerprint, self.pinned)
         except UserError:
             self._close_socket()
             raise
@@ -4735,19 +4735,6 @@ class ChatConnection:
         """
         self._outgoing.put(fields)
 
-    def say(self, text, ref=None, **where):
-        """Post a message (where: room=..., to=..., action=True)."""
-        fields = {"type": "say", "text": text}
-        fields.update(where)
-        if ref is not None:
-            fields["ref"] = ref
-        self.post(fields)
-
-    @property
-    def unconfirmed(self):
-        """How many posted messages the server has not echoed yet."""
-        return self._outgoing.qsize() + len(self._unconfirmed)
-
     def _sender_loop(self):
         """Runs on the sender thread: send posted frames in order, waiting while disconnected."""
         while True:
@@ -4758,7 +4745,7 @@ class ChatConnection:
                 if self._closing.is_set():
                     return
             if fields.get("type") == "say" and fields.get("ref"):
-                self._unconfirmed[fields["ref"]] = fields
+                self.unconfirmed[fields["ref"]] = fields
             try:
                 self.send(fields)
             except OSError:
@@ -4853,7 +4840,7 @@ class ChatConnection:
         if kind == "message" and isinstance(frame.get("id"), int):
             self.last_id = max(self.last_id or 0, frame["id"])
             if frame.get("from") == self.name:
-                self._unconfirmed.pop(frame.get("ref"), None)
+                self.unconfirmed.pop(frame.get("ref"), None)
         elif kind == "room" and frame.get("room") not in self.rooms:
             self.rooms.append(frame.get("room"))
         elif kind == "left" and frame.get("room") and frame.get("name") == self.name:
@@ -4870,7 +4857,7 @@ class ChatConnection:
 
     def _resend_unconfirmed(self):
         """After (re)connecting: send again what the server never echoed, in order."""
-        for fields in list(self._unconfirmed.values()):
+        for fields in list(self.unconfirmed.values()):
             self.send(fields)
 
     def _reconnect(self, why):
@@ -4897,7 +4884,9 @@ class ChatConnection:
     def close(self, say_bye=True, wait_s=2.0):
         """Leave: send what is posted and a bye (if asked), then close the socket.
 
-        Waits at most wait_s for the threads.
+        Blocks for up to wait_s (a server that stopped reading never takes the bye),
+        so the window calls it on a worker thread. A connect() still under way on
+        another thread gives up at once.
         """
         if say_bye:
             self._outgoing.put({"type": "bye"})
@@ -4918,7 +4907,8 @@ class ChatConnection:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
     def _close_socket(self):
-        sock, self._sock = self._sock, None
+        with self._sock_lock:
+            sock, self._sock = self._sock, None
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -5064,24 +5054,36 @@ def load_settings():
 
 
 def save_settings(settings):
-    """Save the client settings; return False if the folder cannot be written."""
+    """Save the client settings; return None, or why they could not be saved (a short phrase).
+
+    Most callers can carry on without: a name or an identity not kept is only a
+    nuisance. A fingerprint not kept is a security matter, and is told.
+    """
     folder = config_dir()
+    temporary = folder / "settings.json.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / "settings.json.tmp"
         temporary.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
         os.replace(str(temporary), str(folder / "settings.json"))
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as error:
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+        return "cannot write %s (%s)" % (folder / "settings.json", error.strerror or error)
 
 
 def encryption_notice(connection):
     """Return the sentence that tells a person the connection is encrypted, and by whom."""
     words = {"new": "first connection: remembered; compare it with the one the server shows",
+             "unsaved": "first connection: compare it with the one the server shows",
              "known": "the same as last time", "pinned": "as given"}
-    return "Encrypted. The server's certificate fingerprint is %s (%s)." % (
+    notice = "Encrypted. The server's certificate fingerprint is %s (%s)." % (
         connection.fingerprint, words.get(connection.fingerprint_status, ""))
+    if connection.fingerprint_status == "unsaved":
+        notice += " It could not be saved, so next time it cannot be checked: %s." % connection.fingerprint_problem
+    return notice
 
 
 def normal_fingerprint(text):
@@ -5098,30 +5100,32 @@ def known_fingerprints(settings=None):
 
 
 def trust_fingerprint(address, fingerprint, pinned=None):
-    """Check a server's certificate as SSH checks host keys; return "pinned", "known" or "new".
+    """Check a server's certificate as SSH checks host keys; return (status, problem).
 
-    The first time, the fingerprint is remembered; a different one later is refused
-    loudly (somebody may pretend to be the server). Raises UserError.
+    status is "pinned", "known", "new" or "unsaved"; problem is None, or for
+    "unsaved" why the settings could not be written. The first time, the fingerprint
+    is remembered; a different one later is refused loudly (somebody may pretend to
+    be the server). Raises UserError.
     """
     if pinned:
         if normal_fingerprint(pinned) != fingerprint:
             raise UserError("The certificate of %s does not match the fingerprint you gave: somebody may be "
                             "pretending to be that server. Not connecting." % address, code="fingerprint_mismatch")
-        return "pinned"
+        return "pinned", None
     settings = load_settings()
     known = known_fingerprints(settings)
     if known.get(address) is None:
         known[address] = fingerprint
         settings["fingerprints"] = known
-        save_settings(settings)
-        return "new"
+        problem = save_settings(settings)
+        return ("new", None) if problem is None else ("unsaved", problem)
     if known[address] != fingerprint:
         raise UserError(
             "WARNING: the certificate of %s has CHANGED since you last connected: somebody may be pretending "
             "to be that server. Not connecting. If its owner really made a new certificate (compare the "
             "fingerprint the server prints: %s), remove %s from %s."
             % (address, fingerprint, address, config_dir() / "settings.json"), code="fingerprint_changed")
-    return "known"
+    return "known", None
 
 
 def load_identity():
@@ -5475,7 +5479,6 @@ class ChatWindow:
         self._closing = False
         self._poll_id = None
         self.confirm_dialog = None
-        self.password_dialog = None
         self._ref_prefix = secrets.token_hex(3)
         self._next_ref = 0
         self.hosted = hosted  # a HostedServer this window started, stopped when it closes
@@ -5714,7 +5717,8 @@ class ChatWindow:
         self._update_title()
         self._add_notice(notice_text(frame))
         if self.connection.channel is not None and not frame.get("resumed"):
-            self._add_notice(encryption_notice(self.connection))
+            unsaved = self.connection.fingerprint_status == "unsaved"
+            self._add_notice(encryption_notice(self.connection), tag="error" if unsaved else "notice")
 
     def _on_frame_connect_failed(self, frame):
         self._set_status(frame["text"], error=True)
@@ -5724,7 +5728,7 @@ class ChatWindow:
 
     def _ask_password(self, why):
         """Ask for the server's password in a small window, then connect again."""
-        self.password_dialog = PasswordDialog(self.root, self.tk, self.ttk, why, self._on_password)
+        PasswordDialog(self.root, self.tk, self.ttk, why, self._on_password)
 
     def _on_password(self, password):
         if password:
@@ -6013,17 +6017,27 @@ class ChatWindow:
         )
 
     def close(self):
-        """Leave the chat and destroy the window."""
+        """Leave the chat and destroy the window, at once.
+
+        Saying goodbye can take seconds (a server that stopped reading), and so can
+        stopping a hosted server: a "closing" thread does both. It is no daemon, so
+        when this was the last window Python waits for it before exiting, and the
+        bye and the hosted chat's history still get where they go.
+        """
         if self._closing:
             return
         self._closing = True
         if self._poll_id is not None:
             self.root.after_cancel(self._poll_id)
             self._poll_id = None
-        self.connection.close(say_bye=self.connected)
+        threading.Thread(target=self._close_worker, args=(self.connected,), name="closing").start()
+        self.root.destroy()
+
+    def _close_worker(self, say_bye):
+        """Runs on the closing thread: leave the server, then stop the hosted one, if any."""
+        self.connection.close(say_bye=say_bye)
         if self.hosted is not None:
             self.hosted.stop()
-        self.root.destroy()
 
 
 class HostedServer:
@@ -6278,7 +6292,8 @@ class TerminalClient:
         self.connection.connect()
         self._print(clock(), "* Connected to %s." % self.connection.address)
         if self.connection.channel is not None:
-            self._print(clock(), "* " + encryption_notice(self.connection))
+            unsaved = self.connection.fingerprint_status == "unsaved"
+            self._print(clock(), ("! " if unsaved else "* ") + encryption_notice(self.connection))
         self.connection.start()
         threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
         try:

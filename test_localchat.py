@@ -59,6 +59,7 @@ READ_TIMEOUT_S = 5.0        # a frame that should come comes within this
 THREAD_END_S = 3.0          # threads a test started must all end within this after it
 PROCESS_TIMEOUT_S = 20.0    # any subprocess must end within this
 SHUTDOWN_LIMIT_S = 2.0      # the issue: the server stops within 2 seconds
+CLOSE_RETURN_S = 0.5        # closing a window gives the Tk thread back within this, whatever the server does
 MAX_FRAMES = 20000          # no read loop looks at more frames than this
 FLOOD_TEXT_CHARS = 30000    # one big message (under MAX_TEXT_BYTES) for the slow-reader tests
 SMALL_RCVBUF = 4096         # a client that never reads asks for a tiny receive buffer
@@ -335,6 +336,59 @@ class CutProxy:
         self.listener.close()
 
 
+class StallingProxy(CutProxy):
+    """A CutProxy that stall() turns into a server that hangs: it stops reading what clients send.
+
+    What a client sends then piles up in the socket buffers (the proxy asks for a
+    small receive buffer) until the client's send() blocks. close() lets go.
+    """
+
+    def __init__(self, target):
+        self._stalled = threading.Event()
+        self._released = threading.Event()
+        super().__init__(target)
+        # Before any connection: accepted sockets inherit the listener's buffer size.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+
+    def stall(self):
+        self._stalled.set()
+
+    def close(self):
+        self._released.set()
+        super().close()
+
+    def _pump_loop(self, source, sink, way):
+        """Runs on one direction's thread: copy bytes until either side ends, or hang once stalled."""
+        for _ in range(MAX_FRAMES * 100):
+            if way == "up" and self._stalled.is_set():
+                self._released.wait(PROCESS_TIMEOUT_S)  # bounded: close() ends the wait
+                break
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        for sock in (source, sink):
+            self._shut(sock)
+
+
+class SayingConnection(localchat.ChatConnection):
+    """A ChatConnection with say(), which only the tests need: the clients post what parse_input() made."""
+
+    def say(self, text, ref=None, **where):
+        """Post a message (where: room=..., to=..., action=True)."""
+        fields = {"type": "say", "text": text}
+        fields.update(where)
+        if ref is not None:
+            fields["ref"] = ref
+        self.post(fields)
+
+
 def unlimited_hub():
     """Return a hub without flood limits, for tests that send far faster than anybody types."""
     return localchat.ChatHub("test", limits=localchat.Limits(messages_per_s=0, kbytes_per_s=0))
@@ -412,7 +466,7 @@ class ServerFixture:
         """Return a ChatConnection (not yet connected) whose events go to its .events queue."""
         events = queue.Queue()
         host, port = address or self.address
-        connection = localchat.ChatConnection(host, port, name, on_event=events.put, **options)
+        connection = SayingConnection(host, port, name, on_event=events.put, **options)
         connection.events = events
         self.connections.append(connection)
         return connection
@@ -2957,7 +3011,7 @@ class ReconnectTests(ServerFixture, unittest.TestCase):
         self.assertEqual([event["type"] for event in skipped], ["message"])
         _, between = self.message_event(alice, "marker")
         self.assertEqual(texts(between), [])
-        self.assertEqual(alice.unconfirmed, 0)
+        self.assertEqual(dict(alice.unconfirmed), {}, "every message was confirmed: nothing to send again")
         self.assertEqual(proxy.accepted, 2)
 
     def test_message_whose_echo_was_lost_is_not_sent_again(self):
@@ -4689,6 +4743,52 @@ class DiscoveryFakeServer:
         self.sock.close()
 
 
+class CountingRateLimit(localchat.ReplyRateLimit):
+    """A ReplyRateLimit that counts its answers (`allowed`, `limited`) and tells its table's size."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.allowed = self.limited = 0
+
+    def allow(self, address):
+        allowed = super().allow(address)
+        if allowed:
+            self.allowed += 1
+        else:
+            self.limited += 1
+        return allowed
+
+    def sources(self):
+        """How many addresses the limit remembers now: what its bound is about."""
+        return len(self._windows)
+
+
+class CountingResponder(localchat.DiscoveryResponder):
+    """A DiscoveryResponder that counts the datagrams it read (`handled`), for the tests.
+
+    With a CountingRateLimit: `ignored` is what was dropped before the rate limit
+    looked (not a probe, or an unfair source). Each count is taken before the
+    reply goes out, so whoever has read a reply sees the datagrams before it counted.
+    """
+
+    def __init__(self, host, port, describe, rate_limit=None):
+        self.rate_limit = rate_limit if rate_limit is not None else CountingRateLimit()
+        super().__init__(host, port, describe, rate_limit=self.rate_limit)
+        self.handled = 0
+
+    def _handle_datagram(self, data, source):
+        self.handled += 1
+        super()._handle_datagram(data, source)
+
+    @property
+    def ignored(self):
+        return self.handled - self.rate_limit.allowed - self.rate_limit.limited
+
+    def is_alive(self):
+        """Whether the "discovery" thread still runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+
 class DiscoveryTests(unittest.TestCase):
     """Probes, replies and their limits; a DiscoveryResponder probed on loopback by hand and by discover_servers()."""
 
@@ -4705,8 +4805,8 @@ class DiscoveryTests(unittest.TestCase):
         self.assertEqual(leaked, [], "threads leaked")
 
     def start_responder(self, host=LOOPBACK, port=0, describe=None, rate_limit=None):
-        """Return a started DiscoveryResponder that the test's cleanup stops."""
-        responder = localchat.DiscoveryResponder(host, port, describe or discovery_description, rate_limit=rate_limit)
+        """Return a started CountingResponder that the test's cleanup stops."""
+        responder = CountingResponder(host, port, describe or discovery_description, rate_limit=rate_limit)
         self.addCleanup(responder.stop)
         responder.start()
         return responder
@@ -4813,25 +4913,25 @@ class DiscoveryTests(unittest.TestCase):
 
     def test_rate_limit_per_address_per_window_with_a_bounded_table(self):
         now = [100.0]
-        limit = localchat.ReplyRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
+        limit = CountingRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
         self.assertEqual([limit.allow("a") for _ in range(7)], [True] * 5 + [False] * 2)
         self.assertTrue(limit.allow("b"))
         now[0] += 0.99
         self.assertFalse(limit.allow("a"))
         now[0] += 0.02
         self.assertTrue(limit.allow("a"))
-        limit = localchat.ReplyRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
+        limit = CountingRateLimit(per_window=5, window_s=1.0, max_sources=3, clock=lambda: now[0])
         for address in "abc":
             self.assertTrue(limit.allow(address))
         self.assertFalse(limit.allow("d"), "a full table of live windows refuses newcomers")
-        self.assertEqual(len(limit), 3)
+        self.assertEqual(limit.sources(), 3)
         now[0] += 1.0
         self.assertTrue(limit.allow("d"))
-        self.assertEqual(len(limit), 1, "ended windows are forgotten")
+        self.assertEqual(limit.sources(), 1, "ended windows are forgotten")
         for n in range(10000):
             limit.allow("10.%d.%d.%d" % (n >> 16, (n >> 8) & 255, n & 255))
             now[0] += 0.001
-            self.assertLessEqual(len(limit), 3)
+            self.assertLessEqual(limit.sources(), 3)
 
     def test_default_targets_are_the_environment_variable_else_broadcasts_and_loopback(self):
         with mock.patch.dict(os.environ, {localchat.DISCOVERY_TARGETS_ENV: " 127.0.0.1, 127.0.0.3 ,,127.0.0.1"}):
@@ -4854,7 +4954,7 @@ class DiscoveryTests(unittest.TestCase):
         responder = self.start_responder()
         found = localchat.discover_servers(responder.address[1], targets=[LOOPBACK], wait_s=0.3)
         self.assertEqual(found, [discovery_description(address=LOOPBACK, id=responder.server_id)])
-        self.assertEqual(responder.answered, 1)
+        self.assertEqual((responder.handled, responder.rate_limit.allowed), (1, 1))
         self.assertEqual(responder.address[0], LOOPBACK)
         self.assertNotEqual(responder.address[1], 0)
 
@@ -4922,12 +5022,12 @@ class DiscoveryTests(unittest.TestCase):
         _, found = self.read_reply(sock)
         self.assertIsNotNone(found, "the first datagram back answers the valid probe")
         self.assertEqual(discovery_pending_datagrams(sock), [])
-        self.assertEqual((responder.ignored, responder.answered), (len(junk), 1))
+        self.assertEqual((responder.ignored, responder.rate_limit.allowed), (len(junk), 1))
         self.assertTrue(responder.is_alive())
 
     def test_thousand_junk_datagrams_then_it_still_answers(self):
         # No rate limit here: a valid probe after every batch proves the batch was read.
-        responder = self.start_responder(rate_limit=localchat.ReplyRateLimit(per_window=10 ** 6))
+        responder = self.start_responder(rate_limit=CountingRateLimit(per_window=10 ** 6))
         rng = random.Random(2)
         sock = self.client()
         for _ in range(20):
@@ -4936,7 +5036,7 @@ class DiscoveryTests(unittest.TestCase):
             self.probe(sock, responder)
             self.assertIsNotNone(self.read_reply(sock)[1])
         self.assertEqual(discovery_pending_datagrams(sock), [])
-        self.assertEqual((responder.ignored, responder.answered), (1000, 20))
+        self.assertEqual((responder.ignored, responder.rate_limit.allowed), (1000, 20))
         self.assertTrue(responder.is_alive())
 
     def test_reply_is_never_longer_than_the_probe(self):
@@ -4951,14 +5051,15 @@ class DiscoveryTests(unittest.TestCase):
     @unittest.skipUnless(discovery_second_loopback_usable(), "127.0.0.2 cannot be bound here (only Linux routes 127/8)")
     def test_rate_limit_answers_at_most_the_limit_to_one_address(self):
         # A clock that stands still: all 50 probes fall in one window, whatever the machine's speed.
-        responder = self.start_responder(rate_limit=localchat.ReplyRateLimit(clock=lambda: 1000.0))
+        responder = self.start_responder(rate_limit=CountingRateLimit(clock=lambda: 1000.0))
         flooder, marker = self.client(), self.client(DISCOVERY_SECOND_LOOPBACK)
         for _ in range(50):
             self.probe(flooder, responder)
         self.probe(marker, responder)
         self.assertIsNotNone(self.read_reply(marker)[1], "another address is still answered")
         self.assertEqual(len(discovery_pending_datagrams(flooder)), localchat.DISCOVERY_RATE_PER_S)
-        self.assertEqual((responder.answered, responder.limited), (localchat.DISCOVERY_RATE_PER_S + 1, 45))
+        self.assertEqual((responder.rate_limit.allowed, responder.rate_limit.limited),
+                         (localchat.DISCOVERY_RATE_PER_S + 1, 45))
 
     def test_probe_from_a_service_port_is_ignored(self):
         responder = self.start_responder()
@@ -4996,7 +5097,7 @@ class DiscoveryTests(unittest.TestCase):
             self.assertIsNotNone(self.read_reply(sock)[1])
         self.assertEqual(len(logged.records), 1)
         self.assertEqual(discovery_pending_datagrams(sock), [])
-        self.assertEqual((responder.failed, responder.answered), (2, 1))
+        self.assertEqual((responder.failed, responder.rate_limit.allowed), (2, 3))
 
     def test_stop_ends_the_thread_within_a_second_and_twice_is_harmless(self):
         responder = self.start_responder()
@@ -5526,6 +5627,33 @@ class PasswordCliTests(ProcessFixture, unittest.TestCase):
 # 7. and 11.-12. Encryption between servers and clients
 # =============================================================================
 
+def unwritable_config_dirs(test):
+    """Return [(label, folder, skip)]: settings folders that cannot be written, made for this test.
+
+    A folder under a regular file fails for everybody, root included; a folder
+    whose settings.json is a folder fails at the rename; a read-only folder fails
+    only for those who are not root: where it is writable anyway, skip says why.
+    """
+    base = Path(tempfile.mkdtemp(prefix="unwritable-", dir=_SCRATCH.name))
+    test.addCleanup(shutil.rmtree, str(base), True)
+    blocker = base / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    taken = base / "settings-is-a-folder"
+    (taken / "settings.json").mkdir(parents=True)
+    folders = [("under a regular file", blocker / "config", None), ("settings.json is a folder", taken, None)]
+    read_only = base / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    test.addCleanup(read_only.chmod, 0o700)  # so that rmtree can empty it
+    writable = os.access(str(read_only), os.W_OK)
+    folders.append(("read-only folder", read_only, "root writes into read-only folders" if writable else None))
+    return folders
+
+
+FINGERPRINT_NOT_SAVED = re.compile(r"It could not be saved, so next time it cannot be checked: "
+                                   r"cannot write (.+settings\.json) \((.+)\)\.$")
+
+
 class TlsServerTests(ServerFixture, unittest.TestCase):
     """A ChatServer with TLS and ChatConnection's trust on first use, pinning and mismatches."""
 
@@ -5613,6 +5741,31 @@ class TlsServerTests(ServerFixture, unittest.TestCase):
         self.assertEqual(caught.exception.code, "fingerprint_mismatch")
         self.assertIn("does not match the fingerprint you gave", str(caught.exception))
         self.assertFalse(self.settings_path.exists(), "a pinned fingerprint is not remembered")
+
+    def test_fingerprint_that_cannot_be_saved_is_told_never_claimed_remembered(self):
+        # Bug: save_settings() failed quietly and the notice still said "remembered", so
+        # a person trusted a check that could never happen the next time.
+        self.start_tls_server()
+        for number, (label, folder, skip) in enumerate(unwritable_config_dirs(self)):
+            with self.subTest(label), mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": str(folder)}):
+                if skip:
+                    self.skipTest(skip)
+                for attempt in range(2):  # nothing was kept: the second time is a first time again
+                    connection = self.connection("user%d%d" % (number, attempt), tls=True)
+                    connection.connect()
+                    self.assertEqual(connection.fingerprint_status, "unsaved")
+                    notice = localchat.encryption_notice(connection)
+                    self.assertNotIn("remembered", notice)
+                    self.assertTrue(notice.startswith("Encrypted. The server's certificate fingerprint is %s "
+                                                      "(first connection: compare it" % self.cert["fingerprint"]),
+                                    notice)
+                    match = FINGERPRINT_NOT_SAVED.search(notice)
+                    self.assertIsNotNone(match, notice)
+                    self.assertEqual(match.group(1), str(folder / "settings.json"))
+                    self.assertNotIn("Traceback", notice)
+                    connection.close()
+                self.assertEqual(localchat.load_settings(), {})
+                self.assertEqual(list(folder.parent.glob("**/settings.json.tmp")), [], "no half-written file left")
 
     def test_pinned_fingerprint_is_never_satisfied_by_a_plain_server(self):
         # Bug: with --fingerprint but without --tls the client spoke plain TCP to a plain
@@ -5729,6 +5882,20 @@ class TlsCliTests(ProcessFixture, unittest.TestCase):
         _, _, again, _ = self.start_server_process("--tls", env=env)
         self.assertEqual(again.wait_for(self.FINGERPRINT_LINE).group(1), fingerprint, "the same certificate")
         self.assertFalse([line for line in again.lines if "Making a certificate" in line], again.lines)
+
+    def test_line_client_says_when_the_fingerprint_could_not_be_saved(self):
+        self.start_server(tls_context=tls_server_context())
+        _, folder, _ = unwritable_config_dirs(self)[0]  # under a regular file: fails even for root
+        result = self.run_client("ann", "--cli", "--server", "127.0.0.1:%d" % self.server.port, input_text="hi\n",
+                                 env=self.environment(LOCALCHAT_CONFIG_DIR=str(folder)))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = [line for line in result.stdout.splitlines() if "Encrypted." in line]
+        self.assertEqual(len(lines), 1, result.stdout)
+        self.assertRegex(lines[0], r"^\[[0-9:]{8}\] ! Encrypted\. ")
+        self.assertNotIn("remembered", lines[0])
+        self.assertRegex(lines[0], FINGERPRINT_NOT_SAVED)
+        self.assertIn(str(folder / "settings.json"), lines[0])
+        self.assertIn("<ann> hi", result.stdout)
 
     def test_given_certificate_files_are_used_and_clients_check_fingerprints(self):
         shared = shared_certificate()
@@ -8042,6 +8209,7 @@ class WindowTests(unittest.TestCase):
         self.server_thread.start()
         self.peers = []
         self.windows = []
+        self.fixture_threads = set(threading.enumerate())  # the above and the server's
 
     def tearDown(self):
         for window in self.windows:
@@ -8064,9 +8232,9 @@ class WindowTests(unittest.TestCase):
 
     # -- helpers -------------------------------------------------------------
 
-    def open_window(self, name="alice", port=None, connected=True):
+    def open_window(self, name="alice", port=None, connected=True, **options):
         top = self.tkinter.Toplevel(self.root)
-        window = localchat.ChatWindow(top, "127.0.0.1", port or self.server.port, name)
+        window = localchat.ChatWindow(top, "127.0.0.1", port or self.server.port, name, **options)
         self.windows.append(window)
         if connected:
             self.pump_until(lambda: window.connected, "the window never connected")
@@ -8074,7 +8242,7 @@ class WindowTests(unittest.TestCase):
 
     def add_peer(self, name="bob"):
         events = queue.Queue()
-        peer = localchat.ChatConnection("127.0.0.1", self.server.port, name, on_event=events.put)
+        peer = SayingConnection("127.0.0.1", self.server.port, name, on_event=events.put)
         peer.connect()
         peer.start()
         self.peers.append((peer, events))
@@ -8106,6 +8274,26 @@ class WindowTests(unittest.TestCase):
 
     def log_text(self, window):
         return window.log.get("1.0", "end-1c")
+
+    def timed_on_tk_thread(self, action):
+        """Run action() here, on the Tk thread; return how many seconds it held it."""
+        started = time.monotonic()
+        action()
+        return time.monotonic() - started
+
+    def assert_threads_end(self, keep=("session-",)):
+        """The threads of the windows (and what they hosted) end within THREAD_END_S.
+
+        Left out: the test's server (started in setUp) and threads named starting
+        with one of keep (the server's sessions, a test's proxy), which tearDown ends.
+        """
+        def ours(thread):
+            return thread not in self.fixture_threads and not thread.name.startswith(tuple(keep))
+        deadline = time.monotonic() + THREAD_END_S
+        for thread in filter(ours, threading.enumerate()):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in threading.enumerate() if ours(t) and t.is_alive()]
+        self.assertEqual(alive, [], "threads still running %.1f s after closing" % THREAD_END_S)
 
     def type_and_press(self, window, text, key="<Return>"):
         window.input.insert("end", text)
@@ -8201,6 +8389,61 @@ class WindowTests(unittest.TestCase):
         self.assertFalse(top.winfo_exists())
         frame = self.wait_frame(events, lambda f: f["type"] == "left")
         self.assertEqual((frame["name"], frame["reason"]), ("alice", "quit"))
+
+    def test_closing_returns_at_once_when_the_server_stopped_reading(self):
+        # Bug: close() waited on the Tk thread for the bye to go out (up to 2 s, the
+        # window frozen) when the server had stopped reading.
+        proxy = StallingProxy((LOOPBACK, self.server.port))
+        try:
+            window = self.open_window(port=proxy.address[1])
+            self.pump_until(lambda: window.connection._synced.is_set(), "never synced")
+            proxy.stall()
+            for number in range(200):  # 6 MB: more than the socket buffers hold, so send() blocks
+                window.connection.post({"type": "say", "text": "%d %s" % (number, "x" * 30000)})
+            window.input.event_generate("<Escape>")
+            self.root.update()
+            held = self.timed_on_tk_thread(window.confirm_dialog.yes_button.invoke)
+            self.assertLess(held, CLOSE_RETURN_S, "closing held the Tk thread")
+            self.assertTrue(window._closing)
+            self.assert_threads_end(keep=("session-", "test-proxy-"))
+        finally:
+            proxy.close()
+
+    def test_closing_returns_at_once_while_a_silent_server_keeps_us_waiting_for_the_welcome(self):
+        silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(silent.close)
+        silent.bind((LOOPBACK, 0))
+        silent.listen(1)
+        silent.settimeout(READ_TIMEOUT_S)
+        window = self.open_window(port=silent.getsockname()[1], connected=False)
+        accepted, _ = silent.accept()  # accepted, and never answered
+        self.addCleanup(accepted.close)
+        accepted.settimeout(READ_TIMEOUT_S)
+        self.assertIn(b'"hello"', accepted.recv(65536), "the window said hello and now waits")
+        top = window.root
+        self.root.update()  # shown: key events reach it
+        held = self.timed_on_tk_thread(lambda: window.input.event_generate("<Escape>"))  # not connected: no question
+        self.assertLess(held, CLOSE_RETURN_S, "closing held the Tk thread")
+        self.assertFalse(top.winfo_exists())
+        self.assert_threads_end()  # well before CONNECT_TIMEOUT_S: closing ended the wait for the welcome
+
+    def test_window_says_when_the_fingerprint_could_not_be_saved(self):
+        self.server.stop()
+        self.server_thread.join(THREAD_END_S)
+        self.server = localchat.ChatServer((LOOPBACK, 0), tls_context=tls_server_context())
+        self.server_thread = threading.Thread(target=self.server.serve_forever, name="test-accept")
+        self.server_thread.start()
+        _, folder, _ = unwritable_config_dirs(self)[0]  # under a regular file: fails even for root
+        patcher = mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": str(folder)})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        window = self.open_window(tls=True)
+        self.pump_until(lambda: "Encrypted." in self.log_text(window), "no word on the encryption")
+        line = next(line for line in self.log_text(window).splitlines() if "Encrypted." in line)
+        self.assertNotIn("remembered", line)
+        self.assertRegex(line, FINGERPRINT_NOT_SAVED)
+        self.assertIn(str(folder / "settings.json"), line)
+        self.assertIn("error", window.log.tag_names(window.log.search("could not be saved", "1.0")))
 
     def test_escape_then_stay_keeps_chatting(self):
         window = self.open_window()
@@ -8482,8 +8725,20 @@ class WindowTests(unittest.TestCase):
         self.assertIn("You are hosting this chat", self.log_text(chat))
         found = localchat.discover_servers(port, targets=["127.0.0.1"], wait_s=0.5)
         self.assertEqual([(f["port"], f["users"]) for f in found], [(port, 1)], "the hosted chat answers discovery")
-        chat.close()
+        # Stopping a server can take seconds (goodbyes to clients that do not read, up to
+        # SHUTDOWN_LIMIT_S): here it waits for the test, which lets it go once close() returned.
+        go_on, real_stop = threading.Event(), hosted.stop
+
+        def slow_stop():
+            go_on.wait(THREAD_END_S)
+            real_stop()
+        hosted.stop = slow_stop
+        held = self.timed_on_tk_thread(chat.close)
+        go_on.set()
+        self.assertLess(held, CLOSE_RETURN_S, "closing waited on the Tk thread for the hosted server to stop")
+        hosted.thread.join(THREAD_END_S)
         self.assertFalse(hosted.thread.is_alive(), "closing the window stops the hosted server")
+        self.assert_threads_end()
 
     def open_window_on(self, host, port, name, hosted):
         top = self.tkinter.Toplevel(self.root)

@@ -1935,7 +1935,6 @@ _TAG_OCTET_STRING = 0x04
 _TAG_NULL = 0x05
 _TAG_OBJECT_IDENTIFIER = 0x06
 _TAG_UTF8_STRING = 0x0C
-_TAG_PRINTABLE_STRING = 0x13
 _TAG_UTC_TIME = 0x17
 _TAG_GENERALIZED_TIME = 0x18
 _TAG_SEQUENCE = 0x30  # 0x10 with the "constructed" bit set
@@ -1943,11 +1942,6 @@ _TAG_SET = 0x31  # 0x11 with the "constructed" bit set
 
 _TAG_CLASS_CONTEXT = 0x80
 _TAG_CONSTRUCTED = 0x20
-
-# Characters allowed in an ASN.1 PrintableString (X.680, 41.4).
-_PRINTABLE_STRING_CHARACTERS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"
-)
 
 
 def _der_length(length: int) -> bytes:
@@ -2020,13 +2014,6 @@ def _der_oid(dotted: str) -> bytes:
 def _der_utf8_string(text: str) -> bytes:
     """Encode a UTF8String."""
     return _der_tlv(_TAG_UTF8_STRING, text.encode("utf-8"))
-
-
-def _der_printable_string(text: str) -> bytes:
-    """Encode a PrintableString; rejects characters outside its small alphabet."""
-    if not set(text) <= _PRINTABLE_STRING_CHARACTERS:
-        raise ValueError("not a PrintableString: %r" % text)
-    return _der_tlv(_TAG_PRINTABLE_STRING, text.encode("ascii"))
 
 
 def _der_utc_time(moment: datetime.datetime) -> bytes:
@@ -2595,7 +2582,7 @@ class TlsChannel:
 
         Runs on the writer thread (or whichever one thread sends); holds the lock,
         never blocks. The caller sends the result raw, in order. encrypt(b"") only
-        returns what is owed. Raises ssl.SSLError after close_notify().
+        returns what is owed.
         """
         view = memoryview(data)
         with self._lock:
@@ -2644,22 +2631,6 @@ class TlsChannel:
         """Return True if the channel holds bytes owed to the peer (encrypt(b"") returns them). Any thread."""
         with self._lock:
             return self._outgoing.pending > 0
-
-    def close_notify(self):
-        """Return the bytes of a TLS close_notify alert, to send as the connection's last bytes.
-
-        Runs on the thread that sends; holds the lock, never blocks. Anything the
-        channel still owed the peer comes first. Returns b"" if the handshake never
-        finished, and b"" the second time. After it, encrypt() raises.
-        """
-        with self._lock:
-            try:
-                self._sslobj.unwrap()
-            except ssl.SSLWantReadError:
-                pass  # our alert is written; we do not wait for the peer's
-            except ssl.SSLError:
-                pass  # shutdown while in init: there is nobody to tell
-            return self._outgoing.read()
 
     def peer_certificate_der(self):
         """Return the peer's certificate as DER bytes, or None (no handshake yet, or none sent).
@@ -4250,10 +4221,6 @@ class ChatServer(socketserver.ThreadingTCPServer):
         with self._state_lock:
             self._sessions.discard(session)
 
-    def session_count(self):
-        with self._state_lock:
-            return len(self._sessions)
-
     def stop(self, timeout=2.0):
         """Say goodbye to every client, close every socket and join the threads.
 
@@ -4286,6 +4253,8 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._housekeeper.join(max(0.1, deadline - time.monotonic()))
         self.transport.stop(max(0.1, deadline - time.monotonic()))
         self.hub.store.close()
+        if self.internal_errors:
+            log.warning("%d internal errors while serving (see the tracebacks above)", self.internal_errors)
 
 
 def bind_error_sentence(error, host, port):

@@ -2793,44 +2793,60 @@ class Latch:
 class Outbox:
     """The frames owed to one connection, and the state of their sending.
 
-    Filled by push_locked() under the hub's lock; everything past `chunks` belongs
-    to the writer thread.
+    The hub delivers to it (deliver_locked, close_locked: it is a User's `conn`);
+    filled under the hub's lock, everything past `chunks` belongs to the writer thread.
     """
 
     __slots__ = (
-        "sock", "writer", "encrypt", "chunks", "pending_bytes", "queued", "closing", "hangup", "failed",
+        "sock", "writer", "encrypt", "encode", "chunks", "queued", "closing", "hangup", "failed",
         "drained", "taken", "taken_bytes", "unsent", "unsent_plain", "marks", "taken_total", "sent_total",
-        "watch",
+        "fresh_at", "watch",
     )
 
     def __init__(self, sock, writer, encrypt=None):
         self.sock = sock  # a duplicate of the connection's socket, non-blocking, the writer's own
         self.writer = writer
         self.encrypt = encrypt  # a TlsChannel's encrypt(), used by the writer thread, or None
+        self.encode = encode_frame  # the connection's door's encoder (JSON lines until one is chosen)
         self.chunks = []  # frames not yet handed to the writer (guarded by the lock)
-        self.pending_bytes = 0
         self.queued = False  # on the writer's list of outboxes with news
         self.closing = False  # no more frames: close once everything is sent
         self.hangup = False  # once closed, also end the connection (wakes its reader)
         self.failed = None  # why the connection is over ("too_slow", "lost"), else None
         self.drained = Latch()  # set when the writer is done with this outbox
         # The writer thread's own: frames taken, the bytes of the send under way, and
-        # marks [taken_total, time] that tell how long the oldest owed frame has waited.
-        self.taken = collections.deque()
+        # marks [taken_total, time] that tell how long the oldest owed frame has waited
+        # (kept only while the connection is behind; fresh_at stands in until then).
+        self.taken = []
         self.taken_bytes = 0
+        self.fresh_at = 0.0
         self.unsent = b""
         self.unsent_plain = 0  # frame bytes in `unsent` not yet counted as sent
         self.marks = []
         self.taken_total = self.sent_total = 0
         self.watch = None  # None, "selector" or "overflow": how the writer waits for the socket
 
+    def deliver_locked(self, event):
+        """Queue an event, encoded by the connection's door. Called by the hub with its lock held.
+
+        This is what the hub delivers to (a User's conn): it runs once per recipient,
+        so it does push_locked()'s work itself instead of calling it.
+        """
+        if self.closing or self.failed:
+            return
+        data = event.encoded(self.encode)  # once per event and door, shared by all
+        self.chunks.append(data)
+        self.writer.queued_bytes += len(data)
+        if not self.queued:
+            self.queued = True
+            self.writer.note_locked(self)
+
     def push_locked(self, data):
         """Queue bytes for sending. Called with the hub's lock held; never blocks."""
         if self.closing or self.failed:
             return
         self.chunks.append(data)
-        self.pending_bytes += len(data)
-        self.writer.queued_bytes += len(data)
+        self.writer.queued_bytes += len(data)  # the one count per frame: the writer sums chunks itself
         if not self.queued:
             self.queued = True
             self.writer.note_locked(self)
@@ -2860,6 +2876,9 @@ class SocketWriter:
     queued_bytes is written only under the lock, done_bytes only by this thread,
     so the Transport can add them up from any thread without a lock of its own.
     """
+
+    __slots__ = ("transport", "lock", "queued_bytes", "done_bytes", "_news", "_asleep", "_selector", "_registered",
+                 "_overflow", "_overflow_at", "_withdrawn", "_wake_recv", "_wake_send", "_stopping", "_thread")
 
     def __init__(self, transport, name="writer"):
         self.transport = transport
@@ -2946,18 +2965,20 @@ class SocketWriter:
         box.queued = False
         if not box.chunks:
             return
+        pending = sum(map(len, box.chunks))
         if box.drained.is_set():  # closed meanwhile: nobody will send these
-            self.queued_bytes -= box.pending_bytes
+            self.queued_bytes -= pending
         else:
-            box.taken.extend(box.chunks)
-            box.taken_bytes += box.pending_bytes
-            box.taken_total += box.pending_bytes
-            if box.marks and now - box.marks[-1][1] < MARK_S:
+            box.taken_total += pending
+            if not box.taken and not box.unsent:  # it keeps up: no marks (see _send)
+                box.fresh_at = now
+            elif box.marks and now - box.marks[-1][1] < MARK_S:
                 box.marks[-1][0] = box.taken_total
             else:
                 box.marks.append([box.taken_total, now])
+            box.taken.extend(box.chunks)
+            box.taken_bytes += pending
         box.chunks = []
-        box.pending_bytes = 0
 
     def _send(self, box):
         """Send what the kernel takes now; return True if more could go at once."""
@@ -2981,6 +3002,8 @@ class SocketWriter:
         if box.failed is not None or (box.closing and not box.unsent and not box.taken and not box.chunks):
             self._close(box)
             return False
+        if (box.unsent or box.taken) and not box.marks:  # behind from now on: since the last take
+            box.marks.append([box.taken_total, box.fresh_at])
         if box.unsent:
             self._wait_for_socket(box)
             return False
@@ -2989,11 +3012,16 @@ class SocketWriter:
 
     def _fill(self, box):
         """Join the next frames (up to SEND_BYTES) into box.unsent, encrypted if need be."""
-        parts, size = [], 0
-        while box.taken and size < SEND_BYTES:
-            part = box.taken.popleft()
-            parts.append(part)
-            size += len(part)
+        if box.taken_bytes <= SEND_BYTES:  # the usual case: everything at once
+            parts, size = box.taken, box.taken_bytes
+            box.taken = []
+        else:
+            count, size = 0, 0
+            while size < SEND_BYTES:
+                size += len(box.taken[count])
+                count += 1
+            parts = box.taken[:count]
+            del box.taken[:count]
         box.taken_bytes -= size
         if self._withdrawn:
             kept = [part for part in parts if part not in self._withdrawn]
@@ -3180,8 +3208,7 @@ class Transport:
 # door is a small codec, chosen by the connection's first bytes: it cuts bytes
 # into protocol frames (dicts, as in the Protocol section) and encodes the hub's
 # events, once per event for every connection on that door. A session runs on
-# its connection's thread; deliver_locked() and close_locked() run on whichever
-# thread holds the hub's lock.
+# its connection's thread; the hub delivers to its Outbox (see Transport).
 
 _BEFORE_HELLO = frozenset(["hello", "auth", "ping", "pong", "bye"])
 AUTH_FAILED_DELAY_S = 1.0  # a wrong password waits this long for its answer, so guessing is slow
@@ -3259,8 +3286,8 @@ DOORS = (JsonLinesDoor,)  # tried in order on a connection's first bytes; the la
 class Session(socketserver.BaseRequestHandler):
     """One connection, whatever door it came in by: read frames, dispatch them by type to do_<type>.
 
-    Runs on the connection's own thread, except deliver_locked() and close_locked(),
-    which the hub calls from whichever thread holds its lock.
+    Runs on the connection's own thread. The hub delivers to the session's Outbox,
+    from whichever thread holds the hub's lock.
     """
 
     user = None  # the hub's User, once the hello is accepted
@@ -3287,14 +3314,6 @@ class Session(socketserver.BaseRequestHandler):
         self._silent_periods = 0
         self._hello_deadline = time.monotonic() + self.server.hello_timeout
         self.server.add_session(self)
-
-    def deliver_locked(self, event):
-        """Queue an event for this connection. Called by the hub with its lock held."""
-        self.outbox.push_locked(event.encoded(self.encode))
-
-    def close_locked(self):
-        """End this connection once its queued frames are sent. Called with the hub's lock held."""
-        self.outbox.close_locked()
 
     def send_frame(self, fields):
         """Queue a frame meant for this connection only (takes the hub's lock)."""
@@ -3391,6 +3410,7 @@ class Session(socketserver.BaseRequestHandler):
             if door is None:
                 return None  # it cannot tell yet: read on (the hello deadline still holds)
             self.door, self.encode = door(), door.encode
+            self.outbox.encode = door.encode
             self.door.greet(self)
         for item in self.door.frames(buffer):
             if isinstance(item, ProtocolError):
@@ -3463,7 +3483,7 @@ class Session(socketserver.BaseRequestHandler):
             if version < 1:
                 raise ProtocolError("bad_version", "Protocol version %d is not supported." % version)
             self.user = self.hub.join(
-                self, frame_field(frame, "name", str), address=self.address,
+                self.outbox, frame_field(frame, "name", str), address=self.address,
                 identity=self._identity(frame),
                 resume=self._short_field(frame, "resume"),
                 last_id=frame_field(frame, "last_id", int, required=False),
@@ -3593,7 +3613,7 @@ class Session(socketserver.BaseRequestHandler):
     def _end(self, reason):
         """Leave the hub, send the last frames, close cleanly. Runs on the session's thread."""
         reason = self.outbox.failed if self.outbox.failed == "too_slow" else reason
-        if self.hub.leave(self.user, reason, self):
+        if self.hub.leave(self.user, reason, self.outbox):
             log.info("%s left (%s)", self.user.name, reason)
         if reason == "quit":
             self.send_frame({"type": "bye", "reason": "quit", "text": "Goodbye."})

@@ -2044,16 +2044,7 @@ def fmt(v, f):
 def render_table(results, label_of):
     """Group results by workload label: LocalChat and ngIRCd side by side, with ratios."""
     out = []
-    groups = []
-    for r in results:
-        lab = label_of(r)
-        for g in groups:
-            if g[0] == lab:
-                g[1].append(r)
-                break
-        else:
-            groups.append((lab, [r]))
-    for lab, rs in groups:
+    for lab, rs in group_results(results, label_of):
         lc = next((r for r in rs if r["server"] == "localchat"), None)
         ng = next((r for r in rs if r["server"] == "ngircd"), None)
         out.append("")
@@ -2076,6 +2067,7 @@ def render_table(results, label_of):
 
 
 def group_results(results, label_of):
+    """Return [(label, [results])] in the order the labels first come."""
     groups = []
     for r in results:
         lab = label_of(r)

@@ -842,9 +842,11 @@ class ChatHub:
         with self.lock:
             user, holding = self._admit_locked(conn, name, identity, resume, last_id, rooms, address)
             upto = self._next_id - 1
-        self._read_pages(holding, upto)
-        with self.lock:
-            self._release_locked(user, holding)
+        try:
+            self._read_pages(holding, upto)
+        finally:  # whatever happened, the user's connection gets what waited for it
+            with self.lock:
+                self._release_locked(user, holding)
         return user
 
     def _admit_locked(self, conn, name, identity, resume, last_id, rooms, address):
@@ -910,15 +912,20 @@ class ChatHub:
             self.store.save_user(user.key, user.name, user.identity)
 
     def _read_pages(self, holding, upto):
-        """Read the history a _Holding waits for, up to message `upto`. Runs without the lock."""
+        """Read the history a _Holding waits for, up to message `upto`. Runs without the lock.
+
+        A history that cannot be read (a broken disk) leaves its page empty: the
+        person joins all the same, and the log says why.
+        """
         for page in holding.pages:
-            if page.kind == "room":
-                room_key, limit = page.args
-                page.fields = self.store.room_history(room_key, limit, before=upto + 1)
-            elif page.kind == "missed":
-                page.fields = self._missed(upto, *page.args)
-            else:  # "older": a page of a room or a direct conversation, before an id
-                page.fields = self._older(*page.args)
+            try:
+                if page.kind == "room":
+                    room_key, limit = page.args
+                    page.fields = self.store.room_history(room_key, limit, before=upto + 1)
+                else:  # "missed": what followed last_id, and direct messages that waited
+                    page.fields = self._missed(upto, *page.args)
+            except (sqlite3.Error, OSError) as error:
+                log.error("history: cannot read it for a join: %s", error)
 
     def _missed(self, upto, last_id, room_keys, identity):
         """Return what followed last_id in the rooms, and direct messages that waited for identity."""
@@ -1011,9 +1018,11 @@ class ChatHub:
             holding = user.conn = _Holding(user.conn)
             self._enter_room_locked(user, room_name, replay=True)
             upto = self._next_id - 1
-        self._read_pages(holding, upto)
-        with self.lock:
-            self._release_locked(user, holding)
+        try:
+            self._read_pages(holding, upto)
+        finally:
+            with self.lock:
+                self._release_locked(user, holding)
 
     def leave_room(self, user, room_name):
         """Take user out of a room; the room and user hear of it."""
@@ -1214,9 +1223,13 @@ class ChatHub:
             user.conn.deliver_locked(Event(end))
 
     def _older(self, what, limit, before):
-        if what[0] == "with":
-            return self.store.direct_history(what[1], what[2], limit, before)
-        return self.store.room_history(what[1], limit, before)
+        try:
+            if what[0] == "with":
+                return self.store.direct_history(what[1], what[2], limit, before)
+            return self.store.room_history(what[1], limit, before)
+        except (sqlite3.Error, OSError) as error:  # an empty page: the chat goes on
+            log.error("history: cannot read a page of it: %s", error)
+            return []
 
     # -- names and presence ----------------------------------------------------------
 
@@ -1827,8 +1840,11 @@ class SqliteStore:
                 start = end
             self.db.execute("COMMIT")
         except sqlite3.Error as error:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+            try:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+            except sqlite3.Error:  # the connection itself is broken: nothing to roll back
+                pass
             tokens = [entry[2] for entry in entries if entry[2] is not None]
             log.error("history: cannot store %d messages and %d changes: %s", len(tokens),
                       len(entries) - len(tokens), error)

@@ -1812,6 +1812,25 @@ class StoredBeforeSeenTests(ServerFixture, unittest.TestCase):
         self.assertEqual(store.db.inside, [])
         self.assertEqual(check.inside, [])
 
+    def test_a_history_that_cannot_be_read_still_lets_people_join_and_page(self):
+        # Regression: the read between the two halves of a join raised, and the user's
+        # connection stayed a holding for ever: nothing more reached it.
+        store, _ = self.start_watched_server()
+        alice = self.join("alice")
+        broken = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        broken.close()  # every statement now raises sqlite3.ProgrammingError
+        store.db = WatchedDatabase(broken, self.server.hub.lock)
+        bob = self.join("bob")  # welcome, room, synced: history left out
+        self.assertEqual(bob.synced["type"], "synced")
+        bob.say("unsaved", ref="u1")  # the writers' commit fails too: refused, and they go on
+        self.assertEqual(self.assert_error(bob, "not_stored")["ref"], "u1")
+        bob.send({"type": "history", "room": "general"})
+        self.assertEqual(summary(bob.read_until(is_kind("history_end"))[0], "count", "more"), (0, False))
+        bob.send({"type": "join", "room": "games"})
+        bob.read_until(is_kind("room", room="games"))
+        alice.send({"type": "ping", "token": "alive"})
+        self.assertEqual(alice.read_until(is_kind("pong"))[0]["token"], "alive")
+
     def test_a_store_that_starts_failing_delivers_nothing_unstored_and_tells_the_sender(self):
         store, _ = self.start_watched_server()
         alice = self.join("alice")

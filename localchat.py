@@ -595,10 +595,11 @@ def clean_text(text, limit=MAX_TEXT_BYTES, field="text"):
 class Event:
     """One thing that happened, as plain fields; each door encodes it once, for everybody."""
 
-    __slots__ = ("fields", "by_encoder")
+    __slots__ = ("fields", "by_encoder", "withdrawn")
 
     def __init__(self, fields):
         self.fields = fields
+        self.withdrawn = False  # a message the store could not keep: nobody may get it any more
         self.by_encoder = {}  # encoder -> bytes (Outbox.deliver_locked reads it directly: hot path)
 
     def encoded(self, encoder):
@@ -732,7 +733,7 @@ class User:
     """
 
     __slots__ = ("name", "key", "rooms", "away", "identity", "resume_token", "lost_at", "flood", "address",
-                 "conn")
+                 "conn", "seat")
 
     def __init__(self, name, conn, address=None):
         self.name = name
@@ -745,6 +746,24 @@ class User:
         self.flood = None  # the FloodGuard of the current connection
         self.address = address  # the peer's IP address, for bans by address
         self.conn = conn
+        self.seat = Seat(self)  # what the connection that holds this user passes to the hub
+
+
+class Seat:
+    """A connection's hold on a User: what its session passes to the hub's methods.
+
+    A reconnect from elsewhere moves the User to a new Seat and empties the old
+    one, so frames the replaced connection still handles change nothing.
+    """
+
+    __slots__ = ("user",)
+
+    def __init__(self, user):
+        self.user = user  # None once the user is another connection's, or gone
+
+    @property
+    def name(self):
+        return self.user.name if self.user is not None else None
 
 
 class Room:
@@ -827,7 +846,7 @@ class ChatHub:
     # -- arriving and leaving ------------------------------------------------------
 
     def join(self, conn, name, identity=None, resume=None, last_id=None, rooms=None, address=None):
-        """Admit a connection under `name`; return its User. Raises ProtocolError.
+        """Admit a connection under `name`; return its Seat. Raises ProtocolError.
 
         Welcomes it, replays history, tells the others. `resume` is the token of a
         welcome that an earlier connection got: if that user is still here (or lost,
@@ -847,7 +866,7 @@ class ChatHub:
         finally:  # whatever happened, the user's connection gets what waited for it
             with self.lock:
                 self._release_locked(user, holding)
-        return user
+        return user.seat
 
     def _admit_locked(self, conn, name, identity, resume, last_id, rooms, address):
         if self._closed:
@@ -900,6 +919,8 @@ class ChatHub:
 
     def _take_over_locked(self, user):
         """A new connection takes user's place; one still open is told it was replaced."""
+        user.seat.user = None  # what the old connection still sends is ignored
+        user.seat = Seat(user)
         if user.lost_at is None:
             user.conn.deliver_locked(Event({"type": "bye", "reason": "replaced",
                                             "text": "You connected again from somewhere else."}))
@@ -910,6 +931,15 @@ class ChatHub:
         if user.identity is not None or user.key not in self._known:
             self._known[user.key] = (user.name, user.identity)
             self.store.save_user(user.key, user.name, user.identity)
+
+    def _seated(self, seat):
+        """Return the User a Seat holds, or None once it holds none (taken over, or gone).
+
+        Called with the lock held. A connection that was replaced may still be
+        handling frames it had read: its seat is empty, so they change nothing.
+        """
+        user = seat.user
+        return user if user is not None and self._users.get(user.key) is user else None
 
     def _read_pages(self, holding, upto):
         """Read the history a _Holding waits for, up to message `upto`. Runs without the lock.
@@ -948,22 +978,23 @@ class ChatHub:
                     fields = dict(fields, replay=True)
                     fields.pop("queued", None)
                     conn.deliver_locked(Event(fields))
-            else:
+            elif not item.withdrawn:
                 conn.deliver_locked(item)
         if user.conn is holding:  # else another connection took the user over meanwhile
             user.conn = conn
         if holding.closing:
             conn.close_locked()
 
-    def leave(self, user, reason, conn):
-        """The connection `conn` of user ended. Return True if it was here.
+    def leave(self, seat, reason):
+        """The connection holding this seat ended. Return True if its user was here.
 
         A lost connection ("lost", "timeout") keeps the name and rooms for the grace
         period, so the owner can come back unnoticed; others hear of it only when
         the grace period ends (see expire()). Any other reason is final at once.
         """
         with self.lock:
-            if user is None or self._users.get(user.key) is not user or user.conn is not conn:
+            user = self._seated(seat) if seat is not None else None
+            if user is None:  # taken over by another connection, kicked, or never here
                 return False
             if reason in ("lost", "timeout") and self.resume_grace_s > 0 and not self._closed:
                 user.lost_at = (time.monotonic(), reason)
@@ -1005,11 +1036,12 @@ class ChatHub:
 
     # -- rooms ---------------------------------------------------------------------
 
-    def join_room(self, user, room_name):
+    def join_room(self, seat, room_name):
         """Put user in a room (creating it), show it the room and its history."""
         check_room(room_name)
         with self.lock:
-            if self._users.get(user.key) is not user:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
                 return
             if name_key(room_name) in user.rooms:
                 raise ProtocolError("already_in_room", "You are already in %s." % room_name)
@@ -1024,9 +1056,12 @@ class ChatHub:
             with self.lock:
                 self._release_locked(user, holding)
 
-    def leave_room(self, user, room_name):
+    def leave_room(self, seat, room_name):
         """Take user out of a room; the room and user hear of it."""
         with self.lock:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
+                return
             room = self._user_room(user, room_name)
             event = Event({"type": "left", "name": user.name, "room": room.name, "reason": "part",
                            "ts": _now()})
@@ -1063,9 +1098,12 @@ class ChatHub:
         return {"type": "room", "room": room.name, "topic": room.topic,
                 "users": self._names(room.members), "away": self._away(room.members.values())}
 
-    def set_topic(self, user, room_name, topic):
+    def set_topic(self, seat, room_name, topic):
         """Set a room's topic (kept across restarts) and tell the room."""
         with self.lock:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
+                return
             room = self._user_room(user, room_name)
             topic = clean_text(topic, MAX_TOPIC_CHARS, "topic").replace("\n", " ") if topic else None
             room.topic = self._topics[name_key(room.name)] = topic
@@ -1073,31 +1111,40 @@ class ChatHub:
             self._deliver_to_room(room, Event({"type": "topic", "room": room.name, "topic": topic,
                                                "by": user.name, "ts": _now()}))
 
-    def topic(self, user, room_name):
+    def topic(self, seat, room_name):
         """Tell user a room's topic."""
         with self.lock:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
+                return
             room = self._user_room(user, room_name)
             user.conn.deliver_locked(Event({"type": "topic", "room": room.name, "topic": room.topic}))
 
-    def rooms(self, user):
+    def rooms(self, seat):
         """Tell user which rooms exist, with their sizes and topics."""
         with self.lock:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
+                return
             listing = [{"name": r.name, "users": len(r.members), "topic": r.topic}
                        for r in sorted(self._rooms.values(), key=lambda r: name_key(r.name))]
             user.conn.deliver_locked(Event({"type": "rooms", "rooms": listing}))
 
     # -- speaking ------------------------------------------------------------------
 
-    def say(self, user, text, ref=None, room=None, to=None, action=False):
+    def say(self, seat, text, ref=None, room=None, to=None, action=False):
         """Send a message to a room (general by default) or, with `to`, to one user.
 
         The sender gets the message too: the echo confirms it. It is queued for the
         store here and committed by the writers before anybody gets it.
         """
         text = clean_text(text)
+        user = seat.user
+        if user is None:
+            return
         user.flood.check_message(len(text.encode("utf-8")))
         with self.lock:
-            if self._users.get(user.key) is not user:
+            if self._seated(seat) is not user:
                 return
             self.moderation.check_speak_locked(user)
             fields = {"type": "message", "id": self._next_id, "ts": _now(), "from": user.name}
@@ -1164,6 +1211,7 @@ class ChatHub:
         with self.lock:
             now = time.monotonic()
             for event, sender in tokens:
+                event.withdrawn = True  # for a holding that has not encoded it yet
                 for data in event.encodings():
                     self._withdrawn[data] = now
                 if self._users.get(sender.key) is sender:
@@ -1183,9 +1231,12 @@ class ChatHub:
         self._withdrawn = {data: when for data, when in self._withdrawn.items() if when > oldest}
         self._withdrawn_frames = frozenset(self._withdrawn)
 
-    def users(self, user, room_name=None):
+    def users(self, seat, room_name=None):
         """Tell user who is here: everybody, or the people in one room."""
         with self.lock:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
+                return
             if room_name is None:
                 people = self._users
                 fields = {"type": "users"}
@@ -1197,13 +1248,16 @@ class ChatHub:
             fields["away"] = self._away(people.values())
             user.conn.deliver_locked(Event(fields))
 
-    def history(self, user, room_name=None, with_name=None, before=None, limit=MAX_PAGE):
+    def history(self, seat, room_name=None, with_name=None, before=None, limit=MAX_PAGE):
         """Send user a page of older messages of a room or of a direct conversation.
 
         The page is read without the lock, then delivered with history_end.
         """
         limit = max(1, min(MAX_PAGE, limit))
         with self.lock:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
+                return
             if with_name is not None:
                 end = {"type": "history_end", "with": with_name}
                 what = ("with", user.identity, name_key(with_name))
@@ -1233,11 +1287,16 @@ class ChatHub:
 
     # -- names and presence ----------------------------------------------------------
 
-    def rename(self, user, new_name):
+    def rename(self, seat, new_name):
         """Change user's name; everybody hears of it."""
         check_name(new_name)
+        user = seat.user
+        if user is None:
+            return
         user.flood.check_rename()
         with self.lock:
+            if self._seated(seat) is not user:
+                return
             old_name, old_key, new_key = user.name, user.key, name_key(new_name)
             holder = self._users.get(new_key)
             if holder is not None and holder is not user:
@@ -1253,11 +1312,14 @@ class ChatHub:
             self._remember_locked(user)
             self._deliver_to_all(Event({"type": "renamed", "old": old_name, "name": new_name, "ts": _now()}))
 
-    def set_away(self, user, text):
+    def set_away(self, seat, text):
         """Mark user away (with a short text) or back (text None); everybody hears of it."""
         if text is not None:
             text = clean_text(text, MAX_AWAY_CHARS, "away message").replace("\n", " ")
         with self.lock:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
+                return
             user.away = text
             self._deliver_to_all(Event({"type": "away", "name": user.name, "text": text, "ts": _now()}))
 
@@ -1316,7 +1378,7 @@ class Moderation:
 
     Public methods take the hub's lock and run on the caller's thread (the console's,
     or an operator's connection's); they log after letting go of it. `by` is the
-    User asking, or None for the console, which may do everything. Bans and
+    Seat of the connection asking, or None for the console, which may do everything. Bans and
     operators are kept in memory and saved in the hub's store, so they hold across
     restarts; mutes last while the server runs.
     """
@@ -1371,7 +1433,7 @@ class Moderation:
     def kick(self, by, name, reason=None):
         """Remove a user from the chat (they may come back)."""
         with self.hub.lock:
-            self._authorise(by)
+            by = self._authorise(by)
             target, reason = self._target(name), _clean_reason(reason)
             text = "%s was kicked by %s%s" % (target.name, _who(by), _reason_words(reason))
             self._eject_locked(target, "kicked", text)
@@ -1381,7 +1443,7 @@ class Moderation:
     def ban(self, by, target, minutes=None, reason=None):
         """Ban a name (and, if they are here, their address) or an address; eject them."""
         with self.hub.lock:
-            self._authorise(by)  # first: whoever may not ban learns nothing else
+            by = self._authorise(by)  # first: whoever may not ban learns nothing else
             until, reason = _until_for(minutes), _clean_reason(reason)
             if _is_address(target):
                 self._add_ban_locked("address", target, until, reason)
@@ -1405,7 +1467,7 @@ class Moderation:
 
     def unban(self, by, target):
         with self.hub.lock:
-            self._authorise(by)
+            by = self._authorise(by)
             if not _is_address(target):
                 check_name(target)
             kind, value = ("address", target) if _is_address(target) else ("name", name_key(target))
@@ -1418,7 +1480,7 @@ class Moderation:
 
     def mute(self, by, name, minutes=None, reason=None):
         with self.hub.lock:
-            self._authorise(by)
+            by = self._authorise(by)
             target = self._target(name)
             until, reason = _until_for(minutes), _clean_reason(reason)
             self._mutes[target.key] = until
@@ -1429,7 +1491,7 @@ class Moderation:
 
     def unmute(self, by, name):
         with self.hub.lock:
-            self._authorise(by)
+            by = self._authorise(by)
             if self._mutes.pop(name_key(name), False) is False:
                 raise ProtocolError("not_muted", "%s is not muted." % printable(name, 40))
             text = self._announce_locked("%s may speak again (%s)" % (name, _who(by)), "unmute", name, by)
@@ -1439,7 +1501,7 @@ class Moderation:
     def set_operator(self, by, name, on=True):
         """Make a user an operator (bound to the identity they have now), or stop that."""
         with self.hub.lock:
-            self._authorise(by)
+            by = self._authorise(by)
             if not on:
                 check_name(name)
                 if self._operators.pop(name_key(name), False) is False:
@@ -1492,8 +1554,13 @@ class Moderation:
     # -- helpers (lock held) -----------------------------------------------------------
 
     def _authorise(self, by):
-        if by is not None and not self.is_operator(by):
+        """Return the User asking (None: the console); raise unless it may use these powers."""
+        if by is None:
+            return None
+        user = self.hub._seated(by)
+        if user is None or not self.is_operator(user):
             raise ProtocolError("not_operator", "Only operators may do that.")
+        return user
 
     def _target(self, name, must_be_here=True):
         user = self.hub._users.get(name_key(name)) if isinstance(name, str) else None
@@ -2951,33 +3018,45 @@ class SocketWriter:
         again = []  # outboxes the kernel still takes from, with more to send
         next_sweep = time.monotonic() + SWEEP_S
         while True:
-            with self.lock:
-                news, self._news = self._news, []
-                now = time.monotonic()
-                for box in news:
-                    self._take_locked(box, now)
-                idle = not news and not again
-                if idle and self._stopping:
+            try:
+                again, stop = self._round(again)
+                if stop:
                     break
-                self._asleep = idle  # from here on, note_locked() wakes the select() below
-            if idle:
-                again = self._wait(self._wait_timeout())
-            else:
-                if news and self.transport.before_send is not None:
-                    # Outside the lock: commit the history rows of these frames (group commit).
-                    self._withdrawn = self.transport.before_send()
-                work, again = again + news, []
-                for box in work:
-                    if self._send(box):
-                        again.append(box)
-                if self._registered or self._overflow:  # sockets that became writable meanwhile
-                    again += self._wait(0)
-            self.transport.progress()
-            if now >= next_sweep:
-                self._sweep(now)
-                next_sweep = now + SWEEP_S
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + SWEEP_S
+            except Exception:  # a bug: say so and go on, or every connection of this writer stalls
+                self.transport.report_error("writer %s" % self._thread.name)
+                again = []
         for box in self._waiting_boxes():
             self._close(box)
+
+    def _round(self, again):
+        """One turn of the loop: return (outboxes to send to at once, whether to stop)."""
+        with self.lock:
+            news, self._news = self._news, []
+            now = time.monotonic()
+            for box in news:
+                self._take_locked(box, now)
+            idle = not news and not again
+            if idle and self._stopping:
+                return [], True
+            self._asleep = idle  # from here on, note_locked() wakes the select() below
+        if idle:
+            again = self._wait(self._wait_timeout())
+        else:
+            if news and self.transport.before_send is not None:
+                # Outside the lock: commit the history rows of these frames (group commit).
+                self._withdrawn = self.transport.before_send()
+            work, again = again + news, []
+            for box in work:
+                if self._send(box):
+                    again.append(box)
+            if self._registered or self._overflow:  # sockets that became writable meanwhile
+                again += self._wait(0)
+        self.transport.progress()
+        return again, False
 
     def _take_locked(self, box, now):
         """Take box's new frames for sending. Called with the lock held: only list moves here."""
@@ -3164,6 +3243,7 @@ class Transport:
                  resume_at=None, slow_s=SLOW_S, select_limit=SELECT_LIMIT):
         self.lock = lock
         self.before_send = before_send  # commits history; returns frames not to send
+        self.on_error = None  # called after an internal error of a writer (the server counts them)
         self.budget = budget
         self.resume_at = budget * 3 // 4 if resume_at is None else resume_at
         self.slow_s = slow_s
@@ -3177,6 +3257,12 @@ class Transport:
         self._turn_lock = threading.Lock()
         for writer in self.writers:
             writer.start()
+
+    def report_error(self, where):
+        """Log the exception being handled (a bug) and count it. Any thread, no lock held."""
+        log.exception("%s: internal error", where)
+        if self.on_error is not None:
+            self.on_error()
 
     def outbox(self, sock, encrypt=None):
         """Return an Outbox for a connection's writer socket, on the next writer in turn."""
@@ -3314,7 +3400,7 @@ class Session(socketserver.BaseRequestHandler):
     from whichever thread holds the hub's lock.
     """
 
-    user = None  # the hub's User, once the hello is accepted
+    seat = None  # the hub's Seat for this connection's user, once the hello is accepted
     channel = None  # the TlsChannel when the server uses TLS
     door = None  # the Door chosen by the first bytes
     encode = staticmethod(encode_frame)  # the door's encoder (JSON lines until a door is chosen)
@@ -3410,7 +3496,7 @@ class Session(socketserver.BaseRequestHandler):
         buffer = bytearray(first)
         reason = self._feed(buffer) if buffer else None
         while not reason:
-            if self.user is None:  # the hello has a deadline: a byte now and then must not hold a thread for ever
+            if self.seat is None:  # the hello has a deadline: a byte now and then must not hold a thread for ever
                 sock.settimeout(max(0.01, self._hello_deadline - time.monotonic()))
             try:
                 chunk = self._receive(sock)
@@ -3458,7 +3544,7 @@ class Session(socketserver.BaseRequestHandler):
             handler = getattr(self, "do_" + kind, None)
             if handler is None:
                 raise ProtocolError("unknown_type", "Unknown frame type '%s'." % printable(kind, 32))
-            if self.user is None and kind not in _BEFORE_HELLO:
+            if self.seat is None and kind not in _BEFORE_HELLO:
                 raise ProtocolError("hello_first", "Say hello first.")
             return handler(frame)
         except ProtocolError as error:
@@ -3466,7 +3552,7 @@ class Session(socketserver.BaseRequestHandler):
 
     def _on_silence(self):
         """The read timed out: ping once, then give up. Return True to keep reading."""
-        if self.user is None:
+        if self.seat is None:
             self._on_protocol_error(
                 ProtocolError("hello_timeout", "No hello came in time; closing the connection.", fatal=True)
             )
@@ -3492,8 +3578,8 @@ class Session(socketserver.BaseRequestHandler):
     # -- frames ----------------------------------------------------------------
 
     def do_hello(self, frame):
-        if self.user is not None:
-            raise ProtocolError("already_joined", "You have already joined as %s." % self.user.name)
+        if self.seat is not None:
+            raise ProtocolError("already_joined", "You have already joined as %s." % self.seat.name)
         if self.hub.password is not None and not self._authenticated:
             if self._challenge is not None:
                 raise ProtocolError("auth_first", "Answer the password challenge first.", fatal=True)
@@ -3506,7 +3592,7 @@ class Session(socketserver.BaseRequestHandler):
             version = frame_field(frame, "version", int)
             if version < 1:
                 raise ProtocolError("bad_version", "Protocol version %d is not supported." % version)
-            self.user = self.hub.join(
+            self.seat = self.hub.join(
                 self.outbox, frame_field(frame, "name", str), address=self.address,
                 identity=self._identity(frame),
                 resume=self._short_field(frame, "resume"),
@@ -3517,7 +3603,7 @@ class Session(socketserver.BaseRequestHandler):
             error.fatal = True  # a refused hello ends the connection
             raise
         self.request.settimeout(self.server.idle_ping)
-        log.info("%s joined from %s", self.user.name, self.peer)
+        log.info("%s joined from %s", self.seat.name, self.peer)
         return None
 
     @staticmethod
@@ -3537,7 +3623,7 @@ class Session(socketserver.BaseRequestHandler):
 
     def do_auth(self, frame):
         """The answer to a password challenge: HMAC-SHA256(password, nonce), in hex."""
-        if self._challenge is None or self.user is not None:
+        if self._challenge is None or self.seat is not None:
             raise ProtocolError("bad_auth", "No password was asked for.")
         nonce, hello = self._challenge
         proof = frame_field(frame, "proof", str)
@@ -3549,68 +3635,68 @@ class Session(socketserver.BaseRequestHandler):
         return self.do_hello(hello)
 
     def do_say(self, frame):
-        self.hub.say(self.user, frame_field(frame, "text", str), self._short_field(frame, "ref"),
+        self.hub.say(self.seat, frame_field(frame, "text", str), self._short_field(frame, "ref"),
             room=frame_field(frame, "room", str, required=False),
             to=self._short_field(frame, "to"),  # printable: a lone surrogate cannot be looked up in SQLite
             action=frame.get("action") is True,
         )
 
     def do_users(self, frame):
-        self.hub.users(self.user, frame_field(frame, "room", str, required=False))
+        self.hub.users(self.seat, frame_field(frame, "room", str, required=False))
 
     def do_join(self, frame):
-        self.hub.join_room(self.user, frame_field(frame, "room", str))
+        self.hub.join_room(self.seat, frame_field(frame, "room", str))
 
     def do_leave(self, frame):
-        self.hub.leave_room(self.user, frame_field(frame, "room", str))
+        self.hub.leave_room(self.seat, frame_field(frame, "room", str))
 
     def do_nick(self, frame):
-        self.hub.rename(self.user, frame_field(frame, "name", str))
+        self.hub.rename(self.seat, frame_field(frame, "name", str))
 
     def do_rooms(self, frame):
-        self.hub.rooms(self.user)
+        self.hub.rooms(self.seat)
 
     def do_topic(self, frame):
         room = frame_field(frame, "room", str)
         if "topic" in frame:
-            self.hub.set_topic(self.user, room, frame_field(frame, "topic", str, required=False))
+            self.hub.set_topic(self.seat, room, frame_field(frame, "topic", str, required=False))
         else:
-            self.hub.topic(self.user, room)
+            self.hub.topic(self.seat, room)
 
     def do_away(self, frame):
-        self.hub.set_away(self.user, frame_field(frame, "text", str, required=False) or "away")
+        self.hub.set_away(self.seat, frame_field(frame, "text", str, required=False) or "away")
 
     def do_back(self, frame):
-        self.hub.set_away(self.user, None)
+        self.hub.set_away(self.seat, None)
 
     def do_kick(self, frame):
-        self.hub.moderation.kick(self.user, frame_field(frame, "name", str),
+        self.hub.moderation.kick(self.seat, frame_field(frame, "name", str),
                                  frame_field(frame, "reason", str, required=False))
 
     def do_ban(self, frame):
-        self.hub.moderation.ban(self.user, frame_field(frame, "target", str),
+        self.hub.moderation.ban(self.seat, frame_field(frame, "target", str),
                                 frame_field(frame, "minutes", int, required=False),
                                 frame_field(frame, "reason", str, required=False))
 
     def do_unban(self, frame):
-        self.hub.moderation.unban(self.user, frame_field(frame, "target", str))
+        self.hub.moderation.unban(self.seat, frame_field(frame, "target", str))
 
     def do_mute(self, frame):
-        self.hub.moderation.mute(self.user, frame_field(frame, "name", str),
+        self.hub.moderation.mute(self.seat, frame_field(frame, "name", str),
                                  frame_field(frame, "minutes", int, required=False),
                                  frame_field(frame, "reason", str, required=False))
 
     def do_unmute(self, frame):
-        self.hub.moderation.unmute(self.user, frame_field(frame, "name", str))
+        self.hub.moderation.unmute(self.seat, frame_field(frame, "name", str))
 
     def do_op(self, frame):
-        self.hub.moderation.set_operator(self.user, frame_field(frame, "name", str), True)
+        self.hub.moderation.set_operator(self.seat, frame_field(frame, "name", str), True)
 
     def do_deop(self, frame):
-        self.hub.moderation.set_operator(self.user, frame_field(frame, "name", str), False)
+        self.hub.moderation.set_operator(self.seat, frame_field(frame, "name", str), False)
 
     def do_history(self, frame):
-        self.hub.history(self.user,
+        self.hub.history(self.seat,
             room_name=frame_field(frame, "room", str, required=False),
             with_name=self._short_field(frame, "with"),
             before=frame_field(frame, "before", int, required=False),
@@ -3637,8 +3723,9 @@ class Session(socketserver.BaseRequestHandler):
     def _end(self, reason):
         """Leave the hub, send the last frames, close cleanly. Runs on the session's thread."""
         reason = self.outbox.failed if self.outbox.failed == "too_slow" else reason
-        if self.hub.leave(self.user, reason, self.outbox):
-            log.info("%s left (%s)", self.user.name, reason)
+        name = self.seat.name if self.seat is not None else None
+        if self.hub.leave(self.seat, reason):
+            log.info("%s left (%s)", name, reason)
         if reason == "quit":
             self.send_frame({"type": "bye", "reason": "quit", "text": "Goodbye."})
         self.outbox.finish()
@@ -4167,6 +4254,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         super().__init__(address, Session)
         self.transport = Transport(self.hub.lock, before_send=self.hub.commit, budget=queue_budget,
                                    slow_s=self.hub.limits.slow_reader_s, select_limit=select_limit)
+        self.transport.on_error = self._count_internal_error
         self._housekeeping_stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
         self._housekeeper.start()
@@ -4177,11 +4265,15 @@ class ChatServer(socketserver.ThreadingTCPServer):
         trim = _heap_trimmer()
         next_trim = time.monotonic() + TRIM_S
         while not self._housekeeping_stop.wait(interval):
-            self.hub.expire()
-            self.hub.commit()
-            if trim is not None and time.monotonic() >= next_trim:
-                trim(0)  # after a join storm or a flood: without it, the freed heap stays ours
-                next_trim = time.monotonic() + TRIM_S
+            try:
+                self.hub.expire()
+                self.hub.commit()
+                if trim is not None and time.monotonic() >= next_trim:
+                    trim(0)  # after a join storm or a flood: without it, the freed heap stays ours
+                    next_trim = time.monotonic() + TRIM_S
+            except Exception:  # a bug: say so and go on, or grace periods never end
+                log.exception("housekeeping: internal error")
+                self._count_internal_error()
 
     @property
     def port(self):
@@ -4249,10 +4341,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
                 if not self._per_address[client_address[0]]:
                     del self._per_address[client_address[0]]
 
+    def _count_internal_error(self):
+        with self._state_lock:  # session, writer and housekeeping threads fail at the same time too
+            self.internal_errors += 1
+
     def handle_error(self, request, client_address):
         """A session raised: log one line with the peer's address and keep serving."""
-        with self._state_lock:  # session threads fail at the same time too
-            self.internal_errors += 1
+        self._count_internal_error()
         error = sys.exc_info()[1]
         log.error("%s:%s: internal error: %r", client_address[0], client_address[1], error, exc_info=True)
 

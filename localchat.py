@@ -227,7 +227,7 @@ too_many_rooms, unknown_user, not_stored, line_too_long (fatal),
 too_many_errors (fatal), hello_timeout (fatal), shutting_down (fatal: a hello
 while the server stops); and from moderation and limits: rate_limited,
 flooding (fatal), muted, banned (fatal at hello), not_operator, no_identity,
-not_banned, not_muted, bad_auth, auth_first (fatal), auth_failed (fatal),
+not_banned, not_muted, own_address, bad_auth, auth_first (fatal), auth_failed (fatal),
 server_full (fatal), too_many_connections (fatal), tls_required (fatal),
 tls_not_used (fatal).
 """
@@ -433,7 +433,7 @@ COMMANDS = (
             lambda argument, where: ("users", None)),
     Command(("kick",), "/kick NAME [reason]", "remove somebody (they may come back)", "operators",
             _moderation_parser("kick", "name")),
-    Command(("ban",), "/ban NAME|IP [minutes] [reason]", "ban a name (and its address) or an address",
+    Command(("ban",), "/ban NAME|IP [minutes] [reason]", "ban a name (and its client), or an address",
             "operators", _moderation_parser("ban", "target")),
     Command(("unban",), "/unban NAME|IP", "lift a ban", "operators", _moderation_parser("unban", "target")),
     Command(("bans",), "/bans", "list the bans", "console", lambda argument, where: ("bans", None)),
@@ -1388,12 +1388,13 @@ class Moderation:
         self._bans = bans if bans is not None else {}  # (kind, value) -> (until or None, reason)
         self._operators = operators if operators is not None else {}  # name_key -> identity (None until bound)
         self._mutes = {}  # name_key -> time.time() when the mute ends, or None for ever
+        self.own_addresses = set()  # this computer's LAN addresses (the server sets them): never banned
 
     # -- checks the hub makes (lock held) --------------------------------------------
 
     def check_join_locked(self, name, identity, address):
         """Refuse a banned name or address; bind a waiting --op name to this identity."""
-        ban = self._find_ban(name_key(name), address, time.time())
+        ban = self._find_ban(name_key(name), address, identity, time.time())
         if ban is not None:
             raise ProtocolError("banned", "You are banned from this chat%s%s." % (
                 _until_words(ban[0]), ": " + ban[1] if ban[1] else ""), fatal=True)
@@ -1401,8 +1402,8 @@ class Moderation:
         if key in self._operators and self._operators[key] is None and identity is not None:
             self._set_operator_locked(key, identity)  # --op NAME: the first to come with an identity
 
-    def _find_ban(self, key, address, now):
-        for wanted in (("name", key), ("address", address)):
+    def _find_ban(self, key, address, identity, now):
+        for wanted in (("name", key), ("address", address), ("identity", identity)):
             ban = self._bans.get(wanted)
             if ban is not None and (ban[0] is None or ban[0] > now):
                 return ban
@@ -1424,6 +1425,20 @@ class Moderation:
         if until is not False:
             self._mutes[name_key(new_name)] = until
 
+    def is_own_address(self, address):
+        """Return True for a loopback address or one of this computer's (own_addresses)."""
+        try:
+            return ipaddress.ip_address(address).is_loopback or address in self.own_addresses
+        except ValueError:
+            return False
+
+    def _identity_of(self, user, name):
+        """Return the identity of the user here, else the one last known under the name, or None."""
+        if user is not None:
+            return user.identity
+        known = self.hub._known.get(name_key(name))
+        return known[1] if known else None
+
     def is_operator(self, user):
         identity = self._operators.get(user.key)
         return identity is not None and identity == user.identity
@@ -1437,15 +1452,23 @@ class Moderation:
             target, reason = self._target(name), _clean_reason(reason)
             text = "%s was kicked by %s%s" % (target.name, _who(by), _reason_words(reason))
             self._eject_locked(target, "kicked", text)
-        log.info("%s", text)
+        _log_action(by, text)
         return text
 
     def ban(self, by, target, minutes=None, reason=None):
-        """Ban a name (and, if they are here, their address) or an address; eject them."""
+        """Ban a name (and the client identity known under it) or, given one, an address; eject them.
+
+        A name's ban never takes its address along: on a shared computer, or the
+        server's own, that would ban everybody there. An address is banned only when
+        it is given, and never one of this computer's own.
+        """
         with self.hub.lock:
             by = self._authorise(by)  # first: whoever may not ban learns nothing else
             until, reason = _until_for(minutes), _clean_reason(reason)
             if _is_address(target):
+                if self.is_own_address(target):
+                    raise ProtocolError("own_address", "%s is this computer's own address: banning it would ban "
+                                        "everybody who joins from here. Ban the name instead." % target)
                 self._add_ban_locked("address", target, until, reason)
                 victims = [u for u in self.hub._users.values() if u.address == target]
                 label = target
@@ -1454,15 +1477,16 @@ class Moderation:
                 user = self._target(target, must_be_here=False)
                 label = user.name if user else target
                 self._add_ban_locked("name", name_key(label), until, reason)
+                identity = self._identity_of(user, label)
+                if identity is not None:  # the same client under another name stays out too
+                    self._add_ban_locked("identity", identity, until, reason)
                 victims = [user] if user else []
-                if user is not None and user.address:
-                    self._add_ban_locked("address", user.address, until, reason)
             text = "%s was banned by %s%s%s" % (label, _who(by), _for_words(minutes), _reason_words(reason))
             for victim in victims:
                 self._eject_locked(victim, "banned", text)
             if not victims:
                 self._announce_locked(text, "ban", label, by)
-        log.info("%s", text)
+        _log_action(by, text)
         return text
 
     def unban(self, by, target):
@@ -1474,8 +1498,11 @@ class Moderation:
             if self._bans.pop((kind, value), None) is None:
                 raise ProtocolError("not_banned", "%s is not banned." % printable(target, 40))
             self.hub.store.delete_ban(kind, value)
+            identity = None if kind == "address" else self._identity_of(self._target(target, False), target)
+            if identity is not None and self._bans.pop(("identity", identity), None) is not None:
+                self.hub.store.delete_ban("identity", identity)  # what the name's ban set, it lifts
             text = self._announce_locked("%s was unbanned by %s" % (target, _who(by)), "unban", target, by)
-        log.info("%s", text)
+        _log_action(by, text)
         return text
 
     def mute(self, by, name, minutes=None, reason=None):
@@ -1486,7 +1513,7 @@ class Moderation:
             self._mutes[target.key] = until
             text = "%s was muted by %s%s%s" % (target.name, _who(by), _for_words(minutes), _reason_words(reason))
             self._announce_locked(text, "mute", target.name, by)
-        log.info("%s", text)
+        _log_action(by, text)
         return text
 
     def unmute(self, by, name):
@@ -1495,7 +1522,7 @@ class Moderation:
             if self._mutes.pop(name_key(name), False) is False:
                 raise ProtocolError("not_muted", "%s is not muted." % printable(name, 40))
             text = self._announce_locked("%s may speak again (%s)" % (name, _who(by)), "unmute", name, by)
-        log.info("%s", text)
+        _log_action(by, text)
         return text
 
     def set_operator(self, by, name, on=True):
@@ -1516,7 +1543,7 @@ class Moderation:
                 self._set_operator_locked(target.key, target.identity)
                 text = self._announce_locked("%s is now an operator (%s)" % (target.name, _who(by)), "op",
                                              target.name, by)
-        log.info("%s", text)
+        _log_action(by, text)
         return text
 
     def add_operator(self, name):
@@ -1529,8 +1556,7 @@ class Moderation:
         """A notice from the server's owner to everybody."""
         with self.hub.lock:
             text = self._announce_locked("Server: " + text, "notice", None, None)
-        log.info("%s", text)
-        return text
+        return text  # the console prints it
 
     def describe(self):
         """Return one line per user for the console: name, address, operator, muted, lost."""
@@ -1589,6 +1615,12 @@ class Moderation:
             fields["by"] = by.name
         self.hub._deliver_to_all(Event(fields))
         return text
+
+
+def _log_action(by, text):
+    """Log what an operator did. The console's own actions are printed by the console, once."""
+    if by is not None:
+        log.info("%s", text)
 
 
 def _is_address(text):
@@ -3723,6 +3755,8 @@ class Session(socketserver.BaseRequestHandler):
     def _end(self, reason):
         """Leave the hub, send the last frames, close cleanly. Runs on the session's thread."""
         reason = self.outbox.failed if self.outbox.failed == "too_slow" else reason
+        if self.server.stopping and reason in ("lost", "timeout"):
+            reason = "shutdown"  # the server closed the connection: nobody lost it
         name = self.seat.name if self.seat is not None else None
         if self.hub.leave(self.seat, reason):
             log.info("%s left (%s)", name, reason)
@@ -4633,6 +4667,7 @@ def run_server(args):
                   password=server_password(args.password))
     for name in args.op or []:
         hub.moderation.add_operator(name)
+    hub.moderation.own_addresses = set(lan_addresses())  # and loopback: never banned by address
     context, fingerprint = server_certificate(args) if args.tls else (None, None)
     try:
         server = ChatServer((args.host, args.port), hub=hub, tls_context=context)

@@ -1713,6 +1713,19 @@ class SqliteStoreTests(StoreContract, unittest.TestCase):
         self.make_store()
 
 
+def capture_log(test):
+    """Catch the server's log (INFO and up) in a buffer for one test; return the buffer."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    localchat.log.addHandler(handler)
+    test.addCleanup(localchat.log.removeHandler, handler)
+    test.addCleanup(localchat.log.setLevel, localchat.log.level)
+    test.addCleanup(setattr, localchat.log, "propagate", localchat.log.propagate)
+    localchat.log.setLevel(logging.INFO)
+    localchat.log.propagate = False
+    return buffer
+
+
 class OwnedLock:
     """A lock that knows which thread holds it, to catch work done inside the hub's lock."""
 
@@ -1875,14 +1888,7 @@ class StoredBeforeSeenTests(ServerFixture, unittest.TestCase):
         self.server.internal_errors = 0  # counted and logged, as it should be: not a failure of the test
 
     def quiet_log(self):
-        """Catch the server's log in a buffer for this test; return the buffer."""
-        buffer = io.StringIO()
-        handler = logging.StreamHandler(buffer)
-        localchat.log.addHandler(handler)
-        self.addCleanup(localchat.log.removeHandler, handler)
-        self.addCleanup(setattr, localchat.log, "propagate", localchat.log.propagate)
-        localchat.log.propagate = False
-        return buffer
+        return capture_log(self)
 
     def test_a_store_that_starts_failing_delivers_nothing_unstored_and_tells_the_sender(self):
         store, _ = self.start_watched_server()
@@ -6178,7 +6184,9 @@ class ModerationTests(HubHelpers, unittest.TestCase):
 
     # -- ban -----------------------------------------------------------------------
 
-    def test_ban_of_a_name_bans_it_and_its_address_with_a_sentence(self):
+    def test_ban_of_a_name_bans_it_and_its_client_but_never_its_address(self):
+        # Issue 13: /ban bob banned bob's address too (127.0.0.1 when bob was on the
+        # server's own computer, so everybody there).
         alice, bob, carol = self.trio()
         text = self.moderation.ban(alice.seat, "bob", None, "flooding")
         self.assertEqual(text, "bob was banned by alice: flooding")
@@ -6186,16 +6194,16 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         self.assertTrue(bob.closed)
         left = only(carol.take(), "left")
         self.assertEqual(summary(left, "name", "reason", "text"), ("bob", "banned", text))
-        self.assertEqual(sorted(ban[:2] for ban in self.moderation.bans()),
-                         [("address", "10.0.0.2"), ("name", "bob")])
-        for name, address in (("bob", "10.0.0.9"), ("BOB", None), ("robert", "10.0.0.2")):
-            with self.subTest(name=name, address=address):
-                error = self.assertRefused("banned", self.member, name, identity="x", address=address, fatal=True)
+        self.assertEqual(sorted(ban[0] for ban in self.moderation.bans()), ["identity", "name"])
+        for name, identity in (("bob", "x"), ("BOB", None), ("robert", "id-bob")):  # the same client renamed
+            with self.subTest(name=name, identity=identity):
+                error = self.assertRefused("banned", self.member, name, identity=identity, address="10.0.0.9",
+                                           fatal=True)
                 self.assertIn("You are banned from this chat", error.text)
                 self.assertIn("flooding", error.text)
         self.assertEqual(self.hub.count(), 2)  # alice and carol
         self.assertEqual(carol.events, [])  # refused joins are heard by nobody
-        self.member("dave", address="10.0.0.4")
+        self.member("dave", address="10.0.0.2")  # bob's computer: somebody else there may join
 
     def test_ban_of_an_address_ejects_everybody_there_and_holds_for_newcomers(self):
         alice, bob, carol = self.trio()
@@ -6223,10 +6231,11 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         self.quiet(alice, carol)
         self.moderation.unban(alice.seat, "BOB")
         self.assertNotice(carol.take(), "unban", "BOB", "alice", "unbanned by alice")
-        self.assertRefused("banned", self.member, "bob", address="10.0.0.2", fatal=True)  # the address still is
-        self.member("bob", address="10.0.0.8")
-        self.moderation.unban(None, "10.0.0.2")
-        self.member("zed", address="10.0.0.2")
+        self.assertEqual(self.moderation.bans(), [])  # the client's ban went with the name's
+        self.member("bob", identity="id-bob", address="10.0.0.2")
+        self.moderation.ban(None, "10.0.0.7")
+        self.moderation.unban(None, "10.0.0.7")
+        self.member("zed", address="10.0.0.7")
         self.assertRefused("not_banned", self.moderation.unban, alice.seat, "bob")
         self.assertRefused("not_banned", self.moderation.unban, None, "10.9.9.9")
 
@@ -6364,10 +6373,10 @@ class ModerationTests(HubHelpers, unittest.TestCase):
         self.hub = hub = localchat.ChatHub("second", store)
         self.moderation = hub.moderation
         self.assertEqual(sorted(ban[:2] for ban in hub.moderation.bans()),
-                         [("address", "10.0.0.2"), ("name", "bob"), ("name", "mallory")])
+                         [("identity", bob.seat.user.identity), ("name", "bob"), ("name", "mallory")])
         error = self.assertRefused("banned", self.member, "bob", fatal=True)
         self.assertIn("for good", error.text)
-        self.assertRefused("banned", self.member, "carol", address="10.0.0.2", fatal=True)
+        self.assertRefused("banned", self.member, "carol", identity="id-bob", fatal=True)
         self.assertRefused("banned", self.member, "mallory", fatal=True)
         alice = self.member("alice", identity="id-alice")
         self.assertTrue(alice.events[0]["operator"])
@@ -6468,12 +6477,12 @@ class ModerationServerTests(ServerFixture, unittest.TestCase):
         error = self.assert_error(again, "banned", fatal=True)
         self.assertRegex(error["text"], r"^You are banned from this chat until \d\d:\d\d: flooding the room\.$")
         self.assert_closed(again)
-        # Bob's address was banned with his name: here that is 127.0.0.1, everybody's.
-        stranger = self.connect()
-        stranger.send({"type": "hello", "name": "stranger", "version": 1})
-        self.assert_error(stranger, "banned", fatal=True)
-        self.command(alice, "/unban 127.0.0.1")
-        self.assertEqual(summary(carol.read_frame(), "type", "action"), ("notice", "unban"))
+        renamed = self.connect()  # bob's client under another name
+        renamed.send({"type": "hello", "name": "bobby", "version": 1, "identity": "token-of-bob"})
+        self.assert_error(renamed, "banned", fatal=True)
+        # Bob's address is not banned with his name: here that is 127.0.0.1, everybody's.
+        self.join("stranger")
+        carol.read_until(is_kind("joined", name="stranger"))
         self.command(alice, "/unban bob")
         self.assertEqual(summary(carol.read_frame(), "type", "action", "name"), ("notice", "unban", "bob"))
         self.join("bob", identity="token-of-bob")
@@ -6596,6 +6605,28 @@ class ConsoleTests(ServerFixture, unittest.TestCase):
         self.assertEqual(self.console.run_command("/kick"), "Usage: /kick NAME [reason]")
         self.assertEqual(self.console.run_command("/kick nobody"), "Nobody called nobody is here.")
 
+    def test_a_console_action_is_printed_once_and_an_operators_is_logged(self):
+        # Issue 13: every console action showed twice, printed and logged.
+        alice, bob, carol = self.people()
+        log = capture_log(self)
+        self.assertIn("is now an operator", self.console.run_command("/op alice"))
+        self.assertEqual(self.console.run_command("/kick carol noise"), "carol was kicked by the server's owner: noise")
+        alice.send({"type": "kick", "name": "bob", "reason": "spam"})
+        alice.read_until(is_kind("left", name="bob"))
+        lines = log.getvalue()
+        self.assertNotIn("carol was kicked", lines)
+        self.assertNotIn("is now an operator", lines)
+        self.assertIn("bob was kicked by alice: spam", lines)
+
+    def test_stopping_the_server_logs_its_clients_as_shutdown(self):
+        # Issue 13: Ctrl+C logged every client as "left (lost)".
+        self.people()
+        log = capture_log(self)
+        self.server.stop()
+        lines = log.getvalue()
+        self.assertIn("alice left (shutdown)", lines)
+        self.assertNotIn("(lost)", lines)
+
     def test_ban_bans_unban_lift_and_bans_lists(self):
         alice, bob, carol = self.people()
         self.assertEqual(self.console.run_command("/bans"), "Nobody is banned.")
@@ -6604,13 +6635,16 @@ class ConsoleTests(ServerFixture, unittest.TestCase):
         self.assertEqual(bob.read_until(is_kind("bye"))[0]["reason"], "banned")
         self.assertEqual(summary(carol.read_frame(), "type", "reason", "text"), ("left", "banned", answer))
         listed = self.console.run_command("/bans").splitlines()
-        self.assertEqual(len(listed), 2)
-        self.assertRegex(listed[0], r"^address 127\.0\.0\.1 until \d\d:\d\d: flooding$")
+        self.assertEqual(len(listed), 2)  # the name, and the client it had
+        self.assertRegex(listed[0], r"^identity [0-9a-f]{32} until \d\d:\d\d: flooding$")
         self.assertRegex(listed[1], r"^name bob until \d\d:\d\d: flooding$")
+        self.join("carol2")  # from 127.0.0.1 like bob: the address is not banned
+        carol.read_until(is_kind("joined", name="carol2"))
+        refused = self.console.run_command("/ban 127.0.0.1")
+        self.assertIn("this computer's own address", refused)
         self.assertEqual(self.console.run_command("/ban 10.1.2.3"), "10.1.2.3 was banned by the server's owner")
         self.assertEqual(summary(carol.read_frame(), "type", "action", "name"), ("notice", "ban", "10.1.2.3"))
         self.assertIn("was unbanned by the server's owner", self.console.run_command("/unban bob"))
-        self.assertIn("was unbanned", self.console.run_command("/unban 127.0.0.1"))
         self.assertIn("was unbanned", self.console.run_command("/unban 10.1.2.3 extra words"))
         self.assertEqual(self.console.run_command("/unban bob"), "bob is not banned.")
         self.assertEqual(self.console.run_command("/bans"), "Nobody is banned.")

@@ -6450,6 +6450,7 @@ class TerminalClient:
         self._next_ref = 0
         self._leaving_since = None
         self._bye_sent = False
+        self.stdout_closed = False  # what reads our output went away (`| head -4`): leave quietly
 
     def run(self):
         """Connect and chat until input ends or the connection does; return the exit code."""
@@ -6463,7 +6464,7 @@ class TerminalClient:
         try:
             return self._main_loop()
         finally:
-            self.connection.close(say_bye=False)
+            self.connection.close(say_bye=self.stdout_closed)
 
     def _on_event(self, frame):
         """Runs on the reader thread: hand the frame to the main thread."""
@@ -6488,6 +6489,8 @@ class TerminalClient:
                     return code
             elif kind == "line":
                 self._on_line(value)
+            if self.stdout_closed:
+                return 0
             elif self._leaving_since is None:
                 self._leaving_since = time.monotonic()
             if self._leaving_since is not None and not self._pending and not self._bye_sent:
@@ -6544,8 +6547,11 @@ class TerminalClient:
         """Print one event; the lines of a multi-line text are indented under the first."""
         prefix = "[%s] " % stamp
         body = text.replace("\n", "\n" + " " * len(prefix))
-        self.stdout.write(prefix + body + "\n")
-        self.stdout.flush()
+        try:
+            self.stdout.write(prefix + body + "\n")
+            self.stdout.flush()
+        except (BrokenPipeError, ValueError):  # ValueError: the file was closed
+            self.stdout_closed = True
 
 
 def run_discover():
@@ -6570,6 +6576,16 @@ def server_from_discovery():
                     + "\n  ".join(describe_found_server(server) for server in found))
 
 
+def _silence_stdout():
+    """Point stdout at the null device: its reader has gone, and nothing more is to be said."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):
+        pass
+
+
 def run_cli(args):
     host, port = split_host_port(args.server) if args.server else server_from_discovery()
     if hasattr(sys.stdout, "reconfigure"):
@@ -6579,7 +6595,10 @@ def run_cli(args):
         client = TerminalClient(host, port, args.name, identity=load_identity(), password=password,
                                 tls=args.tls, fingerprint=args.fingerprint)
         try:
-            return client.run()
+            code = client.run()
+            if client.stdout_closed:
+                _silence_stdout()  # else the flush at exit reports the broken pipe once more
+            return code
         except UserError as error:
             if error.code not in ("password_required", "auth_failed") or not sys.stdin.isatty() or attempt == 2:
                 if error.code == "password_required":

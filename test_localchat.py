@@ -3406,6 +3406,28 @@ class CliTests(unittest.TestCase):
         self.assertEqual(frames[1]["text"], "build finished")
         self.assertEqual(frames[2]["reason"], "quit")
 
+    def test_a_closed_stdout_ends_the_line_client_quietly(self):
+        # Issue 13: `localchat.py NAME --cli | head -4` ended in a BrokenPipeError traceback.
+        _, port, _ = self.start_server()
+        watcher = self.join(port, "watcher")
+        process = subprocess.Popen(self.command("reader", "--cli", "--server", "%s:%d" % (LOOPBACK, port)),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+        self.processes.append(process)
+        first = process.stdout.readline()  # what `head -1` reads, before it goes
+        self.assertIn(b"Connected to", first)
+        process.stdout.close()
+        watcher.read_until(is_kind("joined", name="reader"))
+        for number in range(20):  # whatever comes next finds nobody reading, pipe buffer or not
+            watcher.say("line %d %s" % (number, "x" * 4000))
+        try:
+            _, stderr = process.communicate(timeout=PROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.fail("the line client did not end when its stdout closed")
+        self.assertEqual(process.returncode, 0, stderr)
+        self.assertEqual(stderr.decode("utf-8", "replace"), "")
+        left, _ = watcher.read_until(is_kind("left", name="reader"))
+        self.assertEqual(left["reason"], "quit")
+
     def test_two_cli_clients_chat_end_to_end(self):
         _, port, _ = self.start_server()
         server_option = "%s:%d" % (LOOPBACK, port)

@@ -6489,10 +6489,10 @@ class TerminalClient:
                     return code
             elif kind == "line":
                 self._on_line(value)
-            if self.stdout_closed:
-                return 0
             elif self._leaving_since is None:
                 self._leaving_since = time.monotonic()
+            if self.stdout_closed:
+                return 0
             if self._leaving_since is not None and not self._pending and not self._bye_sent:
                 self._bye_sent = True
                 self.connection.post({"type": "bye"})

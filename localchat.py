@@ -172,7 +172,9 @@ Client to server:
 
 Server to client:
   {"type":"welcome","name":"alice","users":["alice","bob"],"rooms":["general"],
-   "server":"host","version":1,"max_text_bytes":32000,"resume":"token","last_id":41}
+   "server":"host","version":1,"max_text_bytes":32000,"resume":"token","last_id":41,
+   "limits":{"messages_per_s":5.0,"message_burst":30,"kbytes_per_s":64.0,"kbyte_burst":512}}
+  (the flood limits: a client that keeps inside them is never refused; 0 means none)
   then {"type":"room",...} for each room one is in, the history (message frames
   with "replay":true: a room's last messages, or with "last_id" what was missed),
   direct messages that waited, and {"type":"synced","last_id":41}.
@@ -1341,6 +1343,8 @@ class ChatHub:
             "resume": user.resume_token,
             "last_id": self._next_id - 1,
             "operator": self.moderation.is_operator(user),
+            "limits": {"messages_per_s": self.limits.messages_per_s, "message_burst": self.limits.message_burst,
+                       "kbytes_per_s": self.limits.kbytes_per_s, "kbyte_burst": self.limits.kbyte_burst},
             "ts": _now(),
         }
 
@@ -4734,6 +4738,36 @@ def connect_error_sentence(error, host, port):
             % (where, error.strerror or error, port))
 
 
+class SendPacer:
+    """A client's copy of the server's flood allowance (announced in the welcome), to stay inside it.
+
+    A little below the server's own figures: the server's allowance starts a
+    moment before the welcome arrives.
+    """
+
+    MARGIN = 0.9  # of the server's rates
+
+    def __init__(self, limits=None):
+        limits = limits if isinstance(limits, dict) else {}
+
+        def number(key):
+            value = limits.get(key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e9
+            return float(value) if ok else 0.0
+        self.messages = TokenBucket(number("messages_per_s") * self.MARGIN, max(1.0, number("message_burst") - 2))
+        self.bytes = TokenBucket(number("kbytes_per_s") * 1024 * self.MARGIN,
+                                 max(number("kbyte_burst") * 1024 - 4096, MAX_TEXT_BYTES))
+
+    def wait_for(self, size):
+        """Spend the allowance of one message of size bytes and return 0, or return the seconds to wait."""
+        wait = self.messages.take(1)
+        if not wait:
+            wait = self.bytes.take(size)
+            if wait:
+                self.messages.tokens += 1  # not sent after all
+        return wait
+
+
 class ChatConnection:
     """A client's connection to a LocalChat server, reconnecting by itself when asked to.
 
@@ -4765,6 +4799,7 @@ class ChatConnection:
         self.reconnect = reconnect
         self.on_event = on_event or (lambda frame: None)
         self.welcome = None
+        self.pacer = SendPacer()  # no limits known until a welcome says them
         self.last_id = None  # the highest message id seen
         self.rooms = []  # the rooms we are in, in joining order
         self._sock = None
@@ -4868,6 +4903,7 @@ class ChatConnection:
                             code=frame.get("code"))
         frame["resumed"] = self.welcome is not None and frame.get("resume") == self.welcome.get("resume")
         self.welcome = frame
+        self.pacer = SendPacer(frame.get("limits"))  # the server's flood allowance starts anew
         self.name = frame.get("name", self.name)
         if not frame["resumed"]:
             self.rooms = list(frame.get("rooms") or [])
@@ -4908,12 +4944,29 @@ class ChatConnection:
             while not self._synced.wait(0.5):
                 if self._closing.is_set():
                     return
-            if fields.get("type") == "say" and fields.get("ref"):
-                self.unconfirmed[fields["ref"]] = fields
+            if fields.get("type") == "say":
+                if self._pace(fields):
+                    return
+                if fields.get("ref"):
+                    self.unconfirmed[fields["ref"]] = fields
             try:
                 self.send(fields)
             except OSError:
                 pass  # a say stays unconfirmed and is sent again after reconnecting
+
+    def _pace(self, fields):
+        """Wait until the server's limits let this message go; return True if closing meanwhile.
+
+        Runs on the sender thread. A script piping lines is slowed down, never refused.
+        """
+        size = len(str(fields.get("text", "")).encode("utf-8", "replace"))
+        for _ in range(100000):
+            wait = self.pacer.wait_for(size)
+            if not wait:
+                return False
+            if self._closing.wait(wait):
+                return True
+        return False
 
     # -- reading ---------------------------------------------------------------
 
@@ -6434,8 +6487,12 @@ def run_window(args):
 CONFIRM_TIMEOUT_S = 10.0  # at the end of input, how long to wait for our messages' echoes
 
 
+PIPED_LINES_PER_MESSAGE = 100     # piped lines that come together go as one message of at most this many
+PIPED_BYTES_PER_MESSAGE = 16000   # ... and about this many bytes (half the largest message)
+
+
 class TerminalClient:
-    """Send each stdin line, print each event as one timestamped line."""
+    """Send each stdin line (piped lines that come together as one message), print each event as a line."""
 
     def __init__(self, host, port, name, stdin=None, stdout=None, identity=None, password=None,
                  tls=False, fingerprint=None):
@@ -6451,6 +6508,9 @@ class TerminalClient:
         self._leaving_since = None
         self._bye_sent = False
         self.stdout_closed = False  # what reads our output went away (`| head -4`): leave quietly
+        self._held = None  # an item taken from the inbox while gathering lines, handled next
+        isatty = getattr(self.stdin, "isatty", None)
+        self._piped = not (isatty and isatty())  # piped lines that come together go as one message
 
     def run(self):
         """Connect and chat until input ends or the connection does; return the exit code."""
@@ -6479,7 +6539,7 @@ class TerminalClient:
     def _main_loop(self):
         while True:
             try:
-                kind, value = self._inbox.get(timeout=self._wait_limit())
+                kind, value = self._next_item()
             except queue.Empty:
                 self._print(clock(), "! %d message(s) were not confirmed by the server." % len(self._pending))
                 return 1
@@ -6488,7 +6548,7 @@ class TerminalClient:
                 if code is not None:
                     return code
             elif kind == "line":
-                self._on_line(value)
+                self._on_line(self._gather(value) if self._piped else value)
             elif self._leaving_since is None:
                 self._leaving_since = time.monotonic()
             if self.stdout_closed:
@@ -6496,6 +6556,33 @@ class TerminalClient:
             if self._leaving_since is not None and not self._pending and not self._bye_sent:
                 self._bye_sent = True
                 self.connection.post({"type": "bye"})
+
+    def _next_item(self):
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        return self._inbox.get(timeout=self._wait_limit())
+
+    def _gather(self, line):
+        """Join the plain lines already waiting behind this one (a piped file) into one text.
+
+        A 1,000-line log then goes as ten messages, not a thousand the server's flood
+        limits would slow down for minutes. A command or anything else ends the run.
+        """
+        if line.startswith("/"):
+            return line
+        lines, size = [line], len(line)
+        while len(lines) < PIPED_LINES_PER_MESSAGE and size < PIPED_BYTES_PER_MESSAGE:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] != "line" or item[1].startswith("/"):
+                self._held = item
+                break
+            lines.append(item[1])
+            size += len(item[1].encode("utf-8", "replace")) + 1
+        return "\n".join(lines)
 
     def _wait_limit(self):
         if self._leaving_since is None:

@@ -2790,6 +2790,24 @@ class ResumeServerTests(ServerFixture, unittest.TestCase):
 class ClientTests(ServerFixture, unittest.TestCase):
     """ChatConnection and the line client against a real server, and what a person types."""
 
+    def test_posted_messages_are_paced_to_the_limits_the_welcome_announces(self):
+        # Issue 13: a client that sent faster than the server's limits had messages refused.
+        limits = localchat.Limits(messages_per_s=5, message_burst=3)
+        self.start_server(hub=localchat.ChatHub("paced", limits=limits))
+        connection = self.started("script")
+        self.assertEqual(connection.welcome["limits"]["messages_per_s"], 5)
+        started = time.monotonic()
+        for number in range(12):
+            connection.post({"type": "say", "text": "m%d" % number, "ref": "r%d" % number})
+        seen = []
+        for _ in range(12):
+            event, skipped = self.event_until(connection, is_message, timeout=READ_TIMEOUT_S)
+            self.assertEqual([e for e in skipped if e["type"] == "error"], [])
+            seen.append(event["text"])
+        self.assertEqual(seen, ["m%d" % number for number in range(12)])
+        # 1 at once, then 4.5 a second (90% of the rate): at least about 2.4 s, and nothing refused.
+        self.assertGreater(time.monotonic() - started, 2.0)
+
     def test_connect_returns_the_welcome_and_events_arrive(self):
         self.start_server()
         connection = self.connection("alice")
@@ -3406,6 +3424,26 @@ class CliTests(unittest.TestCase):
         self.assertEqual(frames[1]["text"], "build finished")
         self.assertEqual(frames[2]["reason"], "quit")
 
+    def test_a_thousand_piped_lines_get_through_whole_inside_the_default_limits(self):
+        # Issue 13: 45 piped lines delivered 30 (15 refused as "sending too fast", exit 1), and
+        # 60 got the client disconnected for flooding in front of everybody.
+        _, port, _ = self.start_server()
+        watcher = self.join(port, "watcher")
+        lines = ["build step %04d: ok %s" % (number, "." * (number % 50)) for number in range(1000)]
+        result = self.run_cli("ci", "--cli", "--server", "%s:%d" % (LOOPBACK, port),
+                              input_text="\n".join(lines) + "\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("too fast", result.stdout.decode("utf-8"))
+        got, messages = [], 0
+        for _ in range(MAX_FRAMES):
+            frame, _ = watcher.read_until(lambda f: is_message(f) or is_kind("left", name="ci")(f))
+            if frame["type"] == "left":
+                break
+            got.extend(frame["text"].split("\n"))
+            messages += 1
+        self.assertEqual(got, lines)  # every line, in order
+        self.assertLessEqual(messages, 1000 // localchat.PIPED_LINES_PER_MESSAGE + 5)
+
     def test_a_closed_stdout_ends_the_line_client_quietly(self):
         # Issue 13: `localchat.py NAME --cli | head -4` ended in a BrokenPipeError traceback.
         _, port, _ = self.start_server()
@@ -3438,8 +3476,8 @@ class CliTests(unittest.TestCase):
         result = self.run_cli("ci", "--cli", "--server", server_option, input_text="line one\nline two\n")
         self.assertEqual(result.returncode, 0, result.stderr)
         out.wait_for(r"\* ci joined #general$")
-        out.wait_for(r"<ci> line one$")
-        out.wait_for(r"<ci> line two$")
+        out.wait_for(r"<ci> line one$")  # piped lines that come together go as one message
+        out.wait_for(r"^ {11}line two$")
         out.wait_for(r"\* ci left$")
         listener.stdin.close()  # end of input: the listener leaves
         self.assertEqual(listener.wait(PROCESS_TIMEOUT_S), 0)

@@ -5069,7 +5069,7 @@ class ChatConnection:
             self._resend_unconfirmed()
             self._synced.set()
         elif kind == "error" and frame.get("ref"):  # refused (not_stored): never sent again
-            self._unconfirmed.pop(frame.get("ref"), None)
+            self.unconfirmed.pop(frame.get("ref"), None)
         self.on_event(frame)
 
     def _resend_unconfirmed(self):

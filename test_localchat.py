@@ -2790,6 +2790,23 @@ class ResumeServerTests(ServerFixture, unittest.TestCase):
 class ClientTests(ServerFixture, unittest.TestCase):
     """ChatConnection and the line client against a real server, and what a person types."""
 
+    def test_a_message_refused_as_not_stored_is_not_sent_again(self):
+        # Regression: the refusal's ref was looked up under an old attribute name, and the
+        # reader thread ended with an AttributeError.
+        store = localchat.SqliteStore(os.path.join(tempfile.mkdtemp(dir=_SCRATCH.name), "history.sqlite3"))
+        self.start_server(hub=localchat.ChatHub("failing", store))
+        connection = self.started("writer")
+        log = capture_log(self)
+        store.db = WatchedDatabase(sqlite3.connect(":memory:", check_same_thread=False), OwnedLock())
+        store.db.close()  # from now on every commit fails
+        connection.post({"type": "say", "text": "lost", "ref": "r-lost"})
+        error, _ = self.event_until(connection, is_kind("error"))
+        self.assertEqual((error["code"], error["ref"]), ("not_stored", "r-lost"))
+        self.assertNotIn("r-lost", connection.unconfirmed)
+        self.assertIn("cannot store 1 messages", log.getvalue())
+        connection.send({"type": "ping", "token": "still"})
+        self.assertEqual(self.event_until(connection, is_kind("pong"))[0]["token"], "still")
+
     def test_posted_messages_are_paced_to_the_limits_the_welcome_announces(self):
         # Issue 13: a client that sent faster than the server's limits had messages refused.
         limits = localchat.Limits(messages_per_s=5, message_burst=3)

@@ -5081,7 +5081,7 @@ class ChatConnection:
         """Try to connect again with growing pauses; return (text, final) on giving up."""
         delay = 0.5
         while not self._closing.is_set():
-            self.on_event({"type": "reconnecting", "delay": delay,
+            self.on_event({"type": "reconnecting", "delay": delay, "why": why,
                            "text": "%s Reconnecting in %g s..." % (why, delay)})
             if self._closing.wait(delay):
                 break
@@ -6509,6 +6509,7 @@ class TerminalClient:
         self._bye_sent = False
         self.stdout_closed = False  # what reads our output went away (`| head -4`): leave quietly
         self._held = None  # an item taken from the inbox while gathering lines, handled next
+        self._last_why = None  # why the last reconnection attempt failed, already printed
         isatty = getattr(self.stdin, "isatty", None)
         self._piped = not (isatty and isatty())  # piped lines that come together go as one message
 
@@ -6624,7 +6625,11 @@ class TerminalClient:
             return 0 if not self._pending else 1
         elif kind == "error":
             self._print(clock(), "! " + notice_text(frame))
+        elif kind == "reconnecting" and frame.get("why") == self._last_why:
+            self._print(clock(), "* Still no connection. Reconnecting in %g s..." % frame.get("delay", 0))
         elif kind not in ("bye", "synced"):
+            if kind == "reconnecting":  # the reason, with its hint, once; then only the attempts
+                self._last_why = frame.get("why")
             text = notice_text(frame)
             if text:
                 self._print(clock(frame.get("ts")), "* " + text)

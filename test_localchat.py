@@ -3685,6 +3685,19 @@ class CliTests(unittest.TestCase):
             with self.subTest(text=text):
                 self.assertEqual(sum(line.endswith("<term> " + text) for line in out.lines), 1, out.lines)
 
+    def test_while_the_server_is_down_the_firewall_hint_is_printed_once(self):
+        # Issue 13: every retry printed the two-line firewall hint again.
+        port = self.free_port()
+        server, _, _ = self.start_server(port=port)
+        client, out, _ = self.popen("term", "--cli", "--server", "%s:%d" % (LOOPBACK, port), stdin=subprocess.PIPE)
+        out.wait_for(r"\* You are in #general with 1 here: term\.$")
+        server.kill()
+        server.wait(PROCESS_TIMEOUT_S)
+        out.wait_for(r"Still no connection\. Reconnecting in 2 s", 10.0)  # the attempts after 0.5 s and 1 s
+        hints = [line for line in out.lines if "firewall" in line]
+        self.assertEqual(len(hints), 1, out.lines)
+        client.stdin.close()
+
     # -- arguments -------------------------------------------------------------------
 
     def test_bad_arguments_give_a_one_line_error_and_exit_2(self):

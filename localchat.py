@@ -670,6 +670,19 @@ class TokenBucket:
         return (amount - self.tokens) / self.rate
 
 
+def take_message(messages, size_bucket, size):
+    """Spend one message and its bytes from two TokenBuckets and return 0, or spend nothing and return the wait.
+
+    The server's flood guard and the clients' pacer both count this way.
+    """
+    wait = messages.take(1)
+    if not wait:
+        wait = size_bucket.take(size)
+        if wait:
+            messages.tokens += 1  # not sent after all
+    return wait
+
+
 class RecentEvents:
     """Counts events within a sliding window of seconds; holds nothing until the first one."""
 
@@ -705,11 +718,7 @@ class FloodGuard:
 
     def check_message(self, size):
         """Raise rate_limited (or, after too many, a fatal flood error) if over the limit."""
-        wait = self.messages.take(1)
-        if not wait:
-            wait = self.bytes.take(size)
-            if wait:
-                self.messages.tokens += 1  # not sent after all
+        wait = take_message(self.messages, self.bytes, size)
         if wait:
             self._refuse("You are sending too fast: this message was not sent. Try again in %.0f s."
                          % max(1, wait + 0.5))
@@ -4760,12 +4769,7 @@ class SendPacer:
 
     def wait_for(self, size):
         """Spend the allowance of one message of size bytes and return 0, or return the seconds to wait."""
-        wait = self.messages.take(1)
-        if not wait:
-            wait = self.bytes.take(size)
-            if wait:
-                self.messages.tokens += 1  # not sent after all
-        return wait
+        return take_message(self.messages, self.bytes, size)
 
 
 class ChatConnection:

@@ -5242,7 +5242,7 @@ def message_line(frame):
         return where + ("* %s %s" % (sender, text) if frame.get("action") else text) + (
             " (will be delivered when %s returns)" % frame["to"] if frame.get("queued") else "")
     room = frame.get("room")
-    prefix = "" if room in (None, GENERAL_ROOM) else room_label(room) + " "
+    prefix = room_label(room) + " " if room else ""  # every line names its room (or, above, its person)
     if frame.get("action"):
         return "%s* %s %s" % (prefix, sender, text)
     return "%s<%s> %s" % (prefix, sender, text)

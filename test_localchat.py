@@ -3030,7 +3030,7 @@ class ClientTests(ServerFixture, unittest.TestCase):
         runner.join(READ_TIMEOUT_S)
         self.assertFalse(runner.is_alive())
         self.assertEqual(codes, [0])
-        self.assertRegex(printed, r"^\[\d\d:\d\d:\d\d\] <sender> first\n {11}second\n$")
+        self.assertRegex(printed, r"^\[\d\d:\d\d:\d\d\] #general <sender> first\n {11}second\n$")
 
     def test_terminal_client_commands_switch_rooms_and_send_direct_messages(self):
         self.start_server()
@@ -3043,7 +3043,7 @@ class ClientTests(ServerFixture, unittest.TestCase):
         shown = [line[11:] for line in output.getvalue().splitlines()]
         for line in ("* You are in #games with 1 here: term.", "#games <term> in games",
                      "* term set the topic of #games: chess", "[term -> watcher] psst", "#games * term waves",
-                     "* term left #games", "<term> back in general"):
+                     "* term left #games", "#general <term> back in general"):
             with self.subTest(line=line):
                 self.assertIn(line, shown)
         frames = [watcher.read_frame() for _ in range(4)]  # nothing from #games reaches the watcher
@@ -3269,10 +3269,10 @@ class InputTests(unittest.TestCase):
     def test_message_line_shows_room_direct_action_and_queued(self):
         base = {"type": "message", "id": 1, "ts": 0.0, "from": "alice", "text": "hi"}
         cases = (
-            ({"room": "general"}, "<alice> hi"),
+            ({"room": "general"}, "#general <alice> hi"),  # issue 13: every line names its room
             ({"room": "games"}, "#games <alice> hi"),
             ({"room": "games", "action": True}, "#games * alice hi"),
-            ({"room": "general", "action": True}, "* alice hi"),
+            ({"room": "general", "action": True}, "#general * alice hi"),
             ({"to": "bob"}, "[alice -> bob] hi"),
             ({"to": "bob", "action": True}, "[alice -> bob] * alice hi"),
             ({"to": "bob", "queued": True}, "[alice -> bob] hi (will be delivered when bob returns)"),
@@ -3434,7 +3434,7 @@ class CliTests(unittest.TestCase):
         watcher = self.join(port, "watcher")
         result = self.run_cli("ci", "--cli", "--server", "%s:%d" % (LOOPBACK, port), input_text="build finished\n")
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertRegex(result.stdout.decode("utf-8"), r"(?m)^\[\d\d:\d\d:\d\d\] <ci> build finished$")
+        self.assertRegex(result.stdout.decode("utf-8"), r"(?m)^\[\d\d:\d\d:\d\d\] #general <ci> build finished$")
         frames = [watcher.read_frame() for _ in range(3)]
         self.assertEqual([(frame["type"], frame.get("name") or frame.get("from")) for frame in frames],
                          [("joined", "ci"), ("message", "ci"), ("left", "ci")])

@@ -1703,6 +1703,32 @@ def data_dir():
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "localchat"
 
 
+def private_folder(path):
+    """Make the folder (and its parents) if it is missing, the new one the owner's alone (0700).
+
+    An existing folder keeps its modes: LOCALCHAT_DATA_DIR may name a shared one.
+    Where the system has no such modes (Windows), the user's profile is private already.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        if os.name == "posix":
+            os.chmod(str(path), 0o700)  # mkdir's mode passes through the umask
+    return path
+
+
+def private_file(path):
+    """Create the file if it is missing, and make it the owner's alone (0600) where modes exist."""
+    if os.name == "posix":
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # the mode of os.open only applies to a new file
+        finally:
+            os.close(fd)
+    return path
+
+
 def _empty_state():
     return {"topics": {}, "users": {}, "bans": {}, "operators": {}}
 
@@ -1802,12 +1828,11 @@ def _first(rows):
 
 
 def _lock_history_file(path):
-    """Hold the lock file beside a history file, or raise UserError if another server holds it.
+    """Hold the lock file (beside a history file), or raise UserError if another server holds it.
 
     The system lets go of it when the process ends, however it ends (kill -9 too).
     """
-    lock_path = Path(str(path) + LOCK_SUFFIX)
-    handle = open(lock_path, "a+b")
+    handle = open(str(path), "a+b")
     try:
         try:
             import fcntl
@@ -1819,8 +1844,9 @@ def _lock_history_file(path):
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
+        history = str(path)[:-len(LOCK_SUFFIX)]
         raise UserError("the history file %s is in use by another LocalChat server on this computer; stop that "
-                        "server first, or give this one a file of its own with --history FILE." % path) from None
+                        "server first, or give this one a file of its own with --history FILE." % history) from None
     return handle
 
 
@@ -1873,8 +1899,9 @@ class SqliteStore:
         self._pending_lock = threading.Lock()
         self._db_lock = threading.Lock()  # one user of the connection at a time
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_file = _lock_history_file(self.path)
+            private_folder(self.path.parent)  # history holds direct messages: the owner's alone
+            private_file(self.path)
+            self._lock_file = _lock_history_file(private_file(Path(str(self.path) + LOCK_SUFFIX)))
         except OSError as error:
             raise UserError("cannot open the history database %s: %s" % (self.path, error)) from None
         try:
@@ -5283,8 +5310,9 @@ def save_settings(settings):
     folder = config_dir()
     temporary = folder / "settings.json.tmp"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
+        private_folder(folder)  # the identity token is in it: the owner's alone
+        with open(str(private_file(temporary)), "w", encoding="utf-8") as file:
+            file.write(json.dumps(settings, indent=2, sort_keys=True))
         os.replace(str(temporary), str(folder / "settings.json"))
         return None
     except OSError as error:

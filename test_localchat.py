@@ -29,6 +29,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import statistics
 import struct
 import subprocess
@@ -1724,6 +1725,48 @@ def capture_log(test):
     localchat.log.setLevel(logging.INFO)
     localchat.log.propagate = False
     return buffer
+
+
+class PrivateFilesTests(unittest.TestCase):
+    """What holds direct messages and identity tokens is the owner's alone (issue 13)."""
+
+    def setUp(self):
+        if os.name != "posix":
+            self.skipTest("file modes are POSIX; elsewhere the user's profile is private already")
+        scratch = tempfile.TemporaryDirectory(prefix="private-", dir=_SCRATCH.name)
+        self.addCleanup(scratch.cleanup)
+        self.folder = scratch.name
+        old_umask = os.umask(0o022)  # the usual one, which made them readable by everybody
+        self.addCleanup(os.umask, old_umask)
+
+    def mode(self, path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    def test_history_its_folder_and_its_companions_are_the_owners_alone(self):
+        path = os.path.join(self.folder, "new", "history.sqlite3")
+        store = localchat.SqliteStore(path)
+        self.addCleanup(store.close)
+        store.add_message({"type": "message", "id": 1, "ts": 1.0, "from": "a", "to": "b", "text": "secret"})
+        store.flush()
+        self.assertEqual(self.mode(os.path.dirname(path)), 0o700)
+        for name in ("history.sqlite3", "history.sqlite3-wal", "history.sqlite3.lock"):
+            with self.subTest(name=name):
+                self.assertEqual(self.mode(os.path.join(self.folder, "new", name)), 0o600)
+
+    def test_an_existing_shared_folder_keeps_its_mode_but_the_files_are_private(self):
+        os.chmod(self.folder, 0o755)
+        store = localchat.SqliteStore(os.path.join(self.folder, "history.sqlite3"))
+        self.addCleanup(store.close)
+        self.assertEqual(self.mode(self.folder), 0o755)  # LOCALCHAT_DATA_DIR may name a shared folder
+        self.assertEqual(self.mode(os.path.join(self.folder, "history.sqlite3")), 0o600)
+
+    def test_the_settings_with_the_identity_token_are_the_owners_alone(self):
+        config = os.path.join(self.folder, "config")
+        with mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": config}):
+            self.assertIsNone(localchat.save_settings({"identity": "token"}))
+            localchat.load_identity()
+        self.assertEqual(self.mode(config), 0o700)
+        self.assertEqual(self.mode(os.path.join(config, "settings.json")), 0o600)
 
 
 class OwnedLock:

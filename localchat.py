@@ -4660,7 +4660,7 @@ def server_certificate(args):
         if not (cert_path.is_file() and key_path.is_file()):
             print("Making a certificate for encryption (once; it is kept in %s)..." % cert_path.parent)
             sys.stdout.flush()
-            cert_path.parent.mkdir(parents=True, exist_ok=True)
+            private_folder(cert_path.parent)  # the key goes there
             host = socket.gethostname()
             names = [host, "localhost", "127.0.0.1"] + lan_addresses()
             # A certificate's DNS names are ASCII: a computer named "Jürgen-PC" leaves its name out.

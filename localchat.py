@@ -986,9 +986,7 @@ class ChatHub:
         for item in holding.items:
             if isinstance(item, _Page):
                 for fields in item.fields:
-                    fields = dict(fields, replay=True)
-                    fields.pop("queued", None)
-                    conn.deliver_locked(Event(fields))
+                    conn.deliver_locked(_replayed(fields))
             elif not item.withdrawn:
                 conn.deliver_locked(item)
         if user.conn is holding:  # else another connection took the user over meanwhile
@@ -1282,9 +1280,7 @@ class ChatHub:
         end.update(count=len(page), more=more)
         with self.lock:
             for fields in page:
-                fields = dict(fields, replay=True)
-                fields.pop("queued", None)
-                user.conn.deliver_locked(Event(fields))
+                user.conn.deliver_locked(_replayed(fields))
             user.conn.deliver_locked(Event(end))
 
     def _older(self, what, limit, before):
@@ -1630,6 +1626,13 @@ class Moderation:
         return text
 
 
+def _replayed(fields):
+    """Return a stored message as the event that replays it (a waiting one is no longer queued)."""
+    fields = dict(fields, replay=True)
+    fields.pop("queued", None)
+    return Event(fields)
+
+
 def _log_action(by, text):
     """Log what an operator did. The console's own actions are printed by the console, once."""
     if by is not None:
@@ -1755,17 +1758,19 @@ class MemoryStore:
             self._messages.append([dict(fields), from_identity, to_identity, delivered])
             self._last_id = max(self._last_id, fields["id"])
 
-    def _select(self, keep, limit, newest=True):
-        """Return up to limit messages for which keep(entry) holds, oldest first."""
+    def _select(self, keep, limit=None, newest=True):
+        """Return up to limit (None: all) messages for which keep(entry) holds, oldest first."""
         with self._lock:
             entries = list(self._messages)
         found = []
         for entry in (reversed(entries) if newest else entries):
             if keep(entry):
                 found.append(entry[0])
-                if newest and len(found) >= limit:
+                if newest and limit is not None and len(found) >= limit:
                     break
-        return found[::-1] if newest else found[-limit:]
+        if newest:
+            return found[::-1]
+        return found if limit is None else found[-limit:]
 
     def room_history(self, room_key, limit, before=None):
         return self._select(lambda e: "room" in e[0] and name_key(e[0]["room"]) == room_key and (
@@ -1790,7 +1795,7 @@ class MemoryStore:
         if identity is None:
             return []
         return self._select(lambda e: e[2] == identity and not e[3] and (upto is None or e[0]["id"] <= upto),
-                            len(self._messages) or 1, newest=False)
+                            newest=False)
 
     def mark_delivered(self, identity, upto=None):
         with self._lock:
@@ -1823,16 +1828,12 @@ class MemoryStore:
         pass
 
 
-def _first(rows):
-    return rows[0] if rows else None
-
-
-def _lock_history_file(path):
-    """Hold the lock file (beside a history file), or raise UserError if another server holds it.
+def _lock_history_file(history):
+    """Hold the lock file beside a history file, or raise UserError if another server holds it.
 
     The system lets go of it when the process ends, however it ends (kill -9 too).
     """
-    handle = open(str(path), "a+b")
+    handle = open(str(private_file(Path(str(history) + LOCK_SUFFIX))), "a+b")
     try:
         try:
             import fcntl
@@ -1844,7 +1845,6 @@ def _lock_history_file(path):
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        history = str(path)[:-len(LOCK_SUFFIX)]
         raise UserError("the history file %s is in use by another LocalChat server on this computer; stop that "
                         "server first, or give this one a file of its own with --history FILE." % history) from None
     return handle
@@ -1901,7 +1901,7 @@ class SqliteStore:
         try:
             private_folder(self.path.parent)  # history holds direct messages: the owner's alone
             private_file(self.path)
-            self._lock_file = _lock_history_file(private_file(Path(str(self.path) + LOCK_SUFFIX)))
+            self._lock_file = _lock_history_file(self.path)
         except OSError as error:
             raise UserError("cannot open the history database %s: %s" % (self.path, error)) from None
         try:
@@ -3474,8 +3474,7 @@ class Session(socketserver.BaseRequestHandler):
 
     seat = None  # the hub's Seat for this connection's user, once the hello is accepted
     channel = None  # the TlsChannel when the server uses TLS
-    door = None  # the Door chosen by the first bytes
-    encode = staticmethod(encode_frame)  # the door's encoder (JSON lines until a door is chosen)
+    door = None  # the Door chosen by the first bytes (its encoder goes to the outbox)
     _recv_size = RECV_IDLE_BYTES  # what the next recv() asks for
 
     def setup(self):
@@ -3499,7 +3498,7 @@ class Session(socketserver.BaseRequestHandler):
 
     def send_frame(self, fields):
         """Queue a frame meant for this connection only (takes the hub's lock)."""
-        self.outbox.put(self.encode(fields))
+        self.outbox.put(self.outbox.encode(fields))
 
     def handle(self):
         reason = "lost"
@@ -3591,7 +3590,7 @@ class Session(socketserver.BaseRequestHandler):
             door = self.server.door_for(bytes(buffer[:DOOR_SNIFF_BYTES]))
             if door is None:
                 return None  # it cannot tell yet: read on (the hello deadline still holds)
-            self.door, self.encode = door(), door.encode
+            self.door = door()
             self.outbox.encode = door.encode
             self.door.greet(self)
         for item in self.door.frames(buffer):

@@ -289,7 +289,7 @@ class CutProxy:
 
     def _pump_loop(self, source, sink, way):
         """Runs on one direction's thread: copy (or drop) bytes until either side ends."""
-        while True:
+        while not self._held(way):
             try:
                 data = source.recv(65536)
             except OSError:
@@ -305,6 +305,10 @@ class CutProxy:
                 break
         for sock in (source, sink):  # one way ended: the link is gone both ways
             self._shut(sock)
+
+    def _held(self, way):
+        """Return True to stop relaying this way (a subclass may first wait here)."""
+        return False
 
     @staticmethod
     def _shut(sock):
@@ -358,24 +362,12 @@ class StallingProxy(CutProxy):
         self._released.set()
         super().close()
 
-    def _pump_loop(self, source, sink, way):
-        """Runs on one direction's thread: copy bytes until either side ends, or hang once stalled."""
-        for _ in range(MAX_FRAMES * 100):
-            if way == "up" and self._stalled.is_set():
-                self._released.wait(PROCESS_TIMEOUT_S)  # bounded: close() ends the wait
-                break
-            try:
-                data = source.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            try:
-                sink.sendall(data)
-            except OSError:
-                break
-        for sock in (source, sink):
-            self._shut(sock)
+    def _held(self, way):
+        """Once stalled, hang instead of reading what clients send, until close()."""
+        if way == "up" and self._stalled.is_set():
+            self._released.wait(PROCESS_TIMEOUT_S)  # bounded: close() ends the wait
+            return True
+        return False
 
 
 class SayingConnection(localchat.ChatConnection):

@@ -44,17 +44,21 @@ import logging
 import math
 import os
 import queue
+import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import socketserver
 import sqlite3
 import ssl
+import subprocess
 import sys
 import threading
 import time
 import unicodedata
+import webbrowser
 import zlib
 from pathlib import Path
 from typing import Iterable, List, NamedTuple, Sequence
@@ -120,6 +124,7 @@ class ProtocolError(LocalChatError):
         self.fatal = fatal
         self.reason = reason  # what others are told when a fatal error ends the connection
         self.counts = counts  # whether it counts towards the limit of bad frames
+        self.ref = None  # a refused say's own ref, echoed in the error frame
 
 
 class UserError(LocalChatError):
@@ -203,8 +208,8 @@ Server to client:
   {"type":"pong","token":"x"}
   {"type":"error","code":"name_taken","text":"a sentence for a person","fatal":true}
         fatal errors are followed by the server closing the connection;
-        not_stored (the history could not keep a message, so nobody got it)
-        carries the message's "ref"
+        an error refusing a say (not_stored, unknown_user, ...) carries the
+        message's "ref", so the client does not send it again
   {"type":"bye","reason":"quit"|"shutdown"|"replaced"|"kicked"|"banned","text":"a sentence"}
         then the server closes
   {"type":"notice","action":"mute","name":"bob","by":"alice","text":"a sentence"}
@@ -3640,6 +3645,8 @@ class Session(socketserver.BaseRequestHandler):
             if self._errors.add() > ERROR_LIMIT and not error.fatal:
                 error = ProtocolError("too_many_errors", "Too many bad frames; closing the connection.", fatal=True)
         fields = {"type": "error", "code": error.code, "text": error.text}
+        if error.ref is not None:
+            fields["ref"] = error.ref
         if error.fatal:
             fields["fatal"] = True
             log.info("%s: %s (closing)", self.peer, error.code)
@@ -3706,11 +3713,16 @@ class Session(socketserver.BaseRequestHandler):
         return self.do_hello(hello)
 
     def do_say(self, frame):
-        self.hub.say(self.seat, frame_field(frame, "text", str), self._short_field(frame, "ref"),
-            room=frame_field(frame, "room", str, required=False),
-            to=self._short_field(frame, "to"),  # printable: a lone surrogate cannot be looked up in SQLite
-            action=frame.get("action") is True,
-        )
+        ref = self._short_field(frame, "ref")
+        try:
+            self.hub.say(self.seat, frame_field(frame, "text", str), ref,
+                room=frame_field(frame, "room", str, required=False),
+                to=self._short_field(frame, "to"),  # printable: a lone surrogate cannot be looked up in SQLite
+                action=frame.get("action") is True,
+            )
+        except ProtocolError as error:
+            error.ref = ref  # the client forgets a refused message instead of sending it again
+            raise
 
     def do_users(self, frame):
         self.hub.users(self.seat, frame_field(frame, "room", str, required=False))
@@ -4761,6 +4773,8 @@ def run_server(args):
 def connect_error_sentence(error, host, port):
     """Return one sentence for a person saying why connecting to host:port failed."""
     where = "%s:%d" % (host, port)
+    if getattr(error, "server_shut_down", False):  # we saw it say goodbye: no firewall to blame
+        return "The server at %s has shut down; LocalChat joins again once it is back." % where
     if isinstance(error, socket.gaierror):
         return "Could not find the computer '%s'. Check the name, or use its IP address." % host
     if isinstance(error, ConnectionRefusedError):
@@ -4808,7 +4822,11 @@ class ChatConnection:
     session: the server replays what was missed, and messages that were not
     confirmed are sent again. Local frames the server never sends:
       {"type": "reconnecting", "text": ..., "delay": seconds}
-      {"type": "disconnected", "text": ..., "expected": bool}   (the very last frame)
+      {"type": "disconnected", "text": ..., "expected": bool, "code": why or None}
+                                                      (the very last frame)
+    `code` says why it ended for good: a bye's reason ("kicked", "banned",
+    "replaced", "quit") or a refusal's code ("name_taken", "auth_failed", ...).
+    `rooms` may be set before connect(): the hello asks to join them again.
     """
 
     def __init__(self, host, port, name, on_event=None, identity=None, reconnect=False, password=None,
@@ -4832,6 +4850,8 @@ class ChatConnection:
         self.pacer = SendPacer()  # no limits known until a welcome says them
         self.last_id = None  # the highest message id seen
         self.rooms = []  # the rooms we are in, in joining order
+        self.end_code = None  # why the connection ended for good (see the class docstring)
+        self.server_shut_down = False  # the server's last word was a shutdown bye
         self._sock = None
         self._sock_lock = threading.Lock()  # connect() attaching a socket vs close() taking it away
         self._send_lock = threading.Lock()
@@ -4853,8 +4873,10 @@ class ChatConnection:
         hello = {"type": "hello", "name": self.name, "version": PROTOCOL_VERSION}
         if self.identity:
             hello["identity"] = self.identity
+        if self.rooms:  # the rooms to be in again: after a lost connection, or from last time
+            hello["rooms"] = list(self.rooms)
         if self.welcome is not None:  # reconnecting: resume where we were
-            hello.update(resume=self.welcome.get("resume"), rooms=list(self.rooms))
+            hello["resume"] = self.welcome.get("resume")
             if self.last_id is not None:
                 hello["last_id"] = self.last_id
         self._buffer = bytearray()
@@ -4869,7 +4891,8 @@ class ChatConnection:
             frame = self._answer_challenge(self._read_frame())
         except OSError as error:
             self._close_socket()
-            raise UserError(connect_error_sentence(error, self.host, self.port)) from None
+            error.server_shut_down = self.server_shut_down
+            raise UserError(connect_error_sentence(error, self.host, self.port), code="unreachable") from None
         except ProtocolError:
             self._close_socket()
             raise UserError("%s does not speak the LocalChat protocol." % self.address) from None
@@ -4933,6 +4956,7 @@ class ChatConnection:
                             code=frame.get("code"))
         frame["resumed"] = self.welcome is not None and frame.get("resume") == self.welcome.get("resume")
         self.welcome = frame
+        self.server_shut_down = False
         self.pacer = SendPacer(frame.get("limits"))  # the server's flood allowance starts anew
         self.name = frame.get("name", self.name)
         if not frame["resumed"]:
@@ -5044,7 +5068,8 @@ class ChatConnection:
             text, final = self._reconnect(text)
             if final:
                 break
-        self.on_event({"type": "disconnected", "text": text, "expected": self._closing.is_set()})
+        self.on_event({"type": "disconnected", "text": text, "expected": self._closing.is_set(),
+                       "code": self.end_code})
 
     def _read_until_closed(self):
         """Hand each frame to on_event until the connection ends; return (why, final)."""
@@ -5069,8 +5094,8 @@ class ChatConnection:
                 if frame["type"] == "bye":
                     text = frame.get("text") or text
                     final = frame.get("reason") in ("quit", "replaced", "kicked", "banned")
-                    if frame.get("reason") in ("kicked", "banned"):
-                        text = frame.get("text") or text
+                    self.end_code = frame.get("reason") if final else None
+                    self.server_shut_down = frame.get("reason") == "shutdown"
                 self._note(frame)
         except (OSError, ProtocolError):
             text = "The connection to the server was lost."
@@ -5121,6 +5146,7 @@ class ChatConnection:
             except UserError as error:
                 if error.code in ("name_taken", "bad_name", "banned", "auth_failed", "password_required",
                                   "fingerprint_changed", "fingerprint_mismatch"):
+                    self.end_code = error.code
                     return str(error), True
                 why = str(error)
             delay = min(delay * 2, RECONNECT_MAX_S)
@@ -5402,13 +5428,234 @@ def load_identity():
 POLL_INTERVAL_MS = 50       # how often the window drains the event queue
 EVENTS_PER_POLL = 500       # at most this many events per drain, so typing stays responsive
 INPUT_HISTORY = 100         # sent lines that Up/Down can recall
-NAME_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#c2369b",
-                "#0f8a96", "#7a7a00", "#e06c00", "#393b79", "#637939", "#843c39")  # readable on white
+MAX_SAVED_ROOMS = 50        # rooms remembered per server for the next start
+GROUP_GAP_S = 300           # messages from one sender closer than this share one name-and-time line
+TEXT_SIZES = (9, 10, 11, 12, 13, 14, 16, 18, 20, 24)  # Ctrl+plus/minus steps, in points
+DEFAULT_TEXT_SIZE = 11      # readable on a laptop without glasses
+NARROW_WIDTH_PX = 860       # below this the people pane hides (a menu item brings it back)
+NARROWER_WIDTH_PX = 620     # below this the conversation list hides too
+SYSTEM_QUERY_TIMEOUT_S = 1.5  # asking the system for its dark mode must never hold the window up
+URL_PATTERN = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]}]", re.IGNORECASE)
+
+# Each name keeps one colour; the two lists are the same hues, readable on white and on the dark
+# background. Ten hues far apart (no two oranges), each dark or light enough for 4.5:1 contrast.
+NAME_COLOURS = {
+    "light": ("#c62828", "#b45309", "#7a6f00", "#2e7d32", "#00838f",
+              "#1565c0", "#4338ca", "#7b1fa2", "#ad1457", "#6d4c41"),
+    "dark": ("#ff8a80", "#f5a35c", "#d9c95a", "#7ccf7f", "#4dd0e1",
+             "#7cb4ff", "#a5b0ff", "#cf9cf0", "#f48fb1", "#c9a786"),
+}
+
+# The two themes: what every part of the window is painted with.
+PALETTES = {
+    "light": {"bg": "#f6f7f9", "panel": "#eef0f3", "surface": "#ffffff", "text": "#1d2127",
+              "muted": "#6b7380", "border": "#d9dde3", "accent": "#2f6fde", "accent_text": "#ffffff",
+              "select": "#dce7fb", "hover": "#e6e9ee", "mention": "#fff4c2", "own": "#ffffff",
+              "error": "#b3261e", "link": "#1a5fd0", "banner": "#fdecea", "new": "#d93025",
+              "code": "#f1f3f5", "thumb": "#c4c9d1"},
+    "dark": {"bg": "#1b1e23", "panel": "#202329", "surface": "#16181c", "text": "#e4e6ea",
+             "muted": "#959ca8", "border": "#30343b", "accent": "#5b8def", "accent_text": "#ffffff",
+             "select": "#2c3a55", "hover": "#2a2e35", "mention": "#3d3516", "own": "#16181c",
+             "error": "#ff8a80", "link": "#8ab4f8", "banner": "#3b2423", "new": "#ff6b5e",
+             "code": "#23262c", "thumb": "#454b55"},
+}
 
 
-def name_colour(name):
-    """Return the colour a name is always shown in (the same on every computer)."""
-    return NAME_COLOURS[zlib.crc32(name_key(name).encode("utf-8")) % len(NAME_COLOURS)]
+def name_colour_index(name):
+    """Return which of the NAME_COLOURS a name always gets (the same on every computer)."""
+    return zlib.crc32(name_key(name).encode("utf-8")) % len(NAME_COLOURS["light"])
+
+
+def name_colour(name, theme="light"):
+    """Return the colour a name is shown in, in a theme."""
+    return NAME_COLOURS.get(theme, NAME_COLOURS["light"])[name_colour_index(name)]
+
+
+def split_links(text):
+    """Return text as (piece, url or None) pairs: the web addresses in it, and the rest."""
+    pieces, at = [], 0
+    for match in URL_PATTERN.finditer(text):
+        if match.start() > at:
+            pieces.append((text[at:match.start()], None))
+        url = match.group(0)
+        pieces.append((url, url if "://" in url else "http://" + url))
+        at = match.end()
+    if at < len(text) or not pieces:
+        pieces.append((text[at:], None))
+    return pieces
+
+
+def day_label(ts, now=None):
+    """Return the words a date separator shows: Today, Yesterday, or the date."""
+    day = datetime.date.fromtimestamp(ts)
+    today = datetime.date.fromtimestamp(now if now is not None else time.time())
+    if day == today:
+        return "Today"
+    if day == today - datetime.timedelta(days=1):
+        return "Yesterday"
+    label = "%s %d %s" % (day.strftime("%A"), day.day, day.strftime("%B"))
+    return label if day.year == today.year else "%s %d" % (label, day.year)
+
+
+def _query_system(command):
+    """Return what a short system command prints, or "" if it fails, is missing or is slow."""
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              timeout=SYSTEM_QUERY_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.decode("utf-8", "replace").strip()
+
+
+def system_theme():
+    """Return "dark" or "light": the system's choice where it can be read, else "light"."""
+    if sys.platform == "win32":
+        try:
+            import winreg
+            with winreg.OpenKey(winreg.HKEY_CURRENT_USER, r"Software\Microsoft\Windows\CurrentVersion"
+                                r"\Themes\Personalize") as key:
+                return "light" if winreg.QueryValueEx(key, "AppsUseLightTheme")[0] else "dark"
+        except (ImportError, OSError):
+            return "light"
+    if sys.platform == "darwin":
+        return "dark" if _query_system(["defaults", "read", "-g", "AppleInterfaceStyle"]) == "Dark" else "light"
+    if shutil.which("gsettings"):
+        scheme = _query_system(["gsettings", "get", "org.gnome.desktop.interface", "color-scheme"])
+        return "dark" if "dark" in scheme else "light"
+    return "light"
+
+
+class Look:
+    """The window's theme and text size: fonts and colours every widget takes. Runs on the Tk thread.
+
+    The fonts are named Tk fonts, so changing the size changes every widget at once.
+    They are made in Tcl and only looked at from Python (exists=True): a tkinter Font
+    deletes its Tk font when collected, and the collector may run on any thread.
+    """
+
+    _numbers = itertools.count()
+
+    def __init__(self, tk, root, theme="system", size=DEFAULT_TEXT_SIZE):
+        import tkinter.font
+        self.root = root
+        self.choice = theme if theme in ("system", "light", "dark") else "system"
+        self.theme = self._resolve(self.choice)
+        self.size = size if size in TEXT_SIZES else DEFAULT_TEXT_SIZE
+        family = tkinter.font.nametofont("TkDefaultFont", root=root).actual("family")
+        mono = tkinter.font.nametofont("TkFixedFont", root=root).actual("family")
+        def make(**options):
+            name = "localchat%d" % next(self._numbers)
+            root.tk.call("font", "create", name, *itertools.chain.from_iterable(
+                ("-" + key, value) for key, value in options.items()))
+            return tkinter.font.Font(root=root, name=name, exists=True)
+        self.body = make(family=family)
+        self.bold = make(family=family, weight="bold")
+        self.small = make(family=family)
+        self.italic = make(family=family, slant="italic")
+        self.title = make(family=family, weight="bold")
+        self.mono = make(family=mono)
+        self.set_size(self.size)
+
+    @staticmethod
+    def _resolve(choice):
+        return system_theme() if choice == "system" else choice
+
+    @property
+    def colours(self):
+        return PALETTES[self.theme]
+
+    def set_theme(self, choice):
+        self.choice = choice
+        self.theme = self._resolve(choice)
+
+    def set_size(self, size):
+        self.size = size
+        for font, step in ((self.body, 0), (self.bold, 0), (self.italic, 0), (self.small, -2),
+                           (self.title, 2), (self.mono, -1)):
+            font.configure(size=max(7, size + step))
+
+    def bigger(self, steps):
+        """Return the text size `steps` steps up (or down) from now, within TEXT_SIZES."""
+        index = min(range(len(TEXT_SIZES)), key=lambda i: abs(TEXT_SIZES[i] - self.size))
+        return TEXT_SIZES[max(0, min(len(TEXT_SIZES) - 1, index + steps))]
+
+    def style(self, ttk):
+        """Paint the ttk widgets: flat, calm, thin scrollbars, one accent colour."""
+        c = self.colours
+        style = ttk.Style(self.root)
+        if "clam" in style.theme_names():
+            style.theme_use("clam")  # the one built-in theme that takes colours everywhere
+        style.configure(".", background=c["bg"], foreground=c["text"], bordercolor=c["border"],
+                        lightcolor=c["bg"], darkcolor=c["bg"], troughcolor=c["bg"], focuscolor=c["accent"],
+                        fieldbackground=c["surface"], selectbackground=c["select"],
+                        selectforeground=c["text"], insertcolor=c["text"], font=self.body)
+        style.configure("TButton", padding=(10, 4), relief="flat", background=c["panel"],
+                        bordercolor=c["border"], lightcolor=c["panel"], darkcolor=c["panel"])
+        style.map("TButton", background=[("active", c["hover"]), ("pressed", c["select"])],
+                  bordercolor=[("focus", c["accent"])])
+        style.configure("Accent.TButton", background=c["accent"], foreground=c["accent_text"],
+                        bordercolor=c["accent"], lightcolor=c["accent"], darkcolor=c["accent"])
+        style.map("Accent.TButton", background=[("active", c["link"]), ("pressed", c["link"])])
+        style.configure("TEntry", padding=(6, 4), fieldbackground=c["surface"], lightcolor=c["surface"],
+                        darkcolor=c["surface"])
+        style.map("TEntry", bordercolor=[("focus", c["accent"])], lightcolor=[("focus", c["accent"])])
+        style.configure("Panel.TFrame", background=c["panel"])
+        style.configure("Panel.TLabel", background=c["panel"], foreground=c["muted"], font=self.small)
+        style.configure("Title.TLabel", font=self.title)
+        style.configure("Muted.TLabel", foreground=c["muted"], font=self.small)
+        style.configure("Status.TLabel", foreground=c["muted"], font=self.small, background=c["bg"])
+        style.configure("Error.Status.TLabel", foreground=c["error"])
+        style.configure("Banner.TFrame", background=c["banner"])
+        style.configure("Banner.TLabel", background=c["banner"], foreground=c["text"])
+        style.configure("Surface.TFrame", background=c["surface"])
+        style.configure("Target.TLabel", background=c["surface"], foreground=c["muted"], font=self.small)
+        style.configure("TPanedwindow", background=c["border"])
+        style.configure("Sash", sashthickness=1, gripcount=0, background=c["border"])
+        for orient in ("Vertical", "Horizontal"):
+            name = "Thin.%s.TScrollbar" % orient
+            style.layout(name, [("%s.Scrollbar.trough" % orient, {"sticky": "nswe", "children": [
+                ("%s.Scrollbar.thumb" % orient, {"expand": "1", "sticky": "nswe"})]})])
+            style.configure(name, troughcolor=c["surface"], background=c["thumb"], bordercolor=c["surface"],
+                            lightcolor=c["thumb"], darkcolor=c["thumb"], arrowsize=8, gripcount=0)
+            style.map(name, background=[("active", c["muted"])])
+        self.root.configure(background=c["bg"])
+
+    def paint_list(self, listbox):
+        """Colour a classic Listbox like the rest."""
+        c = self.colours
+        listbox.configure(background=c["panel"], foreground=c["text"], selectbackground=c["select"],
+                          selectforeground=c["text"], highlightthickness=0, borderwidth=0, font=self.body)
+
+    def log_tags(self):
+        """Return (tag, options) for every part of a log line in this theme."""
+        c = self.colours
+        tags = [
+            ("time", {"foreground": c["muted"], "font": self.small}),
+            ("name", {"font": self.bold}),
+            ("head", {"spacing1": 8}),
+            ("body", {"lmargin1": 2, "lmargin2": 2, "spacing1": 1, "spacing3": 1}),
+            ("more", {}),
+            ("code", {"font": self.mono, "background": c["code"], "lmargin1": 8, "lmargin2": 8}),
+            ("own", {}),
+            ("mention", {"background": c["mention"]}),
+            ("action", {"font": self.italic, "spacing1": 6}),
+            ("notice", {"foreground": c["muted"], "font": self.small, "spacing1": 4, "spacing3": 2}),
+            ("error", {"foreground": c["error"], "font": self.small, "spacing1": 4, "spacing3": 2}),
+            ("older", {"foreground": c["link"], "underline": True, "font": self.small, "justify": "center"}),
+            ("daysep", {"foreground": c["muted"], "font": self.small, "justify": "center",
+                        "spacing1": 12, "spacing3": 4}),
+            ("newline", {"foreground": c["new"], "font": self.small, "justify": "right", "spacing1": 8}),
+            ("link", {"foreground": c["link"], "underline": True}),
+        ]
+        tags += [("name-%d" % i, {"foreground": colour})
+                 for i, colour in enumerate(NAME_COLOURS[self.theme])]
+        return tags
+
+    def paint_text(self, text):
+        c = self.colours
+        text.configure(background=c["surface"], foreground=c["text"], insertbackground=c["text"],
+                       selectbackground=c["select"], selectforeground=c["text"], font=self.body,
+                       highlightthickness=0, borderwidth=0, relief="flat")
 
 
 def tk_shows_astral(patchlevel):
@@ -5444,7 +5691,11 @@ def mentions(text, name):
 
 
 class ConfirmDialog:
-    """A small question window with two buttons that does not block the event loop."""
+    """A small question window with two buttons that does not block the event loop.
+
+    The safe answer (`no`) is the default: it has the focus, so Enter and Escape
+    both take it; the other is a deliberate Tab or click away.
+    """
 
     def __init__(self, parent, tk, ttk, title, question, yes, no, on_yes, on_no):
         self.top = tk.Toplevel(parent)
@@ -5460,10 +5711,17 @@ class ConfirmDialog:
         self.yes_button = ttk.Button(buttons, text=yes, command=self._answer(on_yes))
         self.no_button.pack(side="right")
         self.yes_button.pack(side="right", padx=(0, 8))
-        self.top.bind("<Return>", lambda event: self.yes_button.invoke())
+        self.no_button.configure(default="active")
+        self.top.bind("<Return>", self._on_return)
         self.top.bind("<Escape>", lambda event: self.no_button.invoke())
         self.top.protocol("WM_DELETE_WINDOW", self.no_button.invoke)
-        self.yes_button.focus_set()
+        self.no_button.focus_set()
+
+    def _on_return(self, event):
+        """Enter presses the button with the focus: "Stay" unless the person moved to the other."""
+        button = self.yes_button if event.widget is self.yes_button else self.no_button
+        button.invoke()
+        return "break"
 
     def _answer(self, callback):
         def answer():
@@ -5500,7 +5758,8 @@ class Conversation:
     """One room or direct conversation as the window shows it: its log (a Text) and its people.
 
     Runs on the Tk thread. The window makes one per room and per direct partner and
-    shows one at a time.
+    shows one at a time. Messages from one sender in a row share one line with the
+    name and time; a line shows each new day, and one where the unread part starts.
     """
 
     def __init__(self, kind, name, astral_ok=True):
@@ -5516,6 +5775,10 @@ class Conversation:
         self.page_before = None  # while a page is coming: messages older than this go on top
         self.frame = None  # the Tk frame holding the log (see build())
         self.log = None
+        self.links = {}  # "url-N" tag -> the address it opens
+        self._last = None  # (sender key, ts, day) of the last message at the end, for grouping
+        self._page_last = None  # the same for the page being inserted on top
+        self._no_earlier = False  # the server said there is nothing older
 
     @property
     def where(self):
@@ -5527,22 +5790,36 @@ class Conversation:
         prefix = "# " if self.kind == "room" else "@ "
         return prefix + self.name + (" (%d)" % self.unread if self.unread else "")
 
-    def build(self, tk, ttk, parent, on_older):
-        """Make the log: a read-only Text with a scrollbar, and a link to earlier messages."""
-        self.frame = ttk.Frame(parent)
-        log = self.log = tk.Text(self.frame, wrap="word", state="disabled", padx=8, pady=6, font="TkDefaultFont",
-                                 relief="flat", borderwidth=0, highlightthickness=1, cursor="arrow")
-        scrollbar = ttk.Scrollbar(self.frame, command=log.yview)
+    def build(self, tk, ttk, parent, on_older, on_link, look):
+        """Make the log: a read-only Text with a thin scrollbar."""
+        self.frame = ttk.Frame(parent, style="Surface.TFrame")
+        log = self.log = tk.Text(self.frame, wrap="word", state="disabled", padx=14, pady=8,
+                                 cursor="arrow", spacing1=1, spacing3=1)
+        scrollbar = ttk.Scrollbar(self.frame, command=log.yview, style="Thin.Vertical.TScrollbar")
         log.configure(yscrollcommand=scrollbar.set)
         scrollbar.pack(side="right", fill="y")
         log.pack(side="left", fill="both", expand=True)
-        for tag, options in LOG_TAGS:
-            log.tag_configure(tag, **options)
+        self.paint(look)
         log.tag_bind("older", "<Button-1>", lambda event: on_older(self))
-        log.configure(state="normal")
-        log.insert("end", "Show earlier messages\n", ("older",))
-        log.mark_set("page", "2.0")
-        log.configure(state="disabled")
+        log.tag_bind("link", "<Button-1>", lambda event: self._on_link(on_link))
+        for tag in ("older", "link"):
+            log.tag_bind(tag, "<Enter>", lambda event: log.configure(cursor="hand2"))
+            log.tag_bind(tag, "<Leave>", lambda event: log.configure(cursor="arrow"))
+        log.mark_set("page", "1.0")
+
+    def paint(self, look):
+        """Colour and size the log for the look (on building, and when the theme changes)."""
+        look.paint_text(self.log)
+        for tag, options in look.log_tags():
+            self.log.tag_configure(tag, **options)
+        for tag in ("link", "older"):
+            self.log.tag_raise(tag)
+
+    def _on_link(self, on_link):
+        for tag in self.log.tag_names("current"):
+            if tag in self.links:
+                on_link(self.links[tag])
+                return
 
     def append(self, pieces, index="end"):
         """Insert (text, tags) pieces into the log; follow the end unless scrolled up."""
@@ -5555,65 +5832,116 @@ class Conversation:
             self.log.see("end")
 
     def add_message(self, frame, extra=()):
-        """Show a message: time, coloured name, text; older ones (a page) go on top."""
+        """Show a message; older ones (a page) go on top. extra: tags for the whole message."""
         sender, text = str(frame.get("from")), str(frame.get("text"))
-        colour_tag = "colour-" + name_colour(sender)
-        self.log.tag_configure(colour_tag, foreground=name_colour(sender))
-        first, _, rest = text.partition("\n")
-        body = ("body", "code") if rest else ("body",)
-        pieces = [("%s " % clock(frame.get("ts")), ("time",) + extra)]
-        if frame.get("action"):
-            pieces += [("* ", ("body",) + extra), (sender, ("name", colour_tag) + extra), (" ", extra)]
-        else:
-            pieces += [(sender, ("name", colour_tag) + extra), (": ", ("body",) + extra)]
-        pieces.append((first + ("\n" if rest else ""), body + extra))
-        if rest:
-            pieces.append((rest, ("more", "code") + extra))
-        if frame.get("queued"):
-            pieces.append(("  (delivered when %s returns)" % frame.get("to"), ("notice",)))
-        pieces.append(("\n", extra))
+        ts = frame.get("ts") if isinstance(frame.get("ts"), (int, float)) else time.time()
         message_id = frame.get("id") if isinstance(frame.get("id"), int) else None
+        older = self.page_before is not None and message_id is not None and message_id < self.page_before
         if message_id is not None and (self.oldest_id is None or message_id < self.oldest_id):
             self.oldest_id = message_id
-        older = self.page_before is not None and message_id is not None and message_id < self.page_before
-        self.append(pieces, "page" if older else "end")
+        if frame.get("replay"):
+            self._offer_earlier()  # history came: there may be more of it
+        index = "page" if older else "end"
+        day = time.strftime("%Y-%m-%d", time.localtime(ts))
+        last = self._page_last if older else self._last
+        pieces = []
+        if last is None or last[2] != day:
+            pieces += self._day_pieces(day, ts, index)
+        grouped = (last is not None and last[0] == name_key(sender) and last[2] == day
+                   and 0 <= ts - last[1] < GROUP_GAP_S and not frame.get("action"))
+        pieces += self._message_pieces(frame, sender, text, ts, grouped, extra)
+        this = None if frame.get("action") else (name_key(sender), ts, day)
+        if older:
+            self._page_last = this or (None, ts, day)
+        else:
+            self._last = this or (None, ts, day)
+        self.append(pieces, index)
+
+    def _day_pieces(self, day, ts, index):
+        """A separator for a new day; an existing one for that day below a page goes."""
+        tag = "day:" + day
+        ranges = self.log.tag_ranges(tag)
+        if ranges and index == "page":
+            self.log.configure(state="normal")
+            self.log.delete(ranges[0], ranges[1])
+            self.log.configure(state="disabled")
+        return [("\u2500\u2500  %s  \u2500\u2500\n" % day_label(ts), ("daysep", tag))]
+
+    def _message_pieces(self, frame, sender, text, ts, grouped, extra):
+        colour = "name-%d" % name_colour_index(sender)
+        pieces = []
+        if frame.get("action"):
+            pieces += [("\u2022 ", ("action",) + extra), (sender, ("action", "name", colour) + extra),
+                       (" ", ("action",) + extra)]
+            pieces += self._text_pieces(text, ("action",) + extra)
+        else:
+            if not grouped:
+                pieces += [(sender, ("head", "name", colour)), ("  " + clock(ts)[:5] + "\n", ("head", "time"))]
+            first, _, rest = text.partition("\n")
+            body = ("body", "code") if rest else ("body",)
+            pieces += self._text_pieces(first + ("\n" if rest else ""), body + extra)
+            if rest:
+                pieces += self._text_pieces(rest, ("more", "code") + extra)
+        if frame.get("queued"):
+            pieces.append(("  (delivered when %s returns)" % frame.get("to"), ("time",)))
+        pieces.append(("\n", extra))
+        return pieces
+
+    def _text_pieces(self, text, tags):
+        """Split text into plain and link pieces; each link gets its own tag for its address."""
+        pieces = []
+        for piece, url in split_links(text):
+            if url is None:
+                pieces.append((piece, tags))
+            else:
+                tag = "url-%d" % len(self.links)
+                self.links[tag] = url
+                pieces.append((piece, tags + ("link", tag)))
+        return pieces
 
     def add_notice(self, text, ts=None, tag="notice"):
-        self.append([("%s " % clock(ts), ("time",)), ("* " + text + "\n", (tag,))])
+        self._last = None  # the next message shows its name again
+        self.append([(clock(ts)[:5] + "  ", ("time", tag)), (text + "\n", (tag,))])
+
+    def mark_unread_start(self):
+        """Draw the "new messages" line here (the one drawn before goes)."""
+        self.log.configure(state="normal")
+        ranges = self.log.tag_ranges("newline")
+        if ranges:
+            self.log.delete(ranges[0], ranges[1])
+        self.log.configure(state="disabled")
+        self._last = None
+        self.append([("new messages \u2500\u2500\n", ("newline",))])
+
+    def _offer_earlier(self):
+        """Show the "Show earlier messages" link at the top, once, unless nothing is older."""
+        if self._no_earlier or self.log.tag_ranges("older"):
+            return
+        self.log.configure(state="normal")
+        self.log.insert("1.0", "Show earlier messages\n", ("older",))
+        self.log.configure(state="disabled")
 
     def start_page(self):
         """Get ready for a page of older messages; return the id they come before (or None)."""
         self.page_before = self.oldest_id
+        self._page_last = None
         # Older messages go in above what is shown, in order: each is inserted at
         # this mark, which moves on past it.
-        self.log.mark_set("page", "2.0")
+        ranges = self.log.tag_ranges("older")
+        self.log.mark_set("page", ranges[1] if ranges else "1.0")
         self.log.mark_gravity("page", "right")
         return self.page_before
 
     def end_page(self, more):
         self.page_before = None
         if not more:
+            self._no_earlier = True
             self.log.configure(state="normal")
             ranges = self.log.tag_ranges("older")
             if ranges:
                 self.log.delete(ranges[0], ranges[1])
-                self.log.insert("1.0", "No earlier messages\n", ("notice",))
+                self.log.insert("1.0", "No earlier messages\n", ("notice", "older-none"))
             self.log.configure(state="disabled")
-
-
-# How the parts of a log line look.
-LOG_TAGS = (
-    ("time", {"foreground": "#8a8a8a"}),
-    ("name", {"font": ("TkDefaultFont", 10, "bold")}),
-    ("body", {"lmargin2": 24}),
-    ("more", {"lmargin1": 24, "lmargin2": 24}),
-    ("code", {"font": "TkFixedFont"}),  # pasted logs and code keep their columns
-    ("own", {"background": "#eef4ff"}),
-    ("mention", {"background": "#fff3b0"}),
-    ("notice", {"foreground": "#6b6b6b", "font": ("TkDefaultFont", 9, "italic")}),
-    ("error", {"foreground": "#b00020"}),
-    ("older", {"foreground": "#1f5fbf", "underline": True}),
-)
 
 
 def conversation_key(kind, name):
@@ -5633,8 +5961,8 @@ class InputBox:
         self.history = []
         self._history_index = 0
         self._completion = None  # (matches, index, text inserted) while Tab cycles through names
-        self.text = tk.Text(parent, height=3, wrap="word", undo=True, padx=6, pady=4,
-                            font="TkDefaultFont", highlightthickness=1)
+        self.text = tk.Text(parent, height=2, wrap="word", undo=True, padx=8, pady=6, highlightthickness=0,
+                            borderwidth=0)
         for key, handler in (("<Return>", self._on_return), ("<KP_Enter>", self._on_return),
                              ("<Shift-Return>", self._on_shift_return), ("<Up>", self._on_history_up),
                              ("<Down>", self._on_history_down), ("<Tab>", self._on_tab)):
@@ -5706,6 +6034,131 @@ class InputBox:
             self._completion = None
 
 
+class Notifier:
+    """Desktop notifications with what the system has, nothing installed: notify-send on Linux,
+    osascript on macOS, a flashing taskbar button on Windows.
+
+    notify() is called on the Tk thread and never blocks it: the command runs on a
+    short-lived thread. The text goes as an argument, never as part of a script.
+    """
+
+    TIMEOUT_S = 5  # a notification command that hangs is left behind after this
+
+    def __init__(self):
+        if sys.platform == "win32":
+            self.command = "flash"
+        elif sys.platform == "darwin":
+            self.command = shutil.which("osascript")
+        else:
+            self.command = shutil.which("notify-send")
+
+    def notify(self, root, title, text):
+        """Show title and text; return False where there is no way to (the caller rings instead)."""
+        text = text if len(text) <= 200 else text[:199] + "…"
+        if self.command == "flash":
+            return self._flash(root)
+        if not self.command:
+            return False
+        if sys.platform == "darwin":
+            argv = [self.command, "-e", "on run argv", "-e",
+                    "display notification (item 2 of argv) with title (item 1 of argv)", "-e", "end run",
+                    title, text]
+        else:  # notify-send reads a little markup in the body: escape it so the text shows as typed
+            argv = [self.command, "--app-name=LocalChat", "--", title,
+                    text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")]
+        threading.Thread(target=self._run, args=(argv,), name="notify", daemon=True).start()
+        return True
+
+    def _run(self, argv):
+        """Runs on a notify thread."""
+        try:
+            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=self.TIMEOUT_S, check=False)
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+    @staticmethod
+    def _flash(root):
+        """Flash the window's taskbar button (Windows) until it is looked at."""
+        try:
+            import ctypes
+            from ctypes import wintypes
+
+            class FlashInfo(ctypes.Structure):
+                _fields_ = [("cbSize", wintypes.UINT), ("hwnd", wintypes.HWND), ("dwFlags", wintypes.DWORD),
+                            ("uCount", wintypes.UINT), ("dwTimeout", wintypes.DWORD)]
+            hwnd = ctypes.windll.user32.GetParent(root.winfo_id())
+            info = FlashInfo(ctypes.sizeof(FlashInfo), hwnd, 0x0000000F, 0, 0)  # FLASHW_ALL | FLASHW_TIMERNOFG
+            return bool(ctypes.windll.user32.FlashWindowEx(ctypes.byref(info)) or True)
+        except (ImportError, AttributeError, OSError):
+            return False
+
+
+class TkSetting:
+    """A menu's check or choice, kept in a Tcl variable by name. Runs on the Tk thread."""
+
+    def __init__(self, root, key, value):
+        self.root = root
+        self.name = "localchat%s.%s" % (str(root).replace(".", "_"), key)
+        self.boolean = isinstance(value, bool)
+        self.set(value)
+
+    def get(self):
+        value = self.root.getvar(self.name)
+        return bool(self.root.getboolean(value)) if self.boolean else str(value)
+
+    def set(self, value):
+        self.root.setvar(self.name, int(value) if self.boolean else value)
+
+
+class Banner:
+    """A strip above the log that says what went wrong and offers the way on (a button, a name).
+
+    Runs on the Tk thread. Hidden until show(); the sentence wraps to the width.
+    """
+
+    def __init__(self, tk, ttk, parent):
+        self.ttk = ttk
+        self.frame = ttk.Frame(parent, style="Banner.TFrame", padding=(10, 8))
+        self.label = ttk.Label(self.frame, style="Banner.TLabel", justify="left", anchor="w")
+        self.label.pack(side="top", fill="x")
+        self.row = ttk.Frame(self.frame, style="Banner.TFrame")
+        self.row.pack(side="top", fill="x")
+        self.entry = ttk.Entry(self.row, width=24)
+        self.entry.bind("<Return>", lambda event: self.button.invoke())
+        self.button = ttk.Button(self.row, style="Accent.TButton")
+        self.frame.bind("<Configure>", lambda event: self.label.configure(wraplength=max(200, event.width - 24)))
+
+    @property
+    def shown(self):
+        return bool(self.frame.winfo_manager())
+
+    def show(self, text, entry=None, button=None):
+        """Show text; with entry, a box holding that text; with button, (label, command)."""
+        self.label.configure(text=text)
+        self.entry.pack_forget()
+        self.button.pack_forget()
+        if entry is not None:
+            self.entry.delete(0, "end")
+            self.entry.insert(0, entry)
+            self.entry.pack(side="left", pady=(6, 0))
+            self.entry.select_range(0, "end")
+        if button is not None:
+            self.button.configure(text=button[0], command=button[1])
+            self.button.pack(side="left", padx=(6 if entry is not None else 0, 0), pady=(6, 0))
+        if not self.shown:
+            siblings = self.frame.master.pack_slaves()
+            self.frame.pack(side="top", fill="x", before=siblings[-1] if siblings else None)
+        if entry is not None:
+            self.entry.focus_set()
+
+    def entry_text(self):
+        return self.entry.get()
+
+    def hide(self):
+        self.frame.pack_forget()
+
+
 class ChatWindow:
     """The chat window: conversations, log, people, input, status line. Runs on the Tk thread."""
 
@@ -5713,13 +6166,17 @@ class ChatWindow:
         import tkinter
         from tkinter import ttk
         self.tk, self.ttk, self.root = tkinter, ttk, root
-        self.connection = ChatConnection(host, port, name, on_event=self.events_put, identity=identity,
-                                         reconnect=True, password=os.environ.get("LOCALCHAT_PASSWORD"),
-                                         tls=tls, fingerprint=fingerprint)
-        self.events = queue.Queue()  # frames from the connection's threads
+        self.settings = load_settings()
+        self.connection = None
+        self.events = queue.Queue()  # (connection, frame) from the connections' threads
+        self._make_connection(ChatConnection(host, port, name, identity=identity, reconnect=True,
+                                             password=os.environ.get("LOCALCHAT_PASSWORD"),
+                                             tls=tls, fingerprint=fingerprint))
+        self.connection.rooms = self._saved_rooms()
         self.conversations = {}  # key -> Conversation, in the order they opened
         self.astral_ok = tk_shows_astral(str(root.tk.call("info", "patchlevel")))
         self.connected = False
+        self.ended = False  # the connection ended for good: nothing typed is sent until Reconnect
         self.has_focus = True
         self.current = None
         self.seen_ids = set()  # message ids shown, so nothing shows twice
@@ -5730,16 +6187,30 @@ class ChatWindow:
         self._ref_prefix = secrets.token_hex(3)
         self._next_ref = 0
         self.hosted = hosted  # a HostedServer this window started, stopped when it closes
+        self.look = Look(tkinter, root, self.settings.get("theme", "system"),
+                         self.settings.get("text_size", DEFAULT_TEXT_SIZE))
+        self.notifier = Notifier()
+        self._status_text, self._status_error = "", False
         self._build_window()
         self._open_conversation("room", GENERAL_ROOM)
-        if hosted is not None:
-            self._add_notice(hosted.join_hint())
+        self._paint()
+        self._restore_draft()
         self._poll_id = root.after(POLL_INTERVAL_MS, self._poll)
         self._connect()
 
-    def events_put(self, frame):
-        """Runs on the connection's threads: hand a frame to the Tk thread."""
-        self.events.put(frame)
+    def _make_connection(self, connection):
+        """Make connection the window's; frames of an earlier one are dropped from now on.
+
+        The threads hold the queue, never the window: the window's last reference must
+        go on the Tk thread (Tk variables may only be deleted there).
+        """
+        events = self.events
+
+        def events_put(frame):
+            """Runs on the connection's threads: hand a frame to the Tk thread."""
+            events.put((connection, frame))
+        connection.on_event = events_put
+        self.connection = connection
 
     @property
     def astral_ok(self):
@@ -5756,78 +6227,208 @@ class ChatWindow:
 
     def _build_window(self):
         root = self.root
-        root.geometry("900x560")
-        root.minsize(520, 320)
+        root.geometry("960x640")
+        root.minsize(480, 360)
         root.protocol("WM_DELETE_WINDOW", self._on_close_request)
-        root.bind("<Escape>", lambda event: self._on_close_request())
+        # Escape does not leave (a reflex, often followed by Enter, must not end a chat): the
+        # window's close button, Ctrl+Q and /quit do, after asking, with "Stay" the default.
+        root.bind("<Control-q>", lambda event: self._on_close_request())
+        for keys, steps in (("<Control-plus>", 1), ("<Control-equal>", 1), ("<Control-KP_Add>", 1),
+                            ("<Control-minus>", -1), ("<Control-KP_Subtract>", -1), ("<Control-0>", 0)):
+            root.bind(keys, lambda event, steps=steps: self._on_text_size(steps))
         root.bind("<FocusIn>", self._on_focus_in)
         root.bind("<FocusOut>", self._on_focus_out)
-        style = self.ttk.Style(root)
-        if "clam" in style.theme_names() and sys.platform.startswith("linux"):
-            style.theme_use("clam")
+        self.look.style(self.ttk)
+        self._build_menu()
         self._build_status()
-        self._build_input()
-        panes = self.ttk.PanedWindow(root, orient="horizontal")
-        panes.pack(side="top", fill="both", expand=True, padx=6, pady=(6, 0))
-        panes.add(self._build_sidebar(panes), weight=1)
-        panes.add(self._build_centre(panes), weight=5)
-        panes.add(self._build_people(panes), weight=1)
+        self.panes = self.ttk.PanedWindow(root, orient="horizontal")
+        self.panes.pack(side="top", fill="both", expand=True)
+        self.sidebar = self._build_sidebar(self.panes)
+        self.centre = self._build_centre(self.panes)
+        self.people_pane = self._build_people(self.panes)
+        self.panes.add(self.sidebar, weight=0)
+        self.panes.add(self.centre, weight=1)
+        self.panes.add(self.people_pane, weight=0)
+        root.bind("<Configure>", self._on_resize, add="+")
         self._update_title()
         self.input.focus_set()
 
+    def _build_menu(self):
+        tk = self.tk
+        self.menu = tk.Menu(self.root, tearoff=False)
+        chat = tk.Menu(self.menu, tearoff=False)
+        chat.add_command(label="Join a room...", command=lambda: self.join_entry.focus_set())
+        chat.add_command(label="Reconnect", command=self._reconnect)
+        chat.add_separator()
+        chat.add_command(label="Leave the chat", accelerator="Ctrl+Q", command=self._on_close_request)
+        view = tk.Menu(self.menu, tearoff=False)
+        # Tcl variables by name, not tkinter Variables: those may be collected on another
+        # thread (a reference cycle), and deleting one there fails.
+        self.theme_choice = TkSetting(self.root, "theme", self.look.choice)
+        for label, value in (("Theme as the system's", "system"), ("Light theme", "light"), ("Dark theme", "dark")):
+            view.add_radiobutton(label=label, value=value, variable=self.theme_choice.name,
+                                 command=lambda: self.set_theme(self.theme_choice.get()))
+        view.add_separator()
+        view.add_command(label="Bigger text", accelerator="Ctrl++", command=lambda: self._on_text_size(1))
+        view.add_command(label="Smaller text", accelerator="Ctrl+-", command=lambda: self._on_text_size(-1))
+        view.add_command(label="Normal text size", accelerator="Ctrl+0", command=lambda: self._on_text_size(0))
+        view.add_separator()
+        self.show_people = TkSetting(self.root, "people", True)
+        view.add_checkbutton(label="People list", variable=self.show_people.name, command=self._arrange_panes)
+        notify = tk.Menu(self.menu, tearoff=False)
+        self.notify_desktop = TkSetting(self.root, "desktop", self.settings.get("notify_desktop", True) is not False)
+        self.notify_sound = TkSetting(self.root, "sound", self.settings.get("notify_sound", True) is not False)
+        notify.add_checkbutton(label="Desktop notifications (mentions and direct messages)",
+                               variable=self.notify_desktop.name, command=self._save_look)
+        notify.add_checkbutton(label="Sound", variable=self.notify_sound.name, command=self._save_look)
+        for label, submenu in (("Chat", chat), ("View", view), ("Notifications", notify)):
+            self.menu.add_cascade(label=label, menu=submenu)
+        self.menus = (self.menu, chat, view, notify)
+        self.root.configure(menu=self.menu)
+
     def _build_sidebar(self, parent):
-        frame = self.ttk.Frame(parent)
-        self.ttk.Label(frame, text="Conversations").pack(side="top", anchor="w", padx=4, pady=(0, 4))
-        join_row = self.ttk.Frame(frame)
-        join_row.pack(side="bottom", fill="x", pady=(4, 0))
+        frame = self.ttk.Frame(parent, style="Panel.TFrame", padding=(8, 10, 8, 8))
+        self.ttk.Label(frame, text="CONVERSATIONS", style="Panel.TLabel").pack(side="top", anchor="w", pady=(0, 6))
+        join_row = self.ttk.Frame(frame, style="Panel.TFrame")
+        join_row.pack(side="bottom", fill="x", pady=(6, 0))
         self.join_entry = self.ttk.Entry(join_row, width=8)
         self.join_entry.pack(side="left", fill="x", expand=True)
         self.join_entry.bind("<Return>", lambda event: self._on_join_button())
-        self.join_button = self.ttk.Button(join_row, text="Join", width=6, command=self._on_join_button)
+        self.join_button = self.ttk.Button(join_row, text="Join", width=5, command=self._on_join_button)
         self.join_button.pack(side="left", padx=(4, 0))
-        self.leave_button = self.ttk.Button(frame, text="Leave room", command=self._on_leave_button)
-        self.leave_button.pack(side="bottom", fill="x", pady=(4, 0))
-        self.conversation_list = self.tk.Listbox(frame, activestyle="none", relief="flat", borderwidth=0,
-                                                 highlightthickness=1, takefocus=0, width=16,
+        self.conversation_list = self.tk.Listbox(frame, activestyle="none", takefocus=0, width=16,
                                                  exportselection=False)
         self.conversation_list.pack(side="top", fill="both", expand=True)
         self.conversation_list.bind("<<ListboxSelect>>", self._on_conversation_selected)
         return frame
 
     def _build_centre(self, parent):
-        frame = self.ttk.Frame(parent)
-        self.topic_label = self.ttk.Label(frame, text="", anchor="w", padding=(4, 0, 4, 4))
-        self.topic_label.pack(side="top", fill="x")
-        self.log_stack = self.ttk.Frame(frame)
+        frame = self.ttk.Frame(parent, style="Surface.TFrame")
+        header = self.ttk.Frame(frame, style="Surface.TFrame", padding=(14, 8, 8, 6))
+        header.pack(side="top", fill="x")
+        self.leave_button = self.ttk.Button(header, text="Leave room", command=self._on_leave_button)
+        self.leave_button.pack(side="right", anchor="n")
+        self.switch_button = self.ttk.Menubutton(header, text="Conversations")  # when the list is hidden
+        self.switch_menu = self.tk.Menu(self.switch_button, tearoff=False)
+        self.switch_button.configure(menu=self.switch_menu)
+        self.title_label = self.ttk.Label(header, text="", style="Title.TLabel", background=self.look.colours["surface"])
+        self.title_label.pack(side="top", anchor="w", fill="x")
+        self.topic_label = self.ttk.Label(header, text="", style="Target.TLabel", justify="left")
+        self.topic_label.pack(side="top", anchor="w", fill="x")
+        self.host_label = self.ttk.Label(frame, text="", style="Banner.TLabel", padding=(14, 6), justify="left")
+        if self.hosted is not None:  # stays in sight: the others need it for as long as the chat runs
+            self.host_label.configure(text=self.hosted.join_hint(), style="Host.TLabel")
+            self.host_label.pack(side="top", fill="x")
+        self._build_input(frame)
+        self.banner = Banner(self.tk, self.ttk, frame)
+        self.log_stack = self.ttk.Frame(frame, style="Surface.TFrame")
         self.log_stack.pack(side="top", fill="both", expand=True)
+        frame.bind("<Configure>", self._on_centre_resize)
         return frame
 
     def _build_people(self, parent):
-        frame = self.ttk.Frame(parent)
-        self.people_title = self.ttk.Label(frame, text="People")
-        self.people_title.pack(side="top", anchor="w", padx=4, pady=(0, 4))
-        self.people = self.tk.Listbox(frame, activestyle="none", relief="flat", borderwidth=0,
-                                      highlightthickness=1, takefocus=0, width=18, exportselection=False)
+        frame = self.ttk.Frame(parent, style="Panel.TFrame", padding=(8, 10, 8, 8))
+        self.people_title = self.ttk.Label(frame, text="People", style="Panel.TLabel")
+        self.people_title.pack(side="top", anchor="w", pady=(0, 6))
+        self.people = self.tk.Listbox(frame, activestyle="none", takefocus=0, width=16, exportselection=False)
         self.people.pack(side="top", fill="both", expand=True)
         self.people.bind("<Double-Button-1>", self._on_person_double_click)
         return frame
 
-    def _build_input(self):
-        frame = self.ttk.Frame(self.root)
-        frame.pack(side="bottom", fill="x", padx=6, pady=6)
-        buttons = self.ttk.Frame(frame)
-        buttons.pack(side="right", fill="y", padx=(6, 0))
-        self.send_button = self.ttk.Button(buttons, text="Send", command=self._on_send)
-        self.users_button = self.ttk.Button(buttons, text="Users", command=self._on_users)
-        self.send_button.pack(side="top", fill="x")
-        self.users_button.pack(side="top", fill="x", pady=(4, 0))
-        self.input_box = InputBox(self.tk, frame, self._on_send, self._names_starting)
+    def _build_input(self, parent):
+        frame = self.ttk.Frame(parent, style="Surface.TFrame", padding=(14, 4, 14, 10))
+        frame.pack(side="bottom", fill="x")
+        self.target_label = self.ttk.Label(frame, text="", style="Target.TLabel")
+        self.target_label.pack(side="top", anchor="w", pady=(0, 3))
+        row = self.ttk.Frame(frame, style="Surface.TFrame")
+        row.pack(side="top", fill="x")
+        self.send_button = self.ttk.Button(row, text="Send", style="Accent.TButton", command=self._on_send)
+        self.send_button.pack(side="right", fill="y", padx=(8, 0))
+        border = self.tk.Frame(row, highlightthickness=1)  # a thin frame that lights up with the focus
+        border.pack(side="left", fill="both", expand=True)
+        self.input_box = InputBox(self.tk, border, self._on_send, self._names_starting)
         self.input = self.input_box.text
-        self.input.pack(side="left", fill="both", expand=True)
+        self.input.pack(fill="both", expand=True)
+        self.input_border = border
 
     def _build_status(self):
-        self.status = self.ttk.Label(self.root, text="", anchor="w", padding=(8, 2))
+        self.status = self.ttk.Label(self.root, text="", anchor="w", style="Status.TLabel", padding=(10, 3),
+                                     justify="left")
         self.status.pack(side="bottom", fill="x")
+
+    # -- look: theme, text size, width ------------------------------------------------
+
+    def _paint(self):
+        """Colour everything for the current theme (on building, and when it changes)."""
+        c = self.look.colours
+        self.look.style(self.ttk)
+        self.ttk.Style(self.root).configure("Host.TLabel", background=c["select"], foreground=c["text"],
+                                            font=self.look.small)
+        self.title_label.configure(background=c["surface"])
+        for listbox in (self.conversation_list, self.people):
+            self.look.paint_list(listbox)
+        self.look.paint_text(self.input)
+        self.input.configure(padx=8, pady=6)
+        self.input_border.configure(background=c["surface"], highlightbackground=c["border"],
+                                    highlightcolor=c["accent"])
+        for menu in self.menus + (self.switch_menu,):
+            menu.configure(background=c["panel"], foreground=c["text"], activebackground=c["select"],
+                           activeforeground=c["text"], selectcolor=c["accent"], borderwidth=0,
+                           activeborderwidth=0, font=self.look.body, relief="flat")
+        for conversation in self.conversations.values():
+            conversation.paint(self.look)
+        self._show_people()
+        self._update_conversation_list()
+        self._set_status(self._status_text, self._status_error)
+
+    def set_theme(self, choice):
+        """Switch to "light", "dark" or "system" (the system's own), and remember it."""
+        self.look.set_theme(choice)
+        self.theme_choice.set(choice)
+        self._paint()
+        self._save_look()
+
+    def _on_text_size(self, steps):
+        self.look.set_size(self.look.bigger(steps) if steps else DEFAULT_TEXT_SIZE)
+        self._save_look()
+        return "break"
+
+    def _save_look(self):
+        self.settings = load_settings()
+        self.settings.update(theme=self.look.choice, text_size=self.look.size,
+                             notify_desktop=self.notify_desktop.get(), notify_sound=self.notify_sound.get())
+        save_settings(self.settings)
+
+    def _on_resize(self, event):
+        if event.widget is self.root:
+            self._arrange_panes()
+
+    def _arrange_panes(self):
+        """Hide the side panes where the window is too narrow for them (nothing gets cut)."""
+        width = self.root.winfo_width()
+        if width <= 1:
+            return
+        people = self.show_people.get() and width >= NARROW_WIDTH_PX
+        sidebar = width >= NARROWER_WIDTH_PX
+        shown = [str(p) for p in self.panes.panes()]
+        if (str(self.sidebar) in shown) != sidebar:
+            if sidebar:
+                self.panes.insert(0, self.sidebar, weight=0)
+                self.switch_button.pack_forget()
+            else:
+                self.panes.forget(self.sidebar)
+                self.switch_button.pack(side="right", anchor="n", padx=(0, 6), before=self.leave_button)
+        if (str(self.people_pane) in shown) != people:
+            if people:
+                self.panes.add(self.people_pane, weight=0)
+            else:
+                self.panes.forget(self.people_pane)
+
+    def _on_centre_resize(self, event):
+        width = max(200, event.width - 40)
+        for label in (self.topic_label, self.host_label):
+            label.configure(wraplength=width)
+        self.status.configure(wraplength=max(200, self.root.winfo_width() - 24))
 
     # -- conversations -------------------------------------------------------------
 
@@ -5842,7 +6443,7 @@ class ChatWindow:
         conversation = self.conversations.get(key)
         if conversation is None:
             conversation = self.conversations[key] = Conversation(kind, name, self.astral_ok)
-            conversation.build(self.tk, self.ttk, self.log_stack, self._on_older)
+            conversation.build(self.tk, self.ttk, self.log_stack, self._on_older, self._on_link, self.look)
             if self.current is None:
                 self._show_conversation(key)
             self._update_conversation_list()
@@ -5880,10 +6481,14 @@ class ChatWindow:
             conversation = self.conversations[key]
             self.conversation_list.insert("end", displayable(conversation.label, self.astral_ok))
             if conversation.unread:
-                self.conversation_list.itemconfigure(index, foreground="#b00020")
+                self.conversation_list.itemconfigure(index, foreground=self.look.colours["new"])
         if self.current in keys:
             self.conversation_list.selection_clear(0, "end")
             self.conversation_list.selection_set(keys.index(self.current))
+        self.switch_menu.delete(0, "end")
+        for key in keys:
+            self.switch_menu.add_command(label=displayable(self.conversations[key].label, self.astral_ok),
+                                         command=lambda key=key: self._show_conversation(key))
 
     def _on_conversation_selected(self, event):
         selection = self.conversation_list.curselection()
@@ -5894,27 +6499,41 @@ class ChatWindow:
         self.input.focus_set()
 
     def _show_topic(self):
+        """The header names the conversation (and its topic); the input says where text goes."""
         conversation = self.conversations.get(self.current)
         if conversation is None:
             return
         if conversation.kind == "direct":
-            text = "Direct conversation with %s" % conversation.name
+            title, topic = "@ " + conversation.name, "Direct conversation with %s: only the two of you see it" % (
+                conversation.name)
+            target = "Message to %s (only %s sees it)" % (conversation.name, conversation.name)
         else:
-            text = "#%s%s" % (conversation.name, " - " + conversation.topic if conversation.topic else "")
-        self.topic_label.configure(text=displayable(text, self.astral_ok))
+            title, topic = "#" + conversation.name, conversation.topic or ""
+            target = "Message to #%s (everybody in the room sees it)" % conversation.name
+        self.title_label.configure(text=displayable(title, self.astral_ok))
+        self.topic_label.configure(text=displayable(topic, self.astral_ok))
+        self.target_label.configure(text=displayable(target, self.astral_ok))
+        self.switch_button.configure(text=displayable(title, self.astral_ok) + " ▾")
 
     def _show_people(self):
         conversation = self.conversations.get(self.current)
-        users = conversation.users if conversation and conversation.kind == "room" else []
-        self.people_title.configure(text="People here: %d" % len(users))
+        if conversation is not None and conversation.kind == "direct":
+            users = [conversation.name, self.connection.name]  # who sees this conversation
+            self.people_title.configure(text="Just the two of you")
+            self.leave_button.configure(text="Close conversation")
+        else:
+            users = conversation.users if conversation else []
+            self.people_title.configure(text="People here: %d" % len(users) if self.connected else
+                                        "Not connected")
+            self.leave_button.configure(text="Leave room")
         self.people.delete(0, "end")
         own = name_key(self.connection.name)
         for index, user in enumerate(users):
             label = user + (" (you)" if name_key(user) == own else "")
-            if user in conversation.away:
+            if user in (conversation.away if conversation else {}):
                 label += " (away)"
             self.people.insert("end", displayable(label, self.astral_ok))
-            self.people.itemconfigure(index, foreground=name_colour(user))
+            self.people.itemconfigure(index, foreground=name_colour(user, self.look.theme))
 
     def _set_room_users(self, conversation, users):
         conversation.users = sorted(set(users), key=name_key)
@@ -5931,25 +6550,41 @@ class ChatWindow:
 
     def _connect(self):
         self._set_status("Connecting to %s..." % self.connection.address)
-        threading.Thread(target=self._connect_worker, name="connect", daemon=True).start()
+        threading.Thread(target=self._connect_worker, args=(self.connection,), name="connect", daemon=True).start()
 
-    def _connect_worker(self):
+    @staticmethod
+    def _connect_worker(connection):
         """Runs on the connect thread: connect, then report through the queue."""
         try:
-            self.connection.connect()
+            connection.connect()
         except UserError as error:
-            self.events.put({"type": "connect_failed", "text": str(error), "code": error.code})
+            connection.on_event({"type": "connect_failed", "text": str(error), "code": error.code})
             return
-        self.connection.start()
+        connection.start()
+
+    def _reconnect(self, name=None):
+        """Start afresh (after a kick, a refusal or a new name): a new connection, the same rooms."""
+        old = self.connection
+        fresh = ChatConnection(old.host, old.port, name or old.name, identity=old.identity, reconnect=True,
+                               password=old.password, tls=old.tls, fingerprint=old.pinned)
+        fresh.rooms = [c.name for c in self.conversations.values() if c.kind == "room"]
+        self._make_connection(fresh)
+        self.ended = False
+        self.banner.hide()
+        threading.Thread(target=old.close, kwargs={"say_bye": False}, name="closing-old", daemon=True).start()
+        self._update_title()
+        self._connect()
 
     def _poll(self):
         """Drain the event queue, then re-arm while the window is open."""
         self._poll_id = None
         for _ in range(EVENTS_PER_POLL):
             try:
-                frame = self.events.get_nowait()
+                connection, frame = self.events.get_nowait()
             except queue.Empty:
                 break
+            if connection is not self.connection:
+                continue  # from a connection this window has given up on (Reconnect, another name)
             handler = getattr(self, "_on_frame_" + str(frame.get("type")), None)
             if handler is not None:
                 handler(frame)
@@ -5958,10 +6593,14 @@ class ChatWindow:
 
     # -- frames from the server ----------------------------------------------------
 
-    def _on_frame_welcome(self, frame):
-        self.connected = True
+    def _show_connected(self):
         self._set_status("Connected to %s as %s%s" % (self.connection.address, self.connection.name,
                                                       " (encrypted)" if self.connection.channel else ""))
+
+    def _on_frame_welcome(self, frame):
+        self.connected = True
+        self.banner.hide()
+        self._show_connected()
         self._update_title()
         self._add_notice(notice_text(frame))
         if self.connection.channel is not None and not frame.get("resumed"):
@@ -5971,17 +6610,46 @@ class ChatWindow:
     def _on_frame_connect_failed(self, frame):
         self._set_status(frame["text"], error=True)
         self._add_notice(frame["text"], tag="error")
-        if frame.get("code") in ("password_required", "auth_failed"):
-            self._ask_password(frame["text"])
+        self._offer_way_back(frame["text"], frame.get("code"))
+
+    def _offer_way_back(self, text, code):
+        """After the connection ended for good: say what now, and offer what can work."""
+        self.ended = True
+        self._clear_people()
+        unsent = " What you type now is not sent."
+        if code in ("name_taken", "bad_name"):
+            self.banner.show(text + " Choose another name to join with:", entry=self.connection.name,
+                             button=("Join", self._on_new_name))
+        elif code in ("password_required", "auth_failed"):
+            self.banner.show(text + unsent, button=("Enter the password", lambda: self._ask_password(text)))
+            self._ask_password(text)
+        elif code == "banned" or (code or "").startswith("fingerprint"):
+            self.banner.show(text + unsent)  # trying again cannot help
+        elif code == "quit":
+            self.banner.show("You left the chat from another window." + unsent,
+                             button=("Reconnect", self._reconnect))
+        else:
+            self.banner.show(text + unsent, button=("Reconnect", self._reconnect))
+
+    def _on_new_name(self):
+        """The Join button by a refused name: join again with the name typed there."""
+        name = self.banner.entry_text().strip()
+        try:
+            check_name(name)
+        except ProtocolError as error:
+            self.banner.show(error.text + " Choose another name to join with:", entry=name,
+                             button=("Join", self._on_new_name))
+            return
+        self._reconnect(name)
 
     def _ask_password(self, why):
         """Ask for the server's password in a small window, then connect again."""
         PasswordDialog(self.root, self.tk, self.ttk, why, self._on_password)
 
     def _on_password(self, password):
-        if password:
+        if password and not self.connected:
             self.connection.password = password
-            self._connect()
+            self._reconnect()
 
     def _on_frame_room(self, frame):
         conversation = self._open_conversation("room", str(frame.get("room")))
@@ -5989,6 +6657,7 @@ class ChatWindow:
         conversation.away = dict(frame.get("away") or {})
         self._set_room_users(conversation, frame.get("users") or [])
         self._add_notice(notice_text(frame), conversation=conversation)
+        self._save_rooms()
         if conversation.key == self._switch_to:
             self._switch_to = None
             self._show_conversation(conversation.key)
@@ -6009,9 +6678,14 @@ class ChatWindow:
         fresh = not frame.get("replay") and not own
         highlight = not own and (direct or mentions(text, self.connection.name))
         extra = ("own",) if own else ("mention",) if highlight else ()
+        if fresh and conversation.unread == 0 and (conversation.key != self.current or not self.has_focus):
+            conversation.mark_unread_start()
         conversation.add_message(frame, extra)
+        if conversation.key == self._switch_to:  # the echo of a /msg: the conversation is real
+            self._switch_to = None
+            self._show_conversation(conversation.key)
         if fresh:
-            self._count_unread(conversation, ring=highlight)
+            self._count_unread(conversation, frame, ring=highlight)
 
     def _on_frame_joined(self, frame):
         room = frame.get("room") or GENERAL_ROOM
@@ -6025,6 +6699,7 @@ class ChatWindow:
         if frame.get("room"):
             if name_key(name) == name_key(self.connection.name):
                 self._close_conversation(conversation_key("room", frame["room"]))
+                self._save_rooms()
                 return
             rooms = [c for c in [self.conversations.get(conversation_key("room", frame["room"]))] if c]
         else:
@@ -6057,6 +6732,9 @@ class ChatWindow:
             self._add_notice(notice_text(frame), frame.get("ts"), conversation=conversation)
         if name_key(old) == name_key(self.connection.name) or name_key(new) == name_key(self.connection.name):
             self._update_title()
+            if self.connected:
+                self._show_connected()
+            self._show_people()
             if not rooms:
                 self._add_notice(notice_text(frame), frame.get("ts"))
 
@@ -6084,6 +6762,8 @@ class ChatWindow:
         conversation.end_page(frame.get("more"))
 
     def _on_frame_error(self, frame):
+        if frame.get("ref") and self._switch_to and self._switch_to.startswith("direct:"):
+            self._switch_to = None  # a /msg refused: no conversation opens for it
         self._add_notice(notice_text(frame), tag="error")
 
     def _on_frame_bye(self, frame):
@@ -6091,11 +6771,12 @@ class ChatWindow:
             self._add_notice(notice_text(frame), tag="error")
 
     def _on_frame_synced(self, frame):
-        self._set_status("Connected to %s as %s" % (self.connection.address, self.connection.name))
+        self._show_connected()
 
     def _on_frame_reconnecting(self, frame):
         was_connected, self.connected = self.connected, False
         self._set_status(frame["text"], error=True)
+        self._clear_people()
         if was_connected:
             self._add_notice("Connection lost; reconnecting. What you type meanwhile is sent once "
                              "the connection is back.", tag="error")
@@ -6107,23 +6788,39 @@ class ChatWindow:
         text = frame.get("text") or "The connection was lost."
         self._set_status("Disconnected from %s: %s" % (self.connection.address, text), error=True)
         self._add_notice(text, tag="error")
+        self._offer_way_back(text, frame.get("code"))
+
+    def _clear_people(self):
+        """Not connected: nobody is known to be here (the lists fill again on reconnecting)."""
+        for conversation in self.conversations.values():
+            conversation.users = []
+            conversation.away = {}
+        self._show_people()
 
     # -- showing -----------------------------------------------------------------
 
     def _set_status(self, text, error=False):
-        self.status.configure(text=text, foreground="#b00020" if error else "")
+        self._status_text, self._status_error = text, error
+        self.status.configure(text=text, style="Error.Status.TLabel" if error else "Status.TLabel")
 
     def _update_title(self):
         unread = sum(c.unread for c in self.conversations.values()) if not self.has_focus else 0
         title = "%s - LocalChat (%s)" % (self.connection.name, self.connection.address)
         self.root.title(("(%d) " % unread if unread else "") + title)
 
-    def _count_unread(self, conversation, ring):
+    def _count_unread(self, conversation, frame, ring):
+        """A new message from somebody else: count it if unseen, tell of it if it is for us."""
         if conversation.key != self.current or not self.has_focus:
             conversation.unread += 1
             self._update_conversation_list()
             self._update_title()
-        if ring:
+        if not ring:
+            return
+        told = False
+        if not self.has_focus and self.notify_desktop.get():
+            where = "" if conversation.kind == "direct" else " in #" + conversation.name
+            told = self.notifier.notify(self.root, "%s%s" % (frame.get("from"), where), str(frame.get("text")))
+        if not told and self.notify_sound.get():
             self.root.bell()
 
     def _add_notice(self, text, ts=None, tag="notice", conversation=None):
@@ -6140,7 +6837,7 @@ class ChatWindow:
         action, value = parse_input(text, where)
         if action is None:
             return
-        if action == "send" and not self.connection.welcome:
+        if action == "send" and (self.ended or not self.connection.welcome):
             self._add_notice("Not connected: your message was not sent (it is still in the input box).",
                              tag="error")
             return
@@ -6162,8 +6859,11 @@ class ChatWindow:
         if fields["type"] == "say":
             self._next_ref += 1
             fields["ref"] = "%s-%d" % (self._ref_prefix, self._next_ref)
-            if fields.get("to"):
-                self._show_conversation(self._open_conversation("direct", fields["to"]).key)
+            key = conversation_key("direct", fields["to"]) if fields.get("to") else None
+            if key in self.conversations:
+                self._show_conversation(key)
+            elif key is not None:  # opened when the echo comes: a refused /msg opens nothing
+                self._switch_to = key
         elif fields["type"] == "join":
             key = conversation_key("room", fields["room"])
             if key in self.conversations:
@@ -6174,12 +6874,13 @@ class ChatWindow:
             self._add_notice("Not connected: this will be sent when the connection is back.", tag="error")
         self.connection.post(fields)
 
-    def _on_users(self):
-        conversation = self.conversations.get(self.current)
-        if self.connected:
-            room = conversation.name if conversation and conversation.kind == "room" else None
-            self.connection.post({"type": "users", "room": room} if room else {"type": "users"})
-        self.input.focus_set()
+    def _on_link(self, url):
+        """A link in the log was clicked: open it in the browser (http and https only)."""
+        if url.lower().startswith(("http://", "https://")):
+            try:
+                webbrowser.open(url, new=2)
+            except webbrowser.Error as error:
+                self._add_notice("Could not open %s: %s" % (url, error), tag="error")
 
     def _on_join_button(self):
         room = self.join_entry.get().strip().lstrip("#")
@@ -6278,14 +6979,57 @@ class ChatWindow:
         if self._poll_id is not None:
             self.root.after_cancel(self._poll_id)
             self._poll_id = None
-        threading.Thread(target=self._close_worker, args=(self.connected,), name="closing").start()
+        self._save_draft()
+        threading.Thread(target=self._close_worker, args=(self.connection, self.hosted, self.connected),
+                         name="closing").start()
         self.root.destroy()
 
-    def _close_worker(self, say_bye):
+    # -- remembered across restarts (settings.json) -------------------------------------
+
+    def _remembered(self, key):
+        """Return this server's entry in the settings' `key` table (a dict by address)."""
+        table = self.settings.get(key)
+        return table.get(self.connection.address) if isinstance(table, dict) else None
+
+    def _remember(self, key, value):
+        """Keep value for this server under key in settings.json (None forgets it)."""
+        self.settings = load_settings()  # another window may have saved meanwhile
+        table = self.settings.get(key)
+        table = dict(table) if isinstance(table, dict) else {}
+        if value:
+            table[self.connection.address] = value
+        else:
+            table.pop(self.connection.address, None)
+        self.settings[key] = table
+        save_settings(self.settings)
+
+    def _saved_rooms(self):
+        rooms = self._remembered("rooms")
+        return [r for r in rooms if isinstance(r, str)][:MAX_SAVED_ROOMS] if isinstance(rooms, list) else []
+
+    def _save_rooms(self):
+        rooms = [c.name for c in self.conversations.values() if c.kind == "room"]
+        if rooms != self._saved_rooms():
+            self._remember("rooms", rooms)
+
+    def _save_draft(self):
+        """Keep what is typed and not sent, so that closing never throws it away."""
+        draft = self.input_box.get()
+        if draft.strip() or self._remembered("drafts"):
+            self._remember("drafts", draft if draft.strip() else None)
+
+    def _restore_draft(self):
+        draft = self._remembered("drafts")
+        if isinstance(draft, str) and draft.strip():
+            self.input.insert("1.0", draft)
+            self._remember("drafts", None)
+
+    @staticmethod
+    def _close_worker(connection, hosted, say_bye):
         """Runs on the closing thread: leave the server, then stop the hosted one, if any."""
-        self.connection.close(say_bye=say_bye)
-        if self.hosted is not None:
-            self.hosted.stop()
+        connection.close(say_bye=say_bye)
+        if hosted is not None:
+            hosted.stop()
 
 
 class HostedServer:

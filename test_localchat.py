@@ -8514,6 +8514,14 @@ class WindowTests(unittest.TestCase):
     def log_text(self, window):
         return window.log.get("1.0", "end-1c")
 
+    def said(self, window, sender, text):
+        """Return True if the current log shows text as a message under sender's name."""
+        start = window.log.search(text, "1.0")
+        if not start or "notice" in window.log.tag_names(start):
+            return False
+        name = window.log.tag_prevrange("name", start)
+        return bool(name) and window.log.get(*name) == sender
+
     def timed_on_tk_thread(self, action):
         """Run action() here, on the Tk thread; return how many seconds it held it."""
         started = time.monotonic()
@@ -8534,6 +8542,12 @@ class WindowTests(unittest.TestCase):
         alive = [t.name for t in threading.enumerate() if ours(t) and t.is_alive()]
         self.assertEqual(alive, [], "threads still running %.1f s after closing" % THREAD_END_S)
 
+    def ask_to_close(self, window):
+        """Press Ctrl+Q, as a person leaving does (Escape no longer leaves)."""
+        window.input.focus_force()
+        window.input.event_generate("<Control-q>")
+        self.root.update()
+
     def type_and_press(self, window, text, key="<Return>"):
         window.input.insert("end", text)
         window.input.focus_force()
@@ -8548,17 +8562,17 @@ class WindowTests(unittest.TestCase):
         self.type_and_press(window, "hello from the window")
         frame = self.wait_frame(events, lambda f: f["type"] == "message")
         self.assertEqual((frame["from"], frame["text"]), ("alice", "hello from the window"))
-        self.pump_until(lambda: "alice: hello from the window" in self.log_text(window), "echo not shown")
+        self.pump_until(lambda: self.said(window, "alice", "hello from the window"), "echo not shown")
         self.assertEqual(window.input.get("1.0", "end-1c"), "", "the input box is cleared")
         self.assertIn("own", window.log.tag_names(window.log.search("hello from the window", "1.0")))
 
-    def test_send_button_sends_and_users_button_lists_people(self):
+    def test_send_button_sends_and_users_command_lists_people(self):
         window = self.open_window()
         self.add_peer("bob")
         window.input.insert("end", "via the button")
         window.send_button.invoke()
-        self.pump_until(lambda: "alice: via the button" in self.log_text(window), "message not shown")
-        window.users_button.invoke()
+        self.pump_until(lambda: self.said(window, "alice", "via the button"), "message not shown")
+        self.type_and_press(window, "/users")
         self.pump_until(lambda: "2 here in #general: alice, bob" in self.log_text(window), "user list not shown")
         self.assertEqual(window.people.get(0, "end"), ("alice (you)", "bob"))
         self.assertEqual(window.people_title.cget("text"), "People here: 2")
@@ -8576,10 +8590,10 @@ class WindowTests(unittest.TestCase):
         window = self.open_window()
         peer, _ = self.add_peer("bob")
         peer.say("hi alice, look at this")
-        self.pump_until(lambda: "bob: hi alice, look at this" in self.log_text(window), "message not shown")
-        start = window.log.search("bob: hi", "1.0")
+        self.pump_until(lambda: self.said(window, "bob", "hi alice, look at this"), "message not shown")
+        start = window.log.tag_prevrange("name", window.log.search("hi alice", "1.0"))[0]
         tags = window.log.tag_names(start)
-        self.assertIn("colour-" + localchat.name_colour("bob"), tags)
+        self.assertIn("name-%d" % localchat.name_colour_index("bob"), tags)
         self.assertEqual(localchat.name_colour("bob"), localchat.name_colour("BOB"))
         # The message names alice, so her window highlights it.
         self.assertIn("mention", window.log.tag_names(window.log.search("look at this", "1.0")))
@@ -8616,12 +8630,11 @@ class WindowTests(unittest.TestCase):
         window.input.event_generate("<Down>")
         self.assertEqual(window.input.get("1.0", "end-1c"), "")
 
-    def test_escape_asks_and_leave_closes_the_window_and_others_see_quit(self):
+    def test_ctrl_q_asks_and_leave_closes_the_window_and_others_see_quit(self):
         window = self.open_window()
         peer, events = self.add_peer()
         top = window.root
-        window.input.event_generate("<Escape>")
-        self.root.update()
+        self.ask_to_close(window)
         self.assertIsNotNone(window.confirm_dialog)
         self.assertTrue(window.confirm_dialog.top.winfo_exists())
         window.confirm_dialog.yes_button.invoke()
@@ -8639,8 +8652,7 @@ class WindowTests(unittest.TestCase):
             proxy.stall()
             for number in range(200):  # 6 MB: more than the socket buffers hold, so send() blocks
                 window.connection.post({"type": "say", "text": "%d %s" % (number, "x" * 30000)})
-            window.input.event_generate("<Escape>")
-            self.root.update()
+            self.ask_to_close(window)
             held = self.timed_on_tk_thread(window.confirm_dialog.yes_button.invoke)
             self.assertLess(held, CLOSE_RETURN_S, "closing held the Tk thread")
             self.assertTrue(window._closing)
@@ -8661,7 +8673,7 @@ class WindowTests(unittest.TestCase):
         self.assertIn(b'"hello"', accepted.recv(65536), "the window said hello and now waits")
         top = window.root
         self.root.update()  # shown: key events reach it
-        held = self.timed_on_tk_thread(lambda: window.input.event_generate("<Escape>"))  # not connected: no question
+        held = self.timed_on_tk_thread(lambda: window.input.event_generate("<Control-q>"))  # not connected: no question
         self.assertLess(held, CLOSE_RETURN_S, "closing held the Tk thread")
         self.assertFalse(top.winfo_exists())
         self.assert_threads_end()  # well before CONNECT_TIMEOUT_S: closing ended the wait for the welcome
@@ -8684,15 +8696,14 @@ class WindowTests(unittest.TestCase):
         self.assertIn(str(folder / "settings.json"), line)
         self.assertIn("error", window.log.tag_names(window.log.search("could not be saved", "1.0")))
 
-    def test_escape_then_stay_keeps_chatting(self):
+    def test_ctrl_q_then_stay_keeps_chatting(self):
         window = self.open_window()
-        window.input.event_generate("<Escape>")
-        self.root.update()
+        self.ask_to_close(window)
         window.confirm_dialog.no_button.invoke()
         self.assertTrue(window.root.winfo_exists())
         self.assertTrue(window.connected)
         self.type_and_press(window, "still here")
-        self.pump_until(lambda: "alice: still here" in self.log_text(window), "could not chat after Stay")
+        self.pump_until(lambda: self.said(window, "alice", "still here"), "could not chat after Stay")
 
     def test_slash_commands_help_unknown_and_double_slash(self):
         window = self.open_window()
@@ -8762,7 +8773,7 @@ class WindowTests(unittest.TestCase):
         self.assertIn("not sent", self.log_text(window))
         self.assertEqual(window.input.get("1.0", "end-1c"), "nobody hears this", "the draft is kept")
         top = window.root
-        window.input.event_generate("<Escape>")  # not connected: closes without asking
+        self.ask_to_close(window)  # not connected: closes without asking
         self.assertFalse(top.winfo_exists())
 
     def test_name_taken_is_shown_as_a_sentence(self):
@@ -8799,7 +8810,7 @@ class WindowTests(unittest.TestCase):
         self.type_and_press(window, "/join games")
         self.pump_until(lambda: "# games" in self.conversation_labels(window), "room not listed")
         self.pump_until(lambda: window.current == "room:games", "did not switch to the new room")
-        self.assertIn("#games", str(window.topic_label.cget("text")))
+        self.assertIn("#games", str(window.title_label.cget("text")))
         self.assertEqual(window.people.get(0, "end"), ("alice (you)", "bob"))
         self.type_and_press(window, "gg everyone")
         frame = self.wait_frame(events, lambda f: f["type"] == "message")
@@ -8814,7 +8825,7 @@ class WindowTests(unittest.TestCase):
         window.conversation_list.event_generate("<<ListboxSelect>>")
         self.root.update()
         self.assertEqual(window.current, "room:general")
-        self.assertIn("bob: back in general", self.log_text(window))
+        self.assertTrue(self.said(window, "bob", "back in general"))
         self.assertEqual(general.unread, 0)
 
     def test_join_and_leave_buttons(self):
@@ -8832,7 +8843,7 @@ class WindowTests(unittest.TestCase):
         self.type_and_press(window, "/msg bob psst")
         frame = self.wait_frame(events, lambda f: f["type"] == "message")
         self.assertEqual((frame.get("to"), frame["text"]), ("bob", "psst"))
-        self.pump_until(lambda: "alice: psst" in self.log_text(window), "own direct message not shown")
+        self.pump_until(lambda: self.said(window, "alice", "psst"), "own direct message not shown")
         self.assertEqual(window.current, "direct:bob")
         self.assertIn("@ bob", self.conversation_labels(window))
         self.type_and_press(window, "second whisper")  # typed in the direct conversation
@@ -8911,7 +8922,7 @@ class WindowTests(unittest.TestCase):
         self.pump_until(lambda: window.connected, "did not reconnect")
         frame = self.wait_frame(events, lambda f: f["type"] == "message")
         self.assertEqual((frame["from"], frame["text"]), ("alice", "typed while away"))
-        self.pump_until(lambda: "alice: typed while away" in self.log_text(window), "echo not shown")
+        self.pump_until(lambda: self.said(window, "alice", "typed while away"), "echo not shown")
         self.assertEqual(self.log_text(window).count("typed while away"), 1)
         self.assertFalse(any(f["type"] in ("left", "joined") for f in list(events.queue)),
                          "bob saw nothing of alice's reconnection")
@@ -8961,7 +8972,7 @@ class WindowTests(unittest.TestCase):
         host, port, name, hosted = chosen[0]
         self.assertIsNotNone(hosted)
         chat = self.open_window_on(host, port, name, hosted)
-        self.assertIn("You are hosting this chat", self.log_text(chat))
+        self.assertIn("You are hosting this chat", str(chat.host_label.cget("text")))
         found = localchat.discover_servers(port, targets=["127.0.0.1"], wait_s=0.5)
         self.assertEqual([(f["port"], f["users"]) for f in found], [(port, 1)], "the hosted chat answers discovery")
         # Stopping a server can take seconds (goodbyes to clients that do not read, up to

@@ -6752,6 +6752,10 @@ class ChatWindow:
     def _on_frame_rooms(self, frame):
         self._add_notice(notice_text(frame))
 
+    def _on_frame_notice(self, frame):
+        """Moderation and the server owner's announcements (they were never shown before)."""
+        self._add_notice(notice_text(frame), frame.get("ts"))
+
     def _on_frame_history_end(self, frame):
         if frame.get("room"):
             conversation = self.conversations.get(conversation_key("room", frame["room"]))

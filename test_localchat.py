@@ -8927,6 +8927,195 @@ class WindowTests(unittest.TestCase):
         self.assertFalse(any(f["type"] in ("left", "joined") for f in list(events.queue)),
                          "bob saw nothing of alice's reconnection")
 
+    # -- no dead ends (issue 13) ------------------------------------------------------
+
+    def drop_connection_of(self, name):
+        """Cut a user's connection on the server's side, as a network failure would."""
+        with self.server._state_lock:
+            session = next(s for s in self.server._sessions if s.seat is not None and s.seat.name == name)
+        session.request.shutdown(socket.SHUT_RDWR)
+
+    def test_escape_does_not_leave_and_enter_in_the_question_stays(self):
+        # Bug: Escape then Enter (a reflex) closed the window: the default button was "Leave".
+        window = self.open_window()
+        window.input.insert("end", "half a thought")
+        window.input.focus_force()
+        window.input.event_generate("<Escape>")
+        self.root.update()
+        self.assertIsNone(window.confirm_dialog, "Escape asks nothing")
+        self.assertTrue(window.root.winfo_exists())
+        self.ask_to_close(window)
+        dialog = window.confirm_dialog
+        self.assertEqual(str(dialog.top.focus_lastfor()), str(dialog.no_button), "Stay has the focus")
+        dialog.no_button.event_generate("<Return>")
+        self.root.update()
+        self.assertTrue(window.root.winfo_exists(), "Enter in the question stays")
+        self.assertTrue(window.connected)
+        self.assertEqual(window.input.get("1.0", "end-1c"), "half a thought", "the draft is still there")
+
+    def test_a_draft_survives_closing_the_window(self):
+        # Bug: leaving threw away what was typed and not sent.
+        window = self.open_window()
+        window.input.insert("end", "the answer is 42")
+        self.ask_to_close(window)
+        window.confirm_dialog.yes_button.invoke()
+        again = self.open_window()
+        self.assertEqual(again.input.get("1.0", "end-1c"), "the answer is 42")
+
+    def test_name_taken_asks_for_another_name_in_place_and_joins_with_it(self):
+        # Bug: a taken name left a dead chat window; nothing let the person pick another.
+        peer, events = self.add_peer("alice")
+        window = self.open_window("ALICE", connected=False)
+        self.pump_until(lambda: window.banner.shown, "no question for another name")
+        self.assertIn("already taken", str(window.banner.label.cget("text")))
+        self.assertEqual(window.banner.entry_text(), "ALICE")
+        window.banner.entry.delete(0, "end")
+        window.banner.entry.insert(0, "alice2")
+        window.banner.entry.event_generate("<Return>")
+        self.pump_until(lambda: window.connected, "did not join with the new name")
+        self.assertIn("as alice2", str(window.status.cget("text")))
+        self.assertFalse(window.banner.shown)
+        frame = self.wait_frame(events, lambda f: f["type"] == "joined")
+        self.assertEqual(frame["name"], "alice2")
+        self.type_and_press(window, "hello again")
+        self.assertEqual(self.wait_frame(events, lambda f: f["type"] == "message")["from"], "alice2")
+
+    def test_kicked_says_so_says_typing_is_not_sent_and_reconnect_works(self):
+        # Bug: after a kick there was no way back, yet typing said it would be sent later.
+        window = self.open_window()
+        peer, events = self.add_peer("bob")
+        self.pump_until(lambda: "bob" in window.people.get(0, "end"), "bob not listed")
+        self.server.hub.moderation.kick(None, "alice", "testing")
+        self.pump_until(lambda: window.banner.shown, "nothing says the kick")
+        said = str(window.banner.label.cget("text"))
+        self.assertIn("kicked", said)
+        self.assertIn("not sent", said)
+        self.assertEqual(window.people.size(), 0, "nobody is listed while disconnected")
+        self.type_and_press(window, "anyone?")
+        self.assertIn("was not sent", self.log_text(window))
+        self.assertNotIn("will be sent", self.log_text(window))
+        self.assertEqual(window.input.get("1.0", "end-1c"), "anyone?", "the draft is kept")
+        self.assertEqual(window.banner.button.cget("text"), "Reconnect")
+        window.banner.button.invoke()
+        self.pump_until(lambda: window.connected, "Reconnect did not connect")
+        self.assertFalse(window.banner.shown)
+        self.pump_until(lambda: "bob" in window.people.get(0, "end"), "people not listed again")
+        window.send_button.invoke()
+        frame = self.wait_frame(events, lambda f: f["type"] == "message")
+        self.assertEqual((frame["from"], frame["text"]), ("alice", "anyone?"))
+
+    def test_banned_says_so_and_offers_no_reconnect_that_cannot_work(self):
+        window = self.open_window()
+        self.server.hub.moderation.ban(None, "alice", reason="testing")
+        self.pump_until(lambda: window.banner.shown, "nothing says the ban")
+        self.assertIn("banned", str(window.banner.label.cget("text")))
+        self.assertIn("not sent", str(window.banner.label.cget("text")))
+        self.assertEqual(window.banner.button.winfo_manager(), "", "no Reconnect button")
+
+    def test_people_list_empties_while_disconnected_and_fills_again(self):
+        # Bug: while disconnected the people list still showed everybody.
+        window = self.open_window()
+        self.add_peer("bob")
+        self.pump_until(lambda: window.people.size() == 2, "bob not listed")
+        self.drop_connection_of("alice")
+        self.pump_until(lambda: not window.connected, "the drop was not noticed")
+        self.assertEqual(window.people.size(), 0)
+        self.assertEqual(str(window.people_title.cget("text")), "Not connected")
+        self.pump_until(lambda: window.connected, "did not reconnect")
+        self.pump_until(lambda: window.people.get(0, "end") == ("alice (you)", "bob"), "the list did not fill again")
+
+    def test_server_shutdown_says_so_and_blames_no_firewall(self):
+        # Bug: after a deliberate shutdown every retry suggested checking the firewall.
+        window = self.open_window()
+        self.server.stop()
+        self.pump_until(lambda: "has shut down" in str(window.status.cget("text")), "no word of the shutdown")
+        self.assertNotIn("firewall", str(window.status.cget("text")))
+        self.assertNotIn("firewall", self.log_text(window))
+
+    def test_nick_shows_the_new_name_in_the_status_line_and_the_list(self):
+        # Bug: after /nick the status line still showed the old name.
+        window = self.open_window()
+        self.type_and_press(window, "/nick alicia")
+        self.pump_until(lambda: "as alicia" in str(window.status.cget("text")), "status shows the old name")
+        self.assertIn("alicia (you)", window.people.get(0, "end"))
+        self.assertIn("alicia", window.root.title())
+
+    def test_msg_to_a_name_never_seen_opens_nothing_and_its_error_does_not_come_back(self):
+        # Bug: /msg to a name never seen opened a phantom conversation, and its error came
+        # back after every reconnection (the refused message was sent again).
+        window = self.open_window()
+        peer, events = self.add_peer("bob")
+        self.type_and_press(window, "/msg nobody hello?")
+        self.pump_until(lambda: "Nobody called nobody" in self.log_text(window), "no error for an unknown name")
+        self.assertEqual(list(window.conversations), ["room:general"])
+        self.assertEqual(window.current, "room:general")
+        self.drop_connection_of("alice")
+        self.pump_until(lambda: not window.connected, "the drop was not noticed")
+        self.pump_until(lambda: window.connection._synced.is_set(), "did not reconnect")
+        self.type_and_press(window, "after the reconnection")  # sent after anything resent
+        self.wait_frame(events, lambda f: f.get("text") == "after the reconnection")
+        self.pump_until(lambda: self.said(window, "alice", "after the reconnection"), "echo not shown")
+        self.assertEqual(self.log_text(window).count("Nobody called nobody"), 1)
+
+    def test_direct_conversation_shows_no_room_count_and_no_leave_room(self):
+        window = self.open_window()
+        self.add_peer("bob")
+        self.type_and_press(window, "/msg bob hi")
+        self.pump_until(lambda: window.current == "direct:bob", "the direct conversation did not open")
+        self.assertNotIn("People here", str(window.people_title.cget("text")))
+        self.assertEqual(window.people.get(0, "end"), ("bob", "alice (you)"))
+        self.assertEqual(str(window.leave_button.cget("text")), "Close conversation")
+        self.assertIn("bob", str(window.target_label.cget("text")), "the input says where text goes")
+        window.leave_button.invoke()
+        self.assertNotIn("direct:bob", window.conversations)
+        self.assertEqual(str(window.leave_button.cget("text")), "Leave room")
+
+    def test_a_new_empty_room_offers_no_earlier_messages(self):
+        window = self.open_window()
+        self.type_and_press(window, "/join brandnew")
+        self.pump_until(lambda: window.current == "room:brandnew", "room not opened")
+        self.assertNotIn("Show earlier messages", self.log_text(window))
+        self.assertIn("#brandnew", str(window.target_label.cget("text")))
+
+    def test_hosting_address_stays_in_sight_however_much_is_said(self):
+        window, chosen = self.open_join_window(name="host", found=[], host_address=("127.0.0.1", 0))
+        window.host_button.invoke()
+        host, port, name, hosted = chosen[0]
+        chat = self.open_window_on(host, port, name, hosted)
+        for number in range(30):
+            chat.events.put((chat.connection, {"type": "notice", "text": "filler %d" % number}))
+        self.pump_until(lambda: "filler 29" in self.log_text(chat), "notices not shown")
+        self.assertEqual(chat.host_label.winfo_manager(), "pack")
+        self.assertIn("--server", str(chat.host_label.cget("text")))
+        chat.close()
+        hosted.thread.join(THREAD_END_S)
+
+    def test_joined_rooms_come_back_when_the_window_is_opened_again(self):
+        window = self.open_window()
+        self.type_and_press(window, "/join lab")
+        self.pump_until(lambda: window.current == "room:lab", "room not opened")
+        self.ask_to_close(window)
+        window.confirm_dialog.yes_button.invoke()
+        again = self.open_window()
+        self.pump_until(lambda: "room:lab" in again.conversations, "the room was forgotten")
+        self.assertIn("alice", again.conversations["room:lab"].users)
+
+    def test_messages_from_other_days_show_their_date(self):
+        window = self.open_window()
+        now = time.time()
+        for number, ts in enumerate((now - 3 * 86400, now - 86400, now)):
+            window.events.put((window.connection, {"type": "message", "id": 9000 + number, "ts": ts,
+                                                   "from": "bob", "room": "general", "text": "day %d" % number}))
+        self.pump_until(lambda: "day 2" in self.log_text(window), "messages not shown")
+        text = self.log_text(window)
+        long_ago = localchat.day_label(now - 3 * 86400)
+        self.assertRegex(long_ago, r"^\w+day \d+ \w+")
+        self.assertLess(text.index(long_ago), text.index("day 0"))
+        self.assertLess(text.index("day 0"), text.index("Yesterday"))
+        self.assertLess(text.index("Yesterday"), text.index("day 1"))
+        self.assertLess(text.index("day 1"), text.rindex("Today"))
+        self.assertLess(text.rindex("Today"), text.index("day 2"))
+
     # -- the join window (what a double-click opens) -----------------------------
 
     def open_join_window(self, **options):

@@ -5432,8 +5432,9 @@ MAX_SAVED_ROOMS = 50        # rooms remembered per server for the next start
 GROUP_GAP_S = 300           # messages from one sender closer than this share one name-and-time line
 TEXT_SIZES = (9, 10, 11, 12, 13, 14, 16, 18, 20, 24)  # Ctrl+plus/minus steps, in points
 DEFAULT_TEXT_SIZE = 11      # readable on a laptop without glasses
-NARROW_WIDTH_PX = 860       # below this the people pane hides (a menu item brings it back)
+NARROW_WIDTH_PX = 760       # below this the people pane hides (a menu item brings it back)
 NARROWER_WIDTH_PX = 620     # below this the conversation list hides too
+WIDE_WIDTH_PX = 1200        # from this width on the side panes are wider
 SYSTEM_QUERY_TIMEOUT_S = 1.5  # asking the system for its dark mode must never hold the window up
 URL_PATTERN = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]}]", re.IGNORECASE)
 
@@ -5589,8 +5590,8 @@ class Look:
                         lightcolor=c["bg"], darkcolor=c["bg"], troughcolor=c["bg"], focuscolor=c["accent"],
                         fieldbackground=c["surface"], selectbackground=c["select"],
                         selectforeground=c["text"], insertcolor=c["text"], font=self.body)
-        style.configure("TButton", padding=(10, 4), relief="flat", background=c["panel"],
-                        bordercolor=c["border"], lightcolor=c["panel"], darkcolor=c["panel"])
+        style.configure("TButton", padding=(10, 4), background=c["surface"], width=-4,
+                        bordercolor=c["border"], lightcolor=c["surface"], darkcolor=c["surface"])
         style.map("TButton", background=[("active", c["hover"]), ("pressed", c["select"])],
                   bordercolor=[("focus", c["accent"])])
         style.configure("Accent.TButton", background=c["accent"], foreground=c["accent_text"],
@@ -5618,6 +5619,10 @@ class Look:
             style.configure(name, troughcolor=c["surface"], background=c["thumb"], bordercolor=c["surface"],
                             lightcolor=c["thumb"], darkcolor=c["thumb"], arrowsize=8, gripcount=0)
             style.map(name, background=[("active", c["muted"])])
+        style.layout("Idle.Vertical.TScrollbar", style.layout("Thin.Vertical.TScrollbar"))
+        style.configure("Idle.Vertical.TScrollbar", troughcolor=c["surface"], background=c["surface"],
+                        bordercolor=c["surface"], lightcolor=c["surface"], darkcolor=c["surface"], arrowsize=8)
+        style.map("Idle.Vertical.TScrollbar", background=[("active", c["surface"])])
         self.root.configure(background=c["bg"])
 
     def paint_list(self, listbox):
@@ -5779,6 +5784,8 @@ class Conversation:
         self._last = None  # (sender key, ts, day) of the last message at the end, for grouping
         self._page_last = None  # the same for the page being inserted on top
         self._no_earlier = False  # the server said there is nothing older
+        self.following = True  # the view is at the end, and stays there as lines come
+        self.scrollbar = None
 
     @property
     def where(self):
@@ -5795,8 +5802,9 @@ class Conversation:
         self.frame = ttk.Frame(parent, style="Surface.TFrame")
         log = self.log = tk.Text(self.frame, wrap="word", state="disabled", padx=14, pady=8,
                                  cursor="arrow", spacing1=1, spacing3=1)
-        scrollbar = ttk.Scrollbar(self.frame, command=log.yview, style="Thin.Vertical.TScrollbar")
-        log.configure(yscrollcommand=scrollbar.set)
+        self.scrollbar = scrollbar = ttk.Scrollbar(self.frame, command=log.yview, style="Thin.Vertical.TScrollbar")
+        log.configure(yscrollcommand=self._on_scrolled)
+        log.bind("<Configure>", lambda event: self.following and log.see("end"))  # resized: stay at the end
         scrollbar.pack(side="right", fill="y")
         log.pack(side="left", fill="both", expand=True)
         self.paint(look)
@@ -5814,6 +5822,13 @@ class Conversation:
             self.log.tag_configure(tag, **options)
         for tag in ("link", "older"):
             self.log.tag_raise(tag)
+
+    def _on_scrolled(self, first, last):
+        """The view moved: move the scrollbar; its thumb shows only when there is more to see."""
+        self.scrollbar.set(first, last)
+        self.following = float(last) >= 0.999
+        whole = float(first) <= 0.0 and float(last) >= 1.0
+        self.scrollbar.configure(style="Idle.Vertical.TScrollbar" if whole else "Thin.Vertical.TScrollbar")
 
     def _on_link(self, on_link):
         for tag in self.log.tag_names("current"):
@@ -6290,13 +6305,14 @@ class ChatWindow:
         frame = self.ttk.Frame(parent, style="Panel.TFrame", padding=(8, 10, 8, 8))
         self.ttk.Label(frame, text="CONVERSATIONS", style="Panel.TLabel").pack(side="top", anchor="w", pady=(0, 6))
         join_row = self.ttk.Frame(frame, style="Panel.TFrame")
-        join_row.pack(side="bottom", fill="x", pady=(6, 0))
+        join_row.pack(side="bottom", fill="x", pady=(2, 0))
+        self.ttk.Label(frame, text="JOIN A ROOM", style="Panel.TLabel").pack(side="bottom", anchor="w", pady=(8, 0))
         self.join_entry = self.ttk.Entry(join_row, width=8)
         self.join_entry.pack(side="left", fill="x", expand=True)
         self.join_entry.bind("<Return>", lambda event: self._on_join_button())
         self.join_button = self.ttk.Button(join_row, text="Join", width=5, command=self._on_join_button)
         self.join_button.pack(side="left", padx=(4, 0))
-        self.conversation_list = self.tk.Listbox(frame, activestyle="none", takefocus=0, width=16,
+        self.conversation_list = self.tk.Listbox(frame, activestyle="none", takefocus=0, width=14,
                                                  exportselection=False)
         self.conversation_list.pack(side="top", fill="both", expand=True)
         self.conversation_list.bind("<<ListboxSelect>>", self._on_conversation_selected)
@@ -6330,9 +6346,10 @@ class ChatWindow:
         frame = self.ttk.Frame(parent, style="Panel.TFrame", padding=(8, 10, 8, 8))
         self.people_title = self.ttk.Label(frame, text="People", style="Panel.TLabel")
         self.people_title.pack(side="top", anchor="w", pady=(0, 6))
-        self.people = self.tk.Listbox(frame, activestyle="none", takefocus=0, width=16, exportselection=False)
+        self.people = self.tk.Listbox(frame, activestyle="none", takefocus=0, width=14, exportselection=False)
         self.people.pack(side="top", fill="both", expand=True)
         self.people.bind("<Double-Button-1>", self._on_person_double_click)
+        self.people.bind("<Configure>", lambda event: self._show_people())
         return frame
 
     def _build_input(self, parent):
@@ -6410,6 +6427,10 @@ class ChatWindow:
             return
         people = self.show_people.get() and width >= NARROW_WIDTH_PX
         sidebar = width >= NARROWER_WIDTH_PX
+        chars = 20 if width >= WIDE_WIDTH_PX else 14  # long names fit where there is room
+        for listbox in (self.conversation_list, self.people):
+            if int(listbox.cget("width")) != chars:
+                listbox.configure(width=chars)
         shown = [str(p) for p in self.panes.panes()]
         if (str(self.sidebar) in shown) != sidebar:
             if sidebar:
@@ -6528,12 +6549,23 @@ class ChatWindow:
             self.leave_button.configure(text="Leave room")
         self.people.delete(0, "end")
         own = name_key(self.connection.name)
+        width = self.people.winfo_width()
+        room = width - 12 if width > 50 else None  # None: not shown yet, nothing to fit
         for index, user in enumerate(users):
             label = user + (" (you)" if name_key(user) == own else "")
             if user in (conversation.away if conversation else {}):
                 label += " (away)"
-            self.people.insert("end", displayable(label, self.astral_ok))
+            self.people.insert("end", self._fitted(displayable(label, self.astral_ok), room))
             self.people.itemconfigure(index, foreground=name_colour(user, self.look.theme))
+
+    def _fitted(self, text, pixels):
+        """Return text, shortened with an ellipsis where it would not fit in pixels (never cut)."""
+        if pixels is None or self.look.body.measure(text) <= pixels:
+            return text
+        for end in range(len(text) - 1, 0, -1):
+            if self.look.body.measure(text[:end] + "\u2026") <= pixels:
+                return text[:end] + "\u2026"
+        return text[:1] + "\u2026"
 
     def _set_room_users(self, conversation, users):
         conversation.users = sorted(set(users), key=name_key)

@@ -9116,6 +9116,181 @@ class WindowTests(unittest.TestCase):
         self.assertLess(text.index("day 1"), text.rindex("Today"))
         self.assertLess(text.rindex("Today"), text.index("day 2"))
 
+    # -- the look: theme, text size, grouping, links, layout, notifications ----------------
+
+    def keep_settings(self):
+        """Put settings.json back as it was after the test (theme and size are remembered)."""
+        before = localchat.load_settings()
+        self.addCleanup(localchat.save_settings, before)
+
+    def test_theme_and_text_size_switch_and_are_remembered(self):
+        self.keep_settings()
+        window = self.open_window()
+        window.set_theme("dark")
+        self.assertEqual(str(window.log.cget("background")), localchat.PALETTES["dark"]["surface"])
+        self.assertEqual(str(window.people.itemcget(0, "foreground")), localchat.name_colour("alice", "dark"))
+        size = window.look.size
+        window.input.focus_force()
+        window.input.event_generate("<Control-plus>")
+        self.assertEqual(window.look.size, window.look.bigger(0) if size == localchat.TEXT_SIZES[-1] else
+                         localchat.TEXT_SIZES[localchat.TEXT_SIZES.index(size) + 1])
+        self.assertEqual(window.look.body.cget("size"), window.look.size)
+        bigger = window.look.size
+        settings = localchat.load_settings()
+        self.assertEqual((settings["theme"], settings["text_size"]), ("dark", bigger))
+        again = self.open_window("alice2")
+        self.assertEqual((again.look.theme, again.look.size), ("dark", bigger))
+        again.input.event_generate("<Control-minus>")
+        again.input.event_generate("<Control-minus>")
+        self.assertLess(again.look.size, bigger)
+        again.input.event_generate("<Control-0>")
+        self.assertEqual(again.look.size, localchat.DEFAULT_TEXT_SIZE)
+        again.set_theme("light")
+        self.assertEqual(str(again.log.cget("background")), localchat.PALETTES["light"]["surface"])
+
+    def test_system_theme_is_read_where_it_can_be_and_falls_back_to_light(self):
+        cases = [("linux", "/usr/bin/gsettings", "'prefer-dark'", "dark"),
+                 ("linux", "/usr/bin/gsettings", "'default'", "light"),
+                 ("linux", None, "'prefer-dark'", "light"),
+                 ("darwin", None, "Dark", "dark"),
+                 ("darwin", None, "", "light")]
+        for platform, which, answer, theme in cases:
+            with mock.patch.object(localchat.sys, "platform", platform), \
+                    mock.patch.object(localchat.shutil, "which", lambda name, which=which: which), \
+                    mock.patch.object(localchat, "_query_system", lambda command, answer=answer: answer):
+                self.assertEqual(localchat.system_theme(), theme, (platform, which, answer))
+        self.assertEqual(localchat._query_system(["no-such-command-for-localchat"]), "")
+        with mock.patch.object(localchat, "SYSTEM_QUERY_TIMEOUT_S", 0.3):
+            started = time.monotonic()
+            slow = [sys.executable, "-c", "import time; time.sleep(5); print('dark')"]
+            self.assertEqual(localchat._query_system(slow), "")
+            self.assertLess(time.monotonic() - started, 3.0, "a slow system answer is not waited for")
+
+    def test_messages_from_one_sender_in_a_row_share_one_name_line(self):
+        window = self.open_window()
+        bob, bob_events = self.add_peer("bob")
+        carol, _ = self.add_peer("carol")
+        for peer, text in ((bob, "one"), (bob, "two"), (carol, "three"), (bob, "four")):
+            peer.say(text)
+            self.wait_frame(bob_events, lambda f, text=text: f.get("text") == text)
+        self.pump_until(lambda: "four" in self.log_text(window), "messages not shown")
+        ranges = window.log.tag_ranges("name")
+        names = [window.log.get(ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2)]
+        self.assertEqual(names, ["bob", "carol", "bob"])
+        self.assertTrue(self.said(window, "bob", "two"))
+        self.assertTrue(self.said(window, "carol", "three"))
+
+    def test_links_open_in_the_browser_and_only_web_addresses_are_links(self):
+        window = self.open_window()
+        window.root.deiconify()
+        peer, _ = self.add_peer("bob")
+        peer.say("see https://example.org/a?b=1 and www.example.com. not javascript:alert(1)")
+        self.pump_until(lambda: "javascript" in self.log_text(window), "message not shown")
+        ranges = window.log.tag_ranges("link")
+        links = [window.log.get(ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2)]
+        self.assertEqual(links, ["https://example.org/a?b=1", "www.example.com"])
+        window.log.see(ranges[0])
+        self.root.update()
+        x, y, width, height = window.log.bbox(ranges[0])
+        with mock.patch.object(localchat.webbrowser, "open") as browser:
+            window.log.event_generate("<Motion>", x=x + 2, y=y + height // 2)
+            window.log.event_generate("<Button-1>", x=x + 2, y=y + height // 2)
+            self.root.update()
+        browser.assert_called_once_with("https://example.org/a?b=1", new=2)
+        self.assertEqual(localchat.split_links("www.example.com."),
+                         [("www.example.com", "http://www.example.com"), (".", None)])
+
+    def test_new_messages_line_marks_where_the_unread_part_starts(self):
+        window = self.open_window()
+        peer, events = self.add_peer("bob")
+        peer.say("seen")
+        self.pump_until(lambda: "seen" in self.log_text(window), "message not shown")
+        self.type_and_press(window, "/join other")
+        self.pump_until(lambda: window.current == "room:other", "room not opened")
+        peer.say("missed one")
+        peer.say("missed two")
+        general = window.conversations["room:general"]
+        self.pump_until(lambda: general.unread == 2, "unread not counted")
+        text = general.log.get("1.0", "end-1c")
+        self.assertEqual(text.count("new messages"), 1)
+        self.assertLess(text.index("seen"), text.index("new messages"))
+        self.assertLess(text.index("new messages"), text.index("missed one"))
+        window._show_conversation("room:general")
+        window._show_conversation("room:other")
+        peer.say("later")
+        self.pump_until(lambda: general.unread == 1, "unread not counted")
+        text = general.log.get("1.0", "end-1c")
+        self.assertEqual(text.count("new messages"), 1, "only the latest line stays")
+        self.assertLess(text.index("new messages"), text.index("later"))
+        self.assertLess(text.index("missed two"), text.index("new messages"))
+
+    def test_nothing_is_cut_at_700_pixels_and_panes_give_way_below(self):
+        window = self.open_window()
+        window.root.deiconify()
+        expected = {1280: (True, True), 800: (True, True), 700: (True, False), 560: (False, False)}
+        for width, (sidebar, people) in expected.items():
+            window.root.geometry("%dx600" % width)
+            self.pump_until(lambda: window.root.winfo_width() == width, "the window was not resized")
+            self.pump_until(lambda: (str(window.sidebar) in map(str, window.panes.panes())) == sidebar
+                            and (str(window.people_pane) in map(str, window.panes.panes())) == people,
+                            "panes not arranged for %d px" % width)
+            self.root.update()
+            for button in (window.send_button, window.leave_button, window.join_button, window.switch_button):
+                if button.winfo_ismapped():
+                    self.assertGreaterEqual(button.winfo_width(), button.winfo_reqwidth(), (width, button))
+            self.assertEqual(window.switch_button.winfo_ismapped(), not sidebar, width)
+            right = window.send_button.winfo_rootx() + window.send_button.winfo_width()
+            self.assertLessEqual(right, window.root.winfo_rootx() + width, "Send is inside the window")
+
+    def test_mentions_and_direct_messages_notify_when_unfocused_and_each_can_be_off(self):
+        self.keep_settings()
+        window = self.open_window()
+        window.root.deiconify()
+        told, bells = [], []
+
+        class FakeNotifier:
+            def notify(self, root, title, text):
+                told.append((title, text))
+                return True
+        window.notifier = FakeNotifier()
+        window.root.bell = lambda: bells.append(1)
+        peer, _ = self.add_peer("bob")
+        other = self.tkinter.Toplevel(self.root)
+        self.addCleanup(other.destroy)
+        other.focus_force()
+        self.pump_until(lambda: not window.has_focus, "the window did not notice losing focus")
+        peer.say("psst", to="alice")
+        peer.say("just chatting")
+        peer.say("alice, look")
+        self.pump_until(lambda: window.root.title().startswith("(3) "), "no unread count in the title")
+        self.assertEqual(told, [("bob", "psst"), ("bob in #general", "alice, look")])
+        self.assertEqual(bells, [], "a notification shown: no bell as well")
+        window.notify_desktop.set(False)
+        peer.say("psst again", to="alice")
+        self.pump_until(lambda: bells == [1], "the bell is the fallback")
+        window.notify_sound.set(False)
+        peer.say("psst quietly", to="alice")
+        self.pump_until(lambda: window.root.title().startswith("(5) "), "not counted")
+        self.assertEqual((len(told), bells), (2, [1]), "both off: nothing")
+
+    @unittest.skipIf(sys.platform in ("win32", "darwin"), "notify-send is the Linux way")
+    def test_notify_send_gets_the_text_as_an_argument_with_markup_escaped(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        script, out = os.path.join(folder, "notify-send"), os.path.join(folder, "argv.json")
+        with open(script, "w") as file:
+            file.write("#!%s\nimport json, sys\njson.dump(sys.argv[1:], open(%r, 'w'))\n" % (sys.executable, out))
+        os.chmod(script, 0o700)
+        notifier = localchat.Notifier()
+        notifier.command = script
+        self.assertTrue(notifier.notify(self.root, "bob", "<b>hi</b> & --help"))
+        for thread in [t for t in threading.enumerate() if t.name == "notify"]:
+            thread.join(THREAD_END_S)
+        with open(out) as file:
+            self.assertEqual(json.load(file), ["--app-name=LocalChat", "--", "bob", "&lt;b&gt;hi&lt;/b&gt; &amp; --help"])
+        notifier.command = None
+        self.assertFalse(notifier.notify(self.root, "bob", "hi"), "nothing to notify with: the caller rings")
+
     # -- the join window (what a double-click opens) -----------------------------
 
     def open_join_window(self, **options):

@@ -5594,6 +5594,9 @@ class Look:
                         bordercolor=c["border"], lightcolor=c["surface"], darkcolor=c["surface"])
         style.map("TButton", background=[("active", c["hover"]), ("pressed", c["select"])],
                   bordercolor=[("focus", c["accent"])])
+        style.configure("TMenubutton", padding=(10, 4), background=c["surface"], bordercolor=c["border"],
+                        lightcolor=c["surface"], darkcolor=c["surface"], arrowcolor=c["muted"])
+        style.map("TMenubutton", background=[("active", c["hover"])])
         style.configure("Accent.TButton", background=c["accent"], foreground=c["accent_text"],
                         bordercolor=c["accent"], lightcolor=c["accent"], darkcolor=c["accent"])
         style.map("Accent.TButton", background=[("active", c["link"]), ("pressed", c["link"])])
@@ -5914,8 +5917,13 @@ class Conversation:
                 pieces.append((piece, tags + ("link", tag)))
         return pieces
 
+    def _break_run(self):
+        """The next message shows its name again (its day line only if the day changes)."""
+        if self._last is not None:
+            self._last = (None,) + self._last[1:]
+
     def add_notice(self, text, ts=None, tag="notice"):
-        self._last = None  # the next message shows its name again
+        self._break_run()
         self.append([(clock(ts)[:5] + "  ", ("time", tag)), (text + "\n", (tag,))])
 
     def mark_unread_start(self):
@@ -5925,7 +5933,7 @@ class Conversation:
         if ranges:
             self.log.delete(ranges[0], ranges[1])
         self.log.configure(state="disabled")
-        self._last = None
+        self._break_run()
         self.append([("new messages \u2500\u2500\n", ("newline",))])
 
     def _offer_earlier(self):
@@ -6069,7 +6077,7 @@ class Notifier:
 
     def notify(self, root, title, text):
         """Show title and text; return False where there is no way to (the caller rings instead)."""
-        text = text if len(text) <= 200 else text[:199] + "…"
+        text = text if len(text) <= 200 else text[:199] + "\u2026"
         if self.command == "flash":
             return self._flash(root)
         if not self.command:
@@ -6331,6 +6339,8 @@ class ChatWindow:
         self.title_label.pack(side="top", anchor="w", fill="x")
         self.topic_label = self.ttk.Label(header, text="", style="Target.TLabel", justify="left")
         self.topic_label.pack(side="top", anchor="w", fill="x")
+        # Wrap to the room the buttons leave it: a long topic shows whole, over several lines.
+        self.topic_label.bind("<Configure>", lambda event: self.topic_label.configure(wraplength=max(80, event.width)))
         self.host_label = self.ttk.Label(frame, text="", style="Banner.TLabel", padding=(14, 6), justify="left")
         if self.hosted is not None:  # stays in sight: the others need it for as long as the chat runs
             self.host_label.configure(text=self.hosted.join_hint(), style="Host.TLabel")
@@ -6438,7 +6448,7 @@ class ChatWindow:
                 self.switch_button.pack_forget()
             else:
                 self.panes.forget(self.sidebar)
-                self.switch_button.pack(side="right", anchor="n", padx=(0, 6), before=self.leave_button)
+                self.switch_button.pack(side="right", anchor="n", padx=(6, 0), before=self.leave_button)
         if (str(self.people_pane) in shown) != people:
             if people:
                 self.panes.add(self.people_pane, weight=0)
@@ -6446,9 +6456,7 @@ class ChatWindow:
                 self.panes.forget(self.people_pane)
 
     def _on_centre_resize(self, event):
-        width = max(200, event.width - 40)
-        for label in (self.topic_label, self.host_label):
-            label.configure(wraplength=width)
+        self.host_label.configure(wraplength=max(200, event.width - 40))
         self.status.configure(wraplength=max(200, self.root.winfo_width() - 24))
 
     # -- conversations -------------------------------------------------------------
@@ -6506,6 +6514,8 @@ class ChatWindow:
         if self.current in keys:
             self.conversation_list.selection_clear(0, "end")
             self.conversation_list.selection_set(keys.index(self.current))
+        unread = sum(c.unread for c in self.conversations.values())
+        self.switch_button.configure(text="Conversations" + (" (%d)" % unread if unread else ""))
         self.switch_menu.delete(0, "end")
         for key in keys:
             self.switch_menu.add_command(label=displayable(self.conversations[key].label, self.astral_ok),
@@ -6525,8 +6535,7 @@ class ChatWindow:
         if conversation is None:
             return
         if conversation.kind == "direct":
-            title, topic = "@ " + conversation.name, "Direct conversation with %s: only the two of you see it" % (
-                conversation.name)
+            title, topic = "@ " + conversation.name, "Only you and %s see this conversation." % conversation.name
             target = "Message to %s (only %s sees it)" % (conversation.name, conversation.name)
         else:
             title, topic = "#" + conversation.name, conversation.topic or ""
@@ -6534,7 +6543,6 @@ class ChatWindow:
         self.title_label.configure(text=displayable(title, self.astral_ok))
         self.topic_label.configure(text=displayable(topic, self.astral_ok))
         self.target_label.configure(text=displayable(target, self.astral_ok))
-        self.switch_button.configure(text=displayable(title, self.astral_ok) + " ▾")
 
     def _show_people(self):
         conversation = self.conversations.get(self.current)
@@ -6648,15 +6656,14 @@ class ChatWindow:
         """After the connection ended for good: say what now, and offer what can work."""
         self.ended = True
         self._clear_people()
-        unsent = " What you type now is not sent."
+        unsent = " Nothing you type is sent until you reconnect."
         if code in ("name_taken", "bad_name"):
-            self.banner.show(text + " Choose another name to join with:", entry=self.connection.name,
-                             button=("Join", self._on_new_name))
+            self.banner.show(text, entry=self.connection.name, button=("Join with this name", self._on_new_name))
         elif code in ("password_required", "auth_failed"):
             self.banner.show(text + unsent, button=("Enter the password", lambda: self._ask_password(text)))
             self._ask_password(text)
         elif code == "banned" or (code or "").startswith("fingerprint"):
-            self.banner.show(text + unsent)  # trying again cannot help
+            self.banner.show(text + " Nothing you type is sent.")  # trying again cannot help
         elif code == "quit":
             self.banner.show("You left the chat from another window." + unsent,
                              button=("Reconnect", self._reconnect))
@@ -6669,8 +6676,7 @@ class ChatWindow:
         try:
             check_name(name)
         except ProtocolError as error:
-            self.banner.show(error.text + " Choose another name to join with:", entry=name,
-                             button=("Join", self._on_new_name))
+            self.banner.show(error.text, entry=name, button=("Join with this name", self._on_new_name))
             return
         self._reconnect(name)
 
@@ -6823,7 +6829,8 @@ class ChatWindow:
             return
         text = frame.get("text") or "The connection was lost."
         self._set_status("Disconnected from %s: %s" % (self.connection.address, text), error=True)
-        self._add_notice(text, tag="error")
+        if frame.get("code") not in ("kicked", "banned", "replaced"):  # the bye already said it
+            self._add_notice(text, tag="error")
         self._offer_way_back(text, frame.get("code"))
 
     def _clear_people(self):

@@ -8989,7 +8989,7 @@ class WindowTests(unittest.TestCase):
         self.pump_until(lambda: window.banner.shown, "nothing says the kick")
         said = str(window.banner.label.cget("text"))
         self.assertIn("kicked", said)
-        self.assertIn("not sent", said)
+        self.assertIn("is sent until you reconnect", said)
         self.assertEqual(window.people.size(), 0, "nobody is listed while disconnected")
         self.type_and_press(window, "anyone?")
         self.assertIn("was not sent", self.log_text(window))
@@ -9009,7 +9009,7 @@ class WindowTests(unittest.TestCase):
         self.server.hub.moderation.ban(None, "alice", reason="testing")
         self.pump_until(lambda: window.banner.shown, "nothing says the ban")
         self.assertIn("banned", str(window.banner.label.cget("text")))
-        self.assertIn("not sent", str(window.banner.label.cget("text")))
+        self.assertIn("Nothing you type is sent", str(window.banner.label.cget("text")))
         self.assertEqual(window.banner.button.winfo_manager(), "", "no Reconnect button")
 
     def test_people_list_empties_while_disconnected_and_fills_again(self):

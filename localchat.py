@@ -7137,8 +7137,11 @@ class JoinWindow:
 
     def _build(self, name):
         self.root.title("LocalChat - join a chat")
-        self.root.geometry("520x430")
-        self.frame = self.ttk.Frame(self.root, padding=16)
+        self.root.geometry("560x470")
+        self.look = Look(self.tk, self.root, self.settings.get("theme", "system"),
+                         self.settings.get("text_size", DEFAULT_TEXT_SIZE))
+        self.look.style(self.ttk)
+        self.frame = self.ttk.Frame(self.root, padding=20)
         self.frame.pack(fill="both", expand=True)
         self.ttk.Label(self.frame, text="Your name").pack(anchor="w")
         self.name_entry = self.ttk.Entry(self.frame, width=32)
@@ -7146,6 +7149,9 @@ class JoinWindow:
         self.name_entry.pack(anchor="w", fill="x", pady=(0, 10))
         self.ttk.Label(self.frame, text="Chats found on this network").pack(anchor="w")
         self.server_list = self.tk.Listbox(self.frame, height=6, activestyle="none", exportselection=False)
+        self.look.paint_list(self.server_list)
+        self.server_list.configure(background=self.look.colours["surface"], highlightthickness=1,
+                                   highlightbackground=self.look.colours["border"])
         self.server_list.pack(fill="both", expand=True)
         self.server_list.bind("<Double-Button-1>", lambda event: self.join())
         self.server_list.bind("<<ListboxSelect>>", lambda event: self.address_entry.delete(0, "end"))
@@ -7158,11 +7164,11 @@ class JoinWindow:
         self.address_entry.bind("<Key>", lambda event: self.server_list.selection_clear(0, "end"))
         buttons = self.ttk.Frame(self.frame)
         buttons.pack(fill="x")
-        self.join_button = self.ttk.Button(buttons, text="Join", command=self.join)
+        self.join_button = self.ttk.Button(buttons, text="Join", style="Accent.TButton", command=self.join)
         self.join_button.pack(side="right")
         self.host_button = self.ttk.Button(buttons, text="Host a chat on this computer", command=self.host)
         self.host_button.pack(side="left")
-        self.status = self.ttk.Label(self.frame, text="", foreground="#b00020", wraplength=420)
+        self.status = self.ttk.Label(self.frame, text="", foreground=self.look.colours["error"], wraplength=500)
         self.status.pack(anchor="w", pady=(10, 0))
         self.root.bind("<Return>", lambda event: self.join())
         self.name_entry.focus_set()
@@ -7210,7 +7216,7 @@ class JoinWindow:
         return name
 
     def _complain(self, text):
-        self.status.configure(text=text, foreground="#b00020")
+        self.status.configure(text=text, foreground=self.look.colours["error"])
 
     def join(self):
         """Join the typed address, else the chat selected in the list."""

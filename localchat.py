@@ -6508,7 +6508,9 @@ class ChatWindow:
         self.conversation_list.delete(0, "end")
         for index, key in enumerate(keys):
             conversation = self.conversations[key]
-            self.conversation_list.insert("end", displayable(conversation.label, self.astral_ok))
+            width = self.conversation_list.winfo_width()
+            self.conversation_list.insert("end", self._fitted(displayable(conversation.label, self.astral_ok),
+                                                              width - 12 if width > 50 else None))
             if conversation.unread:
                 self.conversation_list.itemconfigure(index, foreground=self.look.colours["new"])
         if self.current in keys:

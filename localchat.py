@@ -5441,10 +5441,10 @@ URL_PATTERN = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]}]"
 # Each name keeps one colour; the two lists are the same hues, readable on white and on the dark
 # background. Ten hues far apart (no two oranges), each dark or light enough for 4.5:1 contrast.
 NAME_COLOURS = {
-    "light": ("#c62828", "#b45309", "#7a6f00", "#2e7d32", "#00838f",
+    "light": ("#c62828", "#b45309", "#7a6f00", "#2e7d32", "#00798a",
               "#1565c0", "#4338ca", "#7b1fa2", "#ad1457", "#6d4c41"),
     "dark": ("#ff8a80", "#f5a35c", "#d9c95a", "#7ccf7f", "#4dd0e1",
-             "#7cb4ff", "#a5b0ff", "#cf9cf0", "#f48fb1", "#c9a786"),
+             "#6aaeff", "#b3a4ff", "#d58ef0", "#f48fb1", "#c9a786"),
 }
 
 # The two themes: what every part of the window is painted with.

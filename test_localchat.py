@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -9147,6 +9148,26 @@ class WindowTests(unittest.TestCase):
         self.assertEqual(again.look.size, localchat.DEFAULT_TEXT_SIZE)
         again.set_theme("light")
         self.assertEqual(str(again.log.cget("background")), localchat.PALETTES["light"]["surface"])
+
+    def test_name_colours_are_readable_in_both_themes_and_far_apart(self):
+        # Bug: two people showed in near-identical orange, and the colours were made for white only.
+        def luminance(colour):
+            def linear(c):
+                return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+            r, g, b = (linear(int(colour[i:i + 2], 16) / 255) for i in (1, 3, 5))
+            return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+        def contrast(a, b):
+            high, low = sorted((luminance(a), luminance(b)), reverse=True)
+            return (high + 0.05) / (low + 0.05)
+        for theme, colours in localchat.NAME_COLOURS.items():
+            background = localchat.PALETTES[theme]["surface"]
+            for colour in colours:
+                self.assertGreaterEqual(contrast(colour, background), 4.5, (theme, colour))  # WCAG AA
+            for a, b in itertools.combinations(colours, 2):
+                distance = math.sqrt(sum((int(a[i:i + 2], 16) - int(b[i:i + 2], 16)) ** 2 for i in (1, 3, 5)))
+                self.assertGreaterEqual(distance, 40, (theme, a, b))
+        self.assertEqual(len(localchat.NAME_COLOURS["light"]), len(localchat.NAME_COLOURS["dark"]))
 
     def test_system_theme_is_read_where_it_can_be_and_falls_back_to_light(self):
         cases = [("linux", "/usr/bin/gsettings", "'prefer-dark'", "dark"),

@@ -6207,6 +6207,7 @@ class ChatWindow:
         self._closing = False
         self._poll_id = None
         self.confirm_dialog = None
+        self.password_dialog = None
         self._ref_prefix = secrets.token_hex(3)
         self._next_ref = 0
         self.hosted = hosted  # a HostedServer this window started, stopped when it closes
@@ -6684,7 +6685,9 @@ class ChatWindow:
 
     def _ask_password(self, why):
         """Ask for the server's password in a small window, then connect again."""
-        PasswordDialog(self.root, self.tk, self.ttk, why, self._on_password)
+        if self.password_dialog is not None and self.password_dialog.top.winfo_exists():
+            return  # asked already
+        self.password_dialog = PasswordDialog(self.root, self.tk, self.ttk, why, self._on_password)
 
     def _on_password(self, password):
         if password and not self.connected:

@@ -9025,6 +9025,23 @@ class WindowTests(unittest.TestCase):
         self.pump_until(lambda: window.connected, "did not reconnect")
         self.pump_until(lambda: window.people.get(0, "end") == ("alice (you)", "bob"), "the list did not fill again")
 
+    def test_password_is_asked_for_in_place_and_a_wrong_one_asks_again(self):
+        self.server.stop()
+        self.server_thread.join(THREAD_END_S)
+        self.server = localchat.ChatServer((LOOPBACK, 0), hub=localchat.ChatHub("test", password="sesame"))
+        self.server_thread = threading.Thread(target=self.server.serve_forever, name="test-accept")
+        self.server_thread.start()
+        window = self.open_window(connected=False)
+        self.pump_until(lambda: window.password_dialog is not None, "no password question")
+        window.password_dialog.entry.insert(0, "wrong")
+        window.password_dialog.ok_button.invoke()
+        self.pump_until(lambda: window.password_dialog.top.winfo_exists(), "a wrong password is not asked again")
+        self.assertIn("Wrong password", str(window.banner.label.cget("text")))
+        window.password_dialog.entry.insert(0, "sesame")
+        window.password_dialog.ok_button.invoke()
+        self.pump_until(lambda: window.connected, "the right password did not connect")
+        self.assertFalse(window.banner.shown)
+
     def test_server_shutdown_says_so_and_blames_no_firewall(self):
         # Bug: after a deliberate shutdown every retry suggested checking the firewall.
         window = self.open_window()

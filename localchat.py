@@ -5424,6 +5424,8 @@ def load_identity():
 # ChatWindow runs on the Tk thread only. The connection's threads put frames on
 # a queue that an after() poll drains; connecting happens on a worker thread.
 # tkinter is imported by run_window(), so the server runs where Tk is missing.
+# Look holds the theme and text size, Conversation one log, Banner the strip that
+# says what went wrong and offers the way on, Notifier the desktop notifications.
 
 POLL_INTERVAL_MS = 50       # how often the window drains the event queue
 EVENTS_PER_POLL = 500       # at most this many events per drain, so typing stays responsive
@@ -6182,72 +6184,12 @@ class Banner:
         self.frame.pack_forget()
 
 
-class ChatWindow:
-    """The chat window: conversations, log, people, input, status line. Runs on the Tk thread."""
+class ChatPanels:
+    """The chat window's widgets: building, painting and arranging them (a mixin of ChatWindow).
 
-    def __init__(self, root, host, port, name, identity=None, hosted=None, tls=False, fingerprint=None):
-        import tkinter
-        from tkinter import ttk
-        self.tk, self.ttk, self.root = tkinter, ttk, root
-        self.settings = load_settings()
-        self.connection = None
-        self.events = queue.Queue()  # (connection, frame) from the connections' threads
-        self._make_connection(ChatConnection(host, port, name, identity=identity, reconnect=True,
-                                             password=os.environ.get("LOCALCHAT_PASSWORD"),
-                                             tls=tls, fingerprint=fingerprint))
-        self.connection.rooms = self._saved_rooms()
-        self.conversations = {}  # key -> Conversation, in the order they opened
-        self.astral_ok = tk_shows_astral(str(root.tk.call("info", "patchlevel")))
-        self.connected = False
-        self.ended = False  # the connection ended for good: nothing typed is sent until Reconnect
-        self.has_focus = True
-        self.current = None
-        self.seen_ids = set()  # message ids shown, so nothing shows twice
-        self._switch_to = conversation_key("room", GENERAL_ROOM)  # open this room when it arrives
-        self._closing = False
-        self._poll_id = None
-        self.confirm_dialog = None
-        self.password_dialog = None
-        self._ref_prefix = secrets.token_hex(3)
-        self._next_ref = 0
-        self.hosted = hosted  # a HostedServer this window started, stopped when it closes
-        self.look = Look(tkinter, root, self.settings.get("theme", "system"),
-                         self.settings.get("text_size", DEFAULT_TEXT_SIZE))
-        self.notifier = Notifier()
-        self._status_text, self._status_error = "", False
-        self._build_window()
-        self._open_conversation("room", GENERAL_ROOM)
-        self._paint()
-        self._restore_draft()
-        self._poll_id = root.after(POLL_INTERVAL_MS, self._poll)
-        self._connect()
-
-    def _make_connection(self, connection):
-        """Make connection the window's; frames of an earlier one are dropped from now on.
-
-        The threads hold the queue, never the window: the window's last reference must
-        go on the Tk thread (Tk variables may only be deleted there).
-        """
-        events = self.events
-
-        def events_put(frame):
-            """Runs on the connection's threads: hand a frame to the Tk thread."""
-            events.put((connection, frame))
-        connection.on_event = events_put
-        self.connection = connection
-
-    @property
-    def astral_ok(self):
-        """Whether this Tk shows characters above U+FFFF (else they show as U+FFFD)."""
-        return self._astral_ok
-
-    @astral_ok.setter
-    def astral_ok(self, value):
-        self._astral_ok = value
-        for conversation in self.conversations.values():
-            conversation.astral_ok = value
-
-    # -- building --------------------------------------------------------------
+    Runs on the Tk thread. What the widgets show comes from ChatWindow; here is only
+    where they are, how they look, and how they give way in a narrow window.
+    """
 
     def _build_window(self):
         root = self.root
@@ -6460,6 +6402,134 @@ class ChatWindow:
         self.host_label.configure(wraplength=max(200, event.width - 40))
         self.status.configure(wraplength=max(200, self.root.winfo_width() - 24))
 
+    def _fitted(self, text, pixels):
+        """Return text, shortened with an ellipsis where it would not fit in pixels (never cut)."""
+        if pixels is None or self.look.body.measure(text) <= pixels:
+            return text
+        for end in range(len(text) - 1, 0, -1):
+            if self.look.body.measure(text[:end] + "\u2026") <= pixels:
+                return text[:end] + "\u2026"
+        return text[:1] + "\u2026"
+
+    def _set_status(self, text, error=False):
+        self._status_text, self._status_error = text, error
+        self.status.configure(text=text, style="Error.Status.TLabel" if error else "Status.TLabel")
+
+
+class ServerMemory:
+    """What a chat window keeps per server in settings.json: its rooms and an unsent draft (a mixin).
+
+    Runs on the Tk thread; needs self.settings, self.connection and self.input_box.
+    """
+
+    def _remembered(self, key):
+        """Return this server's entry in the settings' `key` table (a dict by address)."""
+        table = self.settings.get(key)
+        return table.get(self.connection.address) if isinstance(table, dict) else None
+
+    def _remember(self, key, value):
+        """Keep value for this server under key in settings.json (None forgets it)."""
+        self.settings = load_settings()  # another window may have saved meanwhile
+        table = self.settings.get(key)
+        table = dict(table) if isinstance(table, dict) else {}
+        if value:
+            table[self.connection.address] = value
+        else:
+            table.pop(self.connection.address, None)
+        self.settings[key] = table
+        save_settings(self.settings)
+
+    def _saved_rooms(self):
+        rooms = self._remembered("rooms")
+        return [r for r in rooms if isinstance(r, str)][:MAX_SAVED_ROOMS] if isinstance(rooms, list) else []
+
+    def _save_rooms(self):
+        rooms = [c.name for c in self.conversations.values() if c.kind == "room"]
+        if rooms != self._saved_rooms():
+            self._remember("rooms", rooms)
+
+    def _save_draft(self):
+        """Keep what is typed and not sent, so that closing never throws it away."""
+        draft = self.input_box.get()
+        if draft.strip() or self._remembered("drafts"):
+            self._remember("drafts", draft if draft.strip() else None)
+
+    def _restore_draft(self):
+        draft = self._remembered("drafts")
+        if isinstance(draft, str) and draft.strip():
+            self.input.insert("1.0", draft)
+            self._remember("drafts", None)
+
+
+class ChatWindow(ChatPanels, ServerMemory):
+    """The chat window: conversations, log, people, input, status line. Runs on the Tk thread.
+
+    Here: the connection's frames and what the person does. The widgets themselves are
+    ChatPanels' (built, painted, arranged); what is kept per server is ServerMemory's.
+    """
+
+    def __init__(self, root, host, port, name, identity=None, hosted=None, tls=False, fingerprint=None):
+        import tkinter
+        from tkinter import ttk
+        self.tk, self.ttk, self.root = tkinter, ttk, root
+        self.settings = load_settings()
+        self.connection = None
+        self.events = queue.Queue()  # (connection, frame) from the connections' threads
+        self._make_connection(ChatConnection(host, port, name, identity=identity, reconnect=True,
+                                             password=os.environ.get("LOCALCHAT_PASSWORD"),
+                                             tls=tls, fingerprint=fingerprint))
+        self.connection.rooms = self._saved_rooms()
+        self.conversations = {}  # key -> Conversation, in the order they opened
+        self.astral_ok = tk_shows_astral(str(root.tk.call("info", "patchlevel")))
+        self.connected = False
+        self.ended = False  # the connection ended for good: nothing typed is sent until Reconnect
+        self.has_focus = True
+        self.current = None
+        self.seen_ids = set()  # message ids shown, so nothing shows twice
+        self._switch_to = conversation_key("room", GENERAL_ROOM)  # open this room when it arrives
+        self._closing = False
+        self._poll_id = None
+        self.confirm_dialog = None
+        self.password_dialog = None
+        self._ref_prefix = secrets.token_hex(3)
+        self._next_ref = 0
+        self.hosted = hosted  # a HostedServer this window started, stopped when it closes
+        self.look = Look(tkinter, root, self.settings.get("theme", "system"),
+                         self.settings.get("text_size", DEFAULT_TEXT_SIZE))
+        self.notifier = Notifier()
+        self._status_text, self._status_error = "", False
+        self._build_window()
+        self._open_conversation("room", GENERAL_ROOM)
+        self._paint()
+        self._restore_draft()
+        self._poll_id = root.after(POLL_INTERVAL_MS, self._poll)
+        self._connect()
+
+    def _make_connection(self, connection):
+        """Make connection the window's; frames of an earlier one are dropped from now on.
+
+        The threads hold the queue, never the window: the window's last reference must
+        go on the Tk thread (Tk variables may only be deleted there).
+        """
+        events = self.events
+
+        def events_put(frame):
+            """Runs on the connection's threads: hand a frame to the Tk thread."""
+            events.put((connection, frame))
+        connection.on_event = events_put
+        self.connection = connection
+
+    @property
+    def astral_ok(self):
+        """Whether this Tk shows characters above U+FFFF (else they show as U+FFFD)."""
+        return self._astral_ok
+
+    @astral_ok.setter
+    def astral_ok(self, value):
+        self._astral_ok = value
+        for conversation in self.conversations.values():
+            conversation.astral_ok = value
+
     # -- conversations -------------------------------------------------------------
 
     @property
@@ -6568,15 +6638,6 @@ class ChatWindow:
                 label += " (away)"
             self.people.insert("end", self._fitted(displayable(label, self.astral_ok), room))
             self.people.itemconfigure(index, foreground=name_colour(user, self.look.theme))
-
-    def _fitted(self, text, pixels):
-        """Return text, shortened with an ellipsis where it would not fit in pixels (never cut)."""
-        if pixels is None or self.look.body.measure(text) <= pixels:
-            return text
-        for end in range(len(text) - 1, 0, -1):
-            if self.look.body.measure(text[:end] + "\u2026") <= pixels:
-                return text[:end] + "\u2026"
-        return text[:1] + "\u2026"
 
     def _set_room_users(self, conversation, users):
         conversation.users = sorted(set(users), key=name_key)
@@ -6847,10 +6908,6 @@ class ChatWindow:
 
     # -- showing -----------------------------------------------------------------
 
-    def _set_status(self, text, error=False):
-        self._status_text, self._status_error = text, error
-        self.status.configure(text=text, style="Error.Status.TLabel" if error else "Status.TLabel")
-
     def _update_title(self):
         unread = sum(c.unread for c in self.conversations.values()) if not self.has_focus else 0
         title = "%s - LocalChat (%s)" % (self.connection.name, self.connection.address)
@@ -7031,46 +7088,6 @@ class ChatWindow:
         threading.Thread(target=self._close_worker, args=(self.connection, self.hosted, self.connected),
                          name="closing").start()
         self.root.destroy()
-
-    # -- remembered across restarts (settings.json) -------------------------------------
-
-    def _remembered(self, key):
-        """Return this server's entry in the settings' `key` table (a dict by address)."""
-        table = self.settings.get(key)
-        return table.get(self.connection.address) if isinstance(table, dict) else None
-
-    def _remember(self, key, value):
-        """Keep value for this server under key in settings.json (None forgets it)."""
-        self.settings = load_settings()  # another window may have saved meanwhile
-        table = self.settings.get(key)
-        table = dict(table) if isinstance(table, dict) else {}
-        if value:
-            table[self.connection.address] = value
-        else:
-            table.pop(self.connection.address, None)
-        self.settings[key] = table
-        save_settings(self.settings)
-
-    def _saved_rooms(self):
-        rooms = self._remembered("rooms")
-        return [r for r in rooms if isinstance(r, str)][:MAX_SAVED_ROOMS] if isinstance(rooms, list) else []
-
-    def _save_rooms(self):
-        rooms = [c.name for c in self.conversations.values() if c.kind == "room"]
-        if rooms != self._saved_rooms():
-            self._remember("rooms", rooms)
-
-    def _save_draft(self):
-        """Keep what is typed and not sent, so that closing never throws it away."""
-        draft = self.input_box.get()
-        if draft.strip() or self._remembered("drafts"):
-            self._remember("drafts", draft if draft.strip() else None)
-
-    def _restore_draft(self):
-        draft = self._remembered("drafts")
-        if isinstance(draft, str) and draft.strip():
-            self.input.insert("1.0", draft)
-            self._remember("drafts", None)
 
     @staticmethod
     def _close_worker(connection, hosted, say_bye):

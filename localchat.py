@@ -5721,7 +5721,7 @@ class ConfirmDialog:
         self.yes_button = ttk.Button(buttons, text=yes, command=self._answer(on_yes))
         self.no_button.pack(side="right")
         self.yes_button.pack(side="right", padx=(0, 8))
-        self.no_button.configure(default="active")
+        self.no_button.configure(default="active", style="Accent.TButton")  # the one Enter presses
         self.top.bind("<Return>", self._on_return)
         self.top.bind("<Escape>", lambda event: self.no_button.invoke())
         self.top.protocol("WM_DELETE_WINDOW", self.no_button.invoke)
@@ -6668,6 +6668,8 @@ class ChatWindow(ChatPanels, ServerMemory):
 
     def _reconnect(self, name=None):
         """Start afresh (after a kick, a refusal or a new name): a new connection, the same rooms."""
+        if not self.ended:
+            return  # connected, or reconnecting by itself: a second connection would fight the first
         old = self.connection
         fresh = ChatConnection(old.host, old.port, name or old.name, identity=old.identity, reconnect=True,
                                password=old.password, tls=old.tls, fingerprint=old.pinned)

@@ -6381,9 +6381,10 @@ class ChatPanels:
         people = self.show_people.get() and width >= NARROW_WIDTH_PX
         sidebar = width >= NARROWER_WIDTH_PX
         chars = 20 if width >= WIDE_WIDTH_PX else 14  # long names fit where there is room
-        for listbox in (self.conversation_list, self.people):
-            if int(listbox.cget("width")) != chars:
+        if int(self.people.cget("width")) != chars:
+            for listbox in (self.conversation_list, self.people):
                 listbox.configure(width=chars)
+            self.root.after_idle(self._fit_sashes)
         shown = [str(p) for p in self.panes.panes()]
         if (str(self.sidebar) in shown) != sidebar:
             if sidebar:
@@ -6397,6 +6398,17 @@ class ChatPanels:
                 self.panes.add(self.people_pane, weight=0)
             else:
                 self.panes.forget(self.people_pane)
+
+    def _fit_sashes(self):
+        """Give the side panes the width their lists ask for (a paned window keeps the old one)."""
+        if self._closing:
+            return
+        panes = [str(p) for p in self.panes.panes()]
+        total = self.panes.winfo_width()
+        if str(self.sidebar) in panes and len(panes) > 1:
+            self.panes.sashpos(0, self.sidebar.winfo_reqwidth())
+        if str(self.people_pane) in panes and len(panes) > 1:
+            self.panes.sashpos(len(panes) - 2, total - self.people_pane.winfo_reqwidth())
 
     def _on_centre_resize(self, event):
         self.host_label.configure(wraplength=max(200, event.width - 40))

@@ -518,6 +518,121 @@ def _refusal(word, place):
     return "Unknown command /%s. Type /help for the list." % shown
 
 
+# What a person reads: events as sentences and lines, for the clients and the text door.
+
+_LEFT_WORDS = {
+    "quit": "left",
+    "part": "left",
+    "lost": "lost the connection",
+    "timeout": "timed out",
+    "too_slow": "could not keep up and was disconnected",
+    "flood": "was disconnected for flooding",
+    "kicked": "was kicked",
+    "banned": "was banned",
+    "error": "was disconnected for sending bad data",
+    "shutdown": "left as the server shut down",
+}
+
+
+def parse_input(line, where=None):
+    """Return (action, value) for a line a person typed in a conversation: parse_command in a chat.
+
+    `where` ({"room": name} or {"to": name}, where plain text goes) defaults to the
+    general room. action is "send" (value: the frame to post), "quit", "help"
+    (value: the help text), "error" (value: a sentence), or None for a blank line.
+    """
+    return parse_command(line, where if where is not None else {"room": GENERAL_ROOM}, "chat")
+
+
+def room_label(room):
+    return "#" + room
+
+
+def notice_text(frame):
+    """Return the sentence shown for a frame other than a message, or None."""
+    describe = _NOTICES.get(frame.get("type"))
+    return describe(frame) if describe else None
+
+
+def _users_notice(frame):
+    users = frame.get("users") or []
+    away = frame.get("away") or {}
+    shown = ", ".join(u + (" (away: %s)" % away[u] if u in away else "") for u in users)
+    where = " in %s" % room_label(frame["room"]) if frame.get("room") else ""
+    return "%d here%s: %s" % (len(users), where, shown)
+
+
+def _left_notice(frame):
+    if frame.get("text"):
+        return frame["text"]  # a kick or ban, told with who did it and why
+    reason = frame.get("reason")
+    words = _LEFT_WORDS.get(reason, "left (%s)" % reason)
+    if frame.get("room"):
+        return "%s %s %s" % (frame.get("name"), words, room_label(frame["room"]))
+    return "%s %s" % (frame.get("name"), words)
+
+
+def _topic_notice(frame):
+    room, topic = room_label(str(frame.get("room"))), frame.get("topic")
+    if frame.get("by"):
+        return ("%s set the topic of %s: %s" % (frame["by"], room, topic) if topic
+                else "%s cleared the topic of %s" % (frame["by"], room))
+    return "Topic of %s: %s" % (room, topic) if topic else "%s has no topic." % room
+
+
+def _rooms_notice(frame):
+    rooms = frame.get("rooms") or []
+    parts = ["%s (%s)%s" % (room_label(r.get("name")), r.get("users"), ": " + r["topic"] if r.get("topic") else "")
+             for r in rooms]
+    return "Rooms: " + ", ".join(parts) if parts else "There are no rooms."
+
+
+def _room_notice(frame):
+    users = frame.get("users") or []
+    topic = " Topic: %s" % frame["topic"] if frame.get("topic") else ""
+    return "You are in %s with %d here: %s.%s" % (room_label(frame.get("room")), len(users), ", ".join(users), topic)
+
+
+_NOTICES = {
+    "joined": lambda f: "%s joined %s" % (f.get("name"), room_label(f["room"])) if f.get("room")
+    else "%s joined" % f.get("name"),
+    "left": _left_notice,
+    "users": _users_notice,
+    "welcome": lambda f: "Welcome, %s!" % f.get("name") if not f.get("resumed") else "Reconnected.",
+    "room": _room_notice,
+    "topic": _topic_notice,
+    "rooms": _rooms_notice,
+    "notice": lambda f: f.get("text"),
+    "renamed": lambda f: "%s is now known as %s" % (f.get("old"), f.get("name")),
+    "away": lambda f: ("%s is away: %s" % (f.get("name"), f["text"])) if f.get("text")
+    else "%s is back" % f.get("name"),
+    "history_end": lambda f: None if f.get("count") else "No older messages.",
+    "error": lambda f: f.get("text") or "error",
+    "bye": lambda f: f.get("text") or "bye",
+    "disconnected": lambda f: f.get("text") or "Disconnected.",
+    "reconnecting": lambda f: f.get("text") or "Reconnecting...",
+}
+
+
+def message_line(frame):
+    """Return a message as the one line the line client prints (after the time)."""
+    sender, text = frame.get("from"), frame.get("text")
+    if frame.get("to") is not None:
+        where = "[%s -> %s] " % (sender, frame["to"])
+        return where + ("* %s %s" % (sender, text) if frame.get("action") else text) + (
+            " (will be delivered when %s returns)" % frame["to"] if frame.get("queued") else "")
+    room = frame.get("room")
+    prefix = room_label(room) + " " if room else ""  # every line names its room (or, above, its person)
+    if frame.get("action"):
+        return "%s* %s %s" % (prefix, sender, text)
+    return "%s<%s> %s" % (prefix, sender, text)
+
+
+def clock(ts=None):
+    """Return local time as HH:MM:SS for a timestamp (now if None)."""
+    return time.strftime("%H:%M:%S", time.localtime(ts if isinstance(ts, (int, float)) else None))
+
+
 # =============================================================================
 # 5. Core: users, rooms, direct messages, history, fan-out (no sockets, no JSON)
 # =============================================================================
@@ -856,21 +971,22 @@ class ChatHub:
 
     # -- arriving and leaving ------------------------------------------------------
 
-    def join(self, conn, name, identity=None, resume=None, last_id=None, rooms=None, address=None):
+    def join(self, conn, name, identity=None, resume=None, last_id=None, rooms=None, address=None, reclaim=False):
         """Admit a connection under `name`; return its Seat. Raises ProtocolError.
 
         Welcomes it, replays history, tells the others. `resume` is the token of a
         welcome that an earlier connection got: if that user is still here (or lost,
         within its grace period), conn takes its place silently and gets what it
-        missed after `last_id`. Otherwise `rooms` are the rooms to rejoin (after a
-        server restart). The history is read without the lock: meanwhile what the
+        missed after `last_id`. With `reclaim` (a door with no resume token: IRC), a
+        user lost within its grace period is taken back from the same address.
+        Otherwise `rooms` are the rooms to rejoin (after a server restart). The history is read without the lock: meanwhile what the
         hub delivers to this user waits in a _Holding, so nothing comes out of order.
         """
         check_name(name)
         if not isinstance(last_id, int) or isinstance(last_id, bool):
             last_id = None
         with self.lock:
-            user, holding = self._admit_locked(conn, name, identity, resume, last_id, rooms, address)
+            user, holding = self._admit_locked(conn, name, identity, resume, last_id, rooms, address, reclaim)
             upto = self._next_id - 1
         try:
             self._read_pages(holding, upto)
@@ -879,12 +995,13 @@ class ChatHub:
                 self._release_locked(user, holding)
         return user.seat
 
-    def _admit_locked(self, conn, name, identity, resume, last_id, rooms, address):
+    def _admit_locked(self, conn, name, identity, resume, last_id, rooms, address, reclaim=False):
         if self._closed:
             raise ProtocolError("shutting_down", "The server is shutting down.", fatal=True)
         key = name_key(name)
         old = self._users.get(key)
-        if old is not None and not (resume and resume == old.resume_token):
+        if old is not None and not (resume and resume == old.resume_token) and not (
+                reclaim and old.lost_at is not None and old.address == address and old.identity == identity):
             raise self._name_taken(name, old)
         self.moderation.check_join_locked(name, identity, address)
         if old is not None:
@@ -3387,9 +3504,10 @@ class Transport:
 # events, once per event for every connection on that door. A session runs on
 # its connection's thread; the hub delivers to its Outbox (see Transport).
 
-_BEFORE_HELLO = frozenset(["hello", "auth", "ping", "pong", "bye"])
+_BEFORE_HELLO = frozenset(["hello", "auth", "ping", "pong", "bye", "door"])
 AUTH_FAILED_DELAY_S = 1.0  # a wrong password waits this long for its answer, so guessing is slow
 DOOR_SNIFF_BYTES = 16      # the most first bytes a door may need to see before it says yes or no
+SILENT_PROMPT_S = 2.0      # a connection that has sent nothing this long is asked for a name (nc, telnet)
 
 
 class Door:
@@ -3404,6 +3522,12 @@ class Door:
 
     name = "door"
     encode = staticmethod(encode_frame)
+    for_silence = False     # chosen for a connection that says nothing for SILENT_PROMPT_S (a person at nc)
+    hello_timeout_s = None  # how long it may take to join; None: the server's hello timeout
+    password_in_hello = False  # the protocol carries the password itself (no challenge): refused in clear
+    retries_hello = False   # a refused name is asked for again instead of ending the connection
+    reclaims = False        # with no resume token, a lost user's name is taken back from the same address
+    answers_pings = True    # the peer answers pings; a person at nc does not, and silence is no fault
 
     @staticmethod
     def claims(first):
@@ -3413,6 +3537,19 @@ class Door:
 
     def greet(self, session):
         """The door was chosen: say what this protocol says first (nothing, by default)."""
+
+    def receiver(self, outbox):
+        """Return what the hub delivers this connection's events to: the outbox, unless the door
+        renders some of them for this connection alone (see DoorReceiver)."""
+        return outbox
+
+    def encode_own(self, fields):
+        """Return the bytes of a frame meant for this connection only (an error, a pong)."""
+        return self.encode(fields)
+
+    def handle(self, session, frame):
+        """Carry out a frame of type "door": a command of the door's own protocol. Return a reason to stop, or None."""
+        raise ProtocolError("unknown_type", "Unknown frame type 'door'.")
 
     def frames(self, buffer):
         """Cut what is complete off the bytearray buffer; return its frames (dicts) and ProtocolErrors.
@@ -3493,12 +3630,13 @@ class Session(socketserver.BaseRequestHandler):
         self.outbox = self.server.transport.outbox(writer_sock)
         self._errors = RecentEvents(ERROR_WINDOW_S)
         self._silent_periods = 0
-        self._hello_deadline = time.monotonic() + self.server.hello_timeout
+        self._opened_at = time.monotonic()
+        self._hello_deadline = self._opened_at + self.server.hello_timeout
         self.server.add_session(self)
 
     def send_frame(self, fields):
         """Queue a frame meant for this connection only (takes the hub's lock)."""
-        self.outbox.put(self.outbox.encode(fields))
+        self.outbox.put(self.door.encode_own(fields) if self.door is not None else self.outbox.encode(fields))
 
     def handle(self):
         reason = "lost"
@@ -3517,16 +3655,20 @@ class Session(socketserver.BaseRequestHandler):
         so each gets a clear answer from a server of the other kind instead of a hang.
         """
         sock = self.request
-        sock.settimeout(self.server.hello_timeout)
+        context = self.server.tls_context
+        # A plain server waits only a moment: a silent peer may be a person at nc, to be asked a name.
+        ask_silent = context is None and self.server.door_for_silence() is not None
+        sock.settimeout(min(self.server.hello_timeout, SILENT_PROMPT_S) if ask_silent else self.server.hello_timeout)
         try:
             first = sock.recv(1, socket.MSG_PEEK)
         except socket.timeout:
+            if ask_silent:
+                return b""  # the reader loop asks for a name
             return self._on_protocol_error(ProtocolError("hello_timeout", "No hello came in time.", fatal=True))
         except OSError:
             return "lost"
         if not first:
             return "lost"
-        context = self.server.tls_context
         if looks_like_tls(first) != (context is not None):
             code, text = (("tls_required", "This server encrypts its connections (TLS); connect with encryption.")
                           if context is not None else
@@ -3568,10 +3710,12 @@ class Session(socketserver.BaseRequestHandler):
         reason = self._feed(buffer) if buffer else None
         while not reason:
             if self.seat is None:  # the hello has a deadline: a byte now and then must not hold a thread for ever
-                sock.settimeout(max(0.01, self._hello_deadline - time.monotonic()))
+                sock.settimeout(max(0.01, self._wait_before_hello(buffer)))
             try:
                 chunk = self._receive(sock)
             except socket.timeout:
+                if self.door is None and not buffer and self._silence_door():
+                    continue
                 if self._on_silence():
                     continue
                 return "timeout"
@@ -3584,15 +3728,35 @@ class Session(socketserver.BaseRequestHandler):
             reason = self._feed(buffer)
         return reason
 
+    def _wait_before_hello(self, buffer):
+        """Return the seconds to wait for bytes before the hello (or, when silent, before asking for a name)."""
+        left = self._hello_deadline - time.monotonic()
+        if self.door is None and not buffer and self.server.door_for_silence() is not None:
+            return min(left, self._opened_at + SILENT_PROMPT_S - time.monotonic())
+        return left
+
+    def _silence_door(self):
+        """The peer has said nothing: open the door for people at nc or telnet. Return True if there is one."""
+        door = self.server.door_for_silence()
+        if door is None or time.monotonic() < self._opened_at + SILENT_PROMPT_S - 0.05:
+            return False
+        self._choose(door)
+        return True
+
+    def _choose(self, door):
+        self.door = door()
+        self.outbox.encode = door.encode
+        if door.hello_timeout_s is not None:
+            self._hello_deadline = time.monotonic() + door.hello_timeout_s
+        self.door.greet(self)
+
     def _feed(self, buffer):
         """Choose the door if need be, then handle each complete frame; return a reason to stop, or None."""
         if self.door is None:
             door = self.server.door_for(bytes(buffer[:DOOR_SNIFF_BYTES]))
             if door is None:
                 return None  # it cannot tell yet: read on (the hello deadline still holds)
-            self.door = door()
-            self.outbox.encode = door.encode
-            self.door.greet(self)
+            self._choose(door)
         for item in self.door.frames(buffer):
             if isinstance(item, ProtocolError):
                 reason = self._on_protocol_error(item)
@@ -3628,6 +3792,8 @@ class Session(socketserver.BaseRequestHandler):
                 ProtocolError("hello_timeout", "No hello came in time; closing the connection.", fatal=True)
             )
             return False
+        if not self.door.answers_pings:
+            return True  # a person reading is silent, not gone (TCP keepalive finds a dead peer)
         self._silent_periods += 1
         if self._silent_periods > 1:
             return False
@@ -3651,6 +3817,8 @@ class Session(socketserver.BaseRequestHandler):
     def do_hello(self, frame):
         if self.seat is not None:
             raise ProtocolError("already_joined", "You have already joined as %s." % self.seat.name)
+        if self.hub.password is not None and not self._authenticated and self.door.password_in_hello:
+            self._check_password(frame.get("password"))
         if self.hub.password is not None and not self._authenticated:
             if self._challenge is not None:
                 raise ProtocolError("auth_first", "Answer the password challenge first.", fatal=True)
@@ -3664,14 +3832,16 @@ class Session(socketserver.BaseRequestHandler):
             if version < 1:
                 raise ProtocolError("bad_version", "Protocol version %d is not supported." % version)
             self.seat = self.hub.join(
-                self.outbox, frame_field(frame, "name", str), address=self.address,
+                self.door.receiver(self.outbox), frame_field(frame, "name", str), address=self.address,
                 identity=self._identity(frame),
                 resume=self._short_field(frame, "resume"),
                 last_id=frame_field(frame, "last_id", int, required=False),
                 rooms=frame_field(frame, "rooms", list, required=False),
+                reclaim=self.door.reclaims,
             )
         except ProtocolError as error:
-            error.fatal = True  # a refused hello ends the connection
+            # A refused hello ends the connection, unless the door asks a person for another name.
+            error.fatal = error.fatal or not (self.door.retries_hello and error.code in ("name_taken", "bad_name"))
             raise
         self.request.settimeout(self.server.idle_ping)
         log.info("%s joined from %s", self.seat.name, self.peer)
@@ -3691,6 +3861,27 @@ class Session(socketserver.BaseRequestHandler):
         """Return a digest of the client's identity token: the store never holds the token."""
         token = self._short_field(frame, "identity")
         return hashlib.sha256(token.encode("utf-8")).hexdigest()[:32] if token else None
+
+    def _check_password(self, password):
+        """Check a password a door carries itself (IRC's PASS, the text door's prompt); raise unless right.
+
+        Such a password crosses the network as it is: without TLS it is refused, unless
+        the server's owner allowed it (--allow-clear-passwords).
+        """
+        if self.channel is None and not self.server.clear_passwords:
+            raise ProtocolError("password_in_clear", "This chat has a password, and this server does not encrypt "
+                                "connections, so the password would cross the network in clear. Use LocalChat's "
+                                "own window or line client, or ask the server's owner for --tls.", fatal=True)
+        if not isinstance(password, str):
+            raise ProtocolError("password_required", "This chat needs a password.", fatal=True)
+        if not hmac.compare_digest(password.encode("utf-8", "replace"), self.hub.password.encode("utf-8")):
+            log.info("%s: wrong password", self.peer)
+            time.sleep(AUTH_FAILED_DELAY_S)  # this connection's own thread: slows guessing down
+            raise ProtocolError("auth_failed", "Wrong password.", fatal=True)
+        self._authenticated = True
+
+    def do_door(self, frame):
+        return self.door.handle(self, frame)
 
     def do_auth(self, frame):
         """The answer to a password challenge: HMAC-SHA256(password, nonce), in hex."""
@@ -4309,8 +4500,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address=(DEFAULT_HOST, DEFAULT_PORT), hub=None, hello_timeout=HELLO_TIMEOUT_S,
                  idle_ping=IDLE_PING_S, tls_context=None, queue_budget=QUEUE_BUDGET_BYTES,
-                 select_limit=SELECT_LIMIT, doors=DOORS):
+                 select_limit=SELECT_LIMIT, doors=DOORS, clear_passwords=False):
         self.tls_context = tls_context  # an ssl.SSLContext: every connection is encrypted
+        self.clear_passwords = clear_passwords  # the IRC and text doors may take a password without TLS
         self.doors = tuple(doors)  # Door classes, tried in order on each connection's first bytes
         self.local_exempt = True  # connections from this computer do not count towards max_per_ip
         self.hub = hub if hub is not None else ChatHub(server_name=socket.gethostname())
@@ -4351,6 +4543,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
     @property
     def port(self):
         return self.server_address[1]
+
+    def door_for_silence(self):
+        """Return the Door for a connection that says nothing at first (a person at nc), or None."""
+        for door in self.doors:
+            if door.for_silence:
+                return door
+        return None
 
     def door_for(self, first):
         """Return the Door class for a connection that began with `first`, or None to read more.
@@ -5162,121 +5361,6 @@ class ChatConnection:
             except OSError:
                 pass
             sock.close()
-
-
-# What a person types and reads, for both clients.
-
-_LEFT_WORDS = {
-    "quit": "left",
-    "part": "left",
-    "lost": "lost the connection",
-    "timeout": "timed out",
-    "too_slow": "could not keep up and was disconnected",
-    "flood": "was disconnected for flooding",
-    "kicked": "was kicked",
-    "banned": "was banned",
-    "error": "was disconnected for sending bad data",
-    "shutdown": "left as the server shut down",
-}
-
-
-def parse_input(line, where=None):
-    """Return (action, value) for a line a person typed in a conversation: parse_command in a chat.
-
-    `where` ({"room": name} or {"to": name}, where plain text goes) defaults to the
-    general room. action is "send" (value: the frame to post), "quit", "help"
-    (value: the help text), "error" (value: a sentence), or None for a blank line.
-    """
-    return parse_command(line, where if where is not None else {"room": GENERAL_ROOM}, "chat")
-
-
-def room_label(room):
-    return "#" + room
-
-
-def notice_text(frame):
-    """Return the sentence shown for a frame other than a message, or None."""
-    describe = _NOTICES.get(frame.get("type"))
-    return describe(frame) if describe else None
-
-
-def _users_notice(frame):
-    users = frame.get("users") or []
-    away = frame.get("away") or {}
-    shown = ", ".join(u + (" (away: %s)" % away[u] if u in away else "") for u in users)
-    where = " in %s" % room_label(frame["room"]) if frame.get("room") else ""
-    return "%d here%s: %s" % (len(users), where, shown)
-
-
-def _left_notice(frame):
-    if frame.get("text"):
-        return frame["text"]  # a kick or ban, told with who did it and why
-    reason = frame.get("reason")
-    words = _LEFT_WORDS.get(reason, "left (%s)" % reason)
-    if frame.get("room"):
-        return "%s %s %s" % (frame.get("name"), words, room_label(frame["room"]))
-    return "%s %s" % (frame.get("name"), words)
-
-
-def _topic_notice(frame):
-    room, topic = room_label(str(frame.get("room"))), frame.get("topic")
-    if frame.get("by"):
-        return ("%s set the topic of %s: %s" % (frame["by"], room, topic) if topic
-                else "%s cleared the topic of %s" % (frame["by"], room))
-    return "Topic of %s: %s" % (room, topic) if topic else "%s has no topic." % room
-
-
-def _rooms_notice(frame):
-    rooms = frame.get("rooms") or []
-    parts = ["%s (%s)%s" % (room_label(r.get("name")), r.get("users"), ": " + r["topic"] if r.get("topic") else "")
-             for r in rooms]
-    return "Rooms: " + ", ".join(parts) if parts else "There are no rooms."
-
-
-def _room_notice(frame):
-    users = frame.get("users") or []
-    topic = " Topic: %s" % frame["topic"] if frame.get("topic") else ""
-    return "You are in %s with %d here: %s.%s" % (room_label(frame.get("room")), len(users), ", ".join(users), topic)
-
-
-_NOTICES = {
-    "joined": lambda f: "%s joined %s" % (f.get("name"), room_label(f["room"])) if f.get("room")
-    else "%s joined" % f.get("name"),
-    "left": _left_notice,
-    "users": _users_notice,
-    "welcome": lambda f: "Welcome, %s!" % f.get("name") if not f.get("resumed") else "Reconnected.",
-    "room": _room_notice,
-    "topic": _topic_notice,
-    "rooms": _rooms_notice,
-    "notice": lambda f: f.get("text"),
-    "renamed": lambda f: "%s is now known as %s" % (f.get("old"), f.get("name")),
-    "away": lambda f: ("%s is away: %s" % (f.get("name"), f["text"])) if f.get("text")
-    else "%s is back" % f.get("name"),
-    "history_end": lambda f: None if f.get("count") else "No older messages.",
-    "error": lambda f: f.get("text") or "error",
-    "bye": lambda f: f.get("text") or "bye",
-    "disconnected": lambda f: f.get("text") or "Disconnected.",
-    "reconnecting": lambda f: f.get("text") or "Reconnecting...",
-}
-
-
-def message_line(frame):
-    """Return a message as the one line the line client prints (after the time)."""
-    sender, text = frame.get("from"), frame.get("text")
-    if frame.get("to") is not None:
-        where = "[%s -> %s] " % (sender, frame["to"])
-        return where + ("* %s %s" % (sender, text) if frame.get("action") else text) + (
-            " (will be delivered when %s returns)" % frame["to"] if frame.get("queued") else "")
-    room = frame.get("room")
-    prefix = room_label(room) + " " if room else ""  # every line names its room (or, above, its person)
-    if frame.get("action"):
-        return "%s* %s %s" % (prefix, sender, text)
-    return "%s<%s> %s" % (prefix, sender, text)
-
-
-def clock(ts=None):
-    """Return local time as HH:MM:SS for a timestamp (now if None)."""
-    return time.strftime("%H:%M:%S", time.localtime(ts if isinstance(ts, (int, float)) else None))
 
 
 def config_dir():

@@ -231,7 +231,9 @@ while the server stops); and from moderation and limits: rate_limited,
 flooding (fatal), muted, banned (fatal at hello), not_operator, no_identity,
 not_banned, not_muted, own_address, bad_auth, auth_first (fatal), auth_failed (fatal),
 server_full (fatal), too_many_connections (fatal), tls_required (fatal),
-tls_not_used (fatal).
+tls_not_used (fatal); from the IRC and text doors, which carry a password
+themselves: password_required (fatal), password_in_clear (fatal: a password
+server without TLS, unless started with --allow-clear-passwords).
 """
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))

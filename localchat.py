@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import queue
+import re
 import secrets
 import selectors
 import signal
@@ -184,8 +185,8 @@ Server to client:
         the server. A direct message has "to" instead of "room" and goes to sender
         and recipient only ("queued":true if the recipient is away: it is kept
         and delivered when that identity returns).
-  {"type":"room","room":"games","topic":"...","users":[...],"away":{"bob":"lunch"}}
-        you are in this room (after hello or join)
+  {"type":"room","room":"games","topic":"...","users":[...],"away":{"bob":"lunch"},"ops":["alice"]}
+        you are in this room (after hello or join); "ops" (when there are any): its operators
   {"type":"joined","name":"bob","room":"games","ts":...}
   {"type":"left","name":"bob","room":"games","reason":"part","ts":...}
   {"type":"left","name":"bob","reason":"quit","ts":...}   (no room: left the server)
@@ -193,7 +194,7 @@ Server to client:
         too_slow (did not read fast enough), error (too many bad frames),
         shutdown (the server stopped). A lost or timed-out user keeps its name
         and rooms for 60 s: others hear "left" only if it does not come back.
-  {"type":"users","users":[...],"away":{...}}  (with "room" when asked per room)
+  {"type":"users","users":[...],"away":{...},"ops":[...]}  (with "room" when asked per room)
   {"type":"rooms","rooms":[{"name":"general","users":3,"topic":null}]}
   {"type":"topic","room":"games","topic":"...","by":"alice"}
   {"type":"renamed","old":"alice","name":"alice2"}
@@ -1223,8 +1224,16 @@ class ChatHub:
         return user.rooms[name_key(room_name)]
 
     def _room_fields(self, room):
-        return {"type": "room", "room": room.name, "topic": room.topic,
-                "users": self._names(room.members), "away": self._away(room.members.values())}
+        fields = {"type": "room", "room": room.name, "topic": room.topic,
+                  "users": self._names(room.members), "away": self._away(room.members.values())}
+        return self._with_operators(fields, room.members)
+
+    def _with_operators(self, fields, users_by_key):
+        """Add "ops", the operators among these users, when there are any."""
+        ops = self.moderation.operators_among(users_by_key)
+        if ops:
+            fields["ops"] = ops
+        return fields
 
     def set_topic(self, seat, room_name, topic):
         """Set a room's topic (kept across restarts) and tell the room."""
@@ -1374,7 +1383,7 @@ class ChatHub:
                 fields = {"type": "users", "room": room.name}
             fields["users"] = self._names(people)
             fields["away"] = self._away(people.values())
-            user.conn.deliver_locked(Event(fields))
+            user.conn.deliver_locked(Event(self._with_operators(fields, people)))
 
     def history(self, seat, room_name=None, with_name=None, before=None, limit=MAX_PAGE):
         """Send user a page of older messages of a room or of a direct conversation.
@@ -1570,6 +1579,11 @@ class Moderation:
     def is_operator(self, user):
         identity = self._operators.get(user.key)
         return identity is not None and identity == user.identity
+
+    def operators_among(self, users_by_key):
+        """Return the names of the operators in a {name_key: User} dict (the hub's lock held)."""
+        return sorted(users_by_key[key].name for key in self._operators
+                      if key in users_by_key and self.is_operator(users_by_key[key]))
 
     # -- powers ----------------------------------------------------------------------
 
@@ -3601,7 +3615,989 @@ class JsonLinesDoor(Door):
                              % self.max_line_bytes, fatal=True)
 
 
-DOORS = (JsonLinesDoor,)  # tried in order on a connection's first bytes; the last one takes the rest
+class DoorReceiver:
+    """Stands between the hub and a connection's Outbox for a door that renders some events itself.
+
+    The hub delivers to it as to an Outbox (deliver_locked, close_locked, with the
+    hub's lock held); the door decides what each event becomes for this connection.
+    """
+
+    __slots__ = ("outbox", "door")
+
+    def __init__(self, outbox, door):
+        self.outbox, self.door = outbox, door
+
+    def deliver_locked(self, event):
+        self.door.deliver_locked(self.outbox, event)
+
+    def close_locked(self, hangup=True):
+        self.outbox.close_locked(hangup)
+
+
+# -- IRC: the client protocol of RFC 1459/2812, with IRCv3 capability negotiation --
+#
+# Rooms are channels (#general). Each IRC line becomes a "door" frame that
+# IrcDoor.handle carries out, mostly by handing protocol frames to the session, so
+# the hub's rules hold for IRC as for every client. Events that read the same for
+# everybody are encoded once for all IRC connections (irc_encode, irc_encode_timed);
+# replies and history are rendered for the one connection (IrcDoor.deliver_locked).
+
+IRC_MAX_LINE_BYTES = 512   # RFC 2812: a line, its CRLF included
+IRC_MAX_TAGS_BYTES = 8191  # IRCv3 message tags may come before a line (and are ignored)
+IRC_SERVER = "localchat"   # the server's name in replies (the computer's own name may hold spaces)
+IRC_HOST = "lan"           # the host in every nick!user@host: addresses are nobody else's business
+IRC_CAPS = ("echo-message", "server-time")  # the IRCv3 capabilities offered: only what is implemented
+IRC_BEFORE_WELCOME = frozenset(["CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"])
+_IRC_FORMATTING = re.compile("\x03(?:[0-9]{1,2}(?:,[0-9]{1,2})?)?|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
+
+
+def irc_nick(name):
+    """Return the IRC form of a LocalChat name: "." becomes "|", and a name that IRC does not let
+    start as it does (a digit or "-") gets a "`" in front. Names hold neither, so it maps back."""
+    nick = name.replace(".", "|")
+    return "`" + nick if nick[:1] in "0123456789-" else nick
+
+
+def name_from_irc(nick):
+    """Return the LocalChat name an IRC nick stands for (irc_nick backwards); check_name judges it."""
+    return (nick[1:] if nick.startswith("`") else nick).replace("|", ".")
+
+
+def _irc_mask(name):
+    return "%s!%s@%s" % (irc_nick(name), "u", IRC_HOST)
+
+
+def irc_line(prefix, command, *params):
+    """Return one IRC line as bytes, CRLF included; the last parameter goes as trailing where it must."""
+    params = [str(param) for param in params]
+    if params and (not params[-1] or " " in params[-1] or params[-1].startswith(":")):
+        params[-1] = ":" + params[-1]
+    head = ":%s %s" % (prefix, command) if prefix else command
+    return (" ".join([head] + params) + "\r\n").encode("utf-8")
+
+
+def _split_utf8(text, limit):
+    """Return text cut into pieces of at most `limit` UTF-8 bytes, never inside a character."""
+    data = text.encode("utf-8")
+    pieces = []
+    while len(data) > limit:
+        cut = limit
+        while cut > 0 and data[cut] & 0xC0 == 0x80:  # a continuation byte: step back to a whole character
+            cut -= 1
+        space = data.rfind(b" ", 0, cut)
+        if space > cut // 2:  # a word boundary not too far back reads better
+            cut = space + 1
+        pieces.append(data[:cut].decode("utf-8"))
+        data = data[cut:]
+    pieces.append(data.decode("utf-8"))
+    return pieces
+
+
+def _irc_time(ts):
+    """Return a timestamp as IRCv3 server-time: 2026-12-06T22:00:00.000Z."""
+    moment = datetime.datetime.fromtimestamp(float(ts), datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+
+
+def _irc_target(fields):
+    return "#" + fields["room"] if fields.get("room") else irc_nick(fields["to"])
+
+
+def _irc_message(fields, stamp=""):
+    """Return a message as PRIVMSG lines: one a line of its text, each under 512 bytes."""
+    prefix, target = _irc_mask(fields["from"]), _irc_target(fields)
+    action = fields.get("action")
+    # ":prefix PRIVMSG target :" and CRLF, and "\x01ACTION " ... "\x01" for an action
+    room = IRC_MAX_LINE_BYTES - len(("%s PRIVMSG %s :" % (prefix, target)).encode("utf-8")) - 3 - (9 if action else 0)
+    lines = []
+    for text in fields["text"].split("\n"):
+        if not text.strip():
+            continue  # IRC has no empty message
+        for piece in _split_utf8(stamp + text, max(64, room - len(stamp.encode("utf-8")))):
+            lines.append(irc_line(prefix, "PRIVMSG", target, "\x01ACTION %s\x01" % piece if action else piece))
+    return lines
+
+
+def _irc_left(fields):
+    if fields.get("room"):
+        return [irc_line(_irc_mask(fields["name"]), "PART", "#" + fields["room"])]
+    reason = fields.get("reason")
+    return [irc_line(_irc_mask(fields["name"]), "QUIT", fields.get("text") or _LEFT_WORDS.get(reason, reason))]
+
+
+def _irc_topic(fields):
+    return [irc_line(_irc_mask(fields["by"]), "TOPIC", "#" + fields["room"], fields.get("topic") or "")]
+
+
+# Events that read the same for every IRC client, by type: fields -> lines
+_IRC_SHARED = {
+    "message": _irc_message,
+    "joined": lambda f: [irc_line(_irc_mask(f["name"]), "JOIN", "#" + f["room"])],
+    "left": _irc_left,
+    "renamed": lambda f: [irc_line(_irc_mask(f["old"]), "NICK", irc_nick(f["name"]))],
+    "topic": _irc_topic,  # when somebody set it ("by"); the answer to a question is a reply
+    "notice": lambda f: [irc_line(IRC_SERVER, "NOTICE", "*", f.get("text") or "")],
+    "away": lambda f: [],  # IRC hears of it only when it asks (301 on a PRIVMSG, WHOIS)
+}
+
+
+def _irc_shared(fields, timed):
+    lines = _IRC_SHARED[fields["type"]](fields)
+    if timed and lines and fields.get("ts"):
+        tag = ("@time=%s " % _irc_time(fields["ts"])).encode("ascii")
+        lines = [tag + line for line in lines]
+    return b"".join(lines)
+
+
+def irc_encode(fields):
+    """The IRC encoder of events that read the same for everybody (see Event.encoded)."""
+    return _irc_shared(fields, False)
+
+
+def irc_encode_timed(fields):
+    """The same for clients that asked for server-time: each line tagged with the event's time."""
+    return _irc_shared(fields, True)
+
+
+# A hub error code -> the IRC numeric that answers it (refined by the command in IrcDoor._error_lines)
+_IRC_ERRORS = {
+    "name_taken": "433", "bad_name": "432", "bad_room": "403", "unknown_user": "401", "empty_text": "412",
+    "not_operator": "482", "too_many_rooms": "405", "banned": "465", "auth_failed": "464",
+    "password_required": "464", "password_in_clear": "464", "line_too_long": "417", "already_joined": "462",
+    "hello_first": "451", "not_in_room": "442", "muted": "404",
+}
+
+
+class IrcDoor(Door):
+    """IRC clients (HexChat, irssi, WeeChat, phone apps): registration, channels, the common commands.
+
+    One per connection. frames() and handle() run on the connection's thread;
+    deliver_locked() on whichever thread holds the hub's lock. The state both use
+    (nick, capabilities, channels) is written under the lock or before the welcome.
+    """
+
+    name = "irc"
+    encode = staticmethod(irc_encode)
+    password_in_hello = True  # PASS: refused in clear without TLS (see Session._check_password)
+    retries_hello = True      # 433 and 432: the client offers another nick
+    reclaims = True           # no resume token: a lost nick is taken back from the same address
+    first_words = (b"CAP", b"NICK", b"USER", b"PASS")  # what an IRC client sends first
+
+    @classmethod
+    def claims(cls, first):
+        word, space, _ = first.partition(b" ")
+        word = word.upper()
+        if space:
+            return word in cls.first_words
+        if len(first) < 5 and any(known.startswith(word) for known in cls.first_words):
+            return None
+        return False
+
+    def __init__(self):
+        self.session = None
+        self.nick = "*"  # what the client is called in replies: "*" until the welcome
+        self.me = None  # the LocalChat name the welcome gave (and renames change)
+        self.wanted = None  # the nick asked for before the welcome
+        self.user = None  # USER's user name and real name
+        self.password = None
+        self.capping = False  # CAP LS or REQ came: registration waits for CAP END
+        self.caps = set()
+        self.encoder = irc_encode
+        self.channels = {}  # room key -> room name, for JOIN 0 and our own PARTs
+        self.away = {}  # name -> away text of everybody away, for 301
+        self.registered = False
+        self._asking = None  # (command, argument) whose answer the hub is about to deliver
+        self._skipping = False  # the rest of an overlong line is being dropped
+        self._quiet = False  # NOTICE: errors are never answered (RFC 2812 3.3.2)
+
+    def greet(self, session):
+        self.session = session
+
+    def receiver(self, outbox):
+        return DoorReceiver(outbox, self)
+
+    # -- reading -------------------------------------------------------------------
+
+    def frames(self, buffer):
+        found = []
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(buffer[:end]).rstrip(b"\r")
+            del buffer[:end + 1]
+            if self._skipping:
+                self._skipping = False  # the end of a line already refused
+                continue
+            item = self._parse(line)
+            if item is not None:
+                found.append(item)
+        if len(buffer) > IRC_MAX_LINE_BYTES + IRC_MAX_TAGS_BYTES or (
+                len(buffer) > IRC_MAX_LINE_BYTES and not buffer.startswith(b"@")):
+            del buffer[:]
+            self._skipping = True
+            found.append(self._too_long())
+        return found
+
+    def _too_long(self):
+        return ProtocolError("line_too_long", "Input line was too long: an IRC line holds at most %d bytes; "
+                             "it was not sent." % IRC_MAX_LINE_BYTES)
+
+    def _parse(self, line):
+        """Return the door frame of one IRC line, a ProtocolError, or None for a blank line."""
+        if line.startswith(b"@"):  # message tags: none is offered, so none means anything here
+            line = line.partition(b" ")[2]
+        if len(line) > IRC_MAX_LINE_BYTES - 2:
+            return self._too_long()
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return ProtocolError("bad_utf8", "That line was not UTF-8: this server speaks UTF-8 only (UTF8ONLY).")
+        if text.startswith(":"):
+            text = text.partition(" ")[2]  # a client's own prefix says nothing a server may believe
+        head, colon, trailing = text.partition(" :")
+        params = [param for param in head.split(" ") if param]
+        if colon:
+            params.append(trailing)
+        if not params:
+            return None
+        return {"type": "door", "command": params[0].upper(), "params": params[1:]}
+
+    # -- commands (on the connection's thread) --------------------------------------
+
+    def handle(self, session, frame):
+        command, params = frame.get("command"), frame.get("params")
+        if not isinstance(command, str) or not isinstance(params, list):
+            raise ProtocolError("bad_field", "A door frame needs a command and its parameters.")
+        handler = getattr(self, "irc_" + command, None) if command.isalpha() else None
+        if not self.registered and command not in IRC_BEFORE_WELCOME:
+            self._send(self._numeric("451", "You have not registered" if handler else
+                                     "You have not registered (%s)" % command[:20]))
+            return None
+        if handler is None:
+            self._send(self._numeric("421", command[:32], "Unknown command"))
+            return None
+        self._asking = _asking(command, params[0] if params else None)
+        try:
+            return handler(params)
+        finally:
+            self._asking, self._quiet = None, False
+
+    def _run(self, frame, command=None, argument=None, channel=None):
+        """Carry out a protocol frame as if the client had sent it; return a reason to stop, or None.
+
+        command and argument (and the channel, if it is not the argument) name what
+        the client asked, for the numerics of the answer and of any error.
+        """
+        if command is not None:
+            self._asking = _asking(command, argument, channel)
+        return self.session._handle_frame(frame)
+
+    def _channel_room(self, channel):
+        """Return the room a channel names, or None after answering 403 (it is no channel name)."""
+        if channel.startswith("#") and len(channel) > 1:
+            return channel[1:]
+        self._send(self._numeric("403", channel[:40] or "*", "No such channel"))
+        return None
+
+    def _send(self, data):
+        if data:
+            self.session.outbox.put(data)
+
+    def _numeric(self, code, *params):
+        return irc_line(IRC_SERVER, code, self.nick, *params)
+
+    def _need(self, params, count, command):
+        """Return True if params has count of them; else answer 461."""
+        if len(params) >= count and all(params[:count]):
+            return True
+        self._send(self._numeric("461", command, "Not enough parameters"))
+        return False
+
+    def irc_CAP(self, params):
+        sub = params[0].upper() if params else ""
+        if sub == "LS":
+            self.capping = not self.registered
+            self._send(irc_line(IRC_SERVER, "CAP", self.nick, "LS", " ".join(IRC_CAPS)))
+        elif sub == "LIST":
+            self._send(irc_line(IRC_SERVER, "CAP", self.nick, "LIST", " ".join(sorted(self.caps))))
+        elif sub == "REQ" and len(params) > 1:
+            self.capping = not self.registered
+            self._request_caps(params[1])
+        elif sub == "END":
+            self.capping = False
+            return self._register()
+        else:
+            self._send(self._numeric("410", sub or "*", "Invalid CAP command"))
+        return None
+
+    def _request_caps(self, wanted):
+        asked = wanted.split()
+        if not asked or any(cap.lstrip("-") not in IRC_CAPS for cap in asked):
+            self._send(irc_line(IRC_SERVER, "CAP", self.nick, "NAK", wanted))
+            return
+        for cap in asked:
+            if cap.startswith("-"):
+                self.caps.discard(cap[1:])
+            else:
+                self.caps.add(cap)
+        self.encoder = irc_encode_timed if "server-time" in self.caps else irc_encode
+        self._send(irc_line(IRC_SERVER, "CAP", self.nick, "ACK", wanted))
+
+    def irc_PASS(self, params):
+        if self.registered:
+            self._send(self._numeric("462", "You may not reregister"))
+        elif self._need(params, 1, "PASS"):
+            self.password = params[0]
+
+    def irc_NICK(self, params):
+        if not params or not params[0]:
+            self._send(self._numeric("431", "No nickname given"))
+            return None
+        if self.registered:
+            return self._run({"type": "nick", "name": name_from_irc(params[0])})
+        try:
+            check_name(name_from_irc(params[0]))
+        except ProtocolError as error:
+            self._send(self._numeric("432", params[0][:40], "Erroneous nickname: " + error.text))
+            return None
+        self.wanted = params[0]
+        return self._register()
+
+    def irc_USER(self, params):
+        if self.registered:
+            self._send(self._numeric("462", "You may not reregister"))
+        elif len(params) < 4 or not params[0]:
+            self._send(self._numeric("461", "USER", "Not enough parameters"))
+        else:
+            self.user = (params[0], params[3])
+            return self._register()
+        return None
+
+    def _register(self):
+        """Join the chat once NICK, USER and any CAP negotiation are done."""
+        if self.registered or self.capping or self.wanted is None or self.user is None:
+            return None
+        hello = {"type": "hello", "name": name_from_irc(self.wanted), "version": PROTOCOL_VERSION}
+        if self.session.hub.password is not None:
+            hello["password"] = self.password
+        elif self.password:  # on a chat with no password, PASS is the client's identity token
+            hello["identity"] = hashlib.sha256(self.password.encode("utf-8")).hexdigest()
+        reason = self._run(hello, "NICK", self.wanted)
+        self.registered = self.session.seat is not None
+        return reason
+
+    def irc_PING(self, params):
+        if not params:
+            self._send(self._numeric("409", "No origin specified"))
+        else:
+            self._send(irc_line(IRC_SERVER, "PONG", IRC_SERVER, params[0]))
+
+    def irc_PONG(self, params):
+        return None  # any line is a sign of life: the read loop has noted it
+
+    def irc_QUIT(self, params):
+        return self._run({"type": "bye"})
+
+    def irc_JOIN(self, params):
+        if not self._need(params, 1, "JOIN"):
+            return None
+        if params[0] == "0":
+            return self._part(["#" + room for room in self.channels.values()])
+        for channel in params[0].split(",")[:MAX_ROOMS_PER_USER]:
+            room = self._channel_room(channel)
+            if room is None or name_key(room) in self.channels:
+                continue  # already there: IRC says nothing
+            reason = self._run({"type": "join", "room": room}, "JOIN", channel)
+            if reason:
+                return reason
+        return None
+
+    def irc_PART(self, params):
+        if self._need(params, 1, "PART"):
+            return self._part(params[0].split(",")[:MAX_ROOMS_PER_USER])
+        return None
+
+    def _part(self, channels):
+        for channel in channels:
+            room = self._channel_room(channel)
+            reason = room and self._run({"type": "leave", "room": room}, "PART", channel)
+            if reason:
+                return reason
+        return None
+
+    def irc_PRIVMSG(self, params):
+        return self._message(params, "PRIVMSG")
+
+    def irc_NOTICE(self, params):
+        self._quiet = True  # a NOTICE is never answered, errors included
+        return self._message(params, "NOTICE")
+
+    def _message(self, params, command):
+        if not params or not params[0]:
+            self._send(None if self._quiet else self._numeric("411", "No recipient given (%s)" % command))
+            return None
+        text, action = (params[1] if len(params) > 1 else ""), False
+        if text.startswith("\x01"):  # CTCP: ACTION is /me; the others (VERSION, PING...) are not answered
+            inner = text.strip("\x01")
+            if not inner.upper().startswith("ACTION"):
+                return None
+            text, action = inner[7:], True
+        text = _IRC_FORMATTING.sub("", text)
+        if not text.strip():
+            self._send(None if self._quiet else self._numeric("412", "No text to send"))
+            return None
+        for target in params[0].split(",")[:4]:
+            reason = self._say(target, text, action)
+            if reason:
+                return reason
+        return None
+
+    def _say(self, target, text, action):
+        frame = {"type": "say", "text": text}
+        if action:
+            frame["action"] = True
+        if target.startswith("#"):
+            frame["room"] = self._channel_room(target)
+            if frame["room"] is None:
+                return None
+        else:
+            frame["to"] = name_from_irc(target)
+            away = self.away.get(frame["to"])
+            if away is not None and not self._quiet:
+                self._send(self._numeric("301", target, away))
+        return self._run(frame, "NOTICE" if self._quiet else "PRIVMSG", target)
+
+    def irc_TOPIC(self, params):
+        if not self._need(params, 1, "TOPIC"):
+            return None
+        room = self._channel_room(params[0])
+        if room is None:
+            return None
+        frame = {"type": "topic", "room": room}
+        if len(params) > 1:
+            frame["topic"] = params[1] or None
+        return self._run(frame)
+
+    def irc_NAMES(self, params):
+        if not params:
+            self._send(self._numeric("366", "*", "End of /NAMES list"))
+            return None
+        for channel in params[0].split(",")[:MAX_ROOMS_PER_USER]:
+            room = self._channel_room(channel)
+            reason = room and self._run({"type": "users", "room": room}, "NAMES", channel)
+            if reason:
+                return reason
+        return None
+
+    def irc_WHO(self, params):
+        mask = params[0] if params else "*"
+        if mask.startswith("#") and len(mask) > 1:
+            return self._run({"type": "users", "room": mask[1:]}, "WHO", mask)
+        return self._run({"type": "users"}, "WHO", mask)
+
+    def irc_WHOIS(self, params):
+        if not params or not params[-1]:
+            self._send(self._numeric("431", "No nickname given"))
+            return None
+        return self._run({"type": "users"}, "WHOIS", params[-1].split(",")[0])
+
+    def irc_WHOWAS(self, params):
+        if self._need(params, 1, "WHOWAS"):
+            self._send(self._numeric("406", params[0], "There was no such nickname")
+                       + self._numeric("369", params[0], "End of WHOWAS"))
+
+    def irc_ISON(self, params):
+        if self._need(params, 1, "ISON"):
+            return self._run({"type": "users"}, "ISON", " ".join(params))
+        return None
+
+    def irc_USERHOST(self, params):
+        if self._need(params, 1, "USERHOST"):
+            return self._run({"type": "users"}, "USERHOST", " ".join(params[:5]))
+        return None
+
+    def irc_LIST(self, params):
+        return self._run({"type": "rooms"}, "LIST", params[0] if params else None)
+
+    def irc_AWAY(self, params):
+        if params and params[0].strip():
+            return self._run({"type": "away", "text": _IRC_FORMATTING.sub("", params[0])})
+        return self._run({"type": "back"})
+
+    def irc_KICK(self, params):
+        if not self._need(params, 2, "KICK"):
+            return None
+        for nick in params[1].split(",")[:4]:
+            frame = {"type": "kick", "name": name_from_irc(nick)}
+            if len(params) > 2 and params[2].strip():
+                frame["reason"] = params[2]
+            reason = self._run(frame, "KICK", nick, params[0])
+            if reason:
+                return reason
+        return None
+
+    def irc_MODE(self, params):
+        if not self._need(params, 1, "MODE"):
+            return None
+        target = params[0]
+        if not target.startswith("#"):
+            if name_key(name_from_irc(target)) != name_key(name_from_irc(self.nick)):
+                self._send(self._numeric("502", "Can't change mode for other users"))
+            else:
+                self._send(self._numeric("221", "+i"))
+            return None
+        if len(params) == 1:
+            if name_key(target[1:]) not in self.channels:
+                self._send(self._numeric("442", target, "You're not on that channel"))
+            else:
+                self._send(self._numeric("324", target, "+nt"))
+            return None
+        return self._channel_modes(target, params[1], params[2:])
+
+    def _channel_modes(self, channel, modes, arguments):
+        """Carry out +b/-b (bans by name or address) and +o/-o (operators); answer the rest."""
+        adding, arguments = True, list(arguments)
+        for char in modes[:8]:
+            if char in "+-":
+                adding = char == "+"
+            elif char in "bo" and not arguments:
+                if char == "b":
+                    self._send(self._numeric("368", channel, "End of channel ban list"))
+            elif char in "bo":
+                argument = arguments.pop(0)
+                reason = self._run(_irc_mode_frame(char, adding, argument), "MODE", argument, channel)
+                if reason:
+                    return reason
+            else:
+                self._send(self._numeric("472", char, "is unknown mode char to me"))
+        return None
+
+    def irc_KILL(self, params):
+        self._send(self._numeric("481", "Permission Denied- You're not an IRC operator"))
+
+    def irc_OPER(self, params):
+        self._send(self._numeric("491", "No O-lines for your host: operators are named by the chat's owner"))
+
+    def irc_MOTD(self, params):
+        self._send(self._motd())
+
+    def irc_LUSERS(self, params):
+        self._send(self._lusers(self.session.hub.count()))
+
+    def irc_VERSION(self, params):
+        self._send(self._numeric("351", "LocalChat-%s." % __version__, IRC_SERVER, "LocalChat, one file for one network")
+                   + self._isupport())
+
+    def irc_TIME(self, params):
+        self._send(self._numeric("391", IRC_SERVER, time.strftime("%A %d %B %Y -- %H:%M:%S %z")))
+
+    # -- what the hub delivers (with the hub's lock held) ---------------------------
+
+    def deliver_locked(self, outbox, event):
+        fields = event.fields
+        kind = fields["type"]
+        if kind in _IRC_SHARED and not fields.get("replay") and (kind != "topic" or fields.get("by")):
+            data = self._shared_locked(outbox, event, fields, kind)
+        else:
+            data = self.encode_own(fields)
+        if data:
+            outbox.push_locked(data)
+
+    def _shared_locked(self, outbox, event, fields, kind):
+        """Return the bytes all IRC clients share for this event (encoded once), after our own bookkeeping."""
+        me = self.me
+        if kind == "message" and fields["from"] == me and "echo-message" not in self.caps:
+            return None
+        if kind == "away":
+            return self._away_locked(fields)
+        if kind == "renamed" and fields["old"] == me:
+            self.me, self.nick = fields["name"], irc_nick(fields["name"])
+        if kind == "left" and fields.get("room") and fields["name"] == me:
+            self.channels.pop(name_key(fields["room"]), None)
+        return event.encoded(self.encoder)
+
+    def _away_locked(self, fields):
+        if fields.get("text") is None:
+            self.away.pop(fields["name"], None)
+        else:
+            self.away[fields["name"]] = fields["text"]
+        if fields["name"] != self.me:
+            return None
+        if fields.get("text"):
+            return self._numeric("306", "You have been marked as being away")
+        return self._numeric("305", "You are no longer marked as being away")
+
+    def encode_own(self, fields):
+        """Return the lines of an event or reply for this connection alone."""
+        render = getattr(self, "_own_" + fields["type"], None)
+        return render(fields) if render is not None else b""
+
+    def _own_message(self, fields):  # a replayed one: history, or a direct message that waited
+        stamp = ""
+        if "server-time" not in self.caps:
+            stamp = "[%s] " % _history_time(fields.get("ts"))
+        lines = _irc_message(fields, stamp)
+        if "server-time" in self.caps and fields.get("ts"):
+            tag = ("@time=%s " % _irc_time(fields["ts"])).encode("ascii")
+            lines = [tag + line for line in lines]
+        return b"".join(lines)
+
+    def _own_welcome(self, fields):
+        self.me, self.nick = fields["name"], irc_nick(fields["name"])
+        name = printable(str(fields.get("server")), 60)
+        return b"".join([
+            self._numeric("001", "Welcome to LocalChat on %s, %s" % (name, self.nick)),
+            self._numeric("002", "Your host is %s, running LocalChat %s" % (IRC_SERVER, __version__)),
+            self._numeric("003", "This server is the chat of %s" % name),
+            self._numeric("004", IRC_SERVER, "LocalChat-" + __version__, "i", "bnot"),
+            self._isupport(),
+            self._lusers(len(fields.get("users") or ())),
+            self._motd(),
+        ])
+
+    def _isupport(self):
+        limits = self.session.hub.limits
+        tokens = ["AWAYLEN=%d" % MAX_AWAY_CHARS, "CASEMAPPING=ascii", "CHANLIMIT=#:%d" % limits.max_rooms,
+                  "CHANMODES=b,,,nt", "CHANNELLEN=%d" % (MAX_ROOM_CHARS + 1), "CHANTYPES=#",
+                  "KICKLEN=%d" % MAX_TOPIC_CHARS, "MAXTARGETS=4", "NETWORK=LocalChat",
+                  "NICKLEN=%d" % (MAX_NAME_CHARS + 1), "PREFIX=(o)@", "TOPICLEN=%d" % MAX_TOPIC_CHARS, "UTF8ONLY"]
+        return self._numeric("005", *(tokens + ["are supported by this server"]))
+
+    def _lusers(self, count):
+        return (self._numeric("251", "There are %d users and 0 invisible on 1 servers" % count)
+                + self._numeric("255", "I have %d clients and 0 servers" % count))
+
+    def _motd(self):
+        lines = ["- %s Message of the day -" % IRC_SERVER,
+                 "- This is LocalChat: its rooms are channels. /list shows them, /join #name joins one.",
+                 "- Joining a channel replays what was said there before you came.",
+                 "- The same chat is open to LocalChat's window, its line client, and nc."]
+        return (self._numeric("375", lines[0]) + b"".join(self._numeric("372", line) for line in lines[1:])
+                + self._numeric("376", "End of /MOTD command."))
+
+    def _own_room(self, fields):
+        channel = "#" + fields["room"]
+        self.channels[name_key(fields["room"])] = fields["room"]
+        lines = [irc_line(_irc_mask(self.me), "JOIN", channel)]
+        if fields.get("topic"):
+            lines.append(self._numeric("332", channel, fields["topic"]))
+        lines += self._names(channel, fields)
+        return b"".join(lines)
+
+    def _names(self, channel, fields):
+        ops = set(fields.get("ops") or ())
+        nicks = [("@" if name in ops else "") + irc_nick(name) for name in fields.get("users") or ()]
+        lines, batch, size = [], [], 0
+        room = IRC_MAX_LINE_BYTES - 80 - len(channel.encode("utf-8"))
+        for nick in nicks:
+            if batch and size + len(nick.encode("utf-8")) + 1 > room:
+                lines.append(self._numeric("353", "=", channel, " ".join(batch)))
+                batch, size = [], 0
+            batch.append(nick)
+            size += len(nick.encode("utf-8")) + 1
+        if batch:
+            lines.append(self._numeric("353", "=", channel, " ".join(batch)))
+        return lines + [self._numeric("366", channel, "End of /NAMES list")]
+
+    def _own_users(self, fields):
+        command, argument, _ = self._asking or ("NAMES", None, None)
+        if command == "NAMES":
+            return b"".join(self._names("#" + fields["room"], fields)) if fields.get("room") else b""
+        present = {name_key(name): name for name in fields.get("users") or ()}
+        away = fields.get("away") or {}
+        if command == "WHO":
+            return self._who(argument, fields, present, away)
+        if command == "WHOIS":
+            return self._whois(argument, present, away)
+        found = [present[key] for key in (name_key(name_from_irc(nick)) for nick in argument.split()) if key in present]
+        if command == "ISON":
+            return self._numeric("303", " ".join(irc_nick(name) for name in found))
+        return self._numeric("302", " ".join("%s=%s%s@%s" % (irc_nick(name), "-" if name in away else "+", "u",
+                                                             IRC_HOST) for name in found))
+
+    def _who(self, mask, fields, present, away):
+        ops = set(fields.get("ops") or ())
+        if mask.startswith("#"):
+            names, channel = fields.get("users") or [], mask
+        else:
+            key = name_key(name_from_irc(mask))
+            names = list(present.values()) if mask in ("*", "0") else [present[key]] if key in present else []
+            channel = "*"
+        lines = [self._numeric("352", channel, "u", IRC_HOST, IRC_SERVER, irc_nick(name),
+                               ("G" if name in away else "H") + ("@" if name in ops else ""), "0 " + name)
+                 for name in names[:500]]
+        return b"".join(lines) + self._numeric("315", mask, "End of /WHO list")
+
+    def _whois(self, nick, present, away):
+        name = present.get(name_key(name_from_irc(nick)))
+        if name is None:
+            return self._numeric("401", nick, "No such nick/channel") + self._numeric("318", nick, "End of /WHOIS list")
+        shown = irc_nick(name)
+        lines = [self._numeric("311", shown, "u", IRC_HOST, "*", name),
+                 self._numeric("312", shown, IRC_SERVER, "LocalChat")]
+        if name in away:
+            lines.append(self._numeric("301", shown, away[name]))
+        return b"".join(lines) + self._numeric("318", shown, "End of /WHOIS list")
+
+    def _own_rooms(self, fields):
+        lines = [self._numeric("321", "Channel", "Users  Name")]
+        for room in fields.get("rooms") or ():
+            lines.append(self._numeric("322", "#" + room["name"], room.get("users", 0), room.get("topic") or ""))
+        return b"".join(lines) + self._numeric("323", "End of /LIST")
+
+    def _own_topic(self, fields):  # the answer to TOPIC #room
+        channel = "#" + fields["room"]
+        if fields.get("topic"):
+            return self._numeric("332", channel, fields["topic"])
+        return self._numeric("331", channel, "No topic is set")
+
+    def _own_error(self, fields):
+        return b"".join(self._error_lines(fields.get("code"), fields.get("text") or "", fields.get("fatal")))
+
+    def _error_lines(self, code, text, fatal):
+        command, argument, channel = self._asking or (None, None, None)
+        numeric = _IRC_ERRORS.get(code)
+        if code == "not_in_room" and command in ("PRIVMSG", "NOTICE"):
+            numeric = "404"
+        if code == "not_in_room" and command in ("NAMES", "WHO"):
+            lines = [self._numeric("366" if command == "NAMES" else "315", argument,
+                                   "End of /%s list" % command)]
+        elif code == "already_in_room" or (self._quiet and not fatal):
+            lines = []
+        elif numeric in ("433", "432"):
+            lines = [self._numeric(numeric, argument or "*", text)]
+        elif numeric in ("403", "404", "405", "442", "482"):
+            lines = [self._numeric(numeric, channel or argument or "*", text)]
+        elif numeric == "401":
+            lines = [self._numeric(numeric, argument or "*", text)]
+        elif numeric is not None:
+            lines = [self._numeric(numeric, text)]
+        else:
+            lines = [irc_line(IRC_SERVER, "NOTICE", self.nick, text)]
+        if fatal:
+            lines.append(irc_line(None, "ERROR", "Closing Link: %s" % text))
+        return lines
+
+    def _own_bye(self, fields):
+        return irc_line(None, "ERROR", "Closing Link: %s" % (fields.get("text") or "Goodbye."))
+
+    def _own_ping(self, fields):
+        return irc_line(None, "PING", IRC_SERVER)
+
+    def _own_pong(self, fields):
+        return irc_line(IRC_SERVER, "PONG", IRC_SERVER, str(fields.get("token", IRC_SERVER)))
+
+    def _own_notice(self, fields):
+        return irc_line(IRC_SERVER, "NOTICE", self.nick, fields.get("text") or "")
+
+
+def _asking(command, argument, channel=None):
+    """Return what an IRC client asked: (command, argument, the channel it concerns)."""
+    if channel is None and isinstance(argument, str) and argument.startswith("#"):
+        channel = argument
+    return command, argument, channel
+
+
+def _irc_mode_frame(char, adding, argument):
+    """Return the protocol frame of MODE #room +b/-b MASK or +o/-o NICK."""
+    if char == "o":
+        return {"type": "op" if adding else "deop", "name": name_from_irc(argument)}
+    nick, _, host = argument.partition("!")
+    host = host.partition("@")[2]
+    target = host if nick in ("", "*") and host not in ("", "*") else name_from_irc(nick)
+    return {"type": "ban" if adding else "unban", "target": target}
+
+
+def _history_time(ts):
+    """Return when a replayed message was sent, for a client with no server-time: 14:05, or with its date."""
+    if not isinstance(ts, (int, float)):
+        return "?"
+    moment = time.localtime(ts)
+    if time.strftime("%Y-%m-%d", moment) == time.strftime("%Y-%m-%d"):
+        return time.strftime("%H:%M", moment)
+    return time.strftime("%Y-%m-%d %H:%M", moment)
+
+
+# -- Text: nc, telnet, PuTTY's raw mode, openssl s_client ------------------------------
+#
+# A person types: the first line is a name (then, on a chat with a password, the
+# password), then each line is a message to the current room, and /commands work as
+# in the line client. Events come back as the lines the line client prints.
+
+TEXT_HELLO_TIMEOUT_S = 300.0  # a person at nc has this long to type a name (and a password)
+TEXT_MAX_LINE_BYTES = MAX_TEXT_BYTES  # one typed line is one message
+_TELNET_IAC = 0xFF                    # telnet's "interpret as command": option bytes follow it
+_TELNET_OPTION_VERBS = frozenset([251, 252, 253, 254])  # WILL, WON'T, DO, DON'T: one option byte follows
+_TELNET_SB, _TELNET_SE = 250, 240     # a subnegotiation runs from SB to IAC SE
+
+
+def text_encode(fields):
+    """The text door's encoder: an event as the line a person at nc reads, with its time and room."""
+    kind = fields["type"]
+    if kind == "message":
+        text = message_line(fields)
+    elif kind in ("ping", "pong", "synced", "challenge"):
+        return b""
+    else:
+        text = notice_text(fields)
+        if not text:
+            return b""
+        text = ("! " if kind in ("error", "bye") else "* ") + text
+    stamp = "[%s] " % (_history_time(fields.get("ts")) if fields.get("replay") else clock(fields.get("ts")))
+    return (stamp + text.replace("\n", "\r\n" + " " * len(stamp)) + "\r\n").encode("utf-8")
+
+
+def _drop_telnet_commands(buffer):
+    """Delete telnet's option negotiation from a bytearray, in place; leave an unfinished one at the end."""
+    start = buffer.find(b"\xff")
+    while start >= 0:
+        if start + 1 >= len(buffer):
+            return
+        verb = buffer[start + 1]
+        if verb in _TELNET_OPTION_VERBS:
+            if start + 2 >= len(buffer):
+                return
+            end = start + 3
+        elif verb == _TELNET_SB:
+            close = buffer.find(b"\xff\xf0", start + 2)
+            if close < 0:
+                if len(buffer) - start > 1024:  # an endless subnegotiation: no telnet sends one
+                    del buffer[start:]
+                return
+            end = close + 2
+        else:  # IAC IAC (a 0xFF byte, never UTF-8), IAC IP (Ctrl+C), IAC AYT...: two bytes
+            end = start + 2
+        del buffer[start:end]
+        start = buffer.find(b"\xff", start)
+
+
+class TextDoor(Door):
+    """People at nc or telnet: a name, then lines; the door every connection no other door claims comes to."""
+
+    name = "text"
+    encode = staticmethod(text_encode)
+    for_silence = True                      # asked for a name after SILENT_PROMPT_S of silence
+    hello_timeout_s = TEXT_HELLO_TIMEOUT_S  # a person types slower than a program
+    password_in_hello = True                # asked for after the name: refused in clear without TLS
+    retries_hello = True                    # a name that is taken is asked for again
+    reclaims = True                         # nc has no resume token: a lost name comes back from the same address
+    answers_pings = False                   # a person reading is silent, not gone
+
+    @staticmethod
+    def claims(first):
+        return True  # the last door: whatever nobody else claims
+
+    def __init__(self):
+        self.session = None
+        self.me = None  # the name the welcome gave
+        self.name = None  # the name typed, while the password is asked for
+        self.where = {"room": GENERAL_ROOM}  # where typed lines go: the room joined last
+        self.rooms = set()  # keys of the rooms one is in
+        self._skipping = False  # the rest of an overlong line is being dropped
+
+    def greet(self, session):
+        self.session = session
+        self._tell("Welcome to LocalChat on %s. Type your name and press Enter:" % session.hub.server_name)
+
+    def _tell(self, text, mark="*"):
+        self.session.outbox.put(("%s %s\r\n" % (mark, text)).encode("utf-8"))
+
+    def receiver(self, outbox):
+        return DoorReceiver(outbox, self)
+
+    def deliver_locked(self, outbox, event):
+        """Runs with the hub's lock held: keep track of one's name and rooms, skip one's own echo."""
+        fields = event.fields
+        kind = fields["type"]
+        if kind == "message" and fields.get("from") == self.me and not fields.get("replay"):
+            return  # what one typed is on one's screen already
+        data = event.encoded(text_encode)
+        if kind == "welcome":
+            self.me = fields["name"]
+            data += ("* Type a line and press Enter to send it; /help lists the commands.\r\n").encode("utf-8")
+        elif kind == "renamed" and fields["old"] == self.me:
+            self.me = fields["name"]
+        elif kind == "room":
+            self.rooms.add(name_key(fields["room"]))
+            self.where = {"room": fields["room"]}
+        elif kind == "left" and fields.get("room") and fields.get("name") == self.me:
+            self.rooms.discard(name_key(fields["room"]))
+            if name_key(self.where.get("room", "")) == name_key(fields["room"]):
+                self.where = {"room": GENERAL_ROOM}
+        if data:
+            outbox.push_locked(data)
+
+    def frames(self, buffer):
+        _drop_telnet_commands(buffer)
+        found = []
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(buffer[:end]).replace(b"\r", b"").replace(b"\x00", b"")
+            del buffer[:end + 1]
+            if self._skipping:
+                self._skipping = False
+                continue
+            if len(line) > TEXT_MAX_LINE_BYTES:
+                found.append(self._too_long())
+                continue
+            try:
+                found.append({"type": "door", "line": line.decode("utf-8")})
+            except UnicodeDecodeError:
+                found.append(ProtocolError("bad_utf8", "That line was not UTF-8; set your terminal to UTF-8."))
+        if len(buffer) > TEXT_MAX_LINE_BYTES:
+            del buffer[:]
+            self._skipping = True
+            found.append(self._too_long())
+        return found
+
+    @staticmethod
+    def _too_long():
+        return ProtocolError("line_too_long", "That line was longer than %d bytes, so it was not sent."
+                             % TEXT_MAX_LINE_BYTES)
+
+    def handle(self, session, frame):
+        line = frame.get("line")
+        if not isinstance(line, str):
+            raise ProtocolError("bad_field", 'A text line is missing.')
+        if session.seat is None:
+            return self._log_in(session, line)
+        where = dict(self.where)
+        action, value = parse_command(line, where, "chat")
+        if action == "send":
+            if value["type"] == "join" and name_key(value["room"]) in self.rooms:
+                self.where = {"room": value["room"]}  # already there: what follows goes to it
+                self._tell("Lines you type now go to %s." % room_label(value["room"]))
+                return None
+            return session._handle_frame(value)
+        if action == "quit":
+            return session._handle_frame({"type": "bye"})
+        if action == "help":
+            self._tell(value.replace("\n", "\r\n"))
+        elif action == "error":
+            self._tell(value, "!")
+        return None
+
+    def _log_in(self, session, line):
+        """The first line is the name; on a chat with a password, the next one is the password."""
+        if self.name is None:
+            name = line.strip()
+            if not name:
+                self._tell("Type your name and press Enter:")
+                return None
+            if session.hub.password is not None and (session.channel is not None or session.server.clear_passwords):
+                self.name = name
+                self._tell("This chat has a password. Type it and press Enter (it shows as you type):")
+                return None
+            return session._handle_frame({"type": "hello", "name": name, "version": PROTOCOL_VERSION})
+        name, self.name = self.name, None
+        return session._handle_frame({"type": "hello", "name": name, "version": PROTOCOL_VERSION,
+                                      "password": line})
+
+
+DOORS = (JsonLinesDoor, IrcDoor, TextDoor)  # tried in order on a connection's first bytes; the last one takes the rest
 
 
 class Session(socketserver.BaseRequestHandler):

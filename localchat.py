@@ -5838,6 +5838,8 @@ def print_join_instructions(server, host):
         print("People on this network can join with:")
         for address in addresses:
             print("    python3 localchat.py YOUR-NAME --server %s%s" % (address, suffix))
+        print("IRC clients (HexChat, irssi, WeeChat...) and nc or telnet use the same address and port %d:" % port)
+        print("    nc %s %d" % (addresses[0], port))
     elif host in ("", "0.0.0.0", "::"):
         print("No network address found: is this computer connected to the network?")
     print("On this computer: python3 localchat.py YOUR-NAME%s" % (" --server 127.0.0.1" + suffix if suffix else ""))
@@ -5906,7 +5908,8 @@ def run_server(args):
     hub.moderation.own_addresses = set(lan_addresses())  # and loopback: never banned by address
     context, fingerprint = server_certificate(args) if args.tls else (None, None)
     try:
-        server = ChatServer((args.host, args.port), hub=hub, tls_context=context)
+        server = ChatServer((args.host, args.port), hub=hub, tls_context=context,
+                            clear_passwords=args.allow_clear_passwords)
     except OSError as error:
         store.close()
         raise UserError(bind_error_sentence(error, args.host, args.port)) from None
@@ -5918,6 +5921,9 @@ def run_server(args):
     print(where)
     if hub.password is not None:
         print("A password is needed to join.")
+        if context is None and not args.allow_clear_passwords:
+            print("IRC clients and nc cannot join: they would send the password unencrypted. Use --tls, or "
+                  "--allow-clear-passwords to let them anyway.")
     if fingerprint:
         print("Connections are encrypted. Certificate fingerprint (SHA-256), for people to compare:")
         print("    " + fingerprint)
@@ -7877,6 +7883,9 @@ def build_parser():
     server.add_argument("--key", metavar="FILE", help="... and this private key (PEM)")
     server.add_argument("--op", action="append", metavar="NAME",
                         help="make NAME an operator (may be given several times)")
+    server.add_argument("--allow-clear-passwords", action="store_true",
+                        help="with --password and without --tls: let IRC clients and nc join, though "
+                        "their password then crosses the network unencrypted (refused by default)")
     parser.add_argument("--tls", action="store_true",
                         help="server: encrypt every connection (a certificate is made the first time); "
                         "client: insist on encryption (used anyway when the server asks for it)")
@@ -7916,7 +7925,8 @@ def check_args(parser, args):
                           ("--history", args.history), ("--no-history", args.no_history),
                           ("--scrollback", args.scrollback), ("--op", args.op),
                           ("--name", args.server_name), ("--no-discovery", args.no_discovery),
-                          ("--cert", args.cert), ("--key", args.key)) + tuple(
+                          ("--cert", args.cert), ("--key", args.key),
+                          ("--allow-clear-passwords", args.allow_clear_passwords)) + tuple(
             ("--" + attribute.replace("_", "-"), getattr(args, attribute)) for attribute, _, _ in Limits.TABLE):
         if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)

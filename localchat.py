@@ -4839,7 +4839,7 @@ class Session(socketserver.BaseRequestHandler):
             )
         except ProtocolError as error:
             # A refused hello ends the connection, unless the door asks a person for another name.
-            error.fatal = error.fatal or not (self.door.retries_hello and error.code in ("name_taken", "bad_name"))
+            error.fatal = not (self.door.retries_hello and error.code in ("name_taken", "bad_name"))
             raise
         self.request.settimeout(self.server.idle_ping)
         log.info("%s joined from %s", self.seat.name, self.peer)

@@ -2445,6 +2445,7 @@ class DoorContract:
     """
 
     door = None  # the Door class under test
+    echoes_own = True  # the door sends people their own messages back
 
     def door_client(self, name):
         """Connect through the door and join as name; return the client (see JsonDoorClient)."""
@@ -2463,7 +2464,8 @@ class DoorContract:
         alice.say("hello from the door")
         frame, _ = bob.read_until(from_alice)
         self.assertEqual(summary(frame, "from", "room", "text"), ("alice", "general", "hello from the door"))
-        self.assertEqual(alice.next_message(), ("alice", "general", "hello from the door"))
+        if self.echoes_own:  # the text door does not: what a person typed is on the screen already
+            self.assertEqual(alice.next_message(), ("alice", "general", "hello from the door"))
         bob.say("hello back")
         self.assertEqual(alice.next_message(), ("bob", "general", "hello back"))
         alice.join_room("games")
@@ -2561,6 +2563,735 @@ class JsonLinesDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         shouter.send_raw(b"UT I-AM-carol\nSHOUT hi from the other door\n")
         frame, _ = bob.read_until(is_message)
         self.assertEqual(summary(frame, "from", "text"), ("I-AM-carol", "hi from the other door"))
+
+
+class IrcMessage(collections.namedtuple("IrcMessage", "tags prefix command params")):
+    """One line from the server, parsed as RFC 1459 and IRCv3 message tags read it."""
+
+    @property
+    def nick(self):
+        return self.prefix.split("!")[0] if self.prefix else None
+
+
+def parse_irc(line):
+    """Return the IrcMessage of one line of bytes (without CRLF); the test fails on bad UTF-8."""
+    text = line.decode("utf-8")
+    tags = {}
+    if text.startswith("@"):
+        raw, _, text = text.partition(" ")
+        tags = dict(item.partition("=")[::2] for item in raw[1:].split(";"))
+    prefix = None
+    if text.startswith(":"):
+        prefix, _, text = text[1:].partition(" ")
+    head, colon, trailing = text.partition(" :")
+    params = [param for param in head.split(" ") if param]
+    if colon:
+        params.append(trailing)
+    return IrcMessage(tags, prefix, params[0], params[1:])
+
+
+def is_irc(command, *params):
+    """Return a predicate for lines of one command (or numeric) whose first parameters are these."""
+    return lambda message: message.command == command and tuple(message.params[:len(params)]) == params
+
+
+class LineClient:
+    """A test's end of a line-based connection (IRC or the text door): send lines, read lines with deadlines."""
+
+    def __init__(self, address, sock=None):
+        self.sock = sock or socket.create_connection(address, timeout=READ_TIMEOUT_S)
+        self.buffer = bytearray()
+        self.at_eof = False
+        self.raw_lines = []  # every line read, as bytes: for the 512-byte checks
+
+    def send(self, *lines):
+        self.send_raw(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+
+    def send_raw(self, data):
+        self.sock.settimeout(READ_TIMEOUT_S)
+        self.sock.sendall(data)
+
+    def read_raw_line(self, timeout=READ_TIMEOUT_S):
+        """Return the next line as bytes (without its line end), or None once the server has closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end + 1])
+                del self.buffer[:end + 1]
+                self.raw_lines.append(line)
+                return line.rstrip(b"\r\n")
+            if self.at_eof:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no line within %.1f s; have %r" % (timeout, bytes(self.buffer[:200])))
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self.at_eof = True
+            self.buffer += data
+
+    def read_until_text(self, predicate, timeout=READ_TIMEOUT_S):
+        """Read decoded lines until one satisfies predicate; return (it, the lines before it)."""
+        skipped = []
+        deadline = time.monotonic() + timeout
+        for _ in range(MAX_FRAMES):
+            line = self.read_raw_line(max(0.01, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError("the server closed first; lines: %r" % skipped[-20:])
+            text = line.decode("utf-8")
+            if predicate(text):
+                return text, skipped
+            skipped.append(text)
+        raise AssertionError("too many lines")
+
+    def assert_silent(self, timeout=0.3):
+        """Check that nothing more comes within timeout (a bounded wait for an absence)."""
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        if readable or self.buffer:
+            data = bytes(self.buffer) or self.sock.recv(4096)
+            raise AssertionError("expected nothing, got %r" % data[:300])
+
+    def close(self):
+        self.sock.close()
+
+
+class IrcClient(LineClient):
+    """A test's IRC client: lines parsed as IrcMessages."""
+
+    def read(self, timeout=READ_TIMEOUT_S):
+        """Return the next IrcMessage, or None once the server has closed."""
+        line = self.read_raw_line(timeout)
+        return None if line is None else parse_irc(line)
+
+    def read_until(self, predicate, timeout=READ_TIMEOUT_S):
+        """Read until a line satisfies predicate; return (it, the lines before it)."""
+        skipped = []
+        deadline = time.monotonic() + timeout
+        for _ in range(MAX_FRAMES):
+            message = self.read(max(0.01, deadline - time.monotonic()))
+            if message is None:
+                raise AssertionError("the server closed first; lines: %r" % (skipped[-20:],))
+            if predicate(message):
+                return message, skipped
+            skipped.append(message)
+        raise AssertionError("too many lines")
+
+    def register(self, nick, caps=(), password=None):
+        """Register as nick, asking for caps; return the lines up to the end of the MOTD and the NAMES of #general."""
+        if caps:
+            self.send("CAP LS 302")
+        if password is not None:
+            self.send("PASS " + password)
+        self.send("NICK " + nick, "USER %s 0 * :Test %s" % (nick, nick))
+        if caps:
+            self.read_until(is_irc("CAP", "*", "LS"))
+            self.send("CAP REQ :" + " ".join(caps))
+            self.read_until(is_irc("CAP", "*", "ACK"))
+            self.send("CAP END")
+        welcome, before = self.read_until(is_irc("001"))
+        self.nick = welcome.params[0]
+        end, lines = self.read_until(is_irc("366", self.nick, "#general"))
+        return before + [welcome] + lines + [end]
+
+
+class IrcDoorClient:
+    """The IRC door's side of DoorContract."""
+
+    def __init__(self, client, name):
+        self.client = client
+        client.register(localchat.irc_nick(name), caps=("echo-message",))
+
+    def say(self, text, room=None):
+        self.client.send("PRIVMSG #%s :%s" % (room or "general", text))
+
+    def say_to(self, name, text):
+        self.client.send("PRIVMSG %s :%s" % (localchat.irc_nick(name), text))
+
+    def join_room(self, room):
+        self.client.send("JOIN #" + room)
+        self.client.read_until(is_irc("366", self.client.nick, "#" + room))
+
+    def next_message(self):
+        message, _ = self.client.read_until(is_irc("PRIVMSG"))
+        target = message.params[0]
+        return (localchat.name_from_irc(message.nick), target[1:] if target.startswith("#") else None,
+                message.params[1])
+
+    def send_bad_frame(self):
+        self.client.send_raw(b"PRIVMSG #general :" + b"x" * 600 + b"\r\n")
+        message, _ = self.client.read_until(is_irc("417"))
+        self.client.send("PING :still-there")
+        return self.client.read_until(is_irc("PONG"))[0].params[-1] == "still-there"
+
+    def quit(self):
+        self.client.send("QUIT :done")
+        self.client.read_until(is_irc("ERROR"))
+
+
+class IrcTestsBase(ServerFixture):
+    """Servers and IRC clients for the IRC door's tests."""
+
+    def irc(self, nick=None, caps=(), password=None, sock=None):
+        """Connect an IrcClient (registered as nick, if given)."""
+        client = IrcClient(self.address, sock)
+        self.clients.append(client)
+        if nick is not None:
+            client.register(nick, caps, password)
+        return client
+
+    def names_of(self, client, channel):
+        client.send("NAMES " + channel)
+        reply, _ = client.read_until(is_irc("353", client.nick, "=", channel))
+        client.read_until(is_irc("366"))
+        return reply.params[-1].split()
+
+
+class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
+    """IRC clients in the same rooms as everybody: registration, commands, numerics, names, history."""
+
+    door = localchat.IrcDoor
+
+    def door_client(self, name):
+        return IrcDoorClient(self.irc(), name)
+
+    # Registration as real clients send it, byte for byte (client version and source in each comment).
+    REGISTRATIONS = {
+        # irssi 1.4 (src/irc/core/irc-servers.c: CAP LS 302 first, then NICK and USER with mode 0)
+        "irssi": [b"CAP LS 302\r\n", b"NICK alice\r\nUSER alice 0 * :Alice Liddell\r\n"],
+        # WeeChat 3.8 (src/plugins/irc/irc-server.c: irc_server_login)
+        "weechat": [b"CAP LS 302\r\nNICK alice\r\nUSER alice 0 * :Alice Liddell\r\n"],
+        # HexChat 2.16 (src/common/proto-irc.c: irc_login): CAP LS 302, then NICK and USER with the host names
+        "hexchat": [b"CAP LS 302\r\nNICK alice\r\nUSER alice 0 * :realname\r\n"],
+    }
+
+    def test_registration_as_irssi_weechat_and_hexchat_send_it(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        for number, (client_name, chunks) in enumerate(sorted(self.REGISTRATIONS.items())):
+            with self.subTest(client=client_name):
+                client = self.irc()
+                for chunk in chunks:
+                    client.send_raw(chunk)
+                ls, _ = client.read_until(is_irc("CAP", "*", "LS"))
+                self.assertEqual(ls.params[-1].split(), ["echo-message", "server-time"])
+                client.send("CAP REQ :server-time", )
+                client.read_until(is_irc("CAP", "*", "ACK", "server-time"))
+                client.send("CAP END")
+                welcome, _ = client.read_until(is_irc("001"))
+                self.assertEqual(welcome.params[0], "alice")
+                isupport, _ = client.read_until(is_irc("005"))
+                for token in ("CHANTYPES=#", "NICKLEN=33", "CHANNELLEN=33", "TOPICLEN=300", "CASEMAPPING=ascii",
+                              "PREFIX=(o)@"):
+                    self.assertIn(token, isupport.params)
+                client.read_until(is_irc("251"))
+                client.read_until(is_irc("376"))
+                join, _ = client.read_until(is_irc("JOIN"))
+                self.assertEqual((join.nick, join.params), ("alice", ["#general"]))
+                self.assertIn("bob", client.read_until(is_irc("353"))[0].params[-1].split())
+                frame, _ = bob.read_until(is_kind("joined", name="alice"))
+                client.send("QUIT :bye")
+                client.read_until(is_irc("ERROR"))
+                bob.read_until(is_kind("left", name="alice"))
+
+    def test_a_client_that_does_not_negotiate_capabilities_is_welcomed_at_once(self):
+        self.start_server(hub=unlimited_hub())
+        client = self.irc()
+        client.send("NICK plain", "USER plain 0 * :Plain")
+        self.assertEqual(client.read().command, "001")
+
+    def test_errors_get_their_numerics_and_the_connection_stays(self):
+        self.start_server(hub=unlimited_hub())
+        early = self.irc()
+        early.send("NICK a.b[c]")  # an IRC client's first words choose the IRC door
+        self.assertEqual(early.read().command, "432")
+        early.send("JOIN #general")
+        self.assertEqual(early.read().command, "451")
+        early.send("NICK", "USER x")
+        self.assertEqual([early.read().command, early.read().command], ["431", "461"])
+        alice = self.irc("alice")
+        taken = self.irc()
+        taken.send("NICK ALICE", "USER a 0 * :A")
+        reply = taken.read()
+        self.assertEqual((reply.command, reply.params[:2]), ("433", ["*", "ALICE"]))
+        taken.send("NICK alice2")  # the client offers another nick, as they all do
+        self.assertEqual(taken.read().command, "001")
+        alice.read_until(lambda line: line.command == "JOIN" and line.nick == "alice2")
+        checks = [
+            ("PRIVMSG nobody :hi", "401", "nobody"), ("JOIN games", "403", "games"),
+            ("JOIN #a*b", "403", "#a*b"), ("PRIVMSG #elsewhere :hi", "404", "#elsewhere"),
+            ("PRIVMSG", "411", None), ("PRIVMSG #general", "412", None), ("PRIVMSG #general :\x02\x02", "412", None),
+            ("FROB x", "421", "FROB"), ("NICK", "431", None), ("NICK bad*nick", "432", "bad*nick"),
+            ("NICK alice2", "433", "alice2"), ("PART #elsewhere", "442", "#elsewhere"), ("JOIN", "461", "JOIN"),
+            ("USER a 0 * :A", "462", None), ("PASS x", "462", None), ("KICK #general alice2", "482", "#general"),
+            ("MODE #general +o alice2", "482", "#general"), ("MODE alice2", "502", None), ("PING", "409", None),
+            ("MODE #general +k key", "472", "k"), ("OPER a b", "491", None),
+        ]
+        for line, numeric, argument in checks:
+            with self.subTest(line=line):
+                alice.send(line)
+                reply = alice.read()
+                self.assertEqual(reply.command, numeric, reply)
+                self.assertEqual(reply.params[0], "alice")
+                if argument is not None:
+                    self.assertEqual(reply.params[1], argument)
+        alice.send("WHOWAS gone")
+        self.assertEqual([alice.read().command, alice.read().command], ["406", "369"])
+        alice.send("JOIN #general")  # already there: nothing at all
+        alice.send("PING :after")
+        self.assertEqual(alice.read(), IrcMessage({}, "localchat", "PONG", ["localchat", "after"]))
+
+    def test_a_line_over_512_bytes_is_refused_whole_and_never_cut(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        alice = self.irc("alice")
+        line = b"PRIVMSG #general :" + "é".encode("utf-8") * 300 + b"\r\n"
+        alice.send_raw(line[:300])
+        alice.send_raw(line[300:] + b"PRIVMSG #general :short\r\n")
+        reply, _ = alice.read_until(is_irc("417"))
+        self.assertEqual(reply.params[0], "alice")
+        frame, skipped = bob.read_until(is_message)
+        self.assertEqual(frame["text"], "short")
+        self.assertEqual(texts(skipped), [])
+        exactly = b"PRIVMSG #general :" + b"y" * (510 - 18) + b"\r\n"  # 512 bytes: the most there may be
+        self.assertEqual(len(exactly), 512)
+        alice.send_raw(exactly)
+        self.assertEqual(bob.read_until(is_message)[0]["text"], "y" * 492)
+
+    def test_names_irc_cannot_carry_map_both_ways(self):
+        for name, nick in [("alice", "alice"), ("d.o.t", "d|o|t"), ("42", "`42"), ("-x", "`-x"), ("_a", "_a"),
+                           ("Zoë", "Zoë"), ("9.x-y", "`9|x-y"), ("日本", "日本")]:
+            with self.subTest(name=name):
+                localchat.check_name(name)
+                self.assertEqual(localchat.irc_nick(name), nick)
+                self.assertEqual(localchat.name_from_irc(nick), name)
+        for nick in ["a[b]", "a^b", "a{b}", "a\\b", "`", "a`b"]:  # IRC's specials are no LocalChat name
+            with self.assertRaises(localchat.ProtocolError):
+                localchat.check_name(localchat.name_from_irc(nick))
+        self.start_server(hub=unlimited_hub())
+        self.join("d.o.t")
+        self.join("42")
+        alice = self.irc("alice")
+        self.assertEqual(sorted(self.names_of(alice, "#general")), sorted(["`42", "alice", "d|o|t"]))
+        alice.send("PRIVMSG d|o|t :to the dotted one", "PRIVMSG `42 :to the number")
+        dotted = self.clients[0]
+        frame, _ = dotted.read_until(is_message)
+        self.assertEqual(summary(frame, "from", "to", "text"), ("alice", "d.o.t", "to the dotted one"))
+        number = self.irc()
+        number.send("NICK 7up", "USER s 0 * :S")  # an IRC nick may not start with a digit, a name may
+        self.assertEqual(number.read_until(is_irc("001"))[0].params[0], "`7up")
+        self.assertIn("`7up", self.names_of(alice, "#general"))
+
+    def test_messages_from_other_clients_reach_irc_split_under_512_bytes(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        alice = self.irc("alice")
+        bob.say("first line\nsecond line\n\n  \nthird")
+        lines = [alice.read_until(is_irc("PRIVMSG"))[0].params[1] for _ in range(3)]
+        self.assertEqual(lines, ["first line", "second line", "third"])
+        long_text = ("ünïcödé wörds " * 200).strip()  # about 3.4 KB, most characters two bytes
+        bob.say(long_text)
+        pieces = []
+        for _ in range(20):
+            message, _ = alice.read_until(is_irc("PRIVMSG"))
+            pieces.append(message.params[1])
+            if "".join(pieces) == long_text:
+                break
+        self.assertEqual("".join(pieces), long_text)
+        self.assertGreater(len(pieces), 6)
+        self.assertTrue(all(len(line) <= 512 for line in alice.raw_lines), max(map(len, alice.raw_lines)))
+        bob.say("waves", action=True)
+        message, _ = alice.read_until(is_irc("PRIVMSG"))
+        self.assertEqual(message.params, ["#general", "\x01ACTION waves\x01"])
+        alice.send("PRIVMSG #general :\x01ACTION nods\x01", "PRIVMSG bob :\x02bold\x02 \x0304,01red\x03 text")
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(summary(frame, "from", "text", "action"), ("alice", "nods", True))
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(summary(frame, "to", "text"), ("bob", "bold red text"))
+        alice.send("PRIVMSG bob :\x01VERSION\x01", "PRIVMSG #general :after the ctcp")
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(frame["text"], "after the ctcp")  # other CTCP requests go nowhere
+
+    def test_echo_message_only_for_clients_that_ask(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        plain = self.irc("plain")
+        echoing = self.irc("echoing", caps=("echo-message",))
+        plain.send("PRIVMSG #general :from plain")
+        self.assertEqual(bob.read_until(is_message)[0]["text"], "from plain")
+        echoing.send("PRIVMSG #general :from echoing")
+        self.assertEqual(bob.read_until(is_message)[0]["text"], "from echoing")
+        message, skipped = plain.read_until(is_irc("PRIVMSG"))
+        self.assertEqual((message.nick, message.params[1]), ("echoing", "from echoing"))
+        self.assertNotIn("PRIVMSG", [line.command for line in skipped])
+        first, _ = echoing.read_until(is_irc("PRIVMSG"))
+        second, _ = echoing.read_until(is_irc("PRIVMSG"))
+        self.assertEqual([(first.nick, first.params[1]), (second.nick, second.params[1])],
+                         [("plain", "from plain"), ("echoing", "from echoing")])
+
+    def test_joining_replays_history_with_server_time_or_the_time_in_the_text(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        bob.say("before you came")
+        bob.read_until(is_message)
+        timed = self.irc()
+        timed.send("CAP LS 302", "NICK timed", "USER t 0 * :T")
+        timed.read_until(is_irc("CAP"))
+        timed.send("CAP REQ :server-time", "CAP END")
+        replay, _ = timed.read_until(is_irc("PRIVMSG"))
+        self.assertEqual((replay.nick, replay.params), ("bob", ["#general", "before you came"]))
+        stamp = datetime.datetime.strptime(replay.tags["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        self.assertLess(abs(stamp.replace(tzinfo=datetime.timezone.utc).timestamp() - time.time()), 60)
+        plain = self.irc()
+        plain.send("NICK plain", "USER p 0 * :P")
+        replay, _ = plain.read_until(is_irc("PRIVMSG"))
+        self.assertEqual(replay.tags, {})
+        self.assertRegex(replay.params[1], r"^\[\d\d:\d\d\] before you came$")
+        bob.say("live now")
+        live, _ = timed.read_until(is_irc("PRIVMSG"))
+        self.assertIn("time", live.tags)
+        self.assertEqual(plain.read_until(is_irc("PRIVMSG"))[0].params[1], "live now")  # no time: it is now
+
+    def test_channels_commands_and_queries(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        alice = self.irc("alice")
+        alice.send("JOIN #games,#general")
+        join, _ = alice.read_until(is_irc("JOIN"))
+        self.assertEqual(join.params, ["#games"])
+        alice.read_until(is_irc("366", "alice", "#games"))
+        bob.send({"type": "join", "room": "games"})
+        joined, _ = alice.read_until(is_irc("JOIN"))
+        self.assertEqual((joined.nick, joined.params), ("bob", ["#games"]))
+        alice.send("TOPIC #games :Tonight: chess")
+        topic, _ = alice.read_until(is_irc("TOPIC"))
+        self.assertEqual((topic.nick, topic.params), ("alice", ["#games", "Tonight: chess"]))
+        frame, _ = bob.read_until(is_kind("topic", room="games"))
+        self.assertEqual(frame["topic"], "Tonight: chess")
+        alice.send("TOPIC #games")
+        self.assertEqual(alice.read_until(is_irc("332"))[0].params, ["alice", "#games", "Tonight: chess"])
+        alice.send("LIST")
+        alice.read_until(is_irc("321"))
+        rows = [alice.read(), alice.read()]
+        self.assertEqual([row.params[1:] for row in rows], [["#games", "2", "Tonight: chess"], ["#general", "2", ""]])
+        self.assertEqual(alice.read().command, "323")
+        alice.send("WHO #games")
+        who = [alice.read(), alice.read()]
+        self.assertEqual(sorted(row.params[5] for row in who), ["alice", "bob"])
+        self.assertEqual(alice.read().command, "315")
+        alice.send("ISON bob nobody alice", "USERHOST bob")
+        self.assertEqual(alice.read().params, ["alice", "bob alice"])
+        self.assertEqual(alice.read().params, ["alice", "bob=+u@lan"])
+        bob.send({"type": "away", "text": "lunch"})
+        alice.send("WHOIS bob")
+        lines = [alice.read() for _ in range(4)]
+        self.assertEqual([line.command for line in lines], ["311", "312", "301", "318"])
+        self.assertEqual(lines[2].params, ["alice", "bob", "lunch"])
+        alice.send("PRIVMSG bob :are you there?")
+        self.assertEqual(alice.read().params, ["alice", "bob", "lunch"])  # 301: the answer a PRIVMSG gets
+        alice.send("WHOIS nobody")
+        self.assertEqual([alice.read().command, alice.read().command], ["401", "318"])
+        alice.send("AWAY :brb", "AWAY")
+        self.assertEqual([alice.read().command, alice.read().command], ["306", "305"])
+        alice.send("MODE #games", "MODE alice", "MODE #games b")
+        self.assertEqual([alice.read().command for _ in range(3)], ["324", "221", "368"])
+        alice.send("NICK alicia")
+        renamed, _ = alice.read_until(is_irc("NICK"))
+        self.assertEqual((renamed.nick, renamed.params), ("alice", ["alicia"]))
+        self.assertEqual(bob.read_until(is_kind("renamed"))[0]["name"], "alicia")
+        alice.send("PART #games")
+        part, _ = alice.read_until(is_irc("PART"))
+        self.assertEqual((part.nick, part.params), ("alicia", ["#games"]))
+        self.assertEqual(summary(bob.read_until(is_kind("left", room="games"))[0], "name", "reason"),
+                         ("alicia", "part"))
+        alice.send("JOIN 0")
+        part, _ = alice.read_until(is_irc("PART"))
+        self.assertEqual(part.params, ["#general"])
+
+    def test_operators_show_with_at_and_kick_and_ban_through_irc(self):
+        hub = unlimited_hub()
+        hub.moderation.add_operator("boss")
+        self.start_server(hub=hub)
+        boss = self.irc("boss", password="boss-secret-token")  # PASS on a chat with no password: the identity
+        self.assertIn("@boss", self.names_of(boss, "#general"))
+        bob = self.join("bob")
+        mallory = self.join("mallory", identity="mallory-token")
+        boss.send("KICK #general bob :stop that")
+        quit_line, _ = boss.read_until(is_irc("QUIT"))
+        self.assertEqual((quit_line.nick, quit_line.params[0]), ("bob", "bob was kicked by boss: stop that"))
+        self.assertEqual(summary(bob.read_until(is_kind("bye"))[0], "reason"), ("kicked",))
+        boss.send("MODE #general +b mallory!*@*")
+        boss.read_until(lambda line: line.command == "QUIT" and line.nick == "mallory")
+        again = self.connect()
+        again.send({"type": "hello", "name": "mallory", "version": 1, "identity": "mallory-token"})
+        self.assertEqual(summary(again.read_frame(), "type", "code"), ("error", "banned"))
+        boss.send("MODE #general -b mallory!*@*")
+        boss.read_until(is_irc("NOTICE", "*"))
+        boss.send("MODE #general +o nobody")
+        self.assertEqual(boss.read().command, "401")
+
+    def test_a_lost_irc_user_takes_the_nick_back_silently(self):
+        self.start_server(hub=localchat.ChatHub("lab", resume_grace_s=30, limits=localchat.Limits(
+            messages_per_s=0, kbytes_per_s=0)))
+        bob = self.join("bob")
+        alice = self.irc("alice")
+        alice.send("JOIN #games")
+        alice.read_until(is_irc("366", "alice", "#games"))
+        bob.read_until(is_kind("joined", name="alice"))
+        alice.sock.shutdown(socket.SHUT_RDWR)  # the network went away: no QUIT
+        alice.close()
+        bob.say("while alice was away")
+        again = self.irc()
+        again.send("NICK alice", "USER alice 0 * :A")
+        lines = []
+        for _ in range(60):
+            line = again.read()
+            lines.append(line)
+            if line.command == "366" and line.params[1] == "#games":
+                break
+        self.assertEqual([line.command for line in lines if line.command in ("001", "433")], ["001"])
+        self.assertEqual(sorted(line.params[0] for line in lines if line.command == "JOIN"), ["#games", "#general"])
+        bob.say("welcome back")
+        self.assertEqual(again.read_until(is_irc("PRIVMSG"))[0].params[1], "welcome back")
+        bob.send({"type": "ping", "token": "sync"})
+        _, between = bob.read_until(is_kind("pong"))
+        self.assertEqual([frame["type"] for frame in between if frame["type"] in ("left", "joined")], [])
+        other = self.irc()  # from the same address, but with a client identity the lost user did not have
+        other.send("PASS some-identity", "NICK bob", "USER b 0 * :B")
+        self.assertEqual(other.read().command, "433")
+
+    def test_password_in_clear_is_refused_unless_allowed_and_checked_when_it_is(self):
+        self.start_server(hub=localchat.ChatHub("lab", password="sesame"))
+        refused = self.irc()
+        refused.send("PASS sesame", "NICK alice", "USER a 0 * :A")
+        reply = refused.read()
+        self.assertEqual(reply.command, "464")
+        self.assertIn("in clear", reply.params[-1])
+        self.assertEqual(refused.read().command, "ERROR")
+        self.assertIsNone(refused.read())
+        self.server.clear_passwords = True  # --allow-clear-passwords
+        wrong = self.irc()
+        wrong.send("PASS open", "NICK alice", "USER a 0 * :A")
+        self.assertEqual([wrong.read().command, wrong.read().command], ["464", "ERROR"])
+        missing = self.irc()
+        missing.send("NICK alice", "USER a 0 * :A")
+        self.assertEqual(missing.read().command, "464")
+        self.irc("alice", password="sesame")
+
+    def test_tls_carries_irc_and_its_password(self):
+        self.start_server(hub=localchat.ChatHub("lab", password="sesame"), tls_context=tls_server_context())
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        sock = context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S))
+        alice = self.irc("alice", password="sesame", sock=sock)
+        alice.send("PRIVMSG #general :over TLS")
+        alice.send("PING :x")
+        self.assertEqual(alice.read_until(is_irc("PONG"))[0].params, ["localchat", "x"])
+
+    def test_a_direct_message_from_the_window_reaches_irc_with_the_nick_as_target(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob.b")
+        alice = self.irc("alice", caps=("server-time",))
+        bob.say("psst", to="alice")
+        message, _ = alice.read_until(is_irc("PRIVMSG"))
+        self.assertEqual((message.nick, message.params), ("bob|b", ["alice", "psst"]))
+        alice.send("PRIVMSG bob|b :hi back")
+        frame, _ = bob.read_until(from_other("bob.b"))
+        self.assertEqual(summary(frame, "from", "to", "text"), ("alice", "bob.b", "hi back"))
+
+
+class TextDoorClient:
+    """The text door's side of DoorContract: a person at nc."""
+
+    LINE = re.compile(r"^\[[\d:\- ]+\] (?:#(\S+) <([^>]+)> |\[([^ ]+) -> [^\]]+\] )(.*)$")
+
+    def __init__(self, client, name):
+        self.client = client
+        client.read_until_text(lambda line: "Type your name" in line)
+        client.send(name)
+        client.read_until_text(lambda line: "/help lists the commands" in line)
+
+    def say(self, text, room=None):
+        if room:
+            self.client.send("/join " + room)
+        self.client.send(text)
+
+    def say_to(self, name, text):
+        self.client.send("/msg %s %s" % (name, text))
+
+    def join_room(self, room):
+        self.client.send("/join " + room)
+        self.client.read_until_text(lambda line: "You are in #%s" % room in line)
+
+    def next_message(self):
+        line, _ = self.client.read_until_text(self.LINE.match)
+        room, sender, direct_sender, text = self.LINE.match(line).groups()
+        return sender or direct_sender, room, text
+
+    def send_bad_frame(self):
+        self.client.send_raw(b"\xff\xfe not utf-8 \xc3\r\n")
+        line, _ = self.client.read_until_text(is_refusal)
+        return "UTF-8" in line
+
+    def quit(self):
+        self.client.send("/quit")
+        self.client.read_until_text(lambda line: "Goodbye" in line)
+
+
+def is_refusal(line):
+    """Return True for a line of the text door that says something was refused ("[12:00:00] ! ...")."""
+    return re.match(r"^(\[[^]]*\] )?! ", line) is not None
+
+
+def from_other(name):
+    """Return a predicate for messages that somebody other than name sent."""
+    return lambda frame: is_message(frame) and frame["from"] != name
+
+
+class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
+    """People at nc or telnet: a prompt for a name, lines, /commands, events as readable lines."""
+
+    door = localchat.TextDoor
+    echoes_own = False
+
+    def door_client(self, name):
+        return TextDoorClient(self.nc(), name)
+
+    def nc(self, sock=None):
+        client = LineClient(self.address, sock)
+        self.clients.append(client)
+        return client
+
+    def test_a_silent_connection_is_asked_for_a_name_after_about_two_seconds(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        started = time.monotonic()
+        person = self.nc()
+        prompt, _ = person.read_until_text(lambda line: True)
+        waited = time.monotonic() - started
+        self.assertIn("Type your name and press Enter", prompt)
+        self.assertGreater(waited, localchat.SILENT_PROMPT_S - 0.2)
+        self.assertLess(waited, localchat.SILENT_PROMPT_S + 1.5)
+        person.send("carol")
+        welcome, _ = person.read_until_text(lambda line: "Welcome, carol!" in line)
+        self.assertRegex(welcome, r"^\[\d\d:\d\d:\d\d\] \* Welcome, carol!$")
+        room, _ = person.read_until_text(lambda line: "You are in #general" in line)
+        self.assertIn("bob, carol", room)
+        bob.say("hello carol")
+        line, _ = person.read_until_text(lambda line: "hello carol" in line)
+        self.assertRegex(line, r"^\[\d\d:\d\d:\d\d\] #general <bob> hello carol$")
+        person.send("hello bob")
+        self.assertEqual(summary(bob.read_until(from_other("bob"))[0], "from", "text"), ("carol", "hello bob"))
+        person.send("/me waves")
+        self.assertEqual(summary(bob.read_until(is_message)[0], "text", "action"), ("waves", True))
+        person.send("/help")
+        person.read_until_text(lambda line: "/msg NAME TEXT" in line)
+        person.send("/frobnicate")
+        line, _ = person.read_until_text(is_refusal)
+        self.assertIn("Unknown command /frobnicate", line)
+        person.send("/msg bob just you")
+        self.assertEqual(summary(bob.read_until(is_message)[0], "to", "text"), ("bob", "just you"))
+        person.assert_silent()  # one's own messages are on one's screen already: no echo
+
+    def test_lf_crlf_and_telnet_option_bytes_all_work(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        telnet = self.nc()
+        # What telnet sends when it connects to a port that says nothing: option negotiation first
+        telnet.send_raw(b"\xff\xfd\x03\xff\xfb\x18\xff\xfa\x18\x00xterm\xff\xf0")
+        telnet.read_until_text(lambda line: "Type your name" in line)
+        telnet.send_raw(b"dave\r\n")
+        telnet.read_until_text(lambda line: "/help lists" in line)
+        telnet.send_raw(b"with crlf\r\nwith lf\nsplit \xff\xf4 by an interrupt\r\n")
+        got = texts([bob.read_until(is_message)[0] for _ in range(3)])
+        self.assertEqual(got, ["with crlf", "with lf", "split  by an interrupt"])
+
+    def test_a_long_line_is_refused_with_a_sentence_and_the_next_one_goes(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        person = self.nc()
+        person.send("erin")
+        person.read_until_text(lambda line: "/help lists" in line)
+        person.send_raw(b"z" * (localchat.TEXT_MAX_LINE_BYTES + 10) + b"\nshort one\n")
+        line, _ = person.read_until_text(is_refusal)
+        self.assertIn("longer than %d bytes" % localchat.TEXT_MAX_LINE_BYTES, line)
+        frame, _ = bob.read_until(is_message)
+        self.assertEqual(frame["text"], "short one")
+
+    def test_a_taken_name_is_asked_for_again(self):
+        self.start_server(hub=unlimited_hub())
+        self.join("bob")
+        person = self.nc()
+        person.send("BOB")
+        line, _ = person.read_until_text(is_refusal)
+        self.assertIn("already taken", line)
+        person.send("not a name")
+        line, _ = person.read_until_text(is_refusal)
+        self.assertIn("without spaces", line)
+        person.send("bobby")
+        person.read_until_text(lambda line: "Welcome, bobby!" in line)
+
+    def test_a_password_is_asked_for_over_tls_and_refused_in_clear(self):
+        self.start_server(hub=localchat.ChatHub("lab", password="sesame"))
+        clear = self.nc()
+        clear.send("frank")
+        line, _ = clear.read_until_text(is_refusal)
+        self.assertIn("unencrypted", line.replace("in clear", "unencrypted"))
+        self.assertIsNone(clear.read_raw_line())
+        self.server.stop()
+        self.server_thread.join(THREAD_END_S)
+        self.start_server(hub=localchat.ChatHub("lab", password="sesame"), tls_context=tls_server_context())
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        person = self.nc(context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S)))
+        person.read_until_text(lambda line: "Type your name" in line)  # asked although TLS spoke first
+        person.send("frank")
+        person.read_until_text(lambda line: "password" in line)
+        person.send("sesame")
+        person.read_until_text(lambda line: "Welcome, frank!" in line)
+
+    def test_openssl_s_client_joins_a_tls_server(self):
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            self.skipTest("the openssl command is not installed")
+        self.start_server(hub=unlimited_hub(), tls_context=tls_server_context())
+        process = subprocess.Popen([openssl, "s_client", "-quiet", "-connect", "%s:%d" % self.address],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.stdin.close)
+        self.addCleanup(process.wait, PROCESS_TIMEOUT_S)
+        self.addCleanup(process.kill)
+        reader = LineClient(None, sock=_PipeSocket(process.stdout))
+        reader.read_until_text(lambda line: "Type your name" in line)
+        process.stdin.write(b"gina\nhello over tls\n/quit\n")
+        process.stdin.flush()
+        reader.read_until_text(lambda line: "Welcome, gina!" in line)
+        reader.read_until_text(lambda line: "Goodbye" in line)
+
+
+class _PipeSocket:
+    """Just enough of a socket over a subprocess's stdout pipe for LineClient to read it (POSIX select)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.timeout = pipe, None
+
+    def settimeout(self, timeout):
+        self.timeout = timeout
+
+    def recv(self, size):
+        readable, _, _ = select.select([self.pipe], [], [], self.timeout)
+        if not readable:
+            raise socket.timeout()
+        return os.read(self.pipe.fileno(), size)
+
+    def close(self):
+        self.pipe.close()
 
 
 class ConversationServerTests(ServerFixture, unittest.TestCase):

@@ -3106,6 +3106,88 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         self.assertEqual(summary(frame, "from", "to", "text"), ("alice", "bob.b", "hi back"))
 
 
+class LineDoorHostileTests(IrcTestsBase, unittest.TestCase):
+    """Random and hostile lines on the IRC and text doors: answers or a close, never harm to others."""
+
+    SEED = 1106
+    CONNECTIONS = 40
+    IRC_WORDS = ["PRIVMSG", "NOTICE", "JOIN", "PART", "MODE", "TOPIC", "NAMES", "WHO", "WHOIS", "KICK", "NICK",
+                 "USER", "PASS", "CAP", "LIST", "AWAY", "ISON", "USERHOST", "QUIT", "PING", "PONG", "OPER", "FOO",
+                 "privmsg", "WHOWAS", "MOTD", "LUSERS", "VERSION", "TIME"]
+    PARAMS = ["#general", "#", "#a,#b,#c", "0", "*", "", ":", "::x", ":\x01ACTION x\x01", "\x01", "+o", "-b",
+              "+b *!*@127.0.0.1", "alice", "a" * 40, "é" * 30, "#" + "g" * 40, "LS", "REQ", ":echo-message x",
+              "END", "\t", "x\x00y", "+bbbbbbbbbbbb", "normal", ":hi there", "fuzz|y", "`1"]
+
+    def random_irc_line(self, rng):
+        kind = rng.random()
+        if kind < 0.05:
+            return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 80)))
+        if kind < 0.08:
+            return b"PRIVMSG #general :" + b"x" * rng.randint(490, 900)
+        if kind < 0.1:
+            return b"@" + b"t=" * rng.randint(1, 3000) + b" PING :tagged"
+        words = [rng.choice(self.IRC_WORDS)] + [rng.choice(self.PARAMS) for _ in range(rng.randint(0, 5))]
+        return " ".join(words).encode("utf-8")
+
+    def random_text_line(self, rng):
+        kind = rng.random()
+        if kind < 0.1:
+            return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 80)))
+        words = [rng.choice(["/join", "/msg", "/me", "/nick", "/topic", "/kick", "/ban", "/away", "/back", "/rooms",
+                             "/users", "/leave", "//x", "hello", "/help", "/quit"])]
+        return " ".join(words + [rng.choice(self.PARAMS) for _ in range(rng.randint(0, 3))]).encode("utf-8")
+
+    def test_random_lines_get_answers_or_a_close_and_never_disturb_others(self):
+        self.start_server(hub=localchat.ChatHub("hostile", resume_grace_s=0.2))
+        normal = self.join("normal")
+        watcher = self.irc("watcher")
+        rng = random.Random(self.SEED)
+        outcomes = collections.Counter()
+        for number in range(self.CONNECTIONS):
+            irc = number % 2 == 0
+            client = LineClient(self.address)
+            try:
+                if irc:
+                    client.send("NICK fz%d" % number, "USER f 0 * :F")
+                else:
+                    client.send("fz%d" % number)
+                lines = [(self.random_irc_line if irc else self.random_text_line)(rng) for _ in range(30)]
+                sentinel = b"PING :sentinel-%d" % number if irc else b"/users"
+                try:
+                    client.send_raw(b"\r\n".join(lines) + b"\r\n" + sentinel + b"\r\n")
+                except OSError:
+                    outcomes["closed while sending"] += 1
+                    continue
+                outcomes[self.answered(client, irc, number)] += 1
+            finally:
+                client.close()
+            ping_started = time.monotonic()
+            normal.send({"type": "ping", "token": "n%d" % number})
+            normal.read_until(is_kind("pong", token="n%d" % number))
+            self.assertLess(time.monotonic() - ping_started, 1.0)
+        self.assertEqual(set(outcomes) - {"answered", "closed with a reason", "closed while sending"}, set(),
+                         outcomes)
+        self.assertGreater(outcomes["answered"], self.CONNECTIONS // 4, outcomes)
+        normal.say("still fine")
+        message, _ = watcher.read_until(lambda line: line.command == "PRIVMSG" and line.params[-1] == "still fine")
+        self.assertEqual(message.nick, "normal")
+
+    def answered(self, client, irc, number):
+        """Read up to the sentinel's answer or the close; say which."""
+        last = None
+        for _ in range(MAX_FRAMES):
+            line = client.read_raw_line(READ_TIMEOUT_S)
+            if line is None:
+                return "closed with a reason" if last is not None and (b"ERROR" in last or b"! " in last) else \
+                    "closed without a reason: %r" % last
+            last = line
+            if irc and line.endswith(b"sentinel-%d" % number) and b" PONG " in line:
+                return "answered"
+            if not irc and b" here: " in line:
+                return "answered"
+        return "no end"
+
+
 class TextDoorClient:
     """The text door's side of DoorContract: a person at nc."""
 

@@ -196,7 +196,9 @@ Server to client:
         and rooms for 60 s: others hear "left" only if it does not come back.
   {"type":"users","users":[...],"away":{...},"ops":[...]}  (with "room" when asked per room)
   {"type":"rooms","rooms":[{"name":"general","users":3,"topic":null}]}
-  {"type":"topic","room":"games","topic":"...","by":"alice"}
+  {"type":"topic","room":"games","topic":"...","by":"alice"}   ("by": somebody set it now;
+        the answer to a question and the room frame carry "set_by" and "set_at" instead,
+        when the topic was set while the server ran)
   {"type":"renamed","old":"alice","name":"alice2"}
   {"type":"away","name":"bob","text":"lunch"}     (text null: back)
   {"type":"history_end","room":"games","count":50,"more":true}
@@ -898,12 +900,13 @@ class Seat:
 class Room:
     """A room: its users in joining order, and its topic."""
 
-    __slots__ = ("name", "members", "topic")
+    __slots__ = ("name", "members", "topic", "topic_set")
 
     def __init__(self, name, topic=None):
         self.name = name
         self.members = {}  # name_key -> User
         self.topic = topic
+        self.topic_set = None  # (who, when) the topic was set while the server ran; not kept across restarts
 
 
 class _Page:
@@ -1226,7 +1229,15 @@ class ChatHub:
     def _room_fields(self, room):
         fields = {"type": "room", "room": room.name, "topic": room.topic,
                   "users": self._names(room.members), "away": self._away(room.members.values())}
+        self._with_topic_set(fields, room)
         return self._with_operators(fields, room.members)
+
+    @staticmethod
+    def _with_topic_set(fields, room):
+        """Add who set the topic and when ("set_by", "set_at"), when it was set while the server ran."""
+        if room.topic and room.topic_set is not None:
+            fields["set_by"], fields["set_at"] = room.topic_set
+        return fields
 
     def _with_operators(self, fields, users_by_key):
         """Add "ops", the operators among these users, when there are any."""
@@ -1245,8 +1256,9 @@ class ChatHub:
             topic = clean_text(topic, MAX_TOPIC_CHARS, "topic").replace("\n", " ") if topic else None
             room.topic = self._topics[name_key(room.name)] = topic
             self.store.save_topic(name_key(room.name), topic)
-            self._deliver_to_room(room, Event({"type": "topic", "room": room.name, "topic": topic,
-                                               "by": user.name, "ts": _now()}))
+            event = Event({"type": "topic", "room": room.name, "topic": topic, "by": user.name, "ts": _now()})
+            room.topic_set = (user.name, event.fields["ts"])
+            self._deliver_to_room(room, event)
 
     def topic(self, seat, room_name):
         """Tell user a room's topic."""
@@ -1255,7 +1267,8 @@ class ChatHub:
             if user is None:  # another connection took this user over, or it left
                 return
             room = self._user_room(user, room_name)
-            user.conn.deliver_locked(Event({"type": "topic", "room": room.name, "topic": room.topic}))
+            fields = {"type": "topic", "room": room.name, "topic": room.topic}
+            user.conn.deliver_locked(Event(self._with_topic_set(fields, room)))
 
     def rooms(self, seat):
         """Tell user which rooms exist, with their sizes and topics."""
@@ -4280,8 +4293,7 @@ class IrcDoor(Door):
         channel = "#" + fields["room"]
         self.channels[name_key(fields["room"])] = fields["room"]
         lines = [irc_line(_irc_mask(self.me), "JOIN", channel)]
-        if fields.get("topic"):
-            lines.append(self._numeric("332", channel, fields["topic"]))
+        lines += self._topic_lines(channel, fields)
         lines += self._names(channel, fields)
         return b"".join(lines)
 
@@ -4349,8 +4361,17 @@ class IrcDoor(Door):
     def _own_topic(self, fields):  # the answer to TOPIC #room
         channel = "#" + fields["room"]
         if fields.get("topic"):
-            return self._numeric("332", channel, fields["topic"])
+            return b"".join(self._topic_lines(channel, fields))
         return self._numeric("331", channel, "No topic is set")
+
+    def _topic_lines(self, channel, fields):
+        """Return 332 with the topic and, when it is known, 333 with who set it and when."""
+        if not fields.get("topic"):
+            return []
+        lines = [self._numeric("332", channel, fields["topic"])]
+        if fields.get("set_by") and isinstance(fields.get("set_at"), (int, float)):
+            lines.append(self._numeric("333", channel, irc_nick(fields["set_by"]), int(fields["set_at"])))
+        return lines
 
     def _own_error(self, fields):
         return b"".join(self._error_lines(fields.get("code"), fields.get("text") or "", fields.get("fatal")))

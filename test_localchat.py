@@ -2976,6 +2976,9 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         self.assertEqual(frame["topic"], "Tonight: chess")
         alice.send("TOPIC #games")
         self.assertEqual(alice.read_until(is_irc("332"))[0].params, ["alice", "#games", "Tonight: chess"])
+        setter = alice.read()
+        self.assertEqual((setter.command, setter.params[:3]), ("333", ["alice", "#games", "alice"]))
+        self.assertLess(abs(int(setter.params[3]) - time.time()), 60)
         alice.send("LIST")
         alice.read_until(is_irc("321"))
         rows = [alice.read(), alice.read()]
@@ -3426,7 +3429,9 @@ class ConversationServerTests(ServerFixture, unittest.TestCase):
             self.assertEqual(summary(client.read_frame(), "type", "room", "topic", "by"),
                              ("topic", "general", "welcome all", "alice"))
         carol.send({"type": "topic", "room": "general"})
-        self.assertEqual(carol.read_frame(), {"type": "topic", "room": "general", "topic": "welcome all"})
+        answer = carol.read_frame()
+        self.assertLess(abs(answer.pop("set_at") - time.time()), 60)  # set while the server ran: who and when
+        self.assertEqual(answer, {"type": "topic", "room": "general", "topic": "welcome all", "set_by": "alice"})
         bob.send({"type": "topic", "room": "general", "topic": None})
         for client in (alice, bob, carol):
             self.assertEqual(summary(client.read_frame(), "topic", "by"), (None, "bob"))

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import unittest
+import zlib
 from pathlib import Path
 from unittest import mock
 
@@ -5668,6 +5669,208 @@ class TappedProxy(CutProxy):
     def bytes_seen(self, way):
         with self._seen_lock:
             return bytes(self.seen[way])
+
+
+ZBARIMG = shutil.which("zbarimg")  # Debian's zbar-tools: a real QR reader for the QR tests
+ZBARIMG_SKIP = "zbarimg not found (apt-get install zbar-tools)"
+QR_URL = "http://192.168.1.7:13333/"
+
+
+def qr_read_format(rows):
+    """Both copies of a symbol's format information, read independently at the standard's positions, MSB first."""
+    size = len(rows)
+    first = [(8, 0), (8, 1), (8, 2), (8, 3), (8, 4), (8, 5), (8, 7), (8, 8),
+             (7, 8), (5, 8), (4, 8), (3, 8), (2, 8), (1, 8), (0, 8)]
+    second = [(size - 1 - i, 8) for i in range(7)] + [(8, size - 8 + i) for i in range(8)]
+    return [int("".join("1" if rows[r][c] else "0" for r, c in spots), 2) for spots in (first, second)]
+
+
+def qr_framed(rows):
+    """The symbol inside a four-module light quiet zone, built here independently."""
+    width = len(rows) + 8
+    return [[False] * width] * 4 + [[False] * 4 + list(row) + [False] * 4 for row in rows] + [[False] * width] * 4
+
+
+def qr_zbarimg(test, png):
+    """The bytes zbarimg reads from a PNG (its trailing newline cut); fails the test if it finds no code."""
+    with tempfile.TemporaryDirectory(prefix="localchat-qr-") as folder:
+        path = os.path.join(folder, "code.png")
+        with open(path, "wb") as file:
+            file.write(png)
+        result = subprocess.run([ZBARIMG, "--quiet", "--raw", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=PROCESS_TIMEOUT_S)
+    test.assertEqual(result.returncode, 0, "zbarimg found no code: %r" % result.stderr)
+    test.assertTrue(result.stdout.endswith(b"\n"), result.stdout)
+    return result.stdout[:-1]
+
+
+class QrTests(unittest.TestCase):
+    """The QR encoder: vectors from ISO/IEC 18004 and its well-known tables, and decoding with zbarimg."""
+
+    def test_reed_solomon_of_the_hello_world_1m_example(self):
+        # The widely published "HELLO WORLD" 1-M example: 16 data codewords, 10 error correction codewords.
+        data = bytes([32, 91, 11, 120, 209, 114, 220, 77, 67, 64, 236, 17, 236, 17, 236, 17])
+        self.assertEqual(list(localchat.qr_error_correction(data, 10)),
+                         [196, 35, 39, 119, 235, 215, 231, 226, 93, 23])
+
+    def test_format_information_of_level_m_matches_the_standard_table(self):
+        expected = ["101010000010010", "101000100100101", "101111001111100", "101101101001011",
+                    "100010111111001", "100000011001110", "100111110010111", "100101010100000"]
+        self.assertEqual([format(localchat.qr_format_bits(mask), "015b") for mask in range(8)], expected)
+
+    def test_version_information_matches_the_standard_table(self):
+        expected = {7: "000111110010010100", 8: "001000010110111100", 21: "010101011010000011",
+                    40: "101000110001101001"}
+        for version, bits in expected.items():
+            self.assertEqual(format(localchat.qr_version_bits(version), "018b"), bits, version)
+
+    def test_alignment_positions_match_the_standard_table(self):
+        expected = {1: [], 2: [6, 18], 7: [6, 22, 38], 14: [6, 26, 46, 66], 32: [6, 34, 60, 86, 112, 138],
+                    36: [6, 24, 50, 76, 102, 128, 154], 40: [6, 30, 58, 86, 114, 142, 170]}
+        for version, positions in expected.items():
+            self.assertEqual(localchat.qr_alignment_positions(version), positions, version)
+
+    def test_byte_capacities_at_level_m_match_the_standard_table(self):
+        expected = {1: 14, 2: 26, 3: 42, 4: 62, 5: 84, 6: 106, 7: 122, 9: 180, 10: 213, 11: 251,
+                    20: 666, 27: 1125, 40: 2331}
+        for version, capacity in expected.items():
+            self.assertEqual(localchat.qr_byte_capacity(version), capacity, version)
+
+    def test_block_structure_matches_the_standard_table(self):
+        # ISO/IEC 18004 table 9, level M: (error correction per block, [(blocks, data codewords each)]).
+        expected = {1: (10, [(1, 16)]), 5: (24, [(2, 43)]), 10: (26, [(4, 43), (1, 44)]),
+                    20: (26, [(3, 41), (13, 42)]), 40: (28, [(18, 47), (31, 48)])}
+        for version, (ec, groups) in expected.items():
+            self.assertEqual(localchat.QR_EC_PER_BLOCK_M[version - 1], ec, version)
+            self.assertEqual(localchat.QR_BLOCKS_M[version - 1], sum(count for count, _ in groups), version)
+            self.assertEqual(localchat.qr_data_capacity(version), sum(c * size for c, size in groups), version)
+
+    def test_smallest_version_that_fits_is_chosen(self):
+        for length, version in [(0, 1), (14, 1), (15, 2), (25, 2), (62, 4), (63, 5), (213, 10), (2331, 40)]:
+            self.assertEqual(len(localchat.qr_matrix("a" * length)), 17 + 4 * version, length)
+        self.assertEqual(len(localchat.qr_matrix("\u00e9" * 7)), 21)  # 14 bytes of UTF-8
+        self.assertEqual(len(localchat.qr_matrix("\u00e9" * 8)), 25)
+
+    def test_text_longer_than_version_40_holds_is_a_user_error(self):
+        with self.assertRaisesRegex(localchat.UserError, "2331"):
+            localchat.qr_matrix("a" * 2332)
+
+    def test_data_codewords_of_a_short_byte_mode_text(self):
+        # "hi" at 1-M, worked out by hand: 0100 | 00000010 | 01101000 01101001 | 0000, then EC 11 pads.
+        data = bytes.fromhex("40268690") + b"\xec\x11" * 6
+        self.assertEqual(localchat.qr_codewords(b"hi", 1), data + localchat.qr_error_correction(data, 10))
+
+    def test_blocks_of_version_10_are_interleaved_short_ones_first(self):
+        text = bytes(range(65, 65 + 26)) * 8 + b"abcde"  # 213 bytes: version 10-M exactly full
+        bits = "0100" + format(213, "016b") + "".join(format(b, "08b") for b in text) + "0000"
+        data = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
+        blocks = [data[0:43], data[43:86], data[86:129], data[129:172], data[172:216]]  # 4 x 43, 1 x 44
+        codewords = localchat.qr_codewords(text, 10)
+        self.assertEqual(len(codewords), 346)
+        taken = [codewords[index:215:5] for index in range(5)]
+        taken[4] += codewords[215:216]  # the long block's last data codeword comes after the others'
+        self.assertEqual(taken, blocks)
+        for index, block in enumerate(blocks):
+            self.assertEqual(codewords[216 + index::5], localchat.qr_error_correction(block, 26), index)
+
+    def test_format_information_in_the_symbol_names_level_m_and_the_mask(self):
+        for mask in range(8):
+            rows = localchat.qr_matrix(QR_URL, mask)
+            self.assertEqual(qr_read_format(rows), [localchat.qr_format_bits(mask)] * 2, mask)
+            self.assertTrue(rows[len(rows) - 8][8], "the dark module")
+
+    def test_finder_patterns_and_timing(self):
+        rows = localchat.qr_matrix(QR_URL)
+        size = len(rows)
+        finder = ["1111111", "1000001", "1011101", "1011101", "1011101", "1000001", "1111111"]
+        for top, left in ((0, 0), (0, size - 7), (size - 7, 0)):
+            drawn = ["".join("1" if rows[top + r][left + c] else "0" for c in range(7)) for r in range(7)]
+            self.assertEqual(drawn, finder)
+        self.assertEqual([rows[6][c] for c in range(8, size - 8)], [c % 2 == 0 for c in range(8, size - 8)])
+        self.assertEqual([rows[r][6] for r in range(8, size - 8)], [r % 2 == 0 for r in range(8, size - 8)])
+
+    def test_the_mask_with_the_lowest_penalty_is_chosen(self):
+        for text in ["hi", QR_URL, "x" * 300]:
+            penalties = [localchat.qr_penalty(localchat.qr_matrix(text, mask)) for mask in range(8)]
+            best = penalties.index(min(penalties))
+            self.assertEqual(localchat.qr_matrix(text), localchat.qr_matrix(text, best), text)
+            self.assertGreater(len(set(penalties)), 1, "the masks should score differently")
+
+    def test_penalty_of_an_all_light_symbol_worked_out_by_hand(self):
+        # N1: 42 lines, each one run of 21: 3 + 16. N2: 20 x 20 blocks of 3. N3: none. N4: 0 % dark, 10 steps.
+        rows = [[False] * 21 for _ in range(21)]
+        self.assertEqual(localchat.qr_penalty(rows), 42 * 19 + 400 * 3 + 0 + 100)
+
+    def test_penalty_rules_on_a_checkerboard_worked_out_by_hand(self):
+        def checker():
+            return [[(r + c) % 2 == 0 for c in range(11)] for r in range(11)]
+        self.assertEqual(localchat.qr_penalty(checker()), 0)  # no runs, no blocks, no finders, 61/121 dark
+        rows = checker()
+        rows[0][3] = True  # row 0 becomes 10111010101: a finder-like pattern after the (light) quiet zone
+        self.assertEqual(localchat.qr_penalty(rows), 40)
+        rows = checker()
+        rows[0] = [True] * 11  # one run of 11 in row 0: 3 + 6; no 2x2 block, 66/121 dark is within 5 %
+        self.assertEqual(localchat.qr_penalty(rows), 9)
+        rows = checker()
+        rows[0][1] = rows[1][0] = True  # a dark 2x2 block in the corner and 62/121 dark
+        self.assertEqual(localchat.qr_penalty(rows), 3)
+
+    def test_terminal_drawing_is_the_symbol_in_half_blocks_black_on_white(self):
+        drawing = localchat.qr_terminal(QR_URL)
+        framed = qr_framed(localchat.qr_matrix(QR_URL))
+        lines = drawing.splitlines()
+        self.assertEqual(len(lines), (len(framed) + 1) // 2)
+        halves = {" ": (False, False), "\u2580": (True, False), "\u2584": (False, True), "\u2588": (True, True)}
+        rebuilt = []
+        for line in lines:
+            self.assertTrue(line.startswith("\x1b[30;47;107m") and line.endswith("\x1b[0m"), repr(line))
+            cells = [halves[char] for char in line[len("\x1b[30;47;107m"):-len("\x1b[0m")]]
+            rebuilt += [[top for top, _ in cells], [bottom for _, bottom in cells]]
+        self.assertEqual(rebuilt[:len(framed)], framed)
+        self.assertEqual(rebuilt[len(framed):], [[False] * len(framed)] * (len(rebuilt) - len(framed)))
+
+    def test_png_is_a_valid_grey_image_of_the_framed_symbol(self):
+        png = localchat.qr_png("hi", scale=2)
+        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+        chunks, offset = {}, 8
+        for _ in range(3):
+            length = int.from_bytes(png[offset:offset + 4], "big")
+            kind, body = png[offset + 4:offset + 8], png[offset + 8:offset + 8 + length]
+            self.assertEqual(int.from_bytes(png[offset + 8 + length:offset + 12 + length], "big"),
+                             zlib.crc32(kind + body))
+            chunks[kind], offset = body, offset + 12 + length
+        self.assertEqual(offset, len(png))
+        self.assertEqual(chunks[b"IHDR"], struct.pack(">IIBBBBB", 58, 58, 8, 0, 0, 0, 0))  # (21 + 8) x 2
+        pixels = zlib.decompress(chunks[b"IDAT"])
+        framed = qr_framed(localchat.qr_matrix("hi"))
+        for y in range(58):
+            line = pixels[y * 59:(y + 1) * 59]
+            self.assertEqual(line[0], 0)
+            self.assertEqual([pixel == 0 for pixel in line[1::2]], framed[y // 2], y)
+            self.assertEqual(line[1::2], line[2::2])
+        self.assertEqual(chunks[b"IEND"], b"")
+
+    @unittest.skipUnless(ZBARIMG, ZBARIMG_SKIP)
+    def test_zbarimg_reads_texts_of_several_lengths(self):
+        texts = ["hi", QR_URL, "https://example.org/chat?room=%23general&name=" + "a" * 40,
+                 "LocalChat " * 30, "caf\u00e9 \u00fcber \u20ac \u65e5\u672c\u8a9e \U0001F600 \u0416\u0436"]
+        self.assertGreater(len(texts[3].encode()), 290)
+        for text in texts:
+            self.assertEqual(qr_zbarimg(self, localchat.qr_png(text)).decode("utf-8"), text)
+
+    @unittest.skipUnless(ZBARIMG, ZBARIMG_SKIP)
+    def test_zbarimg_reads_every_mask(self):
+        for mask in range(8):
+            self.assertEqual(qr_zbarimg(self, localchat.qr_png(QR_URL, 4, mask)), QR_URL.encode(), mask)
+
+    @unittest.skipUnless(ZBARIMG, ZBARIMG_SKIP)
+    def test_zbarimg_reads_full_symbols_of_several_versions(self):
+        # Full capacity exercises the last codeword and the remainder bits; 7 and up carry version information.
+        for version in (1, 6, 7, 10, 14, 27, 40):
+            length = localchat.qr_byte_capacity(version)
+            text = ("0123456789abcdefghijklmnopqrstuvwxyz:/." * 60)[:length]
+            png = localchat.qr_png(text, 3)
+            self.assertEqual(qr_zbarimg(self, png).decode(), text, version)
 
 
 def password_hmac(password, nonce):

@@ -18,20 +18,22 @@ Sections:
     7. Certificates: a self-signed one, made with the standard library alone
     8. Encryption: TLS over memory buffers
     9. Transport: outboxes, the writer threads and the send budget
-    10. Sessions and doors: one session per connection, a door per protocol
-    11. Discovery: UDP probes and replies, finding servers on the LAN
-    12. QR codes: the web address for a phone's camera (ISO/IEC 18004)
-    13. Server: accept, threads, shutdown
-    14. Client connection (no Tk)
-    15. Tk window
-    16. Terminal client
-    17. Command line
+    10. Web: the WebSocket handshake and frames (no sockets)
+    11. Sessions and doors: one session per connection, a door per protocol
+    12. Discovery: UDP probes and replies, finding servers on the LAN
+    13. QR codes: the web address for a phone's camera (ISO/IEC 18004)
+    14. Server: accept, threads, shutdown
+    15. Client connection (no Tk)
+    16. Tk window
+    17. Terminal client
+    18. Command line
 """
 
 __version__ = "1.0"
 
 import argparse
 import base64
+import codecs
 import collections
 import datetime
 import errno
@@ -56,6 +58,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 import zlib
 from pathlib import Path
 from typing import Iterable, List, NamedTuple, Sequence
@@ -3377,7 +3380,349 @@ class Transport:
 
 
 # =============================================================================
-# 10. Sessions and doors: one session per connection, a door per protocol
+# 10. Web: the WebSocket handshake and frames (no sockets)
+# =============================================================================
+#
+# The web door's codec, pure and socket-free like the Protocol section: the
+# WebSocket handshake (RFC 6455 section 4) as a check of parsed request headers,
+# server frames, and a WebSocketReader that is fed a client's bytes and returns its
+# messages and control frames, each with the frame to send back. One reader per
+# connection, fed only by that connection's thread.
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3: hashed with the key into the accept value
+WEBSOCKET_VERSION = "13"              # the only version RFC 6455 defines and browsers speak
+WS_MAX_MESSAGE_BYTES = 64 * 1024      # a message, all its fragments together, may be this long; longer gets 1009
+WS_MAX_CONTROL_BYTES = 125            # RFC 6455 5.5: the longest payload of a ping, pong or close
+WS_MAX_REASON_BYTES = 123             # a close frame's reason: the control limit less the two-byte code
+WS_DEFAULT_PORTS = {"http": 80, "https": 443}  # the port an Origin without one means, by scheme
+WS_OP_CONTINUATION = 0x0
+WS_OP_TEXT = 0x1
+WS_OP_BINARY = 0x2
+WS_OP_CLOSE = 0x8
+WS_OP_PING = 0x9
+WS_OP_PONG = 0xA
+WS_CLOSE_NORMAL = 1000                # done
+WS_CLOSE_GOING_AWAY = 1001            # the server stops, or the page is left
+WS_CLOSE_PROTOCOL_ERROR = 1002        # a frame broke RFC 6455
+WS_CLOSE_UNSUPPORTED = 1003           # a kind of message this endpoint does not take (binary, for the chat)
+WS_CLOSE_NO_STATUS = 1005             # reported when a close frame has no code; never sent
+WS_CLOSE_INVALID_DATA = 1007          # a text message that is not UTF-8
+WS_CLOSE_POLICY = 1008                # a message the chat refuses for another reason
+WS_CLOSE_TOO_BIG = 1009               # a message over WS_MAX_MESSAGE_BYTES
+# Codes a peer may send in a close frame: RFC 6455 7.4.1's and those its IANA registry added
+# (1011 to 1014), then 3000-4999 for libraries and applications. 1004-1006 and 1015 are
+# reserved, never sent; the rest up to 2999 is unassigned (Autobahn's cases 7.7 and 7.9 agree).
+_WS_PEER_CLOSE_CODES = frozenset([1000, 1001, 1002, 1003]) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
+_WS_DATA_OPCODES = frozenset([WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY])
+_WS_CONTROL_OPCODES = frozenset([WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG])
+
+
+def websocket_accept(key):
+    """Return the Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    digest = hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+class WebSocketHandshake(NamedTuple):
+    """The answer to a WebSocket upgrade request: 101 with its headers, or a refusal with a sentence."""
+
+    status: int         # 101 Switching Protocols, or the HTTP status of the refusal
+    headers: list       # (name, value) pairs for the response
+    sentence: str = ""  # why it was refused: the response's text and the log's
+
+
+def _ws_header_table(headers):
+    """Return the headers as {lower-case name: [values]}, from a mapping with items() or (name, value) pairs."""
+    table = {}
+    for name, value in (headers.items() if hasattr(headers, "items") else headers):
+        table.setdefault(name.strip().lower(), []).append(value.strip())
+    return table
+
+
+def _ws_tokens(table, name):
+    """Return the lower-case comma-separated tokens of every value of a list header."""
+    return {token.strip().lower() for value in table.get(name, []) for token in value.split(",")}
+
+
+def _ws_single(table, name):
+    """Return a header that must appear once, or None if it is missing or repeated."""
+    values = table.get(name, [])
+    return values[0] if len(values) == 1 else None
+
+
+def _ws_valid_key(key):
+    """Tell whether a Sec-WebSocket-Key is 16 bytes in base64, as RFC 6455 4.1 requires."""
+    if key is None or len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except ValueError:  # binascii.Error and UnicodeEncodeError are both ValueErrors
+        return False
+
+
+def _ws_same_authority(origin, host):
+    """Tell whether an Origin (scheme://host[:port]) names the host and port of a Host header."""
+    try:
+        page = urllib.parse.urlsplit(origin)
+        target = urllib.parse.urlsplit("//" + host)
+        default = WS_DEFAULT_PORTS.get(page.scheme)
+        if default is None or page.hostname is None or "@" in page.netloc or page.path or page.query:
+            return False  # "null", a file: page, an extension, or no origin at all
+        if "@" in target.netloc or target.path or target.query:
+            return False
+        return (page.hostname, page.port or default) == (target.hostname, target.port or default)
+    except ValueError:  # a port that is no number, or out of range
+        return False
+
+
+def _ws_upgrade_refusal(table):
+    """Return the refusal of a request that is no valid WebSocket upgrade, or None if it is one."""
+    if "websocket" not in _ws_tokens(table, "upgrade"):
+        return WebSocketHandshake(426, [("Upgrade", "websocket"), ("Connection", "Upgrade")],
+                                  "This address speaks WebSocket only.")
+    if "upgrade" not in _ws_tokens(table, "connection"):
+        return WebSocketHandshake(400, [], "A WebSocket request must say Connection: Upgrade.")
+    if _ws_single(table, "sec-websocket-version") != WEBSOCKET_VERSION:
+        return WebSocketHandshake(426, [("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
+                                  "This server speaks WebSocket version 13 only.")
+    if not _ws_valid_key(_ws_single(table, "sec-websocket-key")):
+        return WebSocketHandshake(400, [], "Sec-WebSocket-Key must be 16 bytes in base64.")
+    if _ws_single(table, "host") is None:
+        return WebSocketHandshake(400, [], "A WebSocket request must name its Host.")
+    return None
+
+
+def _ws_origin_refusal(table):
+    """Return a 403 refusal when a browser page from another site asks, None otherwise.
+
+    Browsers send Origin with every WebSocket request; a client without one is no
+    browser, so no other site's page can be speaking through it.
+    """
+    if "origin" not in table:
+        return None
+    origin = _ws_single(table, "origin")
+    if origin is None or not _ws_same_authority(origin, _ws_single(table, "host")):
+        return WebSocketHandshake(403, [], "A page from another site may not join this chat.")
+    return None
+
+
+def websocket_handshake(method, headers):
+    """Check a WebSocket upgrade request (RFC 6455 4.2.1) and return the WebSocketHandshake answering it.
+
+    `headers` is a mapping with items() (an http.client.HTTPMessage, a dict) or a
+    list of (name, value) pairs. Every extension offered is declined (the answer
+    names none, so permessage-deflate is off) and no subprotocol is chosen.
+    """
+    if method != "GET":
+        return WebSocketHandshake(405, [("Allow", "GET")], "A WebSocket upgrade must use GET.")
+    table = _ws_header_table(headers)
+    refusal = _ws_upgrade_refusal(table) or _ws_origin_refusal(table)
+    if refusal is not None:
+        return refusal
+    accept = websocket_accept(table["sec-websocket-key"][0])
+    return WebSocketHandshake(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                    ("Sec-WebSocket-Accept", accept)])
+
+
+def websocket_frame(opcode, payload, fin=True):
+    """Return one server frame: unmasked, its length in 7, 16 or 64 bits (RFC 6455 5.2).
+
+    Raises ValueError for a control frame over 125 bytes, which no peer may accept.
+    """
+    length = len(payload)
+    if opcode in _WS_CONTROL_OPCODES and length > WS_MAX_CONTROL_BYTES:
+        raise ValueError("a WebSocket control frame carries at most 125 bytes")
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if length < 126:
+        return head + bytes([length]) + payload
+    if length < 1 << 16:
+        return head + bytes([126]) + length.to_bytes(2, "big") + payload
+    return head + bytes([127]) + length.to_bytes(8, "big") + payload
+
+
+def websocket_close_frame(code=None, reason=""):
+    """Return a close frame with a code and a reason cut to 123 bytes of UTF-8; no code, no payload."""
+    if code is None:
+        return websocket_frame(WS_OP_CLOSE, b"")
+    reason_bytes = reason.encode("utf-8")[:WS_MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    return websocket_frame(WS_OP_CLOSE, code.to_bytes(2, "big") + reason_bytes)
+
+
+def _ws_unmask(payload, mask):
+    """Return the payload XORed with the four-byte mask repeated (one big-integer XOR, not a byte loop)."""
+    if not payload:
+        return b""
+    key = (mask * (len(payload) // 4 + 1))[:len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
+
+
+def _ws_close_payload(payload):
+    """Return (code, reason) of a close frame's payload: (1005, "") when empty; ProtocolError when invalid."""
+    if not payload:
+        return WS_CLOSE_NO_STATUS, ""
+    code = int.from_bytes(payload[:2], "big")
+    if len(payload) == 1 or code not in _WS_PEER_CLOSE_CODES:
+        raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "The close frame's code is not one a peer may send.")
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(WS_CLOSE_INVALID_DATA, "The close frame's reason is not UTF-8.") from None
+
+
+class WebSocketEvent(NamedTuple):
+    """What a WebSocketReader found in a client's bytes, and the frame to send back for it."""
+
+    kind: str            # "text", "binary", "ping", "pong", "close" (the peer's) or "fail" (a violation)
+    data: object = b""   # str for text, bytes for binary, ping and pong
+    code: int = 0        # close and fail: the close code (1005 when the peer's close had none)
+    reason: str = ""     # close and fail: the reason, for the log
+    reply: bytes = b""   # the frame to send now (a pong, the close echo, the failure's close), or b""
+
+
+class _WsHeader(NamedTuple):
+    """A frame's header, read before its payload has arrived."""
+
+    fin: bool
+    opcode: int
+    length: int     # payload bytes
+    size: int       # header bytes, mask included
+
+
+class WebSocketReader:
+    """Cuts a client's bytes into WebSocket messages and control frames (RFC 6455), with no socket.
+
+    feed() returns WebSocketEvents: send each one's reply, then act on it. After a
+    "close" or "fail" event the reader is closed: feed() ignores everything, and
+    the connection should be closed once the reply is out (the server closes TCP
+    first). Runs on the connection's reader thread only.
+    """
+
+    def __init__(self, max_message_bytes=WS_MAX_MESSAGE_BYTES):
+        self.max_message_bytes = max_message_bytes
+        self.closing = False    # a close frame of ours is out: nothing more may be sent
+        self.closed = False     # the close handshake is over or the connection failed
+        self._buffer = bytearray()
+        self._opcode = None     # the data opcode of the message being reassembled, None between messages
+        self._parts = []        # its fragments: bytes, or str for text decoded so far
+        self._size = 0          # its bytes so far
+        self._decoder = None    # text: an incremental UTF-8 decoder, so that bad text fails at its fragment
+
+    def begin_close(self, code=WS_CLOSE_GOING_AWAY, reason=""):
+        """Return the close frame that starts the server's side of the close handshake, or b"" if one went out."""
+        if self.closing:
+            return b""
+        self.closing = True
+        return websocket_close_frame(code, reason)
+
+    def feed(self, data):
+        """Take the bytes that arrived and return the events of every frame they complete."""
+        if self.closed:
+            return []
+        self._buffer += data
+        events = []
+        try:
+            for _ in range(len(self._buffer) // 2 + 1):  # a frame takes two bytes at least: bounded
+                header = None if self.closed else self._header()
+                if header is None or len(self._buffer) < header.size + header.length:
+                    break
+                events.extend(self._frame(header))
+        except ProtocolError as error:
+            events.append(self._fail(error.code, error.text))
+        return events
+
+    def _fail(self, code, reason):
+        """Return the event that fails the connection: our close frame with the code, and nothing after it."""
+        reply = self.begin_close(code, reason)
+        self.closed = True
+        self._buffer = bytearray()
+        return WebSocketEvent("fail", code=code, reason=reason, reply=reply)
+
+    def _header(self):
+        """Return the next frame's header once it is all in, None before; ProtocolError if it breaks a rule."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return None
+        self._check_bits(buffer[0], buffer[1])
+        fin, opcode, length = bool(buffer[0] & 0x80), buffer[0] & 0x0F, buffer[1] & 0x7F
+        extra = {126: 2, 127: 8}.get(length, 0)  # the 16- and 64-bit lengths that follow
+        if len(buffer) < 2 + extra:
+            return None
+        if extra:
+            length = int.from_bytes(buffer[2:2 + extra], "big")
+        if length >> 63:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame's 64-bit length has its top bit set.")
+        self._check_order(opcode, length)
+        return _WsHeader(fin, opcode, length, 2 + extra + 4)
+
+    @staticmethod
+    def _check_bits(first, second):
+        """Refuse reserved bits and opcodes, an unmasked frame, and a fragmented or long control frame."""
+        opcode = first & 0x0F
+        if first & 0x70:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame set reserved bits, and no extension was agreed.")
+        if opcode not in _WS_DATA_OPCODES and opcode not in _WS_CONTROL_OPCODES:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame has the reserved opcode %d." % opcode)
+        if not second & 0x80:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A client's frames must be masked.")
+        if opcode in _WS_CONTROL_OPCODES and (not first & 0x80 or second & 0x7F > WS_MAX_CONTROL_BYTES):
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A control frame must be whole and at most 125 bytes.")
+
+    def _check_order(self, opcode, length):
+        """Refuse a data frame out of order, or one that makes its message too long before its payload comes."""
+        if opcode in _WS_CONTROL_OPCODES:
+            return
+        if opcode == WS_OP_CONTINUATION and self._opcode is None:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A continuation frame came with no message to continue.")
+        if opcode != WS_OP_CONTINUATION and self._opcode is not None:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A new message began before the last one ended.")
+        if self._size + length > self.max_message_bytes:
+            raise ProtocolError(WS_CLOSE_TOO_BIG, "A message is longer than %d bytes." % self.max_message_bytes)
+
+    def _frame(self, header):
+        """Take one whole frame off the buffer and return its events."""
+        start, end = header.size, header.size + header.length
+        payload = _ws_unmask(bytes(self._buffer[start:end]), bytes(self._buffer[start - 4:start]))
+        del self._buffer[:end]
+        if header.opcode in _WS_CONTROL_OPCODES:
+            return [self._control(header.opcode, payload)]
+        return self._data(header, payload)
+
+    def _data(self, header, payload):
+        """Add a data frame to its message; return the message's event when this frame ends it."""
+        if header.opcode != WS_OP_CONTINUATION:
+            self._opcode = header.opcode
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if header.opcode == WS_OP_TEXT else None
+        self._size += len(payload)
+        self._parts.append(self._decoded(payload, header.fin) if self._decoder else payload)
+        if not header.fin:
+            return []
+        kind = "text" if self._opcode == WS_OP_TEXT else "binary"
+        data = ("" if kind == "text" else b"").join(self._parts)
+        self._opcode, self._parts, self._size, self._decoder = None, [], 0, None
+        return [WebSocketEvent(kind, data)]
+
+    def _decoded(self, payload, final):
+        """Return a text fragment decoded so far; a bad sequence fails here, not at the message's end."""
+        try:
+            return self._decoder.decode(payload, final)
+        except UnicodeDecodeError:
+            raise ProtocolError(WS_CLOSE_INVALID_DATA, "A text message is not UTF-8.") from None
+
+    def _control(self, opcode, payload):
+        """Return the event of a ping, a pong or a close; after a close the reader takes nothing more."""
+        if opcode == WS_OP_PING:
+            pong = b"" if self.closing else websocket_frame(WS_OP_PONG, payload)
+            return WebSocketEvent("ping", payload, reply=pong)
+        if opcode == WS_OP_PONG:
+            return WebSocketEvent("pong", payload)
+        code, reason = _ws_close_payload(payload)
+        reply = self.begin_close(None if code == WS_CLOSE_NO_STATUS else code)  # the echo, if ours is not out
+        self.closed = True
+        return WebSocketEvent("close", code=code, reason=reason, reply=reply)
+
+
+# =============================================================================
+# 11. Sessions and doors: one session per connection, a door per protocol
 # =============================================================================
 #
 # A Session handles one connection whatever it speaks: the TLS sniff, bounded
@@ -3831,7 +4176,7 @@ class Session(socketserver.BaseRequestHandler):
 
 
 # =============================================================================
-# 11. Discovery: UDP probes and replies, finding servers on the LAN
+# 12. Discovery: UDP probes and replies, finding servers on the LAN
 # =============================================================================
 #
 # A server's DiscoveryResponder answers probes on its own "discovery" thread;
@@ -4294,7 +4639,7 @@ def _short_fingerprint(fingerprint):
 
 
 # =============================================================================
-# 12. QR codes: the web address for a phone's camera (ISO/IEC 18004)
+# 13. QR codes: the web address for a phone's camera (ISO/IEC 18004)
 # =============================================================================
 #
 # qr_matrix() makes the symbol: byte mode (UTF-8), error correction level M, the
@@ -4689,7 +5034,7 @@ def qr_png(text, scale=QR_PNG_SCALE, mask=None):
 
 
 # =============================================================================
-# 13. Server: accept, threads, shutdown
+# 14. Server: accept, threads, shutdown
 # =============================================================================
 #
 # ChatServer accepts on the thread running serve_forever() and gives every
@@ -5146,7 +5491,7 @@ def run_server(args):
 
 
 # =============================================================================
-# 14. Client connection (no Tk)
+# 15. Client connection (no Tk)
 # =============================================================================
 #
 # ChatConnection is what both clients use: connect and hello on the caller's
@@ -5788,7 +6133,7 @@ def load_identity():
 
 
 # =============================================================================
-# 15. Tk window
+# 16. Tk window
 # =============================================================================
 #
 # ChatWindow runs on the Tk thread only. The connection's threads put frames on
@@ -6905,7 +7250,7 @@ def run_window(args):
 
 
 # =============================================================================
-# 16. Terminal client
+# 17. Terminal client
 # =============================================================================
 #
 # A line client for terminals and scripts. The main thread owns stdout; a stdin
@@ -7131,7 +7476,7 @@ def run_cli(args):
 
 
 # =============================================================================
-# 17. Command line
+# 18. Command line
 # =============================================================================
 
 DESCRIPTION = """\

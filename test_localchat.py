@@ -8,11 +8,13 @@ bounded in count and time. No traffic goes anywhere but the loopback interface.
 """
 
 import ast
+import base64
 import collections
 import datetime
 import gc
 import hashlib
 import hmac
+import http.client
 import io
 import ipaddress
 import json
@@ -4862,6 +4864,251 @@ DISCOVERY_STOP_LIMIT_S = 1.0             # stop() ends the responder's thread wi
 # Targets Python refuses before any lookup: no DNS query may leave this computer.
 DISCOVERY_UNSENDABLE_TARGETS = ["127.0.0.1\0x", "\xe9" * 64]
 DISCOVERY_FINGERPRINT = ":".join(["AB", "CD"] + ["0F"] * 29 + ["12"])  # 32 pairs, as SHA-256 gives
+
+
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 1.3's example key
+WS_MASK = b"\x37\xfa\x21\x3d"        # RFC 6455 5.7's example masking key
+
+
+def ws_client_frame(opcode, payload, fin=True, mask=WS_MASK, rsv=0, length=None):
+    """A client frame built here independently of localchat: masked unless mask is None; `length` forces the field."""
+    length = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    mask_bit = 0x80 if mask is not None else 0
+    if length < 126:
+        head += bytes([mask_bit | length])
+    elif length < 1 << 16:
+        head += bytes([mask_bit | 126]) + struct.pack(">H", length)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack(">Q", length)
+    if mask is None:
+        return head + payload
+    return head + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+
+
+def ws_close_payload(code, reason=b""):
+    return struct.pack(">H", code) + reason
+
+
+def ws_request(**changes):
+    """A browser's upgrade request headers as (name, value) pairs; a change of None leaves the header out."""
+    headers = {"Host": "192.168.1.7:13333", "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": WS_KEY, "Sec-WebSocket-Version": "13", "Origin": "http://192.168.1.7:13333"}
+    for name, value in changes.items():
+        headers[name.replace("_", "-")] = value
+    return [(name, value) for name, value in headers.items() if value is not None]
+
+
+class WebSocketCodecTests(unittest.TestCase):
+    """The WebSocket handshake, server frames and the reader of client frames (RFC 6455), with no sockets."""
+
+    def feed_all(self, reader, *frames):
+        events = []
+        for frame in frames:
+            events += reader.feed(frame)
+        return events
+
+    def assert_fails(self, code, *frames):
+        reader = localchat.WebSocketReader()
+        events = self.feed_all(reader, *frames)
+        self.assertEqual([(event.kind, event.code) for event in events][-1:], [("fail", code)], events)
+        self.assertEqual(events[-1].reply[:4], bytes([0x88, events[-1].reply[1]]) + struct.pack(">H", code))
+        self.assertTrue(reader.closed)
+        self.assertEqual(reader.feed(ws_client_frame(1, b"after")), [])
+        return events
+
+    def test_accept_value_of_the_rfc_example(self):
+        self.assertEqual(localchat.websocket_accept(WS_KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+    def test_handshake_accepts_a_browser_of_the_same_origin(self):
+        answer = localchat.websocket_handshake("GET", ws_request())
+        self.assertEqual(answer.status, 101)
+        self.assertEqual(answer.headers, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                          ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")])
+
+    def test_handshake_reads_headers_parsed_by_http_client(self):
+        raw = b"".join(b"%s: %s\r\n" % (n.lower().encode(), v.encode()) for n, v in ws_request()) + b"\r\n"
+        answer = localchat.websocket_handshake("GET", http.client.parse_headers(io.BytesIO(raw)))
+        self.assertEqual(answer.status, 101)
+
+    def test_handshake_declines_every_extension(self):
+        answer = localchat.websocket_handshake("GET", ws_request(
+            Sec_WebSocket_Extensions="permessage-deflate; client_max_window_bits", Sec_WebSocket_Protocol="chat"))
+        self.assertEqual(answer.status, 101)
+        names = [name.lower() for name, _ in answer.headers]
+        self.assertNotIn("sec-websocket-extensions", names)
+        self.assertNotIn("sec-websocket-protocol", names)
+
+    def test_handshake_takes_list_headers_in_any_case_and_order(self):
+        answer = localchat.websocket_handshake("GET", ws_request(Upgrade="WebSocket", Connection="keep-alive, Upgrade"))
+        self.assertEqual(answer.status, 101)
+
+    def test_handshake_refusals(self):
+        cases = [
+            ("POST", ws_request(), 405), ("GET", ws_request(Upgrade=None), 426),
+            ("GET", ws_request(Upgrade="h2c"), 426), ("GET", ws_request(Connection="keep-alive"), 400),
+            ("GET", ws_request(Sec_WebSocket_Version="8"), 426), ("GET", ws_request(Sec_WebSocket_Version=None), 426),
+            ("GET", ws_request(Sec_WebSocket_Key=None), 400),
+            ("GET", ws_request(Sec_WebSocket_Key="not base64 at all!!!!!!!"), 400),
+            ("GET", ws_request(Sec_WebSocket_Key=base64.b64encode(b"x" * 15).decode()), 400),
+            ("GET", ws_request(Sec_WebSocket_Key="d\u00e9hlIHNhbXBsZSBub25jZQ=="), 400),
+            ("GET", ws_request() + [("Sec-WebSocket-Key", WS_KEY)], 400),
+            ("GET", ws_request(Host=None, Origin=None), 400),
+        ]
+        for method, headers, status in cases:
+            answer = localchat.websocket_handshake(method, headers)
+            self.assertEqual(answer.status, status, (method, headers))
+            self.assertTrue(answer.sentence.endswith("."), answer)
+        self.assertIn(("Sec-WebSocket-Version", "13"), localchat.websocket_handshake("GET", cases[4][1]).headers)
+        self.assertIn(("Allow", "GET"), localchat.websocket_handshake("POST", ws_request()).headers)
+
+    def test_handshake_refuses_a_foreign_origin_with_403(self):
+        for origin in ["http://evil.example", "http://192.168.1.7", "http://192.168.1.7:8080", "null",
+                       "http://192.168.1.8:13333", "file://", "chrome-extension://abc", "http://192.168.1.7:99999",
+                       "http://evil@192.168.1.7:13333", "http://192.168.1.7:13333/path"]:
+            answer = localchat.websocket_handshake("GET", ws_request(Origin=origin))
+            self.assertEqual((answer.status, answer.headers), (403, []), origin)
+        answer = localchat.websocket_handshake("GET", ws_request() + [("Origin", "http://evil.example")])
+        self.assertEqual(answer.status, 403)
+
+    def test_handshake_lets_in_the_same_origin_in_any_spelling_and_clients_without_origin(self):
+        for host, origin in [("192.168.1.7:13333", "https://192.168.1.7:13333"), ("Chat.Local", "http://chat.local"),
+                             ("chat.local:80", "http://CHAT.local"), ("chat.local", "https://chat.local:443"),
+                             ("[::1]:13333", "http://[::1]:13333"), ("localhost:13333", None)]:
+            answer = localchat.websocket_handshake("GET", ws_request(Host=host, Origin=origin))
+            self.assertEqual(answer.status, 101, (host, origin))
+
+    def test_server_frames_match_the_rfc_examples(self):
+        frame = localchat.websocket_frame
+        self.assertEqual(frame(localchat.WS_OP_TEXT, b"Hello"), bytes.fromhex("810548656c6c6f"))
+        self.assertEqual(frame(localchat.WS_OP_TEXT, b"Hel", fin=False) + frame(localchat.WS_OP_CONTINUATION, b"lo"),
+                         bytes.fromhex("010348656c") + bytes.fromhex("80026c6f"))
+        self.assertEqual(frame(localchat.WS_OP_PING, b"Hello"), bytes.fromhex("890548656c6c6f"))
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 256)[:4], bytes.fromhex("827e0100"))
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 65536)[:10], bytes.fromhex("827f0000000000010000"))
+        self.assertEqual(len(frame(localchat.WS_OP_BINARY, b"\x01" * 65536)), 65546)
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 125)[:2], bytes.fromhex("827d"))
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 65535)[:4], bytes.fromhex("827effff"))
+        with self.assertRaises(ValueError):
+            frame(localchat.WS_OP_PING, b"x" * 126)
+
+    def test_close_frame_cuts_its_reason_on_a_character_boundary(self):
+        frame = localchat.websocket_close_frame(1001, "\u00e9" * 100)
+        self.assertEqual(frame[:4], bytes([0x88, 2 + 122]) + struct.pack(">H", 1001))
+        self.assertEqual(frame[4:].decode("utf-8"), "\u00e9" * 61)
+        self.assertEqual(localchat.websocket_close_frame(), b"\x88\x00")
+
+    def test_reader_takes_the_rfc_masked_examples_byte_by_byte(self):
+        reader = localchat.WebSocketReader()
+        data = bytes.fromhex("818537fa213d7f9f4d5158") + bytes.fromhex("8a8537fa213d7f9f4d5158")
+        events = self.feed_all(reader, *[data[i:i + 1] for i in range(len(data))])
+        self.assertEqual([(e.kind, e.data, e.reply) for e in events], [("text", "Hello", b""), ("pong", b"Hello", b"")])
+
+    def test_reader_reads_16_and_64_bit_lengths_and_several_frames_at_once(self):
+        reader = localchat.WebSocketReader()
+        big, bigger = bytes(range(256)) * 2, bytes(range(256)) * 256  # 512 bytes, and exactly 64 KiB
+        events = reader.feed(ws_client_frame(2, big) + ws_client_frame(2, bigger) + ws_client_frame(1, b""))
+        self.assertEqual([(e.kind, e.data) for e in events], [("binary", big), ("binary", bigger), ("text", "")])
+
+    def test_unmasked_frame_fails_with_1002(self):
+        self.assert_fails(1002, ws_client_frame(1, b"Hello", mask=None))
+
+    def test_reserved_bits_and_opcodes_fail_with_1002(self):
+        for rsv in (1, 2, 4):
+            self.assert_fails(1002, ws_client_frame(1, b"x", rsv=rsv))
+        for opcode in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF):
+            self.assert_fails(1002, ws_client_frame(opcode, b"x"))
+
+    def test_fragments_with_a_ping_between_are_reassembled(self):
+        reader = localchat.WebSocketReader()
+        events = self.feed_all(reader, ws_client_frame(1, b"Hel", fin=False), ws_client_frame(9, b"are you there"),
+                               ws_client_frame(0, b"l", fin=False), ws_client_frame(10, b"late pong"),
+                               ws_client_frame(0, b"o"))
+        self.assertEqual([(e.kind, e.data) for e in events],
+                         [("ping", b"are you there"), ("pong", b"late pong"), ("text", "Hello")])
+        self.assertEqual(events[0].reply, bytes.fromhex("8a0d") + b"are you there")  # the pong
+        self.assertEqual(reader.feed(ws_client_frame(2, b"\x00", fin=False) + ws_client_frame(0, b"\xff")),
+                         [localchat.WebSocketEvent("binary", b"\x00\xff")])
+
+    def test_fragment_order_is_checked(self):
+        self.assert_fails(1002, ws_client_frame(0, b"no start"))
+        self.assert_fails(1002, ws_client_frame(1, b"a", fin=False), ws_client_frame(1, b"b"))
+        self.assert_fails(1002, ws_client_frame(1, b"a", fin=False), ws_client_frame(2, b"b"))
+
+    def test_control_frames_must_be_whole_and_short(self):
+        self.assert_fails(1002, ws_client_frame(9, b"x", fin=False))
+        self.assert_fails(1002, ws_client_frame(9, b"x" * 126))
+        self.assert_fails(1002, ws_client_frame(8, ws_close_payload(1000, b"x" * 124)))
+        reader = localchat.WebSocketReader()
+        self.assertEqual(reader.feed(ws_client_frame(9, b"x" * 125))[0].reply, b"\x8a\x7d" + b"x" * 125)
+
+    def test_message_over_64_kib_fails_with_1009_before_its_payload_arrives(self):
+        header = ws_client_frame(2, b"\x00" * (64 * 1024 + 1))[:14]
+        self.assert_fails(1009, header)
+        self.assert_fails(1009, ws_client_frame(1, b"a" * 40000, fin=False), ws_client_frame(0, b"b" * 30000)[:8])
+        self.assert_fails(1002, ws_client_frame(2, b"", length=1 << 63)[:14])  # the 64-bit length's top bit
+
+    def test_reader_limit_can_be_set(self):
+        reader = localchat.WebSocketReader(max_message_bytes=10)
+        self.assertEqual(reader.feed(ws_client_frame(1, b"0123456789"))[0].data, "0123456789")
+        self.assertEqual(reader.feed(ws_client_frame(1, b"0123456789!"))[0].code, 1009)
+
+    def test_text_that_is_not_utf8_fails_with_1007(self):
+        self.assert_fails(1007, ws_client_frame(1, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited"))
+        self.assert_fails(1007, ws_client_frame(1, b"ends in the middle \xce"))
+        self.assert_fails(1007, ws_client_frame(1, b"ends in the middle \xce", fin=False), ws_client_frame(0, b"!"))
+
+    def test_bad_utf8_fails_at_its_fragment_before_the_message_ends(self):
+        # Autobahn 6.4.2's payload: the invalid sequence \xf4\x90 is split between two fragments.
+        reader = localchat.WebSocketReader()
+        first = "\u03ba\u1f79\u03c3\u03bc\u03b5".encode() + b"\xf4"
+        self.assertEqual(reader.feed(ws_client_frame(1, first, fin=False)), [])
+        events = reader.feed(ws_client_frame(0, b"\x90", fin=False))
+        self.assertEqual([(e.kind, e.code) for e in events], [("fail", 1007)])
+
+    def test_text_split_inside_a_character_is_put_together(self):
+        reader = localchat.WebSocketReader()
+        text = "\u03ba\u1f79\u03c3\u03bc\u03b5 \U0001F600".encode()
+        frames = [ws_client_frame(1, text[:1], fin=False)]
+        frames += [ws_client_frame(0, text[i:i + 1], fin=False) for i in range(1, len(text))]
+        frames.append(ws_client_frame(0, b""))  # an empty last fragment ends it
+        self.assertEqual(self.feed_all(reader, *frames), [localchat.WebSocketEvent("text", text.decode())])
+
+    def test_peer_close_is_echoed_and_ends_the_reader(self):
+        for payload, code, reason, echo in [(ws_close_payload(1000, b"bye"), 1000, "bye", b"\x88\x02\x03\xe8"),
+                                            (b"", 1005, "", b"\x88\x00"),
+                                            (ws_close_payload(4999), 4999, "", b"\x88\x02\x13\x87")]:
+            reader = localchat.WebSocketReader()
+            events = reader.feed(ws_client_frame(8, payload) + ws_client_frame(1, b"too late"))
+            self.assertEqual(events, [localchat.WebSocketEvent("close", code=code, reason=reason, reply=echo)])
+            self.assertTrue(reader.closed and reader.closing)
+            self.assertEqual(reader.feed(ws_client_frame(9, b"")), [])
+
+    def test_close_codes_a_peer_may_send(self):
+        # Autobahn's cases 7.7 (valid) and 7.9 (invalid), and the IANA registry's 1012-1015.
+        for code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999):
+            events = localchat.WebSocketReader().feed(ws_client_frame(8, ws_close_payload(code)))
+            self.assertEqual([(e.kind, e.code) for e in events], [("close", code)], code)
+        for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535):
+            self.assert_fails(1002, ws_client_frame(8, ws_close_payload(code)))
+
+    def test_close_payload_of_one_byte_or_bad_reason_fails(self):
+        self.assert_fails(1002, ws_client_frame(8, b"\x03"))
+        self.assert_fails(1007, ws_client_frame(8, ws_close_payload(1000, b"\xff\xfe")))
+
+    def test_server_started_close_waits_for_the_peer_and_sends_nothing_more(self):
+        reader = localchat.WebSocketReader()
+        self.assertEqual(reader.begin_close(1001, "server stopping"), b"\x88\x11\x03\xe9server stopping")
+        self.assertEqual(reader.begin_close(1000), b"")
+        events = reader.feed(ws_client_frame(1, b"in flight") + ws_client_frame(9, b"ping") + ws_client_frame(8, b""))
+        self.assertEqual([(e.kind, e.reply) for e in events], [("text", b""), ("ping", b""), ("close", b"")])
+        self.assertTrue(reader.closed)
+
+    def test_failure_after_our_close_sends_no_second_close(self):
+        reader = localchat.WebSocketReader()
+        reader.begin_close()
+        events = reader.feed(ws_client_frame(1, b"x", mask=None))
+        self.assertEqual([(e.kind, e.code, e.reply) for e in events], [("fail", 1002, b"")])
 
 
 def discovery_description(**changes):

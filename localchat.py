@@ -3412,7 +3412,7 @@ WS_CLOSE_TOO_BIG = 1009               # a message over WS_MAX_MESSAGE_BYTES
 # Codes a peer may send in a close frame: RFC 6455 7.4.1's and those its IANA registry added
 # (1011 to 1014), then 3000-4999 for libraries and applications. 1004-1006 and 1015 are
 # reserved, never sent; the rest up to 2999 is unassigned (Autobahn's cases 7.7 and 7.9 agree).
-_WS_PEER_CLOSE_CODES = frozenset([1000, 1001, 1002, 1003]) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
+_WS_PEER_CLOSE_CODES = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)])
 _WS_DATA_OPCODES = frozenset([WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY])
 _WS_CONTROL_OPCODES = frozenset([WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG])
 
@@ -3594,7 +3594,8 @@ class WebSocketReader:
     feed() returns WebSocketEvents: send each one's reply, then act on it. After a
     "close" or "fail" event the reader is closed: feed() ignores everything, and
     the connection should be closed once the reply is out (the server closes TCP
-    first). Runs on the connection's reader thread only.
+    first). After begin_close(), messages the peer sent before it saw our close may
+    still come, and pings get no pong. Runs on the connection's reader thread only.
     """
 
     def __init__(self, max_message_bytes=WS_MAX_MESSAGE_BYTES):

@@ -3586,6 +3586,7 @@ class _WsHeader(NamedTuple):
     opcode: int
     length: int     # payload bytes
     size: int       # header bytes, mask included
+    mask: bytes     # the client's four-byte masking key
 
 
 class WebSocketReader:
@@ -3596,6 +3597,9 @@ class WebSocketReader:
     the connection should be closed once the reply is out (the server closes TCP
     first). After begin_close(), messages the peer sent before it saw our close may
     still come, and pings get no pong. Runs on the connection's reader thread only.
+
+    A data frame's payload is taken as it arrives (the buffer holds no more than one
+    read and a header), so text that is not UTF-8 fails at its first bad byte.
     """
 
     def __init__(self, max_message_bytes=WS_MAX_MESSAGE_BYTES):
@@ -3603,10 +3607,12 @@ class WebSocketReader:
         self.closing = False    # a close frame of ours is out: nothing more may be sent
         self.closed = False     # the close handshake is over or the connection failed
         self._buffer = bytearray()
+        self._frame = None      # the header of the data frame whose payload is arriving
+        self._left = 0          # ... and how many of its payload bytes are still to come
         self._opcode = None     # the data opcode of the message being reassembled, None between messages
-        self._parts = []        # its fragments: bytes, or str for text decoded so far
+        self._parts = []        # its pieces: bytes, or str for text decoded so far
         self._size = 0          # its bytes so far
-        self._decoder = None    # text: an incremental UTF-8 decoder, so that bad text fails at its fragment
+        self._decoder = None    # text: an incremental UTF-8 decoder, so that bad text fails where it is
 
     def begin_close(self, code=WS_CLOSE_GOING_AWAY, reason=""):
         """Return the close frame that starts the server's side of the close handshake, or b"" if one went out."""
@@ -3616,17 +3622,19 @@ class WebSocketReader:
         return websocket_close_frame(code, reason)
 
     def feed(self, data):
-        """Take the bytes that arrived and return the events of every frame they complete."""
+        """Take the bytes that arrived and return the events of every frame and message they complete."""
         if self.closed:
             return []
         self._buffer += data
         events = []
         try:
-            for _ in range(len(self._buffer) // 2 + 1):  # a frame takes two bytes at least: bounded
-                header = None if self.closed else self._header()
-                if header is None or len(self._buffer) < header.size + header.length:
+            for _ in range(2 * len(self._buffer) + 2):  # every other step at least takes a byte: bounded
+                found = self._take_payload() if self._frame else self._take_header()
+                if found is None:
                     break
-                events.extend(self._frame(header))
+                events.extend(found)
+                if self.closed:
+                    break
         except ProtocolError as error:
             events.append(self._fail(error.code, error.text))
         return events
@@ -3653,7 +3661,10 @@ class WebSocketReader:
         if length >> 63:
             raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame's 64-bit length has its top bit set.")
         self._check_order(opcode, length)
-        return _WsHeader(fin, opcode, length, 2 + extra + 4)
+        size = 2 + extra + 4
+        if len(buffer) < size:
+            return None
+        return _WsHeader(fin, opcode, length, size, bytes(buffer[size - 4:size]))
 
     @staticmethod
     def _check_bits(first, second):
@@ -3669,7 +3680,7 @@ class WebSocketReader:
             raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A control frame must be whole and at most 125 bytes.")
 
     def _check_order(self, opcode, length):
-        """Refuse a data frame out of order, or one that makes its message too long before its payload comes."""
+        """Refuse a data frame out of order, or one that makes its message too long, before its payload comes."""
         if opcode in _WS_CONTROL_OPCODES:
             return
         if opcode == WS_OP_CONTINUATION and self._opcode is None:
@@ -3679,35 +3690,55 @@ class WebSocketReader:
         if self._size + length > self.max_message_bytes:
             raise ProtocolError(WS_CLOSE_TOO_BIG, "A message is longer than %d bytes." % self.max_message_bytes)
 
-    def _frame(self, header):
-        """Take one whole frame off the buffer and return its events."""
-        start, end = header.size, header.size + header.length
-        payload = _ws_unmask(bytes(self._buffer[start:end]), bytes(self._buffer[start - 4:start]))
-        del self._buffer[:end]
+    def _take_header(self):
+        """Take the next header (a control frame whole) and return its events; None until it is all in."""
+        header = self._header()
+        if header is None:
+            return None
         if header.opcode in _WS_CONTROL_OPCODES:
+            end = header.size + header.length
+            if len(self._buffer) < end:
+                return None
+            payload = _ws_unmask(bytes(self._buffer[header.size:end]), header.mask)
+            del self._buffer[:end]
             return [self._control(header.opcode, payload)]
-        return self._data(header, payload)
-
-    def _data(self, header, payload):
-        """Add a data frame to its message; return the message's event when this frame ends it."""
+        del self._buffer[:header.size]
         if header.opcode != WS_OP_CONTINUATION:
             self._opcode = header.opcode
             self._decoder = codecs.getincrementaldecoder("utf-8")() if header.opcode == WS_OP_TEXT else None
-        self._size += len(payload)
-        self._parts.append(self._decoded(payload, header.fin) if self._decoder else payload)
-        if not header.fin:
+        self._frame, self._left = header, header.length
+        return []
+
+    def _take_payload(self):
+        """Take what has come of the current data frame's payload; return the message's event once it is whole."""
+        count = min(self._left, len(self._buffer))
+        if count == 0 and self._left:
+            return None
+        header, done = self._frame, count == self._left
+        turn = (header.length - self._left) % 4  # the mask goes on where the last piece stopped
+        piece = _ws_unmask(bytes(self._buffer[:count]), header.mask[turn:] + header.mask[:turn])
+        del self._buffer[:count]
+        self._left -= count
+        self._size += count
+        self._parts.append(self._decoded(piece, done and header.fin) if self._decoder else piece)
+        if not done:
             return []
+        self._frame = None
+        return self._message() if header.fin else []
+
+    def _decoded(self, piece, final):
+        """Return a piece of text decoded so far; a bad sequence fails here, not at the message's end."""
+        try:
+            return self._decoder.decode(piece, final)
+        except UnicodeDecodeError:
+            raise ProtocolError(WS_CLOSE_INVALID_DATA, "A text message is not UTF-8.") from None
+
+    def _message(self):
+        """Return the event of the message whose last piece has come, and start afresh."""
         kind = "text" if self._opcode == WS_OP_TEXT else "binary"
         data = ("" if kind == "text" else b"").join(self._parts)
         self._opcode, self._parts, self._size, self._decoder = None, [], 0, None
         return [WebSocketEvent(kind, data)]
-
-    def _decoded(self, payload, final):
-        """Return a text fragment decoded so far; a bad sequence fails here, not at the message's end."""
-        try:
-            return self._decoder.decode(payload, final)
-        except UnicodeDecodeError:
-            raise ProtocolError(WS_CLOSE_INVALID_DATA, "A text message is not UTF-8.") from None
 
     def _control(self, opcode, payload):
         """Return the event of a ping, a pong or a close; after a close the reader takes nothing more."""

@@ -5066,6 +5066,23 @@ class WebSocketCodecTests(unittest.TestCase):
         events = reader.feed(ws_client_frame(0, b"\x90", fin=False))
         self.assertEqual([(e.kind, e.code) for e in events], [("fail", 1007)])
 
+    def test_bad_utf8_fails_before_the_rest_of_its_frame_arrives(self):
+        # Autobahn 6.4.3's case: one frame sent in chops; \xf4\x90 is no UTF-8 whatever follows it.
+        frame = ws_client_frame(1, "\u03ba\u1f79".encode() + b"\xf4\x90\x80\x80" + b"edited" * 20)
+        reader = localchat.WebSocketReader()
+        head = 2 + 2 + 4  # 130 bytes of payload: a 16-bit length, then the mask
+        self.assertEqual(reader.feed(frame[:head + 5]), [])  # two whole characters
+        self.assertEqual([(e.kind, e.code) for e in reader.feed(frame[head + 5:head + 7])], [("fail", 1007)])
+
+    def test_messages_in_odd_chops_are_unmasked_and_put_together(self):
+        text = ("caf\u00e9 \U0001F600 " * 300).encode()  # 4,500 bytes: 16-bit lengths, characters cut anywhere
+        data = (ws_client_frame(1, text[:1001], fin=False) + ws_client_frame(9, b"between")
+                + ws_client_frame(0, text[1001:], mask=b"\x01\x02\x03\x04") + ws_client_frame(2, bytes(range(256))))
+        reader = localchat.WebSocketReader()
+        events = self.feed_all(reader, *[data[i:i + 7] for i in range(0, len(data), 7)])
+        self.assertEqual([(e.kind, e.data) for e in events],
+                         [("ping", b"between"), ("text", text.decode()), ("binary", bytes(range(256)))])
+
     def test_text_split_inside_a_character_is_put_together(self):
         reader = localchat.WebSocketReader()
         text = "\u03ba\u1f79\u03c3\u03bc\u03b5 \U0001F600".encode()

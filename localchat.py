@@ -4682,7 +4682,7 @@ def _short_fingerprint(fingerprint):
 
 QR_MAX_VERSION = 40               # the largest symbol, 177 x 177 modules
 QR_QUIET_MODULES = 4              # the light margin readers need around a symbol (the standard's minimum)
-QR_PNG_SCALE = 8                  # pixels a module in qr_png(): a version 4 code is 264 pixels wide
+QR_PNG_SCALE = 8                  # pixels a module in qr_png(): an address like http://192.168.1.7:13333/ is 264 wide
 # Error correction codewords per block and the number of blocks at level M, versions 1 to 40
 # (ISO/IEC 18004:2015 table 9); the data codewords are what is left of the symbol's capacity.
 QR_EC_PER_BLOCK_M = (10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26,

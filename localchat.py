@@ -18,19 +18,22 @@ Sections:
     7. Certificates: a self-signed one, made with the standard library alone
     8. Encryption: TLS over memory buffers
     9. Transport: outboxes, the writer threads and the send budget
-    10. Sessions and doors: one session per connection, a door per protocol
-    11. Discovery: UDP probes and replies, finding servers on the LAN
-    12. Server: accept, threads, shutdown
-    13. Client connection (no Tk)
-    14. Tk window
-    15. Terminal client
-    16. Command line
+    10. Web: the WebSocket handshake and frames (no sockets)
+    11. Sessions and doors: one session per connection, a door per protocol
+    12. Discovery: UDP probes and replies, finding servers on the LAN
+    13. QR codes: the web address for a phone's camera (ISO/IEC 18004)
+    14. Server: accept, threads, shutdown
+    15. Client connection (no Tk)
+    16. Tk window
+    17. Terminal client
+    18. Command line
 """
 
 __version__ = "1.0"
 
 import argparse
 import base64
+import codecs
 import collections
 import datetime
 import errno
@@ -56,6 +59,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 import zlib
 from pathlib import Path
 from typing import Iterable, List, NamedTuple, Sequence
@@ -3522,7 +3526,381 @@ class Transport:
 
 
 # =============================================================================
-# 10. Sessions and doors: one session per connection, a door per protocol
+# 10. Web: the WebSocket handshake and frames (no sockets)
+# =============================================================================
+#
+# The web door's codec, pure and socket-free like the Protocol section: the
+# WebSocket handshake (RFC 6455 section 4) as a check of parsed request headers,
+# server frames, and a WebSocketReader that is fed a client's bytes and returns its
+# messages and control frames, each with the frame to send back. One reader per
+# connection, fed only by that connection's thread.
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3: hashed with the key into the accept value
+WEBSOCKET_VERSION = "13"              # the only version RFC 6455 defines and browsers speak
+WS_MAX_MESSAGE_BYTES = 64 * 1024      # a message, all its fragments together, may be this long; longer gets 1009
+WS_MAX_CONTROL_BYTES = 125            # RFC 6455 5.5: the longest payload of a ping, pong or close
+WS_MAX_REASON_BYTES = 123             # a close frame's reason: the control limit less the two-byte code
+WS_DEFAULT_PORTS = {"http": 80, "https": 443}  # the port an Origin without one means, by scheme
+WS_OP_CONTINUATION = 0x0
+WS_OP_TEXT = 0x1
+WS_OP_BINARY = 0x2
+WS_OP_CLOSE = 0x8
+WS_OP_PING = 0x9
+WS_OP_PONG = 0xA
+WS_CLOSE_NORMAL = 1000                # done
+WS_CLOSE_GOING_AWAY = 1001            # the server stops, or the page is left
+WS_CLOSE_PROTOCOL_ERROR = 1002        # a frame broke RFC 6455
+WS_CLOSE_UNSUPPORTED = 1003           # a kind of message this endpoint does not take (binary, for the chat)
+WS_CLOSE_NO_STATUS = 1005             # reported when a close frame has no code; never sent
+WS_CLOSE_INVALID_DATA = 1007          # a text message that is not UTF-8
+WS_CLOSE_POLICY = 1008                # a message the chat refuses for another reason
+WS_CLOSE_TOO_BIG = 1009               # a message over WS_MAX_MESSAGE_BYTES
+# Codes a peer may send in a close frame: RFC 6455 7.4.1's and those its IANA registry added
+# (1011 to 1014), then 3000-4999 for libraries and applications. 1004-1006 and 1015 are
+# reserved, never sent; the rest up to 2999 is unassigned (Autobahn's cases 7.7 and 7.9 agree).
+_WS_PEER_CLOSE_CODES = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)])
+_WS_DATA_OPCODES = frozenset([WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY])
+_WS_CONTROL_OPCODES = frozenset([WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG])
+
+
+def websocket_accept(key):
+    """Return the Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    digest = hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+class WebSocketHandshake(NamedTuple):
+    """The answer to a WebSocket upgrade request: 101 with its headers, or a refusal with a sentence."""
+
+    status: int         # 101 Switching Protocols, or the HTTP status of the refusal
+    headers: list       # (name, value) pairs for the response
+    sentence: str = ""  # why it was refused: the response's text and the log's
+
+
+def _ws_header_table(headers):
+    """Return the headers as {lower-case name: [values]}, from a mapping with items() or (name, value) pairs."""
+    table = {}
+    for name, value in (headers.items() if hasattr(headers, "items") else headers):
+        table.setdefault(name.strip().lower(), []).append(value.strip())
+    return table
+
+
+def _ws_tokens(table, name):
+    """Return the lower-case comma-separated tokens of every value of a list header."""
+    return {token.strip().lower() for value in table.get(name, []) for token in value.split(",")}
+
+
+def _ws_single(table, name):
+    """Return a header that must appear once, or None if it is missing or repeated."""
+    values = table.get(name, [])
+    return values[0] if len(values) == 1 else None
+
+
+def _ws_valid_key(key):
+    """Tell whether a Sec-WebSocket-Key is 16 bytes in base64, as RFC 6455 4.1 requires."""
+    if key is None or len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except ValueError:  # binascii.Error and UnicodeEncodeError are both ValueErrors
+        return False
+
+
+def _ws_same_authority(origin, host):
+    """Tell whether an Origin (scheme://host[:port]) names the host and port of a Host header."""
+    try:
+        page = urllib.parse.urlsplit(origin)
+        target = urllib.parse.urlsplit("//" + host)
+        default = WS_DEFAULT_PORTS.get(page.scheme)
+        if default is None or page.hostname is None or "@" in page.netloc or page.path or page.query:
+            return False  # "null", a file: page, an extension, or no origin at all
+        if "@" in target.netloc or target.path or target.query:
+            return False
+        return (page.hostname, page.port or default) == (target.hostname, target.port or default)
+    except ValueError:  # a port that is no number, or out of range
+        return False
+
+
+def _ws_upgrade_refusal(table):
+    """Return the refusal of a request that is no valid WebSocket upgrade, or None if it is one."""
+    if "websocket" not in _ws_tokens(table, "upgrade"):
+        return WebSocketHandshake(426, [("Upgrade", "websocket"), ("Connection", "Upgrade")],
+                                  "This address speaks WebSocket only.")
+    if "upgrade" not in _ws_tokens(table, "connection"):
+        return WebSocketHandshake(400, [], "A WebSocket request must say Connection: Upgrade.")
+    if _ws_single(table, "sec-websocket-version") != WEBSOCKET_VERSION:
+        return WebSocketHandshake(426, [("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
+                                  "This server speaks WebSocket version 13 only.")
+    if not _ws_valid_key(_ws_single(table, "sec-websocket-key")):
+        return WebSocketHandshake(400, [], "Sec-WebSocket-Key must be 16 bytes in base64.")
+    if _ws_single(table, "host") is None:
+        return WebSocketHandshake(400, [], "A WebSocket request must name its Host.")
+    return None
+
+
+def _ws_origin_refusal(table):
+    """Return a 403 refusal when a browser page from another site asks, None otherwise.
+
+    Browsers send Origin with every WebSocket request; a client without one is no
+    browser, so no other site's page can be speaking through it.
+    """
+    if "origin" not in table:
+        return None
+    origin = _ws_single(table, "origin")
+    if origin is None or not _ws_same_authority(origin, _ws_single(table, "host")):
+        return WebSocketHandshake(403, [], "A page from another site may not join this chat.")
+    return None
+
+
+def websocket_handshake(method, headers):
+    """Check a WebSocket upgrade request (RFC 6455 4.2.1) and return the WebSocketHandshake answering it.
+
+    `headers` is a mapping with items() (an http.client.HTTPMessage, a dict) or a
+    list of (name, value) pairs. Every extension offered is declined (the answer
+    names none, so permessage-deflate is off) and no subprotocol is chosen.
+    """
+    if method != "GET":
+        return WebSocketHandshake(405, [("Allow", "GET")], "A WebSocket upgrade must use GET.")
+    table = _ws_header_table(headers)
+    refusal = _ws_upgrade_refusal(table) or _ws_origin_refusal(table)
+    if refusal is not None:
+        return refusal
+    accept = websocket_accept(table["sec-websocket-key"][0])
+    return WebSocketHandshake(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                    ("Sec-WebSocket-Accept", accept)])
+
+
+def websocket_frame(opcode, payload, fin=True):
+    """Return one server frame: unmasked, its length in 7, 16 or 64 bits (RFC 6455 5.2).
+
+    Raises ValueError for a control frame over 125 bytes, which no peer may accept.
+    """
+    length = len(payload)
+    if opcode in _WS_CONTROL_OPCODES and length > WS_MAX_CONTROL_BYTES:
+        raise ValueError("a WebSocket control frame carries at most 125 bytes")
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if length < 126:
+        return head + bytes([length]) + payload
+    if length < 1 << 16:
+        return head + bytes([126]) + length.to_bytes(2, "big") + payload
+    return head + bytes([127]) + length.to_bytes(8, "big") + payload
+
+
+def websocket_close_frame(code=None, reason=""):
+    """Return a close frame with a code and a reason cut to 123 bytes of UTF-8; no code, no payload."""
+    if code is None:
+        return websocket_frame(WS_OP_CLOSE, b"")
+    reason_bytes = reason.encode("utf-8")[:WS_MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    return websocket_frame(WS_OP_CLOSE, code.to_bytes(2, "big") + reason_bytes)
+
+
+def _ws_unmask(payload, mask):
+    """Return the payload XORed with the four-byte mask repeated (one big-integer XOR, not a byte loop)."""
+    if not payload:
+        return b""
+    key = (mask * (len(payload) // 4 + 1))[:len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
+
+
+def _ws_close_payload(payload):
+    """Return (code, reason) of a close frame's payload: (1005, "") when empty; ProtocolError when invalid."""
+    if not payload:
+        return WS_CLOSE_NO_STATUS, ""
+    code = int.from_bytes(payload[:2], "big")
+    if len(payload) == 1 or code not in _WS_PEER_CLOSE_CODES:
+        raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "The close frame's code is not one a peer may send.")
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(WS_CLOSE_INVALID_DATA, "The close frame's reason is not UTF-8.") from None
+
+
+class WebSocketEvent(NamedTuple):
+    """What a WebSocketReader found in a client's bytes, and the frame to send back for it."""
+
+    kind: str            # "text", "binary", "ping", "pong", "close" (the peer's) or "fail" (a violation)
+    data: object = b""   # str for text, bytes for binary, ping and pong
+    code: int = 0        # close and fail: the close code (1005 when the peer's close had none)
+    reason: str = ""     # close and fail: the reason, for the log
+    reply: bytes = b""   # the frame to send now (a pong, the close echo, the failure's close), or b""
+
+
+class _WsHeader(NamedTuple):
+    """A frame's header, read before its payload has arrived."""
+
+    fin: bool
+    opcode: int
+    length: int     # payload bytes
+    size: int       # header bytes, mask included
+    mask: bytes     # the client's four-byte masking key
+
+
+class WebSocketReader:
+    """Cuts a client's bytes into WebSocket messages and control frames (RFC 6455), with no socket.
+
+    feed() returns WebSocketEvents: send each one's reply, then act on it. After a
+    "close" or "fail" event the reader is closed: feed() ignores everything, and
+    the connection should be closed once the reply is out (the server closes TCP
+    first). After begin_close(), messages the peer sent before it saw our close may
+    still come, and pings get no pong. Runs on the connection's reader thread only.
+
+    A data frame's payload is taken as it arrives (the buffer holds no more than one
+    read and a header), so text that is not UTF-8 fails at its first bad byte.
+    """
+
+    def __init__(self, max_message_bytes=WS_MAX_MESSAGE_BYTES):
+        self.max_message_bytes = max_message_bytes
+        self.closing = False    # a close frame of ours is out: nothing more may be sent
+        self.closed = False     # the close handshake is over or the connection failed
+        self._buffer = bytearray()
+        self._frame = None      # the header of the data frame whose payload is arriving
+        self._left = 0          # ... and how many of its payload bytes are still to come
+        self._opcode = None     # the data opcode of the message being reassembled, None between messages
+        self._parts = []        # its pieces: bytes, or str for text decoded so far
+        self._size = 0          # its bytes so far
+        self._decoder = None    # text: an incremental UTF-8 decoder, so that bad text fails where it is
+
+    def begin_close(self, code=WS_CLOSE_GOING_AWAY, reason=""):
+        """Return the close frame that starts the server's side of the close handshake, or b"" if one went out."""
+        if self.closing:
+            return b""
+        self.closing = True
+        return websocket_close_frame(code, reason)
+
+    def feed(self, data):
+        """Take the bytes that arrived and return the events of every frame and message they complete."""
+        if self.closed:
+            return []
+        self._buffer += data
+        events = []
+        try:
+            for _ in range(2 * len(self._buffer) + 2):  # every other step at least takes a byte: bounded
+                found = self._take_payload() if self._frame else self._take_header()
+                if found is None:
+                    break
+                events.extend(found)
+                if self.closed:
+                    break
+        except ProtocolError as error:
+            events.append(self._fail(error.code, error.text))
+        return events
+
+    def _fail(self, code, reason):
+        """Return the event that fails the connection: our close frame with the code, and nothing after it."""
+        reply = self.begin_close(code, reason)
+        self.closed = True
+        self._buffer = bytearray()
+        return WebSocketEvent("fail", code=code, reason=reason, reply=reply)
+
+    def _header(self):
+        """Return the next frame's header once it is all in, None before; ProtocolError if it breaks a rule."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return None
+        self._check_bits(buffer[0], buffer[1])
+        fin, opcode, length = bool(buffer[0] & 0x80), buffer[0] & 0x0F, buffer[1] & 0x7F
+        extra = {126: 2, 127: 8}.get(length, 0)  # the 16- and 64-bit lengths that follow
+        if len(buffer) < 2 + extra:
+            return None
+        if extra:
+            length = int.from_bytes(buffer[2:2 + extra], "big")
+        if length >> 63:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame's 64-bit length has its top bit set.")
+        self._check_order(opcode, length)
+        size = 2 + extra + 4
+        if len(buffer) < size:
+            return None
+        return _WsHeader(fin, opcode, length, size, bytes(buffer[size - 4:size]))
+
+    @staticmethod
+    def _check_bits(first, second):
+        """Refuse reserved bits and opcodes, an unmasked frame, and a fragmented or long control frame."""
+        opcode = first & 0x0F
+        if first & 0x70:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame set reserved bits, and no extension was agreed.")
+        if opcode not in _WS_DATA_OPCODES and opcode not in _WS_CONTROL_OPCODES:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame has the reserved opcode %d." % opcode)
+        if not second & 0x80:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A client's frames must be masked.")
+        if opcode in _WS_CONTROL_OPCODES and (not first & 0x80 or second & 0x7F > WS_MAX_CONTROL_BYTES):
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A control frame must be whole and at most 125 bytes.")
+
+    def _check_order(self, opcode, length):
+        """Refuse a data frame out of order, or one that makes its message too long, before its payload comes."""
+        if opcode in _WS_CONTROL_OPCODES:
+            return
+        if opcode == WS_OP_CONTINUATION and self._opcode is None:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A continuation frame came with no message to continue.")
+        if opcode != WS_OP_CONTINUATION and self._opcode is not None:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A new message began before the last one ended.")
+        if self._size + length > self.max_message_bytes:
+            raise ProtocolError(WS_CLOSE_TOO_BIG, "A message is longer than %d bytes." % self.max_message_bytes)
+
+    def _take_header(self):
+        """Take the next header (a control frame whole) and return its events; None until it is all in."""
+        header = self._header()
+        if header is None:
+            return None
+        if header.opcode in _WS_CONTROL_OPCODES:
+            end = header.size + header.length
+            if len(self._buffer) < end:
+                return None
+            payload = _ws_unmask(bytes(self._buffer[header.size:end]), header.mask)
+            del self._buffer[:end]
+            return [self._control(header.opcode, payload)]
+        del self._buffer[:header.size]
+        if header.opcode != WS_OP_CONTINUATION:
+            self._opcode = header.opcode
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if header.opcode == WS_OP_TEXT else None
+        self._frame, self._left = header, header.length
+        return []
+
+    def _take_payload(self):
+        """Take what has come of the current data frame's payload; return the message's event once it is whole."""
+        count = min(self._left, len(self._buffer))
+        if count == 0 and self._left:
+            return None
+        header, done = self._frame, count == self._left
+        turn = (header.length - self._left) % 4  # the mask goes on where the last piece stopped
+        piece = _ws_unmask(bytes(self._buffer[:count]), header.mask[turn:] + header.mask[:turn])
+        del self._buffer[:count]
+        self._left -= count
+        self._size += count
+        self._parts.append(self._decoded(piece, done and header.fin) if self._decoder else piece)
+        if not done:
+            return []
+        self._frame = None
+        return self._message() if header.fin else []
+
+    def _decoded(self, piece, final):
+        """Return a piece of text decoded so far; a bad sequence fails here, not at the message's end."""
+        try:
+            return self._decoder.decode(piece, final)
+        except UnicodeDecodeError:
+            raise ProtocolError(WS_CLOSE_INVALID_DATA, "A text message is not UTF-8.") from None
+
+    def _message(self):
+        """Return the event of the message whose last piece has come, and start afresh."""
+        kind = "text" if self._opcode == WS_OP_TEXT else "binary"
+        data = ("" if kind == "text" else b"").join(self._parts)
+        self._opcode, self._parts, self._size, self._decoder = None, [], 0, None
+        return [WebSocketEvent(kind, data)]
+
+    def _control(self, opcode, payload):
+        """Return the event of a ping, a pong or a close; after a close the reader takes nothing more."""
+        if opcode == WS_OP_PING:
+            pong = b"" if self.closing else websocket_frame(WS_OP_PONG, payload)
+            return WebSocketEvent("ping", payload, reply=pong)
+        if opcode == WS_OP_PONG:
+            return WebSocketEvent("pong", payload)
+        code, reason = _ws_close_payload(payload)
+        reply = self.begin_close(None if code == WS_CLOSE_NO_STATUS else code)  # the echo, if ours is not out
+        self.closed = True
+        return WebSocketEvent("close", code=code, reason=reason, reply=reply)
+
+
+# =============================================================================
+# 11. Sessions and doors: one session per connection, a door per protocol
 # =============================================================================
 #
 # A Session handles one connection whatever it speaks: the TLS sniff, bounded
@@ -5040,7 +5418,7 @@ class Session(socketserver.BaseRequestHandler):
 
 
 # =============================================================================
-# 11. Discovery: UDP probes and replies, finding servers on the LAN
+# 12. Discovery: UDP probes and replies, finding servers on the LAN
 # =============================================================================
 #
 # A server's DiscoveryResponder answers probes on its own "discovery" thread;
@@ -5503,7 +5881,402 @@ def _short_fingerprint(fingerprint):
 
 
 # =============================================================================
-# 12. Server: accept, threads, shutdown
+# 13. QR codes: the web address for a phone's camera (ISO/IEC 18004)
+# =============================================================================
+#
+# qr_matrix() makes the symbol: byte mode (UTF-8), error correction level M, the
+# smallest of the 40 versions that holds the text, and of the eight masks the one
+# the standard's penalty rules score lowest. qr_terminal() draws it with half
+# blocks, qr_png() as a PNG image (Tk's PhotoImage reads it too). Pure functions:
+# any thread may call them.
+
+QR_MAX_VERSION = 40               # the largest symbol, 177 x 177 modules
+QR_QUIET_MODULES = 4              # the light margin readers need around a symbol (the standard's minimum)
+QR_PNG_SCALE = 8                  # pixels a module in qr_png(): an address like http://192.168.1.7:13333/ is 264 wide
+# Error correction codewords per block and the number of blocks at level M, versions 1 to 40
+# (ISO/IEC 18004:2015 table 9); the data codewords are what is left of the symbol's capacity.
+QR_EC_PER_BLOCK_M = (10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26,
+                     26, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28)
+QR_BLOCKS_M = (1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16,
+               17, 17, 18, 20, 21, 23, 25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)
+QR_LEVEL_M_BITS = 0b00            # level M's two bits in the format information
+QR_BYTE_MODE = 0b0100             # the mode indicator of byte mode
+QR_PAD_CODEWORDS = b"\xec\x11"    # what fills the data capacity after the text, alternately
+QR_FIELD_POLYNOMIAL = 0x11D       # x^8 + x^4 + x^3 + x^2 + 1: GF(256) for Reed-Solomon
+QR_FORMAT_GENERATOR = 0x537       # BCH (15, 5) code of the format information
+QR_FORMAT_XOR = 0x5412            # XORed over the format information so that it is never all light
+QR_VERSION_GENERATOR = 0x1F25     # BCH (18, 6) code of the version information (versions 7 and up)
+QR_PENALTY_RUN = 3                # N1: a run of five modules of one colour in a line, plus 1 a module more
+QR_PENALTY_BLOCK = 3              # N2: each 2 x 2 block of one colour
+QR_PENALTY_FINDER = 40            # N3: each dark-light-dark-dark-dark-light-dark with 4 light beside it
+QR_PENALTY_BALANCE = 10           # N4: each full 5 % by which the dark share strays from half
+# Black on white whatever the terminal's theme, as a phone's reader expects: 47 (white) for
+# terminals that know eight colours, then 107 (bright white), which overrides it where known.
+QR_TERMINAL_COLOURS = "\x1b[30;47;107m"
+QR_TERMINAL_RESET = "\x1b[0m"
+_QR_HALF_BLOCKS = {(False, False): " ", (True, False): "\u2580", (False, True): "\u2584", (True, True): "\u2588"}
+_QR_MASKS = (  # the eight mask patterns: a module (row, column) is flipped where it gives True
+    lambda r, c: (r + c) % 2 == 0,
+    lambda r, c: r % 2 == 0,
+    lambda r, c: c % 3 == 0,
+    lambda r, c: (r + c) % 3 == 0,
+    lambda r, c: (r // 2 + c // 3) % 2 == 0,
+    lambda r, c: r * c % 2 + r * c % 3 == 0,
+    lambda r, c: (r * c % 2 + r * c % 3) % 2 == 0,
+    lambda r, c: ((r + c) % 2 + r * c % 3) % 2 == 0,
+)
+
+
+def _qr_field_tables():
+    """Return GF(256)'s exponent table (doubled, so sums of logarithms need no modulo) and log table."""
+    exponents, logarithms = [0] * 510, [0] * 256
+    value = 1
+    for power in range(255):
+        exponents[power] = exponents[power + 255] = value
+        logarithms[value] = power
+        value <<= 1
+        if value & 0x100:
+            value ^= QR_FIELD_POLYNOMIAL
+    return exponents, logarithms
+
+
+_QR_EXP, _QR_LOG = _qr_field_tables()
+
+
+def _qr_multiply(a, b):
+    """Return the product of two elements of GF(256)."""
+    if a == 0 or b == 0:
+        return 0
+    return _QR_EXP[_QR_LOG[a] + _QR_LOG[b]]
+
+
+def _qr_generator(degree):
+    """Return the Reed-Solomon generator polynomial (x - 1)(x - a)...(x - a^(degree-1)), highest power first."""
+    polynomial = [1]
+    for power in range(degree):
+        product = polynomial + [0]
+        for index, coefficient in enumerate(polynomial):
+            product[index + 1] ^= _qr_multiply(coefficient, _QR_EXP[power])
+        polynomial = product
+    return polynomial
+
+
+def qr_error_correction(data, count):
+    """Return the `count` Reed-Solomon codewords of a block: data times x^count modulo the generator."""
+    generator = _qr_generator(count)
+    remainder = [0] * count
+    for byte in data:
+        factor = byte ^ remainder[0]
+        remainder = remainder[1:] + [0]
+        for index in range(count):
+            remainder[index] ^= _qr_multiply(generator[index + 1], factor)
+    return bytes(remainder)
+
+
+def _qr_bch(value, bits, generator):
+    """Return value followed by its BCH check bits: value * x^bits plus the remainder modulo generator."""
+    shifted = value << bits
+    remainder = shifted
+    for shift in range(value.bit_length() - 1, -1, -1):
+        if remainder >> (shift + bits) & 1:
+            remainder ^= generator << shift
+    return shifted | remainder
+
+
+def qr_format_bits(mask):
+    """Return the 15 format information bits of level M with this mask (0-7), XOR-masked."""
+    return _qr_bch(QR_LEVEL_M_BITS << 3 | mask, 10, QR_FORMAT_GENERATOR) ^ QR_FORMAT_XOR
+
+
+def qr_version_bits(version):
+    """Return the 18 version information bits that versions 7 and up carry twice."""
+    return _qr_bch(version, 12, QR_VERSION_GENERATOR)
+
+
+def qr_alignment_positions(version):
+    """Return the rows (and columns) on which the version's alignment patterns are centred."""
+    if version == 1:
+        return []
+    count = version // 7 + 2
+    step = (version * 8 + count * 3 + 5) // (count * 4 - 4) * 2  # even, the last gap takes the rest
+    last = version * 4 + 10
+    return [6] + [last - step * index for index in range(count - 2, -1, -1)]
+
+
+def _qr_raw_codewords(version):
+    """Return the codewords a symbol holds: its modules less the function patterns, in whole bytes."""
+    modules = (16 * version + 128) * version + 64
+    if version >= 2:
+        count = version // 7 + 2
+        modules -= (25 * count - 10) * count - 55  # alignment patterns, less their overlap with timing
+    if version >= 7:
+        modules -= 36  # the two copies of the version information
+    return modules // 8
+
+
+def qr_data_capacity(version):
+    """Return the data codewords of a level M symbol of this version."""
+    return _qr_raw_codewords(version) - QR_EC_PER_BLOCK_M[version - 1] * QR_BLOCKS_M[version - 1]
+
+
+def _qr_count_bits(version):
+    """Return the length in bits of byte mode's character count for this version."""
+    return 8 if version <= 9 else 16
+
+
+def qr_byte_capacity(version):
+    """Return the most bytes a level M symbol of this version holds in byte mode."""
+    return (qr_data_capacity(version) * 8 - 4 - _qr_count_bits(version)) // 8
+
+
+def qr_version_for(length):
+    """Return the smallest version that holds `length` bytes; UserError if even version 40 does not."""
+    for version in range(1, QR_MAX_VERSION + 1):
+        if length <= qr_byte_capacity(version):
+            return version
+    raise UserError("A QR code holds at most %d bytes; this text has %d."
+                    % (qr_byte_capacity(QR_MAX_VERSION), length))
+
+
+def _qr_data_codewords(data, version):
+    """Return the data codewords: mode, count, the bytes, a terminator, then padding to capacity."""
+    capacity = qr_data_capacity(version)
+    bits = format(QR_BYTE_MODE, "04b") + format(len(data), "0%db" % _qr_count_bits(version))
+    bits += "".join(format(byte, "08b") for byte in data)
+    bits += "0" * min(4, capacity * 8 - len(bits))  # the terminator, cut short when space runs out
+    bits += "0" * (-len(bits) % 8)
+    codewords = bytes(int(bits[start:start + 8], 2) for start in range(0, len(bits), 8))
+    padding = QR_PAD_CODEWORDS * capacity
+    return codewords + padding[:capacity - len(codewords)]
+
+
+def _qr_blocks(codewords, version):
+    """Return the data codewords cut into the version's blocks: the short ones first, then one longer."""
+    count = QR_BLOCKS_M[version - 1]
+    short, longer = divmod(len(codewords), count)
+    blocks, start = [], 0
+    for index in range(count):
+        size = short + (index >= count - longer)
+        blocks.append(codewords[start:start + size])
+        start += size
+    return blocks
+
+
+def _qr_interleave(blocks):
+    """Return the first codeword of every block, then every second, and so on."""
+    result = bytearray()
+    for index in range(max(len(block) for block in blocks)):
+        result.extend(block[index] for block in blocks if index < len(block))
+    return bytes(result)
+
+
+def qr_codewords(data, version):
+    """Return every codeword of a symbol in placement order: data blocks interleaved, then their error correction."""
+    blocks = _qr_blocks(_qr_data_codewords(data, version), version)
+    count = QR_EC_PER_BLOCK_M[version - 1]
+    return _qr_interleave(blocks) + _qr_interleave([qr_error_correction(block, count) for block in blocks])
+
+
+class _QrGrid:
+    """A symbol being built: its modules (True is dark) and which of them belong to function patterns."""
+
+    def __init__(self, version):
+        self.size = size = version * 4 + 17
+        self.dark = [[False] * size for _ in range(size)]
+        self.fixed = [[False] * size for _ in range(size)]
+        self._draw_finders()
+        self._draw_timing()
+        self._draw_alignments(qr_alignment_positions(version))
+        for row, column, _dark in self._format_modules(0):
+            self._set(row, column, False)  # reserved here; masked() draws the real bits
+        if version >= 7:
+            self._draw_version(qr_version_bits(version))
+
+    def _set(self, row, column, dark):
+        self.dark[row][column] = dark
+        self.fixed[row][column] = True
+
+    def _draw_finders(self):
+        """Draw the three finder patterns with their light separators."""
+        for top, left in ((0, 0), (0, self.size - 7), (self.size - 7, 0)):
+            for row in range(max(top - 1, 0), min(top + 8, self.size)):
+                for column in range(max(left - 1, 0), min(left + 8, self.size)):
+                    ring = max(abs(row - top - 3), abs(column - left - 3))
+                    self._set(row, column, ring not in (2, 4))
+
+    def _draw_timing(self):
+        """Draw the timing patterns: alternate modules on row 6 and column 6 between the finders."""
+        for index in range(8, self.size - 8):
+            self._set(6, index, index % 2 == 0)
+            self._set(index, 6, index % 2 == 0)
+
+    def _draw_alignments(self, positions):
+        """Draw a 5 x 5 alignment pattern at every crossing of positions not taken by a finder."""
+        corners = {(6, 6), (6, positions[-1] if positions else 6), (positions[-1] if positions else 6, 6)}
+        for centre_row, centre_column in itertools.product(positions, positions):
+            if (centre_row, centre_column) in corners:
+                continue
+            for row in range(centre_row - 2, centre_row + 3):
+                for column in range(centre_column - 2, centre_column + 3):
+                    self._set(row, column, max(abs(row - centre_row), abs(column - centre_column)) != 1)
+
+    def _format_modules(self, bits):
+        """Yield (row, column, dark) for both copies of the 15 format bits, then the dark module."""
+        size = self.size
+        for index in range(15):  # index 0 is the least significant bit
+            dark = bool(bits >> index & 1)
+            if index < 8:
+                yield (index if index < 6 else index + 1), 8, dark  # down column 8, over the timing row
+                yield 8, size - 1 - index, dark
+            else:
+                yield 8, (7 if index == 8 else 14 - index), dark  # along row 8, over the timing column
+                yield size - 15 + index, 8, dark
+        yield size - 8, 8, True  # the dark module, always there
+
+    def _draw_version(self, bits):
+        """Draw the 18 version bits in the 6 x 3 blocks beside the top right and bottom left finders."""
+        for index in range(18):
+            dark = bool(bits >> index & 1)
+            near, far = index // 3, self.size - 11 + index % 3
+            self._set(near, far, dark)
+            self._set(far, near, dark)
+
+    def _data_positions(self):
+        """Yield the free modules in placement order: up and down two-column strips from the bottom right."""
+        size = self.size
+        for right in list(range(size - 1, 7, -2)) + [5, 3, 1]:  # column 6 is the timing pattern's
+            upward = (right + 1) & 2 == 0
+            for step in range(size):
+                row = size - 1 - step if upward else step
+                for column in (right, right - 1):
+                    if not self.fixed[row][column]:
+                        yield row, column
+
+    def place(self, codewords):
+        """Place the codewords' bits, most significant first; remainder bits stay light."""
+        bits = "".join(format(byte, "08b") for byte in codewords)
+        for (row, column), bit in zip(self._data_positions(), bits):
+            self.dark[row][column] = bit == "1"
+
+    def masked(self, mask):
+        """Return the rows with mask applied to the free modules and the matching format bits drawn."""
+        flip = _QR_MASKS[mask]
+        rows = [[dark != (not fixed and flip(r, c)) for c, (dark, fixed) in enumerate(zip(dark_row, fixed_row))]
+                for r, (dark_row, fixed_row) in enumerate(zip(self.dark, self.fixed))]
+        for row, column, dark in self._format_modules(qr_format_bits(mask)):
+            rows[row][column] = dark
+        return rows
+
+
+def _qr_run_penalty(line):
+    """Return rule N1 for one row or column: runs of five or more modules of one colour."""
+    total = 0
+    for _colour, run in itertools.groupby(line):
+        length = sum(1 for _ in run)
+        if length >= 5:
+            total += QR_PENALTY_RUN + length - 5
+    return total
+
+
+def _qr_finder_penalty(line):
+    """Return rule N3 for one line: each 1:1:3:1:1 pattern with four light modules before or after it.
+
+    The quiet zone counts as light, since it is light in every drawing.
+    """
+    text = "0000" + "".join("1" if dark else "0" for dark in line) + "0000"
+    count = 0
+    start = text.find("1011101")
+    while start >= 0:
+        if text[start - 4:start] == "0000" or text[start + 7:start + 11] == "0000":
+            count += 1
+        start = text.find("1011101", start + 1)
+    return count * QR_PENALTY_FINDER
+
+
+def _qr_block_penalty(rows):
+    """Return rule N2: each 2 x 2 block of one colour (overlapping blocks all count)."""
+    count = 0
+    for upper, lower in zip(rows, rows[1:]):
+        for column in range(len(upper) - 1):
+            count += upper[column] == upper[column + 1] == lower[column] == lower[column + 1]
+    return count * QR_PENALTY_BLOCK
+
+
+def _qr_balance_penalty(rows):
+    """Return rule N4: how far the share of dark modules strays from half, in whole steps of 5 %."""
+    total = len(rows) * len(rows[0])
+    dark = sum(map(sum, rows))
+    return abs(dark * 20 - total * 10) // total * QR_PENALTY_BALANCE
+
+
+def qr_penalty(rows):
+    """Return a symbol's penalty under the standard's rules N1 to N4: the encoder keeps the lowest."""
+    lines = [list(row) for row in rows] + [list(column) for column in zip(*rows)]
+    return (sum(_qr_run_penalty(line) + _qr_finder_penalty(line) for line in lines)
+            + _qr_block_penalty(rows) + _qr_balance_penalty(rows))
+
+
+def qr_matrix(text, mask=None):
+    """Return the QR code of text as rows of booleans, True for dark, without the quiet zone.
+
+    Byte mode with UTF-8, error correction level M, the smallest version that holds
+    the text; the mask is the one with the lowest penalty (the first of equals)
+    unless `mask` names one (0-7). Raises UserError past 2,331 bytes.
+    """
+    data = text.encode("utf-8")
+    version = qr_version_for(len(data))
+    grid = _QrGrid(version)
+    grid.place(qr_codewords(data, version))
+    candidates = [grid.masked(each) for each in (range(8) if mask is None else [mask])]
+    return min(candidates, key=qr_penalty)
+
+
+def _qr_framed(text, mask=None):
+    """Return qr_matrix(text, mask) inside its light quiet zone."""
+    rows = qr_matrix(text, mask)
+    width = len(rows) + 2 * QR_QUIET_MODULES
+    margin = [False] * QR_QUIET_MODULES
+    blank = [[False] * width for _ in range(QR_QUIET_MODULES)]
+    return blank + [margin + row + margin for row in rows] + [list(row) for row in blank]
+
+
+def qr_terminal(text):
+    """Return the QR code of text for a terminal: half blocks, two module rows a line, black on white.
+
+    The colours are set explicitly on every line, so the code reads the same on dark
+    and light themes; print it only where escape sequences work (a terminal).
+    """
+    rows = _qr_framed(text)
+    rows.append([False] * len(rows[0]))  # an odd count: the last line's lower half is margin
+    lines = []
+    for upper, lower in zip(rows[0::2], rows[1::2]):
+        cells = "".join(_QR_HALF_BLOCKS[pair] for pair in zip(upper, lower))
+        lines.append(QR_TERMINAL_COLOURS + cells + QR_TERMINAL_RESET)
+    return "\n".join(lines) + "\n"
+
+
+def _png_chunk(kind, data):
+    """Return one PNG chunk: length, type, data and the CRC of type and data."""
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def qr_png(text, scale=QR_PNG_SCALE, mask=None):
+    """Return a PNG image (bytes) of qr_matrix(text, mask): 8-bit grey, `scale` pixels a module, quiet zone included.
+
+    Tk shows it with tkinter.PhotoImage(data=base64.b64encode(png)) (Tk 8.6 reads PNG).
+    """
+    rows = _qr_framed(text, mask)
+    side = len(rows) * scale
+    dark, light = b"\x00" * scale, b"\xff" * scale
+    pixels = b"".join((b"\x00" + b"".join(dark if module else light for module in row)) * scale
+                      for row in rows)  # each line starts with filter type 0: none
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # depth 8, grey, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(pixels, 9)) + _png_chunk(b"IEND", b""))
+
+
+# =============================================================================
+# 14. Server: accept, threads, shutdown
 # =============================================================================
 #
 # ChatServer accepts on the thread running serve_forever() and gives every
@@ -5974,7 +6747,7 @@ def run_server(args):
 
 
 # =============================================================================
-# 13. Client connection (no Tk)
+# 15. Client connection (no Tk)
 # =============================================================================
 #
 # ChatConnection is what both clients use: connect and hello on the caller's
@@ -6501,7 +7274,7 @@ def load_identity():
 
 
 # =============================================================================
-# 14. Tk window
+# 16. Tk window
 # =============================================================================
 #
 # ChatWindow runs on the Tk thread only. The connection's threads put frames on
@@ -7618,7 +8391,7 @@ def run_window(args):
 
 
 # =============================================================================
-# 15. Terminal client
+# 17. Terminal client
 # =============================================================================
 #
 # A line client for terminals and scripts. The main thread owns stdout; a stdin
@@ -7844,7 +8617,7 @@ def run_cli(args):
 
 
 # =============================================================================
-# 16. Command line
+# 18. Command line
 # =============================================================================
 
 DESCRIPTION = """\

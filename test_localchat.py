@@ -8,11 +8,13 @@ bounded in count and time. No traffic goes anywhere but the loopback interface.
 """
 
 import ast
+import base64
 import collections
 import datetime
 import gc
 import hashlib
 import hmac
+import http.client
 import io
 import ipaddress
 import json
@@ -38,6 +40,7 @@ import tempfile
 import threading
 import time
 import unittest
+import zlib
 from pathlib import Path
 from unittest import mock
 
@@ -5681,6 +5684,268 @@ DISCOVERY_UNSENDABLE_TARGETS = ["127.0.0.1\0x", "\xe9" * 64]
 DISCOVERY_FINGERPRINT = ":".join(["AB", "CD"] + ["0F"] * 29 + ["12"])  # 32 pairs, as SHA-256 gives
 
 
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 1.3's example key
+WS_MASK = b"\x37\xfa\x21\x3d"        # RFC 6455 5.7's example masking key
+
+
+def ws_client_frame(opcode, payload, fin=True, mask=WS_MASK, rsv=0, length=None):
+    """A client frame built here independently of localchat: masked unless mask is None; `length` forces the field."""
+    length = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    mask_bit = 0x80 if mask is not None else 0
+    if length < 126:
+        head += bytes([mask_bit | length])
+    elif length < 1 << 16:
+        head += bytes([mask_bit | 126]) + struct.pack(">H", length)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack(">Q", length)
+    if mask is None:
+        return head + payload
+    return head + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+
+
+def ws_close_payload(code, reason=b""):
+    return struct.pack(">H", code) + reason
+
+
+def ws_request(**changes):
+    """A browser's upgrade request headers as (name, value) pairs; a change of None leaves the header out."""
+    headers = {"Host": "192.168.1.7:13333", "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": WS_KEY, "Sec-WebSocket-Version": "13", "Origin": "http://192.168.1.7:13333"}
+    for name, value in changes.items():
+        headers[name.replace("_", "-")] = value
+    return [(name, value) for name, value in headers.items() if value is not None]
+
+
+class WebSocketCodecTests(unittest.TestCase):
+    """The WebSocket handshake, server frames and the reader of client frames (RFC 6455), with no sockets."""
+
+    def feed_all(self, reader, *frames):
+        events = []
+        for frame in frames:
+            events += reader.feed(frame)
+        return events
+
+    def assert_fails(self, code, *frames):
+        reader = localchat.WebSocketReader()
+        events = self.feed_all(reader, *frames)
+        self.assertEqual([(event.kind, event.code) for event in events][-1:], [("fail", code)], events)
+        self.assertEqual(events[-1].reply[:4], bytes([0x88, events[-1].reply[1]]) + struct.pack(">H", code))
+        self.assertTrue(reader.closed)
+        self.assertEqual(reader.feed(ws_client_frame(1, b"after")), [])
+        return events
+
+    def test_accept_value_of_the_rfc_example(self):
+        self.assertEqual(localchat.websocket_accept(WS_KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+    def test_handshake_accepts_a_browser_of_the_same_origin(self):
+        answer = localchat.websocket_handshake("GET", ws_request())
+        self.assertEqual(answer.status, 101)
+        self.assertEqual(answer.headers, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                          ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")])
+
+    def test_handshake_reads_headers_parsed_by_http_client(self):
+        raw = b"".join(b"%s: %s\r\n" % (n.lower().encode(), v.encode()) for n, v in ws_request()) + b"\r\n"
+        answer = localchat.websocket_handshake("GET", http.client.parse_headers(io.BytesIO(raw)))
+        self.assertEqual(answer.status, 101)
+
+    def test_handshake_declines_every_extension(self):
+        answer = localchat.websocket_handshake("GET", ws_request(
+            Sec_WebSocket_Extensions="permessage-deflate; client_max_window_bits", Sec_WebSocket_Protocol="chat"))
+        self.assertEqual(answer.status, 101)
+        names = [name.lower() for name, _ in answer.headers]
+        self.assertNotIn("sec-websocket-extensions", names)
+        self.assertNotIn("sec-websocket-protocol", names)
+
+    def test_handshake_takes_list_headers_in_any_case_and_order(self):
+        answer = localchat.websocket_handshake("GET", ws_request(Upgrade="WebSocket", Connection="keep-alive, Upgrade"))
+        self.assertEqual(answer.status, 101)
+
+    def test_handshake_refusals(self):
+        cases = [
+            ("POST", ws_request(), 405), ("GET", ws_request(Upgrade=None), 426),
+            ("GET", ws_request(Upgrade="h2c"), 426), ("GET", ws_request(Connection="keep-alive"), 400),
+            ("GET", ws_request(Sec_WebSocket_Version="8"), 426), ("GET", ws_request(Sec_WebSocket_Version=None), 426),
+            ("GET", ws_request(Sec_WebSocket_Key=None), 400),
+            ("GET", ws_request(Sec_WebSocket_Key="not base64 at all!!!!!!!"), 400),
+            ("GET", ws_request(Sec_WebSocket_Key=base64.b64encode(b"x" * 15).decode()), 400),
+            ("GET", ws_request(Sec_WebSocket_Key="d\u00e9hlIHNhbXBsZSBub25jZQ=="), 400),
+            ("GET", ws_request() + [("Sec-WebSocket-Key", WS_KEY)], 400),
+            ("GET", ws_request(Host=None, Origin=None), 400),
+        ]
+        for method, headers, status in cases:
+            answer = localchat.websocket_handshake(method, headers)
+            self.assertEqual(answer.status, status, (method, headers))
+            self.assertTrue(answer.sentence.endswith("."), answer)
+        self.assertIn(("Sec-WebSocket-Version", "13"), localchat.websocket_handshake("GET", cases[4][1]).headers)
+        self.assertIn(("Allow", "GET"), localchat.websocket_handshake("POST", ws_request()).headers)
+
+    def test_handshake_refuses_a_foreign_origin_with_403(self):
+        for origin in ["http://evil.example", "http://192.168.1.7", "http://192.168.1.7:8080", "null",
+                       "http://192.168.1.8:13333", "file://", "chrome-extension://abc", "http://192.168.1.7:99999",
+                       "http://evil@192.168.1.7:13333", "http://192.168.1.7:13333/path"]:
+            answer = localchat.websocket_handshake("GET", ws_request(Origin=origin))
+            self.assertEqual((answer.status, answer.headers), (403, []), origin)
+        answer = localchat.websocket_handshake("GET", ws_request() + [("Origin", "http://evil.example")])
+        self.assertEqual(answer.status, 403)
+
+    def test_handshake_lets_in_the_same_origin_in_any_spelling_and_clients_without_origin(self):
+        for host, origin in [("192.168.1.7:13333", "https://192.168.1.7:13333"), ("Chat.Local", "http://chat.local"),
+                             ("chat.local:80", "http://CHAT.local"), ("chat.local", "https://chat.local:443"),
+                             ("[::1]:13333", "http://[::1]:13333"), ("localhost:13333", None)]:
+            answer = localchat.websocket_handshake("GET", ws_request(Host=host, Origin=origin))
+            self.assertEqual(answer.status, 101, (host, origin))
+
+    def test_server_frames_match_the_rfc_examples(self):
+        frame = localchat.websocket_frame
+        self.assertEqual(frame(localchat.WS_OP_TEXT, b"Hello"), bytes.fromhex("810548656c6c6f"))
+        self.assertEqual(frame(localchat.WS_OP_TEXT, b"Hel", fin=False) + frame(localchat.WS_OP_CONTINUATION, b"lo"),
+                         bytes.fromhex("010348656c") + bytes.fromhex("80026c6f"))
+        self.assertEqual(frame(localchat.WS_OP_PING, b"Hello"), bytes.fromhex("890548656c6c6f"))
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 256)[:4], bytes.fromhex("827e0100"))
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 65536)[:10], bytes.fromhex("827f0000000000010000"))
+        self.assertEqual(len(frame(localchat.WS_OP_BINARY, b"\x01" * 65536)), 65546)
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 125)[:2], bytes.fromhex("827d"))
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 65535)[:4], bytes.fromhex("827effff"))
+        with self.assertRaises(ValueError):
+            frame(localchat.WS_OP_PING, b"x" * 126)
+
+    def test_close_frame_cuts_its_reason_on_a_character_boundary(self):
+        frame = localchat.websocket_close_frame(1001, "\u00e9" * 100)
+        self.assertEqual(frame[:4], bytes([0x88, 2 + 122]) + struct.pack(">H", 1001))
+        self.assertEqual(frame[4:].decode("utf-8"), "\u00e9" * 61)
+        self.assertEqual(localchat.websocket_close_frame(), b"\x88\x00")
+
+    def test_reader_takes_the_rfc_masked_examples_byte_by_byte(self):
+        reader = localchat.WebSocketReader()
+        data = bytes.fromhex("818537fa213d7f9f4d5158") + bytes.fromhex("8a8537fa213d7f9f4d5158")
+        events = self.feed_all(reader, *[data[i:i + 1] for i in range(len(data))])
+        self.assertEqual([(e.kind, e.data, e.reply) for e in events], [("text", "Hello", b""), ("pong", b"Hello", b"")])
+
+    def test_reader_reads_16_and_64_bit_lengths_and_several_frames_at_once(self):
+        reader = localchat.WebSocketReader()
+        big, bigger = bytes(range(256)) * 2, bytes(range(256)) * 256  # 512 bytes, and exactly 64 KiB
+        events = reader.feed(ws_client_frame(2, big) + ws_client_frame(2, bigger) + ws_client_frame(1, b""))
+        self.assertEqual([(e.kind, e.data) for e in events], [("binary", big), ("binary", bigger), ("text", "")])
+
+    def test_unmasked_frame_fails_with_1002(self):
+        self.assert_fails(1002, ws_client_frame(1, b"Hello", mask=None))
+
+    def test_reserved_bits_and_opcodes_fail_with_1002(self):
+        for rsv in (1, 2, 4):
+            self.assert_fails(1002, ws_client_frame(1, b"x", rsv=rsv))
+        for opcode in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF):
+            self.assert_fails(1002, ws_client_frame(opcode, b"x"))
+
+    def test_fragments_with_a_ping_between_are_reassembled(self):
+        reader = localchat.WebSocketReader()
+        events = self.feed_all(reader, ws_client_frame(1, b"Hel", fin=False), ws_client_frame(9, b"are you there"),
+                               ws_client_frame(0, b"l", fin=False), ws_client_frame(10, b"late pong"),
+                               ws_client_frame(0, b"o"))
+        self.assertEqual([(e.kind, e.data) for e in events],
+                         [("ping", b"are you there"), ("pong", b"late pong"), ("text", "Hello")])
+        self.assertEqual(events[0].reply, bytes.fromhex("8a0d") + b"are you there")  # the pong
+        self.assertEqual(reader.feed(ws_client_frame(2, b"\x00", fin=False) + ws_client_frame(0, b"\xff")),
+                         [localchat.WebSocketEvent("binary", b"\x00\xff")])
+
+    def test_fragment_order_is_checked(self):
+        self.assert_fails(1002, ws_client_frame(0, b"no start"))
+        self.assert_fails(1002, ws_client_frame(1, b"a", fin=False), ws_client_frame(1, b"b"))
+        self.assert_fails(1002, ws_client_frame(1, b"a", fin=False), ws_client_frame(2, b"b"))
+
+    def test_control_frames_must_be_whole_and_short(self):
+        self.assert_fails(1002, ws_client_frame(9, b"x", fin=False))
+        self.assert_fails(1002, ws_client_frame(9, b"x" * 126))
+        self.assert_fails(1002, ws_client_frame(8, ws_close_payload(1000, b"x" * 124)))
+        reader = localchat.WebSocketReader()
+        self.assertEqual(reader.feed(ws_client_frame(9, b"x" * 125))[0].reply, b"\x8a\x7d" + b"x" * 125)
+
+    def test_message_over_64_kib_fails_with_1009_before_its_payload_arrives(self):
+        header = ws_client_frame(2, b"\x00" * (64 * 1024 + 1))[:14]
+        self.assert_fails(1009, header)
+        self.assert_fails(1009, ws_client_frame(1, b"a" * 40000, fin=False), ws_client_frame(0, b"b" * 30000)[:8])
+        self.assert_fails(1002, ws_client_frame(2, b"", length=1 << 63)[:14])  # the 64-bit length's top bit
+
+    def test_reader_limit_can_be_set(self):
+        reader = localchat.WebSocketReader(max_message_bytes=10)
+        self.assertEqual(reader.feed(ws_client_frame(1, b"0123456789"))[0].data, "0123456789")
+        self.assertEqual(reader.feed(ws_client_frame(1, b"0123456789!"))[0].code, 1009)
+
+    def test_text_that_is_not_utf8_fails_with_1007(self):
+        self.assert_fails(1007, ws_client_frame(1, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited"))
+        self.assert_fails(1007, ws_client_frame(1, b"ends in the middle \xce"))
+        self.assert_fails(1007, ws_client_frame(1, b"ends in the middle \xce", fin=False), ws_client_frame(0, b"!"))
+
+    def test_bad_utf8_fails_at_its_fragment_before_the_message_ends(self):
+        # Autobahn 6.4.2's payload: the invalid sequence \xf4\x90 is split between two fragments.
+        reader = localchat.WebSocketReader()
+        first = "\u03ba\u1f79\u03c3\u03bc\u03b5".encode() + b"\xf4"
+        self.assertEqual(reader.feed(ws_client_frame(1, first, fin=False)), [])
+        events = reader.feed(ws_client_frame(0, b"\x90", fin=False))
+        self.assertEqual([(e.kind, e.code) for e in events], [("fail", 1007)])
+
+    def test_bad_utf8_fails_before_the_rest_of_its_frame_arrives(self):
+        # Autobahn 6.4.3's case: one frame sent in chops; \xf4\x90 is no UTF-8 whatever follows it.
+        frame = ws_client_frame(1, "\u03ba\u1f79".encode() + b"\xf4\x90\x80\x80" + b"edited" * 20)
+        reader = localchat.WebSocketReader()
+        head = 2 + 2 + 4  # 130 bytes of payload: a 16-bit length, then the mask
+        self.assertEqual(reader.feed(frame[:head + 5]), [])  # two whole characters
+        self.assertEqual([(e.kind, e.code) for e in reader.feed(frame[head + 5:head + 7])], [("fail", 1007)])
+
+    def test_messages_in_odd_chops_are_unmasked_and_put_together(self):
+        text = ("caf\u00e9 \U0001F600 " * 300).encode()  # 4,500 bytes: 16-bit lengths, characters cut anywhere
+        data = (ws_client_frame(1, text[:1001], fin=False) + ws_client_frame(9, b"between")
+                + ws_client_frame(0, text[1001:], mask=b"\x01\x02\x03\x04") + ws_client_frame(2, bytes(range(256))))
+        reader = localchat.WebSocketReader()
+        events = self.feed_all(reader, *[data[i:i + 7] for i in range(0, len(data), 7)])
+        self.assertEqual([(e.kind, e.data) for e in events],
+                         [("ping", b"between"), ("text", text.decode()), ("binary", bytes(range(256)))])
+
+    def test_text_split_inside_a_character_is_put_together(self):
+        reader = localchat.WebSocketReader()
+        text = "\u03ba\u1f79\u03c3\u03bc\u03b5 \U0001F600".encode()
+        frames = [ws_client_frame(1, text[:1], fin=False)]
+        frames += [ws_client_frame(0, text[i:i + 1], fin=False) for i in range(1, len(text))]
+        frames.append(ws_client_frame(0, b""))  # an empty last fragment ends it
+        self.assertEqual(self.feed_all(reader, *frames), [localchat.WebSocketEvent("text", text.decode())])
+
+    def test_peer_close_is_echoed_and_ends_the_reader(self):
+        for payload, code, reason, echo in [(ws_close_payload(1000, b"bye"), 1000, "bye", b"\x88\x02\x03\xe8"),
+                                            (b"", 1005, "", b"\x88\x00"),
+                                            (ws_close_payload(4999), 4999, "", b"\x88\x02\x13\x87")]:
+            reader = localchat.WebSocketReader()
+            events = reader.feed(ws_client_frame(8, payload) + ws_client_frame(1, b"too late"))
+            self.assertEqual(events, [localchat.WebSocketEvent("close", code=code, reason=reason, reply=echo)])
+            self.assertTrue(reader.closed and reader.closing)
+            self.assertEqual(reader.feed(ws_client_frame(9, b"")), [])
+
+    def test_close_codes_a_peer_may_send(self):
+        # Autobahn's cases 7.7 (valid) and 7.9 (invalid), and the IANA registry's 1012-1015.
+        for code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999):
+            events = localchat.WebSocketReader().feed(ws_client_frame(8, ws_close_payload(code)))
+            self.assertEqual([(e.kind, e.code) for e in events], [("close", code)], code)
+        for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535):
+            self.assert_fails(1002, ws_client_frame(8, ws_close_payload(code)))
+
+    def test_close_payload_of_one_byte_or_bad_reason_fails(self):
+        self.assert_fails(1002, ws_client_frame(8, b"\x03"))
+        self.assert_fails(1007, ws_client_frame(8, ws_close_payload(1000, b"\xff\xfe")))
+
+    def test_server_started_close_waits_for_the_peer_and_sends_nothing_more(self):
+        reader = localchat.WebSocketReader()
+        self.assertEqual(reader.begin_close(1001, "server stopping"), b"\x88\x11\x03\xe9server stopping")
+        self.assertEqual(reader.begin_close(1000), b"")
+        events = reader.feed(ws_client_frame(1, b"in flight") + ws_client_frame(9, b"ping") + ws_client_frame(8, b""))
+        self.assertEqual([(e.kind, e.reply) for e in events], [("text", b""), ("ping", b""), ("close", b"")])
+        self.assertTrue(reader.closed)
+
+    def test_failure_after_our_close_sends_no_second_close(self):
+        reader = localchat.WebSocketReader()
+        reader.begin_close()
+        events = reader.feed(ws_client_frame(1, b"x", mask=None))
+        self.assertEqual([(e.kind, e.code, e.reply) for e in events], [("fail", 1002, b"")])
+
+
 def discovery_description(**changes):
     """Return what a server's describe() returns, with some fields changed."""
     fields = {"name": "lab-pc", "port": 13333, "users": 3, "password": False, "tls": True,
@@ -6486,6 +6751,208 @@ class TappedProxy(CutProxy):
     def bytes_seen(self, way):
         with self._seen_lock:
             return bytes(self.seen[way])
+
+
+ZBARIMG = shutil.which("zbarimg")  # Debian's zbar-tools: a real QR reader for the QR tests
+ZBARIMG_SKIP = "zbarimg not found (apt-get install zbar-tools)"
+QR_URL = "http://192.168.1.7:13333/"
+
+
+def qr_read_format(rows):
+    """Both copies of a symbol's format information, read independently at the standard's positions, MSB first."""
+    size = len(rows)
+    first = [(8, 0), (8, 1), (8, 2), (8, 3), (8, 4), (8, 5), (8, 7), (8, 8),
+             (7, 8), (5, 8), (4, 8), (3, 8), (2, 8), (1, 8), (0, 8)]
+    second = [(size - 1 - i, 8) for i in range(7)] + [(8, size - 8 + i) for i in range(8)]
+    return [int("".join("1" if rows[r][c] else "0" for r, c in spots), 2) for spots in (first, second)]
+
+
+def qr_framed(rows):
+    """The symbol inside a four-module light quiet zone, built here independently."""
+    width = len(rows) + 8
+    return [[False] * width] * 4 + [[False] * 4 + list(row) + [False] * 4 for row in rows] + [[False] * width] * 4
+
+
+def qr_zbarimg(test, png):
+    """The bytes zbarimg reads from a PNG (its trailing newline cut); fails the test if it finds no code."""
+    with tempfile.TemporaryDirectory(prefix="localchat-qr-") as folder:
+        path = os.path.join(folder, "code.png")
+        with open(path, "wb") as file:
+            file.write(png)
+        result = subprocess.run([ZBARIMG, "--quiet", "--raw", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=PROCESS_TIMEOUT_S)
+    test.assertEqual(result.returncode, 0, "zbarimg found no code: %r" % result.stderr)
+    test.assertTrue(result.stdout.endswith(b"\n"), result.stdout)
+    return result.stdout[:-1]
+
+
+class QrTests(unittest.TestCase):
+    """The QR encoder: vectors from ISO/IEC 18004 and its well-known tables, and decoding with zbarimg."""
+
+    def test_reed_solomon_of_the_hello_world_1m_example(self):
+        # The widely published "HELLO WORLD" 1-M example: 16 data codewords, 10 error correction codewords.
+        data = bytes([32, 91, 11, 120, 209, 114, 220, 77, 67, 64, 236, 17, 236, 17, 236, 17])
+        self.assertEqual(list(localchat.qr_error_correction(data, 10)),
+                         [196, 35, 39, 119, 235, 215, 231, 226, 93, 23])
+
+    def test_format_information_of_level_m_matches_the_standard_table(self):
+        expected = ["101010000010010", "101000100100101", "101111001111100", "101101101001011",
+                    "100010111111001", "100000011001110", "100111110010111", "100101010100000"]
+        self.assertEqual([format(localchat.qr_format_bits(mask), "015b") for mask in range(8)], expected)
+
+    def test_version_information_matches_the_standard_table(self):
+        expected = {7: "000111110010010100", 8: "001000010110111100", 21: "010101011010000011",
+                    40: "101000110001101001"}
+        for version, bits in expected.items():
+            self.assertEqual(format(localchat.qr_version_bits(version), "018b"), bits, version)
+
+    def test_alignment_positions_match_the_standard_table(self):
+        expected = {1: [], 2: [6, 18], 7: [6, 22, 38], 14: [6, 26, 46, 66], 32: [6, 34, 60, 86, 112, 138],
+                    36: [6, 24, 50, 76, 102, 128, 154], 40: [6, 30, 58, 86, 114, 142, 170]}
+        for version, positions in expected.items():
+            self.assertEqual(localchat.qr_alignment_positions(version), positions, version)
+
+    def test_byte_capacities_at_level_m_match_the_standard_table(self):
+        expected = {1: 14, 2: 26, 3: 42, 4: 62, 5: 84, 6: 106, 7: 122, 9: 180, 10: 213, 11: 251,
+                    20: 666, 27: 1125, 40: 2331}
+        for version, capacity in expected.items():
+            self.assertEqual(localchat.qr_byte_capacity(version), capacity, version)
+
+    def test_block_structure_matches_the_standard_table(self):
+        # ISO/IEC 18004 table 9, level M: (error correction per block, [(blocks, data codewords each)]).
+        expected = {1: (10, [(1, 16)]), 5: (24, [(2, 43)]), 10: (26, [(4, 43), (1, 44)]),
+                    20: (26, [(3, 41), (13, 42)]), 40: (28, [(18, 47), (31, 48)])}
+        for version, (ec, groups) in expected.items():
+            self.assertEqual(localchat.QR_EC_PER_BLOCK_M[version - 1], ec, version)
+            self.assertEqual(localchat.QR_BLOCKS_M[version - 1], sum(count for count, _ in groups), version)
+            self.assertEqual(localchat.qr_data_capacity(version), sum(c * size for c, size in groups), version)
+
+    def test_smallest_version_that_fits_is_chosen(self):
+        for length, version in [(0, 1), (14, 1), (15, 2), (25, 2), (62, 4), (63, 5), (213, 10), (2331, 40)]:
+            self.assertEqual(len(localchat.qr_matrix("a" * length)), 17 + 4 * version, length)
+        self.assertEqual(len(localchat.qr_matrix("\u00e9" * 7)), 21)  # 14 bytes of UTF-8
+        self.assertEqual(len(localchat.qr_matrix("\u00e9" * 8)), 25)
+
+    def test_text_longer_than_version_40_holds_is_a_user_error(self):
+        with self.assertRaisesRegex(localchat.UserError, "2331"):
+            localchat.qr_matrix("a" * 2332)
+
+    def test_data_codewords_of_a_short_byte_mode_text(self):
+        # "hi" at 1-M, worked out by hand: 0100 | 00000010 | 01101000 01101001 | 0000, then EC 11 pads.
+        data = bytes.fromhex("40268690") + b"\xec\x11" * 6
+        self.assertEqual(localchat.qr_codewords(b"hi", 1), data + localchat.qr_error_correction(data, 10))
+
+    def test_blocks_of_version_10_are_interleaved_short_ones_first(self):
+        text = bytes(range(65, 65 + 26)) * 8 + b"abcde"  # 213 bytes: version 10-M exactly full
+        bits = "0100" + format(213, "016b") + "".join(format(b, "08b") for b in text) + "0000"
+        data = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
+        blocks = [data[0:43], data[43:86], data[86:129], data[129:172], data[172:216]]  # 4 x 43, 1 x 44
+        codewords = localchat.qr_codewords(text, 10)
+        self.assertEqual(len(codewords), 346)
+        taken = [codewords[index:215:5] for index in range(5)]
+        taken[4] += codewords[215:216]  # the long block's last data codeword comes after the others'
+        self.assertEqual(taken, blocks)
+        for index, block in enumerate(blocks):
+            self.assertEqual(codewords[216 + index::5], localchat.qr_error_correction(block, 26), index)
+
+    def test_format_information_in_the_symbol_names_level_m_and_the_mask(self):
+        for mask in range(8):
+            rows = localchat.qr_matrix(QR_URL, mask)
+            self.assertEqual(qr_read_format(rows), [localchat.qr_format_bits(mask)] * 2, mask)
+            self.assertTrue(rows[len(rows) - 8][8], "the dark module")
+
+    def test_finder_patterns_and_timing(self):
+        rows = localchat.qr_matrix(QR_URL)
+        size = len(rows)
+        finder = ["1111111", "1000001", "1011101", "1011101", "1011101", "1000001", "1111111"]
+        for top, left in ((0, 0), (0, size - 7), (size - 7, 0)):
+            drawn = ["".join("1" if rows[top + r][left + c] else "0" for c in range(7)) for r in range(7)]
+            self.assertEqual(drawn, finder)
+        self.assertEqual([rows[6][c] for c in range(8, size - 8)], [c % 2 == 0 for c in range(8, size - 8)])
+        self.assertEqual([rows[r][6] for r in range(8, size - 8)], [r % 2 == 0 for r in range(8, size - 8)])
+
+    def test_the_mask_with_the_lowest_penalty_is_chosen(self):
+        for text in ["hi", QR_URL, "x" * 300]:
+            penalties = [localchat.qr_penalty(localchat.qr_matrix(text, mask)) for mask in range(8)]
+            best = penalties.index(min(penalties))
+            self.assertEqual(localchat.qr_matrix(text), localchat.qr_matrix(text, best), text)
+            self.assertGreater(len(set(penalties)), 1, "the masks should score differently")
+
+    def test_penalty_of_an_all_light_symbol_worked_out_by_hand(self):
+        # N1: 42 lines, each one run of 21: 3 + 16. N2: 20 x 20 blocks of 3. N3: none. N4: 0 % dark, 10 steps.
+        rows = [[False] * 21 for _ in range(21)]
+        self.assertEqual(localchat.qr_penalty(rows), 42 * 19 + 400 * 3 + 0 + 100)
+
+    def test_penalty_rules_on_a_checkerboard_worked_out_by_hand(self):
+        def checker():
+            return [[(r + c) % 2 == 0 for c in range(11)] for r in range(11)]
+        self.assertEqual(localchat.qr_penalty(checker()), 0)  # no runs, no blocks, no finders, 61/121 dark
+        rows = checker()
+        rows[0][3] = True  # row 0 becomes 10111010101: a finder-like pattern after the (light) quiet zone
+        self.assertEqual(localchat.qr_penalty(rows), 40)
+        rows = checker()
+        rows[0] = [True] * 11  # one run of 11 in row 0: 3 + 6; no 2x2 block, 66/121 dark is within 5 %
+        self.assertEqual(localchat.qr_penalty(rows), 9)
+        rows = checker()
+        rows[0][1] = rows[1][0] = True  # a dark 2x2 block in the corner and 62/121 dark
+        self.assertEqual(localchat.qr_penalty(rows), 3)
+
+    def test_terminal_drawing_is_the_symbol_in_half_blocks_black_on_white(self):
+        drawing = localchat.qr_terminal(QR_URL)
+        framed = qr_framed(localchat.qr_matrix(QR_URL))
+        lines = drawing.splitlines()
+        self.assertEqual(len(lines), (len(framed) + 1) // 2)
+        halves = {" ": (False, False), "\u2580": (True, False), "\u2584": (False, True), "\u2588": (True, True)}
+        rebuilt = []
+        for line in lines:
+            self.assertTrue(line.startswith("\x1b[30;47;107m") and line.endswith("\x1b[0m"), repr(line))
+            cells = [halves[char] for char in line[len("\x1b[30;47;107m"):-len("\x1b[0m")]]
+            rebuilt += [[top for top, _ in cells], [bottom for _, bottom in cells]]
+        self.assertEqual(rebuilt[:len(framed)], framed)
+        self.assertEqual(rebuilt[len(framed):], [[False] * len(framed)] * (len(rebuilt) - len(framed)))
+
+    def test_png_is_a_valid_grey_image_of_the_framed_symbol(self):
+        png = localchat.qr_png("hi", scale=2)
+        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+        chunks, offset = {}, 8
+        for _ in range(3):
+            length = int.from_bytes(png[offset:offset + 4], "big")
+            kind, body = png[offset + 4:offset + 8], png[offset + 8:offset + 8 + length]
+            self.assertEqual(int.from_bytes(png[offset + 8 + length:offset + 12 + length], "big"),
+                             zlib.crc32(kind + body))
+            chunks[kind], offset = body, offset + 12 + length
+        self.assertEqual(offset, len(png))
+        self.assertEqual(chunks[b"IHDR"], struct.pack(">IIBBBBB", 58, 58, 8, 0, 0, 0, 0))  # (21 + 8) x 2
+        pixels = zlib.decompress(chunks[b"IDAT"])
+        framed = qr_framed(localchat.qr_matrix("hi"))
+        for y in range(58):
+            line = pixels[y * 59:(y + 1) * 59]
+            self.assertEqual(line[0], 0)
+            self.assertEqual([pixel == 0 for pixel in line[1::2]], framed[y // 2], y)
+            self.assertEqual(line[1::2], line[2::2])
+        self.assertEqual(chunks[b"IEND"], b"")
+
+    @unittest.skipUnless(ZBARIMG, ZBARIMG_SKIP)
+    def test_zbarimg_reads_texts_of_several_lengths(self):
+        texts = ["hi", QR_URL, "https://example.org/chat?room=%23general&name=" + "a" * 40,
+                 "LocalChat " * 30, "caf\u00e9 \u00fcber \u20ac \u65e5\u672c\u8a9e \U0001F600 \u0416\u0436"]
+        self.assertGreater(len(texts[3].encode()), 290)
+        for text in texts:
+            self.assertEqual(qr_zbarimg(self, localchat.qr_png(text)).decode("utf-8"), text)
+
+    @unittest.skipUnless(ZBARIMG, ZBARIMG_SKIP)
+    def test_zbarimg_reads_every_mask(self):
+        for mask in range(8):
+            self.assertEqual(qr_zbarimg(self, localchat.qr_png(QR_URL, 4, mask)), QR_URL.encode(), mask)
+
+    @unittest.skipUnless(ZBARIMG, ZBARIMG_SKIP)
+    def test_zbarimg_reads_full_symbols_of_several_versions(self):
+        # Full capacity exercises the last codeword and the remainder bits; 7 and up carry version information.
+        for version in (1, 6, 7, 10, 14, 27, 40):
+            length = localchat.qr_byte_capacity(version)
+            text = ("0123456789abcdefghijklmnopqrstuvwxyz:/." * 60)[:length]
+            png = localchat.qr_png(text, 3)
+            self.assertEqual(qr_zbarimg(self, png).decode(), text, version)
 
 
 def password_hmac(password, nonce):

@@ -2995,6 +2995,7 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         self.assertEqual(alice.read().params, ["alice", "bob alice"])
         self.assertEqual(alice.read().params, ["alice", "bob=+u@lan"])
         bob.send({"type": "away", "text": "lunch"})
+        bob.read_until(is_kind("away", name="bob"))  # the server has it: alice may ask
         alice.send("WHOIS bob")
         lines = [alice.read() for _ in range(4)]
         self.assertEqual([line.command for line in lines], ["311", "312", "301", "318"])

@@ -4406,13 +4406,17 @@ class IrcDoor(Door):
 
     def irc_PART(self, params):
         if self._need(params, 1, "PART"):
-            return self._part(params[0].split(",")[:MAX_ROOMS_PER_USER])
+            return self._part(params[0].split(","))
         return None
 
     def _part(self, channels):
-        for channel in channels:
+        return self._each_channel(channels, "PART", lambda room: {"type": "leave", "room": room})
+
+    def _each_channel(self, channels, command, frame_for):
+        """Run frame_for(room) for each channel named (403 for what is no channel); stop at a reason to."""
+        for channel in channels[:MAX_ROOMS_PER_USER]:
             room = self._channel_room(channel)
-            reason = room and self._run({"type": "leave", "room": room}, "PART", channel)
+            reason = room and self._run(frame_for(room), command, channel)
             if reason:
                 return reason
         return None
@@ -4474,12 +4478,7 @@ class IrcDoor(Door):
         if not params:
             self._send(self._numeric("366", "*", "End of /NAMES list"))
             return None
-        for channel in params[0].split(",")[:MAX_ROOMS_PER_USER]:
-            room = self._channel_room(channel)
-            reason = room and self._run({"type": "users", "room": room}, "NAMES", channel)
-            if reason:
-                return reason
-        return None
+        return self._each_channel(params[0].split(","), "NAMES", lambda room: {"type": "users", "room": room})
 
     def irc_WHO(self, params):
         mask = params[0] if params else "*"

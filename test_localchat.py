@@ -2640,18 +2640,22 @@ class LineClient:
                 self.at_eof = True
             self.buffer += data
 
-    def read_until_text(self, predicate, timeout=READ_TIMEOUT_S):
-        """Read decoded lines until one satisfies predicate; return (it, the lines before it)."""
+    def read(self, timeout=READ_TIMEOUT_S):
+        """Return the next line, decoded, or None once the server has closed."""
+        line = self.read_raw_line(timeout)
+        return None if line is None else line.decode("utf-8")
+
+    def read_until(self, predicate, timeout=READ_TIMEOUT_S):
+        """Read until a line satisfies predicate; return (it, the lines before it)."""
         skipped = []
         deadline = time.monotonic() + timeout
         for _ in range(MAX_FRAMES):
-            line = self.read_raw_line(max(0.01, deadline - time.monotonic()))
+            line = self.read(max(0.01, deadline - time.monotonic()))
             if line is None:
-                raise AssertionError("the server closed first; lines: %r" % skipped[-20:])
-            text = line.decode("utf-8")
-            if predicate(text):
-                return text, skipped
-            skipped.append(text)
+                raise AssertionError("the server closed first; lines: %r" % (skipped[-20:],))
+            if predicate(line):
+                return line, skipped
+            skipped.append(line)
         raise AssertionError("too many lines")
 
     def assert_silent(self, timeout=0.3):
@@ -2672,19 +2676,6 @@ class IrcClient(LineClient):
         """Return the next IrcMessage, or None once the server has closed."""
         line = self.read_raw_line(timeout)
         return None if line is None else parse_irc(line)
-
-    def read_until(self, predicate, timeout=READ_TIMEOUT_S):
-        """Read until a line satisfies predicate; return (it, the lines before it)."""
-        skipped = []
-        deadline = time.monotonic() + timeout
-        for _ in range(MAX_FRAMES):
-            message = self.read(max(0.01, deadline - time.monotonic()))
-            if message is None:
-                raise AssertionError("the server closed first; lines: %r" % (skipped[-20:],))
-            if predicate(message):
-                return message, skipped
-            skipped.append(message)
-        raise AssertionError("too many lines")
 
     def register(self, nick, caps=(), password=None):
         """Register as nick, asking for caps; return the lines up to the end of the MOTD and the NAMES of #general."""
@@ -3202,9 +3193,9 @@ class TextDoorClient:
 
     def __init__(self, client, name):
         self.client = client
-        client.read_until_text(lambda line: "Type your name" in line)
+        client.read_until(lambda line: "Type your name" in line)
         client.send(name)
-        client.read_until_text(lambda line: "/help lists the commands" in line)
+        client.read_until(lambda line: "/help lists the commands" in line)
 
     def say(self, text, room=None):
         if room:
@@ -3216,21 +3207,21 @@ class TextDoorClient:
 
     def join_room(self, room):
         self.client.send("/join " + room)
-        self.client.read_until_text(lambda line: "You are in #%s" % room in line)
+        self.client.read_until(lambda line: "You are in #%s" % room in line)
 
     def next_message(self):
-        line, _ = self.client.read_until_text(self.LINE.match)
+        line, _ = self.client.read_until(self.LINE.match)
         room, sender, direct_sender, text = self.LINE.match(line).groups()
         return sender or direct_sender, room, text
 
     def send_bad_frame(self):
         self.client.send_raw(b"\xff\xfe not utf-8 \xc3\r\n")
-        line, _ = self.client.read_until_text(is_refusal)
+        line, _ = self.client.read_until(is_refusal)
         return "UTF-8" in line
 
     def quit(self):
         self.client.send("/quit")
-        self.client.read_until_text(lambda line: "Goodbye" in line)
+        self.client.read_until(lambda line: "Goodbye" in line)
 
 
 def is_refusal(line):
@@ -3262,27 +3253,27 @@ class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         bob = self.join("bob")
         started = time.monotonic()
         person = self.nc()
-        prompt, _ = person.read_until_text(lambda line: True)
+        prompt, _ = person.read_until(lambda line: True)
         waited = time.monotonic() - started
         self.assertIn("Type your name and press Enter", prompt)
         self.assertGreater(waited, localchat.SILENT_PROMPT_S - 0.2)
         self.assertLess(waited, localchat.SILENT_PROMPT_S + 1.5)
         person.send("carol")
-        welcome, _ = person.read_until_text(lambda line: "Welcome, carol!" in line)
+        welcome, _ = person.read_until(lambda line: "Welcome, carol!" in line)
         self.assertRegex(welcome, r"^\[\d\d:\d\d:\d\d\] \* Welcome, carol!$")
-        room, _ = person.read_until_text(lambda line: "You are in #general" in line)
+        room, _ = person.read_until(lambda line: "You are in #general" in line)
         self.assertIn("bob, carol", room)
         bob.say("hello carol")
-        line, _ = person.read_until_text(lambda line: "hello carol" in line)
+        line, _ = person.read_until(lambda line: "hello carol" in line)
         self.assertRegex(line, r"^\[\d\d:\d\d:\d\d\] #general <bob> hello carol$")
         person.send("hello bob")
         self.assertEqual(summary(bob.read_until(from_other("bob"))[0], "from", "text"), ("carol", "hello bob"))
         person.send("/me waves")
         self.assertEqual(summary(bob.read_until(is_message)[0], "text", "action"), ("waves", True))
         person.send("/help")
-        person.read_until_text(lambda line: "/msg NAME TEXT" in line)
+        person.read_until(lambda line: "/msg NAME TEXT" in line)
         person.send("/frobnicate")
-        line, _ = person.read_until_text(is_refusal)
+        line, _ = person.read_until(is_refusal)
         self.assertIn("Unknown command /frobnicate", line)
         person.send("/msg bob just you")
         self.assertEqual(summary(bob.read_until(is_message)[0], "to", "text"), ("bob", "just you"))
@@ -3294,9 +3285,9 @@ class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         telnet = self.nc()
         # What telnet sends when it connects to a port that says nothing: option negotiation first
         telnet.send_raw(b"\xff\xfd\x03\xff\xfb\x18\xff\xfa\x18\x00xterm\xff\xf0")
-        telnet.read_until_text(lambda line: "Type your name" in line)
+        telnet.read_until(lambda line: "Type your name" in line)
         telnet.send_raw(b"dave\r\n")
-        telnet.read_until_text(lambda line: "/help lists" in line)
+        telnet.read_until(lambda line: "/help lists" in line)
         telnet.send_raw(b"with crlf\r\nwith lf\nsplit \xff\xf4 by an interrupt\r\n")
         got = texts([bob.read_until(is_message)[0] for _ in range(3)])
         self.assertEqual(got, ["with crlf", "with lf", "split  by an interrupt"])
@@ -3306,9 +3297,9 @@ class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         bob = self.join("bob")
         person = self.nc()
         person.send("erin")
-        person.read_until_text(lambda line: "/help lists" in line)
+        person.read_until(lambda line: "/help lists" in line)
         person.send_raw(b"z" * (localchat.TEXT_MAX_LINE_BYTES + 10) + b"\nshort one\n")
-        line, _ = person.read_until_text(is_refusal)
+        line, _ = person.read_until(is_refusal)
         self.assertIn("longer than %d bytes" % localchat.TEXT_MAX_LINE_BYTES, line)
         frame, _ = bob.read_until(is_message)
         self.assertEqual(frame["text"], "short one")
@@ -3318,19 +3309,19 @@ class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         self.join("bob")
         person = self.nc()
         person.send("BOB")
-        line, _ = person.read_until_text(is_refusal)
+        line, _ = person.read_until(is_refusal)
         self.assertIn("already taken", line)
         person.send("not a name")
-        line, _ = person.read_until_text(is_refusal)
+        line, _ = person.read_until(is_refusal)
         self.assertIn("without spaces", line)
         person.send("bobby")
-        person.read_until_text(lambda line: "Welcome, bobby!" in line)
+        person.read_until(lambda line: "Welcome, bobby!" in line)
 
     def test_a_password_is_asked_for_over_tls_and_refused_in_clear(self):
         self.start_server(hub=localchat.ChatHub("lab", password="sesame"))
         clear = self.nc()
         clear.send("frank")
-        line, _ = clear.read_until_text(is_refusal)
+        line, _ = clear.read_until(is_refusal)
         self.assertIn("unencrypted", line.replace("in clear", "unencrypted"))
         self.assertIsNone(clear.read_raw_line())
         self.server.stop()
@@ -3339,11 +3330,11 @@ class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         person = self.nc(context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S)))
-        person.read_until_text(lambda line: "Type your name" in line)  # asked although TLS spoke first
+        person.read_until(lambda line: "Type your name" in line)  # asked although TLS spoke first
         person.send("frank")
-        person.read_until_text(lambda line: "password" in line)
+        person.read_until(lambda line: "password" in line)
         person.send("sesame")
-        person.read_until_text(lambda line: "Welcome, frank!" in line)
+        person.read_until(lambda line: "Welcome, frank!" in line)
 
     def test_openssl_s_client_joins_a_tls_server(self):
         openssl = shutil.which("openssl")
@@ -3357,11 +3348,11 @@ class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         self.addCleanup(process.wait, PROCESS_TIMEOUT_S)
         self.addCleanup(process.kill)
         reader = LineClient(None, sock=_PipeSocket(process.stdout))
-        reader.read_until_text(lambda line: "Type your name" in line)
+        reader.read_until(lambda line: "Type your name" in line)
         process.stdin.write(b"gina\nhello over tls\n/quit\n")
         process.stdin.flush()
-        reader.read_until_text(lambda line: "Welcome, gina!" in line)
-        reader.read_until_text(lambda line: "Goodbye" in line)
+        reader.read_until(lambda line: "Welcome, gina!" in line)
+        reader.read_until(lambda line: "Goodbye" in line)
 
 
 class _PipeSocket:

@@ -19,14 +19,15 @@ Sections:
     8. Encryption: TLS over memory buffers
     9. Transport: outboxes, the writer threads and the send budget
     10. Web: the WebSocket handshake and frames (no sockets)
-    11. Sessions and doors: one session per connection, a door per protocol
-    12. Discovery: UDP probes and replies, finding servers on the LAN
-    13. QR codes: the web address for a phone's camera (ISO/IEC 18004)
-    14. Server: accept, threads, shutdown
-    15. Client connection (no Tk)
-    16. Tk window
-    17. Terminal client
-    18. Command line
+    11. Web page: HTML, CSS and JavaScript
+    12. Sessions and doors: one session per connection, a door per protocol
+    13. Discovery: UDP probes and replies, finding servers on the LAN
+    14. QR codes: the web address for a phone's camera (ISO/IEC 18004)
+    15. Server: accept, threads, shutdown
+    16. Client connection (no Tk)
+    17. Tk window
+    18. Terminal client
+    19. Command line
 """
 
 __version__ = "1.0"
@@ -38,8 +39,10 @@ import collections
 import datetime
 import errno
 import getpass
+import gzip
 import hashlib
 import hmac
+import http
 import ipaddress
 import itertools
 import json
@@ -3900,7 +3903,31 @@ class WebSocketReader:
 
 
 # =============================================================================
-# 11. Sessions and doors: one session per connection, a door per protocol
+# 11. Web page: HTML, CSS and JavaScript
+# =============================================================================
+#
+# The page a browser gets from the web door, kept here as text and served as it
+# is: no templating, so nothing anybody typed ever becomes markup.
+
+WEB_PAGE_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>LocalChat</title><link rel="stylesheet" href="/app.css"><link rel="manifest" href="/manifest.webmanifest">
+<link rel="icon" href="/icon.svg"><script src="/app.js" defer></script></head>
+<body><main id="app"><h1>LocalChat</h1></main></body></html>
+"""
+WEB_PAGE_CSS = "body { font: 16px system-ui, sans-serif; margin: 0; }\n"
+WEB_PAGE_JS = "\"use strict\";\n"
+WEB_MANIFEST = """{"name": "LocalChat", "short_name": "LocalChat", "start_url": "/", "display": "standalone",
+ "background_color": "#ffffff", "theme_color": "#3b5bdb",
+ "icons": [{"src": "/icon.svg", "sizes": "any", "type": "image/svg+xml"}]}
+"""
+WEB_ICON_SVG = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64"><rect width="64" height="64" rx="14" fill="#3b5bdb"/>
+<path d="M14 18h36a6 6 0 0 1 6 6v16a6 6 0 0 1-6 6H30l-10 8v-8h-6a6 6 0 0 1-6-6V24a6 6 0 0 1 6-6z" fill="#fff"/></svg>
+"""
+
+
+# =============================================================================
+# 12. Sessions and doors: one session per connection, a door per protocol
 # =============================================================================
 #
 # A Session handles one connection whatever it speaks: the TLS sniff, bounded
@@ -4995,7 +5022,293 @@ class TextDoor(Door):
                                       "password": line})
 
 
-DOORS = (JsonLinesDoor, IrcDoor, TextDoor)  # tried in order on a connection's first bytes; the last one takes the rest
+# -- Web: the chat page over HTTP, live traffic over WebSocket ----------------------
+#
+# A browser asks for the page (GET /, its script, style, manifest and icon), then
+# opens a WebSocket at /ws. Each WebSocket text message carries exactly one frame
+# of protocol v1, so the page speaks the same JSON as every other client and the
+# hub cannot tell them apart. HTTP is bounded: the request line and headers in
+# HTTP_MAX_HEAD_BYTES and HTTP_MAX_HEADERS, a deadline for them, and keep-alive
+# bounded in requests and idle time.
+
+HTTP_MAX_HEAD_BYTES = 8 * 1024   # a request line and its headers
+HTTP_MAX_HEADERS = 100           # headers in one request
+HTTP_HEAD_TIMEOUT_S = 10.0       # a request's line and headers must all come within this (slowloris)
+HTTP_KEEPALIVE_S = 15.0          # an idle keep-alive connection is closed after this
+HTTP_MAX_REQUESTS = 100          # requests on one keep-alive connection
+WS_ECHO_TIMEOUT_S = 120.0        # /ws/echo (--diagnostics only) may stay this long without a hello
+_HTTP_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2: a header's name, a method
+WEB_SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: "
+     "blob:; connect-src 'self'; manifest-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
+
+
+class WebResource(NamedTuple):
+    """One file the page is made of: its bytes, gzipped, and the ETag that makes a reload cost nothing."""
+
+    body: bytes
+    gzipped: bytes
+    content_type: str
+    etag: str
+
+
+def web_resource(text, content_type):
+    body = text.encode("utf-8")
+    return WebResource(body, gzip.compress(body, mtime=0), content_type,
+                       '"%s"' % hashlib.sha256(body).hexdigest()[:20])
+
+
+def web_resources():
+    """Return {path: WebResource} of the page: made once, on first use."""
+    global _WEB_RESOURCES
+    if _WEB_RESOURCES is None:
+        _WEB_RESOURCES = {
+            "/": web_resource(WEB_PAGE_HTML, "text/html; charset=utf-8"),
+            "/app.js": web_resource(WEB_PAGE_JS, "text/javascript; charset=utf-8"),
+            "/app.css": web_resource(WEB_PAGE_CSS, "text/css; charset=utf-8"),
+            "/manifest.webmanifest": web_resource(WEB_MANIFEST, "application/manifest+json; charset=utf-8"),
+            "/icon.svg": web_resource(WEB_ICON_SVG, "image/svg+xml; charset=utf-8"),
+        }
+    return _WEB_RESOURCES
+
+
+_WEB_RESOURCES = None
+
+
+def ws_encode(fields):
+    """The web door's encoder: a frame as one WebSocket text message; a goodbye also closes the WebSocket."""
+    data = websocket_frame(WS_OP_TEXT, encode_frame(fields)[:-1])
+    if fields.get("type") == "bye" or fields.get("fatal"):
+        going = fields.get("type") == "bye" and fields.get("reason") == "shutdown"
+        data += websocket_close_frame(WS_CLOSE_GOING_AWAY if going else
+                                      WS_CLOSE_NORMAL if fields.get("type") == "bye" else WS_CLOSE_POLICY)
+    return data
+
+
+class HttpRequest(NamedTuple):
+    method: str
+    path: str
+    version: str
+    headers: dict  # lower-case name -> value (repeated headers joined with ", ")
+    pairs: list    # (name, value) as they came, for the WebSocket handshake
+
+
+def parse_http_head(head):
+    """Return the HttpRequest of a request line and headers (bytes, no blank line), or raise ValueError."""
+    lines = head.decode("latin-1").split("\n")
+    parts = lines[0].rstrip("\r").split(" ")
+    if len(parts) != 3 or not _HTTP_TOKEN.match(parts[0]) or not parts[1].startswith("/") or \
+            parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        raise ValueError("a bad request line")
+    if len(lines) - 1 > HTTP_MAX_HEADERS:
+        raise OverflowError("too many headers")
+    headers, pairs = {}, []
+    for line in lines[1:]:
+        name, colon, value = line.rstrip("\r").partition(":")
+        if not colon or not _HTTP_TOKEN.match(name):
+            raise ValueError("a bad header line")
+        name, value = name.lower(), value.strip(" \t")
+        pairs.append((name, value))
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    return HttpRequest(parts[0], parts[1].partition("?")[0], parts[2], headers, pairs)
+
+
+class WebDoor(Door):
+    """Browsers: the chat page over HTTP, then protocol v1 over a WebSocket at /ws.
+
+    One per connection, on the connection's thread. Until the upgrade it answers
+    HTTP requests itself; after it, WebSocket text messages are protocol frames.
+    """
+
+    name = "web"
+    encode = staticmethod(ws_encode)
+    hello_timeout_s = HTTP_HEAD_TIMEOUT_S
+    methods = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+
+    @classmethod
+    def claims(cls, first):
+        if any(first.startswith(method) for method in cls.methods):
+            return True
+        return None if any(method.startswith(first) for method in cls.methods) else False
+
+    def __init__(self):
+        self.session = None
+        self.reader = None  # the WebSocketReader, after the upgrade
+        self.echo = False  # /ws/echo (--diagnostics): messages come back as they are
+        self.requests = 0
+        self.receiving = False  # part of a request has come (a timeout then gets 408)
+
+    def greet(self, session):
+        self.session = session
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def frames(self, buffer):
+        found = []
+        for _ in range(HTTP_MAX_REQUESTS + 1):  # each turn answers one request or stops
+            if not buffer:
+                break
+            if self.reader is not None:
+                data = bytes(buffer)
+                del buffer[:]
+                return found + self._websocket(data)
+            end, size = _head_end(buffer)
+            self.receiving = True
+            if end < 0:
+                if len(buffer) > HTTP_MAX_HEAD_BYTES:
+                    return found + self._refuse(431, "The request's headers are too long.")
+                break
+            head = bytes(buffer[:end])
+            del buffer[:end + size]
+            self.receiving = False
+            answer = self._request(head)
+            if answer:
+                return found + answer
+        return found
+
+    def _request(self, head):
+        """Answer one request; return frames for the session ([bye] to close), or [] to read on."""
+        if len(head) > HTTP_MAX_HEAD_BYTES:
+            return self._refuse(431, "The request's headers are too long.")
+        try:
+            request = parse_http_head(head)
+        except OverflowError:
+            return self._refuse(431, "The request has too many headers.")
+        except ValueError:
+            return self._refuse(400, "That is not an HTTP request this server understands.")
+        self.requests += 1
+        if request.path in ("/ws", "/ws/echo") and "upgrade" in request.headers:
+            return self._upgrade(request)
+        resource = web_resources().get(request.path)
+        if resource is None and request.path != "/ws":
+            return self._answer(request, 404, b"Not found. The chat is at /.\n")
+        if request.method not in ("GET", "HEAD") or resource is None:
+            allow = "GET" if resource is None else "GET, HEAD"
+            return self._answer(request, 405, b"That method is not allowed here.\n", [("Allow", allow)],
+                                close=request.method not in ("GET", "HEAD"))  # a body may follow: not read
+        return self._serve(request, resource)
+
+    def _serve(self, request, resource):
+        if resource.etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
+            return self._answer(request, 304, b"", [("ETag", resource.etag)])
+        zipped = _accepts_gzip(request.headers.get("accept-encoding", ""))
+        extra = [("ETag", resource.etag), ("Cache-Control", "no-cache"), ("Vary", "Accept-Encoding")]
+        if zipped:
+            extra.append(("Content-Encoding", "gzip"))
+        return self._answer(request, 200, resource.gzipped if zipped else resource.body, extra,
+                            content_type=resource.content_type)
+
+    def _answer(self, request, status, body, extra=(), content_type="text/plain; charset=utf-8", close=False):
+        """Send a response; return [bye] if the connection ends with it, else [] (keep-alive)."""
+        close = close or request.version == "HTTP/1.0" or self.requests >= HTTP_MAX_REQUESTS or \
+            "close" in request.headers.get("connection", "").lower()
+        self._send_response(status, body, extra, content_type, close, head_only=request.method == "HEAD")
+        if close:
+            return [{"type": "bye"}]
+        self.session.extend_hello(HTTP_KEEPALIVE_S)  # the next request has this long to begin and end
+        return []
+
+    def _refuse(self, status, sentence):
+        self._send_response(status, (sentence + "\n").encode("utf-8"), (), "text/plain; charset=utf-8", True)
+        log.info("%s: HTTP %d: %s", self.session.peer, status, sentence)
+        return [{"type": "bye"}]
+
+    def _send_response(self, status, body, extra, content_type, close, head_only=False):
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        headers += list(extra) + list(WEB_SECURITY_HEADERS)
+        headers.append(("Connection", "close") if close else
+                       ("Keep-Alive", "timeout=%d, max=%d" % (HTTP_KEEPALIVE_S, HTTP_MAX_REQUESTS)))
+        self.session.outbox.put(_http_head(status, headers) + (b"" if head_only else body))
+
+    # -- WebSocket -----------------------------------------------------------------
+
+    def _upgrade(self, request):
+        echo = request.path == "/ws/echo"
+        if echo and not self.session.server.diagnostics:
+            return self._answer(request, 404, b"Not found. The chat is at /.\n")
+        answer = websocket_handshake(request.method, request.pairs)
+        if answer.status != 101:
+            log.info("%s: WebSocket refused (%d): %s", self.session.peer, answer.status, answer.sentence)
+            self._send_response(answer.status, (answer.sentence + "\n").encode("utf-8"), answer.headers,
+                                "text/plain; charset=utf-8", True)
+            return [{"type": "bye"}]
+        self.session.outbox.put(_http_head(101, answer.headers))
+        self.reader, self.echo = WebSocketReader(), echo
+        self.session.extend_hello(WS_ECHO_TIMEOUT_S if echo else self.session.server.hello_timeout)
+        return []
+
+    def _websocket(self, data):
+        """Return the protocol frames (and ProtocolErrors) in bytes that came over the WebSocket."""
+        found = []
+        for event in self.reader.feed(data):
+            if event.reply:
+                self.session.outbox.put(event.reply)
+            if event.kind == "text" and not self.echo:
+                found.append(self._parsed(event.data))
+            elif event.kind in ("text", "binary") and self.echo:
+                opcode = WS_OP_TEXT if event.kind == "text" else WS_OP_BINARY
+                self.session.outbox.put(websocket_frame(opcode, event.data.encode("utf-8") if event.kind == "text"
+                                                        else event.data))
+            elif event.kind == "binary":
+                self.session.outbox.put(self.reader.begin_close(WS_CLOSE_UNSUPPORTED, "Text messages only."))
+                return found + [{"type": "bye"}]
+            elif event.kind == "close":
+                return found + [{"type": "bye"}]
+            elif event.kind == "fail":
+                log.info("%s: WebSocket failed (%d): %s", self.session.peer, event.code, event.reason)
+                return found + [{"type": "bye"}]
+        return found
+
+    @staticmethod
+    def _parsed(text):
+        try:
+            return parse_frame(text.encode("utf-8"))
+        except ProtocolError as error:
+            return error
+
+    def encode_own(self, fields):
+        if self.reader is None:  # still HTTP: a request that did not come in time gets 408
+            if fields.get("code") == "hello_timeout" and self.receiving:
+                body = b"The request did not come in time.\n"
+                return _http_head(408, [("Content-Type", "text/plain; charset=utf-8"),
+                                        ("Content-Length", str(len(body))), ("Connection", "close")]) + body
+            return b""
+        if self.reader.closing or self.echo:
+            return b""  # nothing may follow our close frame
+        if fields.get("type") == "bye" or fields.get("fatal"):
+            self.reader.closing = True
+        return ws_encode(fields)
+
+
+def _accepts_gzip(accept_encoding):
+    """Tell whether an Accept-Encoding header takes gzip ("gzip;q=0" refuses it)."""
+    for item in accept_encoding.lower().split(","):
+        coding, _, parameters = item.partition(";")
+        if coding.strip() in ("gzip", "x-gzip"):
+            return parameters.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+def _head_end(buffer):
+    """Return (where the headers end, the length of the blank line), or (-1, 0) if not yet."""
+    end = buffer.find(b"\r\n\r\n")
+    bare = buffer.find(b"\n\n", 0, end if end >= 0 else len(buffer))
+    if bare >= 0:
+        return bare, 2
+    return (end, 4) if end >= 0 else (-1, 0)
+
+
+def _http_head(status, headers):
+    lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase)]
+    lines += ["%s: %s" % pair for pair in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+DOORS = (JsonLinesDoor, WebDoor, IrcDoor, TextDoor)  # tried in order on a connection's first bytes; the last one takes the rest
 
 
 class Session(socketserver.BaseRequestHandler):
@@ -5279,6 +5592,10 @@ class Session(socketserver.BaseRequestHandler):
     def do_door(self, frame):
         return self.door.handle(self, frame)
 
+    def extend_hello(self, seconds):
+        """Give the hello (or a door's next request) `seconds` from now: a door's own deadlines."""
+        self._hello_deadline = time.monotonic() + seconds
+
     def do_auth(self, frame):
         """The answer to a password challenge: HMAC-SHA256(password, nonce), in hex."""
         if self._challenge is None or self.seat is not None:
@@ -5417,7 +5734,7 @@ class Session(socketserver.BaseRequestHandler):
 
 
 # =============================================================================
-# 12. Discovery: UDP probes and replies, finding servers on the LAN
+# 13. Discovery: UDP probes and replies, finding servers on the LAN
 # =============================================================================
 #
 # A server's DiscoveryResponder answers probes on its own "discovery" thread;
@@ -5880,7 +6197,7 @@ def _short_fingerprint(fingerprint):
 
 
 # =============================================================================
-# 13. QR codes: the web address for a phone's camera (ISO/IEC 18004)
+# 14. QR codes: the web address for a phone's camera (ISO/IEC 18004)
 # =============================================================================
 #
 # qr_matrix() makes the symbol: byte mode (UTF-8), error correction level M, the
@@ -6275,7 +6592,7 @@ def qr_png(text, scale=QR_PNG_SCALE, mask=None):
 
 
 # =============================================================================
-# 14. Server: accept, threads, shutdown
+# 15. Server: accept, threads, shutdown
 # =============================================================================
 #
 # ChatServer accepts on the thread running serve_forever() and gives every
@@ -6291,8 +6608,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address=(DEFAULT_HOST, DEFAULT_PORT), hub=None, hello_timeout=HELLO_TIMEOUT_S,
                  idle_ping=IDLE_PING_S, tls_context=None, queue_budget=QUEUE_BUDGET_BYTES,
-                 select_limit=SELECT_LIMIT, doors=DOORS, clear_passwords=False):
+                 select_limit=SELECT_LIMIT, doors=DOORS, clear_passwords=False, diagnostics=False):
         self.tls_context = tls_context  # an ssl.SSLContext: every connection is encrypted
+        self.diagnostics = diagnostics  # --diagnostics: the web door answers /ws/echo (for Autobahn|Testsuite)
         self.clear_passwords = clear_passwords  # the IRC and text doors may take a password without TLS
         self.doors = tuple(doors)  # Door classes, tried in order on each connection's first bytes
         self.local_exempt = True  # connections from this computer do not count towards max_per_ip
@@ -6702,7 +7020,7 @@ def run_server(args):
     context, fingerprint = server_certificate(args) if args.tls else (None, None)
     try:
         server = ChatServer((args.host, args.port), hub=hub, tls_context=context,
-                            clear_passwords=args.allow_clear_passwords)
+                            clear_passwords=args.allow_clear_passwords, diagnostics=args.diagnostics)
     except OSError as error:
         store.close()
         raise UserError(bind_error_sentence(error, args.host, args.port)) from None
@@ -6746,7 +7064,7 @@ def run_server(args):
 
 
 # =============================================================================
-# 15. Client connection (no Tk)
+# 16. Client connection (no Tk)
 # =============================================================================
 #
 # ChatConnection is what both clients use: connect and hello on the caller's
@@ -7273,7 +7591,7 @@ def load_identity():
 
 
 # =============================================================================
-# 16. Tk window
+# 17. Tk window
 # =============================================================================
 #
 # ChatWindow runs on the Tk thread only. The connection's threads put frames on
@@ -8390,7 +8708,7 @@ def run_window(args):
 
 
 # =============================================================================
-# 17. Terminal client
+# 18. Terminal client
 # =============================================================================
 #
 # A line client for terminals and scripts. The main thread owns stdout; a stdin
@@ -8616,7 +8934,7 @@ def run_cli(args):
 
 
 # =============================================================================
-# 18. Command line
+# 19. Command line
 # =============================================================================
 
 DESCRIPTION = """\
@@ -8676,6 +8994,9 @@ def build_parser():
     server.add_argument("--key", metavar="FILE", help="... and this private key (PEM)")
     server.add_argument("--op", action="append", metavar="NAME",
                         help="make NAME an operator (may be given several times)")
+    server.add_argument("--diagnostics", action="store_true",
+                        help="answer WebSocket echo requests at /ws/echo, for testing the WebSocket framing "
+                        "with Autobahn|Testsuite; not for a chat in use")
     server.add_argument("--allow-clear-passwords", action="store_true",
                         help="with --password and without --tls: let IRC clients and nc join, though "
                         "their password then crosses the network unencrypted (refused by default)")
@@ -8719,7 +9040,8 @@ def check_args(parser, args):
                           ("--scrollback", args.scrollback), ("--op", args.op),
                           ("--name", args.server_name), ("--no-discovery", args.no_discovery),
                           ("--cert", args.cert), ("--key", args.key),
-                          ("--allow-clear-passwords", args.allow_clear_passwords)) + tuple(
+                          ("--allow-clear-passwords", args.allow_clear_passwords),
+                          ("--diagnostics", args.diagnostics)) + tuple(
             ("--" + attribute.replace("_", "-"), getattr(args, attribute)) for attribute, _, _ in Limits.TABLE):
         if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)

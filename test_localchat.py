@@ -12,6 +12,7 @@ import base64
 import collections
 import datetime
 import gc
+import gzip
 import hashlib
 import hmac
 import http.client
@@ -3372,6 +3373,415 @@ class _PipeSocket:
 
     def close(self):
         self.pipe.close()
+
+
+class WsClient:
+    """A test's WebSocket client over a real socket: the upgrade, masked frames out, frames in, deadlines."""
+
+    def __init__(self, address, path="/ws", origin=None, extra_headers=(), sock=None):
+        self.sock = sock or socket.create_connection(address, timeout=READ_TIMEOUT_S)
+        self.buffer = bytearray()
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        lines = ["GET %s HTTP/1.1" % path, "Host: %s:%d" % address, "Upgrade: websocket", "Connection: Upgrade",
+                 "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
+        if origin is not None:
+            lines.append("Origin: " + origin)
+        lines += ["%s: %s" % pair for pair in extra_headers]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+        self.status, self.headers = read_http_head(self.sock, self.buffer)
+        self.accept_expected = localchat.websocket_accept(key)
+
+    def send_frame(self, opcode, payload, fin=True, mask=True, rsv=0):
+        head = bytes([(0x80 if fin else 0) | rsv | opcode])
+        length = len(payload)
+        bit = 0x80 if mask else 0
+        if length < 126:
+            head += bytes([bit | length])
+        elif length < 1 << 16:
+            head += bytes([bit | 126]) + length.to_bytes(2, "big")
+        else:
+            head += bytes([bit | 127]) + length.to_bytes(8, "big")
+        if mask:
+            key = os.urandom(4)
+            payload = bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+            head += key
+        self.sock.sendall(head + payload)
+
+    def send(self, fields):
+        self.send_frame(localchat.WS_OP_TEXT, json.dumps(fields).encode("utf-8"))
+
+    def read_message(self, timeout=READ_TIMEOUT_S):
+        """Return (opcode, payload) of the next frame, or None once the server has closed the TCP connection."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.buffer) >= 2:
+                length, size = self.buffer[1] & 0x7F, 2
+                if length == 126 and len(self.buffer) >= 4:
+                    length, size = int.from_bytes(self.buffer[2:4], "big"), 4
+                elif length == 127 and len(self.buffer) >= 10:
+                    length, size = int.from_bytes(self.buffer[2:10], "big"), 10
+                if length < 126 or size > 2:
+                    if self.buffer[1] & 0x80:
+                        raise AssertionError("a server frame was masked")
+                    if len(self.buffer) >= size + length:
+                        opcode, payload = self.buffer[0] & 0x0F, bytes(self.buffer[size:size + length])
+                        del self.buffer[:size + length]
+                        return opcode, payload
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no frame within %.1f s" % timeout)
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return None
+            self.buffer += data
+
+    def read_frame(self, timeout=READ_TIMEOUT_S):
+        """Return the next protocol frame (a text message's JSON), skipping control frames; None at a close."""
+        for _ in range(MAX_FRAMES):
+            message = self.read_message(timeout)
+            if message is None or message[0] == localchat.WS_OP_CLOSE:
+                return None
+            if message[0] == localchat.WS_OP_TEXT:
+                return json.loads(message[1].decode("utf-8"))
+        raise AssertionError("too many frames")
+
+    def read_until(self, predicate, timeout=READ_TIMEOUT_S):
+        skipped = []
+        deadline = time.monotonic() + timeout
+        for _ in range(MAX_FRAMES):
+            frame = self.read_frame(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                raise AssertionError("closed first; frames: %r" % skipped[-10:])
+            if predicate(frame):
+                return frame, skipped
+            skipped.append(frame)
+        raise AssertionError("too many frames")
+
+    def read_close(self, timeout=READ_TIMEOUT_S):
+        """Read up to the server's close frame; return its code (None if TCP closed without one)."""
+        for _ in range(MAX_FRAMES):
+            message = self.read_message(timeout)
+            if message is None:
+                return None
+            if message[0] == localchat.WS_OP_CLOSE:
+                return int.from_bytes(message[1][:2], "big") if len(message[1]) >= 2 else 1005
+        raise AssertionError("too many frames")
+
+    def close(self):
+        self.sock.close()
+
+
+def read_http_head(sock, buffer, timeout=READ_TIMEOUT_S):
+    """Read a response's status line and headers; return (status, {lower-case name: value}); the rest stays in buffer."""
+    deadline = time.monotonic() + timeout
+    while b"\r\n\r\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError("no response head within %.1f s: %r" % (timeout, bytes(buffer[:200])))
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not data:
+            raise AssertionError("closed before a response head: %r" % bytes(buffer[:200]))
+        buffer += data
+    end = buffer.find(b"\r\n\r\n")
+    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    del buffer[:end + 4]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers
+
+
+class HttpConnection:
+    """A test's keep-alive HTTP connection over a raw socket: requests as bytes, responses read whole."""
+
+    def __init__(self, address):
+        self.address = address
+        self.sock = socket.create_connection(address, timeout=READ_TIMEOUT_S)
+        self.buffer = bytearray()
+
+    def request(self, method="GET", path="/", headers=(), raw=None):
+        if raw is None:
+            lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s:%d" % self.address] + ["%s: %s" % h for h in headers]
+            raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.sock.sendall(raw)
+        return self.response(head_only=method == "HEAD")
+
+    def response(self, head_only=False):
+        status, headers = read_http_head(self.sock, self.buffer)
+        length = 0 if head_only else int(headers.get("content-length", "0"))
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while len(self.buffer) < length and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            self.buffer += data
+        body = bytes(self.buffer[:length])
+        del self.buffer[:length]
+        return status, headers, body
+
+    def at_eof(self, timeout=READ_TIMEOUT_S):
+        """Return True once the server closes (what it sends first is discarded), False on a timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except socket.timeout:
+                return False
+            except ConnectionResetError:
+                return True
+        return False
+
+    def close(self):
+        self.sock.close()
+
+
+class WebDoorClient:
+    """The web door's side of DoorContract: protocol frames as WebSocket text messages."""
+
+    def __init__(self, ws, name):
+        self.ws = ws
+        ws.send({"type": "hello", "name": name, "version": 1})
+        ws.read_until(is_kind("synced"))
+
+    def say(self, text, room=None):
+        self.ws.send(dict({"type": "say", "text": text}, **({"room": room} if room else {})))
+
+    def say_to(self, name, text):
+        self.ws.send({"type": "say", "text": text, "to": name})
+
+    def join_room(self, room):
+        self.ws.send({"type": "join", "room": room})
+        self.ws.read_until(is_kind("room", room=room))
+
+    def next_message(self):
+        frame, _ = self.ws.read_until(is_message)
+        return frame["from"], frame.get("room"), frame["text"]
+
+    def send_bad_frame(self):
+        self.ws.send_frame(localchat.WS_OP_TEXT, b'{"type": "say", "text": ')
+        frame, _ = self.ws.read_until(is_kind("error"))
+        return frame["code"] == "bad_json" and not frame.get("fatal")
+
+    def quit(self):
+        self.ws.send({"type": "bye"})
+        self.ws.read_until(is_kind("bye"))
+
+
+class WebDoorTests(DoorContract, ServerFixture, unittest.TestCase):
+    """The web door over raw sockets: the page over HTTP, protocol v1 over WebSocket, and every bound."""
+
+    door = localchat.WebDoor
+
+    def door_client(self, name):
+        return WebDoorClient(self.ws(), name)
+
+    def ws(self, path="/ws", origin=None, **options):
+        client = WsClient(self.address, path, origin, **options)
+        self.clients.append(client)
+        return client
+
+    def http(self):
+        connection = HttpConnection(self.address)
+        self.clients.append(connection)
+        return connection
+
+    def test_the_page_is_served_with_its_headers_gzip_and_an_etag(self):
+        self.start_server(hub=unlimited_hub())
+        web = self.http()
+        status, headers, body = web.request("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/html; charset=utf-8")
+        self.assertEqual(body, localchat.WEB_PAGE_HTML.encode("utf-8"))
+        csp = headers["content-security-policy"]
+        for part in ("default-src 'none'", "script-src 'self'", "style-src 'self'", "connect-src 'self'",
+                     "frame-ancestors 'none'"):
+            self.assertIn(part, csp)
+        self.assertNotIn("unsafe", csp)
+        self.assertEqual((headers["x-content-type-options"], headers["referrer-policy"]), ("nosniff", "no-referrer"))
+        status, zipped_headers, zipped = web.request("GET", "/", [("Accept-Encoding", "br, gzip;q=0.9")])
+        self.assertEqual((status, zipped_headers["content-encoding"]), (200, "gzip"))
+        self.assertEqual(gzip.decompress(zipped), body)
+        status, again, empty = web.request("GET", "/", [("If-None-Match", headers["etag"])])
+        self.assertEqual((status, empty), (304, b""))
+        for path, kind in [("/app.js", "text/javascript"), ("/app.css", "text/css"),
+                           ("/manifest.webmanifest", "application/manifest+json"), ("/icon.svg", "image/svg+xml")]:
+            status, headers, body = web.request("GET", path)
+            self.assertEqual((status, headers["content-type"]), (200, kind + "; charset=utf-8"), path)
+            self.assertTrue(body)
+        json.loads(web.request("GET", "/manifest.webmanifest")[2].decode("utf-8"))
+        status, headers, body = web.request("HEAD", "/")
+        self.assertEqual((status, body, int(headers["content-length"])), (200, b"", len(localchat.WEB_PAGE_HTML.encode())))
+
+    def test_unknown_paths_get_404_wrong_methods_405_and_junk_400(self):
+        self.start_server(hub=unlimited_hub())
+        web = self.http()
+        status, headers, body = web.request("GET", "/etc/passwd")
+        self.assertEqual((status, headers["content-type"]), (404, "text/plain; charset=utf-8"))
+        self.assertIn(b"Not found", body)
+        status, headers, body = web.request("GET", "/?q=1")  # a query changes nothing
+        self.assertEqual(status, 200)
+        status, headers, body = web.request("DELETE", "/")
+        self.assertEqual((status, headers["allow"]), (405, "GET, HEAD"))
+        self.assertTrue(web.at_eof())  # a body might follow a DELETE: the connection is closed, not read on
+        junk = self.http()
+        status, headers, body = junk.request(raw=b"GET nonsense\r\n\r\n")
+        self.assertEqual(status, 400)
+        self.assertNotIn(b"Traceback", body)
+        self.assertTrue(junk.at_eof())
+
+    def test_request_heads_are_bounded_in_size_count_and_time(self):
+        self.start_server(hub=unlimited_hub())
+        big = self.http()
+        status, _, _ = big.request("GET", "/", [("X-Filler", "a" * (localchat.HTTP_MAX_HEAD_BYTES + 10))])
+        self.assertEqual(status, 431)
+        many = self.http()
+        status, _, _ = many.request("GET", "/", [("X-%d" % n, "v") for n in range(localchat.HTTP_MAX_HEADERS + 1)])
+        self.assertEqual(status, 431)
+        self.assertTrue(many.at_eof())
+
+    def test_slow_headers_get_408_at_the_deadline(self):
+        class QuickWebDoor(localchat.WebDoor):
+            hello_timeout_s = 0.5
+        self.start_server(hub=unlimited_hub(), doors=(localchat.JsonLinesDoor, QuickWebDoor, localchat.TextDoor))
+        slow = self.http()
+        started = time.monotonic()
+        slow.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and then nothing more (slowloris)
+        status, _, body = slow.response()
+        self.assertEqual(status, 408)
+        self.assertLess(time.monotonic() - started, 0.5 + 2.0)
+        self.assertTrue(slow.at_eof())
+
+    def test_keep_alive_serves_many_requests_then_closes_idle_connections(self):
+        self.start_server(hub=unlimited_hub())
+        web = self.http()
+        for _ in range(3):
+            self.assertEqual(web.request("GET", "/app.css")[0], 200)
+        pipelined = b"".join(b"GET /icon.svg HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(2))
+        web.sock.sendall(pipelined)
+        self.assertEqual([web.response()[0], web.response()[0]], [200, 200])
+        old = self.http()
+        status, headers, _ = old.request(raw=b"GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual((status, headers["connection"]), (200, "close"))
+        self.assertTrue(old.at_eof())
+
+    def test_websocket_chat_is_protocol_v1_in_text_messages(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        ws = self.ws(origin="http://%s:%d" % self.address)
+        self.assertEqual(ws.status, 101)
+        self.assertEqual(ws.headers["sec-websocket-accept"], ws.accept_expected)
+        self.assertNotIn("sec-websocket-extensions", ws.headers)
+        ws.send({"type": "hello", "name": "phone", "version": 1, "identity": "tok-phone"})
+        welcome = ws.read_frame()
+        self.assertEqual((welcome["type"], welcome["name"]), ("welcome", "phone"))
+        ws.read_until(is_kind("synced"))
+        ws.send({"type": "say", "text": "<img src=x onerror=alert(1)>", "ref": "r1"})
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(frame["text"], "<img src=x onerror=alert(1)>")
+        echo, _ = ws.read_until(is_message)
+        self.assertEqual(echo["ref"], "r1")
+        ws.send({"type": "ping", "token": "t"})
+        self.assertEqual(ws.read_until(is_kind("pong"))[0]["token"], "t")
+
+    def test_websocket_rules_masking_fragments_pings_sizes_utf8_close(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        unmasked = self.ws()
+        unmasked.send_frame(localchat.WS_OP_TEXT, b'{"type":"ping"}', mask=False)
+        self.assertEqual(unmasked.read_close(), localchat.WS_CLOSE_PROTOCOL_ERROR)
+        fragmented = self.ws()
+        hello = json.dumps({"type": "hello", "name": "frag", "version": 1}).encode()
+        fragmented.send_frame(localchat.WS_OP_TEXT, hello[:10], fin=False)
+        fragmented.send_frame(localchat.WS_OP_PING, b"between")
+        fragmented.send_frame(localchat.WS_OP_CONTINUATION, hello[10:20], fin=False)
+        fragmented.send_frame(localchat.WS_OP_CONTINUATION, hello[20:])
+        self.assertEqual(fragmented.read_message(), (localchat.WS_OP_PONG, b"between"))
+        self.assertEqual(fragmented.read_frame()["type"], "welcome")
+        big = self.ws()
+        big.send_frame(localchat.WS_OP_TEXT, b"x" * (localchat.WS_MAX_MESSAGE_BYTES + 1))
+        self.assertEqual(big.read_close(), localchat.WS_CLOSE_TOO_BIG)
+        bad = self.ws()
+        bad.send_frame(localchat.WS_OP_TEXT, b'{"type": "ping", "token": "\xff"}')
+        self.assertEqual(bad.read_close(), localchat.WS_CLOSE_INVALID_DATA)
+        binary = self.ws()
+        binary.send_frame(localchat.WS_OP_BINARY, b"\x00\x01")
+        self.assertEqual(binary.read_close(), localchat.WS_CLOSE_UNSUPPORTED)
+        closing = self.ws()
+        closing.send({"type": "hello", "name": "leaver", "version": 1})
+        closing.read_until(is_kind("synced"))
+        closing.send_frame(localchat.WS_OP_CLOSE, (1000).to_bytes(2, "big") + b"bye")
+        self.assertEqual(closing.read_close(), 1000)
+        self.assertEqual(summary(bob.read_until(is_kind("left", name="leaver"))[0], "reason"), ("quit",))
+        self.assertIsNone(closing.read_message())
+
+    def test_a_page_from_another_site_may_not_open_the_websocket(self):
+        self.start_server(hub=unlimited_hub())
+        for origin in ["http://evil.example", "http://127.0.0.1:1", "null", "http://127.0.0.1.evil.example:%d"
+                       % self.address[1]]:
+            with self.subTest(origin=origin):
+                refused = self.ws(origin=origin)
+                self.assertEqual(refused.status, 403)
+        same = self.ws(origin="http://127.0.0.1:%d" % self.address[1])
+        self.assertEqual(same.status, 101)
+        declined = self.ws(extra_headers=[("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")])
+        self.assertEqual(declined.status, 101)
+        self.assertNotIn("sec-websocket-extensions", declined.headers)
+
+    def test_the_echo_endpoint_answers_only_with_diagnostics(self):
+        self.start_server(hub=unlimited_hub())
+        self.assertEqual(self.ws("/ws/echo").status, 404)
+        self.server.diagnostics = True
+        echo = self.ws("/ws/echo")
+        echo.send_frame(localchat.WS_OP_BINARY, b"\x00\xffbinary")
+        self.assertEqual(echo.read_message(), (localchat.WS_OP_BINARY, b"\x00\xffbinary"))
+        echo.send_frame(localchat.WS_OP_TEXT, "héllo".encode("utf-8"))
+        self.assertEqual(echo.read_message(), (localchat.WS_OP_TEXT, "héllo".encode("utf-8")))
+
+    def test_a_stuck_websocket_reader_is_dropped_like_any_other(self):
+        hub = localchat.ChatHub("lab", limits=localchat.Limits(messages_per_s=0, kbytes_per_s=0, slow_reader_s=1.0))
+        self.start_server(hub=hub)
+        sender = self.join("sender")
+        stuck = self.ws()
+        stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+        stuck.send({"type": "hello", "name": "stuck", "version": 1})
+        stuck.read_until(is_kind("synced"))
+        text = "x" * FLOOD_TEXT_CHARS
+        for number in range(400):
+            sender.say(text)
+            frame, _ = sender.read_until(is_message)
+            if number % 20 == 0:
+                sender.send({"type": "users"})
+                frame, _ = sender.read_until(is_kind("users"))
+                if "stuck" not in frame["users"]:
+                    break
+        left, _ = sender.read_until(is_kind("left", name="stuck"), timeout=10)
+        self.assertEqual(left["reason"], "too_slow")
+
+    def test_tls_serves_the_page_and_the_websocket_on_the_same_port(self):
+        self.start_server(hub=unlimited_hub(), tls_context=tls_server_context())
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        page = HttpConnection(self.address)
+        page.sock = context.wrap_socket(page.sock)
+        self.clients.append(page)
+        self.assertEqual(page.request("GET", "/")[0], 200)
+        ws = self.ws(sock=context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S)))
+        ws.send({"type": "hello", "name": "secure", "version": 1})
+        self.assertEqual(ws.read_frame()["type"], "welcome")
 
 
 class ConversationServerTests(ServerFixture, unittest.TestCase):

@@ -6933,8 +6933,31 @@ def raise_open_file_limit():
             pass
 
 
+def web_address(host, port, tls):
+    """Return the address a browser opens for the chat: http://192.168.1.7:13333/ (https with TLS)."""
+    shown = "[%s]" % host if ":" in host else host
+    return "%s://%s:%d/" % ("https" if tls else "http", shown, port)
+
+
+def print_qr_code(text, stream=None):
+    """Draw text's QR code on a terminal that can show it; return True if it was drawn."""
+    stream = stream or sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()) or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        drawing = qr_terminal(text)
+        drawing.encode(stream.encoding or "ascii")  # a console that cannot show half blocks gets none
+    except (UnicodeEncodeError, LookupError, UserError):
+        return False
+    if os.name == "nt":
+        os.system("")  # lets a Windows 10 console obey the colour escape sequences
+    stream.write(drawing)
+    return True
+
+
 def print_join_instructions(server, host):
-    """Print where the server listens and the command the others should run."""
+    """Print where the server listens, the command the others should run, and the web address with its QR code."""
     port = server.port
     print("LocalChat %s server listening on %s:%d" % (__version__, host, port))
     if host in ("", "0.0.0.0", "::"):
@@ -6951,6 +6974,11 @@ def print_join_instructions(server, host):
             print("    python3 localchat.py YOUR-NAME --server %s%s" % (address, suffix))
         print("IRC clients (HexChat, irssi, WeeChat...) and nc or telnet use the same address and port %d:" % port)
         print("    nc %s %d" % (addresses[0], port))
+        web = web_address(addresses[0], port, server.tls_context is not None)
+        print("Phones and browsers open %s, or point a phone's camera at this code:" % web)
+        sys.stdout.flush()
+        if not print_qr_code(web):
+            print("    (the code is drawn when the server runs in a terminal)")
     elif host in ("", "0.0.0.0", "::"):
         print("No network address found: is this computer connected to the network?")
     print("On this computer: python3 localchat.py YOUR-NAME%s" % (" --server 127.0.0.1" + suffix if suffix else ""))

@@ -6982,6 +6982,8 @@ def print_join_instructions(server, host):
     elif host in ("", "0.0.0.0", "::"):
         print("No network address found: is this computer connected to the network?")
     print("On this computer: python3 localchat.py YOUR-NAME%s" % (" --server 127.0.0.1" + suffix if suffix else ""))
+    if not addresses:
+        print("A browser on this computer opens %s" % web_address("127.0.0.1", port, server.tls_context is not None))
     print("Stop the server with Ctrl+C.")
     sys.stdout.flush()
 

@@ -7190,6 +7190,42 @@ def qr_zbarimg(test, png):
     return result.stdout[:-1]
 
 
+class JoinInstructionsTests(unittest.TestCase):
+    """What the server prints for the others: the commands, the web address and its QR code."""
+
+    class Terminal(io.StringIO):
+        encoding = "utf-8"
+
+        def isatty(self):
+            return True
+
+    def printed(self, host, tls=False, stream=None):
+        server = mock.Mock(port=13333, tls_context=object() if tls else None)
+        stream = stream if stream is not None else self.Terminal()
+        with mock.patch.object(localchat, "lan_addresses", return_value=["192.168.1.7"]), \
+                mock.patch.object(sys, "stdout", stream):
+            localchat.print_join_instructions(server, host)
+        return stream.getvalue()
+
+    def test_the_web_address_is_printed_with_its_qr_code_on_a_terminal(self):
+        text = self.printed("0.0.0.0")
+        self.assertIn("python3 localchat.py YOUR-NAME --server 192.168.1.7", text)
+        self.assertIn("nc 192.168.1.7 13333", text)
+        self.assertIn("Phones and browsers open http://192.168.1.7:13333/", text)
+        self.assertIn(localchat.qr_terminal("http://192.168.1.7:13333/"), text)
+        self.assertIn("https://192.168.1.7:13333/", self.printed("0.0.0.0", tls=True))
+
+    def test_no_code_is_drawn_where_no_terminal_can_show_it(self):
+        piped = self.printed("0.0.0.0", stream=io.StringIO())
+        self.assertIn("http://192.168.1.7:13333/", piped)
+        self.assertNotIn("\u2580", piped)
+        self.assertIn("drawn when the server runs in a terminal", piped)
+        latin = self.Terminal()
+        latin.encoding = "latin-1"  # a console that cannot show half blocks
+        self.assertNotIn("\u2580", self.printed("0.0.0.0", stream=latin))
+        self.assertIn("A browser on this computer opens http://127.0.0.1:13333/", self.printed("127.0.0.1"))
+
+
 class QrTests(unittest.TestCase):
     """The QR encoder: vectors from ISO/IEC 18004 and its well-known tables, and decoding with zbarimg."""
 

@@ -3985,6 +3985,10 @@ class Door:
         """Carry out a frame of type "door": a command of the door's own protocol. Return a reason to stop, or None."""
         raise ProtocolError("unknown_type", "Unknown frame type 'door'.")
 
+    def idle(self):
+        """Return True if a connection that has not said hello may end quietly when its time is up."""
+        return False
+
     def frames(self, buffer):
         """Cut what is complete off the bytearray buffer; return its frames (dicts) and ProtocolErrors.
 
@@ -5126,7 +5130,8 @@ class WebDoor(Door):
 
     name = "web"
     encode = staticmethod(ws_encode)
-    hello_timeout_s = HTTP_HEAD_TIMEOUT_S
+    hello_timeout_s = HTTP_HEAD_TIMEOUT_S  # the first request's line and headers
+    keepalive_s = HTTP_KEEPALIVE_S         # each request after it: to begin and end
     methods = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 
     @classmethod
@@ -5209,7 +5214,7 @@ class WebDoor(Door):
         self._send_response(status, body, extra, content_type, close, head_only=request.method == "HEAD")
         if close:
             return [{"type": "bye"}]
-        self.session.extend_hello(HTTP_KEEPALIVE_S)  # the next request has this long to begin and end
+        self.session.extend_hello(self.keepalive_s)  # the next request has this long to begin and end
         return []
 
     def _refuse(self, status, sentence):
@@ -5221,7 +5226,7 @@ class WebDoor(Door):
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         headers += list(extra) + list(WEB_SECURITY_HEADERS)
         headers.append(("Connection", "close") if close else
-                       ("Keep-Alive", "timeout=%d, max=%d" % (HTTP_KEEPALIVE_S, HTTP_MAX_REQUESTS)))
+                       ("Keep-Alive", "timeout=%d, max=%d" % (self.keepalive_s, HTTP_MAX_REQUESTS)))
         self.session.outbox.put(_http_head(status, headers) + (b"" if head_only else body))
 
     # -- WebSocket -----------------------------------------------------------------
@@ -5269,6 +5274,9 @@ class WebDoor(Door):
             return parse_frame(text.encode("utf-8"))
         except ProtocolError as error:
             return error
+
+    def idle(self):
+        return self.reader is None and not self.receiving  # between keep-alive requests
 
     def encode_own(self, fields):
         if self.reader is None:  # still HTTP: a request that did not come in time gets 408
@@ -5496,6 +5504,8 @@ class Session(socketserver.BaseRequestHandler):
 
     def _on_silence(self):
         """The read timed out: ping once, then give up. Return True to keep reading."""
+        if self.seat is None and self.door is not None and self.door.idle():
+            return False  # an idle keep-alive connection: its time is up, and nothing went wrong
         if self.seat is None:
             self._on_protocol_error(
                 ProtocolError("hello_timeout", "No hello came in time; closing the connection.", fatal=True)

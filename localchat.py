@@ -164,7 +164,8 @@ Client to server:
   {"type":"say","text":"hi","room":"general","ref":"c1"}
         text: 1-32000 bytes of UTF-8, may hold newlines and tabs, no other control
         characters; "room" defaults to general; "to":"bob" instead of "room" sends
-        a direct message; "action":true for /me; "ref" (optional, up to 64
+        a direct message; "action":true for /me; "notice":true for an automatic
+        message that no client may answer by itself (IRC's NOTICE); "ref" (optional, up to 64
         printable characters) comes back in the echo
   {"type":"join","room":"games"}    {"type":"leave","room":"games"}
   {"type":"users"}                  everybody; with "room": the people in that room
@@ -1290,7 +1291,7 @@ class ChatHub:
 
     # -- speaking ------------------------------------------------------------------
 
-    def say(self, seat, text, ref=None, room=None, to=None, action=False):
+    def say(self, seat, text, ref=None, room=None, to=None, action=False, notice=False):
         """Send a message to a room (general by default) or, with `to`, to one user.
 
         The sender gets the message too: the echo confirms it. It is queued for the
@@ -1320,6 +1321,8 @@ class ChatHub:
             fields["text"] = text
             if action:
                 fields["action"] = True
+            elif notice:
+                fields["notice"] = True  # automatic (IRC's NOTICE): no client answers it by itself
             if ref is not None:
                 fields["ref"] = ref
             self._next_id += 1
@@ -2004,6 +2007,9 @@ def _lock_history_file(history):
     return handle
 
 
+_MESSAGE_KINDS = {"action": 1, "notice": 2}  # the "action" column: 0 a message, 1 a /me, 2 an automatic notice
+
+
 class SqliteStore:
     """History, topics, known users, bans and operators in an SQLite database (WAL).
 
@@ -2075,10 +2081,11 @@ class SqliteStore:
 
     def add_message(self, fields, from_identity=None, to_identity=None, delivered=True, token=None):
         """Queue a message's row for the next flush(); `token` comes back if it cannot be stored."""
-        room, to = fields.get("room"), fields.get("to")
+        room, to = fields.get("room"), fields.get("to")  # the "action" column holds _MESSAGE_KINDS
         self._queue(self.INSERT_MESSAGE, (
             fields["id"], fields["ts"], fields["from"], room, room and name_key(room), to, to and name_key(to),
-            name_key(fields["from"]), from_identity, to_identity, fields["text"], int(bool(fields.get("action"))),
+            name_key(fields["from"]), from_identity, to_identity, fields["text"], _MESSAGE_KINDS.get(
+                "action" if fields.get("action") else "notice" if fields.get("notice") else None, 0),
             fields.get("ref"), int(delivered)), token if token is not None else fields["id"])
 
     def mark_delivered(self, identity, upto=None):
@@ -2216,8 +2223,10 @@ class SqliteStore:
         else:
             fields["to"] = recipient
         fields["text"] = text
-        if action:
+        if action == _MESSAGE_KINDS["action"]:
             fields["action"] = True
+        elif action == _MESSAGE_KINDS["notice"]:
+            fields["notice"] = True
         if ref is not None:
             fields["ref"] = ref
         return fields
@@ -4130,6 +4139,7 @@ def _irc_message(fields, stamp=""):
     """Return a message as PRIVMSG lines: one a line of its text, each under 512 bytes."""
     prefix, target = _irc_mask(fields["from"]), _irc_target(fields)
     action = fields.get("action")
+    command = "NOTICE" if fields.get("notice") else "PRIVMSG"
     # ":prefix PRIVMSG target :" and CRLF, and "\x01ACTION " ... "\x01" for an action
     room = IRC_MAX_LINE_BYTES - len(("%s PRIVMSG %s :" % (prefix, target)).encode("utf-8")) - 3 - (9 if action else 0)
     lines = []
@@ -4137,7 +4147,7 @@ def _irc_message(fields, stamp=""):
         if not text.strip():
             continue  # IRC has no empty message
         for piece in _split_utf8(stamp + text, max(64, room - len(stamp.encode("utf-8")))):
-            lines.append(irc_line(prefix, "PRIVMSG", target, "\x01ACTION %s\x01" % piece if action else piece))
+            lines.append(irc_line(prefix, command, target, "\x01ACTION %s\x01" % piece if action else piece))
     return lines
 
 
@@ -4500,6 +4510,8 @@ class IrcDoor(Door):
         frame = {"type": "say", "text": text}
         if action:
             frame["action"] = True
+        elif self._quiet:
+            frame["notice"] = True
         if target.startswith("#"):
             frame["room"] = self._channel_room(target)
             if frame["room"] is None:
@@ -5687,6 +5699,7 @@ class Session(socketserver.BaseRequestHandler):
             room=frame_field(frame, "room", str, required=False),
             to=self._short_field(frame, "to"),  # printable: a lone surrogate cannot be looked up in SQLite
             action=frame.get("action") is True,
+            notice=frame.get("notice") is True,
         )
 
     def do_users(self, frame):

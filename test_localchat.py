@@ -2998,6 +2998,28 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         bob.say("now")
         self.assertEqual(alice.read_until(is_irc("PRIVMSG"))[0].params[1], "now")
 
+    def test_a_notice_stays_a_notice_live_and_in_history(self):
+        # Bots answer PRIVMSG and never NOTICE: a NOTICE that became a PRIVMSG could start a loop.
+        folder = tempfile.TemporaryDirectory(prefix="notice-", dir=_SCRATCH.name)
+        self.addCleanup(folder.cleanup)
+        store = localchat.SqliteStore(os.path.join(folder.name, "history.sqlite3"))
+        self.start_server(hub=localchat.ChatHub("lab", store=store, limits=localchat.Limits(messages_per_s=0,
+                                                                                             kbytes_per_s=0)))
+        bob = self.join("bob")
+        bot = self.irc("bot")
+        reader = self.irc("reader")
+        bot.send("NOTICE #general :build 42 passed", "NOTICE reader :just for you")
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(summary(frame, "text", "notice"), ("build 42 passed", True))
+        live = [reader.read_until(is_irc("NOTICE", target))[0] for target in ("#general", "reader")]
+        self.assertEqual([(line.nick, line.params[1]) for line in live],
+                         [("bot", "build 42 passed"), ("bot", "just for you")])
+        later = self.irc()
+        later.send("NICK later", "USER l 0 * :L")
+        replayed, _ = later.read_until(lambda line: line.command in ("NOTICE", "PRIVMSG") and line.nick == "bot")
+        self.assertEqual((replayed.command, replayed.params), ("NOTICE", ["#general", "[%s] build 42 passed"
+                                                                           % replayed.params[1][1:6]]))
+
     def test_ctcp_requests_are_answered_by_the_server_and_nicks_must_be_the_irc_form(self):
         self.start_server(hub=unlimited_hub())
         self.join("d.o.t")

@@ -7241,10 +7241,13 @@ def run_server(args):
 # of Tk, so the tests drive it over real sockets without a display.
 
 
-def connect_error_sentence(error, host, port):
-    """Return one sentence for a person saying why connecting to host:port failed."""
+def connect_error_sentence(error, host, port, shut_down=False):
+    """Return one sentence for a person saying why connecting to host:port failed.
+
+    shut_down: the server said goodbye as it shut down, so there is no firewall to blame.
+    """
     where = "%s:%d" % (host, port)
-    if getattr(error, "server_shut_down", False):  # we saw it say goodbye: no firewall to blame
+    if shut_down:
         return "The server at %s has shut down; LocalChat joins again once it is back." % where
     if isinstance(error, socket.gaierror):
         return "Could not find the computer '%s'. Check the name, or use its IP address." % host
@@ -7362,8 +7365,8 @@ class ChatConnection:
             frame = self._answer_challenge(self._read_frame())
         except OSError as error:
             self._close_socket()
-            error.server_shut_down = self.server_shut_down
-            raise UserError(connect_error_sentence(error, self.host, self.port), code="unreachable") from None
+            raise UserError(connect_error_sentence(error, self.host, self.port, self.server_shut_down),
+                            code="unreachable") from None
         except ProtocolError:
             self._close_socket()
             raise UserError("%s does not speak the LocalChat protocol." % self.address) from None

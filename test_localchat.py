@@ -4029,9 +4029,12 @@ class ConversationServerTests(ServerFixture, unittest.TestCase):
         back = self.join("bob", identity="identity-of-bob")
         self.assertEqual([summary(frame, "id", "text", "replay") for frame in back.joining if "to" in frame],
                          [(echo["id"], "later", True)])
-        alice.say("hello?", to="nobody")
+        alice.say("hello?", to="nobody", ref="r1")
         error, _ = alice.read_until(is_kind("error"))
         self.assertEqual(error["code"], "unknown_user")
+        # Bug: the refusal did not carry the ref, so the client kept the message as
+        # unconfirmed, sent it again after every reconnection and got the error again.
+        self.assertEqual(error.get("ref"), "r1")
 
     def test_nick_is_seen_by_everybody_and_a_taken_name_is_refused_without_disconnecting(self):
         alice, bob, carol = self.trio()

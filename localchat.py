@@ -8552,7 +8552,8 @@ class ChatPanels:
 
     def _build_window(self):
         root = self.root
-        root.geometry("960x640")
+        # As big as suits a chat, but never bigger than a small screen (800x600 still fits whole).
+        root.geometry("%dx%d" % (min(960, root.winfo_screenwidth() - 40), min(640, root.winfo_screenheight() - 80)))
         root.minsize(480, 360)
         root.protocol("WM_DELETE_WINDOW", self._on_close_request)
         # Escape does not leave (a reflex, often followed by Enter, must not end a chat): the

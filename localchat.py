@@ -8850,7 +8850,8 @@ class ChatWindow(ChatPanels, ServerMemory):
         self._make_connection(ChatConnection(host, port, name, identity=identity, reconnect=True,
                                              password=os.environ.get("LOCALCHAT_PASSWORD"),
                                              tls=tls, fingerprint=fingerprint))
-        self.connection.rooms = self._saved_rooms()
+        saved = self._saved_rooms()  # general too: the window always shows it
+        self.connection.rooms = saved if not saved or GENERAL_ROOM in saved else [GENERAL_ROOM] + saved
         self.conversations = {}  # key -> Conversation, in the order they opened
         self.astral_ok = tk_shows_astral(str(root.tk.call("info", "patchlevel")))
         self.connected = False

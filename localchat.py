@@ -8471,9 +8471,10 @@ class Notifier:
             class FlashInfo(ctypes.Structure):
                 _fields_ = [("cbSize", wintypes.UINT), ("hwnd", wintypes.HWND), ("dwFlags", wintypes.DWORD),
                             ("uCount", wintypes.UINT), ("dwTimeout", wintypes.DWORD)]
-            hwnd = ctypes.windll.user32.GetParent(root.winfo_id())
+            hwnd = ctypes.windll.user32.GetParent(root.winfo_id())  # the frame around Tk's window
             info = FlashInfo(ctypes.sizeof(FlashInfo), hwnd, 0x0000000F, 0, 0)  # FLASHW_ALL | FLASHW_TIMERNOFG
-            return bool(ctypes.windll.user32.FlashWindowEx(ctypes.byref(info)) or True)
+            ctypes.windll.user32.FlashWindowEx(ctypes.byref(info))  # returns the old state, not success
+            return True
         except (ImportError, AttributeError, OSError):
             return False
 

@@ -8822,15 +8822,23 @@ class ServerMemory:
             self._remember("rooms", rooms)
 
     def _save_draft(self):
-        """Keep what is typed and not sent, so that closing never throws it away."""
-        draft = self.input_box.get()
-        if draft.strip() or self._remembered("drafts"):
-            self._remember("drafts", draft if draft.strip() else None)
+        """Keep what is typed and not sent, in every conversation, so that closing never throws it away."""
+        drafts = dict(self.drafts)
+        if self.current is not None:
+            drafts[self.current] = self.input_box.get()
+        drafts = {key: text for key, text in drafts.items() if text.strip()}
+        if drafts or self._remembered("drafts"):
+            self._remember("drafts", drafts)
 
     def _restore_draft(self):
-        draft = self._remembered("drafts")
-        if isinstance(draft, str) and draft.strip():
+        """Put back the drafts kept at closing: the current conversation's now, the others' when shown."""
+        saved = self._remembered("drafts")
+        if isinstance(saved, dict):
+            self.drafts = {k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, str)}
+        draft = self.drafts.pop(self.current, "")
+        if draft.strip():
             self.input.insert("1.0", draft)
+        if saved:
             self._remember("drafts", None)
 
 
@@ -8860,6 +8868,7 @@ class ChatWindow(ChatPanels, ServerMemory):
         self.has_focus = True
         self.current = None
         self.seen_ids = set()  # message ids shown, so nothing shows twice
+        self.drafts = {}  # conversation key -> what was typed there and not sent, while another is shown
         self._switch_to = conversation_key("room", GENERAL_ROOM)  # open this room when it arrives
         self._closing = False
         self._poll_id = None
@@ -8935,10 +8944,14 @@ class ChatWindow(ChatPanels, ServerMemory):
         self._update_conversation_list()
 
     def _show_conversation(self, key):
-        """Make a conversation the current one: its log, topic and people."""
+        """Make a conversation the current one: its log, topic, people, and its own draft."""
         if self.current in self.conversations:
             self.conversations[self.current].frame.pack_forget()
+            # Each conversation keeps its draft: text typed for one never goes to another.
+            self.drafts[self.current] = self.input_box.get()
+            self.input_box.clear()
         self.current = key
+        self.input.insert("1.0", self.drafts.pop(key, ""))
         conversation = self.conversations[key]
         conversation.frame.pack(fill="both", expand=True)
         conversation.log.see("end")

@@ -10438,6 +10438,13 @@ class WindowTests(unittest.TestCase):
         window.input.event_generate("<Control-q>")
         self.root.update()
 
+    def leave_for_good(self, window):
+        """Close the window by Ctrl+Q and Leave; return once the server has let the name go."""
+        name = window.connection.name
+        self.ask_to_close(window)
+        window.confirm_dialog.yes_button.invoke()
+        self.pump_until(lambda: localchat.name_key(name) not in self.server.hub._users, "the server still holds " + name)
+
     def type_and_press(self, window, text, key="<Return>"):
         window.input.insert("end", text)
         window.input.focus_force()
@@ -10847,10 +10854,27 @@ class WindowTests(unittest.TestCase):
         # Bug: leaving threw away what was typed and not sent.
         window = self.open_window()
         window.input.insert("end", "the answer is 42")
-        self.ask_to_close(window)
-        window.confirm_dialog.yes_button.invoke()
+        self.leave_for_good(window)
         again = self.open_window()
         self.assertEqual(again.input.get("1.0", "end-1c"), "the answer is 42")
+
+    def test_each_conversation_keeps_its_own_draft_and_all_survive_closing(self):
+        # Bug: the input box was shared: text typed in one room went to whichever was shown at Enter.
+        window = self.open_window()
+        self.type_and_press(window, "/join games")
+        self.pump_until(lambda: window.current == "room:games", "room not opened")
+        window.input.insert("end", "for games")
+        window._show_conversation("room:general")
+        self.assertEqual(window.input.get("1.0", "end-1c"), "")
+        window.input.insert("end", "for general")
+        window._show_conversation("room:games")
+        self.assertEqual(window.input.get("1.0", "end-1c"), "for games")
+        self.leave_for_good(window)
+        again = self.open_window()
+        self.assertEqual(again.input.get("1.0", "end-1c"), "for general")
+        self.pump_until(lambda: "room:games" in again.conversations, "the room was forgotten")
+        again._show_conversation("room:games")
+        self.assertEqual(again.input.get("1.0", "end-1c"), "for games")
 
     def test_name_taken_asks_for_another_name_in_place_and_joins_with_it(self):
         # Bug: a taken name left a dead chat window; nothing let the person pick another.
@@ -11001,8 +11025,7 @@ class WindowTests(unittest.TestCase):
         window = self.open_window()
         self.type_and_press(window, "/join lab")
         self.pump_until(lambda: window.current == "room:lab", "room not opened")
-        self.ask_to_close(window)
-        window.confirm_dialog.yes_button.invoke()
+        self.leave_for_good(window)
         again = self.open_window()
         self.pump_until(lambda: "room:lab" in again.conversations, "the room was forgotten")
         self.assertIn("alice", again.conversations["room:lab"].users)

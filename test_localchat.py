@@ -10,6 +10,7 @@ bounded in count and time. No traffic goes anywhere but the loopback interface.
 import ast
 import base64
 import collections
+import contextlib
 import datetime
 import gc
 import gzip
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 import zlib
 from pathlib import Path
@@ -11109,6 +11111,14 @@ class WindowTests(unittest.TestCase):
                     mock.patch.object(localchat.shutil, "which", lambda name, which=which: which), \
                     mock.patch.object(localchat, "_query_system", lambda command, answer=answer: answer):
                 self.assertEqual(localchat.system_theme(), theme, (platform, which, answer))
+        for value, theme in ((0, "dark"), (1, "light")):  # Windows: the apps' setting in the registry
+            registry = types.SimpleNamespace(HKEY_CURRENT_USER=1, OpenKey=lambda *args: contextlib.nullcontext(),
+                                             QueryValueEx=lambda key, name, value=value: (value, 4))
+            with mock.patch.object(localchat.sys, "platform", "win32"), \
+                    mock.patch.dict(sys.modules, {"winreg": registry}):
+                self.assertEqual(localchat.system_theme(), theme)
+        with mock.patch.object(localchat.sys, "platform", "win32"), mock.patch.dict(sys.modules, {"winreg": None}):
+            self.assertEqual(localchat.system_theme(), "light", "no registry: light")
         self.assertEqual(localchat._query_system(["no-such-command-for-localchat"]), "")
         with mock.patch.object(localchat, "SYSTEM_QUERY_TIMEOUT_S", 0.3):
             started = time.monotonic()

@@ -9275,8 +9275,9 @@ class ChatWindow(ChatPanels, ServerMemory):
         self._set_status(frame["text"], error=True)
         self._clear_people()
         if was_connected:
-            self._add_notice("Connection lost; reconnecting. What you type meanwhile is sent once "
-                             "the connection is back.", tag="error")
+            why = ("The server shut down; LocalChat joins again once it is back." if self.connection.server_shut_down
+                   else "Connection lost; reconnecting.")
+            self._add_notice(why + " What you type meanwhile is sent once the connection is back.", tag="error")
 
     def _on_frame_disconnected(self, frame):
         self.connected = False

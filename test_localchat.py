@@ -10964,6 +10964,8 @@ class WindowTests(unittest.TestCase):
         self.pump_until(lambda: "has shut down" in str(window.status.cget("text")), "no word of the shutdown")
         self.assertNotIn("firewall", str(window.status.cget("text")))
         self.assertNotIn("firewall", self.log_text(window))
+        self.assertIn("The server shut down", self.log_text(window))
+        self.assertNotIn("Connection lost", self.log_text(window))
 
     def test_nick_shows_the_new_name_in_the_status_line_and_the_list(self):
         # Bug: after /nick the status line still showed the old name.

@@ -172,6 +172,7 @@ Client to server:
         a short "message", what one says on leaving: others get it in "left")
   {"type":"users"}                  everybody; with "room": the people in that room
   {"type":"rooms"}                  the rooms, their sizes and topics
+  {"type":"invite","name":"bob","room":"games"}  ask bob into a room one is in
   {"type":"topic","room":"games"}   ask; with "topic":"text" (or null) set it
   {"type":"nick","name":"alice2"}   change one's name
   {"type":"away","text":"lunch"}    {"type":"back"}
@@ -211,6 +212,7 @@ Server to client:
         when the topic was set while the server ran)
   {"type":"renamed","old":"alice","name":"alice2"}
   {"type":"away","name":"bob","text":"lunch"}     (text null: back)
+  {"type":"invite","from":"alice","to":"bob","room":"games"}  to both of them
   {"type":"history_end","room":"games","count":50,"more":true}
   {"type":"ping"}    answer with pong (any frame will do) within 30 s
   {"type":"pong","token":"x"}
@@ -400,6 +402,14 @@ def _parse_users(argument, where):
     return "send", {"type": "users", "room": room} if room else {"type": "users"}
 
 
+def _parse_invite(argument, where):
+    parts = argument.split()
+    room = parts[1].lstrip("#") if len(parts) > 1 else where.get("room")
+    if not parts or not room:
+        return None
+    return "send", {"type": "invite", "name": parts[0].lstrip("@"), "room": room}
+
+
 def _parse_topic(argument, where):
     room = where.get("room")
     if not room:
@@ -436,6 +446,8 @@ COMMANDS = (
     Command(("msg",), "/msg NAME TEXT", "a direct message that only NAME sees", "everybody", _parse_msg),
     Command(("me",), "/me ACTION", "say what you do, shown as: * alice waves", "everybody", _parse_me),
     Command(("nick",), "/nick NEWNAME", "change your name", "everybody", _parse_nick),
+    Command(("invite",), "/invite NAME [ROOM]", "ask somebody into a room (the current one)", "everybody",
+            _parse_invite),
     Command(("users", "names"), "/users [ROOM]", "who is in the room (the current one)", "everybody",
             _parse_users),
     Command(("rooms", "list"), "/rooms", "the rooms and their topics", "everybody",
@@ -621,6 +633,8 @@ _NOTICES = {
     "rooms": _rooms_notice,
     "notice": lambda f: f.get("text"),
     "renamed": lambda f: "%s is now known as %s" % (f.get("old"), f.get("name")),
+    "invite": lambda f: "%s invites %s to %s (/join %s)" % (f.get("from"), f.get("to"), room_label(str(f.get("room"))),
+                                                             f.get("room")),
     "away": lambda f: ("%s is away: %s" % (f.get("name"), f["text"])) if f.get("text")
     else "%s is back" % f.get("name"),
     "history_end": lambda f: None if f.get("count") else "No older messages.",
@@ -1288,6 +1302,27 @@ class ChatHub:
             room = self._user_room(user, room_name)
             fields = {"type": "topic", "room": room.name, "topic": room.topic}
             user.conn.deliver_locked(Event(self._with_topic_set(fields, room)))
+
+    def invite(self, seat, name, room_name):
+        """Ask somebody here into a room one is in: both hear of it (IRC's INVITE)."""
+        with self.lock:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
+                return
+            room = self._user_room(user, room_name)
+            guest = self._users.get(name_key(name)) if isinstance(name, str) else None
+            if guest is None or guest.lost_at is not None:
+                raise ProtocolError("unknown_user", "Nobody called %s is here." % printable(str(name), 40))
+            if guest.key in room.members:
+                raise ProtocolError("already_in_room", "%s is already in %s." % (guest.name, room_label(room.name)))
+            event = Event({"type": "invite", "from": user.name, "to": guest.name, "room": room.name, "ts": _now()})
+            user.conn.deliver_locked(event)
+            guest.conn.deliver_locked(event)
+
+    def has_room(self, room_name):
+        """Return True if somebody is in a room by that name now."""
+        with self.lock:
+            return isinstance(room_name, str) and name_key(room_name) in self._rooms
 
     def rooms(self, seat):
         """Tell user which rooms exist, with their sizes and topics."""
@@ -4554,10 +4589,9 @@ class IrcDoor(Door):
     def irc_TOPIC(self, params):
         if not self._need(params, 1, "TOPIC"):
             return None
-        room = self._channel_room(params[0])
-        if room is None:
+        if self._not_on(params[0]):
             return None
-        frame = {"type": "topic", "room": room}
+        frame = {"type": "topic", "room": params[0][1:]}
         if len(params) > 1:
             frame["topic"] = params[1] or None
         return self._run(frame)
@@ -4611,8 +4645,26 @@ class IrcDoor(Door):
             return self._run({"type": "away", "text": _IRC_FORMATTING.sub("", params[0])})
         return self._run({"type": "back"})
 
+    def irc_INVITE(self, params):
+        if not self._need(params, 2, "INVITE"):
+            return None
+        if self._not_on(params[1]):
+            return None
+        return self._run({"type": "invite", "name": name_from_irc(params[0]), "room": params[1][1:]},
+                         "INVITE", params[0], params[1])
+
+    def _not_on(self, channel):
+        """Answer 403 (no such channel) or 442 (not on it) and return True, unless we are on the channel."""
+        if channel.startswith("#") and name_key(channel[1:]) in self.channels:
+            return False
+        if not channel.startswith("#") or not self.session.hub.has_room(channel[1:]):
+            self._send(self._numeric("403", channel[:40] or "*", "No such channel"))
+        else:
+            self._send(self._numeric("442", channel, "You're not on that channel"))
+        return True
+
     def irc_KICK(self, params):
-        if not self._need(params, 2, "KICK"):
+        if not self._need(params, 2, "KICK") or self._not_on(params[0]):
             return None
         for nick in params[1].split(",")[:4]:
             frame = {"type": "kick", "name": name_from_irc(nick)}
@@ -4633,11 +4685,10 @@ class IrcDoor(Door):
             else:
                 self._send(self._numeric("221", "+i"))
             return None
+        if self._not_on(target):
+            return None
         if len(params) == 1:
-            if name_key(target[1:]) not in self.channels:
-                self._send(self._numeric("442", target, "You're not on that channel"))
-            else:
-                self._send(self._numeric("324", target, "+n"))
+            self._send(self._numeric("324", target, "+n"))
             return None
         return self._channel_modes(target, params[1], params[2:])
 
@@ -4879,7 +4930,9 @@ class IrcDoor(Door):
         numeric = _IRC_ERRORS.get(code)
         if code == "not_in_room" and command in ("PRIVMSG", "NOTICE"):
             numeric = "404"
-        if code == "not_in_room" and command in ("NAMES", "WHO"):
+        if code == "already_in_room" and command == "INVITE":
+            lines = [self._numeric("443", argument, channel, "is already on channel")]
+        elif code == "not_in_room" and command in ("NAMES", "WHO"):
             lines = [self._numeric("366" if command == "NAMES" else "315", argument,
                                    "End of /%s list" % command)]
         elif code == "already_in_room" or (self._quiet and not fatal):
@@ -4899,6 +4952,12 @@ class IrcDoor(Door):
         if fatal:
             lines.append(irc_line(None, "ERROR", "Closing Link: %s" % text))
         return lines
+
+    def _own_invite(self, fields):
+        channel = "#" + fields["room"]
+        if fields["to"] == self.me:
+            return irc_line(_irc_mask(fields["from"]), "INVITE", self.nick, channel)
+        return self._numeric("341", irc_nick(fields["to"]), channel)
 
     def _own_bye(self, fields):
         return irc_line(None, "ERROR", "Closing Link: %s" % (fields.get("text") or "Goodbye."))
@@ -5754,6 +5813,9 @@ class Session(socketserver.BaseRequestHandler):
 
     def do_nick(self, frame):
         self.hub.rename(self.seat, frame_field(frame, "name", str))
+
+    def do_invite(self, frame):
+        self.hub.invite(self.seat, frame_field(frame, "name", str), frame_field(frame, "room", str))
 
     def do_rooms(self, frame):
         self.hub.rooms(self.seat)

@@ -679,7 +679,7 @@ class ProtocolTests(unittest.TestCase):
         client_part = localchat.PROTOCOL_DOC.split("Client to server:", 1)[1].split("Server to client:", 1)[0]
         kinds = set(re.findall(r'\{"type":"([a-z_]+)"', client_part))
         self.assertEqual(kinds, {"hello", "say", "join", "leave", "users", "rooms", "topic", "nick", "away",
-                                 "back", "history", "ping", "pong", "bye"})
+                                 "back", "history", "ping", "pong", "bye", "invite"})
         for kind in kinds:
             with self.subTest(kind=kind):
                 self.assertTrue(callable(getattr(localchat.Session, "do_" + kind, None)))
@@ -709,6 +709,9 @@ class CommandTableTests(unittest.TestCase):
         ("chat", "/join", GAMES, ("error", "Usage: /join ROOM")),
         ("chat", "/leave", GAMES, ("send", {"type": "leave", "room": "games"})),
         ("chat", "/part #music", BOB, ("send", {"type": "leave", "room": "music"})),
+        ("chat", "/invite @carol", GAMES, ("send", {"type": "invite", "name": "carol", "room": "games"})),
+        ("chat", "/invite carol #music", BOB, ("send", {"type": "invite", "name": "carol", "room": "music"})),
+        ("chat", "/invite carol", BOB, ("error", "Usage: /invite NAME [ROOM]")),
         ("chat", "/leave", BOB, ("error", "Usage: /leave ROOM")),
         ("chat", "/msg @bob hi  there", GAMES, ("send", {"type": "say", "to": "bob", "text": "hi  there"})),
         ("chat", "/msg bob", GAMES, ("error", "Usage: /msg NAME TEXT")),
@@ -774,8 +777,8 @@ class CommandTableTests(unittest.TestCase):
         for command in localchat.COMMANDS:
             kinds[command.who].append(command.names[0])
         self.assertEqual(dict(kinds), {
-            "everybody": ["join", "leave", "msg", "me", "nick", "users", "rooms", "topic", "away", "back", "quit",
-                          "help"],
+            "everybody": ["join", "leave", "msg", "me", "nick", "invite", "users", "rooms", "topic", "away", "back",
+                          "quit", "help"],
             "operators": ["kick", "ban", "unban", "mute", "unmute", "op", "deop"],
             "console": ["users", "bans", "say", "quit", "help"]})
 
@@ -3032,6 +3035,32 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         bar.send("QUIT :see you tomorrow")
         quit_line, _ = qux.read_until(is_irc("QUIT"))
         self.assertEqual((quit_line.nick, quit_line.params), ("bar", ["Quit: see you tomorrow"]))
+
+    def test_invite_and_the_checks_on_a_channel_before_the_rights(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        alice = self.irc("alice")
+        alice.send("JOIN #games")
+        alice.read_until(is_irc("366", "alice", "#games"))
+        alice.send("INVITE bob #games")
+        self.assertEqual(alice.read().params, ["alice", "bob", "#games"])  # 341
+        frame, _ = bob.read_until(is_kind("invite"))
+        self.assertEqual(summary(frame, "from", "to", "room"), ("alice", "bob", "games"))
+        carol = self.irc("carol")
+        alice.read_until(lambda line: line.command == "JOIN" and line.nick == "carol")
+        carol.send("INVITE alice #games")
+        self.assertEqual(carol.read().command, "442")  # carol is not on it
+        carol.send("INVITE alice #nowhere", "KICK #nowhere bob", "TOPIC #nowhere", "MODE #nowhere +o bob")
+        self.assertEqual([carol.read().command for _ in range(4)], ["403"] * 4)  # before any question of rights
+        alice.send("INVITE nobody #games", "INVITE alice #games")
+        self.assertEqual([alice.read().command, alice.read().command], ["401", "443"])
+        bob.send({"type": "join", "room": "games"})
+        bob.read_until(is_kind("room", room="games"))
+        bob.send({"type": "invite", "name": "carol", "room": "games"})  # from the window: /invite carol
+        invite, _ = carol.read_until(is_irc("INVITE"))
+        self.assertEqual((invite.nick, invite.params), ("bob", ["carol", "#games"]))
+        bob.send({"type": "invite", "name": "carol", "room": "general"})
+        self.assertEqual(summary(bob.read_until(is_kind("error"))[0], "code"), ("already_in_room",))
 
     def test_a_notice_stays_a_notice_live_and_in_history(self):
         # Bots answer PRIVMSG and never NOTICE: a NOTICE that became a PRIVMSG could start a loop.

@@ -4097,7 +4097,7 @@ body { overflow: hidden; }
 
 button, input, textarea { font: inherit; color: inherit; }
 input, textarea { font-size: 16px; } /* 16 px or more: phones do not zoom in on focus */
-button { cursor: pointer; }
+button { cursor: pointer; -webkit-tap-highlight-color: transparent; }
 button:disabled { cursor: default; }
 :focus-visible { outline: 2px solid var(--accent); outline-offset: 2px; }
 a { color: var(--accent); text-decoration: underline; text-underline-offset: 2px; overflow-wrap: anywhere; }
@@ -4353,13 +4353,16 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
 .log {
   position: absolute;
   inset: 0;
+  display: flex;
+  flex-direction: column;
   overflow-y: auto;
   overscroll-behavior: contain;
   padding: 8px 12px 12px;
 }
 .older {
   display: block;
-  margin: 4px auto 8px;
+  flex: none;
+  margin: auto auto 8px; /* auto above: a short conversation sits at the bottom, next to the box */
   min-height: 36px;
   padding: 0 14px;
   border: 1px solid var(--line);
@@ -5213,9 +5216,11 @@ function actionElement(item) {
   var frame = item.frame;
   var line = el("div", "action" + (item.mention ? " mention" : ""));
   line.dataset.id = String(frame.id);
-  line.appendChild(el("span", "name " + colourClass(frame.from), frame.from));
-  line.appendChild(document.createTextNode(" "));
-  appendText(line, String(frame.text));
+  var text = el("span", "action-text");
+  text.appendChild(el("span", "name " + colourClass(frame.from), frame.from));
+  text.appendChild(document.createTextNode(" "));
+  appendText(text, String(frame.text));
+  line.appendChild(text);
   line.appendChild(el("time", "time", timeLabel(item.ts)));
   return line;
 }
@@ -5375,6 +5380,7 @@ function conversationButton(conv) {
     ui.input.focus();
   });
   button.setAttribute("aria-current", conv.key === state.current ? "true" : "false");
+  button.dataset.key = conv.key;
   return button;
 }
 
@@ -5410,6 +5416,7 @@ function personButton(conv, name) {
   var own = nameKey(name) === nameKey(state.name);
   var button = el("button", "entry person" + (own ? " own" : ""));
   button.type = "button";
+  button.dataset.name = name;
   var colour = colourClass(name);
   button.appendChild(el("span", "avatar small " + colour, Array.from(name)[0].toUpperCase()));
   var label = el("span", "label", name + (own ? " (you)" : ""));

@@ -10676,5 +10676,557 @@ class WindowTests(unittest.TestCase):
         return window
 
 
+# =============================================================================
+# 11. Web page: in a real browser, headless Chromium driven over the DevTools protocol
+# -----------------------------------------------------------------------------
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+BROWSER_START_S = 30.0      # Chromium writes its DevTools port within this
+BROWSER_CALL_S = 20.0       # a DevTools command is answered within this (a screenshot at 3x takes a while)
+PAGE_WAIT_S = 10.0          # what the page should show, it shows within this
+PAGE_POLL_S = 0.05          # between two looks at the page, events are read for this long
+PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True}
+WIDE = {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False}
+_SCREENSHOTS = {}  # the folder screenshots go to, chosen (and printed) once
+
+
+def screenshot_folder():
+    """Return the folder for the page's screenshots: $LOCALCHAT_SCREENSHOTS, or one in the temp folder."""
+    if "path" not in _SCREENSHOTS:
+        path = os.environ.get("LOCALCHAT_SCREENSHOTS") or os.path.join(tempfile.gettempdir(),
+                                                                       "localchat-screenshots")
+        os.makedirs(path, exist_ok=True)
+        _SCREENSHOTS["path"] = path
+        sys.stderr.write("\n[web page screenshots: %s]\n" % path)
+    return _SCREENSHOTS["path"]
+
+
+class DevTools:
+    """A client of Chromium's DevTools protocol over the WebSocket in WsClient: commands and events.
+
+    call() sends a command and reads until its answer; the events read meanwhile are
+    kept in self.events for wait_event(). One thread only: the test's.
+    """
+
+    def __init__(self, port, path):
+        self.ws = WsClient((LOOPBACK, port), path)
+        if self.ws.status != 101:
+            raise AssertionError("DevTools refused the WebSocket: %r" % self.ws.status)
+        self.next_id = 0
+        self.events = collections.deque(maxlen=10000)
+
+    def call(self, method, session=None, timeout=BROWSER_CALL_S, **params):
+        """Send a command (to a page's session if given) and return its result; fail on an error."""
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        self.ws.send(message)
+        deadline = time.monotonic() + timeout
+        for _ in range(MAX_FRAMES):
+            answer = self.receive(max(0.0, deadline - time.monotonic()))
+            if answer is None:
+                if time.monotonic() >= deadline:
+                    break
+                continue
+            if answer.get("id") == self.next_id:
+                if "error" in answer:
+                    raise AssertionError("%s failed: %r" % (method, answer["error"]))
+                return answer.get("result", {})
+        raise AssertionError("no answer to %s within %.1f s" % (method, timeout))
+
+    def receive(self, timeout):
+        """Return the next message (an answer or an event), or None if none came within timeout."""
+        if not self.ws.buffer and not select.select([self.ws.sock], [], [], timeout)[0]:
+            return None
+        for _ in range(MAX_FRAMES):
+            message = self.ws.read_message(BROWSER_CALL_S)
+            if message is None or message[0] == localchat.WS_OP_CLOSE:
+                raise AssertionError("the browser closed its DevTools connection")
+            if message[0] == localchat.WS_OP_TEXT:
+                parsed = json.loads(message[1].decode("utf-8"))
+                if "method" in parsed:
+                    self.events.append(parsed)
+                return parsed
+        raise AssertionError("too many control frames")
+
+    def pump(self, timeout):
+        """Read the events that come within timeout (a bounded wait that keeps the event list fresh)."""
+        deadline = time.monotonic() + timeout
+        for _ in range(MAX_FRAMES):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.receive(remaining) is None:
+                return
+
+    def close(self):
+        self.ws.close()
+
+
+class Browser:
+    """A headless Chromium in a throwaway profile, for the page tests; skip the test where there is none."""
+
+    def __init__(self):
+        self.profile = tempfile.mkdtemp(prefix="localchat-chromium-")
+        self.log = open(os.path.join(self.profile, "chromium.log"), "wb")
+        # --no-sandbox: Chromium refuses to start as root (CI) with its sandbox.
+        self.process = subprocess.Popen(
+            [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--remote-debugging-port=0", "--user-data-dir=" + self.profile,
+             "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+        try:
+            port, path = self._devtools_address()
+            self.devtools = DevTools(port, path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _devtools_address(self):
+        """Return (port, path) from DevToolsActivePort, once Chromium has written both lines."""
+        deadline = time.monotonic() + BROWSER_START_S
+        path = os.path.join(self.profile, "DevToolsActivePort")
+        while time.monotonic() < deadline:
+            try:
+                with open(path, encoding="ascii") as file:
+                    lines = file.read().split("\n")
+                if len(lines) >= 2 and lines[0].isdigit() and lines[1].startswith("/"):
+                    return int(lines[0]), lines[1]
+            except OSError:
+                pass
+            try:
+                self.process.wait(PAGE_POLL_S)  # a bounded wait that also notices Chromium exiting
+            except subprocess.TimeoutExpired:
+                continue
+            raise unittest.SkipTest("chromium exited at start (code %s); see %s"
+                                    % (self.process.returncode, self.log.name))
+        raise AssertionError("chromium did not open its DevTools port within %.0f s" % BROWSER_START_S)
+
+    def new_page(self):
+        """Return a Page in a fresh browser context: its own storage, as another person's phone."""
+        context = self.devtools.call("Target.createBrowserContext")["browserContextId"]
+        target = self.devtools.call("Target.createTarget", url="about:blank", browserContextId=context)["targetId"]
+        session = self.devtools.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        return Page(self.devtools, session)
+
+    def close(self):
+        if getattr(self, "devtools", None) is not None:
+            try:
+                self.devtools.call("Browser.close", timeout=5.0)
+            except (AssertionError, OSError):
+                pass
+            self.devtools.close()
+        try:
+            self.process.wait(10.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10.0)
+        self.log.close()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+class Page:
+    """One browser tab driven by a test: navigate, evaluate, type, press keys, wait, take screenshots."""
+
+    def __init__(self, devtools, session):
+        self.devtools = devtools
+        self.session = session
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(domain + ".enable")
+
+    def call(self, method, **params):
+        return self.devtools.call(method, session=self.session, **params)
+
+    def evaluate(self, expression):
+        """Return the value of a JavaScript expression in the page (promises awaited); fail on an exception."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise AssertionError("%s raised %s" % (expression[:80], details.get("exception", details)))
+        return result["result"].get("value")
+
+    def wait_for(self, expression, what=None, timeout=PAGE_WAIT_S):
+        """Return the expression's value once it is truthy; fail after timeout, saying what was awaited."""
+        deadline = time.monotonic() + timeout
+        for _ in range(MAX_FRAMES):
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                break
+            self.devtools.pump(PAGE_POLL_S)
+        raise AssertionError("the page never showed %s within %.0f s (%s)" % (what or expression, timeout,
+                                                                           self.evaluate("document.body.innerText.slice(-300)")))
+
+    def open(self, url, metrics=PHONE, dark=False):
+        self.call("Emulation.setDeviceMetricsOverride", **metrics)
+        self.call("Emulation.setTouchEmulationEnabled", enabled=metrics["mobile"])
+        self.set_dark(dark)
+        self.call("Page.navigate", url=url)
+        self.wait_for("document.readyState === 'complete' && typeof state === 'object'", "the page loaded")
+
+    def set_dark(self, dark):
+        self.call("Emulation.setEmulatedMedia",
+                  features=[{"name": "prefers-color-scheme", "value": "dark" if dark else "light"}])
+
+    def set_metrics(self, metrics):
+        self.call("Emulation.setDeviceMetricsOverride", **metrics)
+        self.call("Emulation.setTouchEmulationEnabled", enabled=metrics["mobile"])
+
+    def focus(self, selector):
+        self.evaluate("document.querySelector(%s).focus()" % json.dumps(selector))
+
+    def type(self, text):
+        """Type into the focused element, as a keyboard's text input would."""
+        self.call("Input.insertText", text=text)
+
+    def press(self, key, shift=False):
+        """Press and release a key (Enter, Escape...) in the focused element."""
+        codes = {"Enter": 13, "Escape": 27}
+        down = {"type": "keyDown", "key": key, "code": key, "windowsVirtualKeyCode": codes[key],
+                "modifiers": 8 if shift else 0}
+        if key == "Enter":
+            down.update(text="\r", unmodifiedText="\r")
+        self.call("Input.dispatchKeyEvent", **down)
+        self.call("Input.dispatchKeyEvent", type="keyUp", key=key, code=key, windowsVirtualKeyCode=codes[key],
+                  modifiers=8 if shift else 0)
+
+    def tap(self, selector):
+        """Tap the middle of the element a CSS selector finds, as a finger would; fail if it is not on top."""
+        box = self.evaluate("""(() => { const e = document.querySelector(%s); if (!e) return null;
+            const r = e.getBoundingClientRect(); const x = r.left + r.width / 2, y = r.top + r.height / 2;
+            const top = document.elementFromPoint(x, y);
+            return {x: x, y: y, w: r.width, h: r.height, onTop: !!top && (top === e || e.contains(top))}; })()"""
+                            % json.dumps(selector))
+        if not box or not box["onTop"]:
+            raise AssertionError("%s is not there to tap: %r" % (selector, box))
+        point = [{"x": box["x"], "y": box["y"]}]
+        self.call("Input.dispatchTouchEvent", type="touchStart", touchPoints=point)
+        self.call("Input.dispatchTouchEvent", type="touchEnd", touchPoints=[])
+        return box
+
+    def send_line(self, text):
+        """Type a line into the message box and press Enter."""
+        self.focus("#input")
+        self.type(text)
+        self.press("Enter")
+
+    def screenshot(self, name):
+        """Save a PNG of what the page shows now; return its path."""
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path = os.path.join(screenshot_folder(), name + ".png")
+        with open(path, "wb") as file:
+            file.write(base64.b64decode(data))
+        return path
+
+    def problems(self):
+        """Return the exceptions, console errors and CSP refusals the page reported so far."""
+        found = []
+        for event in self.devtools.events:
+            if event.get("sessionId") != self.session:
+                continue
+            params = event.get("params", {})
+            if event["method"] == "Runtime.exceptionThrown":
+                found.append(params["exceptionDetails"].get("exception", {}).get("description", "exception"))
+            elif event["method"] == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(params["entry"]["text"])
+            elif event["method"] == "Runtime.consoleAPICalled" and params["type"] == "error":
+                found.append(repr(params["args"])[:200])
+        return found
+
+
+def js_string(text):
+    return json.dumps(text)
+
+
+# A drawer has slid all the way in (taps during the slide land where it was).
+DRAWER_OPEN = "getComputedStyle(document.getElementById('%s')).transform === 'none'"
+
+
+def from_page(frame):
+    """A message the page's person (alice, in these tests) sent."""
+    return is_message(frame) and frame["from"] == "alice"
+
+
+SHOWN_TEXTS = ("Array.from(document.querySelectorAll('.log:not([hidden]) .items .bubble, "
+               ".log:not([hidden]) .items .action-text')).map(e => e.textContent)")
+
+
+@unittest.skipIf(CHROMIUM is None, "Chromium is not installed (Debian: apt-get install chromium)")
+class WebPageTests(ServerFixture, unittest.TestCase):
+    """The chat page in headless Chromium against a real server, at a phone's size (and a wide screen).
+
+    Each state is saved as a screenshot (see screenshot_folder()) for a person to look at.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        cls.browser = Browser()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.browser.close()
+
+    def setUp(self):
+        super().setUp()
+        self.pages = []
+
+    def tearDown(self):
+        for page in self.pages:
+            problems = [p for p in page.problems() if not self.expected_problem(p)]
+            self.assertEqual(problems, [], "the page reported errors")
+            page.call("Page.close")
+        super().tearDown()
+
+    def expected_problem(self, text):
+        """Errors Chromium logs for connections the test broke on purpose (a server stopped)."""
+        return getattr(self, "server_stopped", False) and ("WebSocket" in text or "ERR_CONNECTION_REFUSED" in text)
+
+    @property
+    def url(self):
+        return "http://%s:%d/" % self.address
+
+    def page(self, metrics=PHONE, dark=False):
+        page = self.browser.new_page()
+        self.pages.append(page)
+        page.open(self.url, metrics, dark)
+        return page
+
+    def join_page(self, name, page=None, **options):
+        """Open the page (unless given), type a name, join; return the page once it is caught up."""
+        page = page or self.page(**options)
+        self.type_name(page, name)
+        page.wait_for("state.synced && !document.getElementById('app').hidden", "the chat, joined as " + name)
+        return page
+
+    def type_name(self, page, name):
+        """Type a name on the join screen and press Enter."""
+        page.wait_for("!document.getElementById('join').hidden", "the join screen")
+        page.evaluate("document.getElementById('name-input').value = ''")
+        page.focus("#name-input")
+        page.type(name)
+        page.press("Enter")
+
+    def shown(self, page):
+        return page.evaluate(SHOWN_TEXTS)
+
+    def wait_shown(self, page, text):
+        page.wait_for("%s.includes(%s)" % (SHOWN_TEXTS, js_string(text)), repr(text))
+
+    def test_join_talk_switch_rooms_and_a_direct_message_on_a_phone(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        page = self.page()
+        page.screenshot("01-join-screen")
+        self.type_name(page, "bob")  # taken: the page asks for another name in place
+        page.wait_for("document.getElementById('join-message').textContent.includes('taken')", "name taken")
+        self.assertEqual(page.evaluate("document.activeElement.id"), "name-input")
+        page.screenshot("02-name-taken")
+        self.join_page("alice", page)
+        bob.read_until(is_kind("joined", name="alice"))
+        bob.say("Hi alice! The notes are at https://example.com/notes.")
+        self.wait_shown(page, "Hi alice! The notes are at https://example.com/notes.")
+        link = page.evaluate("""(() => { const a = document.querySelector('.log:not([hidden]) .bubble a');
+            return [a.href, a.target, a.rel, a.textContent, a.closest('.bubble').classList.contains('mention')]; })()""")
+        self.assertEqual(link, ["https://example.com/notes", "_blank", "noopener noreferrer",
+                                "https://example.com/notes", True])  # the full stop is not in the link
+        page.send_line("hello bob")
+        frame, _ = bob.read_until(from_page)
+        self.assertEqual(summary(frame, "from", "room", "text"), ("alice", "general", "hello bob"))
+        page.focus("#input")
+        page.type("two")
+        page.press("Enter", shift=True)
+        page.type("lines")
+        self.assertEqual(page.evaluate("document.getElementById('input').value"), "two\nlines")
+        page.press("Enter")
+        frame, _ = bob.read_until(from_page)
+        self.assertEqual(frame["text"], "two\nlines")
+        self.wait_shown(page, "two\nlines")
+        self.assertEqual(self.shown(page)[-3:], ["Hi alice! The notes are at https://example.com/notes.",
+                                                 "hello bob", "two\nlines"])
+        self.assertEqual(page.evaluate("document.querySelectorAll('.log:not([hidden]) .group').length"), 2,
+                         "one name and time per run of messages")
+        page.screenshot("03-general")
+        # Another room: bob talks in it, alice joins by command and sees its history.
+        bob.send({"type": "join", "room": "games"})
+        bob.read_until(is_kind("room", room="games"))
+        bob.say("anyone for chess?", room="games")
+        page.send_line("/join games")
+        page.wait_for("state.current === '#games'", "the switch to #games")
+        self.wait_shown(page, "anyone for chess?")
+        self.assertEqual(page.evaluate("document.getElementById('title').textContent"), "#games")
+        bob.say("back in general", room="general")
+        page.wait_for("state.conversations['#general'].unread === 1", "an unread count")
+        page.wait_for("document.title.startsWith('(1) ')", "the unread count in the title")
+        page.tap("#rooms-button")
+        page.wait_for(DRAWER_OPEN % "rooms", "the rooms drawer")
+        self.assertEqual(page.evaluate("document.querySelector('#room-list .badge').textContent"), "1")
+        page.screenshot("04-rooms-drawer")
+        page.tap("#room-list button[data-key='#general']")
+        page.wait_for("state.current === '#general' && !document.body.classList.contains('rooms-open')")
+        page.wait_for("!!document.querySelector('.log:not([hidden]) .new-line')", "the new messages line")
+        self.assertEqual(page.evaluate("document.title"), "#general \u00b7 LocalChat")
+        # A direct message: tap bob among the people.
+        page.tap("#people-button")
+        page.wait_for(DRAWER_OPEN % "people", "the people drawer")
+        page.screenshot("05-people-drawer")
+        page.tap("#people-list button[data-name=bob]")
+        page.wait_for("state.current === '@bob'", "the direct conversation")
+        page.send_line("just for you")
+        frame, _ = bob.read_until(from_page)
+        self.assertEqual(summary(frame, "from", "to", "text"), ("alice", "bob", "just for you"))
+        bob.say("thanks!", to="alice")
+        self.wait_shown(page, "thanks!")
+        page.send_line("/me waves")
+        frame, _ = bob.read_until(from_page)
+        self.assertEqual(summary(frame, "to", "text", "action"), ("bob", "waves", True))
+        self.wait_shown(page, "alice waves")
+        page.screenshot("06-direct")
+        # The tables agree: the page's /help is the other clients' HELP_TEXT.
+        self.assertEqual(page.evaluate("helpText()"), localchat.HELP_TEXT)
+        page.send_line("/help")
+        page.wait_for("!!document.querySelector('.log:not([hidden]) .notice.help')", "the help")
+        page.send_line("/nosuch")
+        page.wait_for("!!document.querySelector('.log:not([hidden]) .notice.error')", "an error sentence")
+        self.assertEqual(page.evaluate("document.getElementById('input').value"), "/nosuch")
+        page.set_dark(True)
+        page.screenshot("07-direct-dark")
+        page.set_metrics(WIDE)
+        page.tap("#room-list button[data-key='#general']")
+        page.wait_for("state.current === '#general'")
+        page.screenshot("08-wide-dark")
+        page.set_dark(False)
+        page.screenshot("09-wide-light")
+        self.assertEqual(page.evaluate("document.querySelectorAll('script:not([src]), [style]:not(#input)').length"), 0)
+
+    def test_markup_from_others_is_shown_as_text_and_never_runs(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        page = self.join_page("alice", dark=True)
+        page.evaluate("window.ran = []; window.alert = (x) => window.ran.push(x)")
+        before = page.evaluate("document.getElementsByTagName('*').length")
+        attack = "<img src=x onerror=alert(1)>"
+        topic = "<b>bold</b><script>alert(2)</script>"
+        bob.send({"type": "topic", "room": "general", "topic": topic})
+        bob.send({"type": "away", "text": "<a href=javascript:alert(3)>lunch</a>"})
+        bob.say(attack)
+        bob.say("<svg onload=alert(4)>", action=True)
+        self.wait_shown(page, attack)
+        self.wait_shown(page, "bob <svg onload=alert(4)>")
+        page.wait_for("document.getElementById('subtitle').textContent === %s" % js_string(topic), "the topic")
+        page.wait_for("document.body.textContent.includes('Away: <a href=javascript:alert(3)>lunch</a>')",
+                      "the away text")
+        self.assertEqual(page.evaluate("document.querySelectorAll('.log img, .log script, .log svg, .log b, "
+                                       "#subtitle *, #people-list a').length"), 0)
+        page.evaluate("new Promise(r => setTimeout(r, 200))")  # an onerror would have run by now
+        self.assertEqual(page.evaluate("window.ran"), [])
+        page.screenshot("10-markup-as-text-dark")
+        self.assertEqual(page.evaluate("document.querySelectorAll('.log a').length"), 0)
+        self.assertGreater(page.evaluate("document.getElementsByTagName('*').length"), before)
+
+    def test_page_reconnects_to_a_restarted_server_and_nothing_is_lost_or_doubled(self):
+        store = localchat.MemoryStore()  # what a restarted server reads back from its file
+        self.start_server(hub=localchat.ChatHub("first", store, limits=localchat.Limits(messages_per_s=0,
+                                                                                           kbytes_per_s=0)))
+        bob = self.join("bob")
+        page = self.join_page("alice")
+        page.send_line("before the restart")
+        bob.read_until(is_kind("message", text="before the restart"))
+        bob.say("bob before")
+        self.wait_shown(page, "bob before")
+        first = self.server
+        self.server_stopped = True
+        first.stop()
+        self.server_thread.join(THREAD_END_S)
+        self.assertEqual(first.internal_errors, 0)
+        page.wait_for("!document.getElementById('status').hidden && !state.synced", "the reconnecting status")
+        page.send_line("typed while offline")
+        page.wait_for("!!document.querySelector('.bubble.pending')", "the message waiting")
+        self.assertIn("Reconnecting", page.evaluate("document.getElementById('status').textContent"))
+        page.screenshot("11-offline")
+        self.start_server(port=first.port, hub=localchat.ChatHub("second", store, limits=localchat.Limits(
+            messages_per_s=0, kbytes_per_s=0)))
+        page.wait_for("state.synced", "the page back", timeout=PAGE_WAIT_S + localchat.RECONNECT_MAX_S)
+        page.wait_for("!document.querySelector('.bubble.pending')", "the queued message confirmed")
+        carol = self.join("carol")
+        carol.say("after the restart")
+        self.wait_shown(page, "after the restart")
+        page.screenshot("12-reconnected")
+        history = carol.joining
+        self.assertEqual(texts(history), ["before the restart", "bob before", "typed while offline"])
+        self.assertEqual(self.shown(page), ["before the restart", "bob before", "typed while offline",
+                                            "after the restart"])
+        ids_shown = page.evaluate("Array.from(document.querySelectorAll('.bubble[data-id]')).map(e => e.dataset.id)")
+        self.assertEqual(len(ids_shown), len(set(ids_shown)))
+        self.assertEqual(page.evaluate("state.outbox.length"), 0)
+
+    def test_password_server_hmac_matches_python_and_a_wrong_password_is_told(self):
+        password = "correct horse \u00e9t\u00e9-42"
+        self.start_server(hub=localchat.ChatHub("test", password=password))
+        page = self.page()
+        for key, message in ((password, "00ff" * 8), ("", ""), ("k" * 100, "nonce \u2603"), ("x" * 64, "y" * 200)):
+            self.assertEqual(page.evaluate("hmacSha256Hex(%s, %s)" % (js_string(key), js_string(message))),
+                             localchat.password_proof(key, message), (key[:10], message[:10]))
+        self.join_page_until_asked(page, "alice")
+        page.screenshot("13-password-asked")
+        page.focus("#password-input")
+        page.type("wrong")
+        page.press("Enter")
+        page.wait_for("document.getElementById('join-message').textContent.includes('Wrong password')",
+                      "the wrong password sentence")
+        page.screenshot("14-wrong-password")
+        page.focus("#password-input")
+        page.type(password)
+        page.press("Enter")
+        page.wait_for("state.synced", "the chat, after the right password")
+        bob = self.join_with_password("bob", password)
+        bob.say("welcome in")
+        self.wait_shown(page, "welcome in")
+
+    def join_page_until_asked(self, page, name):
+        self.type_name(page, name)
+        page.wait_for("!document.getElementById('password-row').hidden && "
+                      "document.activeElement.id === 'password-input'", "the password question")
+
+    def join_with_password(self, name, password):
+        client = self.connect()
+        client.send({"type": "hello", "name": name, "version": localchat.PROTOCOL_VERSION})
+        challenge = client.read_frame()
+        client.send({"type": "auth", "proof": localchat.password_proof(password, challenge["nonce"])})
+        client.read_until(is_kind("synced"))
+        return client
+
+
+class WebPageTextTests(unittest.TestCase):
+    """The page's text, without a browser: no way for markup in, the right paths, a valid manifest."""
+
+    def test_script_has_no_way_to_turn_text_into_markup(self):
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
+                     "setTimeout(\"", "setTimeout('"):
+            with self.subTest(sink=sink):
+                self.assertNotIn(sink, localchat.WEB_PAGE_JS)
+
+    def test_html_names_the_door_paths_and_has_no_inline_script_or_style(self):
+        html = localchat.WEB_PAGE_HTML
+        for tag in ('<link rel="stylesheet" href="/app.css">', '<script src="/app.js" defer></script>',
+                    '<link rel="manifest" href="/manifest.webmanifest">', '<link rel="icon" href="/icon.svg">'):
+            self.assertIn(tag, html)
+        self.assertEqual(re.findall(r"<script(?![^>]*\bsrc=)", html), [])
+        self.assertNotIn("<style", html)
+        self.assertIsNone(re.search(r"\s(style|on[a-z]+)=", html))
+        self.assertIn('name="viewport"', html)
+
+    def test_manifest_is_a_web_app_manifest_with_the_icon(self):
+        manifest = json.loads(localchat.WEB_MANIFEST)
+        self.assertEqual((manifest["name"], manifest["start_url"], manifest["display"]), ("LocalChat", "/", "standalone"))
+        self.assertEqual([icon["src"] for icon in manifest["icons"]], ["/icon.svg"])
+        self.assertTrue(localchat.WEB_ICON_SVG.startswith("<svg xmlns=\"http://www.w3.org/2000/svg\""))
+
+    def test_inputs_are_large_enough_not_to_zoom_a_phone(self):
+        self.assertIn("input, textarea { font-size: 16px; }", localchat.WEB_PAGE_CSS)
+        self.assertIn("--tap: 44px;", localchat.WEB_PAGE_CSS)
+        self.assertIn("prefers-color-scheme: dark", localchat.WEB_PAGE_CSS)
+
+
 if __name__ == "__main__":
     unittest.main()

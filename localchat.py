@@ -4481,7 +4481,23 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
   color: var(--info-text);
   font-weight: 500;
 }
-.notice.help { text-align: left; font-family: var(--mono); font-size: 12.5px; white-space: pre; overflow-x: auto; }
+.help {
+  margin: 10px 0 0;
+  padding: 12px 14px;
+  border: 1px solid var(--line);
+  border-radius: 14px;
+  background: var(--raised);
+  font-size: 14px;
+}
+.help h3 { margin: 0 0 6px; font-size: 13px; color: var(--muted); text-transform: uppercase; letter-spacing: 0.05em; }
+.help dl { display: grid; grid-template-columns: max-content 1fr; gap: 4px 12px; margin: 0 0 12px; }
+.help dt { font-family: var(--mono); font-size: 13px; font-weight: 600; }
+.help dd { margin: 0; color: var(--muted); }
+.help p { color: var(--muted); font-size: 13px; }
+@media (max-width: 520px) {
+  .help dl { grid-template-columns: 1fr; gap: 0; }
+  .help dd { margin-bottom: 6px; }
+}
 
 .composer {
   display: flex;
@@ -5226,9 +5242,30 @@ function actionElement(item) {
 }
 
 function noticeElement(item) {
+  if (item.tone === "help") {
+    return helpElement();
+  }
   var notice = el("div", "notice" + (item.tone ? " " + item.tone : ""));
   notice.appendChild(el("span", "", item.text));
   return notice;
+}
+
+function helpElement() {
+  // /help as a card that wraps on a phone (the text form, helpText(), is the other clients' HELP_TEXT).
+  var card = el("div", "help");
+  [["everybody", "Commands"], ["operators", "Operators also have"]].forEach(function (part) {
+    card.appendChild(el("h3", "", part[1]));
+    var list = el("dl");
+    COMMANDS.filter(function (command) {
+      return command.who === part[0];
+    }).forEach(function (command) {
+      list.appendChild(el("dt", "", command.usage));
+      list.appendChild(el("dd", "", command.help));
+    });
+    card.appendChild(list);
+  });
+  card.appendChild(el("p", "", "Start a message with // to send text that begins with /. Shift+Enter starts a new line."));
+  return card;
 }
 
 var URL_PATTERN = /\bhttps?:\/\/[^\s<>"]+/gi;
@@ -5921,11 +5958,11 @@ var ON_FRAME = {
     }
     var conv = frame.room !== undefined && frame.room !== null ? openConversation("room", frame.room) :
       openConversation("direct", own ? frame.to : frame.from);
-    var mention = !own && (conv.kind === "direct" || mentions(String(frame.text), state.name));
+    var mention = !own && mentions(String(frame.text), state.name);
     var unseen = !frame.replay && !own && !isViewing(conv);
     if (unseen) {
       conv.unread++;
-      conv.mentions += mention ? 1 : 0;
+      conv.mentions += mention || conv.kind === "direct" ? 1 : 0;  // both ring: the badge is red
       if (conv.unreadFrom === null) {
         conv.unreadFrom = frame.id;
       }

@@ -11085,7 +11085,7 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         # The tables agree: the page's /help is the other clients' HELP_TEXT.
         self.assertEqual(page.evaluate("helpText()"), localchat.HELP_TEXT)
         page.send_line("/help")
-        page.wait_for("!!document.querySelector('.log:not([hidden]) .notice.help')", "the help")
+        page.wait_for("!!document.querySelector('.log:not([hidden]) .help dt')", "the help")
         page.send_line("/nosuch")
         page.wait_for("!!document.querySelector('.log:not([hidden]) .notice.error')", "an error sentence")
         self.assertEqual(page.evaluate("document.getElementById('input').value"), "/nosuch")

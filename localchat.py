@@ -6352,6 +6352,10 @@ class Door:
         """Carry out a frame of type "door": a command of the door's own protocol. Return a reason to stop, or None."""
         raise ProtocolError("unknown_type", "Unknown frame type 'door'.")
 
+    def idle(self):
+        """Return True if a connection that has not said hello may end quietly when its time is up."""
+        return False
+
     def frames(self, buffer):
         """Cut what is complete off the bytearray buffer; return its frames (dicts) and ProtocolErrors.
 
@@ -7493,7 +7497,8 @@ class WebDoor(Door):
 
     name = "web"
     encode = staticmethod(ws_encode)
-    hello_timeout_s = HTTP_HEAD_TIMEOUT_S
+    hello_timeout_s = HTTP_HEAD_TIMEOUT_S  # the first request's line and headers
+    keepalive_s = HTTP_KEEPALIVE_S         # each request after it: to begin and end
     methods = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 
     @classmethod
@@ -7576,7 +7581,7 @@ class WebDoor(Door):
         self._send_response(status, body, extra, content_type, close, head_only=request.method == "HEAD")
         if close:
             return [{"type": "bye"}]
-        self.session.extend_hello(HTTP_KEEPALIVE_S)  # the next request has this long to begin and end
+        self.session.extend_hello(self.keepalive_s)  # the next request has this long to begin and end
         return []
 
     def _refuse(self, status, sentence):
@@ -7588,7 +7593,7 @@ class WebDoor(Door):
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         headers += list(extra) + list(WEB_SECURITY_HEADERS)
         headers.append(("Connection", "close") if close else
-                       ("Keep-Alive", "timeout=%d, max=%d" % (HTTP_KEEPALIVE_S, HTTP_MAX_REQUESTS)))
+                       ("Keep-Alive", "timeout=%d, max=%d" % (self.keepalive_s, HTTP_MAX_REQUESTS)))
         self.session.outbox.put(_http_head(status, headers) + (b"" if head_only else body))
 
     # -- WebSocket -----------------------------------------------------------------
@@ -7636,6 +7641,9 @@ class WebDoor(Door):
             return parse_frame(text.encode("utf-8"))
         except ProtocolError as error:
             return error
+
+    def idle(self):
+        return self.reader is None and not self.receiving  # between keep-alive requests
 
     def encode_own(self, fields):
         if self.reader is None:  # still HTTP: a request that did not come in time gets 408
@@ -7863,6 +7871,8 @@ class Session(socketserver.BaseRequestHandler):
 
     def _on_silence(self):
         """The read timed out: ping once, then give up. Return True to keep reading."""
+        if self.seat is None and self.door is not None and self.door.idle():
+            return False  # an idle keep-alive connection: its time is up, and nothing went wrong
         if self.seat is None:
             self._on_protocol_error(
                 ProtocolError("hello_timeout", "No hello came in time; closing the connection.", fatal=True)
@@ -9300,8 +9310,31 @@ def raise_open_file_limit():
             pass
 
 
+def web_address(host, port, tls):
+    """Return the address a browser opens for the chat: http://192.168.1.7:13333/ (https with TLS)."""
+    shown = "[%s]" % host if ":" in host else host
+    return "%s://%s:%d/" % ("https" if tls else "http", shown, port)
+
+
+def print_qr_code(text, stream=None):
+    """Draw text's QR code on a terminal that can show it; return True if it was drawn."""
+    stream = stream or sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()) or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        drawing = qr_terminal(text)
+        drawing.encode(stream.encoding or "ascii")  # a console that cannot show half blocks gets none
+    except (UnicodeEncodeError, LookupError, UserError):
+        return False
+    if os.name == "nt":
+        os.system("")  # lets a Windows 10 console obey the colour escape sequences
+    stream.write(drawing)
+    return True
+
+
 def print_join_instructions(server, host):
-    """Print where the server listens and the command the others should run."""
+    """Print where the server listens, the command the others should run, and the web address with its QR code."""
     port = server.port
     print("LocalChat %s server listening on %s:%d" % (__version__, host, port))
     if host in ("", "0.0.0.0", "::"):
@@ -9318,9 +9351,16 @@ def print_join_instructions(server, host):
             print("    python3 localchat.py YOUR-NAME --server %s%s" % (address, suffix))
         print("IRC clients (HexChat, irssi, WeeChat...) and nc or telnet use the same address and port %d:" % port)
         print("    nc %s %d" % (addresses[0], port))
+        web = web_address(addresses[0], port, server.tls_context is not None)
+        print("Phones and browsers open %s, or point a phone's camera at this code:" % web)
+        sys.stdout.flush()
+        if not print_qr_code(web):
+            print("    (the code is drawn when the server runs in a terminal)")
     elif host in ("", "0.0.0.0", "::"):
         print("No network address found: is this computer connected to the network?")
     print("On this computer: python3 localchat.py YOUR-NAME%s" % (" --server 127.0.0.1" + suffix if suffix else ""))
+    if not addresses:
+        print("A browser on this computer opens %s" % web_address("127.0.0.1", port, server.tls_context is not None))
     print("Stop the server with Ctrl+C.")
     sys.stdout.flush()
 

@@ -5103,7 +5103,7 @@ function insertItem(conv, item) {
   // Items stay in time order: replays and pages of older messages go in where they belong.
   var items = conv.items;
   var at = items.length;
-  while (at > 0 && items[at - 1].ts > item.ts) {
+  while (at > 0 && comesBefore(item, items[at - 1])) {
     at--;
   }
   items.splice(at, 0, item);
@@ -5116,6 +5116,15 @@ function insertItem(conv, item) {
   } else {
     scheduleRender(conv);
   }
+}
+
+function comesBefore(item, other) {
+  // Messages in the server's order (their ids); anything else by time.
+  if (item.kind === "message" && other.kind === "message" && typeof item.frame.id === "number" &&
+      typeof other.frame.id === "number") {
+    return item.frame.id < other.frame.id;
+  }
+  return item.ts < other.ts;
 }
 
 // -- rendering: messages ---------------------------------------------------------------------

@@ -10991,6 +10991,10 @@ def js_string(text):
 DRAWER_OPEN = "getComputedStyle(document.getElementById('%s')).transform === 'none'"
 
 
+# The page of earlier messages asked for has come, and is drawn.
+PAGE_LOADED = "!state.conversations['#general'].loading && !state.conversations['#general'].dirty"
+
+
 def from_page(frame):
     """A message the page's person (alice, in these tests) sent."""
     return is_message(frame) and frame["from"] == "alice"
@@ -11207,6 +11211,53 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         ids_shown = page.evaluate("Array.from(document.querySelectorAll('.bubble[data-id]')).map(e => e.dataset.id)")
         self.assertEqual(len(ids_shown), len(set(ids_shown)))
         self.assertEqual(page.evaluate("state.outbox.length"), 0)
+
+    def test_earlier_messages_come_a_page_at_a_time_in_order_once(self):
+        self.start_server(hub=localchat.ChatHub("test", scrollback=5, limits=localchat.Limits(
+            messages_per_s=0, kbytes_per_s=0)))
+        bob = self.join("bob")
+        said = ["message %d" % number for number in range(1, 61)]
+        for text in said:
+            bob.say(text)
+        bob.read_until(is_kind("message", text=said[-1]))
+        page = self.join_page("alice")
+        self.wait_shown(page, said[-1])
+        self.assertEqual(self.shown(page), said[-5:])  # the scrollback on joining
+        page.tap(".log:not([hidden]) .older")
+        page.wait_for(PAGE_LOADED, "the page of earlier messages")
+        self.assertEqual(self.shown(page), said[-55:])
+        top = page.evaluate("document.querySelector('.log:not([hidden]) [data-id]').getBoundingClientRect().top")
+        self.assertLess(top, 0, "the view stays where it was instead of jumping to the oldest message")
+        page.screenshot("15-earlier-messages")
+        page.evaluate("document.querySelector('.log:not([hidden])').scrollTop = 0")
+        page.tap(".log:not([hidden]) .older")
+        page.wait_for(PAGE_LOADED, "the second page")
+        page.wait_for("document.querySelector('.log:not([hidden]) .older').textContent === "
+                      "'The beginning of #general'", "the beginning")
+        self.assertEqual(self.shown(page), said)
+        self.assertEqual(page.evaluate("document.querySelectorAll('.log:not([hidden]) .day').length"), 1)
+
+    def test_kicked_and_banned_are_told_in_a_sentence(self):
+        self.start_server()
+        self.server.hub.moderation.add_operator("bob")
+        bob = self.join("bob", identity="token-of-bob")
+        page = self.join_page("alice")
+        page.wait_for("!!document.querySelector('#people-list [data-name=bob] .tag')", "bob's operator tag")
+        bob.send({"type": "kick", "name": "alice", "reason": "too loud"})
+        page.wait_for("!document.getElementById('join').hidden", "the join screen")
+        message = page.evaluate("document.getElementById('join-message').textContent")
+        self.assertIn("too loud", message)
+        self.assertIn("You may join again.", message)
+        page.screenshot("16-kicked")
+        page.tap("#join-button")
+        page.wait_for("state.synced", "alice back after the kick")
+        bob.read_until(is_kind("joined", name="alice"))
+        bob.send({"type": "ban", "target": "alice", "minutes": 10, "reason": "still too loud"})
+        page.wait_for("document.getElementById('join-message').textContent.includes('still too loud')", "the ban")
+        page.tap("#join-button")  # banned: the server says so at once
+        page.wait_for("!document.getElementById('join-button').disabled && "
+                      "document.getElementById('join-message').textContent.includes('banned')", "the refusal")
+        page.screenshot("17-banned")
 
     def test_password_server_hmac_matches_python_and_a_wrong_password_is_told(self):
         password = "correct horse \u00e9t\u00e9-42"

@@ -4586,6 +4586,7 @@ var state = {
   welcome: null,         // the last welcome (its resume token resumes the session)
   welcomed: false,       // welcomed at least once since the page loaded
   lastId: null,          // the highest message id seen (sent as last_id when reconnecting)
+  helloLastId: null,     // lastId when the last hello went out
   seen: new Set(),       // message ids shown, so a replay never shows one twice
   bye: null,             // the bye frame the server sent before closing, if any
   stopped: true,         // not connecting: before joining, or after a final refusal
@@ -4612,17 +4613,18 @@ var ui = {};  // the page's fixed elements, by id (filled in by start())
 
 // -- storage ----------------------------------------------------------------------
 
-function loadSetting(key) {
+function loadSetting(key, storage) {
+  // localStorage keeps the name and identity; sessionStorage (one tab) the resume token.
   try {
-    return window.localStorage.getItem("localchat." + key);
+    return (storage || window.localStorage).getItem("localchat." + key);
   } catch (error) {
     return null;  // storage blocked (private mode, settings): the page works without
   }
 }
 
-function saveSetting(key, value) {
+function saveSetting(key, value, storage) {
   try {
-    window.localStorage.setItem("localchat." + key, value);
+    (storage || window.localStorage).setItem("localchat." + key, value);
   } catch (error) {
     // Not kept: the next visit asks again.
   }
@@ -5778,6 +5780,10 @@ function connect() {
 
 function helloFrame() {
   var hello = {type: "hello", name: state.name, version: 1, identity: state.identity};
+  var kept = loadSetting("resume", window.sessionStorage);  // a reload takes this tab's place back
+  if (!state.welcome && kept && kept.indexOf(nameKey(state.name) + " ") === 0) {
+    hello.resume = kept.slice(kept.indexOf(" ") + 1);
+  }
   if (state.welcome) {  // reconnecting: take our place back, and what was missed
     hello.resume = state.welcome.resume;
     hello.rooms = conversationsOf("room").filter(function (conv) {
@@ -5789,6 +5795,7 @@ function helloFrame() {
       hello.last_id = state.lastId;
     }
   }
+  state.helloLastId = state.lastId;  // what follows it is news, even replayed
   return hello;
 }
 
@@ -5919,6 +5926,7 @@ var ON_FRAME = {
     state.retryMs = RECONNECT_FIRST_MS;
     state.inflight = [];
     saveSetting("name", state.name);
+    saveSetting("resume", nameKey(state.name) + " " + frame.resume, window.sessionStorage);
     if (!resumed) {
       conversationsOf("room").forEach(function (conv) {
         conv.joined = false;  // a new session: the room frames say where we are
@@ -5968,7 +5976,7 @@ var ON_FRAME = {
     var conv = frame.room !== undefined && frame.room !== null ? openConversation("room", frame.room) :
       openConversation("direct", own ? frame.to : frame.from);
     var mention = !own && mentions(String(frame.text), state.name);
-    var unseen = !frame.replay && !own && !isViewing(conv);
+    var unseen = !own && !isViewing(conv) && isNews(frame, conv);
     if (unseen) {
       conv.unread++;
       conv.mentions += mention || conv.kind === "direct" ? 1 : 0;  // both ring: the badge is red
@@ -6120,6 +6128,11 @@ var ON_FRAME = {
       }
     });
     showStatus("");
+    conversationsOf("room").forEach(function (conv) {
+      if (!conv.items.some(function (item) { return item.kind === "message"; })) {
+        requestOlder(conv);  // a resumed session gets no scrollback: ask for the room's last messages
+      }
+    });
     flushOutbox();
     post({type: "rooms"});  // the rooms one could join, for the drawer
     if (!state.current) {
@@ -6171,6 +6184,17 @@ var ON_FRAME = {
     // Any frame is a sign of life; receive() noted it.
   }
 };
+
+function isNews(frame, conv) {
+  // Live, or replayed but new to this page: a direct message that waited, or what was missed offline.
+  if (!frame.replay) {
+    return true;
+  }
+  if (conv.loading) {
+    return false;  // a page of earlier messages
+  }
+  return conv.kind === "direct" || (state.helloLastId !== null && frame.id > state.helloLastId);
+}
 
 function refusedEntry(frame, code) {
   // Which say an error answers: its ref (not_stored), or else the oldest one in flight.

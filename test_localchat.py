@@ -10850,12 +10850,13 @@ class Browser:
                                     % (self.process.returncode, self.log.name))
         raise AssertionError("chromium did not open its DevTools port within %.0f s" % BROWSER_START_S)
 
-    def new_page(self):
-        """Return a Page in a fresh browser context: its own storage, as another person's phone."""
-        context = self.devtools.call("Target.createBrowserContext")["browserContextId"]
+    def new_page(self, context=None):
+        """Return a Page in a fresh browser context (its own storage, as another person's phone), or in context."""
+        if context is None:
+            context = self.devtools.call("Target.createBrowserContext")["browserContextId"]
         target = self.devtools.call("Target.createTarget", url="about:blank", browserContextId=context)["targetId"]
         session = self.devtools.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        return Page(self.devtools, session)
+        return Page(self.devtools, session, context)
 
     def close(self):
         if getattr(self, "devtools", None) is not None:
@@ -10876,9 +10877,11 @@ class Browser:
 class Page:
     """One browser tab driven by a test: navigate, evaluate, type, press keys, wait, take screenshots."""
 
-    def __init__(self, devtools, session):
+    def __init__(self, devtools, session, context):
         self.devtools = devtools
         self.session = session
+        self.context = context  # the browser context: pages in the same one share their storage
+        self.closed = False
         for domain in ("Page", "Runtime", "Log"):
             self.call(domain + ".enable")
 
@@ -11027,7 +11030,8 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         for page in self.pages:
             problems = [p for p in page.problems() if not self.expected_problem(p)]
             self.assertEqual(problems, [], "the page reported errors")
-            page.call("Page.close")
+            if not page.closed:
+                page.call("Page.close")
         super().tearDown()
 
     def expected_problem(self, text):
@@ -11038,8 +11042,8 @@ class WebPageTests(ServerFixture, unittest.TestCase):
     def url(self):
         return "http://%s:%d/" % self.address
 
-    def page(self, metrics=PHONE, dark=False):
-        page = self.browser.new_page()
+    def page(self, metrics=PHONE, dark=False, context=None):
+        page = self.browser.new_page(context)
         self.pages.append(page)
         page.open(self.url, metrics, dark)
         return page
@@ -11211,6 +11215,33 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         ids_shown = page.evaluate("Array.from(document.querySelectorAll('.bubble[data-id]')).map(e => e.dataset.id)")
         self.assertEqual(len(ids_shown), len(set(ids_shown)))
         self.assertEqual(page.evaluate("state.outbox.length"), 0)
+
+    def test_coming_back_later_finds_the_name_identity_and_what_waited(self):
+        self.start_server()
+        bob = self.join("bob")
+        page = self.join_page("alice")
+        identity = page.evaluate("state.identity")
+        self.assertRegex(identity, "^[0-9a-f]{32}$")
+        bob.say("before alice left")
+        self.wait_shown(page, "before alice left")
+        page.call("Page.close")  # alice closes the tab
+        page.closed = True
+        bob.read_until(is_kind("left", name="alice"))
+        bob.say("while you were gone", to="alice")
+        frame, _ = bob.read_until(is_kind("message", text="while you were gone"))
+        self.assertTrue(frame.get("queued"), frame)  # kept for alice's identity
+        page = self.page(context=page.context)  # later, in the same browser
+        page.wait_for("state.synced", "alice back, by herself, with the remembered name")
+        self.assertEqual(page.evaluate("[state.name, state.identity]"), ["alice", identity])
+        self.wait_shown(page, "before alice left")
+        page.wait_for("state.conversations['@bob'] && state.conversations['@bob'].unread === 1", "the waiting message")
+        page.wait_for("document.title.startsWith('(1) ')", "the unread count in the title")
+        page.tap("#rooms-button")
+        page.wait_for(DRAWER_OPEN % "rooms", "the rooms drawer")
+        self.assertEqual(page.evaluate("document.querySelector('#direct-list .badge.loud').textContent"), "1")
+        page.screenshot("18-waiting-direct-message")
+        page.tap("#direct-list button[data-key='@bob']")
+        self.wait_shown(page, "while you were gone")
 
     def test_earlier_messages_come_a_page_at_a_time_in_order_once(self):
         self.start_server(hub=localchat.ChatHub("test", scrollback=5, limits=localchat.Limits(

@@ -4176,6 +4176,7 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
   color: var(--danger);
   font-weight: 500;
 }
+.join-message.info { background: var(--info-bg); color: var(--info-text); }
 
 /* -- the chat: one column, drawers ------------------------------------------------------------ */
 
@@ -5518,18 +5519,19 @@ function retryStatus() {
   if (state.welcomed) {
     showStatus(text, "warn", "Try now");
   } else {
-    showJoin(text, "", true);
+    showJoin(text, "", true, "info");
   }
 }
 
 // -- the join screen and the drawers --------------------------------------------------
 
-function showJoin(message, ask, keepTrying) {
+function showJoin(message, ask, keepTrying, tone) {
   // The first screen, also for "that name is taken", a password, or a final refusal.
   ui.app.hidden = true;
   ui.join.hidden = false;
   ui.joinMessage.textContent = message || "";
   ui.joinMessage.hidden = !message;
+  ui.joinMessage.className = "join-message" + (tone ? " " + tone : "");
   ui.passwordRow.hidden = !(ask === "password" || state.password !== null);
   ui.joinButton.textContent = keepTrying ? "Connecting\u2026" : "Join";
   ui.joinButton.disabled = !!keepTrying;
@@ -5629,7 +5631,7 @@ function carryOut(result, conv) {
     addNotice(conv, helpText(), "help");
   } else if (result.quit) {
     post({type: "bye"});
-    stop("You left the chat.");
+    stop("You left the chat.", "", "info");
   }
 }
 
@@ -5867,7 +5869,7 @@ function reconnectNow() {
   }
 }
 
-function stop(sentence, ask) {
+function stop(sentence, ask, tone) {
   // A final answer: stop reconnecting and say why on the join screen.
   state.stopped = true;
   state.synced = false;
@@ -5875,7 +5877,7 @@ function stop(sentence, ask) {
   state.retryTimer = null;
   dropConnection();
   showStatus("");
-  showJoin(sentence, ask);
+  showJoin(sentence, ask, false, tone);
 }
 
 function watchdog() {
@@ -5912,7 +5914,7 @@ function receive(text) {
 var ON_FRAME = {
   challenge: function (frame) {
     if (state.password === null) {
-      stop("This chat needs a password.", "password");
+      stop("This chat needs a password. Ask the person who runs it.", "password", "info");
       return;
     }
     sendFrame({type: "auth", proof: hmacSha256Hex(state.password, String(frame.nonce || ""))});

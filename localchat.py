@@ -4130,7 +4130,7 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
 .secondary { border: 1px solid var(--line); background: var(--raised); }
 .secondary:hover { background: var(--hover); }
 .link-button {
-  min-height: 32px;
+  min-height: var(--tap);
   padding: 0 10px;
   border: none;
   border-radius: 8px;
@@ -4342,7 +4342,7 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
   justify-content: center;
   flex-wrap: wrap;
   gap: 4px 8px;
-  padding: 8px 14px;
+  padding: 4px 14px;
   font-size: 14px;
   text-align: center;
   background: var(--info-bg);
@@ -4364,10 +4364,10 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
   display: block;
   flex: none;
   margin: auto auto 8px; /* auto above: a short conversation sits at the bottom, next to the box */
-  min-height: 36px;
+  min-height: var(--tap);
   padding: 0 14px;
   border: 1px solid var(--line);
-  border-radius: 18px;
+  border-radius: 22px;
   background: var(--raised);
   color: var(--accent);
   font-size: 14px;
@@ -6079,6 +6079,7 @@ var ON_FRAME = {
       addNotice(conv, isMe ? "You are now known as " + name : old + " is now known as " + name, "", frame.ts);
       refreshConversation(conv);
     });
+    renameDirect(old, name);
     if (isMe) {
       state.name = name;
       saveSetting("name", name);
@@ -6229,6 +6230,23 @@ function leftSentence(frame) {
     shutdown: "left as the server shut down"
   };
   return frame.name + " " + (words[frame.reason] || "left");
+}
+
+function renameDirect(old, name) {
+  // A direct conversation follows its person to the new name.
+  var conv = state.conversations[conversationKey("direct", old)];
+  if (!conv || state.conversations[conversationKey("direct", name)]) {
+    return;
+  }
+  delete state.conversations[conv.key];
+  conv.name = name;
+  conv.key = conversationKey("direct", name);
+  state.conversations[conv.key] = conv;
+  if (state.current === conversationKey("direct", old)) {
+    state.current = conv.key;
+  }
+  addNotice(conv, old + " is now known as " + name);
+  refreshConversation(conv);
 }
 
 function refreshConversation(conv) {

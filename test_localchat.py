@@ -10995,6 +10995,14 @@ def js_string(text):
 DRAWER_OPEN = "getComputedStyle(document.getElementById('%s')).transform === 'none'"
 
 
+# The buttons and fields on screen smaller than a finger (44 px: Apple's and Google's guidance).
+SMALL_TARGETS = """Array.from(document.querySelectorAll('button, input, textarea')).filter(e => {
+    const r = e.getBoundingClientRect();
+    const onScreen = r.width > 0 && r.right > 0 && r.left < innerWidth && getComputedStyle(e).visibility === 'visible';
+    return onScreen && (r.height < 44 || r.width < 44); }).map(e => e.outerHTML.slice(0, 80))"""
+# Fields whose text is under 16 px, which phones zoom into on focus.
+SMALL_INPUT_TYPE = """Array.from(document.querySelectorAll('input, textarea')).filter(e =>
+    parseFloat(getComputedStyle(e).fontSize) < 16).map(e => e.id)"""
 # The page of earlier messages asked for has come, and is drawn.
 PAGE_LOADED = "!state.conversations['#general'].loading && !state.conversations['#general'].dirty"
 
@@ -11104,6 +11112,8 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         self.assertEqual(page.evaluate("document.querySelectorAll('.log:not([hidden]) .group').length"), 2,
                          "one name and time per run of messages")
         page.screenshot("03-general")
+        self.assertEqual(page.evaluate(SMALL_TARGETS), [], "touch targets under 44 px")
+        self.assertEqual(page.evaluate(SMALL_INPUT_TYPE), [], "inputs under 16 px make phones zoom")
         # Another room: bob talks in it, alice joins by command and sees its history.
         bob.send({"type": "join", "room": "games"})
         bob.read_until(is_kind("room", room="games"))
@@ -11135,6 +11145,7 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.tap("#people-button")
         page.wait_for(DRAWER_OPEN % "people", "the people drawer")
         page.screenshot("05-people-drawer")
+        self.assertEqual(page.evaluate(SMALL_TARGETS), [], "touch targets under 44 px")
         page.tap("#people-list button[data-name=bob]")
         page.wait_for("state.current === '@bob'", "the direct conversation")
         page.send_line("just for you")

@@ -4566,6 +4566,8 @@ var RECONNECT_FIRST_MS = 500;   // the first pause before reconnecting; it doubl
 var RECONNECT_MAX_MS = 10000;   // the longest pause between attempts (the other clients' RECONNECT_MAX_S)
 var PING_AFTER_MS = 20000;      // ping the server after this much silence
 var DEAD_AFTER_MS = 65000;      // the connection is lost after this much silence
+var CONNECT_TIMEOUT_MS = 10000; // a WebSocket not open after this is given up (a phone on another network)
+var PROBE_MS = 5000;            // back on the page, a ping unanswered for this long means the connection died
 var GROUP_GAP_S = 300;          // messages from one person closer than this share one name and time
 var HISTORY_PAGE = 50;          // messages asked for by "Show earlier messages"
 var STICKY_PX = 48;             // a log scrolled to within this of its end follows new messages
@@ -4597,6 +4599,8 @@ var state = {
   retryWhy: "",
   lastHeard: 0,          // when the server last sent anything (Date.now())
   pinged: false,
+  connectingSince: 0,    // when the WebSocket being opened was made
+  probeAt: 0,            // when the ping sent on coming back to the page went out (0: none pending)
   conversations: {},     // key ("#room" or "@name", folded) -> conversation
   current: null,         // the key of the conversation shown
   switchTo: null,        // the key to show once its room frame comes (after /join)
@@ -5760,6 +5764,7 @@ function connect() {
     return;
   }
   state.ws = ws;
+  state.connectingSince = Date.now();
   ws.onopen = function () {
     if (ws === state.ws) {
       state.open = true;
@@ -5882,16 +5887,25 @@ function stop(sentence, ask, tone) {
 
 function watchdog() {
   // Runs every second: ping a silent server, give up on a dead one, count down to the next attempt.
-  if (state.open && !state.stopped) {
-    var silent = Date.now() - state.lastHeard;
-    if (silent > DEAD_AFTER_MS) {
-      dropConnection();
-      connectionClosed();
-    } else if (silent > PING_AFTER_MS && !state.pinged) {
-      state.pinged = sendFrame({type: "ping"});
-    }
+  var now = Date.now();
+  var silent = now - state.lastHeard;
+  var dead = state.open && (silent > DEAD_AFTER_MS || (state.probeAt && now - state.probeAt > PROBE_MS));
+  var stuck = state.ws && !state.open && now - state.connectingSince > CONNECT_TIMEOUT_MS;
+  if (!state.stopped && (dead || stuck)) {
+    state.probeAt = 0;
+    dropConnection();
+    connectionClosed();
+  } else if (state.open && silent > PING_AFTER_MS && !state.pinged) {
+    state.pinged = sendFrame({type: "ping"});
   }
   retryStatus();
+}
+
+function probe() {
+  // Back on the page: a phone may have slept with the connection dead but not closed; ask at once.
+  if (state.open && !state.probeAt && sendFrame({type: "ping"})) {
+    state.probeAt = Date.now();
+  }
 }
 
 // -- frames from the server -----------------------------------------------------------------------
@@ -5899,6 +5913,7 @@ function watchdog() {
 function receive(text) {
   state.lastHeard = Date.now();
   state.pinged = false;
+  state.probeAt = 0;
   var frame;
   try {
     frame = JSON.parse(text);
@@ -6269,6 +6284,7 @@ function onVisible() {
   }
   if (!document.hidden) {
     reconnectNow();  // phones drop connections in the background: try at once on return
+    probe();
   }
 }
 

@@ -11051,10 +11051,10 @@ class WebPageTests(ServerFixture, unittest.TestCase):
     def url(self):
         return "http://%s:%d/" % self.address
 
-    def page(self, metrics=PHONE, dark=False, context=None):
+    def page(self, metrics=PHONE, dark=False, context=None, url=None):
         page = self.browser.new_page(context)
         self.pages.append(page)
-        page.open(self.url, metrics, dark)
+        page.open(url or self.url, metrics, dark)
         return page
 
     def join_page(self, name, page=None, **options):
@@ -11313,6 +11313,28 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.wait_for("!document.getElementById('join-button').disabled && "
                       "document.getElementById('join-message').textContent.includes('banned')", "the refusal")
         page.screenshot("17-banned")
+
+    def test_a_connection_that_died_silently_is_noticed_on_return_and_nothing_is_doubled(self):
+        # A phone that slept: its connection is dead but never closed, and the echo of
+        # what it sent last never came. Coming back to the page finds out within seconds.
+        self.start_server(hub=unlimited_hub())
+        proxy = self.proxy()
+        bob = self.join("bob")
+        page = self.join_page("alice", url="http://%s:%d/" % proxy.address)
+        proxy.drop("down")  # from now on the server's frames never reach the page
+        page.send_line("in the dark")
+        bob.read_until(is_kind("message", text="in the dark"))
+        self.assertTrue(proxy.dropped.wait(READ_TIMEOUT_S))
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        page.wait_for("!state.open", "the dead connection noticed", timeout=PAGE_WAIT_S)
+        proxy.cut()  # the network is back
+        page.wait_for("state.synced", "the page back", timeout=PAGE_WAIT_S + localchat.RECONNECT_MAX_S)
+        page.wait_for("state.outbox.length === 0", "the message confirmed by its replayed echo")
+        bob.say("marker")
+        self.wait_shown(page, "marker")
+        self.assertEqual(self.shown(page).count("in the dark"), 1)
+        _, between = bob.read_until(is_kind("message", text="marker"))
+        self.assertNotIn("in the dark", texts(between), "sent twice")
 
     def test_password_server_hmac_matches_python_and_a_wrong_password_is_told(self):
         password = "correct horse \u00e9t\u00e9-42"

@@ -4611,6 +4611,7 @@ var state = {
   allRooms: [],          // the last answer to {"type":"rooms"}
   roomsAsked: 0,         // answers to /rooms still to show as a notice
   focused: true,         // the window has the focus (blur/focus events)
+  clockOffset: 0,        // the server's clock less ours, in seconds, from the last live frame with a time
   renderTimer: null
 };
 
@@ -4815,7 +4816,8 @@ function timeLabel(ts) {
 }
 
 function nowSeconds() {
-  return Date.now() / 1000;
+  // The server's time as best known: a phone's clock may be minutes off, and notices go among messages.
+  return Date.now() / 1000 + state.clockOffset;
 }
 
 // -- commands: the same table as the other clients (see COMMANDS in localchat.py) ----------
@@ -5099,7 +5101,11 @@ function addNotice(conv, text, tone, ts) {
   if (!conv || !text) {
     return;
   }
-  insertItem(conv, {kind: "notice", text: String(text), tone: tone || "", ts: ts || nowSeconds()});
+  if (!ts) {  // said here and now: after everything shown, whatever the clocks say
+    var last = conv.items[conv.items.length - 1];
+    ts = Math.max(nowSeconds(), last ? last.ts : 0);
+  }
+  insertItem(conv, {kind: "notice", text: String(text), tone: tone || "", ts: ts});
 }
 
 function addMessage(conv, frame, mention) {
@@ -5345,7 +5351,10 @@ function dropPending(entry, why) {
   }
   if (why) {
     entry.el.classList.add("failed");
-    entry.status.textContent = "Not sent: " + why;
+    entry.status.textContent = "Not sent: " + why + " (tap to dismiss)";
+    entry.el.addEventListener("click", function () {
+      entry.el.remove();
+    });
   } else {
     entry.el.remove();
   }
@@ -5580,6 +5589,9 @@ function toggleDrawer(which) {
   var open = !document.body.classList.contains(which + "-open");
   closeDrawers();
   document.body.classList.toggle(which + "-open", open);
+  if (open && which === "rooms" && state.synced) {
+    sendFrame({type: "rooms"});  // the rooms one could join, fresh
+  }
 }
 
 function closeDrawers() {
@@ -5922,6 +5934,9 @@ function receive(text) {
   }
   if (!frame || typeof frame.type !== "string" || !Object.prototype.hasOwnProperty.call(ON_FRAME, frame.type)) {
     return;  // a frame type of a later version: ignored, as the protocol says
+  }
+  if (typeof frame.ts === "number" && !frame.replay) {
+    state.clockOffset = frame.ts - Date.now() / 1000;
   }
   ON_FRAME[frame.type](frame);
 }

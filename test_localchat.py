@@ -11133,9 +11133,12 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         bob.say("back in general", room="general")
         page.wait_for("state.conversations['#general'].unread === 1", "an unread count")
         page.wait_for("document.title.startsWith('(1) ')", "the unread count in the title")
+        bob.send({"type": "join", "room": "quiz"})
+        bob.read_until(is_kind("room", room="quiz"))
         page.tap("#rooms-button")
         page.wait_for(DRAWER_OPEN % "rooms", "the rooms drawer")
         self.assertEqual(page.evaluate("document.querySelector('#room-list .badge').textContent"), "1")
+        page.wait_for("document.getElementById('other-rooms').textContent.includes('quiz')", "more rooms to join")
         page.screenshot("04-rooms-drawer")
         page.tap("#room-list button[data-key='#general']")
         page.wait_for("state.current === '#general' && !document.body.classList.contains('rooms-open')")
@@ -11263,7 +11266,7 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.tap("#rooms-button")
         page.wait_for(DRAWER_OPEN % "rooms", "the rooms drawer")
         self.assertEqual(page.evaluate("document.querySelector('#direct-list .badge.loud').textContent"), "1")
-        page.screenshot("18-waiting-direct-message")
+        page.screenshot("19-waiting-direct-message")
         page.tap("#direct-list button[data-key='@bob']")
         self.wait_shown(page, "while you were gone")
 
@@ -11292,18 +11295,29 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         self.assertEqual(self.shown(page), said)
         self.assertEqual(page.evaluate("document.querySelectorAll('.log:not([hidden]) .day').length"), 1)
 
-    def test_kicked_and_banned_are_told_in_a_sentence(self):
+    def test_muted_kicked_and_banned_are_told_in_a_sentence(self):
         self.start_server()
         self.server.hub.moderation.add_operator("bob")
         bob = self.join("bob", identity="token-of-bob")
         page = self.join_page("alice")
         page.wait_for("!!document.querySelector('#people-list [data-name=bob] .tag')", "bob's operator tag")
+        bob.send({"type": "mute", "name": "alice", "minutes": 5})
+        bob.read_until(is_kind("notice"))
+        page.send_line("can anybody hear me?")
+        page.wait_for("!!document.querySelector('.bubble.pending.failed')", "the refusal on the message")
+        self.assertIn("Not sent: ", page.evaluate("document.querySelector('.bubble.failed').textContent"))
+        self.assertEqual(page.evaluate("state.outbox.length"), 0, "a refused message is not sent again")
+        page.screenshot("16-muted")
+        page.tap(".bubble.failed")
+        page.wait_for("!document.querySelector('.bubble.failed')", "the refusal dismissed")
+        bob.send({"type": "unmute", "name": "alice"})
+        bob.read_until(is_kind("notice"))
         bob.send({"type": "kick", "name": "alice", "reason": "too loud"})
         page.wait_for("!document.getElementById('join').hidden", "the join screen")
         message = page.evaluate("document.getElementById('join-message').textContent")
         self.assertIn("too loud", message)
         self.assertIn("You may join again.", message)
-        page.screenshot("16-kicked")
+        page.screenshot("17-kicked")
         page.tap("#join-button")
         page.wait_for("state.synced", "alice back after the kick")
         bob.read_until(is_kind("joined", name="alice"))
@@ -11312,7 +11326,7 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.tap("#join-button")  # banned: the server says so at once
         page.wait_for("!document.getElementById('join-button').disabled && "
                       "document.getElementById('join-message').textContent.includes('banned')", "the refusal")
-        page.screenshot("17-banned")
+        page.screenshot("18-banned")
 
     def test_a_connection_that_died_silently_is_noticed_on_return_and_nothing_is_doubled(self):
         # A phone that slept: its connection is dead but never closed, and the echo of

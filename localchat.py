@@ -6180,8 +6180,7 @@ var ON_FRAME = {
     var code = String(frame.code || "");
     var text = frame.text ? String(frame.text) : "The server refused that (" + code + ").";
     if (NAME_ERRORS.indexOf(code) >= 0 && !state.synced) {
-      var taken = code === "name_taken" ? "The name " + state.name + " is taken: choose another." : text;
-      stop(taken, "name");
+      stop(text, "name");  // the server's sentence: taken, or kept a moment for somebody who lost the connection
       return;
     }
     if (code === "auth_failed" || code === "bad_auth") {

@@ -4449,6 +4449,7 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
 .group.own .bubble { background: var(--own); border-color: var(--own); color: var(--on-own); }
 .group.own .bubble a { color: var(--own-link); }
 .group.own .meta + .bubble { border-top-right-radius: 6px; }
+.bubble.auto { font-style: italic; color: var(--muted); } /* an automatic notice (IRC's NOTICE): from a bot */
 .bubble.mention, .action.mention { background: var(--mention); border-color: var(--mention-line); }
 .bubble.pending {
   align-self: flex-end;
@@ -5250,7 +5251,7 @@ function groupElement(frame, group) {
 
 function bubbleElement(item) {
   var frame = item.frame;
-  var bubble = el("div", "bubble" + (item.mention ? " mention" : ""));
+  var bubble = el("div", "bubble" + (item.mention ? " mention" : "") + (frame.notice ? " auto" : ""));
   bubble.dataset.id = String(frame.id);
   bubble.title = new Date((Number(frame.ts) || nowSeconds()) * 1000).toLocaleString();
   appendText(bubble, String(frame.text));
@@ -6017,7 +6018,7 @@ var ON_FRAME = {
     }
     var conv = frame.room !== undefined && frame.room !== null ? openConversation("room", frame.room) :
       openConversation("direct", own ? frame.to : frame.from);
-    var mention = !own && mentions(String(frame.text), state.name);
+    var mention = !own && !frame.notice && mentions(String(frame.text), state.name);  // a bot's notice never rings
     var unseen = !own && !isViewing(conv) && isNews(frame, conv);
     if (unseen) {
       conv.unread++;

@@ -11057,14 +11057,15 @@ class Page:
                   modifiers=8 if shift else 0)
 
     def tap(self, selector):
-        """Tap the middle of the element a CSS selector finds, as a finger would; fail if it is not on top."""
-        box = self.evaluate("""(() => { const e = document.querySelector(%s); if (!e) return null;
+        """Tap the middle of the element a CSS selector finds, as a finger would, once nothing covers it.
+
+        A drawer sliding away covers it for a moment, as it would a person's finger.
+        """
+        box = self.wait_for("""(() => { const e = document.querySelector(%s); if (!e) return null;
             const r = e.getBoundingClientRect(); const x = r.left + r.width / 2, y = r.top + r.height / 2;
             const top = document.elementFromPoint(x, y);
-            return {x: x, y: y, w: r.width, h: r.height, onTop: !!top && (top === e || e.contains(top))}; })()"""
-                            % json.dumps(selector))
-        if not box or not box["onTop"]:
-            raise AssertionError("%s is not there to tap: %r" % (selector, box))
+            return top && (top === e || e.contains(top)) ? {x: x, y: y} : null; })()"""
+                            % json.dumps(selector), selector + " uncovered, to tap")
         point = [{"x": box["x"], "y": box["y"]}]
         self.call("Input.dispatchTouchEvent", type="touchStart", touchPoints=point)
         self.call("Input.dispatchTouchEvent", type="touchEnd", touchPoints=[])
@@ -11239,6 +11240,12 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.send_line("/topic Chess at noon")
         bob.read_until(is_kind("topic", topic="Chess at noon"))
         page.wait_for("document.getElementById('subtitle').textContent === 'Chess at noon'", "the topic")
+        page.send_line("/users")
+        page.wait_for("document.querySelector('.log:not([hidden])').textContent.includes('2 here in #games: ')",
+                      "the answer to /users")
+        page.send_line("/rooms")
+        page.wait_for("document.querySelector('.log:not([hidden])').textContent.includes('Rooms: #games (2)')",
+                      "the answer to /rooms")
         page.send_line("/away lunch")
         bob.read_until(is_kind("away", name="alice", text="lunch"))
         page.wait_for("document.querySelector('#people-list [data-name=alice]').textContent.includes('Away: lunch')")
@@ -11270,6 +11277,14 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         self.assertEqual(summary(frame, "from", "to", "text"), ("alice", "bob", "just for you"))
         bob.say("thanks!", to="alice")
         self.wait_shown(page, "thanks!")
+        page.focus("#input")
+        page.type("sent with the button")
+        page.tap(".send")
+        frame, _ = bob.read_until(from_page)
+        self.assertEqual(summary(frame, "to", "text"), ("bob", "sent with the button"))
+        page.send_line("/msg bob psst")
+        frame, _ = bob.read_until(from_page)
+        self.assertEqual(summary(frame, "to", "text"), ("bob", "psst"))
         page.send_line("/me waves")
         frame, _ = bob.read_until(from_page)
         self.assertEqual(summary(frame, "to", "text", "action"), ("bob", "waves", True))
@@ -11294,6 +11309,10 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.screenshot("08-wide-dark")
         page.set_dark(False)
         page.screenshot("09-wide-light")
+        page.tap("#room-list button[data-key='#games']")
+        page.send_line("/leave")
+        bob.read_until(is_kind("left", name="alicia", room="games"))
+        page.wait_for("!state.conversations['#games'] && state.current === '#general'", "#games left")
         self.assertEqual(page.evaluate("document.querySelectorAll('script:not([src]), [style]:not(#input)').length"), 0)
 
     def test_markup_from_others_is_shown_as_text_and_never_runs(self):

@@ -11403,6 +11403,32 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.tap("#direct-list button[data-key='@bob']")
         self.wait_shown(page, "while you were gone")
 
+    def test_days_are_set_apart_and_each_run_of_messages_names_its_sender_once(self):
+        store = localchat.MemoryStore()
+        midnight = datetime.datetime.combine(datetime.date.today(), datetime.time())  # local, as the page shows
+
+        def at(days_ago, hours):  # clear of midnight whenever the test runs (today's at 00:00:01)
+            return (midnight - datetime.timedelta(days=days_ago) + datetime.timedelta(hours=hours)).timestamp()
+        said = [(at(3, 10), "carol", "three days ago"), (at(1, 10), "carol", "yesterday, first"),
+                (at(1, 10) + 60, "carol", "yesterday, a minute later"),
+                (at(1, 10) + 900, "carol", "yesterday, a quarter of an hour later"),
+                (at(1, 10) + 960, "dave", "dave answers"), (at(0, 0) + 1, "carol", "today")]
+        for number, (ts, sender, text) in enumerate(said, 1):
+            store.add_message({"type": "message", "id": number, "ts": round(ts, 3), "from": sender,
+                               "room": "general", "text": text})
+        self.start_server(hub=localchat.ChatHub("test", store))
+        page = self.join_page("alice")
+        self.wait_shown(page, "today")
+        self.assertEqual(self.shown(page), [text for _, _, text in said])
+        days = page.evaluate("Array.from(document.querySelectorAll('.log:not([hidden]) .day')).map(e => e.textContent)")
+        self.assertEqual(len(days), 3, days)
+        self.assertEqual(days[1:], ["Yesterday", "Today"])
+        runs = page.evaluate("""Array.from(document.querySelectorAll('.log:not([hidden]) .group')).map(g =>
+            [g.querySelector('.name').textContent, g.querySelectorAll('.bubble').length])""")
+        self.assertEqual(runs, [["carol", 1], ["carol", 2], ["carol", 1], ["dave", 1], ["carol", 1]])
+        page.set_dark(True)
+        page.screenshot("20-days-and-runs-dark")
+
     def test_earlier_messages_come_a_page_at_a_time_in_order_once(self):
         self.start_server(hub=localchat.ChatHub("test", scrollback=5, limits=localchat.Limits(
             messages_per_s=0, kbytes_per_s=0)))

@@ -4584,8 +4584,9 @@ var HISTORY_PAGE = 50;          // messages asked for by "Show earlier messages"
 var STICKY_PX = 48;             // a log scrolled to within this of its end follows new messages
 var INPUT_MAX_PX = 160;         // the message box grows with its text up to this height
 var NAME_PATTERN = /^[0-9A-Za-z_.\-\u00c0-\uffff]{1,32}$/;  // a rough check; the server has the last word
-var SAY_ERRORS = ["empty_text", "text_too_long", "bad_text", "rate_limited", "muted", "unknown_user",
-                  "not_in_room", "bad_room"];  // refusals of a say, which carry no ref: they answer the oldest in flight
+// Refusals of a say. They carry no ref, but the server answers frames in order: such an error
+// answers the oldest say still in flight (join, leave and topic have errors of their own).
+var SAY_ERRORS = ["empty_text", "text_too_long", "bad_text", "rate_limited", "muted", "unknown_user"];
 var NAME_ERRORS = ["name_taken", "bad_name"];  // refusals at hello that another name fixes
 var FINAL_ERRORS = ["banned", "auth_failed", "bad_auth", "auth_first", "server_full", "too_many_connections",
                     "bad_version", "password_required", "flooding", "too_many_errors"];

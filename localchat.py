@@ -3993,7 +3993,9 @@ WEB_PAGE_HTML = r"""<!DOCTYPE html>
       <span id="status-text"></span>
       <button id="status-action" class="link-button" type="button" hidden></button>
     </div>
-    <div id="logs" class="logs"></div>
+    <div id="logs" class="logs">
+      <button id="jump" class="jump" type="button" hidden></button>
+    </div>
     <form id="composer" class="composer">
       <textarea id="input" rows="1" maxlength="32000" placeholder="Message" aria-label="Message"
                 enterkeyhint="send" autocomplete="off"></textarea>
@@ -4361,6 +4363,22 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
 .status.warn { background: var(--warn-bg); color: var(--warn-text); }
 .status.error { background: var(--danger-bg); color: var(--danger); }
 .logs { position: relative; flex: 1; min-height: 0; }
+.jump {
+  position: absolute;
+  left: 50%;
+  bottom: 12px;
+  z-index: 2;
+  transform: translateX(-50%);
+  min-height: var(--tap);
+  padding: 0 18px;
+  border: none;
+  border-radius: 22px;
+  background: var(--accent);
+  color: var(--on-accent);
+  font-size: 14px;
+  font-weight: 600;
+  box-shadow: var(--drawer-shadow);
+}
 .log {
   position: absolute;
   inset: 0;
@@ -5014,7 +5032,8 @@ function openConversation(kind, name) {
   conv = {
     kind: kind, name: String(name), key: key, users: [], away: {}, ops: [], topic: null,
     joined: kind === "direct", unread: 0, mentions: 0, items: [], unreadFrom: null,
-    loading: false, more: true, dirty: false, log: null, box: null, pendingBox: null, older: null
+    loading: false, more: true, dirty: false, log: null, box: null, pendingBox: null, older: null,
+    atEnd: true, behind: 0  // scrolled to the end; messages come since the person scrolled up
   };
   buildConversation(conv);
   state.conversations[key] = conv;
@@ -5034,6 +5053,9 @@ function buildConversation(conv) {
   conv.older.type = "button";
   conv.older.addEventListener("click", function () {
     requestOlder(conv);
+  });
+  conv.log.addEventListener("scroll", function () {
+    onLogScroll(conv);
   });
   conv.box = el("div", "items");
   conv.pendingBox = el("div", "pending-items");
@@ -5097,6 +5119,7 @@ function showConversation(key) {
   renderRooms();
   updateTitle();
   ui.input.placeholder = "Message " + (conv.kind === "room" ? "#" : "@") + conv.name;
+  renderJump();
   closeDrawers();
 }
 
@@ -5137,6 +5160,9 @@ function insertItem(conv, item) {
     renderItem(conv, item);
     if (follow) {
       scrollToEnd(conv);
+    } else if (item.kind === "message") {
+      conv.behind++;  // the person is reading further up: say that more came, do not pull them down
+      renderJump();
     }
   } else {
     scheduleRender(conv);
@@ -5161,6 +5187,29 @@ function isAtEnd(conv) {
 
 function scrollToEnd(conv) {
   conv.log.scrollTop = conv.log.scrollHeight;
+}
+
+function onLogScroll(conv) {
+  conv.atEnd = isAtEnd(conv);
+  if (conv.atEnd && conv.behind) {
+    conv.behind = 0;
+    renderJump();
+  }
+}
+
+function renderJump() {
+  var conv = currentConversation();
+  var behind = conv ? conv.behind : 0;
+  ui.jump.hidden = !behind;
+  ui.jump.textContent = behind + (behind === 1 ? " new message" : " new messages") + " \u2193";
+}
+
+function onResize() {
+  // The phone's keyboard opening shrinks the view: a log that was at its end stays there.
+  var conv = currentConversation();
+  if (conv && conv.atEnd) {
+    scrollToEnd(conv);
+  }
 }
 
 function scheduleRender(conv) {
@@ -6318,7 +6367,7 @@ function start() {
   ["join", "join-form", "join-message", "name-input", "password-row", "password-input", "join-button",
    "app", "title", "subtitle", "rooms-button", "people-button", "people-count", "room-list", "direct-list",
    "direct-heading", "other-rooms", "other-heading", "join-room-form", "join-room-input", "people-list",
-   "people-heading", "logs", "status", "status-text", "status-action", "composer", "input", "scrim"
+   "people-heading", "logs", "jump", "status", "status-text", "status-action", "composer", "input", "scrim"
   ].forEach(function (id) {
     ui[id.replace(/-([a-z])/g, function (all, letter) { return letter.toUpperCase(); })] = document.getElementById(id);
   });
@@ -6336,6 +6385,13 @@ function start() {
   ui.peopleButton.addEventListener("click", function () { toggleDrawer("people"); });
   ui.scrim.addEventListener("click", closeDrawers);
   ui.statusAction.addEventListener("click", reconnectNow);
+  ui.jump.addEventListener("click", function () {
+    var conv = currentConversation();
+    if (conv) {
+      scrollToEnd(conv);
+    }
+  });
+  window.addEventListener("resize", onResize);
   ui.joinRoomForm.addEventListener("submit", function (event) {
     event.preventDefault();
     var room = ui.joinRoomInput.value.trim().replace(/^#+/, "");

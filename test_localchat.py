@@ -11445,7 +11445,6 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         self.assertEqual(self.shown(page), said[-55:])
         top = page.evaluate("document.querySelector('.log:not([hidden]) [data-id]').getBoundingClientRect().top")
         self.assertLess(top, 0, "the view stays where it was instead of jumping to the oldest message")
-        page.screenshot("15-earlier-messages")
         page.evaluate("document.querySelector('.log:not([hidden])').scrollTop = 0")
         page.tap(".log:not([hidden]) .older")
         page.wait_for(PAGE_LOADED, "the second page")
@@ -11453,6 +11452,13 @@ class WebPageTests(ServerFixture, unittest.TestCase):
                       "'The beginning of #general'", "the beginning")
         self.assertEqual(self.shown(page), said)
         self.assertEqual(page.evaluate("document.querySelectorAll('.log:not([hidden]) .day').length"), 1)
+        bob.say("said while alice reads the oldest")  # she is not pulled down; she is told
+        page.wait_for("document.getElementById('jump').textContent === '1 new message \u2193'", "the jump button")
+        self.assertGreater(page.evaluate("(l => l.scrollHeight - l.scrollTop - l.clientHeight)("
+                                         "document.querySelector('.log:not([hidden])'))"), 1000)
+        page.screenshot("15-earlier-messages-and-a-new-one")
+        page.tap("#jump")
+        page.wait_for("document.getElementById('jump').hidden && state.conversations['#general'].atEnd", "the end")
 
     def test_muted_kicked_and_banned_are_told_in_a_sentence(self):
         self.start_server()

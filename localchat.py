@@ -4601,6 +4601,7 @@ var GROUP_GAP_S = 300;          // messages from one person closer than this sha
 var HISTORY_PAGE = 50;          // messages asked for by "Show earlier messages"
 var STICKY_PX = 48;             // a log scrolled to within this of its end follows new messages
 var INPUT_MAX_PX = 160;         // the message box grows with its text up to this height
+var INPUT_HISTORY = 100;        // sent lines that Up and Down recall (as in the window)
 var NAME_PATTERN = /^[0-9A-Za-z_.\-\u00c0-\uffff]{1,32}$/;  // a rough check; the server has the last word
 // Refusals of a say. They carry no ref, but the server answers frames in order: such an error
 // answers the oldest say still in flight (join, leave and topic have errors of their own).
@@ -4638,6 +4639,8 @@ var state = {
   inflight: [],          // refs of the says sent on this connection, not yet echoed, oldest first
   refPrefix: "",
   refCount: 0,
+  sentLines: [],         // what was typed and sent, oldest first, for Up and Down
+  recall: 0,             // the index in sentLines shown in the box (sentLines.length: none)
   allRooms: [],          // the last answer to {"type":"rooms"}
   roomsAsked: 0,         // answers to /rooms still to show as a notice
   focused: true,         // the window has the focus (blur/focus events)
@@ -5662,12 +5665,63 @@ function closeDrawers() {
 // -- input ---------------------------------------------------------------------------------
 
 function onInputKey(event) {
+  var box = ui.input;
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     submitInput();
   } else if (event.key === "Escape") {
     closeDrawers();
+  } else if (event.key === "ArrowUp" && box.value.lastIndexOf("\n", box.selectionStart - 1) < 0) {
+    recallLine(event, -1);  // on the first line: the line sent before
+  } else if (event.key === "ArrowDown" && box.value.indexOf("\n", box.selectionEnd) < 0) {
+    recallLine(event, 1);   // on the last line: the line sent after
+  } else if (event.key === "Tab" && !event.shiftKey && completeName()) {
+    event.preventDefault();
   }
+}
+
+function rememberLine(line) {
+  if (state.sentLines[state.sentLines.length - 1] !== line) {
+    state.sentLines.push(line);
+    state.sentLines.splice(0, state.sentLines.length - INPUT_HISTORY);
+  }
+  state.recall = state.sentLines.length;
+}
+
+function recallLine(event, step) {
+  var index = state.recall + step;
+  if (index < 0 || index > state.sentLines.length || (step < 0 && ui.input.value && state.recall === state.sentLines.length)) {
+    return;  // nothing further; and a line being typed is never replaced by one recalled
+  }
+  event.preventDefault();
+  state.recall = index;
+  ui.input.value = index < state.sentLines.length ? state.sentLines[index] : "";
+  autoGrow();
+}
+
+function completeName() {
+  // Tab after the start of a name completes it from the people here (and the direct conversations).
+  var box = ui.input;
+  var before = box.value.slice(0, box.selectionStart);
+  var match = /@?([^\s@]+)$/.exec(before);
+  if (!match) {
+    return false;
+  }
+  var prefix = nameKey(match[1]);
+  var conv = currentConversation();
+  var names = (conv ? conv.users : []).concat(conversationsOf("direct").map(function (c) { return c.name; }));
+  var found = names.filter(function (name) {
+    return nameKey(name).indexOf(prefix) === 0 && nameKey(name) !== nameKey(state.name);
+  });
+  if (!found.length) {
+    return false;
+  }
+  var name = found[0];
+  var start = before.length - match[1].length;
+  var suffix = start === 0 ? ": " : " ";  // "bob: " at the start, as chat clients do
+  box.value = before.slice(0, start) + name + suffix + box.value.slice(box.selectionStart);
+  box.selectionStart = box.selectionEnd = start + name.length + suffix.length;
+  return true;
 }
 
 function autoGrow() {
@@ -5686,6 +5740,7 @@ function submitInput() {
     addNotice(conv, result.error, "error");  // the line stays in the box, to be mended
     return;
   }
+  rememberLine(line);
   ui.input.value = "";
   autoGrow();
   carryOut(result, conv);
@@ -6188,7 +6243,9 @@ var ON_FRAME = {
       }
       refreshConversation(conv);
     });
-    var text = frame.text ? name + " is away: " + frame.text : name + " is back";
+    var me = nameKey(name) === nameKey(state.name);
+    var text = frame.text ? (me ? "You are away: " : name + " is away: ") + frame.text :
+      (me ? "You are back." : name + " is back");
     var direct = state.conversations[conversationKey("direct", name)];
     (rooms.length ? rooms : [currentConversation()]).concat(direct ? [direct] : []).forEach(function (conv) {
       addNotice(conv, text, "", frame.ts);

@@ -11047,7 +11047,7 @@ class Page:
 
     def press(self, key, shift=False):
         """Press and release a key (Enter, Escape...) in the focused element."""
-        codes = {"Enter": 13, "Escape": 27}
+        codes = {"Enter": 13, "Escape": 27, "Tab": 9, "ArrowUp": 38, "ArrowDown": 40}
         down = {"type": "keyDown", "key": key, "code": key, "windowsVirtualKeyCode": codes[key],
                 "modifiers": 8 if shift else 0}
         if key == "Enter":
@@ -11213,7 +11213,16 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.send_line("hello bob")
         frame, _ = bob.read_until(from_page)
         self.assertEqual(summary(frame, "from", "room", "text"), ("alice", "general", "hello bob"))
+        box = "document.getElementById('input').value"
         page.focus("#input")
+        page.press("ArrowUp")  # as in the window: Up recalls what was sent, Tab completes a name
+        self.assertEqual(page.evaluate(box), "hello bob")
+        page.press("ArrowDown")
+        self.assertEqual(page.evaluate(box), "")
+        page.type("b")
+        page.press("Tab")
+        self.assertEqual(page.evaluate(box), "bob: ")
+        page.evaluate("document.getElementById('input').value = ''")
         page.type("two")
         page.press("Enter", shift=True)
         page.type("lines")

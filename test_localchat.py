@@ -11149,18 +11149,24 @@ class WebPageTests(ServerFixture, unittest.TestCase):
     def setUp(self):
         super().setUp()
         self.pages = []
+        self.server_stopped = False  # set by a test that stops its server on purpose
 
     def tearDown(self):
-        for page in self.pages:
-            problems = [p for p in page.problems() if not self.expected_problem(p)]
-            self.assertEqual(problems, [], "the page reported errors")
-            if not page.closed:
-                page.call("Page.close")
-        super().tearDown()
+        problems = []
+        try:
+            for page in self.pages:
+                problems += [p for p in page.problems() if not self.expected_problem(p)]
+                if not page.closed:
+                    page.call("Page.close")
+            for context in set(page.context for page in self.pages):
+                self.browser.devtools.call("Target.disposeBrowserContext", browserContextId=context)
+        finally:
+            super().tearDown()  # the server stops and its threads are checked whatever the page did
+        self.assertEqual(problems, [], "the page reported errors (exceptions, console errors, CSP refusals)")
 
     def expected_problem(self, text):
         """Errors Chromium logs for connections the test broke on purpose (a server stopped)."""
-        return getattr(self, "server_stopped", False) and ("WebSocket" in text or "ERR_CONNECTION_REFUSED" in text)
+        return self.server_stopped and ("WebSocket" in text or "ERR_CONNECTION_REFUSED" in text)
 
     @property
     def url(self):

@@ -5351,6 +5351,13 @@ function helpElement() {
     card.appendChild(list);
   });
   card.appendChild(el("p", "", "Start a message with // to send text that begins with /. Shift+Enter starts a new line."));
+  if (location.protocol === "https:") {
+    card.appendChild(el("h3", "", "Is this the real server?"));
+    card.appendChild(el("p", "", "The server made its own certificate, so the browser warned about it the first time: " +
+      "no authority vouches for it. Compare its SHA-256 fingerprint (the browser shows it under the address bar's " +
+      "site information, then the certificate) with the one the server printed when it started. If they are the " +
+      "same, nobody is in between."));
+  }
   return card;
 }
 

@@ -4524,6 +4524,7 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
 .help dt { font-family: var(--mono); font-size: 13px; font-weight: 600; }
 .help dd { margin: 0; color: var(--muted); }
 .help p { color: var(--muted); font-size: 13px; }
+.help p + h3 { margin-top: 14px; }
 @media (max-width: 520px) {
   .help dl { grid-template-columns: 1fr; gap: 0; }
   .help dd { margin-bottom: 6px; }

@@ -6076,6 +6076,7 @@ var ON_FRAME = {
 
   welcome: function (frame) {
     var resumed = !!(state.welcome && frame.resume && frame.resume === state.welcome.resume);
+    var again = state.welcomed;
     state.welcome = frame;
     state.welcomed = true;
     state.name = String(frame.name);
@@ -6090,7 +6091,7 @@ var ON_FRAME = {
     }
     showApp();
     showStatus(resumed || state.lastId === null ? "" : "Catching up\u2026", "info");
-    if (!resumed && state.lastId !== null) {
+    if (again) {
       addNotice(null, "Reconnected.", "");
     }
   },

@@ -11567,7 +11567,8 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         self.browser.devtools.call("Security.setIgnoreCertificateErrors", ignore=True)
         try:
             bob = self.join_tls("bob")
-            page = self.join_page("alice", url="https://localhost:%d/" % self.server.port)
+            page = self.page_despite_the_silence_prompt("https://localhost:%d/" % self.server.port)
+            self.join_page("alice", page)
             self.assertTrue(page.evaluate("state.ws.url.startsWith('wss://localhost:')"))
             bob.send({"type": "say", "text": "encrypted hello"})
             self.wait_shown(page, "encrypted hello")
@@ -11577,6 +11578,24 @@ class WebPageTests(ServerFixture, unittest.TestCase):
             page.screenshot("21-https-help")
         finally:
             self.browser.devtools.call("Security.setIgnoreCertificateErrors", ignore=False)
+
+    def page_despite_the_silence_prompt(self, url):
+        """Return a page opened at url, loading it again while the door's silence prompt spoils it.
+
+        TODO: until the web door keeps browsers from the silence prompt over TLS (see
+        expected_problem): a spare connection Chromium opened can hold the prompt when
+        the page itself is asked for on it, and the page shows "invalid response".
+        """
+        page = self.browser.new_page()
+        self.pages.append(page)
+        for _ in range(3):
+            try:
+                page.open(url)
+                return page
+            except AssertionError as error:
+                if "ERR_INVALID_HTTP_RESPONSE" not in str(error):
+                    raise
+        raise AssertionError("the page never loaded over https")
 
     def join_tls(self, name):
         """Return a TLS ChatConnection joined as name (the JSON-lines door, encrypted)."""

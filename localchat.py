@@ -38,6 +38,7 @@ import codecs
 import collections
 import datetime
 import errno
+import fnmatch
 import getpass
 import gzip
 import hashlib
@@ -167,7 +168,8 @@ Client to server:
         a direct message; "action":true for /me; "notice":true for an automatic
         message that no client may answer by itself (IRC's NOTICE); "ref" (optional, up to 64
         printable characters) comes back in the echo
-  {"type":"join","room":"games"}    {"type":"leave","room":"games"}
+  {"type":"join","room":"games"}    {"type":"leave","room":"games"}  (leave and bye may carry
+        a short "message", what one says on leaving: others get it in "left")
   {"type":"users"}                  everybody; with "room": the people in that room
   {"type":"rooms"}                  the rooms, their sizes and topics
   {"type":"topic","room":"games"}   ask; with "topic":"text" (or null) set it
@@ -189,7 +191,7 @@ Server to client:
   direct messages that waited, and {"type":"synced","last_id":41}.
   {"type":"message","id":17,"ts":1732435200.5,"from":"alice","room":"general","text":"hi"}
         sent to everyone in the room, the sender included: the echo confirms
-        delivery. "id" is assigned by the server and increases; "from" is set by
+        delivery. A direct message to somebody away carries their "away" text. "id" is assigned by the server and increases; "from" is set by
         the server. A direct message has "to" instead of "room" and goes to sender
         and recipient only ("queued":true if the recipient is away: it is kept
         and delivered when that identity returns).
@@ -581,9 +583,10 @@ def _left_notice(frame):
         return frame["text"]  # a kick or ban, told with who did it and why
     reason = frame.get("reason")
     words = _LEFT_WORDS.get(reason, "left (%s)" % reason)
+    said = ' saying "%s"' % frame["message"] if frame.get("message") else ""
     if frame.get("room"):
-        return "%s %s %s" % (frame.get("name"), words, room_label(frame["room"]))
-    return "%s %s" % (frame.get("name"), words)
+        return "%s %s %s%s" % (frame.get("name"), words, room_label(frame["room"]), said)
+    return "%s %s%s" % (frame.get("name"), words, said)
 
 
 def _topic_notice(frame):
@@ -1126,8 +1129,10 @@ class ChatHub:
         if holding.closing:
             conn.close_locked()
 
-    def leave(self, seat, reason):
+    def leave(self, seat, reason, message=None):
         """The connection holding this seat ended. Return True if its user was here.
+
+        `message`: what a person leaving said (IRC's QUIT :message), told to the others.
 
         A lost connection ("lost", "timeout") keeps the name and rooms for the grace
         period, so the owner can come back unnoticed; others hear of it only when
@@ -1140,7 +1145,7 @@ class ChatHub:
             if reason in ("lost", "timeout") and self.resume_grace_s > 0 and not self._closed:
                 user.lost_at = (time.monotonic(), reason)
                 return True
-            self._remove_locked(user, reason)
+            self._remove_locked(user, reason, message=_parting_words(message))
             return True
 
     def expire(self, now=None):
@@ -1153,8 +1158,8 @@ class ChatHub:
                 self._remove_locked(user, user.lost_at[1])
             return len(expired)
 
-    def _remove_locked(self, user, reason, text=None):
-        """Take user out of every room and tell everyone who shared one."""
+    def _remove_locked(self, user, reason, text=None, message=None):
+        """Take user out of every room and tell everyone who shared one (text: a kick's or ban's sentence)."""
         del self._users[user.key]
         audience = self._sharing(user)
         for room_key in list(user.rooms):
@@ -1163,6 +1168,8 @@ class ChatHub:
             fields = {"type": "left", "name": user.name, "reason": reason, "ts": _now()}
             if text:
                 fields["text"] = text
+            if message:
+                fields["message"] = message
             event = Event(fields)
             for other in audience:
                 other.conn.deliver_locked(event)
@@ -1197,15 +1204,18 @@ class ChatHub:
             with self.lock:
                 self._release_locked(user, holding)
 
-    def leave_room(self, seat, room_name):
-        """Take user out of a room; the room and user hear of it."""
+    def leave_room(self, seat, room_name, message=None):
+        """Take user out of a room; the room and user hear of it (and of `message`, what the user said)."""
+        message = _parting_words(message)
         with self.lock:
             user = self._seated(seat)
             if user is None:  # another connection took this user over, or it left
                 return
             room = self._user_room(user, room_name)
-            event = Event({"type": "left", "name": user.name, "room": room.name, "reason": "part",
-                           "ts": _now()})
+            fields = {"type": "left", "name": user.name, "room": room.name, "reason": "part", "ts": _now()}
+            if message:
+                fields["message"] = message
+            event = Event(fields)
             self._deliver_to_room(room, event)
             self._drop_from_room(user, name_key(room.name))
 
@@ -1313,6 +1323,8 @@ class ChatHub:
             else:
                 recipient, to_name, to_identity = self._recipient(to)
                 fields["to"] = to_name
+                if recipient is not None and recipient.away is not None:
+                    fields["away"] = recipient.away  # the sender hears it (IRC's 301); not stored
                 if recipient is None or recipient.lost_at is not None:
                     if to_identity is None:  # nothing to deliver it to later
                         raise ProtocolError("unknown_user", "%s lost the connection, and their client cannot "
@@ -1450,8 +1462,8 @@ class ChatHub:
         """Change user's name; everybody hears of it."""
         check_name(new_name)
         user = seat.user
-        if user is None:
-            return
+        if user is None or new_name == user.name:
+            return  # the same name, case and all: nothing changes, nobody is told
         user.flood.check_rename()
         with self.lock:
             if self._seated(seat) is not user:
@@ -1824,6 +1836,16 @@ def _until_for(minutes):
         raise ProtocolError("bad_field", "The minutes must be a whole number from 1 to %d."
                             % MAX_MODERATION_MINUTES)
     return time.time() + minutes * 60
+
+
+def _parting_words(message):
+    """Return what somebody said on leaving, on one line and short, or None; nothing unfit goes out."""
+    if not isinstance(message, str) or not message.strip():
+        return None
+    try:
+        return " ".join(clean_text(message, MAX_TOPIC_CHARS, "message").split())
+    except ProtocolError:
+        return None
 
 
 def _clean_reason(reason):
@@ -6727,9 +6749,12 @@ def _irc_message(fields, stamp=""):
 
 def _irc_left(fields):
     if fields.get("room"):
-        return [irc_line(_irc_mask(fields["name"]), "PART", "#" + fields["room"])]
+        part = ("#" + fields["room"],) + ((fields["message"],) if fields.get("message") else ())
+        return [irc_line(_irc_mask(fields["name"]), "PART", *part)]
     reason = fields.get("reason")
-    return [irc_line(_irc_mask(fields["name"]), "QUIT", fields.get("text") or _LEFT_WORDS.get(reason, reason))]
+    words = fields.get("text") or ("Quit: " + fields["message"] if fields.get("message") else
+                                   _LEFT_WORDS.get(reason, reason))
+    return [irc_line(_irc_mask(fields["name"]), "QUIT", words)]
 
 
 def _irc_topic(fields):
@@ -6811,7 +6836,6 @@ class IrcDoor(Door):
         self.caps = set()
         self.encoder = irc_encode
         self.channels = {}  # room key -> room name, for JOIN 0 and our own PARTs
-        self.away = {}  # name -> away text of everybody away, for 301
         self.registered = False
         self._asking = None  # (command, argument) whose answer the hub is about to deliver
         self._skipping = False  # the rest of an overlong line is being dropped
@@ -6975,7 +6999,7 @@ class IrcDoor(Door):
     def irc_USER(self, params):
         if self.registered:
             self._send(self._numeric("462", "You may not reregister"))
-        elif len(params) < 4 or not params[0]:
+        elif len(params) < 4 or not params[0] or not params[3]:
             self._send(self._numeric("461", "USER", "Not enough parameters"))
         else:
             self.user = (params[0], params[3])
@@ -7005,7 +7029,7 @@ class IrcDoor(Door):
         return None  # any line is a sign of life: the read loop has noted it
 
     def irc_QUIT(self, params):
-        return self._run({"type": "bye"})
+        return self._run({"type": "bye", "message": params[0]} if params else {"type": "bye"})
 
     def irc_JOIN(self, params):
         if not self._need(params, 1, "JOIN"):
@@ -7023,11 +7047,13 @@ class IrcDoor(Door):
 
     def irc_PART(self, params):
         if self._need(params, 1, "PART"):
-            return self._part(params[0].split(","))
+            return self._part(params[0].split(","), params[1] if len(params) > 1 else None)
         return None
 
-    def _part(self, channels):
-        return self._each_channel(channels, "PART", lambda room: {"type": "leave", "room": room})
+    def _part(self, channels, message=None):
+        def leave(room):
+            return {"type": "leave", "room": room, "message": message} if message else {"type": "leave", "room": room}
+        return self._each_channel(channels, "PART", leave)
 
     def _each_channel(self, channels, command, frame_for):
         """Run frame_for(room) for each channel named (403 for what is no channel); stop at a reason to."""
@@ -7097,9 +7123,6 @@ class IrcDoor(Door):
                 self._send(self._numeric("401", target, "No such nick: on IRC, %s is called %s"
                                          % (frame["to"], irc_nick(frame["to"]))))
                 return None
-            away = self.away.get(frame["to"])
-            if away is not None and not self._quiet:
-                self._send(self._numeric("301", target, away))
         return self._run(frame, "NOTICE" if self._quiet else "PRIVMSG", target)
 
     def irc_TOPIC(self, params):
@@ -7117,7 +7140,14 @@ class IrcDoor(Door):
         if not params:
             self._send(self._numeric("366", "*", "End of /NAMES list"))
             return None
-        return self._each_channel(params[0].split(","), "NAMES", lambda room: {"type": "users", "room": room})
+        for channel in params[0].split(",")[:MAX_ROOMS_PER_USER]:
+            if not channel.startswith("#") or len(channel) < 2:  # no channel, nobody in it
+                self._send(self._numeric("366", channel[:40] or "*", "End of /NAMES list"))
+                continue
+            reason = self._run({"type": "users", "room": channel[1:]}, "NAMES", channel)
+            if reason:
+                return reason
+        return None
 
     def irc_WHO(self, params):
         mask = params[0] if params else "*"
@@ -7147,7 +7177,8 @@ class IrcDoor(Door):
         return None
 
     def irc_LIST(self, params):
-        return self._run({"type": "rooms"}, "LIST", params[0] if params else None)
+        wanted = params[0] if params and params[0].startswith("#") else None  # LIST #a,#b: those only
+        return self._run({"type": "rooms"}, "LIST", wanted)
 
     def irc_AWAY(self, params):
         if params and params[0].strip():
@@ -7180,7 +7211,7 @@ class IrcDoor(Door):
             if name_key(target[1:]) not in self.channels:
                 self._send(self._numeric("442", target, "You're not on that channel"))
             else:
-                self._send(self._numeric("324", target, "+nt"))
+                self._send(self._numeric("324", target, "+n"))
             return None
         return self._channel_modes(target, params[1], params[2:])
 
@@ -7193,6 +7224,8 @@ class IrcDoor(Door):
             elif char in "bo" and not arguments:
                 if char == "b":
                     self._send(self._numeric("368", channel, "End of channel ban list"))
+            elif char == "n":
+                continue  # always on: only a channel's people speak in it
             elif char in "bo":
                 argument = arguments.pop(0)
                 reason = self._run(_irc_mode_frame(char, adding, argument), "MODE", argument, channel)
@@ -7245,8 +7278,10 @@ class IrcDoor(Door):
     def _shared_locked(self, outbox, event, fields, kind):
         """Return the bytes all IRC clients share for this event (encoded once), after our own bookkeeping."""
         me = self.me
-        if kind == "message" and fields["from"] == me and "echo-message" not in self.caps:
-            return None
+        if kind == "message" and fields["from"] == me:
+            away = b"" if fields.get("away") is None or fields.get("notice") else self._numeric(
+                "301", irc_nick(fields["to"]), fields["away"])  # the answer a message to somebody away gets
+            return away + (event.encoded(self.encoder) if "echo-message" in self.caps else b"")
         if kind == "away":
             return self._away_locked(fields)
         if kind == "renamed" and fields["old"] == me:
@@ -7256,10 +7291,6 @@ class IrcDoor(Door):
         return event.encoded(self.encoder)
 
     def _away_locked(self, fields):
-        if fields.get("text") is None:
-            self.away.pop(fields["name"], None)
-        else:
-            self.away[fields["name"]] = fields["text"]
         if fields["name"] != self.me:
             return None
         if fields.get("text"):
@@ -7298,7 +7329,7 @@ class IrcDoor(Door):
             self._numeric("001", "Welcome to LocalChat on %s, %s" % (name, self.nick)),
             self._numeric("002", "Your host is %s, running LocalChat %s" % (IRC_SERVER, __version__)),
             self._numeric("003", "This server is the chat of %s" % name),
-            self._numeric("004", IRC_SERVER, "LocalChat-" + __version__, "i", "bnot"),
+            self._numeric("004", IRC_SERVER, "LocalChat-" + __version__, "i", "bno"),
             self._isupport(),
             self._lusers(len(fields.get("users") or ())),
             self._motd(),
@@ -7307,14 +7338,16 @@ class IrcDoor(Door):
     def _isupport(self):
         limits = self.session.hub.limits
         tokens = ["AWAYLEN=%d" % MAX_AWAY_CHARS, "CASEMAPPING=ascii", "CHANLIMIT=#:%d" % limits.max_rooms,
-                  "CHANMODES=b,,,nt", "CHANNELLEN=%d" % (MAX_ROOM_CHARS + 1), "CHANTYPES=#",
+                  "CHANMODES=b,,,n", "CHANNELLEN=%d" % (MAX_ROOM_CHARS + 1), "CHANTYPES=#",
                   "KICKLEN=%d" % MAX_TOPIC_CHARS, "MAXTARGETS=4", "NETWORK=LocalChat",
                   "NICKLEN=%d" % (MAX_NAME_CHARS + 1), "PREFIX=(o)@", "TOPICLEN=%d" % MAX_TOPIC_CHARS, "UTF8ONLY"]
         return self._numeric("005", *(tokens + ["are supported by this server"]))
 
     def _lusers(self, count):
         return (self._numeric("251", "There are %d users and 0 invisible on 1 servers" % count)
-                + self._numeric("255", "I have %d clients and 0 servers" % count))
+                + self._numeric("255", "I have %d clients and 0 servers" % count)
+                + self._numeric("265", count, count, "Current local users %d, max %d" % (count, count))
+                + self._numeric("266", count, count, "Current global users %d, max %d" % (count, count)))
 
     def _motd(self):
         lines = ["- %s Message of the day -" % IRC_SERVER,
@@ -7368,8 +7401,8 @@ class IrcDoor(Door):
         if mask.startswith("#"):
             names, channel = fields.get("users") or [], mask
         else:
-            key = name_key(name_from_irc(mask))
-            names = list(present.values()) if mask in ("*", "0") else [present[key]] if key in present else []
+            pattern = mask.lower() if mask != "0" else "*"
+            names = [name for name in present.values() if fnmatch.fnmatchcase(irc_nick(name).lower(), pattern)]
             channel = "*"
         lines = [self._numeric("352", channel, "u", IRC_HOST, IRC_SERVER, irc_nick(name),
                                ("G" if name in away else "H") + ("@" if name in ops else ""), "0 " + name)
@@ -7389,7 +7422,11 @@ class IrcDoor(Door):
 
     def _own_rooms(self, fields):
         lines = [self._numeric("321", "Channel", "Users  Name")]
+        wanted = self._asking[1] if self._asking else None
+        keys = None if wanted is None else {name_key(channel[1:]) for channel in wanted.split(",")}
         for room in fields.get("rooms") or ():
+            if keys is not None and name_key(room["name"]) not in keys:
+                continue
             lines.append(self._numeric("322", "#" + room["name"], room.get("users", 0), room.get("topic") or ""))
         return b"".join(lines) + self._numeric("323", "End of /LIST")
 
@@ -7427,6 +7464,8 @@ class IrcDoor(Door):
             lines = [self._numeric(numeric, channel or argument or "*", text)]
         elif numeric == "401":
             lines = [self._numeric(numeric, argument or "*", text)]
+        elif code == "bad_utf8":  # IRCv3 standard replies, for UTF8ONLY
+            lines = [irc_line(IRC_SERVER, "FAIL", command or "*", "INVALID_UTF8", text)]
         elif numeric is not None:
             lines = [self._numeric(numeric, text)]
         else:
@@ -7974,6 +8013,7 @@ class Session(socketserver.BaseRequestHandler):
         self.peer = "%s:%s" % self.client_address[:2]
         self.address = self.client_address[0]  # for bans by address
         self._challenge = None  # (nonce, hello frame) while a password is asked for
+        self._parting = None  # what a bye said, for the others
         self._authenticated = False
         sock = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -8283,7 +8323,8 @@ class Session(socketserver.BaseRequestHandler):
         self.hub.join_room(self.seat, frame_field(frame, "room", str))
 
     def do_leave(self, frame):
-        self.hub.leave_room(self.seat, frame_field(frame, "room", str))
+        self.hub.leave_room(self.seat, frame_field(frame, "room", str),
+                            frame_field(frame, "message", str, required=False))
 
     def do_nick(self, frame):
         self.hub.rename(self.seat, frame_field(frame, "name", str))
@@ -8351,6 +8392,7 @@ class Session(socketserver.BaseRequestHandler):
         pass  # any frame counts as a sign of life; the read loop has noted it
 
     def do_bye(self, frame):
+        self._parting = frame.get("message")  # told to the others when the hub hears of the leaving
         return "quit"
 
     # -- ending ----------------------------------------------------------------
@@ -8361,7 +8403,7 @@ class Session(socketserver.BaseRequestHandler):
         if self.server.stopping and reason in ("lost", "timeout"):
             reason = "shutdown"  # the server closed the connection: nobody lost it
         name = self.seat.name if self.seat is not None else None
-        if self.hub.leave(self.seat, reason):
+        if self.hub.leave(self.seat, reason, self._parting if reason == "quit" else None):
             log.info("%s left (%s)", name, reason)
         if reason == "quit":
             self.send_frame({"type": "bye", "reason": "quit", "text": "Goodbye."})

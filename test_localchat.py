@@ -2998,6 +2998,41 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         bob.say("now")
         self.assertEqual(alice.read_until(is_irc("PRIVMSG"))[0].params[1], "now")
 
+    def test_what_irctest_found_parting_words_away_list_who_nick_modes_utf8(self):
+        # Each of these failed in irctest's RFC 1459/2812 tests once (see the README's IRC part).
+        self.start_server(hub=unlimited_hub())
+        bar = self.irc("bar")
+        bar.send("AWAY :I'm not here right now")
+        bar.read_until(is_irc("306"))
+        qux = self.irc("qux")  # came after bar went away: 301 all the same
+        qux.send("PRIVMSG bar :what's up")
+        self.assertEqual(qux.read().params, ["qux", "bar", "I'm not here right now"])
+        bar.send("JOIN #a,#b", "PART #a :gone fishing")
+        part, _ = bar.read_until(is_irc("PART"))
+        self.assertEqual(part.params, ["#a", "gone fishing"])
+        qux.send("LIST #b,#nothing", "WHO b*", "NICK QUX", "NICK QUX", "MODE #general +n", "PING :sync")
+        qux.read_until(is_irc("321"))
+        self.assertEqual([qux.read().params[1], qux.read().command], ["#b", "323"])
+        who = qux.read()
+        self.assertEqual((who.command, who.params[5]), ("352", "bar"))
+        self.assertEqual(qux.read().command, "315")
+        renamed = qux.read()
+        self.assertEqual((renamed.nick, renamed.command, renamed.params), ("qux", "NICK", ["QUX"]))
+        self.assertEqual(qux.read().command, "PONG")  # the same nick again, and +n (always on): nothing at all
+        qux.send_raw(b"PRIVMSG bar :hi\xaa\r\n")
+        fail = qux.read()
+        self.assertEqual((fail.command, fail.params[:2]), ("FAIL", ["*", "INVALID_UTF8"]))
+        qux.send("NAMES nochannel")
+        self.assertEqual(qux.read().params[:2], ["QUX", "nochannel"])  # 366: nobody in what is no channel
+        lines = self.irc().register("later")
+        self.assertTrue({"265", "266"} <= {line.command for line in lines})
+        empty = self.irc()
+        empty.send("NICK empty", "USER e 0 * :")
+        self.assertEqual(empty.read().command, "461")
+        bar.send("QUIT :see you tomorrow")
+        quit_line, _ = qux.read_until(is_irc("QUIT"))
+        self.assertEqual((quit_line.nick, quit_line.params), ("bar", ["Quit: see you tomorrow"]))
+
     def test_a_notice_stays_a_notice_live_and_in_history(self):
         # Bots answer PRIVMSG and never NOTICE: a NOTICE that became a PRIVMSG could start a loop.
         folder = tempfile.TemporaryDirectory(prefix="notice-", dir=_SCRATCH.name)

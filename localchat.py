@@ -5333,6 +5333,8 @@ function bubbleElement(item) {
   appendText(bubble, String(frame.text));
   if (frame.queued) {
     bubble.appendChild(el("div", "note", "Delivered when " + frame.to + " returns"));
+  } else if (frame.away && isOwn(frame)) {
+    bubble.appendChild(el("div", "note", frame.to + " is away: " + frame.away));  // only the sender hears it
   }
   return bubble;
 }
@@ -6407,7 +6409,8 @@ function leftSentence(frame) {
     kicked: "was kicked", banned: "was banned", error: "was disconnected for sending bad data",
     shutdown: "left as the server shut down"
   };
-  return frame.name + " " + (words[frame.reason] || "left");
+  var said = frame.message ? ' saying "' + frame.message + '"' : "";  // what one says on leaving
+  return frame.name + " " + (words[frame.reason] || "left") + said;
 }
 
 function renameDirect(old, name) {

@@ -11334,6 +11334,11 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         self.assertEqual(summary(frame, "from", "to", "text"), ("alice", "bob", "just for you"))
         bob.say("thanks!", to="alice")
         self.wait_shown(page, "thanks!")
+        bob.send({"type": "away", "text": "in a meeting"})
+        page.send_line("one more thing")
+        frame, _ = bob.read_until(from_page)
+        self.wait_shown(page, "one more thingbob is away: in a meeting")  # told to the sender only
+        bob.send({"type": "back"})
         page.focus("#input")
         page.type("sent with the button")
         page.tap(".send")

@@ -4332,6 +4332,9 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
 .entry.current { background: color-mix(in srgb, var(--accent) 14%, transparent); font-weight: 600; }
 .entry.unread .label { font-weight: 700; }
 .entry:disabled { opacity: 1; }
+.entry-row { display: flex; align-items: center; }
+.entry-row .entry { flex: 1; min-width: 0; }
+.close { flex: none; font-size: 22px; color: var(--muted); }
 .sigil { width: 18px; text-align: center; color: var(--muted); font-weight: 600; }
 .label { flex: 1; min-width: 0; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .detail {
@@ -5092,6 +5095,11 @@ function buildConversation(conv) {
 }
 
 function closeConversation(conv) {
+  conv.items.forEach(function (item) {
+    if (item.kind === "message") {
+      state.seen.delete(item.frame.id);  // shown again if the conversation is opened again
+    }
+  });
   delete state.conversations[conv.key];
   conv.log.remove();
   if (state.current === conv.key) {
@@ -5503,7 +5511,12 @@ function conversationsOf(kind) {
 function renderRooms() {
   fillList(ui.roomList, conversationsOf("room"), conversationButton);
   var directs = conversationsOf("direct");
-  fillList(ui.directList, directs, conversationButton);
+  fillList(ui.directList, directs, function (conv) {
+    var row = el("div", "entry-row");
+    row.appendChild(conversationButton(conv));
+    row.appendChild(closeButton(conv));
+    return row;
+  });
   ui.directHeading.hidden = directs.length === 0;
   var others = state.allRooms.filter(function (room) {
     return !state.conversations[conversationKey("room", room.name)];
@@ -5539,6 +5552,17 @@ function conversationButton(conv) {
   });
   button.setAttribute("aria-current", conv.key === state.current ? "true" : "false");
   button.dataset.key = conv.key;
+  return button;
+}
+
+function closeButton(conv) {
+  // A direct conversation is the page's own: closing it forgets it here (the server keeps its history).
+  var button = el("button", "icon-button close", "\u00d7");
+  button.type = "button";
+  button.setAttribute("aria-label", "Close the conversation with " + conv.name);
+  button.addEventListener("click", function () {
+    closeConversation(conv);
+  });
   return button;
 }
 

@@ -11375,6 +11375,14 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.send_line("/leave")
         bob.read_until(is_kind("left", name="alicia", room="games"))
         page.wait_for("!state.conversations['#games'] && state.current === '#general'", "#games left")
+        page.send_line("/join games")
+        page.wait_for("state.current === '#games'", "#games again")
+        self.wait_shown(page, "anyone for chess?")  # its history, shown again
+        page.tap("#direct-list .close")  # on the wide screen: the side pane
+        page.wait_for("!state.conversations['@bob']", "the direct conversation closed")
+        page.tap("#people-list button[data-name=bob]")
+        page.wait_for("state.current === '@bob'")
+        self.wait_shown(page, "thanks!")  # opened again: the conversation so far
         self.assertEqual(page.evaluate("document.querySelectorAll('script:not([src]), [style]:not(#input)').length"), 0)
 
     def test_markup_from_others_is_shown_as_text_and_never_runs(self):

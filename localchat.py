@@ -4019,7 +4019,7 @@ WEB_PAGE_HTML = r"""<!DOCTYPE html>
       <button id="jump" class="jump" type="button" hidden></button>
     </div>
     <form id="composer" class="composer">
-      <textarea id="input" rows="1" maxlength="32000" placeholder="Message" aria-label="Message"
+      <textarea id="input" rows="1" placeholder="Message" aria-label="Message"
                 enterkeyhint="send" autocomplete="off"></textarea>
       <button class="send" type="submit" aria-label="Send">
         <svg viewBox="0 0 24 24" width="22" height="22" aria-hidden="true"><path fill="currentColor" d="M3.4 20.4 21 12 3.4 3.6 3.4 10l12.6 2-12.6 2z"/></svg>
@@ -5792,14 +5792,23 @@ function submitInput() {
   if (!result) {
     return;
   }
-  if (result.error) {
-    addNotice(conv, result.error, "error");  // the line stays in the box, to be mended
+  var error = result.error || tooLong(result);
+  if (error) {
+    addNotice(conv, error, "error");  // the line stays in the box, to be mended
     return;
   }
   rememberLine(line);
   ui.input.value = "";
   autoGrow();
   carryOut(result, conv);
+}
+
+function tooLong(result) {
+  // Said here rather than by the server: a message over its limit would be refused at every reconnection.
+  var text = result.send && result.send.type === "say" ? result.send.text : result.direct ? result.text : null;
+  var limit = state.welcome && state.welcome.max_text_bytes > 0 ? state.welcome.max_text_bytes : 32000;
+  var size = text === null ? 0 : new TextEncoder().encode(text).length;
+  return size > limit ? "That message is too long: " + size + " bytes, of the " + limit + " a message may have." : null;
 }
 
 function carryOut(result, conv) {

@@ -11359,6 +11359,11 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.send_line("/nosuch")
         page.wait_for("!!document.querySelector('.log:not([hidden]) .notice.error')", "an error sentence")
         self.assertEqual(page.evaluate("document.getElementById('input').value"), "/nosuch")
+        page.send_line("\u00e9" * (localchat.MAX_TEXT_BYTES // 2 + 1))  # over the limit in bytes, not in letters
+        page.wait_for("document.querySelector('.log:not([hidden])').textContent.includes('That message is too long: "
+                      "%d bytes')" % (localchat.MAX_TEXT_BYTES + 2), "the sentence on a message too long")
+        self.assertEqual(page.evaluate("document.getElementById('input').value.length"), localchat.MAX_TEXT_BYTES // 2 + 1)
+        page.evaluate("document.getElementById('input').value = ''")
         page.set_dark(True)
         page.screenshot("07-direct-dark")
         page.send_line("/nick alicia")

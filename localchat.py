@@ -4646,6 +4646,7 @@ var state = {
   welcome: null,         // the last welcome (its resume token resumes the session)
   welcomed: false,       // welcomed at least once since the page loaded
   lastId: null,          // the highest message id seen (sent as last_id when reconnecting)
+  epoch: 0,              // counts the times the server's ids started again (a server without history)
   helloLastId: null,     // lastId when the last hello went out
   seen: new Set(),       // message ids shown, so a replay never shows one twice
   bye: null,             // the bye frame the server sent before closing, if any
@@ -5174,11 +5175,12 @@ function addNotice(conv, text, tone, ts) {
     var last = conv.items[conv.items.length - 1];
     ts = Math.max(nowSeconds(), last ? last.ts : 0);
   }
-  insertItem(conv, {kind: "notice", text: String(text), tone: tone || "", ts: ts});
+  insertItem(conv, {kind: "notice", text: String(text), tone: tone || "", ts: ts, epoch: state.epoch});
 }
 
 function addMessage(conv, frame, mention) {
-  insertItem(conv, {kind: "message", frame: frame, mention: mention, ts: Number(frame.ts) || nowSeconds()});
+  insertItem(conv, {kind: "message", frame: frame, mention: mention, ts: Number(frame.ts) || nowSeconds(),
+                    epoch: state.epoch});
 }
 
 function insertItem(conv, item) {
@@ -5205,11 +5207,22 @@ function insertItem(conv, item) {
 
 function comesBefore(item, other) {
   // Messages in the server's order (their ids); anything else by time.
+  if (item.epoch !== other.epoch) {
+    return item.epoch < other.epoch;
+  }
   if (item.kind === "message" && other.kind === "message" && typeof item.frame.id === "number" &&
       typeof other.frame.id === "number") {
     return item.frame.id < other.frame.id;
   }
   return item.ts < other.ts;
+}
+
+function newEpoch() {
+  // The server's message ids started again: what is shown stays, before whatever comes now.
+  state.epoch++;
+  state.seen = new Set();
+  state.lastId = null;
+  state.helloLastId = null;
 }
 
 // -- rendering: messages ---------------------------------------------------------------------
@@ -5866,8 +5879,9 @@ function requestOlder(conv) {
   }
   var oldest = null;
   conv.items.forEach(function (item) {
-    if (item.kind === "message" && typeof item.frame.id === "number" && (oldest === null || item.frame.id < oldest)) {
-      oldest = item.frame.id;
+    var id = item.kind === "message" && item.epoch === state.epoch ? item.frame.id : null;
+    if (typeof id === "number" && (oldest === null || id < oldest)) {
+      oldest = id;
     }
   });
   if (oldest !== null) {
@@ -6133,6 +6147,9 @@ var ON_FRAME = {
 
   welcome: function (frame) {
     var resumed = !!(state.welcome && frame.resume && frame.resume === state.welcome.resume);
+    if (typeof frame.last_id === "number" && state.lastId !== null && frame.last_id < state.lastId) {
+      newEpoch();  // a server without its history (--no-history) came back: its ids start again
+    }
     var again = state.welcomed;
     state.welcome = frame;
     state.welcomed = true;
@@ -6340,8 +6357,8 @@ var ON_FRAME = {
     }
     conversationsOf("room").forEach(function (conv) {
       if (!conv.joined) {
-        addNotice(conv, "You are no longer in #" + conv.name + ".", "error");
         closeConversation(conv);
+        addNotice(null, "You are no longer in #" + conv.name + ".", "error");
       }
     });
     showStatus("");

@@ -11568,6 +11568,28 @@ class WebPageTests(ServerFixture, unittest.TestCase):
                       "document.getElementById('join-message').textContent.includes('banned')", "the refusal")
         page.screenshot("18-banned")
 
+    def test_a_server_restarted_without_its_history_is_followed_in_order(self):
+        # Regression: ids start again at 1 on a server without history (--no-history); the
+        # page took the new messages for ones it had shown, and dropped them.
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        page = self.join_page("alice")
+        for text in ("old one", "old two"):
+            bob.say(text)
+        self.wait_shown(page, "old two")
+        first = self.server
+        self.server_stopped = True
+        first.stop()
+        self.server_thread.join(THREAD_END_S)
+        page.wait_for("!state.synced", "the page noticing")
+        self.start_server(port=first.port, hub=unlimited_hub())
+        page.wait_for("state.synced", "the page back", timeout=PAGE_WAIT_S + localchat.RECONNECT_MAX_S)
+        carol = self.join("carol")
+        carol.say("new one")  # id 1 again
+        carol.say("new two")
+        self.wait_shown(page, "new two")
+        self.assertEqual(self.shown(page), ["old one", "old two", "new one", "new two"])
+
     def test_a_connection_that_died_silently_is_noticed_on_return_and_nothing_is_doubled(self):
         # A phone that slept: its connection is dead but never closed, and the echo of
         # what it sent last never came. Coming back to the page finds out within seconds.

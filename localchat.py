@@ -4019,7 +4019,7 @@ WEB_PAGE_HTML = r"""<!DOCTYPE html>
       <button id="jump" class="jump" type="button" hidden></button>
     </div>
     <form id="composer" class="composer">
-      <textarea id="input" rows="1" placeholder="Message" aria-label="Message"
+      <textarea id="input" rows="1" dir="auto" placeholder="Message" aria-label="Message"
                 enterkeyhint="send" autocomplete="off"></textarea>
       <button class="send" type="submit" aria-label="Send">
         <svg viewBox="0 0 24 24" width="22" height="22" aria-hidden="true"><path fill="currentColor" d="M3.4 20.4 21 12 3.4 3.6 3.4 10l12.6 2-12.6 2z"/></svg>
@@ -5350,6 +5350,7 @@ function bubbleElement(item) {
   var frame = item.frame;
   var bubble = el("div", "bubble" + (item.mention ? " mention" : "") + (frame.notice ? " auto" : ""));
   bubble.dataset.id = String(frame.id);
+  bubble.dir = "auto";  // Arabic or Hebrew text runs right to left
   bubble.title = new Date((Number(frame.ts) || nowSeconds()) * 1000).toLocaleString();
   appendText(bubble, String(frame.text));
   if (frame.queued) {
@@ -5365,6 +5366,7 @@ function actionElement(item) {
   var line = el("div", "action" + (item.mention ? " mention" : ""));
   line.dataset.id = String(frame.id);
   var text = el("span", "action-text");
+  text.dir = "auto";
   text.appendChild(el("span", "name " + colourClass(frame.from), frame.from));
   text.appendChild(document.createTextNode(" "));
   appendText(text, String(frame.text));
@@ -5447,6 +5449,7 @@ function trimUrl(url) {
 function showPending(entry) {
   var conv = entry.conv;
   var bubble = el("div", "bubble pending");
+  bubble.dir = "auto";
   appendText(bubble, entry.frame.action ? "* " + state.name + " " + entry.frame.text : entry.frame.text);
   entry.status = el("div", "note");
   bubble.appendChild(entry.status);

@@ -10901,8 +10901,9 @@ def screenshot_folder():
 class DevTools:
     """A client of Chromium's DevTools protocol over the WebSocket in WsClient: commands and events.
 
-    call() sends a command and reads until its answer; the events read meanwhile are
-    kept in self.events for wait_event(). One thread only: the test's.
+    call() sends a command and reads until its answer; the events read meanwhile (and
+    by pump()) are kept in self.events, where Page.problems() finds what a page
+    reported. The framing is the web door tests' WsClient. One thread only: the test's.
     """
 
     def __init__(self, port, path):

@@ -4494,14 +4494,13 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
 .group.own .meta + .bubble { border-top-right-radius: 6px; }
 .bubble.auto { font-style: italic; color: var(--muted); } /* an automatic notice (IRC's NOTICE): from a bot */
 .bubble.mention, .action.mention { background: var(--mention); border-color: var(--mention-line); }
-.bubble.pending {
+.bubble.pending { /* not confirmed yet: the own colour as a dashed outline, the text fully readable */
   align-self: flex-end;
   margin: 6px 0 0 auto;
   max-width: min(85%, 640px);
-  background: var(--own);
-  border-color: var(--own);
-  color: var(--on-own);
-  opacity: 0.6;
+  background: transparent;
+  border: 1.5px dashed var(--own);
+  color: var(--text);
 }
 .pending-items { display: flex; flex-direction: column; align-items: flex-end; }
 .bubble.pending.failed { opacity: 1; background: var(--danger-bg); border-color: var(--danger); color: var(--text); }

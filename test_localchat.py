@@ -11421,7 +11421,7 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         self.start_server(hub=localchat.ChatHub("first", store, limits=localchat.Limits(messages_per_s=0,
                                                                                            kbytes_per_s=0)))
         bob = self.join("bob")
-        page = self.join_page("alice")
+        page = self.join_page("alice", dark=True)
         page.send_line("before the restart")
         bob.read_until(is_kind("message", text="before the restart"))
         bob.say("bob before")
@@ -11435,7 +11435,7 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.send_line("typed while offline")
         page.wait_for("!!document.querySelector('.bubble.pending')", "the message waiting")
         self.assertIn("Reconnecting", page.evaluate("document.getElementById('status').textContent"))
-        page.screenshot("11-offline")
+        page.screenshot("11-offline-dark")
         self.start_server(port=first.port, hub=localchat.ChatHub("second", store, limits=localchat.Limits(
             messages_per_s=0, kbytes_per_s=0)))
         page.wait_for("state.synced", "the page back", timeout=PAGE_WAIT_S + localchat.RECONNECT_MAX_S)
@@ -11443,7 +11443,7 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         carol = self.join("carol")
         carol.say("after the restart")
         self.wait_shown(page, "after the restart")
-        page.screenshot("12-reconnected")
+        page.screenshot("12-reconnected-dark")
         history = carol.joining
         self.assertEqual(texts(history), ["before the restart", "bob before", "typed while offline"])
         self.assertEqual(self.shown(page), ["before the restart", "bob before", "typed while offline",

@@ -4008,6 +4008,10 @@ WEB_PAGE_HTML = r"""<!DOCTYPE html>
         <button class="secondary" type="submit">Join</button>
       </div>
     </form>
+    <div class="me">
+      <p id="me-name"></p>
+      <button id="leave-button" class="secondary" type="button">Leave the chat</button>
+    </div>
   </nav>
 
   <main class="main">
@@ -4362,6 +4366,8 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
 .join-room label { font-size: 13px; color: var(--muted); font-weight: 600; }
 .row { display: flex; gap: 8px; }
 .row input { flex: 1; min-width: 0; }
+.me { margin: 24px 8px 0; padding-top: 14px; border-top: 1px solid var(--line); display: flex; flex-direction: column; gap: 8px; }
+.me p { font-size: 13px; color: var(--muted); }
 .hint { margin: 16px 8px 0; font-size: 13px; color: var(--muted); }
 
 /* -- the conversation ------------------------------------------------------------------------ */
@@ -5524,6 +5530,7 @@ function conversationsOf(kind) {
 }
 
 function renderRooms() {
+  ui.meName.textContent = state.name ? "You are " + state.name + " \u00b7 /nick changes it" : "";
   fillList(ui.roomList, conversationsOf("room"), conversationButton);
   var directs = conversationsOf("direct");
   fillList(ui.directList, directs, function (conv) {
@@ -6314,6 +6321,7 @@ var ON_FRAME = {
     if (isMe) {
       state.name = name;
       saveSetting("name", name);
+      renderRooms();
     }
   },
 
@@ -6510,7 +6518,8 @@ function start() {
   ["join", "join-form", "join-message", "name-input", "password-row", "password-input", "join-button",
    "app", "title", "subtitle", "rooms-button", "people-button", "people-count", "room-list", "direct-list",
    "direct-heading", "other-rooms", "other-heading", "join-room-form", "join-room-input", "people-list",
-   "people-heading", "logs", "jump", "status", "status-text", "status-action", "composer", "input", "scrim"
+   "people-heading", "logs", "jump", "status", "status-text", "status-action", "composer", "input", "scrim",
+   "me-name", "leave-button"
   ].forEach(function (id) {
     ui[id.replace(/-([a-z])/g, function (all, letter) { return letter.toUpperCase(); })] = document.getElementById(id);
   });
@@ -6528,6 +6537,10 @@ function start() {
   ui.peopleButton.addEventListener("click", function () { toggleDrawer("people"); });
   ui.scrim.addEventListener("click", closeDrawers);
   ui.statusAction.addEventListener("click", reconnectNow);
+  ui.leaveButton.addEventListener("click", function () {
+    closeDrawers();
+    carryOut({quit: true}, currentConversation());
+  });
   ui.jump.addEventListener("click", function () {
     var conv = currentConversation();
     if (conv) {

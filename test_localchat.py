@@ -11371,6 +11371,7 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         frame, _ = bob.read_until(is_kind("renamed"))
         self.assertEqual(summary(frame, "old", "name"), ("alice", "alicia"))
         page.wait_for("state.name === 'alicia' && localStorage.getItem('localchat.name') === 'alicia'", "the new name")
+        self.assertIn("You are alicia", page.evaluate("document.getElementById('me-name').textContent"))
         page.set_metrics(WIDE)
         page.tap("#room-list button[data-key='#general']")
         page.wait_for("state.current === '#general'")
@@ -11415,6 +11416,12 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         page.screenshot("10-markup-as-text-dark")
         self.assertEqual(page.evaluate("document.querySelectorAll('.log a').length"), 0)
         self.assertGreater(page.evaluate("document.getElementsByTagName('*').length"), before)
+        page.tap("#rooms-button")  # leaving, without typing /quit
+        page.wait_for(DRAWER_OPEN % "rooms", "the rooms drawer")
+        page.tap("#leave-button")
+        frame, _ = bob.read_until(is_kind("left", name="alice"))
+        self.assertEqual(frame["reason"], "quit")
+        page.wait_for("document.getElementById('join-message').textContent === 'You left the chat.'", "the goodbye")
 
     def test_page_reconnects_to_a_restarted_server_and_nothing_is_lost_or_doubled(self):
         store = localchat.MemoryStore()  # what a restarted server reads back from its file

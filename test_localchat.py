@@ -11721,6 +11721,13 @@ class WebPageTextTests(unittest.TestCase):
         self.assertIsNone(re.search(r"\s(style|on[a-z]+)=", html))
         self.assertIn('name="viewport"', html)
 
+    def test_every_element_the_script_looks_up_is_in_the_html(self):
+        listed = re.search(r"\[([^\]]*)\]\.forEach\(function \(id\)", localchat.WEB_PAGE_JS)
+        wanted = re.findall(r'"([a-z-]+)"', listed.group(1))
+        present = set(re.findall(r'\sid="([a-z-]+)"', localchat.WEB_PAGE_HTML))
+        self.assertGreater(len(wanted), 20)
+        self.assertEqual([name for name in wanted if name not in present], [])
+
     def test_manifest_is_a_web_app_manifest_with_the_icon(self):
         manifest = json.loads(localchat.WEB_MANIFEST)
         self.assertEqual((manifest["name"], manifest["start_url"], manifest["display"]), ("LocalChat", "/", "standalone"))

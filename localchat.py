@@ -2900,6 +2900,11 @@ class TlsChannel:
         self._lock = threading.Lock()
         self.closed = False  # the peer sent close_notify: nothing more will come
 
+    def alpn(self):
+        """Return the application protocol agreed in the handshake (ALPN: "http/1.1" for a browser), or None."""
+        with self._lock:
+            return self._sslobj.selected_alpn_protocol()
+
     # -- handshake (the connection's thread, before the reader and writer start) --
 
     def handshake(self, sock, timeout):
@@ -6666,6 +6671,7 @@ class Door:
     name = "door"
     encode = staticmethod(encode_frame)
     for_silence = False     # chosen for a connection that says nothing for SILENT_PROMPT_S (a person at nc)
+    alpn = ()               # TLS application protocols (ALPN) that choose this door at the handshake
     hello_timeout_s = None  # how long it may take to join; None: the server's hello timeout
     password_in_hello = False  # the protocol carries the password itself (no challenge): refused in clear
     retries_hello = False   # a refused name is asked for again instead of ending the connection
@@ -7927,6 +7933,7 @@ class WebDoor(Door):
 
     name = "web"
     encode = staticmethod(ws_encode)
+    alpn = ("http/1.1",)  # every browser offers it over TLS: its idle spare connections are never prompted
     hello_timeout_s = HTTP_HEAD_TIMEOUT_S  # the first request's line and headers
     keepalive_s = HTTP_KEEPALIVE_S         # each request after it: to begin and end
     methods = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
@@ -8220,6 +8227,9 @@ class Session(socketserver.BaseRequestHandler):
             return "lost"
         self.channel = channel
         self.outbox.encrypt = channel.encrypt
+        door = self.server.door_for_alpn(channel.alpn())
+        if door is not None:  # a browser, known by what it agreed: its spare connections wait, never prompted
+            self._choose(door)
         return first
 
     def _receive(self, sock):
@@ -9444,6 +9454,9 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self.tls_context = tls_context  # an ssl.SSLContext: every connection is encrypted
         self.diagnostics = diagnostics  # --diagnostics: the web door answers /ws/echo (for Autobahn|Testsuite)
         self.clear_passwords = clear_passwords  # the IRC and text doors may take a password without TLS
+        protocols = [protocol for door in doors for protocol in door.alpn]
+        if tls_context is not None and protocols:
+            tls_context.set_alpn_protocols(protocols)  # browsers say who they are before any byte of HTTP
         self.doors = tuple(doors)  # Door classes, tried in order on each connection's first bytes
         self.local_exempt = True  # connections from this computer do not count towards max_per_ip
         self.hub = hub if hub is not None else ChatHub(server_name=socket.gethostname())
@@ -9484,6 +9497,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
     @property
     def port(self):
         return self.server_address[1]
+
+    def door_for_alpn(self, protocol):
+        """Return the Door for a TLS connection that agreed on this application protocol (ALPN), or None."""
+        for door in self.doors:
+            if protocol is not None and protocol in door.alpn:
+                return door
+        return None
 
     def door_for_silence(self):
         """Return the Door for a connection that says nothing at first (a person at nc), or None."""

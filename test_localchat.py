@@ -3961,6 +3961,28 @@ class WebDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         left, _ = sender.read_until(is_kind("left", name="stuck"), timeout=10)
         self.assertEqual(left["reason"], "too_slow")
 
+    def test_a_browsers_idle_tls_connection_is_never_asked_for_a_name(self):
+        # Chromium opens spare TLS connections and leaves them idle: a name prompt written into
+        # one was read as the answer to its next request (ERR_INVALID_HTTP_RESPONSE). Browsers
+        # agree on "http/1.1" by ALPN; nc and openssl s_client agree on nothing and are asked.
+        self.start_server(hub=unlimited_hub(), tls_context=tls_server_context())
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        spare = HttpConnection(self.address)
+        spare.sock = context.wrap_socket(spare.sock)
+        self.clients.append(spare)
+        self.assertEqual(spare.sock.selected_alpn_protocol(), "http/1.1")
+        spare.sock.settimeout(localchat.SILENT_PROMPT_S + 1.0)  # a bounded wait for nothing to come
+        with self.assertRaises(socket.timeout, msg="the idle browser connection got bytes"):
+            spare.sock.recv(1)  # (TLS session tickets are read and passed over; application data would return)
+        self.assertEqual(spare.request("GET", "/")[0], 200)
+        plain_context = ssl.create_default_context()
+        plain_context.check_hostname, plain_context.verify_mode = False, ssl.CERT_NONE
+        person = LineClient(None, sock=plain_context.wrap_socket(socket.create_connection(self.address)))
+        self.clients.append(person)
+        person.read_until(lambda line: "Type your name" in line, timeout=localchat.SILENT_PROMPT_S + READ_TIMEOUT_S)
+
     def test_tls_serves_the_page_and_the_websocket_on_the_same_port(self):
         self.start_server(hub=unlimited_hub(), tls_context=tls_server_context())
         context = ssl.create_default_context()
@@ -11215,7 +11237,6 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         super().setUp()
         self.pages = []
         self.server_stopped = False  # set by a test that stops its server on purpose
-        self.tls_silence_prompt = False  # set by a test over TLS (see expected_problem)
 
     def tearDown(self):
         problems = []
@@ -11232,12 +11253,6 @@ class WebPageTests(ServerFixture, unittest.TestCase):
 
     def expected_problem(self, text):
         """Errors Chromium logs for connections the test broke on purpose (a server stopped)."""
-        if self.tls_silence_prompt and "ERR_INVALID_HTTP_RESPONSE" in text:
-            # TODO: until the web door keeps browsers from the silence prompt over TLS. Chromium
-            # opens spare TLS connections and leaves them idle; after SILENT_PROMPT_S the server
-            # writes the text door's name prompt into one, and Chromium later reads it as the
-            # answer to a request (a file, or the WebSocket handshake, which the page retries).
-            return True
         return self.server_stopped and ("WebSocket" in text or "ERR_CONNECTION_REFUSED" in text)
 
     @property
@@ -11674,12 +11689,12 @@ class WebPageTests(ServerFixture, unittest.TestCase):
 
     def test_page_over_https_speaks_wss_and_its_help_says_how_to_check_the_certificate(self):
         self.start_server(tls_context=tls_server_context())
-        self.tls_silence_prompt = True
         # The server's certificate is its own, as in a classroom: a person clicks through the warning once.
         self.browser.devtools.call("Security.setIgnoreCertificateErrors", ignore=True)
         try:
             bob = self.join_tls("bob")
-            page = self.page_despite_the_silence_prompt("https://localhost:%d/" % self.server.port)
+            # (Chromium's idle spare connections: WebDoorTests' ALPN test)
+            page = self.page(url="https://localhost:%d/" % self.server.port)
             self.join_page("alice", page)
             self.assertTrue(page.evaluate("state.ws.url.startsWith('wss://localhost:')"))
             bob.send({"type": "say", "text": "encrypted hello"})
@@ -11690,24 +11705,6 @@ class WebPageTests(ServerFixture, unittest.TestCase):
             page.screenshot("21-https-help")
         finally:
             self.browser.devtools.call("Security.setIgnoreCertificateErrors", ignore=False)
-
-    def page_despite_the_silence_prompt(self, url):
-        """Return a page opened at url, loading it again while the door's silence prompt spoils it.
-
-        TODO: until the web door keeps browsers from the silence prompt over TLS (see
-        expected_problem): a spare connection Chromium opened can hold the prompt when
-        the page itself is asked for on it, and the page shows "invalid response".
-        """
-        page = self.browser.new_page()
-        self.pages.append(page)
-        for _ in range(3):
-            try:
-                page.open(url)
-                return page
-            except AssertionError as error:
-                if "ERR_INVALID_HTTP_RESPONSE" not in str(error):
-                    raise
-        raise AssertionError("the page never loaded over https")
 
     def join_tls(self, name):
         """Return a TLS ChatConnection joined as name (the JSON-lines door, encrypted)."""

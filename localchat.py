@@ -8066,7 +8066,9 @@ class WebDoor(Door):
                 self.session.outbox.put(self.reader.begin_close(WS_CLOSE_UNSUPPORTED, "Text messages only."))
                 return found + [{"type": "bye"}]
             elif event.kind == "close":
-                return found + [{"type": "bye"}]
+                # 1000: the page said goodbye. 1001 and the rest: a reload, a closed tab, a phone
+                # asleep: the name waits for the page to come back (resume), as for a lost connection.
+                return found + [{"type": "bye"} if event.code == WS_CLOSE_NORMAL else {"type": "bye", "reason": "lost"}]
             elif event.kind == "fail":
                 log.info("%s: WebSocket failed (%d): %s", self.session.peer, event.code, event.reason)
                 return found + [{"type": "bye"}]
@@ -8532,8 +8534,9 @@ class Session(socketserver.BaseRequestHandler):
         pass  # any frame counts as a sign of life; the read loop has noted it
 
     def do_bye(self, frame):
+        """Leave: "quit", or "lost" when a door knows the peer means to come back (a reloading page)."""
         self._parting = frame.get("message")  # told to the others when the hub hears of the leaving
-        return "quit"
+        return "lost" if frame.get("reason") == "lost" else "quit"
 
     # -- ending ----------------------------------------------------------------
 

@@ -3917,6 +3917,19 @@ class WebDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         self.assertEqual(closing.read_close(), 1000)
         self.assertEqual(summary(bob.read_until(is_kind("left", name="leaver"))[0], "reason"), ("quit",))
         self.assertIsNone(closing.read_message())
+        reloading = self.ws()  # a reload closes with 1001: the name waits for the page, nobody is told
+        reloading.send({"type": "hello", "name": "reloader", "version": 1})
+        welcome = reloading.read_frame()
+        reloading.read_until(is_kind("synced"))
+        bob.read_until(is_kind("joined", name="reloader"))
+        reloading.send_frame(localchat.WS_OP_CLOSE, (1001).to_bytes(2, "big"))
+        self.assertEqual(reloading.read_close(), 1001)
+        again = self.ws()
+        again.send({"type": "hello", "name": "reloader", "version": 1, "resume": welcome["resume"]})
+        self.assertEqual(again.read_frame()["type"], "welcome")
+        bob.send({"type": "ping", "token": "after"})
+        _, between = bob.read_until(is_kind("pong"))
+        self.assertEqual([frame["type"] for frame in between if frame["type"] in ("left", "joined")], [])
 
     def test_a_page_from_another_site_may_not_open_the_websocket(self):
         self.start_server(hub=unlimited_hub())

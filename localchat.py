@@ -11976,6 +11976,10 @@ class ChatWindow(ChatPanels, ServerMemory):
         """Moderation and the server owner's announcements (they were never shown before)."""
         self._add_notice(notice_text(frame), frame.get("ts"))
 
+    def _on_frame_invite(self, frame):
+        """Somebody asks somebody into a room: say so where the person is looking."""
+        self._add_notice(notice_text(frame), frame.get("ts"))
+
     def _on_frame_history_end(self, frame):
         if frame.get("room"):
             conversation = self.conversations.get(conversation_key("room", frame["room"]))

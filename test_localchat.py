@@ -11031,6 +11031,17 @@ class WindowTests(unittest.TestCase):
         self.assertIn("The server shut down", self.log_text(window))
         self.assertNotIn("Connection lost", self.log_text(window))
 
+    def test_notices_and_invitations_from_the_server_are_shown(self):
+        # Bug: the window dropped notice and invite frames: nobody saw them.
+        window = self.open_window()
+        peer, events = self.add_peer("bob")
+        peer.post({"type": "join", "room": "games"})
+        self.wait_frame(events, lambda f: f["type"] == "room" and f.get("room") == "games")
+        peer.post({"type": "invite", "name": "alice", "room": "games"})
+        self.pump_until(lambda: "bob invites alice to #games" in self.log_text(window), "invitation not shown")
+        self.server.hub.moderation.mute(None, "bob")
+        self.pump_until(lambda: "muted" in self.log_text(window), "notice not shown")
+
     def test_nick_shows_the_new_name_in_the_status_line_and_the_list(self):
         # Bug: after /nick the status line still showed the old name.
         window = self.open_window()

@@ -4153,14 +4153,12 @@ WEB_PAGE_CSS = r"""/* LocalChat's web page. Phone first: one column with drawers
   }
 }
 
-/* Name colours: the Tk window's NAME_COLOURS, and lighter ones for the dark theme. */
-.c0 { --name: #1f77b4; } .c1 { --name: #d62728; } .c2 { --name: #2ca02c; } .c3 { --name: #9467bd; }
-.c4 { --name: #8c564b; } .c5 { --name: #c2369b; } .c6 { --name: #0f8a96; } .c7 { --name: #7a7a00; }
-.c8 { --name: #e06c00; } .c9 { --name: #393b79; } .c10 { --name: #637939; } .c11 { --name: #843c39; }
+/* Name colours: the Tk window's NAME_COLOURS (light, and dark below), in the same order. */
+.c0 { --name: #c62828; } .c1 { --name: #b45309; } .c2 { --name: #7a6f00; } .c3 { --name: #2e7d32; } .c4 { --name: #00798a; }
+.c5 { --name: #1565c0; } .c6 { --name: #4338ca; } .c7 { --name: #7b1fa2; } .c8 { --name: #ad1457; } .c9 { --name: #6d4c41; }
 @media (prefers-color-scheme: dark) {
-  .c0 { --name: #6cb4ee; } .c1 { --name: #ff7b7b; } .c2 { --name: #6fd16f; } .c3 { --name: #c3a5e8; }
-  .c4 { --name: #d8ac98; } .c5 { --name: #ef7fcf; } .c6 { --name: #4fcfd9; } .c7 { --name: #d0d055; }
-  .c8 { --name: #ffa552; } .c9 { --name: #a3a8f2; } .c10 { --name: #b5cc78; } .c11 { --name: #e89a98; }
+  .c0 { --name: #ff8a80; } .c1 { --name: #f5a35c; } .c2 { --name: #d9c95a; } .c3 { --name: #7ccf7f; } .c4 { --name: #4dd0e1; }
+  .c5 { --name: #6aaeff; } .c6 { --name: #b3a4ff; } .c7 { --name: #d58ef0; } .c8 { --name: #f48fb1; } .c9 { --name: #c9a786; }
 }
 
 *, *::before, *::after { box-sizing: border-box; }
@@ -4891,7 +4889,7 @@ function crc32(text) {
 
 function colourClass(name) {
   // The same colour as the Tk window gives the name (NAME_COLOURS, picked by CRC-32 of the folded name).
-  return "c" + (crc32(nameKey(name)) % 12);
+  return "c" + (crc32(nameKey(name)) % 10);
 }
 
 function conversationKey(kind, name) {

@@ -11176,6 +11176,13 @@ class WindowTests(unittest.TestCase):
                 distance = math.sqrt(sum((int(a[i:i + 2], 16) - int(b[i:i + 2], 16)) ** 2 for i in (1, 3, 5)))
                 self.assertGreaterEqual(distance, 40, (theme, a, b))
         self.assertEqual(len(localchat.NAME_COLOURS["light"]), len(localchat.NAME_COLOURS["dark"]))
+        # The web page gives every name the window's colour: the same list, the same choice.
+        css = localchat.WEB_PAGE_CSS
+        dark_at = css.index("@media (prefers-color-scheme: dark) {\n  .c0")
+        for theme, part in (("light", css[:dark_at]), ("dark", css[dark_at:])):
+            found = dict(re.findall(r"\.c(\d+) \{ --name: (#[0-9a-f]{6}); \}", part)[:len(localchat.NAME_COLOURS[theme])])
+            self.assertEqual([found[str(i)] for i in range(len(found))], list(localchat.NAME_COLOURS[theme]), theme)
+        self.assertIn("crc32(nameKey(name)) %% %d)" % len(localchat.NAME_COLOURS["light"]), localchat.WEB_PAGE_JS)
 
     def test_system_theme_is_read_where_it_can_be_and_falls_back_to_light(self):
         cases = [("linux", "/usr/bin/gsettings", "'prefer-dark'", "dark"),

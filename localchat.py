@@ -6681,6 +6681,7 @@ class TerminalScreen:
         self._hooked = hasattr(readline, "set_pre_input_hook")  # libedit may lack it
         self._saved_mode = _terminal_mode(stdin_fd)  # readline's mode would outlive us if we end mid-line
         self._stdin_fd = stdin_fd
+        self._point = _readline_point(readline)
         if self._hooked:
             readline.set_pre_input_hook(self._on_prompt_drawn)
 
@@ -6730,13 +6731,13 @@ class TerminalScreen:
         if not self._editing:
             self._write(text + "\n")
             return
-        typed = self.prompt + self.readline.get_line_buffer()
+        typed = self.readline.get_line_buffer()
+        point = len(typed) if self._point is None else min(max(0, self._point.value), len(typed))
         columns = max(1, shutil.get_terminal_size().columns)
-        rows = (len(typed) - 1) // columns if typed else 0  # rows above the one the cursor is on
-        up = "\x1b[%dA" % rows if rows else ""
-        # Back to the input line's start, erase to the end of the screen, print, redraw.
-        # (The cursor is put back at the end of the line: readline does not tell where it was.)
-        self._write("\r" + up + "\x1b[J" + text + "\n" + typed)
+        # Up to the input line's first row, erase to the end of the screen, print, draw it again,
+        # and put the cursor back where readline has it (one column a character).
+        self._write("\r" + _cursor_up((len(self.prompt) + point) // columns) + "\x1b[J" + text + "\n"
+                    + self.prompt + typed + _cursor_back(len(self.prompt), len(typed), point, columns))
 
     def _write(self, data):
         self.stdout.write(data)
@@ -6752,6 +6753,35 @@ class TerminalScreen:
                 except (OSError, ValueError):
                     pass
         _restore_terminal_mode(self._stdin_fd, self._saved_mode)
+
+
+def _readline_point(readline):
+    """Return readline's cursor position in the line (rl_point, through ctypes), or None where it cannot be had.
+
+    The readline module does not tell it; without it a line printed while the
+    cursor is in the middle of what was typed leaves the cursor at its end.
+    """
+    try:
+        import ctypes
+        return ctypes.c_int.in_dll(ctypes.CDLL(readline.__file__), "rl_point")
+    except (ImportError, AttributeError, OSError, ValueError):
+        return None
+
+
+def _cursor_up(rows):
+    return "\x1b[%dA" % rows if rows > 0 else ""
+
+
+def _cursor_back(prompt_len, typed_len, point, columns):
+    """Return what moves the cursor from the end of prompt and typed text back to `point` in the text."""
+    end = prompt_len + typed_len
+    wrap = " \r\x1b[K" if end and end % columns == 0 else ""  # off the right margin, as readline does
+    if point >= typed_len:
+        return wrap
+    here, there = prompt_len + point, end
+    column = here % columns
+    return (wrap + "\r" + _cursor_up(there // columns - here // columns)
+            + ("\x1b[%dC" % column if column else ""))
 
 
 def _terminal_mode(fd):
@@ -6805,8 +6835,14 @@ class TerminalTrust:
         self.accept_new = accept_new
         self.stdin = stdin or sys.stdin
         self.stderr = stderr or sys.stderr
+        self.refused = None  # the last UntrustedCertificate said no to
 
     def __call__(self, untrusted):
+        yes = self._answer(untrusted)
+        self.refused = None if yes else untrusted
+        return yes
+
+    def _answer(self, untrusted):
         if untrusted.changed:
             if self.accept_new:
                 self._say(untrusted.description() + "\nAccepting the new certificate on purpose "
@@ -6824,6 +6860,16 @@ class TerminalTrust:
     def _say(self, text):
         self.stderr.write(text)
         self.stderr.flush()
+
+
+def trust_hint(untrusted, interactive):
+    """Return what a person can do about a certificate the line client did not trust."""
+    if untrusted.changed:
+        return " If its owner really made a new certificate, run again with --accept-new-certificate."
+    if interactive:
+        return ""  # the person was asked, and said no
+    return (" Compare it with the fingerprint the server printed when it started and give it with "
+            "--fingerprint FP, or run the line client once in a terminal to be asked.")
 
 
 class TerminalClient:
@@ -6985,7 +7031,9 @@ class TerminalClient:
                 self._print(clock(frame.get("ts")), message_line(frame))
         elif kind == "disconnected":
             if not frame.get("expected") and not self._bye_sent:
-                self._print(clock(), "! " + frame["text"])
+                refused = self.trust.refused if self.trust is not None else None
+                hint = trust_hint(refused, False) if refused and frame["text"] == str(refused) else ""
+                self._print(clock(), "! " + frame["text"] + hint)
                 return 1
             return 0 if not self._pending else 1
         elif kind == "error":
@@ -7063,7 +7111,7 @@ def run_cli(args):
                 _silence_stdout()  # else the flush at exit reports the broken pipe once more
             return code
         except UntrustedCertificate as error:
-            raise UserError(str(error) + _trust_hint(error, interactive)) from None
+            raise UserError(str(error) + trust_hint(error, interactive)) from None
         except UserError as error:
             if error.code not in ("password_required", "auth_failed") or not interactive or attempt == 2:
                 if error.code == "password_required":
@@ -7074,16 +7122,6 @@ def run_cli(args):
                 sys.stderr.write("Wrong password.\n")
             client.connection.password = getpass.getpass("Password for %s: " % client.connection.address)
     return 1
-
-
-def _trust_hint(untrusted, interactive):
-    """Return what a person can do about a certificate the line client did not trust."""
-    if untrusted.changed:
-        return " If its owner really made a new certificate, run again with --accept-new-certificate."
-    if interactive:
-        return ""  # the person was asked, and said no
-    return (" Compare it with the fingerprint the server printed when it started and give it with "
-            "--fingerprint FP, or run the line client once in a terminal to be asked.")
 
 
 # =============================================================================

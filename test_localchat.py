@@ -6233,6 +6233,36 @@ class TlsCliTests(ProcessFixture, unittest.TestCase):
         self.assertEqual(again.stderr, "")
         self.assertIn("(the same as last time)", again.stdout)
 
+    def test_certificate_changed_while_connected_ends_the_line_client_unless_accepted_on_purpose(self):
+        self.start_server(tls_context=tls_server_context())
+        proxy = TappedProxy(self.address)  # its cut() makes the clients reconnect
+        self.proxies.append(proxy)
+        server = "127.0.0.1:%d" % proxy.address[1]
+        shared = shared_certificate()
+        runs = {}
+        for name, extra in (("refuses", ()), ("accepts", ("--accept-new-certificate",))):
+            config = os.path.join(self.folder, name)
+            os.makedirs(config)
+            Path(config, "settings.json").write_text(json.dumps({"fingerprints": {server: shared["fingerprint"]}}))
+            runs[name] = self.popen(name, "--cli", "--server", server, *extra, stdin=subprocess.PIPE,
+                                    env=self.environment(LOCALCHAT_CONFIG_DIR=config))
+            runs[name][1].wait_for(r"\(the same as last time\)\.$")
+            runs[name][1].wait_for(r"\* You are in #general")
+        self.server.tls_context = localchat.server_tls_context(other_certificate()[0], shared["key_path"])
+        proxy.cut()
+        process, stdout, _ = runs["refuses"]
+        stdout.wait_for(r"! WARNING: the certificate of %s has CHANGED.*Not connecting\. If its owner really made a "
+                        r"new certificate, run again with --accept-new-certificate\.$" % re.escape(server))
+        self.assertEqual(process.wait(PROCESS_TIMEOUT_S), 1)
+        process, stdout, stderr = runs["accepts"]
+        stderr.wait_for(r"^WARNING: the certificate of %s has CHANGED" % re.escape(server))
+        stderr.wait_for(r"^Accepting the new certificate on purpose \(--accept-new-certificate\)\.$")
+        stdout.wait_for(r"\* Reconnected\.$")
+        process.stdin.write(b"still here\n")
+        process.stdin.close()
+        stdout.wait_for(r"<accepts> still here$")
+        self.assertEqual(process.wait(PROCESS_TIMEOUT_S), 0)
+
     def test_accept_new_certificate_is_a_line_client_option(self):
         for args, words in ((["server", "--accept-new-certificate"], "--accept-new-certificate is a client option"),
                             (["alice", "--accept-new-certificate"], "the window asks, with a button")):
@@ -6489,6 +6519,26 @@ class TerminalTests(ProcessFixture, unittest.TestCase):
         alice.type("\x04")  # Ctrl+D: the end of input
         self.assertEqual(alice.wait_exit(), 0)
         self.assertEqual(self.event_until(bob, is_kind("left", name="alice"))[0]["reason"], "quit")
+
+    def test_cursor_in_the_middle_of_the_line_stays_there_when_a_message_arrives(self):
+        # Bug: the line was drawn again with the cursor at its end while readline had it in
+        # the middle, so what was typed next showed at the end and went in the middle.
+        self.start_server()
+        bob = self.started("bob")
+        alice = self.alice_on_a_terminal()
+        alice.wait_for(prompt_with(""), "the prompt naming #general")
+        alice.type("partial li\x1b[D\x1b[D\x1b[D")  # three times Left: before " li"
+        alice.wait_for(lambda t: terminal_screen_rows(t.output)[0][-1] == "#general> partial li", "the line")
+        bob.say("while you edit", room="general")
+        alice.wait_row(r"<bob> while you edit$")
+        alice.type("X")
+        alice.wait_for(prompt_with("partialX li"), "X where the cursor was")
+        alice.type("\r")
+        frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
+        self.assertEqual(frame["text"], "partialX li")
+        alice.wait_for(prompt_with(""), "a fresh prompt")
+        alice.type("\x04")
+        self.assertEqual(alice.wait_exit(), 0)
 
     def test_the_prompt_names_the_room_a_line_goes_to(self):
         self.start_server()

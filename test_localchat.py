@@ -9468,7 +9468,6 @@ class WindowTrustTests(unittest.TestCase):
 
     setUpClass = WindowTests.__dict__["setUpClass"]
     tearDownClass = WindowTests.__dict__["tearDownClass"]
-    tearDown = WindowTests.tearDown
     open_window = WindowTests.open_window
     pump_until = WindowTests.pump_until
     log_text = WindowTests.log_text
@@ -9485,6 +9484,15 @@ class WindowTrustTests(unittest.TestCase):
         self.settings_path = Path(folder) / "settings.json"
         self.peers = []
         self.windows = []
+        self.proxies = []
+
+    def tearDown(self):
+        for window in self.windows:  # first: a cut proxy would make them reconnect
+            if not window._closing:
+                window.close()
+        for proxy in self.proxies:
+            proxy.close()
+        WindowTests.tearDown(self)
 
     def start_tls_server(self, hub=None):
         self.server = localchat.ChatServer((LOOPBACK, 0), tls_context=tls_server_context(), hub=hub)
@@ -9578,6 +9586,25 @@ class WindowTrustTests(unittest.TestCase):
         self.dialog_of(second).trust_button.invoke()
         self.pump_until(lambda: second.connected, "accepting did not connect")
         self.assertEqual(self.remembered(), {self.address: self.fingerprint})
+
+    def test_certificate_changed_while_connected_asks_again_and_accepting_reconnects(self):
+        self.start_tls_server()
+        proxy = TappedProxy((LOOPBACK, self.server.port))
+        self.proxies.append(proxy)
+        window = self.open_window(port=proxy.address[1], connected=False)
+        self.dialog_of(window).trust_button.invoke()
+        self.pump_until(lambda: window.connected, "Trust did not connect")
+        first = window.trust_dialog
+        other_cert, key_path, other_fingerprint = other_certificate()
+        self.server.tls_context = localchat.server_tls_context(other_cert, key_path)
+        proxy.cut()
+        self.pump_until(lambda: window.trust_dialog is not first, "a changed certificate was not asked about")
+        dialog = self.dialog_of(window)
+        self.assertEqual(dialog.top.title(), "Certificate changed")
+        dialog.trust_button.invoke()
+        self.pump_until(lambda: window.connected and "Reconnected." in self.log_text(window), "did not reconnect")
+        address = "127.0.0.1:%d" % proxy.address[1]
+        self.assertEqual(self.remembered(), {address: other_fingerprint})
 
 
 if __name__ == "__main__":

@@ -6652,6 +6652,7 @@ def run_window(args):
 CONFIRM_TIMEOUT_S = 10.0  # at the end of input, how long to wait for our messages' echoes
 LINE_TURN_S = 2.0         # on a terminal, how long the next prompt waits for the last line to be handled
 PROMPT_DRAW_S = 0.5       # how long a line to print waits for readline to finish drawing the prompt
+PAUSE_LATE_S = 1.0        # readline calls the input hook every 0.1 s: this much later, it never will
 
 
 PIPED_LINES_PER_MESSAGE = 100     # piped lines that come together go as one message of at most this many
@@ -6664,24 +6665,33 @@ class TerminalScreen:
     Used when stdin and stdout are both terminals and the readline module exists
     (Windows' Python has none: there the client reads plain lines). The stdin
     thread reads with input() under a prompt that names where the line goes
-    ("#general> "); show() prints a line above the prompt and draws the prompt and
-    what was typed again. The lock keeps the two threads' writes apart. What was
-    typed stays on the screen as the sent line: the server's echo is not printed.
+    ("#general> "). show() prints a line above the prompt and draws the prompt
+    and what was typed again. What was typed stays on the screen as the sent
+    line: the server's echo is not printed.
+
+    Readline handles keys on the stdin thread without the GIL, so a line printed
+    from another thread could land while it is half-way through one (the line
+    drawn from a stale buffer, the cursor in the wrong place). So while a line is
+    being typed, show() only queues, and the stdin thread prints the queue from
+    inside input() between two keys, through PyOS_InputHook, which readline calls
+    at least every 0.1 s. Where that hook cannot be set, show() prints at once.
     """
 
     def __init__(self, readline, stdout, stdin_fd=None):
         self.readline = readline
         self.stdout = stdout
         self.prompt = ""
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified when readline has drawn the prompt
         self._editing = False  # the prompt is drawn and a line is being typed
-        # Clear while readline draws the prompt: a line printed then would land inside it.
-        self._drawn = threading.Event()
-        self._drawn.set()
+        self._drawing = False  # readline is drawing the prompt: a line printed now would land inside it
+        self._pending = []  # lines for the stdin thread to print between two keys
+        self._last_pause = 0.0  # when readline last called the input hook (or a prompt began)
+        self._closed = False
         self._hooked = hasattr(readline, "set_pre_input_hook")  # libedit may lack it
         self._saved_mode = _terminal_mode(stdin_fd)  # readline's mode would outlive us if we end mid-line
         self._stdin_fd = stdin_fd
         self._point = _readline_point(readline)
+        self._paused = _set_input_hook(self._on_readline_pause)
         if self._hooked:
             readline.set_pre_input_hook(self._on_prompt_drawn)
 
@@ -6689,8 +6699,9 @@ class TerminalScreen:
         """Return the next line typed under prompt; raise EOFError at Ctrl+D. Runs on the stdin thread."""
         with self._lock:
             self.prompt = prompt
+            self._last_pause = time.monotonic()
             if self._hooked:
-                self._drawn.clear()
+                self._drawing = True
             else:
                 self._editing = True  # the best we can do: the prompt is about to be drawn
         try:
@@ -6701,58 +6712,101 @@ class TerminalScreen:
             raise
         finally:
             with self._lock:
-                self._editing = False
-                self._drawn.set()
+                self._editing = self._drawing = False
+                self._print_pending()
+                self._lock.notify_all()
 
     def _on_prompt_drawn(self):
         """Runs on the stdin thread, inside input(), once readline has drawn the prompt."""
         with self._lock:
-            self._editing = True
-            self._drawn.set()
+            self._editing, self._drawing = True, False
+            self._lock.notify_all()
+
+    def _on_readline_pause(self):
+        """Runs on the stdin thread, inside input(), between two keys: print what waits above the line."""
+        try:
+            with self._lock:
+                self._last_pause = time.monotonic()
+                if self._editing and self._pending and not self._closed:
+                    text, self._pending = "\n".join(self._pending), []
+                    self._print_above(text)
+        except Exception:  # noqa: a C callback cannot raise; the line is lost, the chat goes on
+            pass
+        return 0
 
     def show(self, text):
         """Print text (a line, or lines) above the input line, then draw the input line again. Any thread."""
-        deadline = time.monotonic() + PROMPT_DRAW_S
-        for _ in range(100):
-            self._drawn.wait(max(0.0, deadline - time.monotonic()))
-            self._lock.acquire()
-            if self._drawn.is_set() or time.monotonic() >= deadline:
-                break  # with the lock held
-            self._lock.release()  # a new prompt began meanwhile: wait for it too
-        else:
-            self._lock.acquire()
-        try:
-            self._show_locked(text)
-        finally:
-            self._lock.release()
+        with self._lock:
+            self._pending.append(text)
+            if self._paused is not None and (self._editing or self._drawing):
+                if time.monotonic() - self._last_pause < PAUSE_LATE_S:
+                    return  # the stdin thread prints it within 0.1 s
+            self._lock.wait_for(lambda: not self._drawing, PROMPT_DRAW_S)
+            text, self._pending = "\n".join(self._pending), []
+            self._print_above(text)
 
-    def _show_locked(self, text):
-        """Print text above the input line; call with the lock held."""
+    def _print_above(self, text):
+        """Print text above the input line and draw that line again; call with the lock held."""
         if not self._editing:
             self._write(text + "\n")
             return
         typed = self.readline.get_line_buffer()
         point = len(typed) if self._point is None else min(max(0, self._point.value), len(typed))
         columns = max(1, shutil.get_terminal_size().columns)
-        # Up to the input line's first row, erase to the end of the screen, print, draw it again,
-        # and put the cursor back where readline has it (one column a character).
+        # Up to the input line's first row, erase to the end of the screen, print, draw it
+        # again, and put the cursor back where readline has it (one column a character).
         self._write("\r" + _cursor_up((len(self.prompt) + point) // columns) + "\x1b[J" + text + "\n"
                     + self.prompt + typed + _cursor_back(len(self.prompt), len(typed), point, columns))
+
+    def _print_pending(self):
+        """Print the queued lines as they are (no input line is shown); call with the lock held."""
+        if self._pending:
+            text, self._pending = "\n".join(self._pending), []
+            self._write(text + "\n")
 
     def _write(self, data):
         self.stdout.write(data)
         self.stdout.flush()
 
     def close(self):
-        """Clear the input line and give the terminal back as it was (the stdin thread may still be in input())."""
+        """Clear the input line, print what waits, give the terminal back as it was.
+
+        The stdin thread may still be in input(), and stays there until the end.
+        """
         with self._lock:
-            if self._editing:
-                self._editing = False
-                try:
+            self._closed = True
+            try:
+                if self._editing:
+                    self._editing = False
                     self._write("\r\x1b[K")
-                except (OSError, ValueError):
-                    pass
+                self._print_pending()
+            except (OSError, ValueError):
+                pass
         _restore_terminal_mode(self._stdin_fd, self._saved_mode)
+
+
+_INPUT_HOOKS = []  # the C callbacks given to PyOS_InputHook: they must live as long as the process
+
+
+def _set_input_hook(function):
+    """Have readline call function() while it waits for keys in input(); return the hook, or None.
+
+    PyOS_InputHook is the C variable through which Tk keeps its windows alive at
+    the interactive prompt; readline calls it after each wait for input of at most
+    0.1 s. It is never unset (readline reads it twice, unlocked): a closed
+    TerminalScreen's hook does nothing.
+    """
+    try:
+        import ctypes
+        variable = ctypes.c_void_p.in_dll(ctypes.pythonapi, "PyOS_InputHook")
+        if variable.value:  # somebody else's (Tk's): leave it
+            return None
+        hook = ctypes.CFUNCTYPE(ctypes.c_int)(function)
+        _INPUT_HOOKS.append(hook)
+        variable.value = ctypes.cast(hook, ctypes.c_void_p).value
+        return hook
+    except (ImportError, AttributeError, OSError, ValueError):
+        return None
 
 
 def _readline_point(readline):

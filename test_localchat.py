@@ -6308,7 +6308,7 @@ CONTROLLING_TTY = ("import os, sys; os.setsid(); os.close(os.open(os.ttyname(0),
 
 
 def terminal_screen_rows(output):
-    """Return (rows, cursor row): what a terminal shows after output, with enough of VT100 for readline."""
+    """Return (rows, cursor row, cursor column): what a terminal shows after output (enough VT100 for readline)."""
     rows, row, col, i = [[]], 0, 0, 0
     for _ in range(len(output)):
         if i >= len(output):
@@ -6336,7 +6336,7 @@ def terminal_screen_rows(output):
             col += 1
         rows.extend([] for _ in range(row + 1 - len(rows)))
         i += 1
-    return ["".join(line).rstrip() for line in rows], row
+    return ["".join(line).rstrip() for line in rows], row, col
 
 
 def terminal_control(rows, row, col, final, n):
@@ -6398,7 +6398,7 @@ class PtyProcess:
     @property
     def input_line(self):
         """The row the cursor is on: where the person types."""
-        rows, row = terminal_screen_rows(self.output)
+        rows, row, _ = terminal_screen_rows(self.output)
         return rows[row]
 
     def wait_for(self, condition, what, timeout=READ_TIMEOUT_S):
@@ -6413,8 +6413,8 @@ class PtyProcess:
             ready, _, _ = select.select([self.master], [], [], remaining)
             if ready:
                 self._read()
-        raise AssertionError("%s: not on the screen within %.1f s; it shows:\n%s"
-                             % (what, timeout, "\n".join(self.rows)))
+        raise AssertionError("%s: not on the screen within %.1f s; it shows:\n%s\n(the bytes: %r)"
+                             % (what, timeout, "\n".join(self.rows), self.output))
 
     def wait_row(self, pattern, timeout=READ_TIMEOUT_S):
         """Wait for a row matching pattern; return its match."""
@@ -6498,7 +6498,7 @@ class TerminalTests(ProcessFixture, unittest.TestCase):
         bob.say("hello alice", room="general")
         alice.wait_row(r"^\[\d\d:\d\d:\d\d\] #general <bob> hello alice$")
         alice.wait_for(prompt_with("partial li"), "the partial line, intact under the message")
-        rows, row = terminal_screen_rows(alice.output)
+        rows, row, _ = terminal_screen_rows(alice.output)
         self.assertRegex(rows[row - 1], r"<bob> hello alice$", "the message went above the input line")
         self.assertEqual([r for r in rows if "partial" in r], ["#general> partial li"], "the partial line, once")
         alice.type("ne\r")
@@ -6528,7 +6528,8 @@ class TerminalTests(ProcessFixture, unittest.TestCase):
         alice = self.alice_on_a_terminal()
         alice.wait_for(prompt_with(""), "the prompt naming #general")
         alice.type("partial li\x1b[D\x1b[D\x1b[D")  # three times Left: before " li"
-        alice.wait_for(lambda t: terminal_screen_rows(t.output)[0][-1] == "#general> partial li", "the line")
+        alice.wait_for(lambda t: t.input_line == "#general> partial li" and terminal_screen_rows(t.output)[2] == 17,
+                       "the line, with the cursor before its last three letters")
         bob.say("while you edit", room="general")
         alice.wait_row(r"<bob> while you edit$")
         alice.type("X")
@@ -6537,6 +6538,29 @@ class TerminalTests(ProcessFixture, unittest.TestCase):
         frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
         self.assertEqual(frame["text"], "partialX li")
         alice.wait_for(prompt_with(""), "a fresh prompt")
+        alice.type("\x04")
+        self.assertEqual(alice.wait_exit(), 0)
+
+    def test_typing_while_many_messages_arrive_keeps_the_line_whole(self):
+        # Bug: readline handles keys on its own thread, and a message printed half-way
+        # through one drew the line from a stale buffer, letters missing or twice.
+        self.start_server(hub=unlimited_hub())
+        bob = self.started("bob")
+        alice = self.alice_on_a_terminal()
+        alice.wait_for(prompt_with(""), "the prompt naming #general")
+        bursts = ["%02d-abcdefg " % number for number in range(15)]  # keys come in bursts, as a paste or a typist
+        for number, burst in enumerate(bursts):
+            bob.say("message %d" % number, room="general")
+            alice.type(burst)
+        typed = "".join(bursts)
+        alice.wait_row(r"<bob> message %d$" % (len(bursts) - 1))
+        alice.wait_for(prompt_with(typed), "the whole line, under the messages")
+        messages = [row for row in alice.rows if "<bob> message" in row]
+        self.assertEqual(len(messages), len(bursts), "each message once")
+        alice.type("\r")
+        frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
+        self.assertEqual(frame["text"], typed)
+        alice.wait_for(prompt_with(""), "a fresh prompt")  # keys typed before it are the terminal's, not readline's
         alice.type("\x04")
         self.assertEqual(alice.wait_exit(), 0)
 
@@ -6552,6 +6576,7 @@ class TerminalTests(ProcessFixture, unittest.TestCase):
         alice.type("in games\r")
         frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
         self.assertEqual((frame["room"], frame["text"]), ("games", "in games"))
+        alice.wait_for(lambda t: t.input_line == "#games>", "a fresh prompt")
         alice.type("\x04")
         self.assertEqual(alice.wait_exit(), 0)
 

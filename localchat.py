@@ -4834,7 +4834,9 @@ class ChatConnection:
     thread that sends what post() queued. When the connection drops and
     `reconnect` is set, the reader thread reconnects with backoff, resuming the
     session: the server replays what was missed, and messages that were not
-    confirmed are sent again. Local frames the server never sends:
+    confirmed are sent again. A server certificate nobody has trusted yet (new,
+    or changed) is put to `trust` before anything is sent (see connect()).
+    Local frames the server never sends:
       {"type": "reconnecting", "text": ..., "delay": seconds}
       {"type": "disconnected", "text": ..., "expected": bool}   (the very last frame)
     """

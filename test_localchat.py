@@ -9566,6 +9566,18 @@ class WindowTrustTests(unittest.TestCase):
         self.assertEqual(self.remembered(), {})
         self.assertEqual(self.server.hub.count(), 0)
 
+    def test_closing_the_window_while_it_asks_answers_no_and_ends_the_connecting_thread(self):
+        self.start_tls_server()
+        window = self.open_window(connected=False)
+        self.dialog_of(window)
+        connecting = [t for t in threading.enumerate() if t.name == "connect"]
+        self.assertEqual(len(connecting), 1, "the connect thread waits for the answer")
+        window.close()
+        connecting[0].join(THREAD_END_S)
+        self.assertFalse(connecting[0].is_alive(), "the connect thread still waits for an answer")
+        self.assertEqual(self.remembered(), {})
+        self.assertEqual(self.server.hub.count(), 0)
+
     def test_password_server_asks_about_the_certificate_first_then_the_password(self):
         # Issue 13: the first attempt, before the password, saved the fingerprint silently,
         # and after the password the window said "(the same as last time)".

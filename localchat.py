@@ -6891,6 +6891,7 @@ class TerminalTrust:
         self.accept_new = accept_new
         self.stdin = stdin or sys.stdin
         self.stderr = stderr or sys.stderr
+        self.tell = None  # once the chat runs: tell(text) puts a warning among its lines
         self.refused = None  # the last UntrustedCertificate said no to
 
     def __call__(self, untrusted):
@@ -6914,6 +6915,9 @@ class TerminalTrust:
         return answer.strip().lower() in ("y", "yes")
 
     def _say(self, text):
+        if self.tell is not None:
+            self.tell(text.rstrip("\n"))
+            return
         self.stderr.write(text)
         self.stderr.flush()
 
@@ -6958,8 +6962,9 @@ class TerminalClient:
     def run(self):
         """Connect and chat until input ends or the connection does; return the exit code."""
         self.connection.connect()
-        if self.trust is not None:
-            self.trust.ask = False  # from now on the stdin thread has the terminal
+        if self.trust is not None:  # from now on the stdin thread has the terminal, the main thread stdout
+            self.trust.ask = False
+            self.trust.tell = lambda text: self._inbox.put(("frame", {"type": "warning", "text": text}))
         self._print(clock(), "* Connected to %s." % self.connection.address)
         if self.connection.channel is not None:
             unsaved = self.connection.fingerprint_status == "unsaved"
@@ -7092,8 +7097,8 @@ class TerminalClient:
                 self._print(clock(), "! " + frame["text"] + hint)
                 return 1
             return 0 if not self._pending else 1
-        elif kind == "error":
-            self._print(clock(), "! " + notice_text(frame))
+        elif kind in ("error", "warning"):  # a warning: the trust hook's, from the reader thread
+            self._print(clock(), "! " + (frame.get("text") if kind == "warning" else notice_text(frame)))
         elif kind == "reconnecting" and frame.get("why") == self._last_why:
             self._print(clock(), "* Still no connection. Reconnecting in %g s..." % frame.get("delay", 0))
         elif kind not in ("bye", "synced"):

@@ -6255,8 +6255,8 @@ class TlsCliTests(ProcessFixture, unittest.TestCase):
                         r"new certificate, run again with --accept-new-certificate\.$" % re.escape(server))
         self.assertEqual(process.wait(PROCESS_TIMEOUT_S), 1)
         process, stdout, stderr = runs["accepts"]
-        stderr.wait_for(r"^WARNING: the certificate of %s has CHANGED" % re.escape(server))
-        stderr.wait_for(r"^Accepting the new certificate on purpose \(--accept-new-certificate\)\.$")
+        stdout.wait_for(r"^\[[0-9:]{8}\] ! WARNING: the certificate of %s has CHANGED" % re.escape(server))
+        stdout.wait_for(r"^ {11}Accepting the new certificate on purpose \(--accept-new-certificate\)\.$")
         stdout.wait_for(r"\* Reconnected\.$")
         process.stdin.write(b"still here\n")
         process.stdin.close()

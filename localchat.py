@@ -18,25 +18,31 @@ Sections:
     7. Certificates: a self-signed one, made with the standard library alone
     8. Encryption: TLS over memory buffers
     9. Transport: outboxes, the writer threads and the send budget
-    10. Sessions and doors: one session per connection, a door per protocol
-    11. Discovery: UDP probes and replies, finding servers on the LAN
-    12. Server: accept, threads, shutdown
-    13. Client connection (no Tk)
-    14. Tk window
-    15. Terminal client
-    16. Command line
+    10. Web: the WebSocket handshake and frames (no sockets)
+    11. Web page: HTML, CSS and JavaScript
+    12. Sessions and doors: one session per connection, a door per protocol
+    13. Discovery: UDP probes and replies, finding servers on the LAN
+    14. QR codes: the web address for a phone's camera (ISO/IEC 18004)
+    15. Server: accept, threads, shutdown
+    16. Client connection (no Tk)
+    17. Tk window
+    18. Terminal client
+    19. Command line
 """
 
 __version__ = "1.0"
 
 import argparse
 import base64
+import codecs
 import collections
 import datetime
 import errno
 import getpass
+import gzip
 import hashlib
 import hmac
+import http
 import ipaddress
 import itertools
 import json
@@ -44,6 +50,7 @@ import logging
 import math
 import os
 import queue
+import re
 import secrets
 import selectors
 import shutil
@@ -56,6 +63,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 import zlib
 from pathlib import Path
 from typing import Iterable, List, NamedTuple, Sequence
@@ -212,8 +220,8 @@ Server to client:
         the server. A direct message has "to" instead of "room" and goes to sender
         and recipient only ("queued":true if the recipient is away: it is kept
         and delivered when that identity returns).
-  {"type":"room","room":"games","topic":"...","users":[...],"away":{"bob":"lunch"}}
-        you are in this room (after hello or join)
+  {"type":"room","room":"games","topic":"...","users":[...],"away":{"bob":"lunch"},"ops":["alice"]}
+        you are in this room (after hello or join); "ops" (when there are any): its operators
   {"type":"joined","name":"bob","room":"games","ts":...}
   {"type":"left","name":"bob","room":"games","reason":"part","ts":...}
   {"type":"left","name":"bob","reason":"quit","ts":...}   (no room: left the server)
@@ -221,9 +229,11 @@ Server to client:
         too_slow (did not read fast enough), error (too many bad frames),
         shutdown (the server stopped). A lost or timed-out user keeps its name
         and rooms for 60 s: others hear "left" only if it does not come back.
-  {"type":"users","users":[...],"away":{...}}  (with "room" when asked per room)
+  {"type":"users","users":[...],"away":{...},"ops":[...]}  (with "room" when asked per room)
   {"type":"rooms","rooms":[{"name":"general","users":3,"topic":null}]}
-  {"type":"topic","room":"games","topic":"...","by":"alice"}
+  {"type":"topic","room":"games","topic":"...","by":"alice"}   ("by": somebody set it now;
+        the answer to a question and the room frame carry "set_by" and "set_at" instead,
+        when the topic was set while the server ran)
   {"type":"renamed","old":"alice","name":"alice2"}
   {"type":"away","name":"bob","text":"lunch"}     (text null: back)
   {"type":"history_end","room":"games","count":50,"more":true}
@@ -259,7 +269,9 @@ while the server stops); and from moderation and limits: rate_limited,
 flooding (fatal), muted, banned (fatal at hello), not_operator, no_identity,
 not_banned, not_muted, own_address, bad_auth, auth_first (fatal), auth_failed (fatal),
 server_full (fatal), too_many_connections (fatal), tls_required (fatal),
-tls_not_used (fatal).
+tls_not_used (fatal); from the IRC and text doors, which carry a password
+themselves: password_required (fatal), password_in_clear (fatal: a password
+server without TLS, unless started with --allow-clear-passwords).
 """
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -546,6 +558,121 @@ def _refusal(word, place):
     return "Unknown command /%s. Type /help for the list." % shown
 
 
+# What a person reads: events as sentences and lines, for the clients and the text door.
+
+_LEFT_WORDS = {
+    "quit": "left",
+    "part": "left",
+    "lost": "lost the connection",
+    "timeout": "timed out",
+    "too_slow": "could not keep up and was disconnected",
+    "flood": "was disconnected for flooding",
+    "kicked": "was kicked",
+    "banned": "was banned",
+    "error": "was disconnected for sending bad data",
+    "shutdown": "left as the server shut down",
+}
+
+
+def parse_input(line, where=None):
+    """Return (action, value) for a line a person typed in a conversation: parse_command in a chat.
+
+    `where` ({"room": name} or {"to": name}, where plain text goes) defaults to the
+    general room. action is "send" (value: the frame to post), "quit", "help"
+    (value: the help text), "error" (value: a sentence), or None for a blank line.
+    """
+    return parse_command(line, where if where is not None else {"room": GENERAL_ROOM}, "chat")
+
+
+def room_label(room):
+    return "#" + room
+
+
+def notice_text(frame):
+    """Return the sentence shown for a frame other than a message, or None."""
+    describe = _NOTICES.get(frame.get("type"))
+    return describe(frame) if describe else None
+
+
+def _users_notice(frame):
+    users = frame.get("users") or []
+    away = frame.get("away") or {}
+    shown = ", ".join(u + (" (away: %s)" % away[u] if u in away else "") for u in users)
+    where = " in %s" % room_label(frame["room"]) if frame.get("room") else ""
+    return "%d here%s: %s" % (len(users), where, shown)
+
+
+def _left_notice(frame):
+    if frame.get("text"):
+        return frame["text"]  # a kick or ban, told with who did it and why
+    reason = frame.get("reason")
+    words = _LEFT_WORDS.get(reason, "left (%s)" % reason)
+    if frame.get("room"):
+        return "%s %s %s" % (frame.get("name"), words, room_label(frame["room"]))
+    return "%s %s" % (frame.get("name"), words)
+
+
+def _topic_notice(frame):
+    room, topic = room_label(str(frame.get("room"))), frame.get("topic")
+    if frame.get("by"):
+        return ("%s set the topic of %s: %s" % (frame["by"], room, topic) if topic
+                else "%s cleared the topic of %s" % (frame["by"], room))
+    return "Topic of %s: %s" % (room, topic) if topic else "%s has no topic." % room
+
+
+def _rooms_notice(frame):
+    rooms = frame.get("rooms") or []
+    parts = ["%s (%s)%s" % (room_label(r.get("name")), r.get("users"), ": " + r["topic"] if r.get("topic") else "")
+             for r in rooms]
+    return "Rooms: " + ", ".join(parts) if parts else "There are no rooms."
+
+
+def _room_notice(frame):
+    users = frame.get("users") or []
+    topic = " Topic: %s" % frame["topic"] if frame.get("topic") else ""
+    return "You are in %s with %d here: %s.%s" % (room_label(frame.get("room")), len(users), ", ".join(users), topic)
+
+
+_NOTICES = {
+    "joined": lambda f: "%s joined %s" % (f.get("name"), room_label(f["room"])) if f.get("room")
+    else "%s joined" % f.get("name"),
+    "left": _left_notice,
+    "users": _users_notice,
+    "welcome": lambda f: "Welcome, %s!" % f.get("name") if not f.get("resumed") else "Reconnected.",
+    "room": _room_notice,
+    "topic": _topic_notice,
+    "rooms": _rooms_notice,
+    "notice": lambda f: f.get("text"),
+    "renamed": lambda f: "%s is now known as %s" % (f.get("old"), f.get("name")),
+    "away": lambda f: ("%s is away: %s" % (f.get("name"), f["text"])) if f.get("text")
+    else "%s is back" % f.get("name"),
+    "history_end": lambda f: None if f.get("count") else "No older messages.",
+    "error": lambda f: f.get("text") or "error",
+    "bye": lambda f: f.get("text") or "bye",
+    "disconnected": lambda f: f.get("text") or "Disconnected.",
+    "reconnecting": lambda f: f.get("text") or "Reconnecting...",
+}
+
+
+def message_line(frame):
+    """Return a message as the one line the line client prints (after the time)."""
+    sender, text = frame.get("from"), frame.get("text")
+    if frame.get("to") is not None:
+        where = "[%s -> %s] " % (sender, frame["to"])
+        return where + ("* %s %s" % (sender, text) if frame.get("action") else text) + (
+            " (will be delivered when %s returns)" % frame["to"] if frame.get("queued") else "")
+    room = frame.get("room")
+    prefix = room_label(room) + " " if room else ""  # every line names its room (or, above, its person)
+    if frame.get("action"):
+        return "%s* %s %s" % (prefix, sender, text)
+    return "%s<%s> %s" % (prefix, sender, text)
+
+
+def clock(ts=None):
+    """Return local time as HH:MM:SS for a timestamp (now if None)."""
+    return time.strftime("%H:%M:%S", time.localtime(ts if isinstance(ts, (int, float)) else None))
+
+
 # =============================================================================
 # 5. Core: users, rooms, direct messages, history, fan-out (no sockets, no JSON)
 # =============================================================================
@@ -808,12 +935,13 @@ class Seat:
 class Room:
     """A room: its users in joining order, and its topic."""
 
-    __slots__ = ("name", "members", "topic")
+    __slots__ = ("name", "members", "topic", "topic_set")
 
     def __init__(self, name, topic=None):
         self.name = name
         self.members = {}  # name_key -> User
         self.topic = topic
+        self.topic_set = None  # (who, when) the topic was set while the server ran; not kept across restarts
 
 
 class _Page:
@@ -884,21 +1012,22 @@ class ChatHub:
 
     # -- arriving and leaving ------------------------------------------------------
 
-    def join(self, conn, name, identity=None, resume=None, last_id=None, rooms=None, address=None):
+    def join(self, conn, name, identity=None, resume=None, last_id=None, rooms=None, address=None, reclaim=False):
         """Admit a connection under `name`; return its Seat. Raises ProtocolError.
 
         Welcomes it, replays history, tells the others. `resume` is the token of a
         welcome that an earlier connection got: if that user is still here (or lost,
         within its grace period), conn takes its place silently and gets what it
-        missed after `last_id`. Otherwise `rooms` are the rooms to rejoin (after a
-        server restart). The history is read without the lock: meanwhile what the
+        missed after `last_id`. With `reclaim` (a door with no resume token: IRC), a
+        user lost within its grace period is taken back from the same address.
+        Otherwise `rooms` are the rooms to rejoin (after a server restart). The history is read without the lock: meanwhile what the
         hub delivers to this user waits in a _Holding, so nothing comes out of order.
         """
         check_name(name)
         if not isinstance(last_id, int) or isinstance(last_id, bool):
             last_id = None
         with self.lock:
-            user, holding = self._admit_locked(conn, name, identity, resume, last_id, rooms, address)
+            user, holding = self._admit_locked(conn, name, identity, resume, last_id, rooms, address, reclaim)
             upto = self._next_id - 1
         try:
             self._read_pages(holding, upto)
@@ -907,12 +1036,13 @@ class ChatHub:
                 self._release_locked(user, holding)
         return user.seat
 
-    def _admit_locked(self, conn, name, identity, resume, last_id, rooms, address):
+    def _admit_locked(self, conn, name, identity, resume, last_id, rooms, address, reclaim=False):
         if self._closed:
             raise ProtocolError("shutting_down", "The server is shutting down.", fatal=True)
         key = name_key(name)
         old = self._users.get(key)
-        if old is not None and not (resume and resume == old.resume_token):
+        if old is not None and not (resume and resume == old.resume_token) and not (
+                reclaim and old.lost_at is not None and old.address == address and old.identity == identity):
             raise self._name_taken(name, old)
         self.moderation.check_join_locked(name, identity, address)
         if old is not None:
@@ -1132,8 +1262,24 @@ class ChatHub:
         return user.rooms[name_key(room_name)]
 
     def _room_fields(self, room):
-        return {"type": "room", "room": room.name, "topic": room.topic,
-                "users": self._names(room.members), "away": self._away(room.members.values())}
+        fields = {"type": "room", "room": room.name, "topic": room.topic,
+                  "users": self._names(room.members), "away": self._away(room.members.values())}
+        self._with_topic_set(fields, room)
+        return self._with_operators(fields, room.members)
+
+    @staticmethod
+    def _with_topic_set(fields, room):
+        """Add who set the topic and when ("set_by", "set_at"), when it was set while the server ran."""
+        if room.topic and room.topic_set is not None:
+            fields["set_by"], fields["set_at"] = room.topic_set
+        return fields
+
+    def _with_operators(self, fields, users_by_key):
+        """Add "ops", the operators among these users, when there are any."""
+        ops = self.moderation.operators_among(users_by_key)
+        if ops:
+            fields["ops"] = ops
+        return fields
 
     def set_topic(self, seat, room_name, topic):
         """Set a room's topic (kept across restarts) and tell the room."""
@@ -1145,8 +1291,9 @@ class ChatHub:
             topic = clean_text(topic, MAX_TOPIC_CHARS, "topic").replace("\n", " ") if topic else None
             room.topic = self._topics[name_key(room.name)] = topic
             self.store.save_topic(name_key(room.name), topic)
-            self._deliver_to_room(room, Event({"type": "topic", "room": room.name, "topic": topic,
-                                               "by": user.name, "ts": _now()}))
+            event = Event({"type": "topic", "room": room.name, "topic": topic, "by": user.name, "ts": _now()})
+            room.topic_set = (user.name, event.fields["ts"])
+            self._deliver_to_room(room, event)
 
     def topic(self, seat, room_name):
         """Tell user a room's topic."""
@@ -1155,7 +1302,8 @@ class ChatHub:
             if user is None:  # another connection took this user over, or it left
                 return
             room = self._user_room(user, room_name)
-            user.conn.deliver_locked(Event({"type": "topic", "room": room.name, "topic": room.topic}))
+            fields = {"type": "topic", "room": room.name, "topic": room.topic}
+            user.conn.deliver_locked(Event(self._with_topic_set(fields, room)))
 
     def rooms(self, seat):
         """Tell user which rooms exist, with their sizes and topics."""
@@ -1283,7 +1431,7 @@ class ChatHub:
                 fields = {"type": "users", "room": room.name}
             fields["users"] = self._names(people)
             fields["away"] = self._away(people.values())
-            user.conn.deliver_locked(Event(fields))
+            user.conn.deliver_locked(Event(self._with_operators(fields, people)))
 
     def history(self, seat, room_name=None, with_name=None, before=None, limit=MAX_PAGE):
         """Send user a page of older messages of a room or of a direct conversation.
@@ -1479,6 +1627,11 @@ class Moderation:
     def is_operator(self, user):
         identity = self._operators.get(user.key)
         return identity is not None and identity == user.identity
+
+    def operators_among(self, users_by_key):
+        """Return the names of the operators in a {name_key: User} dict (the hub's lock held)."""
+        return sorted(users_by_key[key].name for key in self._operators
+                      if key in users_by_key and self.is_operator(users_by_key[key]))
 
     # -- powers ----------------------------------------------------------------------
 
@@ -3404,7 +3557,405 @@ class Transport:
 
 
 # =============================================================================
-# 10. Sessions and doors: one session per connection, a door per protocol
+# 10. Web: the WebSocket handshake and frames (no sockets)
+# =============================================================================
+#
+# The web door's codec, pure and socket-free like the Protocol section: the
+# WebSocket handshake (RFC 6455 section 4) as a check of parsed request headers,
+# server frames, and a WebSocketReader that is fed a client's bytes and returns its
+# messages and control frames, each with the frame to send back. One reader per
+# connection, fed only by that connection's thread.
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3: hashed with the key into the accept value
+WEBSOCKET_VERSION = "13"              # the only version RFC 6455 defines and browsers speak
+WS_MAX_MESSAGE_BYTES = 64 * 1024      # a message, all its fragments together, may be this long; longer gets 1009
+WS_MAX_CONTROL_BYTES = 125            # RFC 6455 5.5: the longest payload of a ping, pong or close
+WS_MAX_REASON_BYTES = 123             # a close frame's reason: the control limit less the two-byte code
+WS_DEFAULT_PORTS = {"http": 80, "https": 443}  # the port an Origin without one means, by scheme
+WS_OP_CONTINUATION = 0x0
+WS_OP_TEXT = 0x1
+WS_OP_BINARY = 0x2
+WS_OP_CLOSE = 0x8
+WS_OP_PING = 0x9
+WS_OP_PONG = 0xA
+WS_CLOSE_NORMAL = 1000                # done
+WS_CLOSE_GOING_AWAY = 1001            # the server stops, or the page is left
+WS_CLOSE_PROTOCOL_ERROR = 1002        # a frame broke RFC 6455
+WS_CLOSE_UNSUPPORTED = 1003           # a kind of message this endpoint does not take (binary, for the chat)
+WS_CLOSE_NO_STATUS = 1005             # reported when a close frame has no code; never sent
+WS_CLOSE_INVALID_DATA = 1007          # a text message that is not UTF-8
+WS_CLOSE_POLICY = 1008                # a message the chat refuses for another reason
+WS_CLOSE_TOO_BIG = 1009               # a message over WS_MAX_MESSAGE_BYTES
+# Codes a peer may send in a close frame: RFC 6455 7.4.1's and those its IANA registry added
+# (1011 to 1014), then 3000-4999 for libraries and applications. 1004-1006 and 1015 are
+# reserved, never sent; the rest up to 2999 is unassigned (Autobahn's cases 7.7 and 7.9 agree).
+_WS_PEER_CLOSE_CODES = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)])
+_WS_DATA_OPCODES = frozenset([WS_OP_CONTINUATION, WS_OP_TEXT, WS_OP_BINARY])
+_WS_CONTROL_OPCODES = frozenset([WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG])
+
+
+def websocket_accept(key):
+    """Return the Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    digest = hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+class WebSocketHandshake(NamedTuple):
+    """The answer to a WebSocket upgrade request: 101 with its headers, or a refusal with a sentence."""
+
+    status: int         # 101 Switching Protocols, or the HTTP status of the refusal
+    headers: list       # (name, value) pairs for the response
+    sentence: str = ""  # why it was refused: the response's text and the log's
+
+
+def _ws_header_table(headers):
+    """Return the headers as {lower-case name: [values]}, from a mapping with items() or (name, value) pairs."""
+    table = {}
+    for name, value in (headers.items() if hasattr(headers, "items") else headers):
+        table.setdefault(name.strip().lower(), []).append(value.strip())
+    return table
+
+
+def _ws_tokens(table, name):
+    """Return the lower-case comma-separated tokens of every value of a list header."""
+    return {token.strip().lower() for value in table.get(name, []) for token in value.split(",")}
+
+
+def _ws_single(table, name):
+    """Return a header that must appear once, or None if it is missing or repeated."""
+    values = table.get(name, [])
+    return values[0] if len(values) == 1 else None
+
+
+def _ws_valid_key(key):
+    """Tell whether a Sec-WebSocket-Key is 16 bytes in base64, as RFC 6455 4.1 requires."""
+    if key is None or len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except ValueError:  # binascii.Error and UnicodeEncodeError are both ValueErrors
+        return False
+
+
+def _ws_same_authority(origin, host):
+    """Tell whether an Origin (scheme://host[:port]) names the host and port of a Host header."""
+    try:
+        page = urllib.parse.urlsplit(origin)
+        target = urllib.parse.urlsplit("//" + host)
+        default = WS_DEFAULT_PORTS.get(page.scheme)
+        if default is None or page.hostname is None or "@" in page.netloc or page.path or page.query:
+            return False  # "null", a file: page, an extension, or no origin at all
+        if "@" in target.netloc or target.path or target.query:
+            return False
+        return (page.hostname, page.port or default) == (target.hostname, target.port or default)
+    except ValueError:  # a port that is no number, or out of range
+        return False
+
+
+def _ws_upgrade_refusal(table):
+    """Return the refusal of a request that is no valid WebSocket upgrade, or None if it is one."""
+    if "websocket" not in _ws_tokens(table, "upgrade"):
+        return WebSocketHandshake(426, [("Upgrade", "websocket"), ("Connection", "Upgrade")],
+                                  "This address speaks WebSocket only.")
+    if "upgrade" not in _ws_tokens(table, "connection"):
+        return WebSocketHandshake(400, [], "A WebSocket request must say Connection: Upgrade.")
+    if _ws_single(table, "sec-websocket-version") != WEBSOCKET_VERSION:
+        return WebSocketHandshake(426, [("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
+                                  "This server speaks WebSocket version 13 only.")
+    if not _ws_valid_key(_ws_single(table, "sec-websocket-key")):
+        return WebSocketHandshake(400, [], "Sec-WebSocket-Key must be 16 bytes in base64.")
+    if _ws_single(table, "host") is None:
+        return WebSocketHandshake(400, [], "A WebSocket request must name its Host.")
+    return None
+
+
+def _ws_origin_refusal(table):
+    """Return a 403 refusal when a browser page from another site asks, None otherwise.
+
+    Browsers send Origin with every WebSocket request; a client without one is no
+    browser, so no other site's page can be speaking through it.
+    """
+    if "origin" not in table:
+        return None
+    origin = _ws_single(table, "origin")
+    if origin is None or not _ws_same_authority(origin, _ws_single(table, "host")):
+        return WebSocketHandshake(403, [], "A page from another site may not join this chat.")
+    return None
+
+
+def websocket_handshake(method, headers):
+    """Check a WebSocket upgrade request (RFC 6455 4.2.1) and return the WebSocketHandshake answering it.
+
+    `headers` is a mapping with items() (an http.client.HTTPMessage, a dict) or a
+    list of (name, value) pairs. Every extension offered is declined (the answer
+    names none, so permessage-deflate is off) and no subprotocol is chosen.
+    """
+    if method != "GET":
+        return WebSocketHandshake(405, [("Allow", "GET")], "A WebSocket upgrade must use GET.")
+    table = _ws_header_table(headers)
+    refusal = _ws_upgrade_refusal(table) or _ws_origin_refusal(table)
+    if refusal is not None:
+        return refusal
+    accept = websocket_accept(table["sec-websocket-key"][0])
+    return WebSocketHandshake(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                    ("Sec-WebSocket-Accept", accept)])
+
+
+def websocket_frame(opcode, payload, fin=True):
+    """Return one server frame: unmasked, its length in 7, 16 or 64 bits (RFC 6455 5.2).
+
+    Raises ValueError for a control frame over 125 bytes, which no peer may accept.
+    """
+    length = len(payload)
+    if opcode in _WS_CONTROL_OPCODES and length > WS_MAX_CONTROL_BYTES:
+        raise ValueError("a WebSocket control frame carries at most 125 bytes")
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if length < 126:
+        return head + bytes([length]) + payload
+    if length < 1 << 16:
+        return head + bytes([126]) + length.to_bytes(2, "big") + payload
+    return head + bytes([127]) + length.to_bytes(8, "big") + payload
+
+
+def websocket_close_frame(code=None, reason=""):
+    """Return a close frame with a code and a reason cut to 123 bytes of UTF-8; no code, no payload."""
+    if code is None:
+        return websocket_frame(WS_OP_CLOSE, b"")
+    reason_bytes = reason.encode("utf-8")[:WS_MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    return websocket_frame(WS_OP_CLOSE, code.to_bytes(2, "big") + reason_bytes)
+
+
+def _ws_unmask(payload, mask):
+    """Return the payload XORed with the four-byte mask repeated (one big-integer XOR, not a byte loop)."""
+    if not payload:
+        return b""
+    key = (mask * (len(payload) // 4 + 1))[:len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(len(payload), "big")
+
+
+def _ws_close_payload(payload):
+    """Return (code, reason) of a close frame's payload: (1005, "") when empty; ProtocolError when invalid."""
+    if not payload:
+        return WS_CLOSE_NO_STATUS, ""
+    code = int.from_bytes(payload[:2], "big")
+    if len(payload) == 1 or code not in _WS_PEER_CLOSE_CODES:
+        raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "The close frame's code is not one a peer may send.")
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(WS_CLOSE_INVALID_DATA, "The close frame's reason is not UTF-8.") from None
+
+
+class WebSocketEvent(NamedTuple):
+    """What a WebSocketReader found in a client's bytes, and the frame to send back for it."""
+
+    kind: str            # "text", "binary", "ping", "pong", "close" (the peer's) or "fail" (a violation)
+    data: object = b""   # str for text, bytes for binary, ping and pong
+    code: int = 0        # close and fail: the close code (1005 when the peer's close had none)
+    reason: str = ""     # close and fail: the reason, for the log
+    reply: bytes = b""   # the frame to send now (a pong, the close echo, the failure's close), or b""
+
+
+class _WsHeader(NamedTuple):
+    """A frame's header, read before its payload has arrived."""
+
+    fin: bool
+    opcode: int
+    length: int     # payload bytes
+    size: int       # header bytes, mask included
+    mask: bytes     # the client's four-byte masking key
+
+
+class WebSocketReader:
+    """Cuts a client's bytes into WebSocket messages and control frames (RFC 6455), with no socket.
+
+    feed() returns WebSocketEvents: send each one's reply, then act on it. After a
+    "close" or "fail" event the reader is closed: feed() ignores everything, and
+    the connection should be closed once the reply is out (the server closes TCP
+    first). After begin_close(), messages the peer sent before it saw our close may
+    still come, and pings get no pong. Runs on the connection's reader thread only.
+
+    A data frame's payload is taken as it arrives (the buffer holds no more than one
+    read and a header), so text that is not UTF-8 fails at its first bad byte.
+    """
+
+    def __init__(self, max_message_bytes=WS_MAX_MESSAGE_BYTES):
+        self.max_message_bytes = max_message_bytes
+        self.closing = False    # a close frame of ours is out: nothing more may be sent
+        self.closed = False     # the close handshake is over or the connection failed
+        self._buffer = bytearray()
+        self._frame = None      # the header of the data frame whose payload is arriving
+        self._left = 0          # ... and how many of its payload bytes are still to come
+        self._opcode = None     # the data opcode of the message being reassembled, None between messages
+        self._parts = []        # its pieces: bytes, or str for text decoded so far
+        self._size = 0          # its bytes so far
+        self._decoder = None    # text: an incremental UTF-8 decoder, so that bad text fails where it is
+
+    def begin_close(self, code=WS_CLOSE_GOING_AWAY, reason=""):
+        """Return the close frame that starts the server's side of the close handshake, or b"" if one went out."""
+        if self.closing:
+            return b""
+        self.closing = True
+        return websocket_close_frame(code, reason)
+
+    def feed(self, data):
+        """Take the bytes that arrived and return the events of every frame and message they complete."""
+        if self.closed:
+            return []
+        self._buffer += data
+        events = []
+        try:
+            for _ in range(2 * len(self._buffer) + 2):  # every other step at least takes a byte: bounded
+                found = self._take_payload() if self._frame else self._take_header()
+                if found is None:
+                    break
+                events.extend(found)
+                if self.closed:
+                    break
+        except ProtocolError as error:
+            events.append(self._fail(error.code, error.text))
+        return events
+
+    def _fail(self, code, reason):
+        """Return the event that fails the connection: our close frame with the code, and nothing after it."""
+        reply = self.begin_close(code, reason)
+        self.closed = True
+        self._buffer = bytearray()
+        return WebSocketEvent("fail", code=code, reason=reason, reply=reply)
+
+    def _header(self):
+        """Return the next frame's header once it is all in, None before; ProtocolError if it breaks a rule."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return None
+        self._check_bits(buffer[0], buffer[1])
+        fin, opcode, length = bool(buffer[0] & 0x80), buffer[0] & 0x0F, buffer[1] & 0x7F
+        extra = {126: 2, 127: 8}.get(length, 0)  # the 16- and 64-bit lengths that follow
+        if len(buffer) < 2 + extra:
+            return None
+        if extra:
+            length = int.from_bytes(buffer[2:2 + extra], "big")
+        if length >> 63:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame's 64-bit length has its top bit set.")
+        self._check_order(opcode, length)
+        size = 2 + extra + 4
+        if len(buffer) < size:
+            return None
+        return _WsHeader(fin, opcode, length, size, bytes(buffer[size - 4:size]))
+
+    @staticmethod
+    def _check_bits(first, second):
+        """Refuse reserved bits and opcodes, an unmasked frame, and a fragmented or long control frame."""
+        opcode = first & 0x0F
+        if first & 0x70:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame set reserved bits, and no extension was agreed.")
+        if opcode not in _WS_DATA_OPCODES and opcode not in _WS_CONTROL_OPCODES:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A frame has the reserved opcode %d." % opcode)
+        if not second & 0x80:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A client's frames must be masked.")
+        if opcode in _WS_CONTROL_OPCODES and (not first & 0x80 or second & 0x7F > WS_MAX_CONTROL_BYTES):
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A control frame must be whole and at most 125 bytes.")
+
+    def _check_order(self, opcode, length):
+        """Refuse a data frame out of order, or one that makes its message too long, before its payload comes."""
+        if opcode in _WS_CONTROL_OPCODES:
+            return
+        if opcode == WS_OP_CONTINUATION and self._opcode is None:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A continuation frame came with no message to continue.")
+        if opcode != WS_OP_CONTINUATION and self._opcode is not None:
+            raise ProtocolError(WS_CLOSE_PROTOCOL_ERROR, "A new message began before the last one ended.")
+        if self._size + length > self.max_message_bytes:
+            raise ProtocolError(WS_CLOSE_TOO_BIG, "A message is longer than %d bytes." % self.max_message_bytes)
+
+    def _take_header(self):
+        """Take the next header (a control frame whole) and return its events; None until it is all in."""
+        header = self._header()
+        if header is None:
+            return None
+        if header.opcode in _WS_CONTROL_OPCODES:
+            end = header.size + header.length
+            if len(self._buffer) < end:
+                return None
+            payload = _ws_unmask(bytes(self._buffer[header.size:end]), header.mask)
+            del self._buffer[:end]
+            return [self._control(header.opcode, payload)]
+        del self._buffer[:header.size]
+        if header.opcode != WS_OP_CONTINUATION:
+            self._opcode = header.opcode
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if header.opcode == WS_OP_TEXT else None
+        self._frame, self._left = header, header.length
+        return []
+
+    def _take_payload(self):
+        """Take what has come of the current data frame's payload; return the message's event once it is whole."""
+        count = min(self._left, len(self._buffer))
+        if count == 0 and self._left:
+            return None
+        header, done = self._frame, count == self._left
+        turn = (header.length - self._left) % 4  # the mask goes on where the last piece stopped
+        piece = _ws_unmask(bytes(self._buffer[:count]), header.mask[turn:] + header.mask[:turn])
+        del self._buffer[:count]
+        self._left -= count
+        self._size += count
+        self._parts.append(self._decoded(piece, done and header.fin) if self._decoder else piece)
+        if not done:
+            return []
+        self._frame = None
+        return self._message() if header.fin else []
+
+    def _decoded(self, piece, final):
+        """Return a piece of text decoded so far; a bad sequence fails here, not at the message's end."""
+        try:
+            return self._decoder.decode(piece, final)
+        except UnicodeDecodeError:
+            raise ProtocolError(WS_CLOSE_INVALID_DATA, "A text message is not UTF-8.") from None
+
+    def _message(self):
+        """Return the event of the message whose last piece has come, and start afresh."""
+        kind = "text" if self._opcode == WS_OP_TEXT else "binary"
+        data = ("" if kind == "text" else b"").join(self._parts)
+        self._opcode, self._parts, self._size, self._decoder = None, [], 0, None
+        return [WebSocketEvent(kind, data)]
+
+    def _control(self, opcode, payload):
+        """Return the event of a ping, a pong or a close; after a close the reader takes nothing more."""
+        if opcode == WS_OP_PING:
+            pong = b"" if self.closing else websocket_frame(WS_OP_PONG, payload)
+            return WebSocketEvent("ping", payload, reply=pong)
+        if opcode == WS_OP_PONG:
+            return WebSocketEvent("pong", payload)
+        code, reason = _ws_close_payload(payload)
+        reply = self.begin_close(None if code == WS_CLOSE_NO_STATUS else code)  # the echo, if ours is not out
+        self.closed = True
+        return WebSocketEvent("close", code=code, reason=reason, reply=reply)
+
+
+# =============================================================================
+# 11. Web page: HTML, CSS and JavaScript
+# =============================================================================
+#
+# The page a browser gets from the web door, kept here as text and served as it
+# is: no templating, so nothing anybody typed ever becomes markup.
+
+WEB_PAGE_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>LocalChat</title><link rel="stylesheet" href="/app.css"><link rel="manifest" href="/manifest.webmanifest">
+<link rel="icon" href="/icon.svg"><script src="/app.js" defer></script></head>
+<body><main id="app"><h1>LocalChat</h1></main></body></html>
+"""
+WEB_PAGE_CSS = "body { font: 16px system-ui, sans-serif; margin: 0; }\n"
+WEB_PAGE_JS = "\"use strict\";\n"
+WEB_MANIFEST = """{"name": "LocalChat", "short_name": "LocalChat", "start_url": "/", "display": "standalone",
+ "background_color": "#ffffff", "theme_color": "#3b5bdb",
+ "icons": [{"src": "/icon.svg", "sizes": "any", "type": "image/svg+xml"}]}
+"""
+WEB_ICON_SVG = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64"><rect width="64" height="64" rx="14" fill="#3b5bdb"/>
+<path d="M14 18h36a6 6 0 0 1 6 6v16a6 6 0 0 1-6 6H30l-10 8v-8h-6a6 6 0 0 1-6-6V24a6 6 0 0 1 6-6z" fill="#fff"/></svg>
+"""
+
+
+# =============================================================================
+# 12. Sessions and doors: one session per connection, a door per protocol
 # =============================================================================
 #
 # A Session handles one connection whatever it speaks: the TLS sniff, bounded
@@ -3415,9 +3966,10 @@ class Transport:
 # events, once per event for every connection on that door. A session runs on
 # its connection's thread; the hub delivers to its Outbox (see Transport).
 
-_BEFORE_HELLO = frozenset(["hello", "auth", "ping", "pong", "bye"])
+_BEFORE_HELLO = frozenset(["hello", "auth", "ping", "pong", "bye", "door"])
 AUTH_FAILED_DELAY_S = 1.0  # a wrong password waits this long for its answer, so guessing is slow
 DOOR_SNIFF_BYTES = 16      # the most first bytes a door may need to see before it says yes or no
+SILENT_PROMPT_S = 2.0      # a connection that has sent nothing this long is asked for a name (nc, telnet)
 
 
 class Door:
@@ -3432,6 +3984,12 @@ class Door:
 
     name = "door"
     encode = staticmethod(encode_frame)
+    for_silence = False     # chosen for a connection that says nothing for SILENT_PROMPT_S (a person at nc)
+    hello_timeout_s = None  # how long it may take to join; None: the server's hello timeout
+    password_in_hello = False  # the protocol carries the password itself (no challenge): refused in clear
+    retries_hello = False   # a refused name is asked for again instead of ending the connection
+    reclaims = False        # with no resume token, a lost user's name is taken back from the same address
+    answers_pings = True    # the peer answers pings; a person at nc does not, and silence is no fault
 
     @staticmethod
     def claims(first):
@@ -3441,6 +3999,19 @@ class Door:
 
     def greet(self, session):
         """The door was chosen: say what this protocol says first (nothing, by default)."""
+
+    def receiver(self, outbox):
+        """Return what the hub delivers this connection's events to: the outbox, unless the door
+        renders some of them for this connection alone (see DoorReceiver)."""
+        return outbox
+
+    def encode_own(self, fields):
+        """Return the bytes of a frame meant for this connection only (an error, a pong)."""
+        return self.encode(fields)
+
+    def handle(self, session, frame):
+        """Carry out a frame of type "door": a command of the door's own protocol. Return a reason to stop, or None."""
+        raise ProtocolError("unknown_type", "Unknown frame type 'door'.")
 
     def frames(self, buffer):
         """Cut what is complete off the bytearray buffer; return its frames (dicts) and ProtocolErrors.
@@ -3490,7 +4061,1282 @@ class JsonLinesDoor(Door):
                              % self.max_line_bytes, fatal=True)
 
 
-DOORS = (JsonLinesDoor,)  # tried in order on a connection's first bytes; the last one takes the rest
+class DoorReceiver:
+    """Stands between the hub and a connection's Outbox for a door that renders some events itself.
+
+    The hub delivers to it as to an Outbox (deliver_locked, close_locked, with the
+    hub's lock held); the door decides what each event becomes for this connection.
+    """
+
+    __slots__ = ("outbox", "door")
+
+    def __init__(self, outbox, door):
+        self.outbox, self.door = outbox, door
+
+    def deliver_locked(self, event):
+        self.door.deliver_locked(self.outbox, event)
+
+    def close_locked(self, hangup=True):
+        self.outbox.close_locked(hangup)
+
+
+# -- IRC: the client protocol of RFC 1459/2812, with IRCv3 capability negotiation --
+#
+# Rooms are channels (#general). Each IRC line becomes a "door" frame that
+# IrcDoor.handle carries out, mostly by handing protocol frames to the session, so
+# the hub's rules hold for IRC as for every client. Events that read the same for
+# everybody are encoded once for all IRC connections (irc_encode, irc_encode_timed);
+# replies and history are rendered for the one connection (IrcDoor.deliver_locked).
+
+IRC_MAX_LINE_BYTES = 512   # RFC 2812: a line, its CRLF included
+IRC_MAX_TAGS_BYTES = 8191  # IRCv3 message tags may come before a line (and are ignored)
+IRC_SERVER = "localchat"   # the server's name in replies (the computer's own name may hold spaces)
+IRC_HOST = "lan"           # the host in every nick!user@host: addresses are nobody else's business
+IRC_CAPS = ("echo-message", "server-time")  # the IRCv3 capabilities offered: only what is implemented
+IRC_BEFORE_WELCOME = frozenset(["CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"])
+_IRC_FORMATTING = re.compile("\x03(?:[0-9]{1,2}(?:,[0-9]{1,2})?)?|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
+
+
+def irc_nick(name):
+    """Return the IRC form of a LocalChat name: "." becomes "|", and a name that IRC does not let
+    start as it does (a digit or "-") gets a "`" in front. Names hold neither, so it maps back."""
+    nick = name.replace(".", "|")
+    return "`" + nick if nick[:1] in "0123456789-" else nick
+
+
+def name_from_irc(nick):
+    """Return the LocalChat name an IRC nick stands for (irc_nick backwards); check_name judges it."""
+    return (nick[1:] if nick.startswith("`") else nick).replace("|", ".")
+
+
+def _irc_mask(name):
+    return "%s!%s@%s" % (irc_nick(name), "u", IRC_HOST)
+
+
+def irc_line(prefix, command, *params):
+    """Return one IRC line as bytes, CRLF included; the last parameter goes as trailing where it must."""
+    params = [str(param) for param in params]
+    if params and (not params[-1] or " " in params[-1] or params[-1].startswith(":")):
+        params[-1] = ":" + params[-1]
+    head = ":%s %s" % (prefix, command) if prefix else command
+    return (" ".join([head] + params) + "\r\n").encode("utf-8")
+
+
+def _split_utf8(text, limit):
+    """Return text cut into pieces of at most `limit` UTF-8 bytes, never inside a character."""
+    data = text.encode("utf-8")
+    pieces = []
+    while len(data) > limit:
+        cut = limit
+        while cut > 0 and data[cut] & 0xC0 == 0x80:  # a continuation byte: step back to a whole character
+            cut -= 1
+        space = data.rfind(b" ", 0, cut)
+        if space > cut // 2:  # a word boundary not too far back reads better
+            cut = space + 1
+        pieces.append(data[:cut].decode("utf-8"))
+        data = data[cut:]
+    pieces.append(data.decode("utf-8"))
+    return pieces
+
+
+def _irc_time(ts):
+    """Return a timestamp as IRCv3 server-time: 2026-12-06T22:00:00.000Z."""
+    moment = datetime.datetime.fromtimestamp(float(ts), datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+
+
+def _irc_target(fields):
+    return "#" + fields["room"] if fields.get("room") else irc_nick(fields["to"])
+
+
+def _irc_message(fields, stamp=""):
+    """Return a message as PRIVMSG lines: one a line of its text, each under 512 bytes."""
+    prefix, target = _irc_mask(fields["from"]), _irc_target(fields)
+    action = fields.get("action")
+    # ":prefix PRIVMSG target :" and CRLF, and "\x01ACTION " ... "\x01" for an action
+    room = IRC_MAX_LINE_BYTES - len(("%s PRIVMSG %s :" % (prefix, target)).encode("utf-8")) - 3 - (9 if action else 0)
+    lines = []
+    for text in fields["text"].split("\n"):
+        if not text.strip():
+            continue  # IRC has no empty message
+        for piece in _split_utf8(stamp + text, max(64, room - len(stamp.encode("utf-8")))):
+            lines.append(irc_line(prefix, "PRIVMSG", target, "\x01ACTION %s\x01" % piece if action else piece))
+    return lines
+
+
+def _irc_left(fields):
+    if fields.get("room"):
+        return [irc_line(_irc_mask(fields["name"]), "PART", "#" + fields["room"])]
+    reason = fields.get("reason")
+    return [irc_line(_irc_mask(fields["name"]), "QUIT", fields.get("text") or _LEFT_WORDS.get(reason, reason))]
+
+
+def _irc_topic(fields):
+    return [irc_line(_irc_mask(fields["by"]), "TOPIC", "#" + fields["room"], fields.get("topic") or "")]
+
+
+# Events that read the same for every IRC client, by type: fields -> lines
+_IRC_SHARED = {
+    "message": _irc_message,
+    "joined": lambda f: [irc_line(_irc_mask(f["name"]), "JOIN", "#" + f["room"])],
+    "left": _irc_left,
+    "renamed": lambda f: [irc_line(_irc_mask(f["old"]), "NICK", irc_nick(f["name"]))],
+    "topic": _irc_topic,  # when somebody set it ("by"); the answer to a question is a reply
+    "notice": lambda f: [irc_line(IRC_SERVER, "NOTICE", "*", f.get("text") or "")],
+    "away": lambda f: [],  # IRC hears of it only when it asks (301 on a PRIVMSG, WHOIS)
+}
+
+
+def _irc_shared(fields, timed):
+    lines = _IRC_SHARED[fields["type"]](fields)
+    if timed and lines and fields.get("ts"):
+        tag = ("@time=%s " % _irc_time(fields["ts"])).encode("ascii")
+        lines = [tag + line for line in lines]
+    return b"".join(lines)
+
+
+def irc_encode(fields):
+    """The IRC encoder of events that read the same for everybody (see Event.encoded)."""
+    return _irc_shared(fields, False)
+
+
+def irc_encode_timed(fields):
+    """The same for clients that asked for server-time: each line tagged with the event's time."""
+    return _irc_shared(fields, True)
+
+
+# A hub error code -> the IRC numeric that answers it (refined by the command in IrcDoor._error_lines)
+_IRC_ERRORS = {
+    "name_taken": "433", "bad_name": "432", "bad_room": "403", "unknown_user": "401", "empty_text": "412",
+    "not_operator": "482", "too_many_rooms": "405", "banned": "465", "auth_failed": "464",
+    "password_required": "464", "password_in_clear": "464", "line_too_long": "417", "already_joined": "462",
+    "hello_first": "451", "not_in_room": "442", "muted": "404",
+}
+
+
+class IrcDoor(Door):
+    """IRC clients (HexChat, irssi, WeeChat, phone apps): registration, channels, the common commands.
+
+    One per connection. frames() and handle() run on the connection's thread;
+    deliver_locked() on whichever thread holds the hub's lock. The state both use
+    (nick, capabilities, channels) is written under the lock or before the welcome.
+    """
+
+    name = "irc"
+    encode = staticmethod(irc_encode)
+    password_in_hello = True  # PASS: refused in clear without TLS (see Session._check_password)
+    retries_hello = True      # 433 and 432: the client offers another nick
+    reclaims = True           # no resume token: a lost nick is taken back from the same address
+    first_words = (b"CAP", b"NICK", b"USER", b"PASS")  # what an IRC client sends first
+
+    @classmethod
+    def claims(cls, first):
+        word, space, _ = first.partition(b" ")
+        word = word.upper()
+        if space:
+            return word in cls.first_words
+        if len(first) < 5 and any(known.startswith(word) for known in cls.first_words):
+            return None
+        return False
+
+    def __init__(self):
+        self.session = None
+        self.nick = "*"  # what the client is called in replies: "*" until the welcome
+        self.me = None  # the LocalChat name the welcome gave (and renames change)
+        self.wanted = None  # the nick asked for before the welcome
+        self.user = None  # USER's user name and real name
+        self.password = None
+        self.capping = False  # CAP LS or REQ came: registration waits for CAP END
+        self.caps = set()
+        self.encoder = irc_encode
+        self.channels = {}  # room key -> room name, for JOIN 0 and our own PARTs
+        self.away = {}  # name -> away text of everybody away, for 301
+        self.registered = False
+        self._asking = None  # (command, argument) whose answer the hub is about to deliver
+        self._skipping = False  # the rest of an overlong line is being dropped
+        self._quiet = False  # NOTICE: errors are never answered (RFC 2812 3.3.2)
+
+    def greet(self, session):
+        self.session = session
+
+    def receiver(self, outbox):
+        return DoorReceiver(outbox, self)
+
+    # -- reading -------------------------------------------------------------------
+
+    def frames(self, buffer):
+        found = []
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(buffer[:end]).rstrip(b"\r")
+            del buffer[:end + 1]
+            if self._skipping:
+                self._skipping = False  # the end of a line already refused
+                continue
+            item = self._parse(line)
+            if item is not None:
+                found.append(item)
+        if len(buffer) > IRC_MAX_LINE_BYTES + IRC_MAX_TAGS_BYTES or (
+                len(buffer) > IRC_MAX_LINE_BYTES and not buffer.startswith(b"@")):
+            del buffer[:]
+            self._skipping = True
+            found.append(self._too_long())
+        return found
+
+    def _too_long(self):
+        return ProtocolError("line_too_long", "Input line was too long: an IRC line holds at most %d bytes; "
+                             "it was not sent." % IRC_MAX_LINE_BYTES)
+
+    def _parse(self, line):
+        """Return the door frame of one IRC line, a ProtocolError, or None for a blank line."""
+        if line.startswith(b"@"):  # message tags: none is offered, so none means anything here
+            line = line.partition(b" ")[2]
+        if len(line) > IRC_MAX_LINE_BYTES - 2:
+            return self._too_long()
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return ProtocolError("bad_utf8", "That line was not UTF-8: this server speaks UTF-8 only (UTF8ONLY).")
+        if text.startswith(":"):
+            text = text.partition(" ")[2]  # a client's own prefix says nothing a server may believe
+        head, colon, trailing = text.partition(" :")
+        params = [param for param in head.split(" ") if param]
+        if colon:
+            params.append(trailing)
+        if not params:
+            return None
+        return {"type": "door", "command": params[0].upper(), "params": params[1:]}
+
+    # -- commands (on the connection's thread) --------------------------------------
+
+    def handle(self, session, frame):
+        command, params = frame.get("command"), frame.get("params")
+        if not isinstance(command, str) or not isinstance(params, list):
+            raise ProtocolError("bad_field", "A door frame needs a command and its parameters.")
+        handler = getattr(self, "irc_" + command, None) if command.isalpha() else None
+        if not self.registered and command not in IRC_BEFORE_WELCOME:
+            self._send(self._numeric("451", "You have not registered" if handler else
+                                     "You have not registered (%s)" % command[:20]))
+            return None
+        if handler is None:
+            self._send(self._numeric("421", command[:32], "Unknown command"))
+            return None
+        self._asking = _asking(command, params[0] if params else None)
+        try:
+            return handler(params)
+        finally:
+            self._asking, self._quiet = None, False
+
+    def _run(self, frame, command=None, argument=None, channel=None):
+        """Carry out a protocol frame as if the client had sent it; return a reason to stop, or None.
+
+        command and argument (and the channel, if it is not the argument) name what
+        the client asked, for the numerics of the answer and of any error.
+        """
+        if command is not None:
+            self._asking = _asking(command, argument, channel)
+        return self.session._handle_frame(frame)
+
+    def _channel_room(self, channel):
+        """Return the room a channel names, or None after answering 403 (it is no channel name)."""
+        if channel.startswith("#") and len(channel) > 1:
+            return channel[1:]
+        self._send(self._numeric("403", channel[:40] or "*", "No such channel"))
+        return None
+
+    def _send(self, data):
+        if data:
+            self.session.outbox.put(data)
+
+    def _numeric(self, code, *params):
+        return irc_line(IRC_SERVER, code, self.nick, *params)
+
+    def _need(self, params, count, command):
+        """Return True if params has count of them; else answer 461."""
+        if len(params) >= count and all(params[:count]):
+            return True
+        self._send(self._numeric("461", command, "Not enough parameters"))
+        return False
+
+    def irc_CAP(self, params):
+        sub = params[0].upper() if params else ""
+        if sub == "LS":
+            self.capping = not self.registered
+            self._send(irc_line(IRC_SERVER, "CAP", self.nick, "LS", " ".join(IRC_CAPS)))
+        elif sub == "LIST":
+            self._send(irc_line(IRC_SERVER, "CAP", self.nick, "LIST", " ".join(sorted(self.caps))))
+        elif sub == "REQ" and len(params) > 1:
+            self.capping = not self.registered
+            self._request_caps(params[1])
+        elif sub == "END":
+            self.capping = False
+            return self._register()
+        else:
+            self._send(self._numeric("410", sub or "*", "Invalid CAP command"))
+        return None
+
+    def _request_caps(self, wanted):
+        asked = wanted.split()
+        if not asked or any(cap.lstrip("-") not in IRC_CAPS for cap in asked):
+            self._send(irc_line(IRC_SERVER, "CAP", self.nick, "NAK", wanted))
+            return
+        for cap in asked:
+            if cap.startswith("-"):
+                self.caps.discard(cap[1:])
+            else:
+                self.caps.add(cap)
+        self.encoder = irc_encode_timed if "server-time" in self.caps else irc_encode
+        self._send(irc_line(IRC_SERVER, "CAP", self.nick, "ACK", wanted))
+
+    def irc_PASS(self, params):
+        if self.registered:
+            self._send(self._numeric("462", "You may not reregister"))
+        elif self._need(params, 1, "PASS"):
+            self.password = params[0]
+
+    def irc_NICK(self, params):
+        if not params or not params[0]:
+            self._send(self._numeric("431", "No nickname given"))
+            return None
+        if self.registered:
+            return self._run({"type": "nick", "name": name_from_irc(params[0])})
+        try:
+            check_name(name_from_irc(params[0]))
+        except ProtocolError as error:
+            self._send(self._numeric("432", params[0][:40], "Erroneous nickname: " + error.text))
+            return None
+        self.wanted = params[0]
+        return self._register()
+
+    def irc_USER(self, params):
+        if self.registered:
+            self._send(self._numeric("462", "You may not reregister"))
+        elif len(params) < 4 or not params[0]:
+            self._send(self._numeric("461", "USER", "Not enough parameters"))
+        else:
+            self.user = (params[0], params[3])
+            return self._register()
+        return None
+
+    def _register(self):
+        """Join the chat once NICK, USER and any CAP negotiation are done."""
+        if self.registered or self.capping or self.wanted is None or self.user is None:
+            return None
+        hello = {"type": "hello", "name": name_from_irc(self.wanted), "version": PROTOCOL_VERSION}
+        if self.session.hub.password is not None:
+            hello["password"] = self.password
+        elif self.password:  # on a chat with no password, PASS is the client's identity token
+            hello["identity"] = hashlib.sha256(self.password.encode("utf-8")).hexdigest()
+        reason = self._run(hello, "NICK", self.wanted)
+        self.registered = self.session.seat is not None
+        return reason
+
+    def irc_PING(self, params):
+        if not params:
+            self._send(self._numeric("409", "No origin specified"))
+        else:
+            self._send(irc_line(IRC_SERVER, "PONG", IRC_SERVER, params[0]))
+
+    def irc_PONG(self, params):
+        return None  # any line is a sign of life: the read loop has noted it
+
+    def irc_QUIT(self, params):
+        return self._run({"type": "bye"})
+
+    def irc_JOIN(self, params):
+        if not self._need(params, 1, "JOIN"):
+            return None
+        if params[0] == "0":
+            return self._part(["#" + room for room in self.channels.values()])
+        for channel in params[0].split(",")[:MAX_ROOMS_PER_USER]:
+            room = self._channel_room(channel)
+            if room is None or name_key(room) in self.channels:
+                continue  # already there: IRC says nothing
+            reason = self._run({"type": "join", "room": room}, "JOIN", channel)
+            if reason:
+                return reason
+        return None
+
+    def irc_PART(self, params):
+        if self._need(params, 1, "PART"):
+            return self._part(params[0].split(","))
+        return None
+
+    def _part(self, channels):
+        return self._each_channel(channels, "PART", lambda room: {"type": "leave", "room": room})
+
+    def _each_channel(self, channels, command, frame_for):
+        """Run frame_for(room) for each channel named (403 for what is no channel); stop at a reason to."""
+        for channel in channels[:MAX_ROOMS_PER_USER]:
+            room = self._channel_room(channel)
+            reason = room and self._run(frame_for(room), command, channel)
+            if reason:
+                return reason
+        return None
+
+    def irc_PRIVMSG(self, params):
+        return self._message(params, "PRIVMSG")
+
+    def irc_NOTICE(self, params):
+        self._quiet = True  # a NOTICE is never answered, errors included
+        return self._message(params, "NOTICE")
+
+    def _message(self, params, command):
+        if not params or not params[0]:
+            self._send(None if self._quiet else self._numeric("411", "No recipient given (%s)" % command))
+            return None
+        text, action = (params[1] if len(params) > 1 else ""), False
+        if text.startswith("\x01"):  # CTCP: ACTION is /me; the others (VERSION, PING...) are not answered
+            inner = text.strip("\x01")
+            if not inner.upper().startswith("ACTION"):
+                return None
+            text, action = inner[7:], True
+        text = _IRC_FORMATTING.sub("", text)
+        if not text.strip():
+            self._send(None if self._quiet else self._numeric("412", "No text to send"))
+            return None
+        for target in params[0].split(",")[:4]:
+            reason = self._say(target, text, action)
+            if reason:
+                return reason
+        return None
+
+    def _say(self, target, text, action):
+        frame = {"type": "say", "text": text}
+        if action:
+            frame["action"] = True
+        if target.startswith("#"):
+            frame["room"] = self._channel_room(target)
+            if frame["room"] is None:
+                return None
+        else:
+            frame["to"] = name_from_irc(target)
+            away = self.away.get(frame["to"])
+            if away is not None and not self._quiet:
+                self._send(self._numeric("301", target, away))
+        return self._run(frame, "NOTICE" if self._quiet else "PRIVMSG", target)
+
+    def irc_TOPIC(self, params):
+        if not self._need(params, 1, "TOPIC"):
+            return None
+        room = self._channel_room(params[0])
+        if room is None:
+            return None
+        frame = {"type": "topic", "room": room}
+        if len(params) > 1:
+            frame["topic"] = params[1] or None
+        return self._run(frame)
+
+    def irc_NAMES(self, params):
+        if not params:
+            self._send(self._numeric("366", "*", "End of /NAMES list"))
+            return None
+        return self._each_channel(params[0].split(","), "NAMES", lambda room: {"type": "users", "room": room})
+
+    def irc_WHO(self, params):
+        mask = params[0] if params else "*"
+        if mask.startswith("#") and len(mask) > 1:
+            return self._run({"type": "users", "room": mask[1:]}, "WHO", mask)
+        return self._run({"type": "users"}, "WHO", mask)
+
+    def irc_WHOIS(self, params):
+        if not params or not params[-1]:
+            self._send(self._numeric("431", "No nickname given"))
+            return None
+        return self._run({"type": "users"}, "WHOIS", params[-1].split(",")[0])
+
+    def irc_WHOWAS(self, params):
+        if self._need(params, 1, "WHOWAS"):
+            self._send(self._numeric("406", params[0], "There was no such nickname")
+                       + self._numeric("369", params[0], "End of WHOWAS"))
+
+    def irc_ISON(self, params):
+        if self._need(params, 1, "ISON"):
+            return self._run({"type": "users"}, "ISON", " ".join(params))
+        return None
+
+    def irc_USERHOST(self, params):
+        if self._need(params, 1, "USERHOST"):
+            return self._run({"type": "users"}, "USERHOST", " ".join(params[:5]))
+        return None
+
+    def irc_LIST(self, params):
+        return self._run({"type": "rooms"}, "LIST", params[0] if params else None)
+
+    def irc_AWAY(self, params):
+        if params and params[0].strip():
+            return self._run({"type": "away", "text": _IRC_FORMATTING.sub("", params[0])})
+        return self._run({"type": "back"})
+
+    def irc_KICK(self, params):
+        if not self._need(params, 2, "KICK"):
+            return None
+        for nick in params[1].split(",")[:4]:
+            frame = {"type": "kick", "name": name_from_irc(nick)}
+            if len(params) > 2 and params[2].strip():
+                frame["reason"] = params[2]
+            reason = self._run(frame, "KICK", nick, params[0])
+            if reason:
+                return reason
+        return None
+
+    def irc_MODE(self, params):
+        if not self._need(params, 1, "MODE"):
+            return None
+        target = params[0]
+        if not target.startswith("#"):
+            if name_key(name_from_irc(target)) != name_key(name_from_irc(self.nick)):
+                self._send(self._numeric("502", "Can't change mode for other users"))
+            else:
+                self._send(self._numeric("221", "+i"))
+            return None
+        if len(params) == 1:
+            if name_key(target[1:]) not in self.channels:
+                self._send(self._numeric("442", target, "You're not on that channel"))
+            else:
+                self._send(self._numeric("324", target, "+nt"))
+            return None
+        return self._channel_modes(target, params[1], params[2:])
+
+    def _channel_modes(self, channel, modes, arguments):
+        """Carry out +b/-b (bans by name or address) and +o/-o (operators); answer the rest."""
+        adding, arguments = True, list(arguments)
+        for char in modes[:8]:
+            if char in "+-":
+                adding = char == "+"
+            elif char in "bo" and not arguments:
+                if char == "b":
+                    self._send(self._numeric("368", channel, "End of channel ban list"))
+            elif char in "bo":
+                argument = arguments.pop(0)
+                reason = self._run(_irc_mode_frame(char, adding, argument), "MODE", argument, channel)
+                if reason:
+                    return reason
+            else:
+                self._send(self._numeric("472", char, "is unknown mode char to me"))
+        return None
+
+    def irc_KILL(self, params):
+        self._send(self._numeric("481", "Permission Denied- You're not an IRC operator"))
+
+    def irc_OPER(self, params):
+        self._send(self._numeric("491", "No O-lines for your host: operators are named by the chat's owner"))
+
+    def irc_MOTD(self, params):
+        self._send(self._motd())
+
+    def irc_LUSERS(self, params):
+        self._send(self._lusers(self.session.hub.count()))
+
+    def irc_VERSION(self, params):
+        self._send(self._numeric("351", "LocalChat-%s." % __version__, IRC_SERVER, "LocalChat, one file for one network")
+                   + self._isupport())
+
+    def irc_TIME(self, params):
+        self._send(self._numeric("391", IRC_SERVER, time.strftime("%A %d %B %Y -- %H:%M:%S %z")))
+
+    # -- what the hub delivers (with the hub's lock held) ---------------------------
+
+    def deliver_locked(self, outbox, event):
+        fields = event.fields
+        kind = fields["type"]
+        if kind in _IRC_SHARED and not fields.get("replay") and (kind != "topic" or fields.get("by")):
+            data = self._shared_locked(outbox, event, fields, kind)
+        else:
+            data = self.encode_own(fields)
+        if data:
+            outbox.push_locked(data)
+
+    def _shared_locked(self, outbox, event, fields, kind):
+        """Return the bytes all IRC clients share for this event (encoded once), after our own bookkeeping."""
+        me = self.me
+        if kind == "message" and fields["from"] == me and "echo-message" not in self.caps:
+            return None
+        if kind == "away":
+            return self._away_locked(fields)
+        if kind == "renamed" and fields["old"] == me:
+            self.me, self.nick = fields["name"], irc_nick(fields["name"])
+        if kind == "left" and fields.get("room") and fields["name"] == me:
+            self.channels.pop(name_key(fields["room"]), None)
+        return event.encoded(self.encoder)
+
+    def _away_locked(self, fields):
+        if fields.get("text") is None:
+            self.away.pop(fields["name"], None)
+        else:
+            self.away[fields["name"]] = fields["text"]
+        if fields["name"] != self.me:
+            return None
+        if fields.get("text"):
+            return self._numeric("306", "You have been marked as being away")
+        return self._numeric("305", "You are no longer marked as being away")
+
+    def encode_own(self, fields):
+        """Return the lines of an event or reply for this connection alone."""
+        render = getattr(self, "_own_" + fields["type"], None)
+        return render(fields) if render is not None else b""
+
+    def _own_message(self, fields):  # a replayed one: history, or a direct message that waited
+        stamp = ""
+        if "server-time" not in self.caps:
+            stamp = "[%s] " % _history_time(fields.get("ts"))
+        lines = _irc_message(fields, stamp)
+        if "server-time" in self.caps and fields.get("ts"):
+            tag = ("@time=%s " % _irc_time(fields["ts"])).encode("ascii")
+            lines = [tag + line for line in lines]
+        return b"".join(lines)
+
+    def _own_welcome(self, fields):
+        self.me, self.nick = fields["name"], irc_nick(fields["name"])
+        name = printable(str(fields.get("server")), 60)
+        return b"".join([
+            self._numeric("001", "Welcome to LocalChat on %s, %s" % (name, self.nick)),
+            self._numeric("002", "Your host is %s, running LocalChat %s" % (IRC_SERVER, __version__)),
+            self._numeric("003", "This server is the chat of %s" % name),
+            self._numeric("004", IRC_SERVER, "LocalChat-" + __version__, "i", "bnot"),
+            self._isupport(),
+            self._lusers(len(fields.get("users") or ())),
+            self._motd(),
+        ])
+
+    def _isupport(self):
+        limits = self.session.hub.limits
+        tokens = ["AWAYLEN=%d" % MAX_AWAY_CHARS, "CASEMAPPING=ascii", "CHANLIMIT=#:%d" % limits.max_rooms,
+                  "CHANMODES=b,,,nt", "CHANNELLEN=%d" % (MAX_ROOM_CHARS + 1), "CHANTYPES=#",
+                  "KICKLEN=%d" % MAX_TOPIC_CHARS, "MAXTARGETS=4", "NETWORK=LocalChat",
+                  "NICKLEN=%d" % (MAX_NAME_CHARS + 1), "PREFIX=(o)@", "TOPICLEN=%d" % MAX_TOPIC_CHARS, "UTF8ONLY"]
+        return self._numeric("005", *(tokens + ["are supported by this server"]))
+
+    def _lusers(self, count):
+        return (self._numeric("251", "There are %d users and 0 invisible on 1 servers" % count)
+                + self._numeric("255", "I have %d clients and 0 servers" % count))
+
+    def _motd(self):
+        lines = ["- %s Message of the day -" % IRC_SERVER,
+                 "- This is LocalChat: its rooms are channels. /list shows them, /join #name joins one.",
+                 "- Joining a channel replays what was said there before you came.",
+                 "- The same chat is open to LocalChat's window, its line client, and nc."]
+        return (self._numeric("375", lines[0]) + b"".join(self._numeric("372", line) for line in lines[1:])
+                + self._numeric("376", "End of /MOTD command."))
+
+    def _own_room(self, fields):
+        channel = "#" + fields["room"]
+        self.channels[name_key(fields["room"])] = fields["room"]
+        lines = [irc_line(_irc_mask(self.me), "JOIN", channel)]
+        lines += self._topic_lines(channel, fields)
+        lines += self._names(channel, fields)
+        return b"".join(lines)
+
+    def _names(self, channel, fields):
+        ops = set(fields.get("ops") or ())
+        nicks = [("@" if name in ops else "") + irc_nick(name) for name in fields.get("users") or ()]
+        lines, batch, size = [], [], 0
+        room = IRC_MAX_LINE_BYTES - 80 - len(channel.encode("utf-8"))
+        for nick in nicks:
+            if batch and size + len(nick.encode("utf-8")) + 1 > room:
+                lines.append(self._numeric("353", "=", channel, " ".join(batch)))
+                batch, size = [], 0
+            batch.append(nick)
+            size += len(nick.encode("utf-8")) + 1
+        if batch:
+            lines.append(self._numeric("353", "=", channel, " ".join(batch)))
+        return lines + [self._numeric("366", channel, "End of /NAMES list")]
+
+    def _own_users(self, fields):
+        command, argument, _ = self._asking or ("NAMES", None, None)
+        if command == "NAMES":
+            return b"".join(self._names("#" + fields["room"], fields)) if fields.get("room") else b""
+        present = {name_key(name): name for name in fields.get("users") or ()}
+        away = fields.get("away") or {}
+        if command == "WHO":
+            return self._who(argument, fields, present, away)
+        if command == "WHOIS":
+            return self._whois(argument, present, away)
+        found = [present[key] for key in (name_key(name_from_irc(nick)) for nick in argument.split()) if key in present]
+        if command == "ISON":
+            return self._numeric("303", " ".join(irc_nick(name) for name in found))
+        return self._numeric("302", " ".join("%s=%s%s@%s" % (irc_nick(name), "-" if name in away else "+", "u",
+                                                             IRC_HOST) for name in found))
+
+    def _who(self, mask, fields, present, away):
+        ops = set(fields.get("ops") or ())
+        if mask.startswith("#"):
+            names, channel = fields.get("users") or [], mask
+        else:
+            key = name_key(name_from_irc(mask))
+            names = list(present.values()) if mask in ("*", "0") else [present[key]] if key in present else []
+            channel = "*"
+        lines = [self._numeric("352", channel, "u", IRC_HOST, IRC_SERVER, irc_nick(name),
+                               ("G" if name in away else "H") + ("@" if name in ops else ""), "0 " + name)
+                 for name in names[:500]]
+        return b"".join(lines) + self._numeric("315", mask, "End of /WHO list")
+
+    def _whois(self, nick, present, away):
+        name = present.get(name_key(name_from_irc(nick)))
+        if name is None:
+            return self._numeric("401", nick, "No such nick/channel") + self._numeric("318", nick, "End of /WHOIS list")
+        shown = irc_nick(name)
+        lines = [self._numeric("311", shown, "u", IRC_HOST, "*", name),
+                 self._numeric("312", shown, IRC_SERVER, "LocalChat")]
+        if name in away:
+            lines.append(self._numeric("301", shown, away[name]))
+        return b"".join(lines) + self._numeric("318", shown, "End of /WHOIS list")
+
+    def _own_rooms(self, fields):
+        lines = [self._numeric("321", "Channel", "Users  Name")]
+        for room in fields.get("rooms") or ():
+            lines.append(self._numeric("322", "#" + room["name"], room.get("users", 0), room.get("topic") or ""))
+        return b"".join(lines) + self._numeric("323", "End of /LIST")
+
+    def _own_topic(self, fields):  # the answer to TOPIC #room
+        channel = "#" + fields["room"]
+        if fields.get("topic"):
+            return b"".join(self._topic_lines(channel, fields))
+        return self._numeric("331", channel, "No topic is set")
+
+    def _topic_lines(self, channel, fields):
+        """Return 332 with the topic and, when it is known, 333 with who set it and when."""
+        if not fields.get("topic"):
+            return []
+        lines = [self._numeric("332", channel, fields["topic"])]
+        if fields.get("set_by") and isinstance(fields.get("set_at"), (int, float)):
+            lines.append(self._numeric("333", channel, irc_nick(fields["set_by"]), int(fields["set_at"])))
+        return lines
+
+    def _own_error(self, fields):
+        return b"".join(self._error_lines(fields.get("code"), fields.get("text") or "", fields.get("fatal")))
+
+    def _error_lines(self, code, text, fatal):
+        command, argument, channel = self._asking or (None, None, None)
+        numeric = _IRC_ERRORS.get(code)
+        if code == "not_in_room" and command in ("PRIVMSG", "NOTICE"):
+            numeric = "404"
+        if code == "not_in_room" and command in ("NAMES", "WHO"):
+            lines = [self._numeric("366" if command == "NAMES" else "315", argument,
+                                   "End of /%s list" % command)]
+        elif code == "already_in_room" or (self._quiet and not fatal):
+            lines = []
+        elif numeric in ("433", "432"):
+            lines = [self._numeric(numeric, argument or "*", text)]
+        elif numeric in ("403", "404", "405", "442", "482"):
+            lines = [self._numeric(numeric, channel or argument or "*", text)]
+        elif numeric == "401":
+            lines = [self._numeric(numeric, argument or "*", text)]
+        elif numeric is not None:
+            lines = [self._numeric(numeric, text)]
+        else:
+            lines = [irc_line(IRC_SERVER, "NOTICE", self.nick, text)]
+        if fatal:
+            lines.append(irc_line(None, "ERROR", "Closing Link: %s" % text))
+        return lines
+
+    def _own_bye(self, fields):
+        return irc_line(None, "ERROR", "Closing Link: %s" % (fields.get("text") or "Goodbye."))
+
+    def _own_ping(self, fields):
+        return irc_line(None, "PING", IRC_SERVER)
+
+    def _own_pong(self, fields):
+        return irc_line(IRC_SERVER, "PONG", IRC_SERVER, str(fields.get("token", IRC_SERVER)))
+
+    def _own_notice(self, fields):
+        return irc_line(IRC_SERVER, "NOTICE", self.nick, fields.get("text") or "")
+
+
+def _asking(command, argument, channel=None):
+    """Return what an IRC client asked: (command, argument, the channel it concerns)."""
+    if channel is None and isinstance(argument, str) and argument.startswith("#"):
+        channel = argument
+    return command, argument, channel
+
+
+def _irc_mode_frame(char, adding, argument):
+    """Return the protocol frame of MODE #room +b/-b MASK or +o/-o NICK."""
+    if char == "o":
+        return {"type": "op" if adding else "deop", "name": name_from_irc(argument)}
+    nick, _, host = argument.partition("!")
+    host = host.partition("@")[2]
+    target = host if nick in ("", "*") and host not in ("", "*") else name_from_irc(nick)
+    return {"type": "ban" if adding else "unban", "target": target}
+
+
+def _history_time(ts):
+    """Return when a replayed message was sent, for a client with no server-time: 14:05, or with its date."""
+    if not isinstance(ts, (int, float)):
+        return "?"
+    moment = time.localtime(ts)
+    if time.strftime("%Y-%m-%d", moment) == time.strftime("%Y-%m-%d"):
+        return time.strftime("%H:%M", moment)
+    return time.strftime("%Y-%m-%d %H:%M", moment)
+
+
+# -- Text: nc, telnet, PuTTY's raw mode, openssl s_client ------------------------------
+#
+# A person types: the first line is a name (then, on a chat with a password, the
+# password), then each line is a message to the current room, and /commands work as
+# in the line client. Events come back as the lines the line client prints.
+
+TEXT_HELLO_TIMEOUT_S = 300.0  # a person at nc has this long to type a name (and a password)
+TEXT_MAX_LINE_BYTES = MAX_TEXT_BYTES  # one typed line is one message
+_TELNET_IAC = 0xFF                    # telnet's "interpret as command": option bytes follow it
+_TELNET_OPTION_VERBS = frozenset([251, 252, 253, 254])  # WILL, WON'T, DO, DON'T: one option byte follows
+_TELNET_SB, _TELNET_SE = 250, 240     # a subnegotiation runs from SB to IAC SE
+
+
+def text_encode(fields):
+    """The text door's encoder: an event as the line a person at nc reads, with its time and room."""
+    kind = fields["type"]
+    if kind == "message":
+        text = message_line(fields)
+    elif kind in ("ping", "pong", "synced", "challenge"):
+        return b""
+    else:
+        text = notice_text(fields)
+        if not text:
+            return b""
+        text = ("! " if kind in ("error", "bye") else "* ") + text
+    stamp = "[%s] " % (_history_time(fields.get("ts")) if fields.get("replay") else clock(fields.get("ts")))
+    return (stamp + text.replace("\n", "\r\n" + " " * len(stamp)) + "\r\n").encode("utf-8")
+
+
+def _drop_telnet_commands(buffer):
+    """Delete telnet's option negotiation from a bytearray, in place; leave an unfinished one at the end."""
+    start = buffer.find(b"\xff")
+    while start >= 0:
+        if start + 1 >= len(buffer):
+            return
+        verb = buffer[start + 1]
+        if verb in _TELNET_OPTION_VERBS:
+            if start + 2 >= len(buffer):
+                return
+            end = start + 3
+        elif verb == _TELNET_SB:
+            close = buffer.find(b"\xff\xf0", start + 2)
+            if close < 0:
+                if len(buffer) - start > 1024:  # an endless subnegotiation: no telnet sends one
+                    del buffer[start:]
+                return
+            end = close + 2
+        else:  # IAC IAC (a 0xFF byte, never UTF-8), IAC IP (Ctrl+C), IAC AYT...: two bytes
+            end = start + 2
+        del buffer[start:end]
+        start = buffer.find(b"\xff", start)
+
+
+class TextDoor(Door):
+    """People at nc or telnet: a name, then lines; the door every connection no other door claims comes to."""
+
+    name = "text"
+    encode = staticmethod(text_encode)
+    for_silence = True                      # asked for a name after SILENT_PROMPT_S of silence
+    hello_timeout_s = TEXT_HELLO_TIMEOUT_S  # a person types slower than a program
+    password_in_hello = True                # asked for after the name: refused in clear without TLS
+    retries_hello = True                    # a name that is taken is asked for again
+    reclaims = True                         # nc has no resume token: a lost name comes back from the same address
+    answers_pings = False                   # a person reading is silent, not gone
+
+    @staticmethod
+    def claims(first):
+        return True  # the last door: whatever nobody else claims
+
+    def __init__(self):
+        self.session = None
+        self.me = None  # the name the welcome gave
+        self.name = None  # the name typed, while the password is asked for
+        self.where = {"room": GENERAL_ROOM}  # where typed lines go: the room joined last
+        self.rooms = set()  # keys of the rooms one is in
+        self._skipping = False  # the rest of an overlong line is being dropped
+
+    def greet(self, session):
+        self.session = session
+        self._tell("Welcome to LocalChat on %s. Type your name and press Enter:" % session.hub.server_name)
+
+    def _tell(self, text, mark="*"):
+        self.session.outbox.put(("%s %s\r\n" % (mark, text)).encode("utf-8"))
+
+    def receiver(self, outbox):
+        return DoorReceiver(outbox, self)
+
+    def deliver_locked(self, outbox, event):
+        """Runs with the hub's lock held: keep track of one's name and rooms, skip one's own echo."""
+        fields = event.fields
+        kind = fields["type"]
+        if kind == "message" and fields.get("from") == self.me and not fields.get("replay"):
+            return  # what one typed is on one's screen already
+        data = event.encoded(text_encode)
+        if kind == "welcome":
+            self.me = fields["name"]
+            data += ("* Type a line and press Enter to send it; /help lists the commands.\r\n").encode("utf-8")
+        elif kind == "renamed" and fields["old"] == self.me:
+            self.me = fields["name"]
+        elif kind == "room":
+            self.rooms.add(name_key(fields["room"]))
+            self.where = {"room": fields["room"]}
+        elif kind == "left" and fields.get("room") and fields.get("name") == self.me:
+            self.rooms.discard(name_key(fields["room"]))
+            if name_key(self.where.get("room", "")) == name_key(fields["room"]):
+                self.where = {"room": GENERAL_ROOM}
+        if data:
+            outbox.push_locked(data)
+
+    def frames(self, buffer):
+        _drop_telnet_commands(buffer)
+        found = []
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(buffer[:end]).replace(b"\r", b"").replace(b"\x00", b"")
+            del buffer[:end + 1]
+            if self._skipping:
+                self._skipping = False
+                continue
+            if len(line) > TEXT_MAX_LINE_BYTES:
+                found.append(self._too_long())
+                continue
+            try:
+                found.append({"type": "door", "line": line.decode("utf-8")})
+            except UnicodeDecodeError:
+                found.append(ProtocolError("bad_utf8", "That line was not UTF-8; set your terminal to UTF-8."))
+        if len(buffer) > TEXT_MAX_LINE_BYTES:
+            del buffer[:]
+            self._skipping = True
+            found.append(self._too_long())
+        return found
+
+    @staticmethod
+    def _too_long():
+        return ProtocolError("line_too_long", "That line was longer than %d bytes, so it was not sent."
+                             % TEXT_MAX_LINE_BYTES)
+
+    def handle(self, session, frame):
+        line = frame.get("line")
+        if not isinstance(line, str):
+            raise ProtocolError("bad_field", 'A text line is missing.')
+        if session.seat is None:
+            return self._log_in(session, line)
+        where = dict(self.where)
+        action, value = parse_command(line, where, "chat")
+        if action == "send":
+            if value["type"] == "join" and name_key(value["room"]) in self.rooms:
+                self.where = {"room": value["room"]}  # already there: what follows goes to it
+                self._tell("Lines you type now go to %s." % room_label(value["room"]))
+                return None
+            return session._handle_frame(value)
+        if action == "quit":
+            return session._handle_frame({"type": "bye"})
+        if action == "help":
+            self._tell(value.replace("\n", "\r\n"))
+        elif action == "error":
+            self._tell(value, "!")
+        return None
+
+    def _log_in(self, session, line):
+        """The first line is the name; on a chat with a password, the next one is the password."""
+        if self.name is None:
+            name = line.strip()
+            if not name:
+                self._tell("Type your name and press Enter:")
+                return None
+            if session.hub.password is not None and (session.channel is not None or session.server.clear_passwords):
+                self.name = name
+                self._tell("This chat has a password. Type it and press Enter (it shows as you type):")
+                return None
+            return session._handle_frame({"type": "hello", "name": name, "version": PROTOCOL_VERSION})
+        name, self.name = self.name, None
+        return session._handle_frame({"type": "hello", "name": name, "version": PROTOCOL_VERSION,
+                                      "password": line})
+
+
+# -- Web: the chat page over HTTP, live traffic over WebSocket ----------------------
+#
+# A browser asks for the page (GET /, its script, style, manifest and icon), then
+# opens a WebSocket at /ws. Each WebSocket text message carries exactly one frame
+# of protocol v1, so the page speaks the same JSON as every other client and the
+# hub cannot tell them apart. HTTP is bounded: the request line and headers in
+# HTTP_MAX_HEAD_BYTES and HTTP_MAX_HEADERS, a deadline for them, and keep-alive
+# bounded in requests and idle time.
+
+HTTP_MAX_HEAD_BYTES = 8 * 1024   # a request line and its headers
+HTTP_MAX_HEADERS = 100           # headers in one request
+HTTP_HEAD_TIMEOUT_S = 10.0       # a request's line and headers must all come within this (slowloris)
+HTTP_KEEPALIVE_S = 15.0          # an idle keep-alive connection is closed after this
+HTTP_MAX_REQUESTS = 100          # requests on one keep-alive connection
+WS_ECHO_TIMEOUT_S = 120.0        # /ws/echo (--diagnostics only) may stay this long without a hello
+_HTTP_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2: a header's name, a method
+WEB_SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: "
+     "blob:; connect-src 'self'; manifest-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
+
+
+class WebResource(NamedTuple):
+    """One file the page is made of: its bytes, gzipped, and the ETag that makes a reload cost nothing."""
+
+    body: bytes
+    gzipped: bytes
+    content_type: str
+    etag: str
+
+
+def web_resource(text, content_type):
+    body = text.encode("utf-8")
+    return WebResource(body, gzip.compress(body, mtime=0), content_type,
+                       '"%s"' % hashlib.sha256(body).hexdigest()[:20])
+
+
+def web_resources():
+    """Return {path: WebResource} of the page: made once, on first use."""
+    global _WEB_RESOURCES
+    if _WEB_RESOURCES is None:
+        _WEB_RESOURCES = {
+            "/": web_resource(WEB_PAGE_HTML, "text/html; charset=utf-8"),
+            "/app.js": web_resource(WEB_PAGE_JS, "text/javascript; charset=utf-8"),
+            "/app.css": web_resource(WEB_PAGE_CSS, "text/css; charset=utf-8"),
+            "/manifest.webmanifest": web_resource(WEB_MANIFEST, "application/manifest+json; charset=utf-8"),
+            "/icon.svg": web_resource(WEB_ICON_SVG, "image/svg+xml; charset=utf-8"),
+        }
+    return _WEB_RESOURCES
+
+
+_WEB_RESOURCES = None
+
+
+def ws_encode(fields):
+    """The web door's encoder: a frame as one WebSocket text message; a goodbye also closes the WebSocket."""
+    data = websocket_frame(WS_OP_TEXT, encode_frame(fields)[:-1])
+    if fields.get("type") == "bye" or fields.get("fatal"):
+        going = fields.get("type") == "bye" and fields.get("reason") == "shutdown"
+        data += websocket_close_frame(WS_CLOSE_GOING_AWAY if going else
+                                      WS_CLOSE_NORMAL if fields.get("type") == "bye" else WS_CLOSE_POLICY)
+    return data
+
+
+class HttpRequest(NamedTuple):
+    method: str
+    path: str
+    version: str
+    headers: dict  # lower-case name -> value (repeated headers joined with ", ")
+    pairs: list    # (name, value) as they came, for the WebSocket handshake
+
+
+def parse_http_head(head):
+    """Return the HttpRequest of a request line and headers (bytes, no blank line), or raise ValueError."""
+    lines = head.decode("latin-1").split("\n")
+    parts = lines[0].rstrip("\r").split(" ")
+    if len(parts) != 3 or not _HTTP_TOKEN.match(parts[0]) or not parts[1].startswith("/") or \
+            parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        raise ValueError("a bad request line")
+    if len(lines) - 1 > HTTP_MAX_HEADERS:
+        raise OverflowError("too many headers")
+    headers, pairs = {}, []
+    for line in lines[1:]:
+        name, colon, value = line.rstrip("\r").partition(":")
+        if not colon or not _HTTP_TOKEN.match(name):
+            raise ValueError("a bad header line")
+        name, value = name.lower(), value.strip(" \t")
+        pairs.append((name, value))
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    return HttpRequest(parts[0], parts[1].partition("?")[0], parts[2], headers, pairs)
+
+
+class WebDoor(Door):
+    """Browsers: the chat page over HTTP, then protocol v1 over a WebSocket at /ws.
+
+    One per connection, on the connection's thread. Until the upgrade it answers
+    HTTP requests itself; after it, WebSocket text messages are protocol frames.
+    """
+
+    name = "web"
+    encode = staticmethod(ws_encode)
+    hello_timeout_s = HTTP_HEAD_TIMEOUT_S
+    methods = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+
+    @classmethod
+    def claims(cls, first):
+        if any(first.startswith(method) for method in cls.methods):
+            return True
+        return None if any(method.startswith(first) for method in cls.methods) else False
+
+    def __init__(self):
+        self.session = None
+        self.reader = None  # the WebSocketReader, after the upgrade
+        self.echo = False  # /ws/echo (--diagnostics): messages come back as they are
+        self.requests = 0
+        self.receiving = False  # part of a request has come (a timeout then gets 408)
+
+    def greet(self, session):
+        self.session = session
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def frames(self, buffer):
+        found = []
+        for _ in range(HTTP_MAX_REQUESTS + 1):  # each turn answers one request or stops
+            if not buffer:
+                break
+            if self.reader is not None:
+                data = bytes(buffer)
+                del buffer[:]
+                return found + self._websocket(data)
+            end, size = _head_end(buffer)
+            self.receiving = True
+            if end < 0:
+                if len(buffer) > HTTP_MAX_HEAD_BYTES:
+                    return found + self._refuse(431, "The request's headers are too long.")
+                break
+            head = bytes(buffer[:end])
+            del buffer[:end + size]
+            self.receiving = False
+            answer = self._request(head)
+            if answer:
+                return found + answer
+        return found
+
+    def _request(self, head):
+        """Answer one request; return frames for the session ([bye] to close), or [] to read on."""
+        if len(head) > HTTP_MAX_HEAD_BYTES:
+            return self._refuse(431, "The request's headers are too long.")
+        try:
+            request = parse_http_head(head)
+        except OverflowError:
+            return self._refuse(431, "The request has too many headers.")
+        except ValueError:
+            return self._refuse(400, "That is not an HTTP request this server understands.")
+        self.requests += 1
+        if request.path in ("/ws", "/ws/echo") and "upgrade" in request.headers:
+            return self._upgrade(request)
+        resource = web_resources().get(request.path)
+        if resource is None and request.path != "/ws":
+            return self._answer(request, 404, b"Not found. The chat is at /.\n")
+        if request.method not in ("GET", "HEAD") or resource is None:
+            allow = "GET" if resource is None else "GET, HEAD"
+            return self._answer(request, 405, b"That method is not allowed here.\n", [("Allow", allow)],
+                                close=request.method not in ("GET", "HEAD"))  # a body may follow: not read
+        return self._serve(request, resource)
+
+    def _serve(self, request, resource):
+        if resource.etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
+            return self._answer(request, 304, b"", [("ETag", resource.etag)])
+        zipped = _accepts_gzip(request.headers.get("accept-encoding", ""))
+        extra = [("ETag", resource.etag), ("Cache-Control", "no-cache"), ("Vary", "Accept-Encoding")]
+        if zipped:
+            extra.append(("Content-Encoding", "gzip"))
+        return self._answer(request, 200, resource.gzipped if zipped else resource.body, extra,
+                            content_type=resource.content_type)
+
+    def _answer(self, request, status, body, extra=(), content_type="text/plain; charset=utf-8", close=False):
+        """Send a response; return [bye] if the connection ends with it, else [] (keep-alive)."""
+        close = close or request.version == "HTTP/1.0" or self.requests >= HTTP_MAX_REQUESTS or \
+            "close" in request.headers.get("connection", "").lower()
+        self._send_response(status, body, extra, content_type, close, head_only=request.method == "HEAD")
+        if close:
+            return [{"type": "bye"}]
+        self.session.extend_hello(HTTP_KEEPALIVE_S)  # the next request has this long to begin and end
+        return []
+
+    def _refuse(self, status, sentence):
+        self._send_response(status, (sentence + "\n").encode("utf-8"), (), "text/plain; charset=utf-8", True)
+        log.info("%s: HTTP %d: %s", self.session.peer, status, sentence)
+        return [{"type": "bye"}]
+
+    def _send_response(self, status, body, extra, content_type, close, head_only=False):
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        headers += list(extra) + list(WEB_SECURITY_HEADERS)
+        headers.append(("Connection", "close") if close else
+                       ("Keep-Alive", "timeout=%d, max=%d" % (HTTP_KEEPALIVE_S, HTTP_MAX_REQUESTS)))
+        self.session.outbox.put(_http_head(status, headers) + (b"" if head_only else body))
+
+    # -- WebSocket -----------------------------------------------------------------
+
+    def _upgrade(self, request):
+        echo = request.path == "/ws/echo"
+        if echo and not self.session.server.diagnostics:
+            return self._answer(request, 404, b"Not found. The chat is at /.\n")
+        answer = websocket_handshake(request.method, request.pairs)
+        if answer.status != 101:
+            log.info("%s: WebSocket refused (%d): %s", self.session.peer, answer.status, answer.sentence)
+            self._send_response(answer.status, (answer.sentence + "\n").encode("utf-8"), answer.headers,
+                                "text/plain; charset=utf-8", True)
+            return [{"type": "bye"}]
+        self.session.outbox.put(_http_head(101, answer.headers))
+        self.reader, self.echo = WebSocketReader(), echo
+        self.session.extend_hello(WS_ECHO_TIMEOUT_S if echo else self.session.server.hello_timeout)
+        return []
+
+    def _websocket(self, data):
+        """Return the protocol frames (and ProtocolErrors) in bytes that came over the WebSocket."""
+        found = []
+        for event in self.reader.feed(data):
+            if event.reply:
+                self.session.outbox.put(event.reply)
+            if event.kind == "text" and not self.echo:
+                found.append(self._parsed(event.data))
+            elif event.kind in ("text", "binary") and self.echo:
+                opcode = WS_OP_TEXT if event.kind == "text" else WS_OP_BINARY
+                self.session.outbox.put(websocket_frame(opcode, event.data.encode("utf-8") if event.kind == "text"
+                                                        else event.data))
+            elif event.kind == "binary":
+                self.session.outbox.put(self.reader.begin_close(WS_CLOSE_UNSUPPORTED, "Text messages only."))
+                return found + [{"type": "bye"}]
+            elif event.kind == "close":
+                return found + [{"type": "bye"}]
+            elif event.kind == "fail":
+                log.info("%s: WebSocket failed (%d): %s", self.session.peer, event.code, event.reason)
+                return found + [{"type": "bye"}]
+        return found
+
+    @staticmethod
+    def _parsed(text):
+        try:
+            return parse_frame(text.encode("utf-8"))
+        except ProtocolError as error:
+            return error
+
+    def encode_own(self, fields):
+        if self.reader is None:  # still HTTP: a request that did not come in time gets 408
+            if fields.get("code") == "hello_timeout" and self.receiving:
+                body = b"The request did not come in time.\n"
+                return _http_head(408, [("Content-Type", "text/plain; charset=utf-8"),
+                                        ("Content-Length", str(len(body))), ("Connection", "close")]) + body
+            return b""
+        if self.reader.closing or self.echo:
+            return b""  # nothing may follow our close frame
+        if fields.get("type") == "bye" or fields.get("fatal"):
+            self.reader.closing = True
+        return ws_encode(fields)
+
+
+def _accepts_gzip(accept_encoding):
+    """Tell whether an Accept-Encoding header takes gzip ("gzip;q=0" refuses it)."""
+    for item in accept_encoding.lower().split(","):
+        coding, _, parameters = item.partition(";")
+        if coding.strip() in ("gzip", "x-gzip"):
+            return parameters.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+def _head_end(buffer):
+    """Return (where the headers end, the length of the blank line), or (-1, 0) if not yet."""
+    end = buffer.find(b"\r\n\r\n")
+    bare = buffer.find(b"\n\n", 0, end if end >= 0 else len(buffer))
+    if bare >= 0:
+        return bare, 2
+    return (end, 4) if end >= 0 else (-1, 0)
+
+
+def _http_head(status, headers):
+    lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase)]
+    lines += ["%s: %s" % pair for pair in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+DOORS = (JsonLinesDoor, WebDoor, IrcDoor, TextDoor)  # tried in order on a connection's first bytes; the last one takes the rest
 
 
 class Session(socketserver.BaseRequestHandler):
@@ -3521,12 +5367,13 @@ class Session(socketserver.BaseRequestHandler):
         self.outbox = self.server.transport.outbox(writer_sock)
         self._errors = RecentEvents(ERROR_WINDOW_S)
         self._silent_periods = 0
-        self._hello_deadline = time.monotonic() + self.server.hello_timeout
+        self._opened_at = time.monotonic()
+        self._hello_deadline = self._opened_at + self.server.hello_timeout
         self.server.add_session(self)
 
     def send_frame(self, fields):
         """Queue a frame meant for this connection only (takes the hub's lock)."""
-        self.outbox.put(self.outbox.encode(fields))
+        self.outbox.put(self.door.encode_own(fields) if self.door is not None else self.outbox.encode(fields))
 
     def handle(self):
         reason = "lost"
@@ -3545,16 +5392,20 @@ class Session(socketserver.BaseRequestHandler):
         so each gets a clear answer from a server of the other kind instead of a hang.
         """
         sock = self.request
-        sock.settimeout(self.server.hello_timeout)
+        context = self.server.tls_context
+        # A plain server waits only a moment: a silent peer may be a person at nc, to be asked a name.
+        ask_silent = context is None and self.server.door_for_silence() is not None
+        sock.settimeout(min(self.server.hello_timeout, SILENT_PROMPT_S) if ask_silent else self.server.hello_timeout)
         try:
             first = sock.recv(1, socket.MSG_PEEK)
         except socket.timeout:
+            if ask_silent:
+                return b""  # the reader loop asks for a name
             return self._on_protocol_error(ProtocolError("hello_timeout", "No hello came in time.", fatal=True))
         except OSError:
             return "lost"
         if not first:
             return "lost"
-        context = self.server.tls_context
         if looks_like_tls(first) != (context is not None):
             code, text = (("tls_required", "This server encrypts its connections (TLS); connect with encryption.")
                           if context is not None else
@@ -3596,10 +5447,12 @@ class Session(socketserver.BaseRequestHandler):
         reason = self._feed(buffer) if buffer else None
         while not reason:
             if self.seat is None:  # the hello has a deadline: a byte now and then must not hold a thread for ever
-                sock.settimeout(max(0.01, self._hello_deadline - time.monotonic()))
+                sock.settimeout(max(0.01, self._wait_before_hello(buffer)))
             try:
                 chunk = self._receive(sock)
             except socket.timeout:
+                if self.door is None and not buffer and self._silence_door():
+                    continue
                 if self._on_silence():
                     continue
                 return "timeout"
@@ -3612,15 +5465,35 @@ class Session(socketserver.BaseRequestHandler):
             reason = self._feed(buffer)
         return reason
 
+    def _wait_before_hello(self, buffer):
+        """Return the seconds to wait for bytes before the hello (or, when silent, before asking for a name)."""
+        left = self._hello_deadline - time.monotonic()
+        if self.door is None and not buffer and self.server.door_for_silence() is not None:
+            return min(left, self._opened_at + SILENT_PROMPT_S - time.monotonic())
+        return left
+
+    def _silence_door(self):
+        """The peer has said nothing: open the door for people at nc or telnet. Return True if there is one."""
+        door = self.server.door_for_silence()
+        if door is None or time.monotonic() < self._opened_at + SILENT_PROMPT_S - 0.05:
+            return False
+        self._choose(door)
+        return True
+
+    def _choose(self, door):
+        self.door = door()
+        self.outbox.encode = door.encode
+        if door.hello_timeout_s is not None:
+            self._hello_deadline = time.monotonic() + door.hello_timeout_s
+        self.door.greet(self)
+
     def _feed(self, buffer):
         """Choose the door if need be, then handle each complete frame; return a reason to stop, or None."""
         if self.door is None:
             door = self.server.door_for(bytes(buffer[:DOOR_SNIFF_BYTES]))
             if door is None:
                 return None  # it cannot tell yet: read on (the hello deadline still holds)
-            self.door = door()
-            self.outbox.encode = door.encode
-            self.door.greet(self)
+            self._choose(door)
         for item in self.door.frames(buffer):
             if isinstance(item, ProtocolError):
                 reason = self._on_protocol_error(item)
@@ -3656,6 +5529,8 @@ class Session(socketserver.BaseRequestHandler):
                 ProtocolError("hello_timeout", "No hello came in time; closing the connection.", fatal=True)
             )
             return False
+        if not self.door.answers_pings:
+            return True  # a person reading is silent, not gone (TCP keepalive finds a dead peer)
         self._silent_periods += 1
         if self._silent_periods > 1:
             return False
@@ -3679,6 +5554,8 @@ class Session(socketserver.BaseRequestHandler):
     def do_hello(self, frame):
         if self.seat is not None:
             raise ProtocolError("already_joined", "You have already joined as %s." % self.seat.name)
+        if self.hub.password is not None and not self._authenticated and self.door.password_in_hello:
+            self._check_password(frame.get("password"))
         if self.hub.password is not None and not self._authenticated:
             if self._challenge is not None:
                 raise ProtocolError("auth_first", "Answer the password challenge first.", fatal=True)
@@ -3692,14 +5569,16 @@ class Session(socketserver.BaseRequestHandler):
             if version < 1:
                 raise ProtocolError("bad_version", "Protocol version %d is not supported." % version)
             self.seat = self.hub.join(
-                self.outbox, frame_field(frame, "name", str), address=self.address,
+                self.door.receiver(self.outbox), frame_field(frame, "name", str), address=self.address,
                 identity=self._identity(frame),
                 resume=self._short_field(frame, "resume"),
                 last_id=frame_field(frame, "last_id", int, required=False),
                 rooms=frame_field(frame, "rooms", list, required=False),
+                reclaim=self.door.reclaims,
             )
         except ProtocolError as error:
-            error.fatal = True  # a refused hello ends the connection
+            # A refused hello ends the connection, unless the door asks a person for another name.
+            error.fatal = not (self.door.retries_hello and error.code in ("name_taken", "bad_name"))
             raise
         self.request.settimeout(self.server.idle_ping)
         log.info("%s joined from %s", self.seat.name, self.peer)
@@ -3719,6 +5598,31 @@ class Session(socketserver.BaseRequestHandler):
         """Return a digest of the client's identity token: the store never holds the token."""
         token = self._short_field(frame, "identity")
         return hashlib.sha256(token.encode("utf-8")).hexdigest()[:32] if token else None
+
+    def _check_password(self, password):
+        """Check a password a door carries itself (IRC's PASS, the text door's prompt); raise unless right.
+
+        Such a password crosses the network as it is: without TLS it is refused, unless
+        the server's owner allowed it (--allow-clear-passwords).
+        """
+        if self.channel is None and not self.server.clear_passwords:
+            raise ProtocolError("password_in_clear", "This chat has a password, and this server does not encrypt "
+                                "connections, so the password would cross the network in clear. Use LocalChat's "
+                                "own window or line client, or ask the server's owner for --tls.", fatal=True)
+        if not isinstance(password, str):
+            raise ProtocolError("password_required", "This chat needs a password.", fatal=True)
+        if not hmac.compare_digest(password.encode("utf-8", "replace"), self.hub.password.encode("utf-8")):
+            log.info("%s: wrong password", self.peer)
+            time.sleep(AUTH_FAILED_DELAY_S)  # this connection's own thread: slows guessing down
+            raise ProtocolError("auth_failed", "Wrong password.", fatal=True)
+        self._authenticated = True
+
+    def do_door(self, frame):
+        return self.door.handle(self, frame)
+
+    def extend_hello(self, seconds):
+        """Give the hello (or a door's next request) `seconds` from now: a door's own deadlines."""
+        self._hello_deadline = time.monotonic() + seconds
 
     def do_auth(self, frame):
         """The answer to a password challenge: HMAC-SHA256(password, nonce), in hex."""
@@ -3858,7 +5762,7 @@ class Session(socketserver.BaseRequestHandler):
 
 
 # =============================================================================
-# 11. Discovery: UDP probes and replies, finding servers on the LAN
+# 13. Discovery: UDP probes and replies, finding servers on the LAN
 # =============================================================================
 #
 # A server's DiscoveryResponder answers probes on its own "discovery" thread;
@@ -4321,7 +6225,402 @@ def _short_fingerprint(fingerprint):
 
 
 # =============================================================================
-# 12. Server: accept, threads, shutdown
+# 14. QR codes: the web address for a phone's camera (ISO/IEC 18004)
+# =============================================================================
+#
+# qr_matrix() makes the symbol: byte mode (UTF-8), error correction level M, the
+# smallest of the 40 versions that holds the text, and of the eight masks the one
+# the standard's penalty rules score lowest. qr_terminal() draws it with half
+# blocks, qr_png() as a PNG image (Tk's PhotoImage reads it too). Pure functions:
+# any thread may call them.
+
+QR_MAX_VERSION = 40               # the largest symbol, 177 x 177 modules
+QR_QUIET_MODULES = 4              # the light margin readers need around a symbol (the standard's minimum)
+QR_PNG_SCALE = 8                  # pixels a module in qr_png(): an address like http://192.168.1.7:13333/ is 264 wide
+# Error correction codewords per block and the number of blocks at level M, versions 1 to 40
+# (ISO/IEC 18004:2015 table 9); the data codewords are what is left of the symbol's capacity.
+QR_EC_PER_BLOCK_M = (10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26,
+                     26, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28)
+QR_BLOCKS_M = (1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16,
+               17, 17, 18, 20, 21, 23, 25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)
+QR_LEVEL_M_BITS = 0b00            # level M's two bits in the format information
+QR_BYTE_MODE = 0b0100             # the mode indicator of byte mode
+QR_PAD_CODEWORDS = b"\xec\x11"    # what fills the data capacity after the text, alternately
+QR_FIELD_POLYNOMIAL = 0x11D       # x^8 + x^4 + x^3 + x^2 + 1: GF(256) for Reed-Solomon
+QR_FORMAT_GENERATOR = 0x537       # BCH (15, 5) code of the format information
+QR_FORMAT_XOR = 0x5412            # XORed over the format information so that it is never all light
+QR_VERSION_GENERATOR = 0x1F25     # BCH (18, 6) code of the version information (versions 7 and up)
+QR_PENALTY_RUN = 3                # N1: a run of five modules of one colour in a line, plus 1 a module more
+QR_PENALTY_BLOCK = 3              # N2: each 2 x 2 block of one colour
+QR_PENALTY_FINDER = 40            # N3: each dark-light-dark-dark-dark-light-dark with 4 light beside it
+QR_PENALTY_BALANCE = 10           # N4: each full 5 % by which the dark share strays from half
+# Black on white whatever the terminal's theme, as a phone's reader expects: 47 (white) for
+# terminals that know eight colours, then 107 (bright white), which overrides it where known.
+QR_TERMINAL_COLOURS = "\x1b[30;47;107m"
+QR_TERMINAL_RESET = "\x1b[0m"
+_QR_HALF_BLOCKS = {(False, False): " ", (True, False): "\u2580", (False, True): "\u2584", (True, True): "\u2588"}
+_QR_MASKS = (  # the eight mask patterns: a module (row, column) is flipped where it gives True
+    lambda r, c: (r + c) % 2 == 0,
+    lambda r, c: r % 2 == 0,
+    lambda r, c: c % 3 == 0,
+    lambda r, c: (r + c) % 3 == 0,
+    lambda r, c: (r // 2 + c // 3) % 2 == 0,
+    lambda r, c: r * c % 2 + r * c % 3 == 0,
+    lambda r, c: (r * c % 2 + r * c % 3) % 2 == 0,
+    lambda r, c: ((r + c) % 2 + r * c % 3) % 2 == 0,
+)
+
+
+def _qr_field_tables():
+    """Return GF(256)'s exponent table (doubled, so sums of logarithms need no modulo) and log table."""
+    exponents, logarithms = [0] * 510, [0] * 256
+    value = 1
+    for power in range(255):
+        exponents[power] = exponents[power + 255] = value
+        logarithms[value] = power
+        value <<= 1
+        if value & 0x100:
+            value ^= QR_FIELD_POLYNOMIAL
+    return exponents, logarithms
+
+
+_QR_EXP, _QR_LOG = _qr_field_tables()
+
+
+def _qr_multiply(a, b):
+    """Return the product of two elements of GF(256)."""
+    if a == 0 or b == 0:
+        return 0
+    return _QR_EXP[_QR_LOG[a] + _QR_LOG[b]]
+
+
+def _qr_generator(degree):
+    """Return the Reed-Solomon generator polynomial (x - 1)(x - a)...(x - a^(degree-1)), highest power first."""
+    polynomial = [1]
+    for power in range(degree):
+        product = polynomial + [0]
+        for index, coefficient in enumerate(polynomial):
+            product[index + 1] ^= _qr_multiply(coefficient, _QR_EXP[power])
+        polynomial = product
+    return polynomial
+
+
+def qr_error_correction(data, count):
+    """Return the `count` Reed-Solomon codewords of a block: data times x^count modulo the generator."""
+    generator = _qr_generator(count)
+    remainder = [0] * count
+    for byte in data:
+        factor = byte ^ remainder[0]
+        remainder = remainder[1:] + [0]
+        for index in range(count):
+            remainder[index] ^= _qr_multiply(generator[index + 1], factor)
+    return bytes(remainder)
+
+
+def _qr_bch(value, bits, generator):
+    """Return value followed by its BCH check bits: value * x^bits plus the remainder modulo generator."""
+    shifted = value << bits
+    remainder = shifted
+    for shift in range(value.bit_length() - 1, -1, -1):
+        if remainder >> (shift + bits) & 1:
+            remainder ^= generator << shift
+    return shifted | remainder
+
+
+def qr_format_bits(mask):
+    """Return the 15 format information bits of level M with this mask (0-7), XOR-masked."""
+    return _qr_bch(QR_LEVEL_M_BITS << 3 | mask, 10, QR_FORMAT_GENERATOR) ^ QR_FORMAT_XOR
+
+
+def qr_version_bits(version):
+    """Return the 18 version information bits that versions 7 and up carry twice."""
+    return _qr_bch(version, 12, QR_VERSION_GENERATOR)
+
+
+def qr_alignment_positions(version):
+    """Return the rows (and columns) on which the version's alignment patterns are centred."""
+    if version == 1:
+        return []
+    count = version // 7 + 2
+    step = (version * 8 + count * 3 + 5) // (count * 4 - 4) * 2  # even, the last gap takes the rest
+    last = version * 4 + 10
+    return [6] + [last - step * index for index in range(count - 2, -1, -1)]
+
+
+def _qr_raw_codewords(version):
+    """Return the codewords a symbol holds: its modules less the function patterns, in whole bytes."""
+    modules = (16 * version + 128) * version + 64
+    if version >= 2:
+        count = version // 7 + 2
+        modules -= (25 * count - 10) * count - 55  # alignment patterns, less their overlap with timing
+    if version >= 7:
+        modules -= 36  # the two copies of the version information
+    return modules // 8
+
+
+def qr_data_capacity(version):
+    """Return the data codewords of a level M symbol of this version."""
+    return _qr_raw_codewords(version) - QR_EC_PER_BLOCK_M[version - 1] * QR_BLOCKS_M[version - 1]
+
+
+def _qr_count_bits(version):
+    """Return the length in bits of byte mode's character count for this version."""
+    return 8 if version <= 9 else 16
+
+
+def qr_byte_capacity(version):
+    """Return the most bytes a level M symbol of this version holds in byte mode."""
+    return (qr_data_capacity(version) * 8 - 4 - _qr_count_bits(version)) // 8
+
+
+def qr_version_for(length):
+    """Return the smallest version that holds `length` bytes; UserError if even version 40 does not."""
+    for version in range(1, QR_MAX_VERSION + 1):
+        if length <= qr_byte_capacity(version):
+            return version
+    raise UserError("A QR code holds at most %d bytes; this text has %d."
+                    % (qr_byte_capacity(QR_MAX_VERSION), length))
+
+
+def _qr_data_codewords(data, version):
+    """Return the data codewords: mode, count, the bytes, a terminator, then padding to capacity."""
+    capacity = qr_data_capacity(version)
+    bits = format(QR_BYTE_MODE, "04b") + format(len(data), "0%db" % _qr_count_bits(version))
+    bits += "".join(format(byte, "08b") for byte in data)
+    bits += "0" * min(4, capacity * 8 - len(bits))  # the terminator, cut short when space runs out
+    bits += "0" * (-len(bits) % 8)
+    codewords = bytes(int(bits[start:start + 8], 2) for start in range(0, len(bits), 8))
+    padding = QR_PAD_CODEWORDS * capacity
+    return codewords + padding[:capacity - len(codewords)]
+
+
+def _qr_blocks(codewords, version):
+    """Return the data codewords cut into the version's blocks: the short ones first, then one longer."""
+    count = QR_BLOCKS_M[version - 1]
+    short, longer = divmod(len(codewords), count)
+    blocks, start = [], 0
+    for index in range(count):
+        size = short + (index >= count - longer)
+        blocks.append(codewords[start:start + size])
+        start += size
+    return blocks
+
+
+def _qr_interleave(blocks):
+    """Return the first codeword of every block, then every second, and so on."""
+    result = bytearray()
+    for index in range(max(len(block) for block in blocks)):
+        result.extend(block[index] for block in blocks if index < len(block))
+    return bytes(result)
+
+
+def qr_codewords(data, version):
+    """Return every codeword of a symbol in placement order: data blocks interleaved, then their error correction."""
+    blocks = _qr_blocks(_qr_data_codewords(data, version), version)
+    count = QR_EC_PER_BLOCK_M[version - 1]
+    return _qr_interleave(blocks) + _qr_interleave([qr_error_correction(block, count) for block in blocks])
+
+
+class _QrGrid:
+    """A symbol being built: its modules (True is dark) and which of them belong to function patterns."""
+
+    def __init__(self, version):
+        self.size = size = version * 4 + 17
+        self.dark = [[False] * size for _ in range(size)]
+        self.fixed = [[False] * size for _ in range(size)]
+        self._draw_finders()
+        self._draw_timing()
+        self._draw_alignments(qr_alignment_positions(version))
+        for row, column, _dark in self._format_modules(0):
+            self._set(row, column, False)  # reserved here; masked() draws the real bits
+        if version >= 7:
+            self._draw_version(qr_version_bits(version))
+
+    def _set(self, row, column, dark):
+        self.dark[row][column] = dark
+        self.fixed[row][column] = True
+
+    def _draw_finders(self):
+        """Draw the three finder patterns with their light separators."""
+        for top, left in ((0, 0), (0, self.size - 7), (self.size - 7, 0)):
+            for row in range(max(top - 1, 0), min(top + 8, self.size)):
+                for column in range(max(left - 1, 0), min(left + 8, self.size)):
+                    ring = max(abs(row - top - 3), abs(column - left - 3))
+                    self._set(row, column, ring not in (2, 4))
+
+    def _draw_timing(self):
+        """Draw the timing patterns: alternate modules on row 6 and column 6 between the finders."""
+        for index in range(8, self.size - 8):
+            self._set(6, index, index % 2 == 0)
+            self._set(index, 6, index % 2 == 0)
+
+    def _draw_alignments(self, positions):
+        """Draw a 5 x 5 alignment pattern at every crossing of positions not taken by a finder."""
+        corners = {(6, 6), (6, positions[-1] if positions else 6), (positions[-1] if positions else 6, 6)}
+        for centre_row, centre_column in itertools.product(positions, positions):
+            if (centre_row, centre_column) in corners:
+                continue
+            for row in range(centre_row - 2, centre_row + 3):
+                for column in range(centre_column - 2, centre_column + 3):
+                    self._set(row, column, max(abs(row - centre_row), abs(column - centre_column)) != 1)
+
+    def _format_modules(self, bits):
+        """Yield (row, column, dark) for both copies of the 15 format bits, then the dark module."""
+        size = self.size
+        for index in range(15):  # index 0 is the least significant bit
+            dark = bool(bits >> index & 1)
+            if index < 8:
+                yield (index if index < 6 else index + 1), 8, dark  # down column 8, over the timing row
+                yield 8, size - 1 - index, dark
+            else:
+                yield 8, (7 if index == 8 else 14 - index), dark  # along row 8, over the timing column
+                yield size - 15 + index, 8, dark
+        yield size - 8, 8, True  # the dark module, always there
+
+    def _draw_version(self, bits):
+        """Draw the 18 version bits in the 6 x 3 blocks beside the top right and bottom left finders."""
+        for index in range(18):
+            dark = bool(bits >> index & 1)
+            near, far = index // 3, self.size - 11 + index % 3
+            self._set(near, far, dark)
+            self._set(far, near, dark)
+
+    def _data_positions(self):
+        """Yield the free modules in placement order: up and down two-column strips from the bottom right."""
+        size = self.size
+        for right in list(range(size - 1, 7, -2)) + [5, 3, 1]:  # column 6 is the timing pattern's
+            upward = (right + 1) & 2 == 0
+            for step in range(size):
+                row = size - 1 - step if upward else step
+                for column in (right, right - 1):
+                    if not self.fixed[row][column]:
+                        yield row, column
+
+    def place(self, codewords):
+        """Place the codewords' bits, most significant first; remainder bits stay light."""
+        bits = "".join(format(byte, "08b") for byte in codewords)
+        for (row, column), bit in zip(self._data_positions(), bits):
+            self.dark[row][column] = bit == "1"
+
+    def masked(self, mask):
+        """Return the rows with mask applied to the free modules and the matching format bits drawn."""
+        flip = _QR_MASKS[mask]
+        rows = [[dark != (not fixed and flip(r, c)) for c, (dark, fixed) in enumerate(zip(dark_row, fixed_row))]
+                for r, (dark_row, fixed_row) in enumerate(zip(self.dark, self.fixed))]
+        for row, column, dark in self._format_modules(qr_format_bits(mask)):
+            rows[row][column] = dark
+        return rows
+
+
+def _qr_run_penalty(line):
+    """Return rule N1 for one row or column: runs of five or more modules of one colour."""
+    total = 0
+    for _colour, run in itertools.groupby(line):
+        length = sum(1 for _ in run)
+        if length >= 5:
+            total += QR_PENALTY_RUN + length - 5
+    return total
+
+
+def _qr_finder_penalty(line):
+    """Return rule N3 for one line: each 1:1:3:1:1 pattern with four light modules before or after it.
+
+    The quiet zone counts as light, since it is light in every drawing.
+    """
+    text = "0000" + "".join("1" if dark else "0" for dark in line) + "0000"
+    count = 0
+    start = text.find("1011101")
+    while start >= 0:
+        if text[start - 4:start] == "0000" or text[start + 7:start + 11] == "0000":
+            count += 1
+        start = text.find("1011101", start + 1)
+    return count * QR_PENALTY_FINDER
+
+
+def _qr_block_penalty(rows):
+    """Return rule N2: each 2 x 2 block of one colour (overlapping blocks all count)."""
+    count = 0
+    for upper, lower in zip(rows, rows[1:]):
+        for column in range(len(upper) - 1):
+            count += upper[column] == upper[column + 1] == lower[column] == lower[column + 1]
+    return count * QR_PENALTY_BLOCK
+
+
+def _qr_balance_penalty(rows):
+    """Return rule N4: how far the share of dark modules strays from half, in whole steps of 5 %."""
+    total = len(rows) * len(rows[0])
+    dark = sum(map(sum, rows))
+    return abs(dark * 20 - total * 10) // total * QR_PENALTY_BALANCE
+
+
+def qr_penalty(rows):
+    """Return a symbol's penalty under the standard's rules N1 to N4: the encoder keeps the lowest."""
+    lines = [list(row) for row in rows] + [list(column) for column in zip(*rows)]
+    return (sum(_qr_run_penalty(line) + _qr_finder_penalty(line) for line in lines)
+            + _qr_block_penalty(rows) + _qr_balance_penalty(rows))
+
+
+def qr_matrix(text, mask=None):
+    """Return the QR code of text as rows of booleans, True for dark, without the quiet zone.
+
+    Byte mode with UTF-8, error correction level M, the smallest version that holds
+    the text; the mask is the one with the lowest penalty (the first of equals)
+    unless `mask` names one (0-7). Raises UserError past 2,331 bytes.
+    """
+    data = text.encode("utf-8")
+    version = qr_version_for(len(data))
+    grid = _QrGrid(version)
+    grid.place(qr_codewords(data, version))
+    candidates = [grid.masked(each) for each in (range(8) if mask is None else [mask])]
+    return min(candidates, key=qr_penalty)
+
+
+def _qr_framed(text, mask=None):
+    """Return qr_matrix(text, mask) inside its light quiet zone."""
+    rows = qr_matrix(text, mask)
+    width = len(rows) + 2 * QR_QUIET_MODULES
+    margin = [False] * QR_QUIET_MODULES
+    blank = [[False] * width for _ in range(QR_QUIET_MODULES)]
+    return blank + [margin + row + margin for row in rows] + [list(row) for row in blank]
+
+
+def qr_terminal(text):
+    """Return the QR code of text for a terminal: half blocks, two module rows a line, black on white.
+
+    The colours are set explicitly on every line, so the code reads the same on dark
+    and light themes; print it only where escape sequences work (a terminal).
+    """
+    rows = _qr_framed(text)
+    rows.append([False] * len(rows[0]))  # an odd count: the last line's lower half is margin
+    lines = []
+    for upper, lower in zip(rows[0::2], rows[1::2]):
+        cells = "".join(_QR_HALF_BLOCKS[pair] for pair in zip(upper, lower))
+        lines.append(QR_TERMINAL_COLOURS + cells + QR_TERMINAL_RESET)
+    return "\n".join(lines) + "\n"
+
+
+def _png_chunk(kind, data):
+    """Return one PNG chunk: length, type, data and the CRC of type and data."""
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def qr_png(text, scale=QR_PNG_SCALE, mask=None):
+    """Return a PNG image (bytes) of qr_matrix(text, mask): 8-bit grey, `scale` pixels a module, quiet zone included.
+
+    Tk shows it with tkinter.PhotoImage(data=base64.b64encode(png)) (Tk 8.6 reads PNG).
+    """
+    rows = _qr_framed(text, mask)
+    side = len(rows) * scale
+    dark, light = b"\x00" * scale, b"\xff" * scale
+    pixels = b"".join((b"\x00" + b"".join(dark if module else light for module in row)) * scale
+                      for row in rows)  # each line starts with filter type 0: none
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # depth 8, grey, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(pixels, 9)) + _png_chunk(b"IEND", b""))
+
+
+# =============================================================================
+# 15. Server: accept, threads, shutdown
 # =============================================================================
 #
 # ChatServer accepts on the thread running serve_forever() and gives every
@@ -4337,8 +6636,10 @@ class ChatServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, address=(DEFAULT_HOST, DEFAULT_PORT), hub=None, hello_timeout=HELLO_TIMEOUT_S,
                  idle_ping=IDLE_PING_S, tls_context=None, queue_budget=QUEUE_BUDGET_BYTES,
-                 select_limit=SELECT_LIMIT, doors=DOORS):
+                 select_limit=SELECT_LIMIT, doors=DOORS, clear_passwords=False, diagnostics=False):
         self.tls_context = tls_context  # an ssl.SSLContext: every connection is encrypted
+        self.diagnostics = diagnostics  # --diagnostics: the web door answers /ws/echo (for Autobahn|Testsuite)
+        self.clear_passwords = clear_passwords  # the IRC and text doors may take a password without TLS
         self.doors = tuple(doors)  # Door classes, tried in order on each connection's first bytes
         self.local_exempt = True  # connections from this computer do not count towards max_per_ip
         self.hub = hub if hub is not None else ChatHub(server_name=socket.gethostname())
@@ -4379,6 +6680,13 @@ class ChatServer(socketserver.ThreadingTCPServer):
     @property
     def port(self):
         return self.server_address[1]
+
+    def door_for_silence(self):
+        """Return the Door for a connection that says nothing at first (a person at nc), or None."""
+        for door in self.doors:
+            if door.for_silence:
+                return door
+        return None
 
     def door_for(self, first):
         """Return the Door class for a connection that began with `first`, or None to read more.
@@ -4653,8 +6961,31 @@ def raise_open_file_limit():
             pass
 
 
+def web_address(host, port, tls):
+    """Return the address a browser opens for the chat: http://192.168.1.7:13333/ (https with TLS)."""
+    shown = "[%s]" % host if ":" in host else host
+    return "%s://%s:%d/" % ("https" if tls else "http", shown, port)
+
+
+def print_qr_code(text, stream=None):
+    """Draw text's QR code on a terminal that can show it; return True if it was drawn."""
+    stream = stream or sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()) or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        drawing = qr_terminal(text)
+        drawing.encode(stream.encoding or "ascii")  # a console that cannot show half blocks gets none
+    except (UnicodeEncodeError, LookupError, UserError):
+        return False
+    if os.name == "nt":
+        os.system("")  # lets a Windows 10 console obey the colour escape sequences
+    stream.write(drawing)
+    return True
+
+
 def print_join_instructions(server, host):
-    """Print where the server listens and the command the others should run."""
+    """Print where the server listens, the command the others should run, and the web address with its QR code."""
     port = server.port
     print("LocalChat %s server listening on %s:%d" % (__version__, host, port))
     if host in ("", "0.0.0.0", "::"):
@@ -4669,9 +7000,18 @@ def print_join_instructions(server, host):
         print("People on this network can join with:")
         for address in addresses:
             print("    python3 localchat.py YOUR-NAME --server %s%s" % (address, suffix))
+        print("IRC clients (HexChat, irssi, WeeChat...) and nc or telnet use the same address and port %d:" % port)
+        print("    nc %s %d" % (addresses[0], port))
+        web = web_address(addresses[0], port, server.tls_context is not None)
+        print("Phones and browsers open %s, or point a phone's camera at this code:" % web)
+        sys.stdout.flush()
+        if not print_qr_code(web):
+            print("    (the code is drawn when the server runs in a terminal)")
     elif host in ("", "0.0.0.0", "::"):
         print("No network address found: is this computer connected to the network?")
     print("On this computer: python3 localchat.py YOUR-NAME%s" % (" --server 127.0.0.1" + suffix if suffix else ""))
+    if not addresses:
+        print("A browser on this computer opens %s" % web_address("127.0.0.1", port, server.tls_context is not None))
     print("Stop the server with Ctrl+C.")
     sys.stdout.flush()
 
@@ -4737,7 +7077,8 @@ def run_server(args):
     hub.moderation.own_addresses = set(lan_addresses())  # and loopback: never banned by address
     context, fingerprint = server_certificate(args) if args.tls else (None, None)
     try:
-        server = ChatServer((args.host, args.port), hub=hub, tls_context=context)
+        server = ChatServer((args.host, args.port), hub=hub, tls_context=context,
+                            clear_passwords=args.allow_clear_passwords, diagnostics=args.diagnostics)
     except OSError as error:
         store.close()
         raise UserError(bind_error_sentence(error, args.host, args.port)) from None
@@ -4749,6 +7090,9 @@ def run_server(args):
     print(where)
     if hub.password is not None:
         print("A password is needed to join.")
+        if context is None and not args.allow_clear_passwords:
+            print("IRC clients and nc cannot join: they would send the password unencrypted. Use --tls, or "
+                  "--allow-clear-passwords to let them anyway.")
     if fingerprint:
         print("Connections are encrypted. Certificate fingerprint (SHA-256), for people to compare:")
         print("    " + fingerprint)
@@ -4778,7 +7122,7 @@ def run_server(args):
 
 
 # =============================================================================
-# 13. Client connection (no Tk)
+# 16. Client connection (no Tk)
 # =============================================================================
 #
 # ChatConnection is what both clients use: connect and hello on the caller's
@@ -5215,121 +7559,6 @@ class ChatConnection:
             sock.close()
 
 
-# What a person types and reads, for both clients.
-
-_LEFT_WORDS = {
-    "quit": "left",
-    "part": "left",
-    "lost": "lost the connection",
-    "timeout": "timed out",
-    "too_slow": "could not keep up and was disconnected",
-    "flood": "was disconnected for flooding",
-    "kicked": "was kicked",
-    "banned": "was banned",
-    "error": "was disconnected for sending bad data",
-    "shutdown": "left as the server shut down",
-}
-
-
-def parse_input(line, where=None):
-    """Return (action, value) for a line a person typed in a conversation: parse_command in a chat.
-
-    `where` ({"room": name} or {"to": name}, where plain text goes) defaults to the
-    general room. action is "send" (value: the frame to post), "quit", "help"
-    (value: the help text), "error" (value: a sentence), or None for a blank line.
-    """
-    return parse_command(line, where if where is not None else {"room": GENERAL_ROOM}, "chat")
-
-
-def room_label(room):
-    return "#" + room
-
-
-def notice_text(frame):
-    """Return the sentence shown for a frame other than a message, or None."""
-    describe = _NOTICES.get(frame.get("type"))
-    return describe(frame) if describe else None
-
-
-def _users_notice(frame):
-    users = frame.get("users") or []
-    away = frame.get("away") or {}
-    shown = ", ".join(u + (" (away: %s)" % away[u] if u in away else "") for u in users)
-    where = " in %s" % room_label(frame["room"]) if frame.get("room") else ""
-    return "%d here%s: %s" % (len(users), where, shown)
-
-
-def _left_notice(frame):
-    if frame.get("text"):
-        return frame["text"]  # a kick or ban, told with who did it and why
-    reason = frame.get("reason")
-    words = _LEFT_WORDS.get(reason, "left (%s)" % reason)
-    if frame.get("room"):
-        return "%s %s %s" % (frame.get("name"), words, room_label(frame["room"]))
-    return "%s %s" % (frame.get("name"), words)
-
-
-def _topic_notice(frame):
-    room, topic = room_label(str(frame.get("room"))), frame.get("topic")
-    if frame.get("by"):
-        return ("%s set the topic of %s: %s" % (frame["by"], room, topic) if topic
-                else "%s cleared the topic of %s" % (frame["by"], room))
-    return "Topic of %s: %s" % (room, topic) if topic else "%s has no topic." % room
-
-
-def _rooms_notice(frame):
-    rooms = frame.get("rooms") or []
-    parts = ["%s (%s)%s" % (room_label(r.get("name")), r.get("users"), ": " + r["topic"] if r.get("topic") else "")
-             for r in rooms]
-    return "Rooms: " + ", ".join(parts) if parts else "There are no rooms."
-
-
-def _room_notice(frame):
-    users = frame.get("users") or []
-    topic = " Topic: %s" % frame["topic"] if frame.get("topic") else ""
-    return "You are in %s with %d here: %s.%s" % (room_label(frame.get("room")), len(users), ", ".join(users), topic)
-
-
-_NOTICES = {
-    "joined": lambda f: "%s joined %s" % (f.get("name"), room_label(f["room"])) if f.get("room")
-    else "%s joined" % f.get("name"),
-    "left": _left_notice,
-    "users": _users_notice,
-    "welcome": lambda f: "Welcome, %s!" % f.get("name") if not f.get("resumed") else "Reconnected.",
-    "room": _room_notice,
-    "topic": _topic_notice,
-    "rooms": _rooms_notice,
-    "notice": lambda f: f.get("text"),
-    "renamed": lambda f: "%s is now known as %s" % (f.get("old"), f.get("name")),
-    "away": lambda f: ("%s is away: %s" % (f.get("name"), f["text"])) if f.get("text")
-    else "%s is back" % f.get("name"),
-    "history_end": lambda f: None if f.get("count") else "No older messages.",
-    "error": lambda f: f.get("text") or "error",
-    "bye": lambda f: f.get("text") or "bye",
-    "disconnected": lambda f: f.get("text") or "Disconnected.",
-    "reconnecting": lambda f: f.get("text") or "Reconnecting...",
-}
-
-
-def message_line(frame):
-    """Return a message as the one line the line client prints (after the time)."""
-    sender, text = frame.get("from"), frame.get("text")
-    if frame.get("to") is not None:
-        where = "[%s -> %s] " % (sender, frame["to"])
-        return where + ("* %s %s" % (sender, text) if frame.get("action") else text) + (
-            " (will be delivered when %s returns)" % frame["to"] if frame.get("queued") else "")
-    room = frame.get("room")
-    prefix = room_label(room) + " " if room else ""  # every line names its room (or, above, its person)
-    if frame.get("action"):
-        return "%s* %s %s" % (prefix, sender, text)
-    return "%s<%s> %s" % (prefix, sender, text)
-
-
-def clock(ts=None):
-    """Return local time as HH:MM:SS for a timestamp (now if None)."""
-    return time.strftime("%H:%M:%S", time.localtime(ts if isinstance(ts, (int, float)) else None))
-
-
 def config_dir():
     """Return the folder for the client's settings (LOCALCHAT_CONFIG_DIR overrides it)."""
     override = os.environ.get("LOCALCHAT_CONFIG_DIR")
@@ -5443,7 +7672,7 @@ def load_identity():
 
 
 # =============================================================================
-# 14. Tk window
+# 17. Tk window
 # =============================================================================
 #
 # ChatWindow runs on the Tk thread only. The connection's threads put frames on
@@ -6643,7 +8872,7 @@ def run_window(args):
 
 
 # =============================================================================
-# 15. Terminal client
+# 18. Terminal client
 # =============================================================================
 #
 # A line client for terminals and scripts. The main thread owns stdout; a stdin
@@ -7186,7 +9415,7 @@ def run_cli(args):
 
 
 # =============================================================================
-# 16. Command line
+# 19. Command line
 # =============================================================================
 
 DESCRIPTION = """\
@@ -7249,6 +9478,12 @@ def build_parser():
     server.add_argument("--key", metavar="FILE", help="... and this private key (PEM)")
     server.add_argument("--op", action="append", metavar="NAME",
                         help="make NAME an operator (may be given several times)")
+    server.add_argument("--diagnostics", action="store_true",
+                        help="answer WebSocket echo requests at /ws/echo, for testing the WebSocket framing "
+                        "with Autobahn|Testsuite; not for a chat in use")
+    server.add_argument("--allow-clear-passwords", action="store_true",
+                        help="with --password and without --tls: let IRC clients and nc join, though "
+                        "their password then crosses the network unencrypted (refused by default)")
     parser.add_argument("--tls", action="store_true",
                         help="server: encrypt every connection (a certificate is made the first time); "
                         "client: insist on encryption (used anyway when the server asks for it)")
@@ -7288,7 +9523,9 @@ def check_args(parser, args):
                           ("--history", args.history), ("--no-history", args.no_history),
                           ("--scrollback", args.scrollback), ("--op", args.op),
                           ("--name", args.server_name), ("--no-discovery", args.no_discovery),
-                          ("--cert", args.cert), ("--key", args.key)) + tuple(
+                          ("--cert", args.cert), ("--key", args.key),
+                          ("--allow-clear-passwords", args.allow_clear_passwords),
+                          ("--diagnostics", args.diagnostics)) + tuple(
             ("--" + attribute.replace("_", "-"), getattr(args, attribute)) for attribute, _, _ in Limits.TABLE):
         if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)

@@ -8,12 +8,15 @@ bounded in count and time. No traffic goes anywhere but the loopback interface.
 """
 
 import ast
+import base64
 import codecs
 import collections
 import datetime
 import gc
+import gzip
 import hashlib
 import hmac
+import http.client
 import io
 import ipaddress
 import json
@@ -39,6 +42,7 @@ import tempfile
 import threading
 import time
 import unittest
+import zlib
 from pathlib import Path
 from unittest import mock
 
@@ -1218,7 +1222,9 @@ class ConversationCoreTests(HubHelpers, unittest.TestCase):
                                  {"type": "topic", "room": "games", "topic": "chess at five", "by": "alice"})
         self.assertEqual(carol.events, [])
         self.hub.topic(bob.seat, "games")
-        self.assertEqual(bob.take(), [{"type": "topic", "room": "games", "topic": "chess at five"}])
+        (answer,) = bob.take()
+        self.assertLess(abs(answer.pop("set_at") - time.time()), 60)
+        self.assertEqual(answer, {"type": "topic", "room": "games", "topic": "chess at five", "set_by": "alice"})
         self.assertRefused("not_in_room", self.hub.topic, carol.seat, "games")
         self.assertRefused("not_in_room", self.hub.set_topic, carol.seat, "games", "mine now")
         self.hub.leave_room(alice.seat, "games")
@@ -2446,6 +2452,7 @@ class DoorContract:
     """
 
     door = None  # the Door class under test
+    echoes_own = True  # the door sends people their own messages back
 
     def door_client(self, name):
         """Connect through the door and join as name; return the client (see JsonDoorClient)."""
@@ -2464,7 +2471,8 @@ class DoorContract:
         alice.say("hello from the door")
         frame, _ = bob.read_until(from_alice)
         self.assertEqual(summary(frame, "from", "room", "text"), ("alice", "general", "hello from the door"))
-        self.assertEqual(alice.next_message(), ("alice", "general", "hello from the door"))
+        if self.echoes_own:  # the text door does not: what a person typed is on the screen already
+            self.assertEqual(alice.next_message(), ("alice", "general", "hello from the door"))
         bob.say("hello back")
         self.assertEqual(alice.next_message(), ("bob", "general", "hello back"))
         alice.join_room("games")
@@ -2564,6 +2572,1221 @@ class JsonLinesDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         self.assertEqual(summary(frame, "from", "text"), ("I-AM-carol", "hi from the other door"))
 
 
+class IrcMessage(collections.namedtuple("IrcMessage", "tags prefix command params")):
+    """One line from the server, parsed as RFC 1459 and IRCv3 message tags read it."""
+
+    @property
+    def nick(self):
+        return self.prefix.split("!")[0] if self.prefix else None
+
+
+def parse_irc(line):
+    """Return the IrcMessage of one line of bytes (without CRLF); the test fails on bad UTF-8."""
+    text = line.decode("utf-8")
+    tags = {}
+    if text.startswith("@"):
+        raw, _, text = text.partition(" ")
+        tags = dict(item.partition("=")[::2] for item in raw[1:].split(";"))
+    prefix = None
+    if text.startswith(":"):
+        prefix, _, text = text[1:].partition(" ")
+    head, colon, trailing = text.partition(" :")
+    params = [param for param in head.split(" ") if param]
+    if colon:
+        params.append(trailing)
+    return IrcMessage(tags, prefix, params[0], params[1:])
+
+
+def is_irc(command, *params):
+    """Return a predicate for lines of one command (or numeric) whose first parameters are these."""
+    return lambda message: message.command == command and tuple(message.params[:len(params)]) == params
+
+
+class LineClient:
+    """A test's end of a line-based connection (IRC or the text door): send lines, read lines with deadlines."""
+
+    def __init__(self, address, sock=None):
+        self.sock = sock or socket.create_connection(address, timeout=READ_TIMEOUT_S)
+        self.buffer = bytearray()
+        self.at_eof = False
+        self.raw_lines = []  # every line read, as bytes: for the 512-byte checks
+
+    def send(self, *lines):
+        self.send_raw(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+
+    def send_raw(self, data):
+        self.sock.settimeout(READ_TIMEOUT_S)
+        self.sock.sendall(data)
+
+    def read_raw_line(self, timeout=READ_TIMEOUT_S):
+        """Return the next line as bytes (without its line end), or None once the server has closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end + 1])
+                del self.buffer[:end + 1]
+                self.raw_lines.append(line)
+                return line.rstrip(b"\r\n")
+            if self.at_eof:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no line within %.1f s; have %r" % (timeout, bytes(self.buffer[:200])))
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self.at_eof = True
+            self.buffer += data
+
+    def read(self, timeout=READ_TIMEOUT_S):
+        """Return the next line, decoded, or None once the server has closed."""
+        line = self.read_raw_line(timeout)
+        return None if line is None else line.decode("utf-8")
+
+    def read_until(self, predicate, timeout=READ_TIMEOUT_S):
+        """Read until a line satisfies predicate; return (it, the lines before it)."""
+        skipped = []
+        deadline = time.monotonic() + timeout
+        for _ in range(MAX_FRAMES):
+            line = self.read(max(0.01, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError("the server closed first; lines: %r" % (skipped[-20:],))
+            if predicate(line):
+                return line, skipped
+            skipped.append(line)
+        raise AssertionError("too many lines")
+
+    def assert_silent(self, timeout=0.3):
+        """Check that nothing more comes within timeout (a bounded wait for an absence)."""
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        if readable or self.buffer:
+            data = bytes(self.buffer) or self.sock.recv(4096)
+            raise AssertionError("expected nothing, got %r" % data[:300])
+
+    def close(self):
+        self.sock.close()
+
+
+class IrcClient(LineClient):
+    """A test's IRC client: lines parsed as IrcMessages."""
+
+    def read(self, timeout=READ_TIMEOUT_S):
+        """Return the next IrcMessage, or None once the server has closed."""
+        line = self.read_raw_line(timeout)
+        return None if line is None else parse_irc(line)
+
+    def register(self, nick, caps=(), password=None):
+        """Register as nick, asking for caps; return the lines up to the end of the MOTD and the NAMES of #general."""
+        if caps:
+            self.send("CAP LS 302")
+        if password is not None:
+            self.send("PASS " + password)
+        self.send("NICK " + nick, "USER %s 0 * :Test %s" % (nick, nick))
+        if caps:
+            self.read_until(is_irc("CAP", "*", "LS"))
+            self.send("CAP REQ :" + " ".join(caps))
+            self.read_until(is_irc("CAP", "*", "ACK"))
+            self.send("CAP END")
+        welcome, before = self.read_until(is_irc("001"))
+        self.nick = welcome.params[0]
+        end, lines = self.read_until(is_irc("366", self.nick, "#general"))
+        return before + [welcome] + lines + [end]
+
+
+class IrcDoorClient:
+    """The IRC door's side of DoorContract."""
+
+    def __init__(self, client, name):
+        self.client = client
+        client.register(localchat.irc_nick(name), caps=("echo-message",))
+
+    def say(self, text, room=None):
+        self.client.send("PRIVMSG #%s :%s" % (room or "general", text))
+
+    def say_to(self, name, text):
+        self.client.send("PRIVMSG %s :%s" % (localchat.irc_nick(name), text))
+
+    def join_room(self, room):
+        self.client.send("JOIN #" + room)
+        self.client.read_until(is_irc("366", self.client.nick, "#" + room))
+
+    def next_message(self):
+        message, _ = self.client.read_until(is_irc("PRIVMSG"))
+        target = message.params[0]
+        return (localchat.name_from_irc(message.nick), target[1:] if target.startswith("#") else None,
+                message.params[1])
+
+    def send_bad_frame(self):
+        self.client.send_raw(b"PRIVMSG #general :" + b"x" * 600 + b"\r\n")
+        message, _ = self.client.read_until(is_irc("417"))
+        self.client.send("PING :still-there")
+        return self.client.read_until(is_irc("PONG"))[0].params[-1] == "still-there"
+
+    def quit(self):
+        self.client.send("QUIT :done")
+        self.client.read_until(is_irc("ERROR"))
+
+
+class IrcTestsBase(ServerFixture):
+    """Servers and IRC clients for the IRC door's tests."""
+
+    def irc(self, nick=None, caps=(), password=None, sock=None):
+        """Connect an IrcClient (registered as nick, if given)."""
+        client = IrcClient(self.address, sock)
+        self.clients.append(client)
+        if nick is not None:
+            client.register(nick, caps, password)
+        return client
+
+    def names_of(self, client, channel):
+        client.send("NAMES " + channel)
+        reply, _ = client.read_until(is_irc("353", client.nick, "=", channel))
+        client.read_until(is_irc("366"))
+        return reply.params[-1].split()
+
+
+class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
+    """IRC clients in the same rooms as everybody: registration, commands, numerics, names, history."""
+
+    door = localchat.IrcDoor
+
+    def door_client(self, name):
+        return IrcDoorClient(self.irc(), name)
+
+    # Registration as real clients send it, byte for byte (client version and source in each comment).
+    REGISTRATIONS = {
+        # irssi 1.4 (src/irc/core/irc-servers.c: CAP LS 302 first, then NICK and USER with mode 0)
+        "irssi": [b"CAP LS 302\r\n", b"NICK alice\r\nUSER alice 0 * :Alice Liddell\r\n"],
+        # WeeChat 3.8 (src/plugins/irc/irc-server.c: irc_server_login)
+        "weechat": [b"CAP LS 302\r\nNICK alice\r\nUSER alice 0 * :Alice Liddell\r\n"],
+        # HexChat 2.16 (src/common/proto-irc.c: irc_login): CAP LS 302, then NICK and USER with the host names
+        "hexchat": [b"CAP LS 302\r\nNICK alice\r\nUSER alice 0 * :realname\r\n"],
+    }
+
+    def test_registration_as_irssi_weechat_and_hexchat_send_it(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        for number, (client_name, chunks) in enumerate(sorted(self.REGISTRATIONS.items())):
+            with self.subTest(client=client_name):
+                client = self.irc()
+                for chunk in chunks:
+                    client.send_raw(chunk)
+                ls, _ = client.read_until(is_irc("CAP", "*", "LS"))
+                self.assertEqual(ls.params[-1].split(), ["echo-message", "server-time"])
+                client.send("CAP REQ :server-time", )
+                client.read_until(is_irc("CAP", "*", "ACK", "server-time"))
+                client.send("CAP END")
+                welcome, _ = client.read_until(is_irc("001"))
+                self.assertEqual(welcome.params[0], "alice")
+                isupport, _ = client.read_until(is_irc("005"))
+                for token in ("CHANTYPES=#", "NICKLEN=33", "CHANNELLEN=33", "TOPICLEN=300", "CASEMAPPING=ascii",
+                              "PREFIX=(o)@"):
+                    self.assertIn(token, isupport.params)
+                client.read_until(is_irc("251"))
+                client.read_until(is_irc("376"))
+                join, _ = client.read_until(is_irc("JOIN"))
+                self.assertEqual((join.nick, join.params), ("alice", ["#general"]))
+                self.assertIn("bob", client.read_until(is_irc("353"))[0].params[-1].split())
+                frame, _ = bob.read_until(is_kind("joined", name="alice"))
+                client.send("QUIT :bye")
+                client.read_until(is_irc("ERROR"))
+                bob.read_until(is_kind("left", name="alice"))
+
+    def test_a_client_that_does_not_negotiate_capabilities_is_welcomed_at_once(self):
+        self.start_server(hub=unlimited_hub())
+        client = self.irc()
+        client.send("NICK plain", "USER plain 0 * :Plain")
+        self.assertEqual(client.read().command, "001")
+
+    def test_errors_get_their_numerics_and_the_connection_stays(self):
+        self.start_server(hub=unlimited_hub())
+        early = self.irc()
+        early.send("NICK a.b[c]")  # an IRC client's first words choose the IRC door
+        self.assertEqual(early.read().command, "432")
+        early.send("JOIN #general")
+        self.assertEqual(early.read().command, "451")
+        early.send("NICK", "USER x")
+        self.assertEqual([early.read().command, early.read().command], ["431", "461"])
+        alice = self.irc("alice")
+        taken = self.irc()
+        taken.send("NICK ALICE", "USER a 0 * :A")
+        reply = taken.read()
+        self.assertEqual((reply.command, reply.params[:2]), ("433", ["*", "ALICE"]))
+        taken.send("NICK alice2")  # the client offers another nick, as they all do
+        self.assertEqual(taken.read().command, "001")
+        alice.read_until(lambda line: line.command == "JOIN" and line.nick == "alice2")
+        checks = [
+            ("PRIVMSG nobody :hi", "401", "nobody"), ("JOIN games", "403", "games"),
+            ("JOIN #a*b", "403", "#a*b"), ("PRIVMSG #elsewhere :hi", "404", "#elsewhere"),
+            ("PRIVMSG", "411", None), ("PRIVMSG #general", "412", None), ("PRIVMSG #general :\x02\x02", "412", None),
+            ("FROB x", "421", "FROB"), ("NICK", "431", None), ("NICK bad*nick", "432", "bad*nick"),
+            ("NICK alice2", "433", "alice2"), ("PART #elsewhere", "442", "#elsewhere"), ("JOIN", "461", "JOIN"),
+            ("USER a 0 * :A", "462", None), ("PASS x", "462", None), ("KICK #general alice2", "482", "#general"),
+            ("MODE #general +o alice2", "482", "#general"), ("MODE alice2", "502", None), ("PING", "409", None),
+            ("MODE #general +k key", "472", "k"), ("OPER a b", "491", None),
+        ]
+        for line, numeric, argument in checks:
+            with self.subTest(line=line):
+                alice.send(line)
+                reply = alice.read()
+                self.assertEqual(reply.command, numeric, reply)
+                self.assertEqual(reply.params[0], "alice")
+                if argument is not None:
+                    self.assertEqual(reply.params[1], argument)
+        alice.send("WHOWAS gone")
+        self.assertEqual([alice.read().command, alice.read().command], ["406", "369"])
+        alice.send("JOIN #general")  # already there: nothing at all
+        alice.send("PING :after")
+        self.assertEqual(alice.read(), IrcMessage({}, "localchat", "PONG", ["localchat", "after"]))
+
+    def test_a_line_over_512_bytes_is_refused_whole_and_never_cut(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        alice = self.irc("alice")
+        line = b"PRIVMSG #general :" + "é".encode("utf-8") * 300 + b"\r\n"
+        alice.send_raw(line[:300])
+        alice.send_raw(line[300:] + b"PRIVMSG #general :short\r\n")
+        reply, _ = alice.read_until(is_irc("417"))
+        self.assertEqual(reply.params[0], "alice")
+        frame, skipped = bob.read_until(is_message)
+        self.assertEqual(frame["text"], "short")
+        self.assertEqual(texts(skipped), [])
+        exactly = b"PRIVMSG #general :" + b"y" * (510 - 18) + b"\r\n"  # 512 bytes: the most there may be
+        self.assertEqual(len(exactly), 512)
+        alice.send_raw(exactly)
+        self.assertEqual(bob.read_until(is_message)[0]["text"], "y" * 492)
+
+    def test_names_irc_cannot_carry_map_both_ways(self):
+        for name, nick in [("alice", "alice"), ("d.o.t", "d|o|t"), ("42", "`42"), ("-x", "`-x"), ("_a", "_a"),
+                           ("Zoë", "Zoë"), ("9.x-y", "`9|x-y"), ("日本", "日本")]:
+            with self.subTest(name=name):
+                localchat.check_name(name)
+                self.assertEqual(localchat.irc_nick(name), nick)
+                self.assertEqual(localchat.name_from_irc(nick), name)
+        for nick in ["a[b]", "a^b", "a{b}", "a\\b", "`", "a`b"]:  # IRC's specials are no LocalChat name
+            with self.assertRaises(localchat.ProtocolError):
+                localchat.check_name(localchat.name_from_irc(nick))
+        self.start_server(hub=unlimited_hub())
+        self.join("d.o.t")
+        self.join("42")
+        alice = self.irc("alice")
+        self.assertEqual(sorted(self.names_of(alice, "#general")), sorted(["`42", "alice", "d|o|t"]))
+        alice.send("PRIVMSG d|o|t :to the dotted one", "PRIVMSG `42 :to the number")
+        dotted = self.clients[0]
+        frame, _ = dotted.read_until(is_message)
+        self.assertEqual(summary(frame, "from", "to", "text"), ("alice", "d.o.t", "to the dotted one"))
+        number = self.irc()
+        number.send("NICK 7up", "USER s 0 * :S")  # an IRC nick may not start with a digit, a name may
+        self.assertEqual(number.read_until(is_irc("001"))[0].params[0], "`7up")
+        self.assertIn("`7up", self.names_of(alice, "#general"))
+
+    def test_messages_from_other_clients_reach_irc_split_under_512_bytes(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        alice = self.irc("alice")
+        bob.say("first line\nsecond line\n\n  \nthird")
+        lines = [alice.read_until(is_irc("PRIVMSG"))[0].params[1] for _ in range(3)]
+        self.assertEqual(lines, ["first line", "second line", "third"])
+        long_text = ("ünïcödé wörds " * 200).strip()  # about 3.4 KB, most characters two bytes
+        bob.say(long_text)
+        pieces = []
+        for _ in range(20):
+            message, _ = alice.read_until(is_irc("PRIVMSG"))
+            pieces.append(message.params[1])
+            if "".join(pieces) == long_text:
+                break
+        self.assertEqual("".join(pieces), long_text)
+        self.assertGreater(len(pieces), 6)
+        self.assertTrue(all(len(line) <= 512 for line in alice.raw_lines), max(map(len, alice.raw_lines)))
+        bob.say("waves", action=True)
+        message, _ = alice.read_until(is_irc("PRIVMSG"))
+        self.assertEqual(message.params, ["#general", "\x01ACTION waves\x01"])
+        alice.send("PRIVMSG #general :\x01ACTION nods\x01", "PRIVMSG bob :\x02bold\x02 \x0304,01red\x03 text")
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(summary(frame, "from", "text", "action"), ("alice", "nods", True))
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(summary(frame, "to", "text"), ("bob", "bold red text"))
+        alice.send("PRIVMSG bob :\x01VERSION\x01", "PRIVMSG #general :after the ctcp")
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(frame["text"], "after the ctcp")  # other CTCP requests go nowhere
+
+    def test_echo_message_only_for_clients_that_ask(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        plain = self.irc("plain")
+        echoing = self.irc("echoing", caps=("echo-message",))
+        plain.send("PRIVMSG #general :from plain")
+        self.assertEqual(bob.read_until(is_message)[0]["text"], "from plain")
+        echoing.send("PRIVMSG #general :from echoing")
+        self.assertEqual(bob.read_until(is_message)[0]["text"], "from echoing")
+        message, skipped = plain.read_until(is_irc("PRIVMSG"))
+        self.assertEqual((message.nick, message.params[1]), ("echoing", "from echoing"))
+        self.assertNotIn("PRIVMSG", [line.command for line in skipped])
+        first, _ = echoing.read_until(is_irc("PRIVMSG"))
+        second, _ = echoing.read_until(is_irc("PRIVMSG"))
+        self.assertEqual([(first.nick, first.params[1]), (second.nick, second.params[1])],
+                         [("plain", "from plain"), ("echoing", "from echoing")])
+
+    def test_joining_replays_history_with_server_time_or_the_time_in_the_text(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        bob.say("before you came")
+        bob.read_until(is_message)
+        timed = self.irc()
+        timed.send("CAP LS 302", "NICK timed", "USER t 0 * :T")
+        timed.read_until(is_irc("CAP"))
+        timed.send("CAP REQ :server-time", "CAP END")
+        replay, _ = timed.read_until(is_irc("PRIVMSG"))
+        self.assertEqual((replay.nick, replay.params), ("bob", ["#general", "before you came"]))
+        stamp = datetime.datetime.strptime(replay.tags["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        self.assertLess(abs(stamp.replace(tzinfo=datetime.timezone.utc).timestamp() - time.time()), 60)
+        plain = self.irc()
+        plain.send("NICK plain", "USER p 0 * :P")
+        replay, _ = plain.read_until(is_irc("PRIVMSG"))
+        self.assertEqual(replay.tags, {})
+        self.assertRegex(replay.params[1], r"^\[\d\d:\d\d\] before you came$")
+        bob.say("live now")
+        live, _ = timed.read_until(is_irc("PRIVMSG"))
+        self.assertIn("time", live.tags)
+        self.assertEqual(plain.read_until(is_irc("PRIVMSG"))[0].params[1], "live now")  # no time: it is now
+
+    def test_channels_commands_and_queries(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        alice = self.irc("alice")
+        alice.send("JOIN #games,#general")
+        join, _ = alice.read_until(is_irc("JOIN"))
+        self.assertEqual(join.params, ["#games"])
+        alice.read_until(is_irc("366", "alice", "#games"))
+        bob.send({"type": "join", "room": "games"})
+        joined, _ = alice.read_until(is_irc("JOIN"))
+        self.assertEqual((joined.nick, joined.params), ("bob", ["#games"]))
+        alice.send("TOPIC #games :Tonight: chess")
+        topic, _ = alice.read_until(is_irc("TOPIC"))
+        self.assertEqual((topic.nick, topic.params), ("alice", ["#games", "Tonight: chess"]))
+        frame, _ = bob.read_until(is_kind("topic", room="games"))
+        self.assertEqual(frame["topic"], "Tonight: chess")
+        alice.send("TOPIC #games")
+        self.assertEqual(alice.read_until(is_irc("332"))[0].params, ["alice", "#games", "Tonight: chess"])
+        setter = alice.read()
+        self.assertEqual((setter.command, setter.params[:3]), ("333", ["alice", "#games", "alice"]))
+        self.assertLess(abs(int(setter.params[3]) - time.time()), 60)
+        alice.send("LIST")
+        alice.read_until(is_irc("321"))
+        rows = [alice.read(), alice.read()]
+        self.assertEqual([row.params[1:] for row in rows], [["#games", "2", "Tonight: chess"], ["#general", "2", ""]])
+        self.assertEqual(alice.read().command, "323")
+        alice.send("WHO #games")
+        who = [alice.read(), alice.read()]
+        self.assertEqual(sorted(row.params[5] for row in who), ["alice", "bob"])
+        self.assertEqual(alice.read().command, "315")
+        alice.send("ISON bob nobody alice", "USERHOST bob")
+        self.assertEqual(alice.read().params, ["alice", "bob alice"])
+        self.assertEqual(alice.read().params, ["alice", "bob=+u@lan"])
+        bob.send({"type": "away", "text": "lunch"})
+        bob.read_until(is_kind("away", name="bob"))  # the server has it: alice may ask
+        alice.send("WHOIS bob")
+        lines = [alice.read() for _ in range(4)]
+        self.assertEqual([line.command for line in lines], ["311", "312", "301", "318"])
+        self.assertEqual(lines[2].params, ["alice", "bob", "lunch"])
+        alice.send("PRIVMSG bob :are you there?")
+        self.assertEqual(alice.read().params, ["alice", "bob", "lunch"])  # 301: the answer a PRIVMSG gets
+        alice.send("WHOIS nobody")
+        self.assertEqual([alice.read().command, alice.read().command], ["401", "318"])
+        alice.send("AWAY :brb", "AWAY")
+        self.assertEqual([alice.read().command, alice.read().command], ["306", "305"])
+        alice.send("MODE #games", "MODE alice", "MODE #games b")
+        self.assertEqual([alice.read().command for _ in range(3)], ["324", "221", "368"])
+        alice.send("NICK alicia")
+        renamed, _ = alice.read_until(is_irc("NICK"))
+        self.assertEqual((renamed.nick, renamed.params), ("alice", ["alicia"]))
+        self.assertEqual(bob.read_until(is_kind("renamed"))[0]["name"], "alicia")
+        alice.send("PART #games")
+        part, _ = alice.read_until(is_irc("PART"))
+        self.assertEqual((part.nick, part.params), ("alicia", ["#games"]))
+        self.assertEqual(summary(bob.read_until(is_kind("left", room="games"))[0], "name", "reason"),
+                         ("alicia", "part"))
+        alice.send("JOIN 0")
+        part, _ = alice.read_until(is_irc("PART"))
+        self.assertEqual(part.params, ["#general"])
+
+    def test_operators_show_with_at_and_kick_and_ban_through_irc(self):
+        hub = unlimited_hub()
+        hub.moderation.add_operator("boss")
+        self.start_server(hub=hub)
+        boss = self.irc("boss", password="boss-secret-token")  # PASS on a chat with no password: the identity
+        self.assertIn("@boss", self.names_of(boss, "#general"))
+        bob = self.join("bob")
+        mallory = self.join("mallory", identity="mallory-token")
+        boss.send("KICK #general bob :stop that")
+        quit_line, _ = boss.read_until(is_irc("QUIT"))
+        self.assertEqual((quit_line.nick, quit_line.params[0]), ("bob", "bob was kicked by boss: stop that"))
+        self.assertEqual(summary(bob.read_until(is_kind("bye"))[0], "reason"), ("kicked",))
+        boss.send("MODE #general +b mallory!*@*")
+        boss.read_until(lambda line: line.command == "QUIT" and line.nick == "mallory")
+        again = self.connect()
+        again.send({"type": "hello", "name": "mallory", "version": 1, "identity": "mallory-token"})
+        self.assertEqual(summary(again.read_frame(), "type", "code"), ("error", "banned"))
+        boss.send("MODE #general -b mallory!*@*")
+        boss.read_until(is_irc("NOTICE", "*"))
+        boss.send("MODE #general +o nobody")
+        self.assertEqual(boss.read().command, "401")
+
+    def test_a_lost_irc_user_takes_the_nick_back_silently(self):
+        self.start_server(hub=localchat.ChatHub("lab", resume_grace_s=30, limits=localchat.Limits(
+            messages_per_s=0, kbytes_per_s=0)))
+        bob = self.join("bob")
+        alice = self.irc("alice")
+        alice.send("JOIN #games")
+        alice.read_until(is_irc("366", "alice", "#games"))
+        bob.read_until(is_kind("joined", name="alice"))
+        alice.sock.shutdown(socket.SHUT_RDWR)  # the network went away: no QUIT
+        alice.close()
+        bob.say("while alice was away")
+        again = self.irc()
+        again.send("NICK alice", "USER alice 0 * :A")
+        lines = []
+        for _ in range(60):
+            line = again.read()
+            lines.append(line)
+            if line.command == "366" and line.params[1] == "#games":
+                break
+        self.assertEqual([line.command for line in lines if line.command in ("001", "433")], ["001"])
+        self.assertEqual(sorted(line.params[0] for line in lines if line.command == "JOIN"), ["#games", "#general"])
+        bob.say("welcome back")
+        self.assertEqual(again.read_until(is_irc("PRIVMSG"))[0].params[1], "welcome back")
+        bob.send({"type": "ping", "token": "sync"})
+        _, between = bob.read_until(is_kind("pong"))
+        self.assertEqual([frame["type"] for frame in between if frame["type"] in ("left", "joined")], [])
+        other = self.irc()  # from the same address, but with a client identity the lost user did not have
+        other.send("PASS some-identity", "NICK bob", "USER b 0 * :B")
+        self.assertEqual(other.read().command, "433")
+
+    def test_password_in_clear_is_refused_unless_allowed_and_checked_when_it_is(self):
+        self.start_server(hub=localchat.ChatHub("lab", password="sesame"))
+        refused = self.irc()
+        refused.send("PASS sesame", "NICK alice", "USER a 0 * :A")
+        reply = refused.read()
+        self.assertEqual(reply.command, "464")
+        self.assertIn("in clear", reply.params[-1])
+        self.assertEqual(refused.read().command, "ERROR")
+        self.assertIsNone(refused.read())
+        self.server.clear_passwords = True  # --allow-clear-passwords
+        wrong = self.irc()
+        wrong.send("PASS open", "NICK alice", "USER a 0 * :A")
+        self.assertEqual([wrong.read().command, wrong.read().command], ["464", "ERROR"])
+        missing = self.irc()
+        missing.send("NICK alice", "USER a 0 * :A")
+        self.assertEqual(missing.read().command, "464")
+        self.irc("alice", password="sesame")
+
+    def test_tls_carries_irc_and_its_password(self):
+        self.start_server(hub=localchat.ChatHub("lab", password="sesame"), tls_context=tls_server_context())
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        sock = context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S))
+        alice = self.irc("alice", password="sesame", sock=sock)
+        alice.send("PRIVMSG #general :over TLS")
+        alice.send("PING :x")
+        self.assertEqual(alice.read_until(is_irc("PONG"))[0].params, ["localchat", "x"])
+
+    def test_a_direct_message_from_the_window_reaches_irc_with_the_nick_as_target(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob.b")
+        alice = self.irc("alice", caps=("server-time",))
+        bob.say("psst", to="alice")
+        message, _ = alice.read_until(is_irc("PRIVMSG"))
+        self.assertEqual((message.nick, message.params), ("bob|b", ["alice", "psst"]))
+        alice.send("PRIVMSG bob|b :hi back")
+        frame, _ = bob.read_until(from_other("bob.b"))
+        self.assertEqual(summary(frame, "from", "to", "text"), ("alice", "bob.b", "hi back"))
+
+
+class LineDoorHostileTests(IrcTestsBase, unittest.TestCase):
+    """Random and hostile lines on the IRC and text doors: answers or a close, never harm to others."""
+
+    SEED = 1106
+    CONNECTIONS = 40
+    IRC_WORDS = ["PRIVMSG", "NOTICE", "JOIN", "PART", "MODE", "TOPIC", "NAMES", "WHO", "WHOIS", "KICK", "NICK",
+                 "USER", "PASS", "CAP", "LIST", "AWAY", "ISON", "USERHOST", "QUIT", "PING", "PONG", "OPER", "FOO",
+                 "privmsg", "WHOWAS", "MOTD", "LUSERS", "VERSION", "TIME"]
+    PARAMS = ["#general", "#", "#a,#b,#c", "0", "*", "", ":", "::x", ":\x01ACTION x\x01", "\x01", "+o", "-b",
+              "+b *!*@127.0.0.1", "alice", "a" * 40, "é" * 30, "#" + "g" * 40, "LS", "REQ", ":echo-message x",
+              "END", "\t", "x\x00y", "+bbbbbbbbbbbb", "normal", ":hi there", "fuzz|y", "`1"]
+
+    def random_irc_line(self, rng):
+        kind = rng.random()
+        if kind < 0.05:
+            return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 80)))
+        if kind < 0.08:
+            return b"PRIVMSG #general :" + b"x" * rng.randint(490, 900)
+        if kind < 0.1:
+            return b"@" + b"t=" * rng.randint(1, 3000) + b" PING :tagged"
+        words = [rng.choice(self.IRC_WORDS)] + [rng.choice(self.PARAMS) for _ in range(rng.randint(0, 5))]
+        return " ".join(words).encode("utf-8")
+
+    def random_text_line(self, rng):
+        kind = rng.random()
+        if kind < 0.1:
+            return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 80)))
+        words = [rng.choice(["/join", "/msg", "/me", "/nick", "/topic", "/kick", "/ban", "/away", "/back", "/rooms",
+                             "/users", "/leave", "//x", "hello", "/help", "/quit"])]
+        return " ".join(words + [rng.choice(self.PARAMS) for _ in range(rng.randint(0, 3))]).encode("utf-8")
+
+    def test_random_lines_get_answers_or_a_close_and_never_disturb_others(self):
+        self.start_server(hub=localchat.ChatHub("hostile", resume_grace_s=0.2))
+        normal = self.join("normal")
+        watcher = self.irc("watcher")
+        rng = random.Random(self.SEED)
+        outcomes = collections.Counter()
+        for number in range(self.CONNECTIONS):
+            irc = number % 2 == 0
+            client = LineClient(self.address)
+            try:
+                if irc:
+                    client.send("NICK fz%d" % number, "USER f 0 * :F")
+                else:
+                    client.send("fz%d" % number)
+                lines = [(self.random_irc_line if irc else self.random_text_line)(rng) for _ in range(30)]
+                sentinel = b"PING :sentinel-%d" % number if irc else b"/users"
+                try:
+                    client.send_raw(b"\r\n".join(lines) + b"\r\n" + sentinel + b"\r\n")
+                except OSError:
+                    outcomes["closed while sending"] += 1
+                    continue
+                outcomes[self.answered(client, irc, number)] += 1
+            finally:
+                client.close()
+            ping_started = time.monotonic()
+            normal.send({"type": "ping", "token": "n%d" % number})
+            normal.read_until(is_kind("pong", token="n%d" % number))
+            self.assertLess(time.monotonic() - ping_started, 1.0)
+        self.assertEqual(set(outcomes) - {"answered", "closed with a reason", "closed while sending"}, set(),
+                         outcomes)
+        self.assertGreater(outcomes["answered"], self.CONNECTIONS // 4, outcomes)
+        normal.say("still fine")
+        message, _ = watcher.read_until(lambda line: line.command == "PRIVMSG" and line.params[-1] == "still fine")
+        self.assertEqual(message.nick, "normal")
+
+    def answered(self, client, irc, number):
+        """Read up to the sentinel's answer or the close; say which."""
+        last = None
+        for _ in range(MAX_FRAMES):
+            line = client.read_raw_line(READ_TIMEOUT_S)
+            if line is None:
+                return "closed with a reason" if last is not None and (b"ERROR" in last or b"! " in last) else \
+                    "closed without a reason: %r" % last
+            last = line
+            if irc and line.endswith(b"sentinel-%d" % number) and b" PONG " in line:
+                return "answered"
+            if not irc and b" here: " in line:
+                return "answered"
+        return "no end"
+
+
+class TextDoorClient:
+    """The text door's side of DoorContract: a person at nc."""
+
+    LINE = re.compile(r"^\[[\d:\- ]+\] (?:#(\S+) <([^>]+)> |\[([^ ]+) -> [^\]]+\] )(.*)$")
+
+    def __init__(self, client, name):
+        self.client = client
+        client.read_until(lambda line: "Type your name" in line)
+        client.send(name)
+        client.read_until(lambda line: "/help lists the commands" in line)
+
+    def say(self, text, room=None):
+        if room:
+            self.client.send("/join " + room)
+        self.client.send(text)
+
+    def say_to(self, name, text):
+        self.client.send("/msg %s %s" % (name, text))
+
+    def join_room(self, room):
+        self.client.send("/join " + room)
+        self.client.read_until(lambda line: "You are in #%s" % room in line)
+
+    def next_message(self):
+        line, _ = self.client.read_until(self.LINE.match)
+        room, sender, direct_sender, text = self.LINE.match(line).groups()
+        return sender or direct_sender, room, text
+
+    def send_bad_frame(self):
+        self.client.send_raw(b"\xff\xfe not utf-8 \xc3\r\n")
+        line, _ = self.client.read_until(is_refusal)
+        return "UTF-8" in line
+
+    def quit(self):
+        self.client.send("/quit")
+        self.client.read_until(lambda line: "Goodbye" in line)
+
+
+def is_refusal(line):
+    """Return True for a line of the text door that says something was refused ("[12:00:00] ! ...")."""
+    return re.match(r"^(\[[^]]*\] )?! ", line) is not None
+
+
+def from_other(name):
+    """Return a predicate for messages that somebody other than name sent."""
+    return lambda frame: is_message(frame) and frame["from"] != name
+
+
+class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
+    """People at nc or telnet: a prompt for a name, lines, /commands, events as readable lines."""
+
+    door = localchat.TextDoor
+    echoes_own = False
+
+    def door_client(self, name):
+        return TextDoorClient(self.nc(), name)
+
+    def nc(self, sock=None):
+        client = LineClient(self.address, sock)
+        self.clients.append(client)
+        return client
+
+    def test_a_silent_connection_is_asked_for_a_name_after_about_two_seconds(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        started = time.monotonic()
+        person = self.nc()
+        prompt, _ = person.read_until(lambda line: True)
+        waited = time.monotonic() - started
+        self.assertIn("Type your name and press Enter", prompt)
+        self.assertGreater(waited, localchat.SILENT_PROMPT_S - 0.2)
+        self.assertLess(waited, localchat.SILENT_PROMPT_S + 1.5)
+        person.send("carol")
+        welcome, _ = person.read_until(lambda line: "Welcome, carol!" in line)
+        self.assertRegex(welcome, r"^\[\d\d:\d\d:\d\d\] \* Welcome, carol!$")
+        room, _ = person.read_until(lambda line: "You are in #general" in line)
+        self.assertIn("bob, carol", room)
+        bob.say("hello carol")
+        line, _ = person.read_until(lambda line: "hello carol" in line)
+        self.assertRegex(line, r"^\[\d\d:\d\d:\d\d\] #general <bob> hello carol$")
+        person.send("hello bob")
+        self.assertEqual(summary(bob.read_until(from_other("bob"))[0], "from", "text"), ("carol", "hello bob"))
+        person.send("/me waves")
+        self.assertEqual(summary(bob.read_until(is_message)[0], "text", "action"), ("waves", True))
+        person.send("/help")
+        person.read_until(lambda line: "/msg NAME TEXT" in line)
+        person.send("/frobnicate")
+        line, _ = person.read_until(is_refusal)
+        self.assertIn("Unknown command /frobnicate", line)
+        person.send("/msg bob just you")
+        self.assertEqual(summary(bob.read_until(is_message)[0], "to", "text"), ("bob", "just you"))
+        person.assert_silent()  # one's own messages are on one's screen already: no echo
+
+    def test_lf_crlf_and_telnet_option_bytes_all_work(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        telnet = self.nc()
+        # What telnet sends when it connects to a port that says nothing: option negotiation first
+        telnet.send_raw(b"\xff\xfd\x03\xff\xfb\x18\xff\xfa\x18\x00xterm\xff\xf0")
+        telnet.read_until(lambda line: "Type your name" in line)
+        telnet.send_raw(b"dave\r\n")
+        telnet.read_until(lambda line: "/help lists" in line)
+        telnet.send_raw(b"with crlf\r\nwith lf\nsplit \xff\xf4 by an interrupt\r\n")
+        got = texts([bob.read_until(is_message)[0] for _ in range(3)])
+        self.assertEqual(got, ["with crlf", "with lf", "split  by an interrupt"])
+
+    def test_a_long_line_is_refused_with_a_sentence_and_the_next_one_goes(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        person = self.nc()
+        person.send("erin")
+        person.read_until(lambda line: "/help lists" in line)
+        person.send_raw(b"z" * (localchat.TEXT_MAX_LINE_BYTES + 10) + b"\nshort one\n")
+        line, _ = person.read_until(is_refusal)
+        self.assertIn("longer than %d bytes" % localchat.TEXT_MAX_LINE_BYTES, line)
+        frame, _ = bob.read_until(is_message)
+        self.assertEqual(frame["text"], "short one")
+
+    def test_a_taken_name_is_asked_for_again(self):
+        self.start_server(hub=unlimited_hub())
+        self.join("bob")
+        person = self.nc()
+        person.send("BOB")
+        line, _ = person.read_until(is_refusal)
+        self.assertIn("already taken", line)
+        person.send("not a name")
+        line, _ = person.read_until(is_refusal)
+        self.assertIn("without spaces", line)
+        person.send("bobby")
+        person.read_until(lambda line: "Welcome, bobby!" in line)
+
+    def test_a_password_is_asked_for_over_tls_and_refused_in_clear(self):
+        self.start_server(hub=localchat.ChatHub("lab", password="sesame"))
+        clear = self.nc()
+        clear.send("frank")
+        line, _ = clear.read_until(is_refusal)
+        self.assertIn("unencrypted", line.replace("in clear", "unencrypted"))
+        self.assertIsNone(clear.read_raw_line())
+        self.server.stop()
+        self.server_thread.join(THREAD_END_S)
+        self.start_server(hub=localchat.ChatHub("lab", password="sesame"), tls_context=tls_server_context())
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        person = self.nc(context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S)))
+        person.read_until(lambda line: "Type your name" in line)  # asked although TLS spoke first
+        person.send("frank")
+        person.read_until(lambda line: "password" in line)
+        person.send("sesame")
+        person.read_until(lambda line: "Welcome, frank!" in line)
+
+    def test_openssl_s_client_joins_a_tls_server(self):
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            self.skipTest("the openssl command is not installed")
+        self.start_server(hub=unlimited_hub(), tls_context=tls_server_context())
+        process = subprocess.Popen([openssl, "s_client", "-quiet", "-connect", "%s:%d" % self.address],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.stdin.close)
+        self.addCleanup(process.wait, PROCESS_TIMEOUT_S)
+        self.addCleanup(process.kill)
+        reader = LineClient(None, sock=_PipeSocket(process.stdout))
+        reader.read_until(lambda line: "Type your name" in line)
+        process.stdin.write(b"gina\nhello over tls\n/quit\n")
+        process.stdin.flush()
+        reader.read_until(lambda line: "Welcome, gina!" in line)
+        reader.read_until(lambda line: "Goodbye" in line)
+
+
+class _PipeSocket:
+    """Just enough of a socket over a subprocess's stdout pipe for LineClient to read it (POSIX select)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.timeout = pipe, None
+
+    def settimeout(self, timeout):
+        self.timeout = timeout
+
+    def recv(self, size):
+        readable, _, _ = select.select([self.pipe], [], [], self.timeout)
+        if not readable:
+            raise socket.timeout()
+        return os.read(self.pipe.fileno(), size)
+
+    def close(self):
+        self.pipe.close()
+
+
+class WsClient:
+    """A test's WebSocket client over a real socket: the upgrade, masked frames out, frames in, deadlines."""
+
+    def __init__(self, address, path="/ws", origin=None, extra_headers=(), sock=None):
+        self.sock = sock or socket.create_connection(address, timeout=READ_TIMEOUT_S)
+        self.buffer = bytearray()
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        lines = ["GET %s HTTP/1.1" % path, "Host: %s:%d" % address, "Upgrade: websocket", "Connection: Upgrade",
+                 "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
+        if origin is not None:
+            lines.append("Origin: " + origin)
+        lines += ["%s: %s" % pair for pair in extra_headers]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+        self.status, self.headers = read_http_head(self.sock, self.buffer)
+        self.accept_expected = localchat.websocket_accept(key)
+
+    def send_frame(self, opcode, payload, fin=True, mask=True, rsv=0):
+        head = bytes([(0x80 if fin else 0) | rsv | opcode])
+        length = len(payload)
+        bit = 0x80 if mask else 0
+        if length < 126:
+            head += bytes([bit | length])
+        elif length < 1 << 16:
+            head += bytes([bit | 126]) + length.to_bytes(2, "big")
+        else:
+            head += bytes([bit | 127]) + length.to_bytes(8, "big")
+        if mask:
+            key = os.urandom(4)
+            payload = bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+            head += key
+        self.sock.sendall(head + payload)
+
+    def send(self, fields):
+        self.send_frame(localchat.WS_OP_TEXT, json.dumps(fields).encode("utf-8"))
+
+    def read_message(self, timeout=READ_TIMEOUT_S):
+        """Return (opcode, payload) of the next frame, or None once the server has closed the TCP connection."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.buffer) >= 2:
+                length, size = self.buffer[1] & 0x7F, 2
+                if length == 126 and len(self.buffer) >= 4:
+                    length, size = int.from_bytes(self.buffer[2:4], "big"), 4
+                elif length == 127 and len(self.buffer) >= 10:
+                    length, size = int.from_bytes(self.buffer[2:10], "big"), 10
+                if length < 126 or size > 2:
+                    if self.buffer[1] & 0x80:
+                        raise AssertionError("a server frame was masked")
+                    if len(self.buffer) >= size + length:
+                        opcode, payload = self.buffer[0] & 0x0F, bytes(self.buffer[size:size + length])
+                        del self.buffer[:size + length]
+                        return opcode, payload
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no frame within %.1f s" % timeout)
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return None
+            self.buffer += data
+
+    def read_frame(self, timeout=READ_TIMEOUT_S):
+        """Return the next protocol frame (a text message's JSON), skipping control frames; None at a close."""
+        for _ in range(MAX_FRAMES):
+            message = self.read_message(timeout)
+            if message is None or message[0] == localchat.WS_OP_CLOSE:
+                return None
+            if message[0] == localchat.WS_OP_TEXT:
+                return json.loads(message[1].decode("utf-8"))
+        raise AssertionError("too many frames")
+
+    def read_until(self, predicate, timeout=READ_TIMEOUT_S):
+        skipped = []
+        deadline = time.monotonic() + timeout
+        for _ in range(MAX_FRAMES):
+            frame = self.read_frame(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                raise AssertionError("closed first; frames: %r" % skipped[-10:])
+            if predicate(frame):
+                return frame, skipped
+            skipped.append(frame)
+        raise AssertionError("too many frames")
+
+    def read_close(self, timeout=READ_TIMEOUT_S):
+        """Read up to the server's close frame; return its code (None if TCP closed without one)."""
+        for _ in range(MAX_FRAMES):
+            message = self.read_message(timeout)
+            if message is None:
+                return None
+            if message[0] == localchat.WS_OP_CLOSE:
+                return int.from_bytes(message[1][:2], "big") if len(message[1]) >= 2 else 1005
+        raise AssertionError("too many frames")
+
+    def close(self):
+        self.sock.close()
+
+
+def read_http_head(sock, buffer, timeout=READ_TIMEOUT_S):
+    """Read a response's status line and headers; return (status, {lower-case name: value}); the rest stays in buffer."""
+    deadline = time.monotonic() + timeout
+    while b"\r\n\r\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError("no response head within %.1f s: %r" % (timeout, bytes(buffer[:200])))
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not data:
+            raise AssertionError("closed before a response head: %r" % bytes(buffer[:200]))
+        buffer += data
+    end = buffer.find(b"\r\n\r\n")
+    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    del buffer[:end + 4]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers
+
+
+class HttpConnection:
+    """A test's keep-alive HTTP connection over a raw socket: requests as bytes, responses read whole."""
+
+    def __init__(self, address):
+        self.address = address
+        self.sock = socket.create_connection(address, timeout=READ_TIMEOUT_S)
+        self.buffer = bytearray()
+
+    def request(self, method="GET", path="/", headers=(), raw=None):
+        if raw is None:
+            lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s:%d" % self.address] + ["%s: %s" % h for h in headers]
+            raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.sock.sendall(raw)
+        return self.response(head_only=method == "HEAD")
+
+    def response(self, head_only=False):
+        status, headers = read_http_head(self.sock, self.buffer)
+        length = 0 if head_only else int(headers.get("content-length", "0"))
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while len(self.buffer) < length and time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            self.buffer += data
+        body = bytes(self.buffer[:length])
+        del self.buffer[:length]
+        return status, headers, body
+
+    def at_eof(self, timeout=READ_TIMEOUT_S):
+        """Return True once the server closes (what it sends first is discarded), False on a timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except socket.timeout:
+                return False
+            except ConnectionResetError:
+                return True
+        return False
+
+    def close(self):
+        self.sock.close()
+
+
+class WebDoorClient:
+    """The web door's side of DoorContract: protocol frames as WebSocket text messages."""
+
+    def __init__(self, ws, name):
+        self.ws = ws
+        ws.send({"type": "hello", "name": name, "version": 1})
+        ws.read_until(is_kind("synced"))
+
+    def say(self, text, room=None):
+        self.ws.send(dict({"type": "say", "text": text}, **({"room": room} if room else {})))
+
+    def say_to(self, name, text):
+        self.ws.send({"type": "say", "text": text, "to": name})
+
+    def join_room(self, room):
+        self.ws.send({"type": "join", "room": room})
+        self.ws.read_until(is_kind("room", room=room))
+
+    def next_message(self):
+        frame, _ = self.ws.read_until(is_message)
+        return frame["from"], frame.get("room"), frame["text"]
+
+    def send_bad_frame(self):
+        self.ws.send_frame(localchat.WS_OP_TEXT, b'{"type": "say", "text": ')
+        frame, _ = self.ws.read_until(is_kind("error"))
+        return frame["code"] == "bad_json" and not frame.get("fatal")
+
+    def quit(self):
+        self.ws.send({"type": "bye"})
+        self.ws.read_until(is_kind("bye"))
+
+
+class WebDoorTests(DoorContract, ServerFixture, unittest.TestCase):
+    """The web door over raw sockets: the page over HTTP, protocol v1 over WebSocket, and every bound."""
+
+    door = localchat.WebDoor
+
+    def door_client(self, name):
+        return WebDoorClient(self.ws(), name)
+
+    def ws(self, path="/ws", origin=None, **options):
+        client = WsClient(self.address, path, origin, **options)
+        self.clients.append(client)
+        return client
+
+    def http(self):
+        connection = HttpConnection(self.address)
+        self.clients.append(connection)
+        return connection
+
+    def test_the_page_is_served_with_its_headers_gzip_and_an_etag(self):
+        self.start_server(hub=unlimited_hub())
+        web = self.http()
+        status, headers, body = web.request("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/html; charset=utf-8")
+        self.assertEqual(body, localchat.WEB_PAGE_HTML.encode("utf-8"))
+        csp = headers["content-security-policy"]
+        for part in ("default-src 'none'", "script-src 'self'", "style-src 'self'", "connect-src 'self'",
+                     "frame-ancestors 'none'"):
+            self.assertIn(part, csp)
+        self.assertNotIn("unsafe", csp)
+        self.assertEqual((headers["x-content-type-options"], headers["referrer-policy"]), ("nosniff", "no-referrer"))
+        status, zipped_headers, zipped = web.request("GET", "/", [("Accept-Encoding", "br, gzip;q=0.9")])
+        self.assertEqual((status, zipped_headers["content-encoding"]), (200, "gzip"))
+        self.assertEqual(gzip.decompress(zipped), body)
+        status, again, empty = web.request("GET", "/", [("If-None-Match", headers["etag"])])
+        self.assertEqual((status, empty), (304, b""))
+        for path, kind in [("/app.js", "text/javascript"), ("/app.css", "text/css"),
+                           ("/manifest.webmanifest", "application/manifest+json"), ("/icon.svg", "image/svg+xml")]:
+            status, headers, body = web.request("GET", path)
+            self.assertEqual((status, headers["content-type"]), (200, kind + "; charset=utf-8"), path)
+            self.assertTrue(body)
+        json.loads(web.request("GET", "/manifest.webmanifest")[2].decode("utf-8"))
+        status, headers, body = web.request("HEAD", "/")
+        self.assertEqual((status, body, int(headers["content-length"])), (200, b"", len(localchat.WEB_PAGE_HTML.encode())))
+
+    def test_unknown_paths_get_404_wrong_methods_405_and_junk_400(self):
+        self.start_server(hub=unlimited_hub())
+        web = self.http()
+        status, headers, body = web.request("GET", "/etc/passwd")
+        self.assertEqual((status, headers["content-type"]), (404, "text/plain; charset=utf-8"))
+        self.assertIn(b"Not found", body)
+        status, headers, body = web.request("GET", "/?q=1")  # a query changes nothing
+        self.assertEqual(status, 200)
+        status, headers, body = web.request("DELETE", "/")
+        self.assertEqual((status, headers["allow"]), (405, "GET, HEAD"))
+        self.assertTrue(web.at_eof())  # a body might follow a DELETE: the connection is closed, not read on
+        junk = self.http()
+        status, headers, body = junk.request(raw=b"GET nonsense\r\n\r\n")
+        self.assertEqual(status, 400)
+        self.assertNotIn(b"Traceback", body)
+        self.assertTrue(junk.at_eof())
+
+    def test_request_heads_are_bounded_in_size_count_and_time(self):
+        self.start_server(hub=unlimited_hub())
+        big = self.http()
+        status, _, _ = big.request("GET", "/", [("X-Filler", "a" * (localchat.HTTP_MAX_HEAD_BYTES + 10))])
+        self.assertEqual(status, 431)
+        many = self.http()
+        status, _, _ = many.request("GET", "/", [("X-%d" % n, "v") for n in range(localchat.HTTP_MAX_HEADERS + 1)])
+        self.assertEqual(status, 431)
+        self.assertTrue(many.at_eof())
+
+    def test_slow_headers_get_408_at_the_deadline(self):
+        class QuickWebDoor(localchat.WebDoor):
+            hello_timeout_s = 0.5
+        self.start_server(hub=unlimited_hub(), doors=(localchat.JsonLinesDoor, QuickWebDoor, localchat.TextDoor))
+        slow = self.http()
+        started = time.monotonic()
+        slow.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and then nothing more (slowloris)
+        status, _, body = slow.response()
+        self.assertEqual(status, 408)
+        self.assertLess(time.monotonic() - started, 0.5 + 2.0)
+        self.assertTrue(slow.at_eof())
+
+    def test_keep_alive_serves_many_requests_then_closes_idle_connections(self):
+        self.start_server(hub=unlimited_hub())
+        web = self.http()
+        for _ in range(3):
+            self.assertEqual(web.request("GET", "/app.css")[0], 200)
+        pipelined = b"".join(b"GET /icon.svg HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(2))
+        web.sock.sendall(pipelined)
+        self.assertEqual([web.response()[0], web.response()[0]], [200, 200])
+        old = self.http()
+        status, headers, _ = old.request(raw=b"GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual((status, headers["connection"]), (200, "close"))
+        self.assertTrue(old.at_eof())
+
+    def test_websocket_chat_is_protocol_v1_in_text_messages(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        ws = self.ws(origin="http://%s:%d" % self.address)
+        self.assertEqual(ws.status, 101)
+        self.assertEqual(ws.headers["sec-websocket-accept"], ws.accept_expected)
+        self.assertNotIn("sec-websocket-extensions", ws.headers)
+        ws.send({"type": "hello", "name": "phone", "version": 1, "identity": "tok-phone"})
+        welcome = ws.read_frame()
+        self.assertEqual((welcome["type"], welcome["name"]), ("welcome", "phone"))
+        ws.read_until(is_kind("synced"))
+        ws.send({"type": "say", "text": "<img src=x onerror=alert(1)>", "ref": "r1"})
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(frame["text"], "<img src=x onerror=alert(1)>")
+        echo, _ = ws.read_until(is_message)
+        self.assertEqual(echo["ref"], "r1")
+        ws.send({"type": "ping", "token": "t"})
+        self.assertEqual(ws.read_until(is_kind("pong"))[0]["token"], "t")
+
+    def test_websocket_rules_masking_fragments_pings_sizes_utf8_close(self):
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        unmasked = self.ws()
+        unmasked.send_frame(localchat.WS_OP_TEXT, b'{"type":"ping"}', mask=False)
+        self.assertEqual(unmasked.read_close(), localchat.WS_CLOSE_PROTOCOL_ERROR)
+        fragmented = self.ws()
+        hello = json.dumps({"type": "hello", "name": "frag", "version": 1}).encode()
+        fragmented.send_frame(localchat.WS_OP_TEXT, hello[:10], fin=False)
+        fragmented.send_frame(localchat.WS_OP_PING, b"between")
+        fragmented.send_frame(localchat.WS_OP_CONTINUATION, hello[10:20], fin=False)
+        fragmented.send_frame(localchat.WS_OP_CONTINUATION, hello[20:])
+        self.assertEqual(fragmented.read_message(), (localchat.WS_OP_PONG, b"between"))
+        self.assertEqual(fragmented.read_frame()["type"], "welcome")
+        big = self.ws()
+        big.send_frame(localchat.WS_OP_TEXT, b"x" * (localchat.WS_MAX_MESSAGE_BYTES + 1))
+        self.assertEqual(big.read_close(), localchat.WS_CLOSE_TOO_BIG)
+        bad = self.ws()
+        bad.send_frame(localchat.WS_OP_TEXT, b'{"type": "ping", "token": "\xff"}')
+        self.assertEqual(bad.read_close(), localchat.WS_CLOSE_INVALID_DATA)
+        binary = self.ws()
+        binary.send_frame(localchat.WS_OP_BINARY, b"\x00\x01")
+        self.assertEqual(binary.read_close(), localchat.WS_CLOSE_UNSUPPORTED)
+        closing = self.ws()
+        closing.send({"type": "hello", "name": "leaver", "version": 1})
+        closing.read_until(is_kind("synced"))
+        closing.send_frame(localchat.WS_OP_CLOSE, (1000).to_bytes(2, "big") + b"bye")
+        self.assertEqual(closing.read_close(), 1000)
+        self.assertEqual(summary(bob.read_until(is_kind("left", name="leaver"))[0], "reason"), ("quit",))
+        self.assertIsNone(closing.read_message())
+
+    def test_a_page_from_another_site_may_not_open_the_websocket(self):
+        self.start_server(hub=unlimited_hub())
+        for origin in ["http://evil.example", "http://127.0.0.1:1", "null", "http://127.0.0.1.evil.example:%d"
+                       % self.address[1]]:
+            with self.subTest(origin=origin):
+                refused = self.ws(origin=origin)
+                self.assertEqual(refused.status, 403)
+        same = self.ws(origin="http://127.0.0.1:%d" % self.address[1])
+        self.assertEqual(same.status, 101)
+        declined = self.ws(extra_headers=[("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")])
+        self.assertEqual(declined.status, 101)
+        self.assertNotIn("sec-websocket-extensions", declined.headers)
+
+    def test_the_echo_endpoint_answers_only_with_diagnostics(self):
+        self.start_server(hub=unlimited_hub())
+        self.assertEqual(self.ws("/ws/echo").status, 404)
+        self.server.diagnostics = True
+        echo = self.ws("/ws/echo")
+        echo.send_frame(localchat.WS_OP_BINARY, b"\x00\xffbinary")
+        self.assertEqual(echo.read_message(), (localchat.WS_OP_BINARY, b"\x00\xffbinary"))
+        echo.send_frame(localchat.WS_OP_TEXT, "héllo".encode("utf-8"))
+        self.assertEqual(echo.read_message(), (localchat.WS_OP_TEXT, "héllo".encode("utf-8")))
+
+    def test_a_stuck_websocket_reader_is_dropped_like_any_other(self):
+        hub = localchat.ChatHub("lab", limits=localchat.Limits(messages_per_s=0, kbytes_per_s=0, slow_reader_s=1.0))
+        self.start_server(hub=hub)
+        sender = self.join("sender")
+        stuck = self.ws()
+        stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+        stuck.send({"type": "hello", "name": "stuck", "version": 1})
+        stuck.read_until(is_kind("synced"))
+        text = "x" * FLOOD_TEXT_CHARS
+        for number in range(400):
+            sender.say(text)
+            frame, _ = sender.read_until(is_message)
+            if number % 20 == 0:
+                sender.send({"type": "users"})
+                frame, _ = sender.read_until(is_kind("users"))
+                if "stuck" not in frame["users"]:
+                    break
+        left, _ = sender.read_until(is_kind("left", name="stuck"), timeout=10)
+        self.assertEqual(left["reason"], "too_slow")
+
+    def test_tls_serves_the_page_and_the_websocket_on_the_same_port(self):
+        self.start_server(hub=unlimited_hub(), tls_context=tls_server_context())
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        page = HttpConnection(self.address)
+        page.sock = context.wrap_socket(page.sock)
+        self.clients.append(page)
+        self.assertEqual(page.request("GET", "/")[0], 200)
+        ws = self.ws(sock=context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S)))
+        ws.send({"type": "hello", "name": "secure", "version": 1})
+        self.assertEqual(ws.read_frame()["type"], "welcome")
+
+
 class ConversationServerTests(ServerFixture, unittest.TestCase):
     """Rooms, direct messages, names, presence, history and commands over real sockets."""
 
@@ -2614,7 +3837,9 @@ class ConversationServerTests(ServerFixture, unittest.TestCase):
             self.assertEqual(summary(client.read_frame(), "type", "room", "topic", "by"),
                              ("topic", "general", "welcome all", "alice"))
         carol.send({"type": "topic", "room": "general"})
-        self.assertEqual(carol.read_frame(), {"type": "topic", "room": "general", "topic": "welcome all"})
+        answer = carol.read_frame()
+        self.assertLess(abs(answer.pop("set_at") - time.time()), 60)  # set while the server ran: who and when
+        self.assertEqual(answer, {"type": "topic", "room": "general", "topic": "welcome all", "set_by": "alice"})
         bob.send({"type": "topic", "room": "general", "topic": None})
         for client in (alice, bob, carol):
             self.assertEqual(summary(client.read_frame(), "topic", "by"), (None, "bob"))
@@ -4864,6 +6089,268 @@ DISCOVERY_UNSENDABLE_TARGETS = ["127.0.0.1\0x", "\xe9" * 64]
 DISCOVERY_FINGERPRINT = ":".join(["AB", "CD"] + ["0F"] * 29 + ["12"])  # 32 pairs, as SHA-256 gives
 
 
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 1.3's example key
+WS_MASK = b"\x37\xfa\x21\x3d"        # RFC 6455 5.7's example masking key
+
+
+def ws_client_frame(opcode, payload, fin=True, mask=WS_MASK, rsv=0, length=None):
+    """A client frame built here independently of localchat: masked unless mask is None; `length` forces the field."""
+    length = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    mask_bit = 0x80 if mask is not None else 0
+    if length < 126:
+        head += bytes([mask_bit | length])
+    elif length < 1 << 16:
+        head += bytes([mask_bit | 126]) + struct.pack(">H", length)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack(">Q", length)
+    if mask is None:
+        return head + payload
+    return head + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+
+
+def ws_close_payload(code, reason=b""):
+    return struct.pack(">H", code) + reason
+
+
+def ws_request(**changes):
+    """A browser's upgrade request headers as (name, value) pairs; a change of None leaves the header out."""
+    headers = {"Host": "192.168.1.7:13333", "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": WS_KEY, "Sec-WebSocket-Version": "13", "Origin": "http://192.168.1.7:13333"}
+    for name, value in changes.items():
+        headers[name.replace("_", "-")] = value
+    return [(name, value) for name, value in headers.items() if value is not None]
+
+
+class WebSocketCodecTests(unittest.TestCase):
+    """The WebSocket handshake, server frames and the reader of client frames (RFC 6455), with no sockets."""
+
+    def feed_all(self, reader, *frames):
+        events = []
+        for frame in frames:
+            events += reader.feed(frame)
+        return events
+
+    def assert_fails(self, code, *frames):
+        reader = localchat.WebSocketReader()
+        events = self.feed_all(reader, *frames)
+        self.assertEqual([(event.kind, event.code) for event in events][-1:], [("fail", code)], events)
+        self.assertEqual(events[-1].reply[:4], bytes([0x88, events[-1].reply[1]]) + struct.pack(">H", code))
+        self.assertTrue(reader.closed)
+        self.assertEqual(reader.feed(ws_client_frame(1, b"after")), [])
+        return events
+
+    def test_accept_value_of_the_rfc_example(self):
+        self.assertEqual(localchat.websocket_accept(WS_KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+    def test_handshake_accepts_a_browser_of_the_same_origin(self):
+        answer = localchat.websocket_handshake("GET", ws_request())
+        self.assertEqual(answer.status, 101)
+        self.assertEqual(answer.headers, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                          ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")])
+
+    def test_handshake_reads_headers_parsed_by_http_client(self):
+        raw = b"".join(b"%s: %s\r\n" % (n.lower().encode(), v.encode()) for n, v in ws_request()) + b"\r\n"
+        answer = localchat.websocket_handshake("GET", http.client.parse_headers(io.BytesIO(raw)))
+        self.assertEqual(answer.status, 101)
+
+    def test_handshake_declines_every_extension(self):
+        answer = localchat.websocket_handshake("GET", ws_request(
+            Sec_WebSocket_Extensions="permessage-deflate; client_max_window_bits", Sec_WebSocket_Protocol="chat"))
+        self.assertEqual(answer.status, 101)
+        names = [name.lower() for name, _ in answer.headers]
+        self.assertNotIn("sec-websocket-extensions", names)
+        self.assertNotIn("sec-websocket-protocol", names)
+
+    def test_handshake_takes_list_headers_in_any_case_and_order(self):
+        answer = localchat.websocket_handshake("GET", ws_request(Upgrade="WebSocket", Connection="keep-alive, Upgrade"))
+        self.assertEqual(answer.status, 101)
+
+    def test_handshake_refusals(self):
+        cases = [
+            ("POST", ws_request(), 405), ("GET", ws_request(Upgrade=None), 426),
+            ("GET", ws_request(Upgrade="h2c"), 426), ("GET", ws_request(Connection="keep-alive"), 400),
+            ("GET", ws_request(Sec_WebSocket_Version="8"), 426), ("GET", ws_request(Sec_WebSocket_Version=None), 426),
+            ("GET", ws_request(Sec_WebSocket_Key=None), 400),
+            ("GET", ws_request(Sec_WebSocket_Key="not base64 at all!!!!!!!"), 400),
+            ("GET", ws_request(Sec_WebSocket_Key=base64.b64encode(b"x" * 15).decode()), 400),
+            ("GET", ws_request(Sec_WebSocket_Key="d\u00e9hlIHNhbXBsZSBub25jZQ=="), 400),
+            ("GET", ws_request() + [("Sec-WebSocket-Key", WS_KEY)], 400),
+            ("GET", ws_request(Host=None, Origin=None), 400),
+        ]
+        for method, headers, status in cases:
+            answer = localchat.websocket_handshake(method, headers)
+            self.assertEqual(answer.status, status, (method, headers))
+            self.assertTrue(answer.sentence.endswith("."), answer)
+        self.assertIn(("Sec-WebSocket-Version", "13"), localchat.websocket_handshake("GET", cases[4][1]).headers)
+        self.assertIn(("Allow", "GET"), localchat.websocket_handshake("POST", ws_request()).headers)
+
+    def test_handshake_refuses_a_foreign_origin_with_403(self):
+        for origin in ["http://evil.example", "http://192.168.1.7", "http://192.168.1.7:8080", "null",
+                       "http://192.168.1.8:13333", "file://", "chrome-extension://abc", "http://192.168.1.7:99999",
+                       "http://evil@192.168.1.7:13333", "http://192.168.1.7:13333/path"]:
+            answer = localchat.websocket_handshake("GET", ws_request(Origin=origin))
+            self.assertEqual((answer.status, answer.headers), (403, []), origin)
+        answer = localchat.websocket_handshake("GET", ws_request() + [("Origin", "http://evil.example")])
+        self.assertEqual(answer.status, 403)
+
+    def test_handshake_lets_in_the_same_origin_in_any_spelling_and_clients_without_origin(self):
+        for host, origin in [("192.168.1.7:13333", "https://192.168.1.7:13333"), ("Chat.Local", "http://chat.local"),
+                             ("chat.local:80", "http://CHAT.local"), ("chat.local", "https://chat.local:443"),
+                             ("[::1]:13333", "http://[::1]:13333"), ("localhost:13333", None)]:
+            answer = localchat.websocket_handshake("GET", ws_request(Host=host, Origin=origin))
+            self.assertEqual(answer.status, 101, (host, origin))
+
+    def test_server_frames_match_the_rfc_examples(self):
+        frame = localchat.websocket_frame
+        self.assertEqual(frame(localchat.WS_OP_TEXT, b"Hello"), bytes.fromhex("810548656c6c6f"))
+        self.assertEqual(frame(localchat.WS_OP_TEXT, b"Hel", fin=False) + frame(localchat.WS_OP_CONTINUATION, b"lo"),
+                         bytes.fromhex("010348656c") + bytes.fromhex("80026c6f"))
+        self.assertEqual(frame(localchat.WS_OP_PING, b"Hello"), bytes.fromhex("890548656c6c6f"))
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 256)[:4], bytes.fromhex("827e0100"))
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 65536)[:10], bytes.fromhex("827f0000000000010000"))
+        self.assertEqual(len(frame(localchat.WS_OP_BINARY, b"\x01" * 65536)), 65546)
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 125)[:2], bytes.fromhex("827d"))
+        self.assertEqual(frame(localchat.WS_OP_BINARY, b"\x01" * 65535)[:4], bytes.fromhex("827effff"))
+        with self.assertRaises(ValueError):
+            frame(localchat.WS_OP_PING, b"x" * 126)
+
+    def test_close_frame_cuts_its_reason_on_a_character_boundary(self):
+        frame = localchat.websocket_close_frame(1001, "\u00e9" * 100)
+        self.assertEqual(frame[:4], bytes([0x88, 2 + 122]) + struct.pack(">H", 1001))
+        self.assertEqual(frame[4:].decode("utf-8"), "\u00e9" * 61)
+        self.assertEqual(localchat.websocket_close_frame(), b"\x88\x00")
+
+    def test_reader_takes_the_rfc_masked_examples_byte_by_byte(self):
+        reader = localchat.WebSocketReader()
+        data = bytes.fromhex("818537fa213d7f9f4d5158") + bytes.fromhex("8a8537fa213d7f9f4d5158")
+        events = self.feed_all(reader, *[data[i:i + 1] for i in range(len(data))])
+        self.assertEqual([(e.kind, e.data, e.reply) for e in events], [("text", "Hello", b""), ("pong", b"Hello", b"")])
+
+    def test_reader_reads_16_and_64_bit_lengths_and_several_frames_at_once(self):
+        reader = localchat.WebSocketReader()
+        big, bigger = bytes(range(256)) * 2, bytes(range(256)) * 256  # 512 bytes, and exactly 64 KiB
+        events = reader.feed(ws_client_frame(2, big) + ws_client_frame(2, bigger) + ws_client_frame(1, b""))
+        self.assertEqual([(e.kind, e.data) for e in events], [("binary", big), ("binary", bigger), ("text", "")])
+
+    def test_unmasked_frame_fails_with_1002(self):
+        self.assert_fails(1002, ws_client_frame(1, b"Hello", mask=None))
+
+    def test_reserved_bits_and_opcodes_fail_with_1002(self):
+        for rsv in (1, 2, 4):
+            self.assert_fails(1002, ws_client_frame(1, b"x", rsv=rsv))
+        for opcode in (3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF):
+            self.assert_fails(1002, ws_client_frame(opcode, b"x"))
+
+    def test_fragments_with_a_ping_between_are_reassembled(self):
+        reader = localchat.WebSocketReader()
+        events = self.feed_all(reader, ws_client_frame(1, b"Hel", fin=False), ws_client_frame(9, b"are you there"),
+                               ws_client_frame(0, b"l", fin=False), ws_client_frame(10, b"late pong"),
+                               ws_client_frame(0, b"o"))
+        self.assertEqual([(e.kind, e.data) for e in events],
+                         [("ping", b"are you there"), ("pong", b"late pong"), ("text", "Hello")])
+        self.assertEqual(events[0].reply, bytes.fromhex("8a0d") + b"are you there")  # the pong
+        self.assertEqual(reader.feed(ws_client_frame(2, b"\x00", fin=False) + ws_client_frame(0, b"\xff")),
+                         [localchat.WebSocketEvent("binary", b"\x00\xff")])
+
+    def test_fragment_order_is_checked(self):
+        self.assert_fails(1002, ws_client_frame(0, b"no start"))
+        self.assert_fails(1002, ws_client_frame(1, b"a", fin=False), ws_client_frame(1, b"b"))
+        self.assert_fails(1002, ws_client_frame(1, b"a", fin=False), ws_client_frame(2, b"b"))
+
+    def test_control_frames_must_be_whole_and_short(self):
+        self.assert_fails(1002, ws_client_frame(9, b"x", fin=False))
+        self.assert_fails(1002, ws_client_frame(9, b"x" * 126))
+        self.assert_fails(1002, ws_client_frame(8, ws_close_payload(1000, b"x" * 124)))
+        reader = localchat.WebSocketReader()
+        self.assertEqual(reader.feed(ws_client_frame(9, b"x" * 125))[0].reply, b"\x8a\x7d" + b"x" * 125)
+
+    def test_message_over_64_kib_fails_with_1009_before_its_payload_arrives(self):
+        header = ws_client_frame(2, b"\x00" * (64 * 1024 + 1))[:14]
+        self.assert_fails(1009, header)
+        self.assert_fails(1009, ws_client_frame(1, b"a" * 40000, fin=False), ws_client_frame(0, b"b" * 30000)[:8])
+        self.assert_fails(1002, ws_client_frame(2, b"", length=1 << 63)[:14])  # the 64-bit length's top bit
+
+    def test_reader_limit_can_be_set(self):
+        reader = localchat.WebSocketReader(max_message_bytes=10)
+        self.assertEqual(reader.feed(ws_client_frame(1, b"0123456789"))[0].data, "0123456789")
+        self.assertEqual(reader.feed(ws_client_frame(1, b"0123456789!"))[0].code, 1009)
+
+    def test_text_that_is_not_utf8_fails_with_1007(self):
+        self.assert_fails(1007, ws_client_frame(1, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited"))
+        self.assert_fails(1007, ws_client_frame(1, b"ends in the middle \xce"))
+        self.assert_fails(1007, ws_client_frame(1, b"ends in the middle \xce", fin=False), ws_client_frame(0, b"!"))
+
+    def test_bad_utf8_fails_at_its_fragment_before_the_message_ends(self):
+        # Autobahn 6.4.2's payload: the invalid sequence \xf4\x90 is split between two fragments.
+        reader = localchat.WebSocketReader()
+        first = "\u03ba\u1f79\u03c3\u03bc\u03b5".encode() + b"\xf4"
+        self.assertEqual(reader.feed(ws_client_frame(1, first, fin=False)), [])
+        events = reader.feed(ws_client_frame(0, b"\x90", fin=False))
+        self.assertEqual([(e.kind, e.code) for e in events], [("fail", 1007)])
+
+    def test_bad_utf8_fails_before_the_rest_of_its_frame_arrives(self):
+        # Autobahn 6.4.3's case: one frame sent in chops; \xf4\x90 is no UTF-8 whatever follows it.
+        frame = ws_client_frame(1, "\u03ba\u1f79".encode() + b"\xf4\x90\x80\x80" + b"edited" * 20)
+        reader = localchat.WebSocketReader()
+        head = 2 + 2 + 4  # 130 bytes of payload: a 16-bit length, then the mask
+        self.assertEqual(reader.feed(frame[:head + 5]), [])  # two whole characters
+        self.assertEqual([(e.kind, e.code) for e in reader.feed(frame[head + 5:head + 7])], [("fail", 1007)])
+
+    def test_messages_in_odd_chops_are_unmasked_and_put_together(self):
+        text = ("caf\u00e9 \U0001F600 " * 300).encode()  # 4,500 bytes: 16-bit lengths, characters cut anywhere
+        data = (ws_client_frame(1, text[:1001], fin=False) + ws_client_frame(9, b"between")
+                + ws_client_frame(0, text[1001:], mask=b"\x01\x02\x03\x04") + ws_client_frame(2, bytes(range(256))))
+        reader = localchat.WebSocketReader()
+        events = self.feed_all(reader, *[data[i:i + 7] for i in range(0, len(data), 7)])
+        self.assertEqual([(e.kind, e.data) for e in events],
+                         [("ping", b"between"), ("text", text.decode()), ("binary", bytes(range(256)))])
+
+    def test_text_split_inside_a_character_is_put_together(self):
+        reader = localchat.WebSocketReader()
+        text = "\u03ba\u1f79\u03c3\u03bc\u03b5 \U0001F600".encode()
+        frames = [ws_client_frame(1, text[:1], fin=False)]
+        frames += [ws_client_frame(0, text[i:i + 1], fin=False) for i in range(1, len(text))]
+        frames.append(ws_client_frame(0, b""))  # an empty last fragment ends it
+        self.assertEqual(self.feed_all(reader, *frames), [localchat.WebSocketEvent("text", text.decode())])
+
+    def test_peer_close_is_echoed_and_ends_the_reader(self):
+        for payload, code, reason, echo in [(ws_close_payload(1000, b"bye"), 1000, "bye", b"\x88\x02\x03\xe8"),
+                                            (b"", 1005, "", b"\x88\x00"),
+                                            (ws_close_payload(4999), 4999, "", b"\x88\x02\x13\x87")]:
+            reader = localchat.WebSocketReader()
+            events = reader.feed(ws_client_frame(8, payload) + ws_client_frame(1, b"too late"))
+            self.assertEqual(events, [localchat.WebSocketEvent("close", code=code, reason=reason, reply=echo)])
+            self.assertTrue(reader.closed and reader.closing)
+            self.assertEqual(reader.feed(ws_client_frame(9, b"")), [])
+
+    def test_close_codes_a_peer_may_send(self):
+        # Autobahn's cases 7.7 (valid) and 7.9 (invalid), and the IANA registry's 1012-1015.
+        for code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999):
+            events = localchat.WebSocketReader().feed(ws_client_frame(8, ws_close_payload(code)))
+            self.assertEqual([(e.kind, e.code) for e in events], [("close", code)], code)
+        for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535):
+            self.assert_fails(1002, ws_client_frame(8, ws_close_payload(code)))
+
+    def test_close_payload_of_one_byte_or_bad_reason_fails(self):
+        self.assert_fails(1002, ws_client_frame(8, b"\x03"))
+        self.assert_fails(1007, ws_client_frame(8, ws_close_payload(1000, b"\xff\xfe")))
+
+    def test_server_started_close_waits_for_the_peer_and_sends_nothing_more(self):
+        reader = localchat.WebSocketReader()
+        self.assertEqual(reader.begin_close(1001, "server stopping"), b"\x88\x11\x03\xe9server stopping")
+        self.assertEqual(reader.begin_close(1000), b"")
+        events = reader.feed(ws_client_frame(1, b"in flight") + ws_client_frame(9, b"ping") + ws_client_frame(8, b""))
+        self.assertEqual([(e.kind, e.reply) for e in events], [("text", b""), ("ping", b""), ("close", b"")])
+        self.assertTrue(reader.closed)
+
+    def test_failure_after_our_close_sends_no_second_close(self):
+        reader = localchat.WebSocketReader()
+        reader.begin_close()
+        events = reader.feed(ws_client_frame(1, b"x", mask=None))
+        self.assertEqual([(e.kind, e.code, e.reply) for e in events], [("fail", 1002, b"")])
+
+
 def discovery_description(**changes):
     """Return what a server's describe() returns, with some fields changed."""
     fields = {"name": "lab-pc", "port": 13333, "users": 3, "password": False, "tls": True,
@@ -5672,6 +7159,244 @@ class TappedProxy(CutProxy):
             return bytes(self.seen[way])
 
 
+ZBARIMG = shutil.which("zbarimg")  # Debian's zbar-tools: a real QR reader for the QR tests
+ZBARIMG_SKIP = "zbarimg not found (apt-get install zbar-tools)"
+QR_URL = "http://192.168.1.7:13333/"
+
+
+def qr_read_format(rows):
+    """Both copies of a symbol's format information, read independently at the standard's positions, MSB first."""
+    size = len(rows)
+    first = [(8, 0), (8, 1), (8, 2), (8, 3), (8, 4), (8, 5), (8, 7), (8, 8),
+             (7, 8), (5, 8), (4, 8), (3, 8), (2, 8), (1, 8), (0, 8)]
+    second = [(size - 1 - i, 8) for i in range(7)] + [(8, size - 8 + i) for i in range(8)]
+    return [int("".join("1" if rows[r][c] else "0" for r, c in spots), 2) for spots in (first, second)]
+
+
+def qr_framed(rows):
+    """The symbol inside a four-module light quiet zone, built here independently."""
+    width = len(rows) + 8
+    return [[False] * width] * 4 + [[False] * 4 + list(row) + [False] * 4 for row in rows] + [[False] * width] * 4
+
+
+def qr_zbarimg(test, png):
+    """The bytes zbarimg reads from a PNG (its trailing newline cut); fails the test if it finds no code."""
+    with tempfile.TemporaryDirectory(prefix="localchat-qr-") as folder:
+        path = os.path.join(folder, "code.png")
+        with open(path, "wb") as file:
+            file.write(png)
+        result = subprocess.run([ZBARIMG, "--quiet", "--raw", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=PROCESS_TIMEOUT_S)
+    test.assertEqual(result.returncode, 0, "zbarimg found no code: %r" % result.stderr)
+    test.assertTrue(result.stdout.endswith(b"\n"), result.stdout)
+    return result.stdout[:-1]
+
+
+class JoinInstructionsTests(unittest.TestCase):
+    """What the server prints for the others: the commands, the web address and its QR code."""
+
+    class Terminal(io.StringIO):
+        encoding = "utf-8"
+
+        def isatty(self):
+            return True
+
+    def printed(self, host, tls=False, stream=None):
+        server = mock.Mock(port=13333, tls_context=object() if tls else None)
+        stream = stream if stream is not None else self.Terminal()
+        with mock.patch.object(localchat, "lan_addresses", return_value=["192.168.1.7"]), \
+                mock.patch.object(sys, "stdout", stream):
+            localchat.print_join_instructions(server, host)
+        return stream.getvalue()
+
+    def test_the_web_address_is_printed_with_its_qr_code_on_a_terminal(self):
+        text = self.printed("0.0.0.0")
+        self.assertIn("python3 localchat.py YOUR-NAME --server 192.168.1.7", text)
+        self.assertIn("nc 192.168.1.7 13333", text)
+        self.assertIn("Phones and browsers open http://192.168.1.7:13333/", text)
+        self.assertIn(localchat.qr_terminal("http://192.168.1.7:13333/"), text)
+        self.assertIn("https://192.168.1.7:13333/", self.printed("0.0.0.0", tls=True))
+
+    def test_no_code_is_drawn_where_no_terminal_can_show_it(self):
+        piped = self.printed("0.0.0.0", stream=io.StringIO())
+        self.assertIn("http://192.168.1.7:13333/", piped)
+        self.assertNotIn("\u2580", piped)
+        self.assertIn("drawn when the server runs in a terminal", piped)
+        latin = self.Terminal()
+        latin.encoding = "latin-1"  # a console that cannot show half blocks
+        self.assertNotIn("\u2580", self.printed("0.0.0.0", stream=latin))
+        self.assertIn("A browser on this computer opens http://127.0.0.1:13333/", self.printed("127.0.0.1"))
+
+
+class QrTests(unittest.TestCase):
+    """The QR encoder: vectors from ISO/IEC 18004 and its well-known tables, and decoding with zbarimg."""
+
+    def test_reed_solomon_of_the_hello_world_1m_example(self):
+        # The widely published "HELLO WORLD" 1-M example: 16 data codewords, 10 error correction codewords.
+        data = bytes([32, 91, 11, 120, 209, 114, 220, 77, 67, 64, 236, 17, 236, 17, 236, 17])
+        self.assertEqual(list(localchat.qr_error_correction(data, 10)),
+                         [196, 35, 39, 119, 235, 215, 231, 226, 93, 23])
+
+    def test_format_information_of_level_m_matches_the_standard_table(self):
+        expected = ["101010000010010", "101000100100101", "101111001111100", "101101101001011",
+                    "100010111111001", "100000011001110", "100111110010111", "100101010100000"]
+        self.assertEqual([format(localchat.qr_format_bits(mask), "015b") for mask in range(8)], expected)
+
+    def test_version_information_matches_the_standard_table(self):
+        expected = {7: "000111110010010100", 8: "001000010110111100", 21: "010101011010000011",
+                    40: "101000110001101001"}
+        for version, bits in expected.items():
+            self.assertEqual(format(localchat.qr_version_bits(version), "018b"), bits, version)
+
+    def test_alignment_positions_match_the_standard_table(self):
+        expected = {1: [], 2: [6, 18], 7: [6, 22, 38], 14: [6, 26, 46, 66], 32: [6, 34, 60, 86, 112, 138],
+                    36: [6, 24, 50, 76, 102, 128, 154], 40: [6, 30, 58, 86, 114, 142, 170]}
+        for version, positions in expected.items():
+            self.assertEqual(localchat.qr_alignment_positions(version), positions, version)
+
+    def test_byte_capacities_at_level_m_match_the_standard_table(self):
+        expected = {1: 14, 2: 26, 3: 42, 4: 62, 5: 84, 6: 106, 7: 122, 9: 180, 10: 213, 11: 251,
+                    20: 666, 27: 1125, 40: 2331}
+        for version, capacity in expected.items():
+            self.assertEqual(localchat.qr_byte_capacity(version), capacity, version)
+
+    def test_block_structure_matches_the_standard_table(self):
+        # ISO/IEC 18004 table 9, level M: (error correction per block, [(blocks, data codewords each)]).
+        expected = {1: (10, [(1, 16)]), 5: (24, [(2, 43)]), 10: (26, [(4, 43), (1, 44)]),
+                    20: (26, [(3, 41), (13, 42)]), 40: (28, [(18, 47), (31, 48)])}
+        for version, (ec, groups) in expected.items():
+            self.assertEqual(localchat.QR_EC_PER_BLOCK_M[version - 1], ec, version)
+            self.assertEqual(localchat.QR_BLOCKS_M[version - 1], sum(count for count, _ in groups), version)
+            self.assertEqual(localchat.qr_data_capacity(version), sum(c * size for c, size in groups), version)
+
+    def test_smallest_version_that_fits_is_chosen(self):
+        for length, version in [(0, 1), (14, 1), (15, 2), (25, 2), (62, 4), (63, 5), (213, 10), (2331, 40)]:
+            self.assertEqual(len(localchat.qr_matrix("a" * length)), 17 + 4 * version, length)
+        self.assertEqual(len(localchat.qr_matrix("\u00e9" * 7)), 21)  # 14 bytes of UTF-8
+        self.assertEqual(len(localchat.qr_matrix("\u00e9" * 8)), 25)
+
+    def test_text_longer_than_version_40_holds_is_a_user_error(self):
+        with self.assertRaisesRegex(localchat.UserError, "2331"):
+            localchat.qr_matrix("a" * 2332)
+
+    def test_data_codewords_of_a_short_byte_mode_text(self):
+        # "hi" at 1-M, worked out by hand: 0100 | 00000010 | 01101000 01101001 | 0000, then EC 11 pads.
+        data = bytes.fromhex("40268690") + b"\xec\x11" * 6
+        self.assertEqual(localchat.qr_codewords(b"hi", 1), data + localchat.qr_error_correction(data, 10))
+
+    def test_blocks_of_version_10_are_interleaved_short_ones_first(self):
+        text = bytes(range(65, 65 + 26)) * 8 + b"abcde"  # 213 bytes: version 10-M exactly full
+        bits = "0100" + format(213, "016b") + "".join(format(b, "08b") for b in text) + "0000"
+        data = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
+        blocks = [data[0:43], data[43:86], data[86:129], data[129:172], data[172:216]]  # 4 x 43, 1 x 44
+        codewords = localchat.qr_codewords(text, 10)
+        self.assertEqual(len(codewords), 346)
+        taken = [codewords[index:215:5] for index in range(5)]
+        taken[4] += codewords[215:216]  # the long block's last data codeword comes after the others'
+        self.assertEqual(taken, blocks)
+        for index, block in enumerate(blocks):
+            self.assertEqual(codewords[216 + index::5], localchat.qr_error_correction(block, 26), index)
+
+    def test_format_information_in_the_symbol_names_level_m_and_the_mask(self):
+        for mask in range(8):
+            rows = localchat.qr_matrix(QR_URL, mask)
+            self.assertEqual(qr_read_format(rows), [localchat.qr_format_bits(mask)] * 2, mask)
+            self.assertTrue(rows[len(rows) - 8][8], "the dark module")
+
+    def test_finder_patterns_and_timing(self):
+        rows = localchat.qr_matrix(QR_URL)
+        size = len(rows)
+        finder = ["1111111", "1000001", "1011101", "1011101", "1011101", "1000001", "1111111"]
+        for top, left in ((0, 0), (0, size - 7), (size - 7, 0)):
+            drawn = ["".join("1" if rows[top + r][left + c] else "0" for c in range(7)) for r in range(7)]
+            self.assertEqual(drawn, finder)
+        self.assertEqual([rows[6][c] for c in range(8, size - 8)], [c % 2 == 0 for c in range(8, size - 8)])
+        self.assertEqual([rows[r][6] for r in range(8, size - 8)], [r % 2 == 0 for r in range(8, size - 8)])
+
+    def test_the_mask_with_the_lowest_penalty_is_chosen(self):
+        for text in ["hi", QR_URL, "x" * 300]:
+            penalties = [localchat.qr_penalty(localchat.qr_matrix(text, mask)) for mask in range(8)]
+            best = penalties.index(min(penalties))
+            self.assertEqual(localchat.qr_matrix(text), localchat.qr_matrix(text, best), text)
+            self.assertGreater(len(set(penalties)), 1, "the masks should score differently")
+
+    def test_penalty_of_an_all_light_symbol_worked_out_by_hand(self):
+        # N1: 42 lines, each one run of 21: 3 + 16. N2: 20 x 20 blocks of 3. N3: none. N4: 0 % dark, 10 steps.
+        rows = [[False] * 21 for _ in range(21)]
+        self.assertEqual(localchat.qr_penalty(rows), 42 * 19 + 400 * 3 + 0 + 100)
+
+    def test_penalty_rules_on_a_checkerboard_worked_out_by_hand(self):
+        def checker():
+            return [[(r + c) % 2 == 0 for c in range(11)] for r in range(11)]
+        self.assertEqual(localchat.qr_penalty(checker()), 0)  # no runs, no blocks, no finders, 61/121 dark
+        rows = checker()
+        rows[0][3] = True  # row 0 becomes 10111010101: a finder-like pattern after the (light) quiet zone
+        self.assertEqual(localchat.qr_penalty(rows), 40)
+        rows = checker()
+        rows[0] = [True] * 11  # one run of 11 in row 0: 3 + 6; no 2x2 block, 66/121 dark is within 5 %
+        self.assertEqual(localchat.qr_penalty(rows), 9)
+        rows = checker()
+        rows[0][1] = rows[1][0] = True  # a dark 2x2 block in the corner and 62/121 dark
+        self.assertEqual(localchat.qr_penalty(rows), 3)
+
+    def test_terminal_drawing_is_the_symbol_in_half_blocks_black_on_white(self):
+        drawing = localchat.qr_terminal(QR_URL)
+        framed = qr_framed(localchat.qr_matrix(QR_URL))
+        lines = drawing.splitlines()
+        self.assertEqual(len(lines), (len(framed) + 1) // 2)
+        halves = {" ": (False, False), "\u2580": (True, False), "\u2584": (False, True), "\u2588": (True, True)}
+        rebuilt = []
+        for line in lines:
+            self.assertTrue(line.startswith("\x1b[30;47;107m") and line.endswith("\x1b[0m"), repr(line))
+            cells = [halves[char] for char in line[len("\x1b[30;47;107m"):-len("\x1b[0m")]]
+            rebuilt += [[top for top, _ in cells], [bottom for _, bottom in cells]]
+        self.assertEqual(rebuilt[:len(framed)], framed)
+        self.assertEqual(rebuilt[len(framed):], [[False] * len(framed)] * (len(rebuilt) - len(framed)))
+
+    def test_png_is_a_valid_grey_image_of_the_framed_symbol(self):
+        png = localchat.qr_png("hi", scale=2)
+        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+        chunks, offset = {}, 8
+        for _ in range(3):
+            length = int.from_bytes(png[offset:offset + 4], "big")
+            kind, body = png[offset + 4:offset + 8], png[offset + 8:offset + 8 + length]
+            self.assertEqual(int.from_bytes(png[offset + 8 + length:offset + 12 + length], "big"),
+                             zlib.crc32(kind + body))
+            chunks[kind], offset = body, offset + 12 + length
+        self.assertEqual(offset, len(png))
+        self.assertEqual(chunks[b"IHDR"], struct.pack(">IIBBBBB", 58, 58, 8, 0, 0, 0, 0))  # (21 + 8) x 2
+        pixels = zlib.decompress(chunks[b"IDAT"])
+        framed = qr_framed(localchat.qr_matrix("hi"))
+        for y in range(58):
+            line = pixels[y * 59:(y + 1) * 59]
+            self.assertEqual(line[0], 0)
+            self.assertEqual([pixel == 0 for pixel in line[1::2]], framed[y // 2], y)
+            self.assertEqual(line[1::2], line[2::2])
+        self.assertEqual(chunks[b"IEND"], b"")
+
+    @unittest.skipUnless(ZBARIMG, ZBARIMG_SKIP)
+    def test_zbarimg_reads_texts_of_several_lengths(self):
+        texts = ["hi", QR_URL, "https://example.org/chat?room=%23general&name=" + "a" * 40,
+                 "LocalChat " * 30, "caf\u00e9 \u00fcber \u20ac \u65e5\u672c\u8a9e \U0001F600 \u0416\u0436"]
+        self.assertGreater(len(texts[3].encode()), 290)
+        for text in texts:
+            self.assertEqual(qr_zbarimg(self, localchat.qr_png(text)).decode("utf-8"), text)
+
+    @unittest.skipUnless(ZBARIMG, ZBARIMG_SKIP)
+    def test_zbarimg_reads_every_mask(self):
+        for mask in range(8):
+            self.assertEqual(qr_zbarimg(self, localchat.qr_png(QR_URL, 4, mask)), QR_URL.encode(), mask)
+
+    @unittest.skipUnless(ZBARIMG, ZBARIMG_SKIP)
+    def test_zbarimg_reads_full_symbols_of_several_versions(self):
+        # Full capacity exercises the last codeword and the remainder bits; 7 and up carry version information.
+        for version in (1, 6, 7, 10, 14, 27, 40):
+            length = localchat.qr_byte_capacity(version)
+            text = ("0123456789abcdefghijklmnopqrstuvwxyz:/." * 60)[:length]
+            png = localchat.qr_png(text, 3)
+            self.assertEqual(qr_zbarimg(self, png).decode(), text, version)
+
+
 def password_hmac(password, nonce):
     """The proof the protocol asks for, computed here independently: HMAC-SHA256(password, nonce) in hex."""
     return hmac.new(password.encode("utf-8"), nonce.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -6296,7 +8021,7 @@ class TlsCliTests(ProcessFixture, unittest.TestCase):
 
 
 # =============================================================================
-# 15. The line client on a terminal (a pseudo-terminal, as a person uses it)
+# 18. The line client on a terminal (a pseudo-terminal, as a person uses it)
 # =============================================================================
 
 TERMINAL_CSI = re.compile(r"\x1b\[([0-9;?]*)([@-~])")
@@ -8241,7 +9966,8 @@ class HostileInputTests(ServerFixture, unittest.TestCase):
         folder = tempfile.TemporaryDirectory(prefix="fuzz-", dir=_SCRATCH.name)
         self.addCleanup(folder.cleanup)
         store = localchat.SqliteStore(os.path.join(folder.name, "history.sqlite3"))  # as a real server keeps it
-        self.start_hostile_server(store=store)
+        # The JSON door alone, so it takes every payload (IrcDoorHostileTests fuzzes the other doors).
+        self.start_hostile_server(store=store, doors=(localchat.JsonLinesDoor,))
         before = [self.ping_time("before") for _ in range(5)] + [self.round_trip("before")]
         stop_at = time.monotonic() + self.FUZZ_TIME_S
         budget = self.FUZZ_PAYLOADS // self.FUZZ_CONNECTIONS_AT_ONCE
@@ -8298,7 +10024,8 @@ class HostileInputTests(ServerFixture, unittest.TestCase):
 
     def test_hundreds_of_silent_connections_are_held_then_closed_at_the_hello_timeout(self):
         hello_timeout = 2.0
-        self.start_hostile_server(hello_timeout=hello_timeout)
+        # Without the text door, which asks a silent connection for a name (TextDoorTests)
+        self.start_hostile_server(hello_timeout=hello_timeout, doors=(localchat.JsonLinesDoor, localchat.IrcDoor))
         count = self.silent_count()
         started = time.monotonic()
         silent = [self.connect() for _ in range(count)]

@@ -7215,6 +7215,7 @@ class ChatConnection:
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
         self._closing = threading.Event()
+        self._leaving = threading.Event()  # close() began: the server's goodbye is expected
         self._synced = threading.Event()  # set while connected and caught up
         self._outgoing = queue.Queue()  # frames for the sender thread (see post())
         self.unconfirmed = collections.OrderedDict()  # ref -> say frame sent but not yet echoed
@@ -7439,7 +7440,8 @@ class ChatConnection:
             text, final = self._reconnect(text)
             if final:
                 break
-        self.on_event({"type": "disconnected", "text": text, "expected": self._closing.is_set()})
+        expected = self._closing.is_set() or self._leaving.is_set()
+        self.on_event({"type": "disconnected", "text": text, "expected": expected})
 
     def _read_until_closed(self):
         """Hand each frame to on_event until the connection ends; return (why, final)."""
@@ -7530,6 +7532,7 @@ class ChatConnection:
         so the window calls it on a worker thread. A connect() still under way on
         another thread gives up at once.
         """
+        self._leaving.set()  # before the bye: the server's answer may end the reader before _closing is set
         if say_bye:
             self._outgoing.put({"type": "bye"})
         self._outgoing.put(None)
@@ -9317,7 +9320,9 @@ class TerminalClient:
             own = frame.get("from") == self.connection.name
             if own:
                 self._pending.discard(frame.get("ref"))
-            if not (own and frame.get("ref") in self._typed):  # shown once: as it was typed
+            if own and frame.get("ref") in self._typed:
+                self._typed.discard(frame.get("ref"))  # shown once: as it was typed
+            else:
                 self._print(clock(frame.get("ts")), message_line(frame))
         elif kind == "disconnected":
             if not frame.get("expected") and not self._bye_sent:

@@ -4113,6 +4113,8 @@ class ClientTests(ServerFixture, unittest.TestCase):
         left = watcher.read_frame()
         self.assertEqual((left["type"], left["name"], left["reason"]), ("left", "alice", "quit"))
         last, _ = self.event_until(connection, lambda event: event["type"] == "disconnected")
+        # Bug (1 run in 10): the server's answer to the bye could end the reader thread
+        # before close() set _closing, and the end was reported as unexpected.
         self.assertTrue(last["expected"])
 
     def test_close_at_once_after_start_still_says_bye(self):

@@ -192,7 +192,8 @@ Client to server:
   {"type":"say","text":"hi","room":"general","ref":"c1"}
         text: 1-32000 bytes of UTF-8, may hold newlines and tabs, no other control
         characters; "room" defaults to general; "to":"bob" instead of "room" sends
-        a direct message; "action":true for /me; "ref" (optional, up to 64
+        a direct message; "action":true for /me; "notice":true for an automatic
+        message that no client may answer by itself (IRC's NOTICE); "ref" (optional, up to 64
         printable characters) comes back in the echo
   {"type":"join","room":"games"}    {"type":"leave","room":"games"}
   {"type":"users"}                  everybody; with "room": the people in that room
@@ -461,8 +462,9 @@ COMMANDS = (
     Command(("msg",), "/msg NAME TEXT", "a direct message that only NAME sees", "everybody", _parse_msg),
     Command(("me",), "/me ACTION", "say what you do, shown as: * alice waves", "everybody", _parse_me),
     Command(("nick",), "/nick NEWNAME", "change your name", "everybody", _parse_nick),
-    Command(("users",), "/users [ROOM]", "who is in the room (the current one)", "everybody", _parse_users),
-    Command(("rooms",), "/rooms", "the rooms and their topics", "everybody",
+    Command(("users", "names"), "/users [ROOM]", "who is in the room (the current one)", "everybody",
+            _parse_users),
+    Command(("rooms", "list"), "/rooms", "the rooms and their topics", "everybody",
             lambda argument, where: ("send", {"type": "rooms"})),
     Command(("topic",), "/topic [TEXT]", "show the room's topic, or set it", "everybody", _parse_topic),
     Command(("away",), "/away [TEXT]", "mark yourself away", "everybody",
@@ -1317,7 +1319,7 @@ class ChatHub:
 
     # -- speaking ------------------------------------------------------------------
 
-    def say(self, seat, text, ref=None, room=None, to=None, action=False):
+    def say(self, seat, text, ref=None, room=None, to=None, action=False, notice=False):
         """Send a message to a room (general by default) or, with `to`, to one user.
 
         The sender gets the message too: the echo confirms it. It is queued for the
@@ -1347,6 +1349,8 @@ class ChatHub:
             fields["text"] = text
             if action:
                 fields["action"] = True
+            elif notice:
+                fields["notice"] = True  # automatic (IRC's NOTICE): no client answers it by itself
             if ref is not None:
                 fields["ref"] = ref
             self._next_id += 1
@@ -2031,6 +2035,9 @@ def _lock_history_file(history):
     return handle
 
 
+_MESSAGE_KINDS = {"action": 1, "notice": 2}  # the "action" column: 0 a message, 1 a /me, 2 an automatic notice
+
+
 class SqliteStore:
     """History, topics, known users, bans and operators in an SQLite database (WAL).
 
@@ -2102,10 +2109,11 @@ class SqliteStore:
 
     def add_message(self, fields, from_identity=None, to_identity=None, delivered=True, token=None):
         """Queue a message's row for the next flush(); `token` comes back if it cannot be stored."""
-        room, to = fields.get("room"), fields.get("to")
+        room, to = fields.get("room"), fields.get("to")  # the "action" column holds _MESSAGE_KINDS
         self._queue(self.INSERT_MESSAGE, (
             fields["id"], fields["ts"], fields["from"], room, room and name_key(room), to, to and name_key(to),
-            name_key(fields["from"]), from_identity, to_identity, fields["text"], int(bool(fields.get("action"))),
+            name_key(fields["from"]), from_identity, to_identity, fields["text"], _MESSAGE_KINDS.get(
+                "action" if fields.get("action") else "notice" if fields.get("notice") else None, 0),
             fields.get("ref"), int(delivered)), token if token is not None else fields["id"])
 
     def mark_delivered(self, identity, upto=None):
@@ -2243,8 +2251,10 @@ class SqliteStore:
         else:
             fields["to"] = recipient
         fields["text"] = text
-        if action:
+        if action == _MESSAGE_KINDS["action"]:
             fields["action"] = True
+        elif action == _MESSAGE_KINDS["notice"]:
+            fields["notice"] = True
         if ref is not None:
             fields["ref"] = ref
         return fields
@@ -4013,6 +4023,10 @@ class Door:
         """Carry out a frame of type "door": a command of the door's own protocol. Return a reason to stop, or None."""
         raise ProtocolError("unknown_type", "Unknown frame type 'door'.")
 
+    def idle(self):
+        """Return True if a connection that has not said hello may end quietly when its time is up."""
+        return False
+
     def frames(self, buffer):
         """Cut what is complete off the bytearray buffer; return its frames (dicts) and ProtocolErrors.
 
@@ -4153,6 +4167,7 @@ def _irc_message(fields, stamp=""):
     """Return a message as PRIVMSG lines: one a line of its text, each under 512 bytes."""
     prefix, target = _irc_mask(fields["from"]), _irc_target(fields)
     action = fields.get("action")
+    command = "NOTICE" if fields.get("notice") else "PRIVMSG"
     # ":prefix PRIVMSG target :" and CRLF, and "\x01ACTION " ... "\x01" for an action
     room = IRC_MAX_LINE_BYTES - len(("%s PRIVMSG %s :" % (prefix, target)).encode("utf-8")) - 3 - (9 if action else 0)
     lines = []
@@ -4160,7 +4175,7 @@ def _irc_message(fields, stamp=""):
         if not text.strip():
             continue  # IRC has no empty message
         for piece in _split_utf8(stamp + text, max(64, room - len(stamp.encode("utf-8")))):
-            lines.append(irc_line(prefix, "PRIVMSG", target, "\x01ACTION %s\x01" % piece if action else piece))
+            lines.append(irc_line(prefix, command, target, "\x01ACTION %s\x01" % piece if action else piece))
     return lines
 
 
@@ -4255,6 +4270,7 @@ class IrcDoor(Door):
         self._asking = None  # (command, argument) whose answer the hub is about to deliver
         self._skipping = False  # the rest of an overlong line is being dropped
         self._quiet = False  # NOTICE: errors are never answered (RFC 2812 3.3.2)
+        self._replaying = None  # the channel (or nick) whose replayed messages are arriving
 
     def greet(self, session):
         self.session = session
@@ -4488,9 +4504,11 @@ class IrcDoor(Door):
             self._send(None if self._quiet else self._numeric("411", "No recipient given (%s)" % command))
             return None
         text, action = (params[1] if len(params) > 1 else ""), False
-        if text.startswith("\x01"):  # CTCP: ACTION is /me; the others (VERSION, PING...) are not answered
+        if text.startswith("\x01"):  # CTCP: ACTION is /me; the server answers the others itself
             inner = text.strip("\x01")
             if not inner.upper().startswith("ACTION"):
+                if not self._quiet:  # a NOTICE carries CTCP answers, which are never answered
+                    self._ctcp(params[0].split(",")[0], inner)
                 return None
             text, action = inner[7:], True
         text = _IRC_FORMATTING.sub("", text)
@@ -4503,16 +4521,36 @@ class IrcDoor(Door):
                 return reason
         return None
 
+    def _ctcp(self, target, request):
+        """Answer a CTCP request to a person in their stead: their client may be no IRC client at all."""
+        if target.startswith("#"):
+            return
+        word, _, argument = request.partition(" ")
+        answers = {"VERSION": "LocalChat %s (the server answers for %s)" % (__version__, target),
+                   "PING": argument, "TIME": time.strftime("%a %b %d %H:%M:%S %Y"),
+                   "CLIENTINFO": "ACTION CLIENTINFO PING TIME VERSION"}
+        answer = answers.get(word.upper())
+        if answer is not None:
+            self._send(irc_line("%s!u@%s" % (target, IRC_HOST), "NOTICE", self.nick,
+                                "\x01%s %s\x01" % (word.upper(), answer) if answer else "\x01%s\x01" % word.upper()))
+
     def _say(self, target, text, action):
         frame = {"type": "say", "text": text}
         if action:
             frame["action"] = True
+        elif self._quiet:
+            frame["notice"] = True
         if target.startswith("#"):
             frame["room"] = self._channel_room(target)
             if frame["room"] is None:
                 return None
         else:
             frame["to"] = name_from_irc(target)
+            if irc_nick(frame["to"]).lower() != target.lower() and not self._quiet:
+                # "d.o.t" for d|o|t: it would arrive, but the answers would come from another nick
+                self._send(self._numeric("401", target, "No such nick: on IRC, %s is called %s"
+                                         % (frame["to"], irc_nick(frame["to"]))))
+                return None
             away = self.away.get(frame["to"])
             if away is not None and not self._quiet:
                 self._send(self._numeric("301", target, away))
@@ -4642,12 +4680,21 @@ class IrcDoor(Door):
     def deliver_locked(self, outbox, event):
         fields = event.fields
         kind = fields["type"]
+        data = b""
+        if self._replaying is not None and not fields.get("replay"):
+            data = self._replay_end()
         if kind in _IRC_SHARED and not fields.get("replay") and (kind != "topic" or fields.get("by")):
-            data = self._shared_locked(outbox, event, fields, kind)
+            data += self._shared_locked(outbox, event, fields, kind) or b""
         else:
-            data = self.encode_own(fields)
+            data += self.encode_own(fields)
         if data:
             outbox.push_locked(data)
+
+    def _replay_end(self):
+        """Return the NOTICE that ends a room's replayed messages (clients that ignore server-time show
+        them at the time they arrive: the notices tell history from what is said now)."""
+        channel, self._replaying = self._replaying, None
+        return irc_line(IRC_SERVER, "NOTICE", channel, "End of the messages said before you came.")
 
     def _shared_locked(self, outbox, event, fields, kind):
         """Return the bytes all IRC clients share for this event (encoded once), after our own bookkeeping."""
@@ -4679,6 +4726,16 @@ class IrcDoor(Door):
         return render(fields) if render is not None else b""
 
     def _own_message(self, fields):  # a replayed one: history, or a direct message that waited
+        target = _irc_target(fields) if fields.get("room") else self.nick
+        data = b""
+        if self._replaying != target:
+            data = self._replay_end() if self._replaying is not None else b""
+            self._replaying = target
+            data += irc_line(IRC_SERVER, "NOTICE", target, "Messages said before you came, with the times "
+                             "they were said:" if fields.get("room") else "Messages that waited for you:")
+        return data + self._replayed(fields)
+
+    def _replayed(self, fields):
         stamp = ""
         if "server-time" not in self.caps:
             stamp = "[%s] " % _history_time(fields.get("ts"))
@@ -4715,7 +4772,7 @@ class IrcDoor(Door):
 
     def _motd(self):
         lines = ["- %s Message of the day -" % IRC_SERVER,
-                 "- This is LocalChat: its rooms are channels. /list shows them, /join #name joins one.",
+                 "- This is LocalChat: its rooms are channels. /list shows them (irssi: /list -yes), /join #name joins one.",
                  "- Joining a channel replays what was said there before you came.",
                  "- The same chat is open to LocalChat's window, its line client, and nc."]
         return (self._numeric("375", lines[0]) + b"".join(self._numeric("372", line) for line in lines[1:])
@@ -4802,7 +4859,7 @@ class IrcDoor(Door):
             return []
         lines = [self._numeric("332", channel, fields["topic"])]
         if fields.get("set_by") and isinstance(fields.get("set_at"), (int, float)):
-            lines.append(self._numeric("333", channel, irc_nick(fields["set_by"]), int(fields["set_at"])))
+            lines.append(self._numeric("333", channel, _irc_mask(fields["set_by"]), int(fields["set_at"])))
         return lines
 
     def _own_error(self, fields):
@@ -4963,8 +5020,9 @@ class TextDoor(Door):
         """Runs with the hub's lock held: keep track of one's name and rooms, skip one's own echo."""
         fields = event.fields
         kind = fields["type"]
-        if kind == "message" and fields.get("from") == self.me and not fields.get("replay"):
-            return  # what one typed is on one's screen already
+        if kind == "message" and fields.get("from") == self.me and not fields.get("replay") and \
+                fields.get("room") and not fields.get("action"):
+            return  # the line one typed is on one's screen already (a /msg or /me is shown as it went)
         data = event.encoded(text_encode)
         if kind == "welcome":
             self.me = fields["name"]
@@ -4974,6 +5032,7 @@ class TextDoor(Door):
         elif kind == "room":
             self.rooms.add(name_key(fields["room"]))
             self.where = {"room": fields["room"]}
+            data += ("* Lines you type now go to %s.\r\n" % room_label(fields["room"])).encode("utf-8")
         elif kind == "left" and fields.get("room") and fields.get("name") == self.me:
             self.rooms.discard(name_key(fields["room"]))
             if name_key(self.where.get("room", "")) == name_key(fields["room"]):
@@ -5040,6 +5099,8 @@ class TextDoor(Door):
             if not name:
                 self._tell("Type your name and press Enter:")
                 return None
+            if name.lower() in ("/quit", "/exit"):
+                return session._handle_frame({"type": "bye"})
             if session.hub.password is not None and (session.channel is not None or session.server.clear_passwords):
                 self.name = name
                 self._tell("This chat has a password. Type it and press Enter (it shows as you type):")
@@ -5154,7 +5215,8 @@ class WebDoor(Door):
 
     name = "web"
     encode = staticmethod(ws_encode)
-    hello_timeout_s = HTTP_HEAD_TIMEOUT_S
+    hello_timeout_s = HTTP_HEAD_TIMEOUT_S  # the first request's line and headers
+    keepalive_s = HTTP_KEEPALIVE_S         # each request after it: to begin and end
     methods = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 
     @classmethod
@@ -5237,7 +5299,7 @@ class WebDoor(Door):
         self._send_response(status, body, extra, content_type, close, head_only=request.method == "HEAD")
         if close:
             return [{"type": "bye"}]
-        self.session.extend_hello(HTTP_KEEPALIVE_S)  # the next request has this long to begin and end
+        self.session.extend_hello(self.keepalive_s)  # the next request has this long to begin and end
         return []
 
     def _refuse(self, status, sentence):
@@ -5249,7 +5311,7 @@ class WebDoor(Door):
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         headers += list(extra) + list(WEB_SECURITY_HEADERS)
         headers.append(("Connection", "close") if close else
-                       ("Keep-Alive", "timeout=%d, max=%d" % (HTTP_KEEPALIVE_S, HTTP_MAX_REQUESTS)))
+                       ("Keep-Alive", "timeout=%d, max=%d" % (self.keepalive_s, HTTP_MAX_REQUESTS)))
         self.session.outbox.put(_http_head(status, headers) + (b"" if head_only else body))
 
     # -- WebSocket -----------------------------------------------------------------
@@ -5298,12 +5360,15 @@ class WebDoor(Door):
         except ProtocolError as error:
             return error
 
+    def idle(self):
+        return self.reader is None and not self.receiving  # between keep-alive requests
+
     def encode_own(self, fields):
         if self.reader is None:  # still HTTP: a request that did not come in time gets 408
             if fields.get("code") == "hello_timeout" and self.receiving:
-                body = b"The request did not come in time.\n"
-                return _http_head(408, [("Content-Type", "text/plain; charset=utf-8"),
-                                        ("Content-Length", str(len(body))), ("Connection", "close")]) + body
+                return _http_error(408, "The request did not come in time.")
+            if fields.get("code") == "tls_required":  # http:// on a TLS server
+                return _http_error(400, fields.get("text", ""))
             return b""
         if self.reader.closing or self.echo:
             return b""  # nothing may follow our close frame
@@ -5328,6 +5393,13 @@ def _head_end(buffer):
     if bare >= 0:
         return bare, 2
     return (end, 4) if end >= 0 else (-1, 0)
+
+
+def _http_error(status, sentence):
+    """Return a whole response that refuses with a sentence and closes the connection."""
+    body = (sentence + "\n").encode("utf-8")
+    return _http_head(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+                               ("Connection", "close")]) + body
 
 
 def _http_head(status, headers):
@@ -5393,27 +5465,38 @@ class Session(socketserver.BaseRequestHandler):
         """
         sock = self.request
         context = self.server.tls_context
-        # A plain server waits only a moment: a silent peer may be a person at nc, to be asked a name.
-        ask_silent = context is None and self.server.door_for_silence() is not None
-        sock.settimeout(min(self.server.hello_timeout, SILENT_PROMPT_S) if ask_silent else self.server.hello_timeout)
+        # Wait only a moment: a silent peer may be a person at nc (TLS clients speak first).
+        silence_door = self.server.door_for_silence()
+        sock.settimeout(min(self.server.hello_timeout, SILENT_PROMPT_S) if silence_door else self.server.hello_timeout)
         try:
-            first = sock.recv(1, socket.MSG_PEEK)
+            first = sock.recv(DOOR_SNIFF_BYTES, socket.MSG_PEEK)
         except socket.timeout:
-            if ask_silent:
+            if silence_door and context is None:
                 return b""  # the reader loop asks for a name
+            if silence_door:
+                self.door = silence_door()  # a person at nc on a TLS server: told so in words
+                return self._on_protocol_error(self._tls_required())
             return self._on_protocol_error(ProtocolError("hello_timeout", "No hello came in time.", fatal=True))
         except OSError:
             return "lost"
         if not first:
             return "lost"
-        if looks_like_tls(first) != (context is not None):
-            code, text = (("tls_required", "This server encrypts its connections (TLS); connect with encryption.")
-                          if context is not None else
-                          ("tls_not_used", "This server does not use encryption; connect without it."))
-            return self._on_protocol_error(ProtocolError(code, text, fatal=True))
+        if looks_like_tls(first[:1]) != (context is not None):
+            if context is None:
+                return self._on_protocol_error(ProtocolError(
+                    "tls_not_used", "This server does not use encryption; connect without it.", fatal=True))
+            door = self.server.door_for(first)
+            self.door = door() if door is not None else None  # the refusal in the peer's own protocol
+            return self._on_protocol_error(self._tls_required())
         if context is None:
             return b""
         return self._start_tls(context)
+
+    def _tls_required(self):
+        host, port = self.request.getsockname()[:2]
+        return ProtocolError("tls_required", "This server encrypts its connections (TLS); connect with encryption "
+                             "(nc users: openssl s_client -quiet -connect %s:%d; browsers: https://)." % (host, port),
+                             fatal=True)
 
     def _start_tls(self, context):
         channel = TlsChannel(context, server_side=True)
@@ -5524,6 +5607,8 @@ class Session(socketserver.BaseRequestHandler):
 
     def _on_silence(self):
         """The read timed out: ping once, then give up. Return True to keep reading."""
+        if self.seat is None and self.door is not None and self.door.idle():
+            return False  # an idle keep-alive connection: its time is up, and nothing went wrong
         if self.seat is None:
             self._on_protocol_error(
                 ProtocolError("hello_timeout", "No hello came in time; closing the connection.", fatal=True)
@@ -5642,6 +5727,7 @@ class Session(socketserver.BaseRequestHandler):
             room=frame_field(frame, "room", str, required=False),
             to=self._short_field(frame, "to"),  # printable: a lone surrogate cannot be looked up in SQLite
             action=frame.get("action") is True,
+            notice=frame.get("notice") is True,
         )
 
     def do_users(self, frame):

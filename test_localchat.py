@@ -2759,31 +2759,54 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
     def door_client(self, name):
         return IrcDoorClient(self.irc(), name)
 
-    # Registration as real clients send it, byte for byte (client version and source in each comment).
+    # Registration as the real clients send it, byte for byte: captured from irssi 1.4.3, WeeChat 3.8 and
+    # HexChat 2.16.1 (Debian's packages) connecting to a listener that answered CAP LS and CAP REQ.
+    # Each step: the bytes sent, then the line to wait for before the next step (irssi waits for the
+    # answer to CAP LS; WeeChat and HexChat send CAP END without waiting for the ACK).
     REGISTRATIONS = {
-        # irssi 1.4 (src/irc/core/irc-servers.c: CAP LS 302 first, then NICK and USER with mode 0)
-        "irssi": [b"CAP LS 302\r\n", b"NICK alice\r\nUSER alice 0 * :Alice Liddell\r\n"],
-        # WeeChat 3.8 (src/plugins/irc/irc-server.c: irc_server_login)
-        "weechat": [b"CAP LS 302\r\nNICK alice\r\nUSER alice 0 * :Alice Liddell\r\n"],
-        # HexChat 2.16 (src/common/proto-irc.c: irc_login): CAP LS 302, then NICK and USER with the host names
-        "hexchat": [b"CAP LS 302\r\nNICK alice\r\nUSER alice 0 * :realname\r\n"],
+        "irssi 1.4.3": [(b"CAP LS 302\r\nJOIN :\r\n", ("CAP", "*", "LS")),
+                        (b"CAP REQ :server-time\r\n", ("CAP", "*", "ACK")),
+                        (b"CAP END\r\nNICK alice\r\nUSER root root 127.0.0.1 :root\r\n", ("001",))],
+        "WeeChat 3.8": [(b"CAP LS 302\r\nNICK alice\r\nUSER root 0 * :root\r\nCAP REQ :server-time\r\nCAP END\r\n",
+                         ("001",))],
+        "HexChat 2.16.1": [(b"CAP LS 302\r\nNICK alice\r\nUSER alice 0 * :Alice Real\r\nCAP REQ :server-time\r\n"
+                            b"CAP END\r\n", ("001",))],
     }
+    # The same with a server password: where each of them puts PASS
+    PASS_REGISTRATIONS = {
+        "irssi 1.4.3": [(b"CAP LS 302\r\nJOIN :\r\n", ("CAP", "*", "LS")),
+                        (b"CAP REQ :server-time\r\n", ("CAP", "*", "ACK")),
+                        (b"CAP END\r\nPASS s3cret\r\nNICK alice\r\nUSER root root 127.0.0.1 :root\r\n", ("001",))],
+        "WeeChat 3.8": [(b"PASS s3cret\r\nCAP LS 302\r\nNICK alice\r\nUSER root 0 * :root\r\nCAP REQ :server-time\r\n"
+                         b"CAP END\r\n", ("001",))],
+        "HexChat 2.16.1": [(b"CAP LS 302\r\nPASS s3cret\r\nNICK alice\r\nUSER alice 0 * :Alice Real\r\n"
+                            b"CAP REQ :server-time\r\nCAP END\r\n", ("001",))],
+    }
+
+    def register_as(self, steps, sock=None):
+        """Replay a client's registration; return its lines up to and including 001."""
+        client = self.irc(sock=sock)
+        lines = []
+        for data, wanted in steps:
+            client.send_raw(data)
+            line, before = client.read_until(is_irc(*wanted))
+            lines += before + [line]
+        return client, lines
 
     def test_registration_as_irssi_weechat_and_hexchat_send_it(self):
         self.start_server(hub=unlimited_hub())
         bob = self.join("bob")
-        for number, (client_name, chunks) in enumerate(sorted(self.REGISTRATIONS.items())):
+        for number, (client_name, steps) in enumerate(sorted(self.REGISTRATIONS.items())):
             with self.subTest(client=client_name):
-                client = self.irc()
-                for chunk in chunks:
-                    client.send_raw(chunk)
-                ls, _ = client.read_until(is_irc("CAP", "*", "LS"))
-                self.assertEqual(ls.params[-1].split(), ["echo-message", "server-time"])
-                client.send("CAP REQ :server-time", )
-                client.read_until(is_irc("CAP", "*", "ACK", "server-time"))
-                client.send("CAP END")
-                welcome, _ = client.read_until(is_irc("001"))
+                client, lines = self.register_as(steps)
+                ls = [line for line in lines if line.command == "CAP" and line.params[1] == "LS"]
+                self.assertEqual(ls[0].params[-1].split(), ["echo-message", "server-time"])
+                self.assertEqual([line.params[-1] for line in lines if line.command == "CAP" and
+                                  line.params[1] == "ACK"], ["server-time"])
+                welcome = lines[-1]
                 self.assertEqual(welcome.params[0], "alice")
+                if client_name.startswith("irssi"):  # its empty JOIN before registering learns it must register
+                    self.assertIn("451", [line.command for line in lines])
                 isupport, _ = client.read_until(is_irc("005"))
                 for token in ("CHANTYPES=#", "NICKLEN=33", "CHANNELLEN=33", "TOPICLEN=300", "CASEMAPPING=ascii",
                               "PREFIX=(o)@"):
@@ -2956,6 +2979,62 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         self.assertIn("time", live.tags)
         self.assertEqual(plain.read_until(is_irc("PRIVMSG"))[0].params[1], "live now")  # no time: it is now
 
+    def test_replayed_history_is_set_apart_by_notices(self):
+        # irssi asks for server-time but shows the time a line arrives unless told otherwise:
+        # the notices tell what was said before from what is said now.
+        self.start_server(hub=unlimited_hub())
+        bob = self.join("bob")
+        bob.say("earlier one")
+        bob.say("earlier two")
+        bob.read_until(lambda frame: is_message(frame) and frame["text"] == "earlier two")
+        alice = self.irc()
+        alice.send("CAP LS 302", "NICK alice", "USER a 0 * :A", "CAP REQ :server-time", "CAP END")
+        start, _ = alice.read_until(is_irc("NOTICE", "#general"))
+        self.assertIn("before you came", start.params[1])
+        replayed = [alice.read(), alice.read()]
+        self.assertEqual([line.params[1] for line in replayed], ["earlier one", "earlier two"])
+        end = alice.read()
+        self.assertEqual((end.command, end.params[0]), ("NOTICE", "#general"))
+        self.assertIn("End of the messages said before you came", end.params[1])
+        bob.say("now")
+        self.assertEqual(alice.read_until(is_irc("PRIVMSG"))[0].params[1], "now")
+
+    def test_a_notice_stays_a_notice_live_and_in_history(self):
+        # Bots answer PRIVMSG and never NOTICE: a NOTICE that became a PRIVMSG could start a loop.
+        folder = tempfile.TemporaryDirectory(prefix="notice-", dir=_SCRATCH.name)
+        self.addCleanup(folder.cleanup)
+        store = localchat.SqliteStore(os.path.join(folder.name, "history.sqlite3"))
+        self.start_server(hub=localchat.ChatHub("lab", store=store, limits=localchat.Limits(messages_per_s=0,
+                                                                                             kbytes_per_s=0)))
+        bob = self.join("bob")
+        bot = self.irc("bot")
+        reader = self.irc("reader")
+        bot.send("NOTICE #general :build 42 passed", "NOTICE reader :just for you")
+        frame, _ = bob.read_until(from_other("bob"))
+        self.assertEqual(summary(frame, "text", "notice"), ("build 42 passed", True))
+        live = [reader.read_until(is_irc("NOTICE", target))[0] for target in ("#general", "reader")]
+        self.assertEqual([(line.nick, line.params[1]) for line in live],
+                         [("bot", "build 42 passed"), ("bot", "just for you")])
+        later = self.irc()
+        later.send("NICK later", "USER l 0 * :L")
+        replayed, _ = later.read_until(lambda line: line.command in ("NOTICE", "PRIVMSG") and line.nick == "bot")
+        self.assertEqual((replayed.command, replayed.params), ("NOTICE", ["#general", "[%s] build 42 passed"
+                                                                           % replayed.params[1][1:6]]))
+
+    def test_ctcp_requests_are_answered_by_the_server_and_nicks_must_be_the_irc_form(self):
+        self.start_server(hub=unlimited_hub())
+        self.join("d.o.t")
+        alice = self.irc("alice")
+        alice.send("PRIVMSG d|o|t :\x01VERSION\x01", "PRIVMSG d|o|t :\x01PING 12345\x01")
+        version, ping = alice.read_until(is_irc("NOTICE", "alice"))[0], alice.read_until(is_irc("NOTICE", "alice"))[0]
+        self.assertEqual(version.nick, "d|o|t")
+        self.assertTrue(version.params[1].startswith("\x01VERSION LocalChat"))
+        self.assertEqual(ping.params[1], "\x01PING 12345\x01")
+        alice.send("PRIVMSG d.o.t :the LocalChat spelling")  # would arrive, but answers come from d|o|t
+        reply = alice.read()
+        self.assertEqual((reply.command, reply.params[1]), ("401", "d.o.t"))
+        self.assertIn("d|o|t", reply.params[2])
+
     def test_channels_commands_and_queries(self):
         self.start_server(hub=unlimited_hub())
         bob = self.join("bob")
@@ -2975,7 +3054,7 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         alice.send("TOPIC #games")
         self.assertEqual(alice.read_until(is_irc("332"))[0].params, ["alice", "#games", "Tonight: chess"])
         setter = alice.read()
-        self.assertEqual((setter.command, setter.params[:3]), ("333", ["alice", "#games", "alice"]))
+        self.assertEqual((setter.command, setter.params[:3]), ("333", ["alice", "#games", "alice!u@lan"]))
         self.assertLess(abs(int(setter.params[3]) - time.time()), 60)
         alice.send("LIST")
         alice.read_until(is_irc("321"))
@@ -3049,6 +3128,7 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         alice.sock.shutdown(socket.SHUT_RDWR)  # the network went away: no QUIT
         alice.close()
         bob.say("while alice was away")
+        bob.read_until(is_message)  # stored and sent before alice comes back
         again = self.irc()
         again.send("NICK alice", "USER alice 0 * :A")
         lines = []
@@ -3086,15 +3166,33 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         self.assertEqual(missing.read().command, "464")
         self.irc("alice", password="sesame")
 
-    def test_tls_carries_irc_and_its_password(self):
-        self.start_server(hub=localchat.ChatHub("lab", password="sesame"), tls_context=tls_server_context())
+    def test_tls_carries_irc_and_its_password_wherever_the_client_puts_pass(self):
+        self.start_server(hub=localchat.ChatHub("lab", password="s3cret"), tls_context=tls_server_context())
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        sock = context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S))
-        alice = self.irc("alice", password="sesame", sock=sock)
-        alice.send("PRIVMSG #general :over TLS")
-        alice.send("PING :x")
-        self.assertEqual(alice.read_until(is_irc("PONG"))[0].params, ["localchat", "x"])
+        for client_name, steps in sorted(self.PASS_REGISTRATIONS.items()):
+            with self.subTest(client=client_name):
+                sock = context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S))
+                client, lines = self.register_as(steps, sock)
+                self.assertEqual(lines[-1].params[0], "alice")
+                client.send("PING :x")
+                self.assertEqual(client.read_until(is_irc("PONG"))[0].params, ["localchat", "x"])
+                client.send("QUIT")
+                client.read_until(is_irc("ERROR"))
+        plain = self.irc()  # the TLS server meets a plain IRC client: an IRC sentence, not a JSON line
+        plain.send("NICK alice", "USER a 0 * :A")
+        error, _ = plain.read_until(is_irc("ERROR"))
+        self.assertIn("encrypts", error.params[-1])
+        person = LineClient(self.address)  # nc on a TLS server says nothing: it is told in words
+        self.clients.append(person)
+        line, _ = person.read_until(lambda line: True, timeout=localchat.SILENT_PROMPT_S + READ_TIMEOUT_S)
+        self.assertIn("openssl s_client -quiet -connect", line)
+        self.assertIsNone(person.read_raw_line())
+        browser = HttpConnection(self.address)
+        self.clients.append(browser)
+        status, _, body = browser.request("GET", "/")
+        self.assertEqual(status, 400)
+        self.assertIn(b"https://", body)
 
     def test_a_direct_message_from_the_window_reaches_irc_with_the_nick_as_target(self):
         self.start_server(hub=unlimited_hub())
@@ -3281,7 +3379,16 @@ class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         self.assertIn("Unknown command /frobnicate", line)
         person.send("/msg bob just you")
         self.assertEqual(summary(bob.read_until(is_message)[0], "to", "text"), ("bob", "just you"))
-        person.assert_silent()  # one's own messages are on one's screen already: no echo
+        line, _ = person.read_until(lambda line: "just you" in line)  # shown as it went: to whom
+        self.assertRegex(line, r"^\[\d\d:\d\d:\d\d\] \[carol -> bob\] just you$")
+        person.send("a plain line")
+        self.assertEqual(bob.read_until(from_other("bob"))[0]["text"], "a plain line")
+        person.assert_silent()  # the line one typed is on one's screen already: no echo
+        person.send("/names", "/list")  # IRC's words for /users and /rooms
+        person.read_until(lambda line: "2 here in #general: bob, carol" in line)
+        person.read_until(lambda line: "Rooms: #general (2)" in line)
+        person.send("/join games")
+        person.read_until(lambda line: "Lines you type now go to #games." in line)
 
     def test_lf_crlf_and_telnet_option_bytes_all_work(self):
         self.start_server(hub=unlimited_hub())
@@ -3307,6 +3414,13 @@ class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         self.assertIn("longer than %d bytes" % localchat.TEXT_MAX_LINE_BYTES, line)
         frame, _ = bob.read_until(is_message)
         self.assertEqual(frame["text"], "short one")
+
+    def test_quit_at_the_name_prompt_says_goodbye(self):
+        self.start_server(hub=unlimited_hub())
+        person = self.nc()
+        person.send("/quit")
+        person.read_until(lambda line: "Goodbye" in line)
+        self.assertIsNone(person.read_raw_line())
 
     def test_a_taken_name_is_asked_for_again(self):
         self.start_server(hub=unlimited_hub())
@@ -3344,6 +3458,8 @@ class TextDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         openssl = shutil.which("openssl")
         if openssl is None:
             self.skipTest("the openssl command is not installed")
+        if os.name == "nt":
+            self.skipTest("select() takes no pipes on Windows")
         self.start_server(hub=unlimited_hub(), tls_context=tls_server_context())
         process = subprocess.Popen([openssl, "s_client", "-quiet", "-connect", "%s:%d" % self.address],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -3669,7 +3785,15 @@ class WebDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         self.assertTrue(slow.at_eof())
 
     def test_keep_alive_serves_many_requests_then_closes_idle_connections(self):
-        self.start_server(hub=unlimited_hub())
+        class QuickWebDoor(localchat.WebDoor):
+            keepalive_s = 0.5
+        self.start_server(hub=unlimited_hub(), doors=(localchat.JsonLinesDoor, QuickWebDoor, localchat.TextDoor))
+        idle = self.http()
+        self.assertEqual(idle.request("GET", "/")[0], 200)
+        with self.assertLogs("localchat", "INFO") as logs:
+            localchat.log.info("marker")  # assertLogs needs one line; the idle close must add none
+            self.assertTrue(idle.at_eof(3.0))  # closed when idle, with no error
+        self.assertEqual(logs.output, ["INFO:localchat:marker"])
         web = self.http()
         for _ in range(3):
             self.assertEqual(web.request("GET", "/app.css")[0], 200)

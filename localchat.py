@@ -9071,12 +9071,29 @@ class TerminalScreen:
             self._write(text + "\n")
             return
         typed = self.readline.get_line_buffer()
-        point = len(typed) if self._point is None else min(max(0, self._point.value), len(typed))
-        columns = max(1, shutil.get_terminal_size().columns)
+        point = len(typed) if self._point is None else self._point_in(typed, self._point.value)
+        columns = self._columns()
+        before, end = _width(self.prompt + typed[:point]), _width(self.prompt + typed)
         # Up to the input line's first row, erase to the end of the screen, print, draw it
-        # again, and put the cursor back where readline has it (one column a character).
-        self._write("\r" + _cursor_up((len(self.prompt) + point) // columns) + "\x1b[J" + text + "\n"
-                    + self.prompt + typed + _cursor_back(len(self.prompt), len(typed), point, columns))
+        # again, and put the cursor back where readline has it.
+        self._write("\r" + _cursor_up(before // columns) + "\x1b[J" + text + "\n"
+                    + self.prompt + typed + _cursor_back(before, end, columns))
+
+    def _point_in(self, typed, offset):
+        """Return readline's cursor as an index into typed: rl_point counts bytes, not characters."""
+        encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+        try:
+            data = typed.encode(encoding, "surrogateescape")
+            return len(data[:max(0, offset)].decode(encoding, "ignore"))
+        except (LookupError, UnicodeError):
+            return len(typed)
+
+    def _columns(self):
+        """Return the terminal's width now (it may have been resized; COLUMNS may be stale)."""
+        try:
+            return max(1, os.get_terminal_size(self.stdout.fileno()).columns)
+        except (AttributeError, OSError, ValueError):
+            return max(1, shutil.get_terminal_size().columns)
 
     def _print_pending(self):
         """Print the queued lines as they are (no input line is shown); call with the lock held."""
@@ -9146,16 +9163,21 @@ def _cursor_up(rows):
     return "\x1b[%dA" % rows if rows > 0 else ""
 
 
-def _cursor_back(prompt_len, typed_len, point, columns):
-    """Return what moves the cursor from the end of prompt and typed text back to `point` in the text."""
-    end = prompt_len + typed_len
+def _cursor_back(here, end, columns):
+    """Return what moves the cursor from column `end` of the input line back to column `here`."""
     wrap = " \r\x1b[K" if end and end % columns == 0 else ""  # off the right margin, as readline does
-    if point >= typed_len:
+    if here >= end:
         return wrap
-    here, there = prompt_len + point, end
     column = here % columns
-    return (wrap + "\r" + _cursor_up(there // columns - here // columns)
-            + ("\x1b[%dC" % column if column else ""))
+    return wrap + "\r" + _cursor_up(end // columns - here // columns) + ("\x1b[%dC" % column if column else "")
+
+
+def _width(text):
+    """Return the columns text takes on a terminal: two for wide characters, none for combining ones."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
 
 
 def _terminal_mode(fd):

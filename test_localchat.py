@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import unittest
 import zlib
 from pathlib import Path
@@ -8180,11 +8181,12 @@ def terminal_screen_rows(output):
             row += 1
         elif ch == "\b":
             col = max(0, col - 1)
-        elif ch >= " ":
+        elif ch >= " ":  # a wide character takes two cells: itself and an empty one
+            cells = [ch, ""] if unicodedata.east_asian_width(ch) in "WF" else [ch]
             line = rows[row]
-            line.extend(" " * (col + 1 - len(line)))
-            line[col] = ch
-            col += 1
+            line.extend(" " * (col + len(cells) - len(line)))
+            line[col:col + len(cells)] = cells
+            col += len(cells)
         rows.extend([] for _ in range(row + 1 - len(rows)))
         i += 1
     return ["".join(line).rstrip() for line in rows], row, col
@@ -8253,17 +8255,20 @@ class PtyProcess:
         return rows[row]
 
     def wait_for(self, condition, what, timeout=READ_TIMEOUT_S):
-        """Read the terminal until condition(self) holds; fail with what was on the screen after timeout."""
+        """Read the terminal until condition(self) holds; fail with what was on the screen after timeout.
+
+        What has already come is read before each look: a screen seen before the
+        program's latest output would let a test type too early.
+        """
         deadline = time.monotonic() + timeout
         for _ in range(MAX_FRAMES):
+            self._read_ready()
             if condition(self):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.ended:
                 break
-            ready, _, _ = select.select([self.master], [], [], remaining)
-            if ready:
-                self._read()
+            select.select([self.master], [], [], remaining)
         raise AssertionError("%s: not on the screen within %.1f s; it shows:\n%s\n(the bytes: %r)"
                              % (what, timeout, "\n".join(self.rows), self.output))
 
@@ -8276,6 +8281,14 @@ class PtyProcess:
             return bool(found)
         self.wait_for(seen, "a row matching %r" % pattern, timeout)
         return found[0]
+
+    def _read_ready(self):
+        """Read whatever output is there now, without waiting."""
+        for _ in range(MAX_FRAMES):
+            ready, _, _ = select.select([self.master], [], [], 0)
+            if not ready or self.ended:
+                return
+            self._read()
 
     def _read(self):
         try:
@@ -8295,7 +8308,11 @@ class PtyProcess:
             ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
             if ready:
                 self._read()
-        return self.process.wait(max(0.0, deadline - time.monotonic()))
+        try:
+            return self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the program did not end within %.1f s; the screen:\n%s\n(the bytes: %r)"
+                                 % (timeout, "\n".join(self.rows), self.output)) from None
 
     def close(self):
         if self.process.poll() is None:
@@ -8412,6 +8429,44 @@ class TerminalTests(ProcessFixture, unittest.TestCase):
         frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
         self.assertEqual(frame["text"], typed)
         alice.wait_for(prompt_with(""), "a fresh prompt")  # keys typed before it are the terminal's, not readline's
+        alice.type("\x04")
+        self.assertEqual(alice.wait_exit(), 0)
+
+    def test_wide_characters_keep_the_cursor_in_its_place_when_a_message_arrives(self):
+        self.start_server()
+        bob = self.started("bob")
+        alice = self.alice_on_a_terminal()
+        alice.wait_for(prompt_with(""), "the prompt naming #general")
+        alice.type("日本語 ok\x1b[D\x1b[D\x1b[D")  # before " ok"; each of the three takes two columns
+        alice.wait_for(lambda t: t.input_line == "#general> 日本語 ok" and terminal_screen_rows(t.output)[2] == 16,
+                       "the line, with the cursor after the wide characters")
+        bob.say("while you edit", room="general")
+        alice.wait_row(r"<bob> while you edit$")
+        alice.type("X")
+        alice.wait_for(prompt_with("日本語X ok"), "X where the cursor was")
+        alice.type("\r")
+        frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
+        self.assertEqual(frame["text"], "日本語X ok")
+        alice.wait_for(prompt_with(""), "a fresh prompt")
+        alice.type("\x04")
+        self.assertEqual(alice.wait_exit(), 0)
+
+    def test_without_readline_a_terminal_gets_plain_lines(self):
+        # Windows' Python has no readline: the line client reads plain lines there.
+        self.start_server()
+        bob = self.started("bob")
+        shadow = Path(tempfile.mkdtemp(prefix="no-readline-", dir=_SCRATCH.name))
+        self.addCleanup(shutil.rmtree, str(shadow), True)
+        (shadow / "readline.py").write_text("raise ImportError('no readline here')\n")
+        alice = self.terminal("alice", "--cli", "--server", "127.0.0.1:%d" % self.server.port,
+                              env=self.environment(PYTHONPATH=str(shadow)))
+        alice.wait_row(r"\* You are in #general with 2 here")
+        self.assertFalse([row for row in alice.rows if row.startswith("#general>")], "no prompt")
+        alice.type("plain line\r")
+        frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
+        self.assertEqual(frame["text"], "plain line")
+        alice.wait_row(r"^\[[0-9:]{8}\] #general <alice> plain line$")  # as typed, then as the server has it
+        self.assertIn("plain line", alice.rows)
         alice.type("\x04")
         self.assertEqual(alice.wait_exit(), 0)
 

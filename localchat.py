@@ -9050,7 +9050,7 @@ class TerminalScreen:
                 if self._editing and self._pending and not self._closed:
                     text, self._pending = "\n".join(self._pending), []
                     self._print_above(text)
-        except Exception:  # noqa: a C callback cannot raise; the line is lost, the chat goes on
+        except Exception:  # a C callback cannot raise: the line is lost, the chat goes on
             pass
         return 0
 

@@ -8470,6 +8470,24 @@ class TerminalTests(ProcessFixture, unittest.TestCase):
         alice.type("\x04")
         self.assertEqual(alice.wait_exit(), 0)
 
+    def test_a_pasted_block_of_lines_goes_as_one_message(self):
+        import readline
+        if "libedit" in (readline.__doc__ or "") or getattr(readline, "_READLINE_VERSION", 0) < 0x0801:
+            self.skipTest("GNU readline 8.1 or later marks pastes (bracketed paste); this is %s"
+                          % getattr(readline, "_READLINE_LIBRARY_VERSION", "libedit"))
+        self.start_server()
+        bob = self.started("bob")
+        alice = self.alice_on_a_terminal()
+        alice.wait_for(prompt_with(""), "the prompt naming #general")
+        alice.type("\x1b[200~first pasted\nsecond pasted\x1b[201~")  # as a terminal marks a paste
+        alice.wait_row(r"^second pasted$")
+        alice.type("\r")
+        frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
+        self.assertEqual(frame["text"], "first pasted\nsecond pasted")
+        alice.wait_for(prompt_with(""), "a fresh prompt")
+        alice.type("\x04")
+        self.assertEqual(alice.wait_exit(), 0)
+
     def test_the_prompt_names_the_room_a_line_goes_to(self):
         self.start_server()
         bob = self.started("bob")

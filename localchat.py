@@ -38,6 +38,7 @@ import codecs
 import collections
 import datetime
 import errno
+import fnmatch
 import getpass
 import gzip
 import hashlib
@@ -195,9 +196,11 @@ Client to server:
         a direct message; "action":true for /me; "notice":true for an automatic
         message that no client may answer by itself (IRC's NOTICE); "ref" (optional, up to 64
         printable characters) comes back in the echo
-  {"type":"join","room":"games"}    {"type":"leave","room":"games"}
+  {"type":"join","room":"games"}    {"type":"leave","room":"games"}  (leave and bye may carry
+        a short "message", what one says on leaving: others get it in "left")
   {"type":"users"}                  everybody; with "room": the people in that room
   {"type":"rooms"}                  the rooms, their sizes and topics
+  {"type":"invite","name":"bob","room":"games"}  ask bob into a room one is in
   {"type":"topic","room":"games"}   ask; with "topic":"text" (or null) set it
   {"type":"nick","name":"alice2"}   change one's name
   {"type":"away","text":"lunch"}    {"type":"back"}
@@ -217,7 +220,7 @@ Server to client:
   direct messages that waited, and {"type":"synced","last_id":41}.
   {"type":"message","id":17,"ts":1732435200.5,"from":"alice","room":"general","text":"hi"}
         sent to everyone in the room, the sender included: the echo confirms
-        delivery. "id" is assigned by the server and increases; "from" is set by
+        delivery. A direct message to somebody away carries their "away" text. "id" is assigned by the server and increases; "from" is set by
         the server. A direct message has "to" instead of "room" and goes to sender
         and recipient only ("queued":true if the recipient is away: it is kept
         and delivered when that identity returns).
@@ -237,6 +240,7 @@ Server to client:
         when the topic was set while the server ran)
   {"type":"renamed","old":"alice","name":"alice2"}
   {"type":"away","name":"bob","text":"lunch"}     (text null: back)
+  {"type":"invite","from":"alice","to":"bob","room":"games"}  to both of them
   {"type":"history_end","room":"games","count":50,"more":true}
   {"type":"ping"}    answer with pong (any frame will do) within 30 s
   {"type":"pong","token":"x"}
@@ -426,6 +430,14 @@ def _parse_users(argument, where):
     return "send", {"type": "users", "room": room} if room else {"type": "users"}
 
 
+def _parse_invite(argument, where):
+    parts = argument.split()
+    room = parts[1].lstrip("#") if len(parts) > 1 else where.get("room")
+    if not parts or not room:
+        return None
+    return "send", {"type": "invite", "name": parts[0].lstrip("@"), "room": room}
+
+
 def _parse_topic(argument, where):
     room = where.get("room")
     if not room:
@@ -462,6 +474,8 @@ COMMANDS = (
     Command(("msg",), "/msg NAME TEXT", "a direct message that only NAME sees", "everybody", _parse_msg),
     Command(("me",), "/me ACTION", "say what you do, shown as: * alice waves", "everybody", _parse_me),
     Command(("nick",), "/nick NEWNAME", "change your name", "everybody", _parse_nick),
+    Command(("invite",), "/invite NAME [ROOM]", "ask somebody into a room (the current one)", "everybody",
+            _parse_invite),
     Command(("users", "names"), "/users [ROOM]", "who is in the room (the current one)", "everybody",
             _parse_users),
     Command(("rooms", "list"), "/rooms", "the rooms and their topics", "everybody",
@@ -609,9 +623,10 @@ def _left_notice(frame):
         return frame["text"]  # a kick or ban, told with who did it and why
     reason = frame.get("reason")
     words = _LEFT_WORDS.get(reason, "left (%s)" % reason)
+    said = ' saying "%s"' % frame["message"] if frame.get("message") else ""
     if frame.get("room"):
-        return "%s %s %s" % (frame.get("name"), words, room_label(frame["room"]))
-    return "%s %s" % (frame.get("name"), words)
+        return "%s %s %s%s" % (frame.get("name"), words, room_label(frame["room"]), said)
+    return "%s %s%s" % (frame.get("name"), words, said)
 
 
 def _topic_notice(frame):
@@ -646,6 +661,8 @@ _NOTICES = {
     "rooms": _rooms_notice,
     "notice": lambda f: f.get("text"),
     "renamed": lambda f: "%s is now known as %s" % (f.get("old"), f.get("name")),
+    "invite": lambda f: "%s invites %s to %s (/join %s)" % (f.get("from"), f.get("to"), room_label(str(f.get("room"))),
+                                                             f.get("room")),
     "away": lambda f: ("%s is away: %s" % (f.get("name"), f["text"])) if f.get("text")
     else "%s is back" % f.get("name"),
     "history_end": lambda f: None if f.get("count") else "No older messages.",
@@ -1154,8 +1171,10 @@ class ChatHub:
         if holding.closing:
             conn.close_locked()
 
-    def leave(self, seat, reason):
+    def leave(self, seat, reason, message=None):
         """The connection holding this seat ended. Return True if its user was here.
+
+        `message`: what a person leaving said (IRC's QUIT :message), told to the others.
 
         A lost connection ("lost", "timeout") keeps the name and rooms for the grace
         period, so the owner can come back unnoticed; others hear of it only when
@@ -1168,7 +1187,7 @@ class ChatHub:
             if reason in ("lost", "timeout") and self.resume_grace_s > 0 and not self._closed:
                 user.lost_at = (time.monotonic(), reason)
                 return True
-            self._remove_locked(user, reason)
+            self._remove_locked(user, reason, message=_parting_words(message))
             return True
 
     def expire(self, now=None):
@@ -1181,8 +1200,8 @@ class ChatHub:
                 self._remove_locked(user, user.lost_at[1])
             return len(expired)
 
-    def _remove_locked(self, user, reason, text=None):
-        """Take user out of every room and tell everyone who shared one."""
+    def _remove_locked(self, user, reason, text=None, message=None):
+        """Take user out of every room and tell everyone who shared one (text: a kick's or ban's sentence)."""
         del self._users[user.key]
         audience = self._sharing(user)
         for room_key in list(user.rooms):
@@ -1191,6 +1210,8 @@ class ChatHub:
             fields = {"type": "left", "name": user.name, "reason": reason, "ts": _now()}
             if text:
                 fields["text"] = text
+            if message:
+                fields["message"] = message
             event = Event(fields)
             for other in audience:
                 other.conn.deliver_locked(event)
@@ -1225,15 +1246,18 @@ class ChatHub:
             with self.lock:
                 self._release_locked(user, holding)
 
-    def leave_room(self, seat, room_name):
-        """Take user out of a room; the room and user hear of it."""
+    def leave_room(self, seat, room_name, message=None):
+        """Take user out of a room; the room and user hear of it (and of `message`, what the user said)."""
+        message = _parting_words(message)
         with self.lock:
             user = self._seated(seat)
             if user is None:  # another connection took this user over, or it left
                 return
             room = self._user_room(user, room_name)
-            event = Event({"type": "left", "name": user.name, "room": room.name, "reason": "part",
-                           "ts": _now()})
+            fields = {"type": "left", "name": user.name, "room": room.name, "reason": "part", "ts": _now()}
+            if message:
+                fields["message"] = message
+            event = Event(fields)
             self._deliver_to_room(room, event)
             self._drop_from_room(user, name_key(room.name))
 
@@ -1307,6 +1331,27 @@ class ChatHub:
             fields = {"type": "topic", "room": room.name, "topic": room.topic}
             user.conn.deliver_locked(Event(self._with_topic_set(fields, room)))
 
+    def invite(self, seat, name, room_name):
+        """Ask somebody here into a room one is in: both hear of it (IRC's INVITE)."""
+        with self.lock:
+            user = self._seated(seat)
+            if user is None:  # another connection took this user over, or it left
+                return
+            room = self._user_room(user, room_name)
+            guest = self._users.get(name_key(name)) if isinstance(name, str) else None
+            if guest is None or guest.lost_at is not None:
+                raise ProtocolError("unknown_user", "Nobody called %s is here." % printable(str(name), 40))
+            if guest.key in room.members:
+                raise ProtocolError("already_in_room", "%s is already in %s." % (guest.name, room_label(room.name)))
+            event = Event({"type": "invite", "from": user.name, "to": guest.name, "room": room.name, "ts": _now()})
+            user.conn.deliver_locked(event)
+            guest.conn.deliver_locked(event)
+
+    def has_room(self, room_name):
+        """Return True if somebody is in a room by that name now."""
+        with self.lock:
+            return isinstance(room_name, str) and name_key(room_name) in self._rooms
+
     def rooms(self, seat):
         """Tell user which rooms exist, with their sizes and topics."""
         with self.lock:
@@ -1341,6 +1386,8 @@ class ChatHub:
             else:
                 recipient, to_name, to_identity = self._recipient(to)
                 fields["to"] = to_name
+                if recipient is not None and recipient.away is not None:
+                    fields["away"] = recipient.away  # the sender hears it (IRC's 301); not stored
                 if recipient is None or recipient.lost_at is not None:
                     if to_identity is None:  # nothing to deliver it to later
                         raise ProtocolError("unknown_user", "%s lost the connection, and their client cannot "
@@ -1478,8 +1525,8 @@ class ChatHub:
         """Change user's name; everybody hears of it."""
         check_name(new_name)
         user = seat.user
-        if user is None:
-            return
+        if user is None or new_name == user.name:
+            return  # the same name, case and all: nothing changes, nobody is told
         user.flood.check_rename()
         with self.lock:
             if self._seated(seat) is not user:
@@ -1852,6 +1899,16 @@ def _until_for(minutes):
         raise ProtocolError("bad_field", "The minutes must be a whole number from 1 to %d."
                             % MAX_MODERATION_MINUTES)
     return time.time() + minutes * 60
+
+
+def _parting_words(message):
+    """Return what somebody said on leaving, on one line and short, or None; nothing unfit goes out."""
+    if not isinstance(message, str) or not message.strip():
+        return None
+    try:
+        return " ".join(clean_text(message, MAX_TOPIC_CHARS, "message").split())
+    except ProtocolError:
+        return None
 
 
 def _clean_reason(reason):
@@ -3944,24 +4001,2666 @@ class WebSocketReader:
 # 11. Web page: HTML, CSS and JavaScript
 # =============================================================================
 #
-# The page a browser gets from the web door, kept here as text and served as it
-# is: no templating, so nothing anybody typed ever becomes markup.
+# What a browser gets from the web door, served as is: one document, one
+# stylesheet, one script, a web app manifest and an icon. No templating: the page
+# gets everything else over its WebSocket, as protocol frames, and puts what people
+# typed on the screen only as text (textContent), never as markup. Plain data.
 
-WEB_PAGE_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>LocalChat</title><link rel="stylesheet" href="/app.css"><link rel="manifest" href="/manifest.webmanifest">
-<link rel="icon" href="/icon.svg"><script src="/app.js" defer></script></head>
-<body><main id="app"><h1>LocalChat</h1></main></body></html>
+WEB_PAGE_HTML = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1, viewport-fit=cover">
+<meta name="color-scheme" content="light dark">
+<meta name="theme-color" content="#f6f7f9" media="(prefers-color-scheme: light)">
+<meta name="theme-color" content="#111318" media="(prefers-color-scheme: dark)">
+<meta name="referrer" content="no-referrer">
+<title>LocalChat</title>
+<link rel="stylesheet" href="/app.css">
+<link rel="manifest" href="/manifest.webmanifest">
+<link rel="icon" href="/icon.svg">
+<link rel="apple-touch-icon" href="/icon.svg">
+<script src="/app.js" defer></script>
+</head>
+<body>
+<section id="join" class="join">
+  <form id="join-form" class="card" autocomplete="on">
+    <img class="logo" src="/icon.svg" alt="" width="64" height="64">
+    <h1>LocalChat</h1>
+    <p class="lead">Chat with everybody on this network. No account, nothing to install.</p>
+    <p id="join-message" class="join-message" role="alert" hidden></p>
+    <label for="name-input">Your name</label>
+    <input id="name-input" name="name" type="text" maxlength="32" autocomplete="nickname" autocapitalize="off"
+           autocorrect="off" spellcheck="false" enterkeyhint="go" required placeholder="e.g. alice">
+    <div id="password-row" class="password-row" hidden>
+      <label for="password-input">Password of this chat</label>
+      <input id="password-input" name="password" type="password" autocomplete="current-password" enterkeyhint="go">
+    </div>
+    <button id="join-button" class="primary" type="submit">Join</button>
+    <noscript><p class="join-message">LocalChat needs JavaScript to run in this browser.</p></noscript>
+  </form>
+</section>
+
+<div id="app" class="app" hidden>
+  <header class="topbar">
+    <button id="rooms-button" class="icon-button drawer-button" type="button" aria-label="Rooms and direct messages">
+      <svg viewBox="0 0 24 24" width="24" height="24" aria-hidden="true"><path fill="currentColor" d="M3 6h18v2H3zm0 5h18v2H3zm0 5h18v2H3z"/></svg>
+    </button>
+    <div class="heading">
+      <h1 id="title">LocalChat</h1>
+      <p id="subtitle"></p>
+    </div>
+    <button id="people-button" class="icon-button drawer-button" type="button" aria-label="People in this room">
+      <svg viewBox="0 0 24 24" width="24" height="24" aria-hidden="true"><path fill="currentColor" d="M9 12a4 4 0 1 0 0-8 4 4 0 0 0 0 8zm0 2c-3.3 0-7 1.7-7 4v2h14v-2c0-2.3-3.7-4-7-4zm7.5-2.2a3.5 3.5 0 1 0-1-6.8 6 6 0 0 1 0 6.8 3.5 3.5 0 0 0 1 0zM17.8 14c1.4.9 2.2 2.1 2.2 4v2h3v-2c0-2-2.4-3.5-5.2-4z"/></svg>
+      <span id="people-count" class="people-count"></span>
+    </button>
+  </header>
+
+  <nav id="rooms" class="pane rooms-pane" aria-label="Rooms">
+    <h2>Rooms</h2>
+    <ul id="room-list" class="list"></ul>
+    <h2 id="direct-heading" hidden>Direct messages</h2>
+    <ul id="direct-list" class="list"></ul>
+    <h2 id="other-heading" hidden>More rooms</h2>
+    <ul id="other-rooms" class="list"></ul>
+    <form id="join-room-form" class="join-room">
+      <label for="join-room-input">Join or start a room</label>
+      <div class="row">
+        <input id="join-room-input" type="text" maxlength="33" placeholder="room name" autocapitalize="off"
+               autocorrect="off" spellcheck="false" enterkeyhint="go">
+        <button class="secondary" type="submit">Join</button>
+      </div>
+    </form>
+    <div class="me">
+      <p id="me-name"></p>
+      <button id="leave-button" class="secondary" type="button">Leave the chat</button>
+    </div>
+  </nav>
+
+  <main class="main">
+    <div id="status" class="status" role="status" hidden>
+      <span id="status-text"></span>
+      <button id="status-action" class="link-button" type="button" hidden></button>
+    </div>
+    <div id="logs" class="logs">
+      <button id="jump" class="jump" type="button" hidden></button>
+    </div>
+    <form id="composer" class="composer">
+      <textarea id="input" rows="1" dir="auto" placeholder="Message" aria-label="Message"
+                enterkeyhint="send" autocomplete="off"></textarea>
+      <button class="send" type="submit" aria-label="Send">
+        <svg viewBox="0 0 24 24" width="22" height="22" aria-hidden="true"><path fill="currentColor" d="M3.4 20.4 21 12 3.4 3.6 3.4 10l12.6 2-12.6 2z"/></svg>
+      </button>
+    </form>
+  </main>
+
+  <aside id="people" class="pane people-pane" aria-label="People">
+    <h2 id="people-heading">People</h2>
+    <ul id="people-list" class="list"></ul>
+    <p class="hint">Tap a name to send a direct message. Type /help for the commands.</p>
+  </aside>
+  <div id="scrim" class="scrim"></div>
+</div>
+</body>
+</html>
 """
-WEB_PAGE_CSS = "body { font: 16px system-ui, sans-serif; margin: 0; }\n"
-WEB_PAGE_JS = "\"use strict\";\n"
-WEB_MANIFEST = """{"name": "LocalChat", "short_name": "LocalChat", "start_url": "/", "display": "standalone",
- "background_color": "#ffffff", "theme_color": "#3b5bdb",
- "icons": [{"src": "/icon.svg", "sizes": "any", "type": "image/svg+xml"}]}
+
+WEB_PAGE_CSS = r"""/* LocalChat's web page. Phone first: one column with drawers; side panes from 900 px.
+   Both themes are the custom properties below; prefers-color-scheme picks one. */
+:root {
+  color-scheme: light dark;
+  --font: system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans", Ubuntu, Cantarell, "Helvetica Neue", Arial, sans-serif;
+  --mono: ui-monospace, "SF Mono", Menlo, Consolas, "DejaVu Sans Mono", monospace;
+  --bg: #f6f7f9;
+  --pane: #ffffff;
+  --raised: #ffffff;
+  --text: #16181d;
+  --muted: #5d6370;
+  --line: #e2e5eb;
+  --hover: #eef1f6;
+  --accent: #2f6fed;
+  --accent-strong: #1f56c9;
+  --on-accent: #ffffff;
+  --bubble: #ffffff;
+  --bubble-line: #e2e5eb;
+  --own: #2f6fed;
+  --on-own: #ffffff;
+  --own-link: #ffffff;
+  --mention: #fff4cc;
+  --mention-line: #e5b53a;
+  --danger: #c62828;
+  --danger-bg: #fdecec;
+  --warn-bg: #fff4d6;
+  --warn-text: #6b4b00;
+  --info-bg: #e8f0fe;
+  --info-text: #1d3f8f;
+  --scrim: rgba(15, 17, 21, 0.45);
+  --shadow: 0 1px 2px rgba(16, 24, 40, 0.06), 0 1px 3px rgba(16, 24, 40, 0.08);
+  --drawer-shadow: 0 10px 40px rgba(16, 24, 40, 0.25);
+  --radius: 18px;
+  --tap: 44px;
+}
+
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #111318;
+    --pane: #171a21;
+    --raised: #1e222b;
+    --text: #e8eaef;
+    --muted: #9aa1ae;
+    --line: #2a2f3a;
+    --hover: #232833;
+    --accent: #6d9bff;
+    --accent-strong: #8fb2ff;
+    --on-accent: #0b1020;
+    --bubble: #1f232c;
+    --bubble-line: #2b303b;
+    --own: #3b6fe0;
+    --on-own: #ffffff;
+    --own-link: #ffffff;
+    --mention: #3a3216;
+    --mention-line: #b8902a;
+    --danger: #ff8a80;
+    --danger-bg: #3a1d1d;
+    --warn-bg: #3a3016;
+    --warn-text: #f3d98b;
+    --info-bg: #1c2a48;
+    --info-text: #b9cdfb;
+    --scrim: rgba(0, 0, 0, 0.6);
+    --shadow: none;
+    --drawer-shadow: 0 10px 40px rgba(0, 0, 0, 0.6);
+  }
+}
+
+/* Name colours: the Tk window's NAME_COLOURS, and lighter ones for the dark theme. */
+.c0 { --name: #1f77b4; } .c1 { --name: #d62728; } .c2 { --name: #2ca02c; } .c3 { --name: #9467bd; }
+.c4 { --name: #8c564b; } .c5 { --name: #c2369b; } .c6 { --name: #0f8a96; } .c7 { --name: #7a7a00; }
+.c8 { --name: #e06c00; } .c9 { --name: #393b79; } .c10 { --name: #637939; } .c11 { --name: #843c39; }
+@media (prefers-color-scheme: dark) {
+  .c0 { --name: #6cb4ee; } .c1 { --name: #ff7b7b; } .c2 { --name: #6fd16f; } .c3 { --name: #c3a5e8; }
+  .c4 { --name: #d8ac98; } .c5 { --name: #ef7fcf; } .c6 { --name: #4fcfd9; } .c7 { --name: #d0d055; }
+  .c8 { --name: #ffa552; } .c9 { --name: #a3a8f2; } .c10 { --name: #b5cc78; } .c11 { --name: #e89a98; }
+}
+
+*, *::before, *::after { box-sizing: border-box; }
+[hidden] { display: none !important; }
+
+html, body {
+  margin: 0;
+  height: 100%;
+  background: var(--bg);
+  color: var(--text);
+  font: 16px/1.45 var(--font);
+  -webkit-text-size-adjust: 100%;
+  text-size-adjust: 100%;
+}
+body { overflow: hidden; }
+
+button, input, textarea { font: inherit; color: inherit; }
+input, textarea { font-size: 16px; } /* 16 px or more: phones do not zoom in on focus */
+button { cursor: pointer; -webkit-tap-highlight-color: transparent; }
+button:disabled { cursor: default; }
+:focus-visible { outline: 2px solid var(--accent); outline-offset: 2px; }
+a { color: var(--accent); text-decoration: underline; text-underline-offset: 2px; overflow-wrap: anywhere; }
+
+h1, h2, p { margin: 0; }
+
+input[type="text"], input[type="password"], textarea {
+  width: 100%;
+  min-height: var(--tap);
+  padding: 10px 14px;
+  border: 1px solid var(--line);
+  border-radius: 12px;
+  background: var(--raised);
+  outline: none;
+}
+input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
+  border-color: var(--accent);
+  box-shadow: 0 0 0 3px color-mix(in srgb, var(--accent) 25%, transparent);
+}
+
+.primary, .secondary {
+  min-height: var(--tap);
+  padding: 0 20px;
+  border-radius: 12px;
+  font-weight: 600;
+}
+.primary { border: none; background: var(--accent); color: var(--on-accent); }
+.primary:hover:not(:disabled) { background: var(--accent-strong); }
+.primary:disabled { opacity: 0.7; }
+.secondary { border: 1px solid var(--line); background: var(--raised); }
+.secondary:hover { background: var(--hover); }
+.link-button {
+  min-height: var(--tap);
+  padding: 0 10px;
+  border: none;
+  border-radius: 8px;
+  background: transparent;
+  color: inherit;
+  font-weight: 600;
+  text-decoration: underline;
+}
+
+/* -- the join screen ------------------------------------------------------------------- */
+
+.join {
+  display: flex;
+  align-items: center;
+  justify-content: center;
+  min-height: 100%;
+  padding: 24px 16px calc(24px + env(safe-area-inset-bottom));
+  overflow-y: auto;
+  height: 100%;
+}
+.card {
+  display: flex;
+  flex-direction: column;
+  gap: 12px;
+  width: 100%;
+  max-width: 380px;
+  padding: 28px 24px;
+  border: 1px solid var(--line);
+  border-radius: 24px;
+  background: var(--pane);
+  box-shadow: var(--shadow);
+}
+.logo { align-self: center; width: 64px; height: 64px; }
+.card h1 { text-align: center; font-size: 26px; letter-spacing: -0.01em; }
+.lead { text-align: center; color: var(--muted); margin-bottom: 8px; }
+.card label { font-weight: 600; font-size: 15px; }
+.card .primary { margin-top: 8px; }
+.password-row { display: flex; flex-direction: column; gap: 12px; }
+.join-message {
+  padding: 10px 14px;
+  border-radius: 12px;
+  background: var(--danger-bg);
+  color: var(--danger);
+  font-weight: 500;
+}
+.join-message.info { background: var(--info-bg); color: var(--info-text); }
+
+/* -- the chat: one column, drawers ------------------------------------------------------------ */
+
+.app {
+  display: grid;
+  grid-template-columns: 1fr;
+  grid-template-rows: auto 1fr;
+  grid-template-areas: "top" "main";
+  height: 100vh;
+  height: 100dvh;
+}
+
+.topbar {
+  grid-area: top;
+  display: flex;
+  align-items: center;
+  gap: 4px;
+  min-height: 56px;
+  padding: 6px 6px;
+  padding-top: calc(6px + env(safe-area-inset-top));
+  border-bottom: 1px solid var(--line);
+  background: var(--pane);
+}
+.heading { flex: 1; min-width: 0; padding: 0 6px; }
+.heading h1 {
+  font-size: 17px;
+  font-weight: 700;
+  white-space: nowrap;
+  overflow: hidden;
+  text-overflow: ellipsis;
+}
+.heading p {
+  font-size: 13px;
+  color: var(--muted);
+  white-space: nowrap;
+  overflow: hidden;
+  text-overflow: ellipsis;
+}
+.icon-button {
+  position: relative;
+  display: inline-flex;
+  align-items: center;
+  justify-content: center;
+  gap: 2px;
+  min-width: var(--tap);
+  height: var(--tap);
+  padding: 0 8px;
+  border: none;
+  border-radius: 12px;
+  background: transparent;
+}
+.icon-button:hover { background: var(--hover); }
+.people-count { font-size: 14px; font-weight: 600; color: var(--muted); }
+.drawer-button.has-unread::after {
+  content: "";
+  position: absolute;
+  top: 9px;
+  right: 8px;
+  width: 10px;
+  height: 10px;
+  border-radius: 50%;
+  background: var(--danger);
+  border: 2px solid var(--pane);
+}
+
+.pane {
+  position: fixed;
+  top: 0;
+  bottom: 0;
+  z-index: 20;
+  width: min(320px, 86vw);
+  padding: calc(12px + env(safe-area-inset-top)) 10px calc(12px + env(safe-area-inset-bottom));
+  overflow-y: auto;
+  background: var(--pane);
+  box-shadow: var(--drawer-shadow);
+  transition: transform 0.2s ease, visibility 0.2s;
+  visibility: hidden;
+}
+.rooms-pane { left: 0; transform: translateX(-105%); }
+.people-pane { right: 0; transform: translateX(105%); }
+.rooms-open .rooms-pane, .people-open .people-pane { transform: none; visibility: visible; }
+.scrim {
+  position: fixed;
+  inset: 0;
+  z-index: 10;
+  background: var(--scrim);
+  opacity: 0;
+  pointer-events: none;
+  transition: opacity 0.2s ease;
+}
+.rooms-open .scrim, .people-open .scrim { opacity: 1; pointer-events: auto; }
+@media (prefers-reduced-motion: reduce) {
+  .pane, .scrim { transition: none; }
+}
+
+.pane h2 {
+  margin: 14px 8px 6px;
+  font-size: 12px;
+  font-weight: 700;
+  letter-spacing: 0.06em;
+  text-transform: uppercase;
+  color: var(--muted);
+}
+.pane h2:first-child { margin-top: 4px; }
+.list { list-style: none; margin: 0; padding: 0; }
+.entry {
+  display: flex;
+  align-items: center;
+  gap: 10px;
+  width: 100%;
+  min-height: var(--tap);
+  padding: 6px 10px;
+  border: none;
+  border-radius: 10px;
+  background: transparent;
+  text-align: left;
+}
+.entry:hover:not(:disabled) { background: var(--hover); }
+.entry.current { background: color-mix(in srgb, var(--accent) 14%, transparent); font-weight: 600; }
+.entry.unread .label { font-weight: 700; }
+.entry:disabled { opacity: 1; }
+.entry-row { display: flex; align-items: center; }
+.entry-row .entry { flex: 1; min-width: 0; }
+.close { flex: none; font-size: 22px; color: var(--muted); }
+.sigil { width: 18px; text-align: center; color: var(--muted); font-weight: 600; }
+.label { flex: 1; min-width: 0; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.detail {
+  display: block;
+  font-size: 13px;
+  font-weight: 400;
+  color: var(--muted);
+  overflow: hidden;
+  text-overflow: ellipsis;
+}
+.badge, .count, .tag {
+  min-width: 22px;
+  padding: 1px 7px;
+  border-radius: 11px;
+  font-size: 12px;
+  font-weight: 700;
+  text-align: center;
+}
+.badge { background: var(--muted); color: var(--pane); }
+.badge.loud { background: var(--danger); color: #fff; }
+.count { color: var(--muted); font-weight: 500; }
+.tag { border: 1px solid var(--line); color: var(--muted); font-weight: 600; }
+.person.away .avatar { opacity: 0.5; }
+.join-room { margin: 18px 8px 0; display: flex; flex-direction: column; gap: 6px; }
+.join-room label { font-size: 13px; color: var(--muted); font-weight: 600; }
+.row { display: flex; gap: 8px; }
+.row input { flex: 1; min-width: 0; }
+.me { margin: 24px 8px 0; padding-top: 14px; border-top: 1px solid var(--line); display: flex; flex-direction: column; gap: 8px; }
+.me p { font-size: 13px; color: var(--muted); }
+.hint { margin: 16px 8px 0; font-size: 13px; color: var(--muted); }
+
+/* -- the conversation ------------------------------------------------------------------------ */
+
+.main {
+  grid-area: main;
+  display: flex;
+  flex-direction: column;
+  min-height: 0;
+  min-width: 0;
+}
+.status {
+  display: flex;
+  align-items: center;
+  justify-content: center;
+  flex-wrap: wrap;
+  gap: 4px 8px;
+  padding: 4px 14px;
+  font-size: 14px;
+  text-align: center;
+  background: var(--info-bg);
+  color: var(--info-text);
+}
+.status.warn { background: var(--warn-bg); color: var(--warn-text); }
+.status.error { background: var(--danger-bg); color: var(--danger); }
+.logs { position: relative; flex: 1; min-height: 0; }
+.jump {
+  position: absolute;
+  left: 50%;
+  bottom: 12px;
+  z-index: 2;
+  transform: translateX(-50%);
+  min-height: var(--tap);
+  padding: 0 18px;
+  border: none;
+  border-radius: 22px;
+  background: var(--accent);
+  color: var(--on-accent);
+  font-size: 14px;
+  font-weight: 600;
+  box-shadow: var(--drawer-shadow);
+}
+.log {
+  position: absolute;
+  inset: 0;
+  display: flex;
+  flex-direction: column;
+  overflow-y: auto;
+  overscroll-behavior: contain;
+  padding: 8px 12px 12px;
+}
+.older {
+  display: block;
+  flex: none;
+  margin: auto auto 8px; /* auto above: a short conversation sits at the bottom, next to the box */
+  min-height: var(--tap);
+  padding: 0 14px;
+  border: 1px solid var(--line);
+  border-radius: 22px;
+  background: var(--raised);
+  color: var(--accent);
+  font-size: 14px;
+  font-weight: 600;
+}
+.older.done, .older:disabled { border-color: transparent; background: transparent; color: var(--muted); font-weight: 500; }
+
+.day {
+  position: sticky;
+  top: 0;
+  z-index: 1;
+  width: fit-content;
+  margin: 12px auto 6px;
+  padding: 3px 12px;
+  border-radius: 12px;
+  background: var(--raised);
+  box-shadow: var(--shadow);
+  border: 1px solid var(--line);
+  font-size: 12px;
+  font-weight: 600;
+  color: var(--muted);
+}
+.new-line {
+  display: flex;
+  align-items: center;
+  gap: 8px;
+  margin: 10px 0 4px;
+  font-size: 12px;
+  font-weight: 700;
+  color: var(--danger);
+}
+.new-line::before, .new-line::after { content: ""; flex: 1; height: 1px; background: var(--danger); opacity: 0.6; }
+
+.group { display: flex; align-items: flex-start; gap: 8px; margin-top: 10px; max-width: 100%; }
+.group-body { display: flex; flex-direction: column; align-items: flex-start; gap: 3px; min-width: 0; max-width: min(85%, 640px); }
+.group.own { justify-content: flex-end; }
+.group.own .group-body { align-items: flex-end; }
+.avatar {
+  flex: none;
+  display: inline-flex;
+  align-items: center;
+  justify-content: center;
+  width: 34px;
+  height: 34px;
+  margin-top: 20px;
+  border-radius: 50%;
+  background: var(--name);
+  color: #fff;
+  font-size: 15px;
+  font-weight: 700;
+}
+@media (prefers-color-scheme: dark) { .avatar { color: #111318; } }
+.avatar.small { width: 30px; height: 30px; margin-top: 0; font-size: 13px; }
+.meta { display: flex; align-items: baseline; gap: 8px; padding: 0 4px; }
+.name { color: var(--name); font-weight: 700; font-size: 14px; }
+.group.own .name { color: var(--muted); font-weight: 600; }
+.time { color: var(--muted); font-size: 12px; }
+.bubble {
+  max-width: 100%;
+  padding: 8px 12px;
+  border: 1px solid var(--bubble-line);
+  border-radius: var(--radius);
+  background: var(--bubble);
+  white-space: pre-wrap;
+  overflow-wrap: anywhere;
+  word-break: break-word;
+}
+.group:not(.own) .meta + .bubble { border-top-left-radius: 6px; }
+.group.own .bubble { background: var(--own); border-color: var(--own); color: var(--on-own); }
+.group.own .bubble a { color: var(--own-link); }
+.group.own .meta + .bubble { border-top-right-radius: 6px; }
+.bubble.auto { font-style: italic; color: var(--muted); } /* an automatic notice (IRC's NOTICE): from a bot */
+.bubble.mention, .action.mention { background: var(--mention); border-color: var(--mention-line); }
+.bubble.pending { /* not confirmed yet: the own colour as a dashed outline, the text fully readable */
+  align-self: flex-end;
+  margin: 6px 0 0 auto;
+  max-width: min(85%, 640px);
+  background: transparent;
+  border: 1.5px dashed var(--own);
+  color: var(--text);
+}
+.pending-items { display: flex; flex-direction: column; align-items: flex-end; }
+.bubble.pending.failed { opacity: 1; background: var(--danger-bg); border-color: var(--danger); color: var(--text); }
+.note { margin-top: 2px; font-size: 12px; opacity: 0.85; white-space: normal; }
+.bubble.failed .note { color: var(--danger); font-weight: 600; }
+.action {
+  margin: 8px 0 0;
+  padding: 4px 12px;
+  border-radius: 12px;
+  font-style: italic;
+  white-space: pre-wrap;
+  overflow-wrap: anywhere;
+  color: var(--text);
+}
+.action .name { font-style: normal; }
+.action .time { margin-left: 8px; font-style: normal; }
+.notice {
+  margin: 8px auto 0;
+  max-width: 92%;
+  text-align: center;
+  font-size: 13px;
+  color: var(--muted);
+  white-space: pre-wrap;
+  overflow-wrap: anywhere;
+}
+.notice.error { color: var(--danger); font-weight: 500; }
+.notice.announce span {
+  display: inline-block;
+  padding: 6px 12px;
+  border-radius: 12px;
+  background: var(--info-bg);
+  color: var(--info-text);
+  font-weight: 500;
+}
+.help {
+  margin: 10px 0 0;
+  padding: 12px 14px;
+  border: 1px solid var(--line);
+  border-radius: 14px;
+  background: var(--raised);
+  font-size: 14px;
+}
+.help h3 { margin: 0 0 6px; font-size: 13px; color: var(--muted); text-transform: uppercase; letter-spacing: 0.05em; }
+.help dl { display: grid; grid-template-columns: max-content 1fr; gap: 4px 12px; margin: 0 0 12px; }
+.help dt { font-family: var(--mono); font-size: 13px; font-weight: 600; }
+.help dd { margin: 0; color: var(--muted); }
+.help p { color: var(--muted); font-size: 13px; }
+.help p + h3 { margin-top: 14px; }
+@media (max-width: 520px) {
+  .help dl { grid-template-columns: 1fr; gap: 0; }
+  .help dd { margin-bottom: 6px; }
+}
+
+.composer {
+  display: flex;
+  align-items: flex-end;
+  gap: 8px;
+  padding: 8px 10px calc(8px + env(safe-area-inset-bottom));
+  border-top: 1px solid var(--line);
+  background: var(--pane);
+}
+.composer textarea {
+  flex: 1;
+  min-width: 0;
+  max-height: 160px;
+  resize: none;
+  border-radius: 22px;
+  padding: 10px 16px;
+  line-height: 1.4;
+  background: var(--bg);
+}
+.send {
+  flex: none;
+  display: inline-flex;
+  align-items: center;
+  justify-content: center;
+  width: var(--tap);
+  height: var(--tap);
+  border: none;
+  border-radius: 50%;
+  background: var(--accent);
+  color: var(--on-accent);
+}
+.send:hover { background: var(--accent-strong); }
+
+/* -- wide screens: rooms and people as side panes ---------------------------------------------- */
+
+@media (min-width: 900px) {
+  .app {
+    grid-template-columns: 260px minmax(0, 1fr) 240px;
+    grid-template-areas: "rooms top people" "rooms main people";
+  }
+  .pane {
+    position: static;
+    width: auto;
+    transform: none;
+    visibility: visible;
+    box-shadow: none;
+    transition: none;
+  }
+  .rooms-pane { grid-area: rooms; border-right: 1px solid var(--line); }
+  .people-pane { grid-area: people; border-left: 1px solid var(--line); }
+  .drawer-button, .scrim { display: none; }
+  .topbar { padding-left: 16px; padding-right: 16px; }
+  .log { padding: 8px 24px 16px; }
+}
 """
-WEB_ICON_SVG = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64"><rect width="64" height="64" rx="14" fill="#3b5bdb"/>
-<path d="M14 18h36a6 6 0 0 1 6 6v16a6 6 0 0 1-6 6H30l-10 8v-8h-6a6 6 0 0 1-6-6V24a6 6 0 0 1 6-6z" fill="#fff"/></svg>
+
+WEB_PAGE_JS = r""""use strict";
+// LocalChat's web page: one script, no framework, ES2017. All state is in `state`;
+// the functions below are grouped by concern: storage, SHA-256 and HMAC (for password
+// servers, since WebCrypto is missing outside secure contexts), commands, rendering,
+// input, the connection and the frames. Text from the server reaches the page only
+// through textContent and createTextNode, never as markup.
+
+var RECONNECT_FIRST_MS = 500;   // the first pause before reconnecting; it doubles each time
+var RECONNECT_MAX_MS = 10000;   // the longest pause between attempts (the other clients' RECONNECT_MAX_S)
+var PING_AFTER_MS = 20000;      // ping the server after this much silence
+var DEAD_AFTER_MS = 65000;      // the connection is lost after this much silence
+var CONNECT_TIMEOUT_MS = 10000; // a WebSocket not open after this is given up (a phone on another network)
+var PROBE_MS = 5000;            // back on the page, a ping unanswered for this long means the connection died
+var GROUP_GAP_S = 300;          // messages from one person closer than this share one name and time
+var HISTORY_PAGE = 50;          // messages asked for by "Show earlier messages"
+var STICKY_PX = 48;             // a log scrolled to within this of its end follows new messages
+var INPUT_MAX_PX = 160;         // the message box grows with its text up to this height
+var INPUT_HISTORY = 100;        // sent lines that Up and Down recall (as in the window)
+var NAME_PATTERN = /^[0-9A-Za-z_.\-\u00c0-\uffff]{1,32}$/;  // a rough check; the server has the last word
+// Refusals of a say. They carry no ref, but the server answers frames in order: such an error
+// answers the oldest say still in flight (join, leave and topic have errors of their own).
+var SAY_ERRORS = ["empty_text", "text_too_long", "bad_text", "rate_limited", "muted", "unknown_user"];
+var NAME_ERRORS = ["name_taken", "bad_name"];  // refusals at hello that another name fixes
+var FINAL_ERRORS = ["banned", "auth_failed", "bad_auth", "auth_first", "server_full", "too_many_connections",
+                    "bad_version", "password_required", "flooding", "too_many_errors"];
+
+var state = {
+  name: "",              // our name, once the server welcomed us
+  identity: "",          // a random token kept in localStorage, sent in every hello
+  password: null,        // kept in memory only, for reconnecting to a password server
+  ws: null,              // the WebSocket, while one is open or opening
+  open: false,           // the WebSocket is open (hello sent)
+  synced: false,         // welcomed and caught up: what is typed goes out at once
+  welcome: null,         // the last welcome (its resume token resumes the session)
+  welcomed: false,       // welcomed at least once since the page loaded
+  lastId: null,          // the highest message id seen (sent as last_id when reconnecting)
+  epoch: 0,              // counts the times the server's ids started again (a server without history)
+  helloLastId: null,     // lastId when the last hello went out
+  seen: new Set(),       // message ids shown, so a replay never shows one twice
+  bye: null,             // the bye frame the server sent before closing, if any
+  stopped: true,         // not connecting: before joining, or after a final refusal
+  retryMs: RECONNECT_FIRST_MS,
+  retryTimer: null,
+  retryAt: 0,
+  retryWhy: "",
+  lastHeard: 0,          // when the server last sent anything (Date.now())
+  pinged: false,
+  connectingSince: 0,    // when the WebSocket being opened was made
+  probeAt: 0,            // when the ping sent on coming back to the page went out (0: none pending)
+  conversations: {},     // key ("#room" or "@name", folded) -> conversation
+  current: null,         // the key of the conversation shown
+  switchTo: null,        // the key to show once its room frame comes (after /join)
+  outbox: [],            // {frame, ref, conv}: what waits to be sent or, for a say, echoed
+  inflight: [],          // refs of the says sent on this connection, not yet echoed, oldest first
+  refPrefix: "",
+  refCount: 0,
+  sentLines: [],         // what was typed and sent, oldest first, for Up and Down
+  recall: 0,             // the index in sentLines shown in the box (sentLines.length: none)
+  allRooms: [],          // the last answer to {"type":"rooms"}
+  roomsAsked: 0,         // answers to /rooms still to show as a notice
+  focused: true,         // the window has the focus (blur/focus events)
+  clockOffset: 0,        // the server's clock less ours, in seconds, from the last live frame with a time
+  renderTimer: null
+};
+
+var ui = {};  // the page's fixed elements, by id (filled in by start())
+
+// -- storage ----------------------------------------------------------------------
+
+function loadSetting(key, storage) {
+  // localStorage keeps the name and identity; sessionStorage (one tab) the resume token.
+  try {
+    return (storage || window.localStorage).getItem("localchat." + key);
+  } catch (error) {
+    return null;  // storage blocked (private mode, settings): the page works without
+  }
+}
+
+function saveSetting(key, value, storage) {
+  try {
+    (storage || window.localStorage).setItem("localchat." + key, value);
+  } catch (error) {
+    // Not kept: the next visit asks again.
+  }
+}
+
+function randomHex(bytes) {
+  var values = new Uint8Array(bytes);
+  window.crypto.getRandomValues(values);  // available outside secure contexts too
+  return toHex(values);
+}
+
+function toHex(bytes) {
+  var out = "";
+  for (var i = 0; i < bytes.length; i++) {
+    out += (bytes[i] < 16 ? "0" : "") + bytes[i].toString(16);
+  }
+  return out;
+}
+
+function loadIdentity() {
+  var identity = loadSetting("identity");
+  if (!identity || !/^[0-9a-f]{32}$/.test(identity)) {
+    identity = randomHex(16);
+    saveSetting("identity", identity);
+  }
+  return identity;
+}
+
+// -- SHA-256 and HMAC (FIPS 180-4, RFC 2104) ----------------------------------------
+
+var SHA256_K = [
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2
+];
+
+function rotr(x, n) {
+  return (x >>> n) | (x << (32 - n));
+}
+
+function sha256(bytes) {
+  // Pad to whole 64-byte blocks: 0x80, zeros, then the length in bits (big-endian, 64 bits).
+  var total = (bytes.length + 9 + 63) & ~63;
+  var data = new Uint8Array(total);
+  data.set(bytes);
+  data[bytes.length] = 0x80;
+  var view = new DataView(data.buffer);
+  view.setUint32(total - 8, Math.floor(bytes.length / 0x20000000));
+  view.setUint32(total - 4, (bytes.length * 8) >>> 0);
+  var h = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+  var w = new Int32Array(64);
+  for (var offset = 0; offset < total; offset += 64) {
+    sha256Block(h, w, view, offset);
+  }
+  var out = new Uint8Array(32);
+  var outView = new DataView(out.buffer);
+  for (var i = 0; i < 8; i++) {
+    outView.setUint32(4 * i, h[i] >>> 0);
+  }
+  return out;
+}
+
+function sha256Block(h, w, view, offset) {
+  var i;
+  for (i = 0; i < 16; i++) {
+    w[i] = view.getUint32(offset + 4 * i);
+  }
+  for (i = 16; i < 64; i++) {
+    var s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >>> 3);
+    var s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >>> 10);
+    w[i] = (w[i - 16] + s0 + w[i - 7] + s1) | 0;
+  }
+  var a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+  for (i = 0; i < 64; i++) {
+    var t1 = (k + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + SHA256_K[i] + w[i]) | 0;
+    var t2 = ((rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))) | 0;
+    k = g; g = f; f = e; e = (d + t1) | 0; d = c; c = b; b = a; a = (t1 + t2) | 0;
+  }
+  var values = [a, b, c, d, e, f, g, k];
+  for (i = 0; i < 8; i++) {
+    h[i] = (h[i] + values[i]) | 0;
+  }
+}
+
+function hmacSha256Hex(key, message) {
+  // The answer to a password challenge: HMAC-SHA256 keyed by the password (UTF-8), of the nonce.
+  var encoder = new TextEncoder();
+  var keyBytes = encoder.encode(key);
+  var messageBytes = encoder.encode(message);
+  if (keyBytes.length > 64) {
+    keyBytes = sha256(keyBytes);
+  }
+  var inner = new Uint8Array(64 + messageBytes.length);
+  var outer = new Uint8Array(64 + 32);
+  for (var i = 0; i < 64; i++) {
+    var byte = i < keyBytes.length ? keyBytes[i] : 0;
+    inner[i] = byte ^ 0x36;
+    outer[i] = byte ^ 0x5c;
+  }
+  inner.set(messageBytes, 64);
+  outer.set(sha256(inner), 64);
+  return toHex(sha256(outer));
+}
+
+// -- names and text ------------------------------------------------------------------
+
+function nameKey(name) {
+  // How the server compares names: width and case folded (NFKC, then lower case).
+  return String(name).normalize("NFKC").toLowerCase();
+}
+
+function isWordChar(ch) {
+  return /[0-9a-z_\-]/.test(ch) || (ch > "\u007f" && ch.toLowerCase() !== ch.toUpperCase());
+}
+
+function mentions(text, name) {
+  // True if text names `name` as a word (with or without @), ignoring case.
+  var key = nameKey(name);
+  var folded = nameKey(text);
+  var start = folded.indexOf(key);
+  while (key && start >= 0) {
+    var before = start ? folded.charAt(start - 1) : " ";
+    var end = start + key.length;
+    var after = end < folded.length ? folded.charAt(end) : " ";
+    if (!isWordChar(before) && !isWordChar(after)) {
+      return true;
+    }
+    start = folded.indexOf(key, start + 1);
+  }
+  return false;
+}
+
+function crc32(text) {
+  var bytes = new TextEncoder().encode(text);
+  var crc = -1;
+  for (var i = 0; i < bytes.length; i++) {
+    crc ^= bytes[i];
+    for (var bit = 0; bit < 8; bit++) {
+      crc = (crc >>> 1) ^ (0xedb88320 & -(crc & 1));
+    }
+  }
+  return (crc ^ -1) >>> 0;
+}
+
+function colourClass(name) {
+  // The same colour as the Tk window gives the name (NAME_COLOURS, picked by CRC-32 of the folded name).
+  return "c" + (crc32(nameKey(name)) % 12);
+}
+
+function conversationKey(kind, name) {
+  return (kind === "room" ? "#" : "@") + nameKey(name);
+}
+
+function dayKey(ts) {
+  var date = new Date(ts * 1000);
+  return date.getFullYear() + "-" + date.getMonth() + "-" + date.getDate();
+}
+
+function dayLabel(ts) {
+  var date = new Date(ts * 1000);
+  var today = new Date();
+  var yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+  if (dayKey(ts) === dayKey(today.getTime() / 1000)) {
+    return "Today";
+  }
+  if (dayKey(ts) === dayKey(yesterday.getTime() / 1000)) {
+    return "Yesterday";
+  }
+  var options = {weekday: "long", day: "numeric", month: "long"};
+  if (date.getFullYear() !== today.getFullYear()) {
+    options.year = "numeric";
+  }
+  return date.toLocaleDateString(undefined, options);
+}
+
+function timeLabel(ts) {
+  return new Date(ts * 1000).toLocaleTimeString(undefined, {hour: "2-digit", minute: "2-digit"});
+}
+
+function nowSeconds() {
+  // The server's time as best known: a phone's clock may be minutes off, and notices go among messages.
+  return Date.now() / 1000 + state.clockOffset;
+}
+
+// -- commands: the same table as the other clients (see COMMANDS in localchat.py) ----------
+
+function firstWord(text) {
+  return text.split(/\s+/)[0];
+}
+
+function roomArgument(argument, where) {
+  return argument ? firstWord(argument).replace(/^#+/, "") : where.room;
+}
+
+function targetMinutesReason(rest) {
+  var parts = rest.split(/\s+/).filter(Boolean);
+  var minutes = parts.length > 1 && /^[0-9]+$/.test(parts[1]) ? parseInt(parts[1], 10) : null;
+  var words = rest.replace(/^\s*\S+\s*/, "");
+  if (minutes !== null) {
+    words = words.replace(/^\S+\s*/, "");
+  }
+  return {target: parts[0], minutes: minutes, reason: words.trim() || null};
+}
+
+function moderation(kind, field) {
+  return function (argument) {
+    var parsed = kind === "ban" || kind === "mute" ? targetMinutesReason(argument) : null;
+    if (!parsed) {
+      var target = firstWord(argument);
+      parsed = {target: target, minutes: null, reason: argument.slice(target.length).trim() || null};
+    }
+    if (!parsed.target) {
+      return null;
+    }
+    var frame = {type: kind};
+    frame[field] = parsed.target;
+    if (parsed.minutes !== null) {
+      frame.minutes = parsed.minutes;
+    }
+    if (parsed.reason && (kind === "kick" || kind === "ban" || kind === "mute")) {
+      frame.reason = parsed.reason;
+    }
+    return {send: frame};
+  };
+}
+
+function sayHere(where, fields) {
+  return {send: Object.assign({type: "say"}, where, fields)};
+}
+
+var COMMANDS = [
+  {names: ["join"], usage: "/join ROOM", help: "join a room, or switch to it", who: "everybody",
+   parse: function (argument) {
+     return argument ? {join: firstWord(argument).replace(/^#+/, "")} : null;
+   }},
+  {names: ["leave", "part"], usage: "/leave [ROOM]", help: "leave a room (the current one)", who: "everybody",
+   parse: function (argument, where) {
+     var room = roomArgument(argument, where);
+     return room ? {send: {type: "leave", room: room}} : {error: "Usage: /leave ROOM"};
+   }},
+  {names: ["msg"], usage: "/msg NAME TEXT", help: "a direct message that only NAME sees", who: "everybody",
+   parse: function (argument) {
+     var name = firstWord(argument);
+     var text = argument.slice(name.length + 1);
+     return name && text.trim() ? {direct: name.replace(/^@+/, ""), text: text} : null;
+   }},
+  {names: ["me"], usage: "/me ACTION", help: "say what you do, shown as: * alice waves", who: "everybody",
+   parse: function (argument, where) {
+     return argument ? sayHere(where, {text: argument, action: true}) : null;
+   }},
+  {names: ["nick"], usage: "/nick NEWNAME", help: "change your name", who: "everybody",
+   parse: function (argument) {
+     return argument ? {send: {type: "nick", name: firstWord(argument)}} : null;
+   }},
+  {names: ["users"], usage: "/users [ROOM]", help: "who is in the room (the current one)", who: "everybody",
+   parse: function (argument, where) {
+     var room = roomArgument(argument, where);
+     return {send: room ? {type: "users", room: room} : {type: "users"}};
+   }},
+  {names: ["rooms"], usage: "/rooms", help: "the rooms and their topics", who: "everybody",
+   parse: function () {
+     return {rooms: true};
+   }},
+  {names: ["topic"], usage: "/topic [TEXT]", help: "show the room's topic, or set it", who: "everybody",
+   parse: function (argument, where) {
+     if (!where.room) {
+       return {error: "Topics belong to rooms: switch to a room first."};
+     }
+     return {send: argument ? {type: "topic", room: where.room, topic: argument} : {type: "topic", room: where.room}};
+   }},
+  {names: ["away"], usage: "/away [TEXT]", help: "mark yourself away", who: "everybody",
+   parse: function (argument) {
+     return {send: {type: "away", text: argument || null}};
+   }},
+  {names: ["back"], usage: "/back", help: "say you are back", who: "everybody",
+   parse: function () {
+     return {send: {type: "back"}};
+   }},
+  {names: ["quit", "exit"], usage: "/quit", help: "leave the chat", who: "everybody",
+   parse: function () {
+     return {quit: true};
+   }},
+  {names: ["help"], usage: "/help", help: "this list", who: "everybody",
+   parse: function () {
+     return {help: true};
+   }},
+  {names: ["kick"], usage: "/kick NAME [reason]", help: "remove somebody (they may come back)", who: "operators",
+   parse: moderation("kick", "name")},
+  {names: ["ban"], usage: "/ban NAME|IP [minutes] [reason]", help: "ban a name (and its client), or an address",
+   who: "operators", parse: moderation("ban", "target")},
+  {names: ["unban"], usage: "/unban NAME|IP", help: "lift a ban", who: "operators",
+   parse: moderation("unban", "target")},
+  {names: ["mute"], usage: "/mute NAME [minutes]", help: "stop somebody from speaking", who: "operators",
+   parse: moderation("mute", "name")},
+  {names: ["unmute"], usage: "/unmute NAME", help: "let somebody speak again", who: "operators",
+   parse: moderation("unmute", "name")},
+  {names: ["op"], usage: "/op NAME", help: "make somebody an operator", who: "operators",
+   parse: moderation("op", "name")},
+  {names: ["deop"], usage: "/deop NAME", help: "make an operator an ordinary user again", who: "operators",
+   parse: moderation("deop", "name")}
+];
+var CONSOLE_ONLY = ["bans", "say"];  // commands of the server's console, not of a chat
+
+function helpLines(who) {
+  var commands = COMMANDS.filter(function (command) {
+    return command.who === who;
+  });
+  var width = Math.max.apply(null, commands.map(function (command) {
+    return command.usage.length;
+  })) + 4;
+  return commands.map(function (command) {
+    return "  " + command.usage.padEnd(width) + command.help;
+  }).join("\n");
+}
+
+function helpText() {
+  return "Commands:\n" + helpLines("everybody") + "\nOperators also have:\n" + helpLines("operators") +
+    "\nStart a message with // to send text that begins with /.";
+}
+
+function parseInput(line, where) {
+  // Return what a typed line asks for: {send}, {join}, {direct, text}, {rooms}, {help}, {quit} or {error}.
+  if (!line.trim()) {
+    return null;
+  }
+  if (line.indexOf("//") === 0 || line.charAt(0) !== "/") {
+    return sayHere(where, {text: line.indexOf("//") === 0 ? line.slice(1) : line});
+  }
+  var space = line.indexOf(" ");
+  var word = (space < 0 ? line.slice(1) : line.slice(1, space)).split("\n")[0];
+  var argument = space < 0 ? "" : line.slice(space + 1).trim();
+  var lower = word.toLowerCase();
+  var command = COMMANDS.find(function (entry) {
+    return entry.names.indexOf(lower) >= 0;
+  });
+  if (!command) {
+    if (CONSOLE_ONLY.indexOf(lower) >= 0) {
+      return {error: "/" + word.slice(0, 40) + " is a command of the server's console only. Type /help for the list."};
+    }
+    return {error: "Unknown command /" + word.slice(0, 40) + ". Type /help for the list."};
+  }
+  return command.parse(argument, where) || {error: "Usage: " + command.usage};
+}
+
+// -- conversations -----------------------------------------------------------------------
+
+function el(tag, className, text) {
+  var element = document.createElement(tag);
+  if (className) {
+    element.className = className;
+  }
+  if (text !== undefined && text !== null) {
+    element.textContent = String(text);
+  }
+  return element;
+}
+
+function openConversation(kind, name) {
+  var key = conversationKey(kind, name);
+  var conv = state.conversations[key];
+  if (conv) {
+    return conv;
+  }
+  conv = {
+    kind: kind, name: String(name), key: key, users: [], away: {}, ops: [], topic: null,
+    joined: kind === "direct", unread: 0, mentions: 0, items: [], unreadFrom: null,
+    loading: false, more: true, dirty: false, log: null, box: null, pendingBox: null, older: null,
+    atEnd: true, behind: 0  // scrolled to the end; messages come since the person scrolled up
+  };
+  buildConversation(conv);
+  state.conversations[key] = conv;
+  if (!state.current) {
+    showConversation(key);
+  }
+  renderRooms();
+  return conv;
+}
+
+function buildConversation(conv) {
+  conv.log = el("div", "log");
+  conv.log.hidden = true;
+  conv.log.setAttribute("role", "log");
+  conv.log.setAttribute("aria-live", "polite");
+  conv.older = el("button", "older", "Show earlier messages");
+  conv.older.type = "button";
+  conv.older.addEventListener("click", function () {
+    requestOlder(conv);
+  });
+  conv.log.addEventListener("scroll", function () {
+    onLogScroll(conv);
+  });
+  conv.box = el("div", "items");
+  conv.pendingBox = el("div", "pending-items");
+  conv.log.appendChild(conv.older);
+  conv.log.appendChild(conv.box);
+  conv.log.appendChild(conv.pendingBox);
+  ui.logs.appendChild(conv.log);
+}
+
+function closeConversation(conv) {
+  conv.items.forEach(function (item) {
+    if (item.kind === "message") {
+      state.seen.delete(item.frame.id);  // shown again if the conversation is opened again
+    }
+  });
+  delete state.conversations[conv.key];
+  conv.log.remove();
+  if (state.current === conv.key) {
+    state.current = null;
+    var next = Object.keys(state.conversations)[0];
+    if (next) {
+      showConversation(next);
+    }
+  }
+  renderRooms();
+  renderHeader();
+}
+
+function currentConversation() {
+  return state.conversations[state.current] || null;
+}
+
+function whereOf(conv) {
+  if (!conv) {
+    return {room: "general"};
+  }
+  return conv.kind === "room" ? {room: conv.name} : {to: conv.name};
+}
+
+function isViewing(conv) {
+  return conv.key === state.current && !document.hidden && state.focused && !ui.app.hidden;
+}
+
+function showConversation(key) {
+  var conv = state.conversations[key];
+  var old = currentConversation();
+  if (!conv) {
+    return;
+  }
+  if (old && old !== conv) {
+    old.log.hidden = true;
+    clearUnreadLine(old);
+  }
+  state.current = key;
+  conv.log.hidden = false;
+  conv.unread = 0;
+  conv.mentions = 0;
+  var line = conv.box.querySelector(".new-line");
+  if (line) {
+    line.scrollIntoView({block: "center"});
+  } else {
+    scrollToEnd(conv);
+  }
+  renderHeader();
+  renderPeople();
+  renderRooms();
+  updateTitle();
+  ui.input.placeholder = "Message " + (conv.kind === "room" ? "#" : "@") + conv.name;
+  renderJump();
+  closeDrawers();
+}
+
+function clearUnreadLine(conv) {
+  conv.unreadFrom = null;
+  var line = conv.box.querySelector(".new-line");
+  if (line) {
+    line.remove();
+  }
+}
+
+function addNotice(conv, text, tone, ts) {
+  conv = conv || currentConversation();
+  if (!conv || !text) {
+    return;
+  }
+  if (!ts) {  // said here and now: after everything shown, whatever the clocks say
+    var last = conv.items[conv.items.length - 1];
+    ts = Math.max(nowSeconds(), last ? last.ts : 0);
+  }
+  insertItem(conv, {kind: "notice", text: String(text), tone: tone || "", ts: ts, epoch: state.epoch});
+}
+
+function addMessage(conv, frame, mention) {
+  insertItem(conv, {kind: "message", frame: frame, mention: mention, ts: Number(frame.ts) || nowSeconds(),
+                    epoch: state.epoch});
+}
+
+function insertItem(conv, item) {
+  // Items stay in time order: replays and pages of older messages go in where they belong.
+  var items = conv.items;
+  var at = items.length;
+  while (at > 0 && comesBefore(item, items[at - 1])) {
+    at--;
+  }
+  items.splice(at, 0, item);
+  if (at === items.length - 1 && !conv.dirty) {
+    var follow = isAtEnd(conv);
+    renderItem(conv, item);
+    if (follow) {
+      scrollToEnd(conv);
+    } else if (item.kind === "message") {
+      conv.behind++;  // the person is reading further up: say that more came, do not pull them down
+      renderJump();
+    }
+  } else {
+    scheduleRender(conv);
+  }
+}
+
+function comesBefore(item, other) {
+  // Messages in the server's order (their ids); anything else by time.
+  if (item.epoch !== other.epoch) {
+    return item.epoch < other.epoch;
+  }
+  if (item.kind === "message" && other.kind === "message" && typeof item.frame.id === "number" &&
+      typeof other.frame.id === "number") {
+    return item.frame.id < other.frame.id;
+  }
+  return item.ts < other.ts;
+}
+
+function newEpoch() {
+  // The server's message ids started again: what is shown stays, before whatever comes now.
+  state.epoch++;
+  state.seen = new Set();
+  state.lastId = null;
+  state.helloLastId = null;
+}
+
+// -- rendering: messages ---------------------------------------------------------------------
+
+function isAtEnd(conv) {
+  var log = conv.log;
+  return log.hidden || log.scrollHeight - log.scrollTop - log.clientHeight < STICKY_PX;
+}
+
+function scrollToEnd(conv) {
+  conv.log.scrollTop = conv.log.scrollHeight;
+}
+
+function onLogScroll(conv) {
+  conv.atEnd = isAtEnd(conv);
+  if (conv.atEnd && conv.behind) {
+    conv.behind = 0;
+    renderJump();
+  }
+}
+
+function renderJump() {
+  var conv = currentConversation();
+  var behind = conv ? conv.behind : 0;
+  ui.jump.hidden = !behind;
+  ui.jump.textContent = behind + (behind === 1 ? " new message" : " new messages") + " \u2193";
+}
+
+function onResize() {
+  // The phone's keyboard opening shrinks the view: a log that was at its end stays there.
+  var conv = currentConversation();
+  if (conv && conv.atEnd) {
+    scrollToEnd(conv);
+  }
+}
+
+function scheduleRender(conv) {
+  conv.dirty = true;
+  if (!state.renderTimer) {
+    state.renderTimer = setTimeout(renderDirty, 0);
+  }
+}
+
+function renderDirty() {
+  state.renderTimer = null;
+  Object.keys(state.conversations).forEach(function (key) {
+    var conv = state.conversations[key];
+    if (conv.dirty) {
+      renderConversation(conv);
+    }
+  });
+}
+
+function renderConversation(conv) {
+  // Draw every item again, keeping the view where it was (measured from the end).
+  var log = conv.log;
+  var follow = isAtEnd(conv);
+  var fromEnd = log.scrollHeight - log.scrollTop;
+  conv.dirty = false;
+  conv.box.textContent = "";
+  conv.ctx = null;
+  conv.items.forEach(function (item) {
+    renderItem(conv, item);
+  });
+  log.scrollTop = follow ? log.scrollHeight : log.scrollHeight - fromEnd;
+}
+
+function renderItem(conv, item) {
+  var ctx = conv.ctx || (conv.ctx = {day: null, group: null});
+  var day = dayKey(item.ts);
+  if (day !== ctx.day) {
+    conv.box.appendChild(el("div", "day", dayLabel(item.ts)));
+    ctx.day = day;
+    ctx.group = null;
+  }
+  if (item.kind === "notice") {
+    conv.box.appendChild(noticeElement(item));
+    ctx.group = null;
+    return;
+  }
+  var frame = item.frame;
+  if (conv.unreadFrom !== null && frame.id === conv.unreadFrom) {
+    conv.box.appendChild(el("div", "new-line", "New messages"));
+    ctx.group = null;
+  }
+  if (frame.action) {
+    conv.box.appendChild(actionElement(item));
+    ctx.group = null;
+    return;
+  }
+  var from = nameKey(frame.from);
+  if (!ctx.group || ctx.group.from !== from || item.ts - ctx.group.ts > GROUP_GAP_S) {
+    ctx.group = {from: from, ts: item.ts, body: null};
+    conv.box.appendChild(groupElement(frame, ctx.group));
+  }
+  ctx.group.ts = item.ts;
+  ctx.group.body.appendChild(bubbleElement(item));
+}
+
+function isOwn(frame) {
+  return nameKey(frame.from) === nameKey(state.name);
+}
+
+function groupElement(frame, group) {
+  var own = isOwn(frame);
+  var root = el("div", "group" + (own ? " own" : ""));
+  var colour = colourClass(frame.from);
+  if (!own) {
+    var avatar = el("div", "avatar " + colour, Array.from(String(frame.from))[0].toUpperCase());
+    avatar.setAttribute("aria-hidden", "true");
+    root.appendChild(avatar);
+  }
+  var body = el("div", "group-body");
+  var meta = el("div", "meta");
+  meta.appendChild(el("span", "name " + colour, own ? "You" : frame.from));
+  var time = el("time", "time", timeLabel(Number(frame.ts) || nowSeconds()));
+  meta.appendChild(time);
+  body.appendChild(meta);
+  root.appendChild(body);
+  group.body = body;
+  return root;
+}
+
+function bubbleElement(item) {
+  var frame = item.frame;
+  var bubble = el("div", "bubble" + (item.mention ? " mention" : "") + (frame.notice ? " auto" : ""));
+  bubble.dataset.id = String(frame.id);
+  bubble.dir = "auto";  // Arabic or Hebrew text runs right to left
+  bubble.title = new Date((Number(frame.ts) || nowSeconds()) * 1000).toLocaleString();
+  appendText(bubble, String(frame.text));
+  if (frame.queued) {
+    bubble.appendChild(el("div", "note", "Delivered when " + frame.to + " returns"));
+  } else if (frame.away && isOwn(frame)) {
+    bubble.appendChild(el("div", "note", frame.to + " is away: " + frame.away));  // only the sender hears it
+  }
+  return bubble;
+}
+
+function actionElement(item) {
+  var frame = item.frame;
+  var line = el("div", "action" + (item.mention ? " mention" : ""));
+  line.dataset.id = String(frame.id);
+  var text = el("span", "action-text");
+  text.dir = "auto";
+  text.appendChild(el("span", "name " + colourClass(frame.from), frame.from));
+  text.appendChild(document.createTextNode(" "));
+  appendText(text, String(frame.text));
+  line.appendChild(text);
+  line.appendChild(el("time", "time", timeLabel(item.ts)));
+  return line;
+}
+
+function noticeElement(item) {
+  if (item.tone === "help") {
+    return helpElement();
+  }
+  var notice = el("div", "notice" + (item.tone ? " " + item.tone : ""));
+  notice.appendChild(el("span", "", item.text));
+  return notice;
+}
+
+function helpElement() {
+  // /help as a card that wraps on a phone (the text form, helpText(), is the other clients' HELP_TEXT).
+  var card = el("div", "help");
+  [["everybody", "Commands"], ["operators", "Operators also have"]].forEach(function (part) {
+    card.appendChild(el("h3", "", part[1]));
+    var list = el("dl");
+    COMMANDS.filter(function (command) {
+      return command.who === part[0];
+    }).forEach(function (command) {
+      list.appendChild(el("dt", "", command.usage));
+      list.appendChild(el("dd", "", command.help));
+    });
+    card.appendChild(list);
+  });
+  card.appendChild(el("p", "", "Start a message with // to send text that begins with /. Shift+Enter starts a new line."));
+  if (location.protocol === "https:") {
+    card.appendChild(el("h3", "", "Is this the real server?"));
+    card.appendChild(el("p", "", "The server made its own certificate, so the browser warned about it the first time: " +
+      "no authority vouches for it. Compare its SHA-256 fingerprint (the browser shows it under the address bar's " +
+      "site information, then the certificate) with the one the server printed when it started. If they are the " +
+      "same, nobody is in between."));
+  }
+  return card;
+}
+
+var URL_PATTERN = /\bhttps?:\/\/[^\s<>"]+/gi;
+
+function appendText(parent, text) {
+  // Text as text nodes, and each http(s) address as a link made with createElement.
+  var last = 0;
+  var match;
+  URL_PATTERN.lastIndex = 0;
+  while ((match = URL_PATTERN.exec(text)) !== null) {
+    var url = trimUrl(match[0]);
+    parent.appendChild(document.createTextNode(text.slice(last, match.index)));
+    var link = el("a", "", url);
+    link.href = url;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    parent.appendChild(link);
+    last = match.index + url.length;
+    URL_PATTERN.lastIndex = last;
+  }
+  parent.appendChild(document.createTextNode(text.slice(last)));
+}
+
+function trimUrl(url) {
+  // A sentence's full stop or closing bracket is not part of the address (unless the address opened it).
+  var trimmed = url.replace(/[.,;:!?'*]+$/, "");
+  while (/[)\]]$/.test(trimmed)) {
+    var close = trimmed.slice(-1);
+    var open = close === ")" ? "(" : "[";
+    if (trimmed.split(open).length >= trimmed.split(close).length) {
+      break;
+    }
+    trimmed = trimmed.slice(0, -1).replace(/[.,;:!?'*]+$/, "");
+  }
+  return trimmed;
+}
+
+// -- rendering: what is waiting to be sent ----------------------------------------------------
+
+function showPending(entry) {
+  var conv = entry.conv;
+  var bubble = el("div", "bubble pending");
+  bubble.dir = "auto";
+  appendText(bubble, entry.frame.action ? "* " + state.name + " " + entry.frame.text : entry.frame.text);
+  entry.status = el("div", "note");
+  bubble.appendChild(entry.status);
+  entry.el = bubble;
+  conv.pendingBox.appendChild(bubble);
+  updatePending(entry);
+  scrollToEnd(conv);
+}
+
+function updatePending(entry) {
+  if (entry.status) {
+    entry.status.textContent = state.synced ? "Sending\u2026" : "Waiting for the connection\u2026";
+  }
+}
+
+function dropPending(entry, why) {
+  if (!entry.el) {
+    return;
+  }
+  if (why) {
+    entry.el.classList.add("failed");
+    entry.status.textContent = "Not sent: " + why + " (tap to dismiss)";
+    entry.el.addEventListener("click", function () {
+      entry.el.remove();
+    });
+  } else {
+    entry.el.remove();
+  }
+}
+
+// -- rendering: header, rooms, people, status and title -----------------------------------------
+
+function renderHeader() {
+  var conv = currentConversation();
+  if (!conv) {
+    ui.title.textContent = "LocalChat";
+    ui.subtitle.textContent = "";
+    return;
+  }
+  ui.title.textContent = (conv.kind === "room" ? "#" : "@") + conv.name;
+  if (conv.kind === "room") {
+    var count = conv.users.length + (conv.users.length === 1 ? " person" : " people");
+    ui.subtitle.textContent = conv.topic ? conv.topic : count + " here";
+  } else {
+    var away = awayText(conv.name);
+    ui.subtitle.textContent = away ? "Away: " + away : "Direct messages";
+  }
+  ui.peopleCount.textContent = conv.kind === "room" ? String(conv.users.length) : "";
+}
+
+function awayText(name) {
+  var key = nameKey(name);
+  var found = null;
+  Object.keys(state.conversations).forEach(function (k) {
+    var away = state.conversations[k].away;
+    Object.keys(away).forEach(function (who) {
+      if (nameKey(who) === key) {
+        found = away[who];
+      }
+    });
+  });
+  return found;
+}
+
+function conversationsOf(kind) {
+  return Object.keys(state.conversations).map(function (key) {
+    return state.conversations[key];
+  }).filter(function (conv) {
+    return conv.kind === kind;
+  }).sort(function (a, b) {
+    return nameKey(a.name) < nameKey(b.name) ? -1 : 1;
+  });
+}
+
+function renderRooms() {
+  ui.meName.textContent = state.name ? "You are " + state.name + " \u00b7 /nick changes it" : "";
+  fillList(ui.roomList, conversationsOf("room"), conversationButton);
+  var directs = conversationsOf("direct");
+  fillList(ui.directList, directs, function (conv) {
+    var row = el("div", "entry-row");
+    row.appendChild(conversationButton(conv));
+    row.appendChild(closeButton(conv));
+    return row;
+  });
+  ui.directHeading.hidden = directs.length === 0;
+  var others = state.allRooms.filter(function (room) {
+    return !state.conversations[conversationKey("room", room.name)];
+  });
+  fillList(ui.otherRooms, others, otherRoomButton);
+  ui.otherHeading.hidden = others.length === 0;
+  var unread = Object.keys(state.conversations).some(function (key) {
+    return key !== state.current && state.conversations[key].unread > 0;
+  });
+  ui.roomsButton.classList.toggle("has-unread", unread);
+}
+
+function fillList(list, entries, make) {
+  list.textContent = "";
+  entries.forEach(function (entry) {
+    var item = el("li");
+    item.appendChild(make(entry));
+    list.appendChild(item);
+  });
+}
+
+function conversationButton(conv) {
+  var button = el("button", "entry" + (conv.key === state.current ? " current" : "") + (conv.unread ? " unread" : ""));
+  button.type = "button";
+  button.appendChild(el("span", "sigil", conv.kind === "room" ? "#" : "@"));
+  button.appendChild(el("span", "label", conv.name));
+  if (conv.unread) {
+    button.appendChild(el("span", "badge" + (conv.mentions ? " loud" : ""), String(conv.unread)));
+  }
+  button.addEventListener("click", function () {
+    showConversation(conv.key);
+    ui.input.focus();
+  });
+  button.setAttribute("aria-current", conv.key === state.current ? "true" : "false");
+  button.dataset.key = conv.key;
+  return button;
+}
+
+function closeButton(conv) {
+  // A direct conversation is the page's own: closing it forgets it here (the server keeps its history).
+  var button = el("button", "icon-button close", "\u00d7");
+  button.type = "button";
+  button.setAttribute("aria-label", "Close the conversation with " + conv.name);
+  button.addEventListener("click", function () {
+    closeConversation(conv);
+  });
+  return button;
+}
+
+function otherRoomButton(room) {
+  var button = el("button", "entry other");
+  button.type = "button";
+  button.appendChild(el("span", "sigil", "#"));
+  var label = el("span", "label", room.name);
+  if (room.topic) {
+    label.appendChild(el("span", "detail", room.topic));
+  }
+  button.appendChild(label);
+  button.appendChild(el("span", "count", String(room.users)));
+  button.addEventListener("click", function () {
+    joinRoom(room.name);
+  });
+  return button;
+}
+
+function renderPeople() {
+  var conv = currentConversation();
+  var people = !conv ? [] : conv.kind === "room" ? conv.users.slice() : [conv.name, state.name];
+  people.sort(function (a, b) {
+    return nameKey(a) < nameKey(b) ? -1 : 1;
+  });
+  fillList(ui.peopleList, people, function (name) {
+    return personButton(conv, name);
+  });
+  ui.peopleHeading.textContent = conv && conv.kind === "room" ? "People in #" + conv.name : "People";
+}
+
+function personButton(conv, name) {
+  var own = nameKey(name) === nameKey(state.name);
+  var button = el("button", "entry person" + (own ? " own" : ""));
+  button.type = "button";
+  button.dataset.name = name;
+  var colour = colourClass(name);
+  button.appendChild(el("span", "avatar small " + colour, Array.from(name)[0].toUpperCase()));
+  var label = el("span", "label", name + (own ? " (you)" : ""));
+  var away = conv.kind === "room" ? conv.away[name] : awayText(name);
+  if (away) {
+    label.appendChild(el("span", "detail", "Away: " + away));
+    button.classList.add("away");
+  }
+  button.appendChild(label);
+  if (conv.kind === "room" && conv.ops.some(function (op) { return nameKey(op) === nameKey(name); })) {
+    button.appendChild(el("span", "tag", "op"));
+  }
+  if (!own) {
+    button.title = "Send " + name + " a direct message";
+    button.addEventListener("click", function () {
+      openDirect(name);
+      ui.input.focus();
+    });
+  } else {
+    button.disabled = true;
+  }
+  return button;
+}
+
+function updateTitle() {
+  var unread = 0;
+  Object.keys(state.conversations).forEach(function (key) {
+    unread += state.conversations[key].unread;
+  });
+  var conv = currentConversation();
+  var where = conv ? (conv.kind === "room" ? "#" : "@") + conv.name + " \u00b7 " : "";
+  document.title = (unread ? "(" + unread + ") " : "") + where + "LocalChat";
+}
+
+function showStatus(text, tone, action) {
+  ui.status.hidden = !text;
+  ui.status.className = "status" + (tone ? " " + tone : "");
+  ui.statusText.textContent = text || "";
+  ui.statusAction.hidden = !action;
+  if (action) {
+    ui.statusAction.textContent = action;
+  }
+}
+
+function retryStatus() {
+  if (!state.retryTimer) {
+    return;
+  }
+  var seconds = Math.max(1, Math.ceil((state.retryAt - Date.now()) / 1000));
+  var text = state.retryWhy + " Reconnecting in " + seconds + " s\u2026";
+  if (state.welcomed) {
+    showStatus(text, "warn", "Try now");
+  } else {
+    showJoin(text, "", true, "info");
+  }
+}
+
+// -- the join screen and the drawers --------------------------------------------------
+
+function showJoin(message, ask, keepTrying, tone) {
+  // The first screen, also for "that name is taken", a password, or a final refusal.
+  ui.app.hidden = true;
+  ui.join.hidden = false;
+  ui.joinMessage.textContent = message || "";
+  ui.joinMessage.hidden = !message;
+  ui.joinMessage.className = "join-message" + (tone ? " " + tone : "");
+  ui.passwordRow.hidden = !(ask === "password" || state.password !== null);
+  ui.joinButton.textContent = keepTrying ? "Connecting\u2026" : "Join";
+  ui.joinButton.disabled = !!keepTrying;
+  if (!ui.nameInput.value) {
+    ui.nameInput.value = state.name || loadSetting("name") || "";
+  }
+  if (ask === "password") {
+    ui.passwordInput.value = "";
+    ui.passwordInput.focus();
+  } else if (ask === "name") {
+    ui.nameInput.focus();
+    ui.nameInput.select();
+  }
+  updateTitle();
+}
+
+function showApp() {
+  ui.join.hidden = true;
+  ui.app.hidden = false;
+}
+
+function onJoinSubmit(event) {
+  event.preventDefault();
+  var name = ui.nameInput.value.trim().replace(/^@+/, "");
+  if (!NAME_PATTERN.test(name)) {
+    showJoin("A name is 1 to 32 letters, digits, '_', '-' or '.', without spaces.", "name");
+    return;
+  }
+  if (!ui.passwordRow.hidden) {
+    state.password = ui.passwordInput.value;
+  }
+  state.name = name;
+  saveSetting("name", name);
+  state.stopped = false;
+  state.retryMs = RECONNECT_FIRST_MS;
+  ui.joinButton.disabled = true;
+  ui.joinButton.textContent = "Connecting\u2026";
+  connect();
+}
+
+function toggleDrawer(which) {
+  var open = !document.body.classList.contains(which + "-open");
+  closeDrawers();
+  document.body.classList.toggle(which + "-open", open);
+  if (open && which === "rooms" && state.synced) {
+    sendFrame({type: "rooms"});  // the rooms one could join, fresh
+  }
+}
+
+function closeDrawers() {
+  document.body.classList.remove("rooms-open", "people-open");
+}
+
+// -- input ---------------------------------------------------------------------------------
+
+function onInputKey(event) {
+  var box = ui.input;
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    submitInput();
+  } else if (event.key === "Escape") {
+    closeDrawers();
+  } else if (event.key === "ArrowUp" && box.value.lastIndexOf("\n", box.selectionStart - 1) < 0) {
+    recallLine(event, -1);  // on the first line: the line sent before
+  } else if (event.key === "ArrowDown" && box.value.indexOf("\n", box.selectionEnd) < 0) {
+    recallLine(event, 1);   // on the last line: the line sent after
+  } else if (event.key === "Tab" && !event.shiftKey && completeName()) {
+    event.preventDefault();
+  }
+}
+
+function rememberLine(line) {
+  if (state.sentLines[state.sentLines.length - 1] !== line) {
+    state.sentLines.push(line);
+    state.sentLines.splice(0, state.sentLines.length - INPUT_HISTORY);
+  }
+  state.recall = state.sentLines.length;
+}
+
+function recallLine(event, step) {
+  var index = state.recall + step;
+  if (index < 0 || index > state.sentLines.length || (step < 0 && ui.input.value && state.recall === state.sentLines.length)) {
+    return;  // nothing further; and a line being typed is never replaced by one recalled
+  }
+  event.preventDefault();
+  state.recall = index;
+  ui.input.value = index < state.sentLines.length ? state.sentLines[index] : "";
+  autoGrow();
+}
+
+function completeName() {
+  // Tab after the start of a name completes it from the people here (and the direct conversations).
+  var box = ui.input;
+  var before = box.value.slice(0, box.selectionStart);
+  var match = /@?([^\s@]+)$/.exec(before);
+  if (!match) {
+    return false;
+  }
+  var prefix = nameKey(match[1]);
+  var conv = currentConversation();
+  var names = (conv ? conv.users : []).concat(conversationsOf("direct").map(function (c) { return c.name; }));
+  var found = names.filter(function (name) {
+    return nameKey(name).indexOf(prefix) === 0 && nameKey(name) !== nameKey(state.name);
+  });
+  if (!found.length) {
+    return false;
+  }
+  var name = found[0];
+  var start = before.length - match[1].length;
+  var suffix = start === 0 ? ": " : " ";  // "bob: " at the start, as chat clients do
+  box.value = before.slice(0, start) + name + suffix + box.value.slice(box.selectionStart);
+  box.selectionStart = box.selectionEnd = start + name.length + suffix.length;
+  return true;
+}
+
+function autoGrow() {
+  ui.input.style.height = "auto";  // set through the CSSOM, which the page's CSP allows
+  ui.input.style.height = Math.min(ui.input.scrollHeight, INPUT_MAX_PX) + "px";
+}
+
+function submitInput() {
+  var line = ui.input.value;
+  var conv = currentConversation();
+  var result = parseInput(line, whereOf(conv));
+  if (!result) {
+    return;
+  }
+  var error = result.error || tooLong(result);
+  if (error) {
+    addNotice(conv, error, "error");  // the line stays in the box, to be mended
+    return;
+  }
+  rememberLine(line);
+  ui.input.value = "";
+  autoGrow();
+  carryOut(result, conv);
+}
+
+function tooLong(result) {
+  // Said here rather than by the server: a message over its limit would be refused at every reconnection.
+  var text = result.send && result.send.type === "say" ? result.send.text : result.direct ? result.text : null;
+  var limit = state.welcome && state.welcome.max_text_bytes > 0 ? state.welcome.max_text_bytes : 32000;
+  var size = text === null ? 0 : new TextEncoder().encode(text).length;
+  return size > limit ? "That message is too long: " + size + " bytes, of the " + limit + " a message may have." : null;
+}
+
+function carryOut(result, conv) {
+  if (result.send && result.send.type === "say") {
+    say(result.send);
+  } else if (result.send) {
+    post(result.send);
+  } else if (result.join) {
+    joinRoom(result.join);
+  } else if (result.direct) {
+    var direct = openDirect(result.direct);
+    say({type: "say", to: direct.name, text: result.text});
+  } else if (result.rooms) {
+    state.roomsAsked++;
+    post({type: "rooms"});
+  } else if (result.help) {
+    addNotice(conv, helpText(), "help");
+  } else if (result.quit) {
+    post({type: "bye"});
+    stop("You left the chat.", "", "info");
+  }
+}
+
+function joinRoom(name) {
+  var conv = state.conversations[conversationKey("room", name)];
+  if (conv && conv.joined) {
+    showConversation(conv.key);
+    return;
+  }
+  state.switchTo = conversationKey("room", name);
+  post({type: "join", room: name});
+  closeDrawers();
+}
+
+function openDirect(name) {
+  var conv = state.conversations[conversationKey("direct", name)];
+  var fresh = !conv;
+  conv = openConversation("direct", name);
+  showConversation(conv.key);
+  if (fresh) {
+    requestOlder(conv);  // the conversation so far, if there is one
+  }
+  return conv;
+}
+
+function requestOlder(conv) {
+  if (conv.loading || !conv.more) {
+    return;
+  }
+  var request = {type: "history", limit: HISTORY_PAGE};
+  if (conv.kind === "room") {
+    request.room = conv.name;
+  } else {
+    request["with"] = conv.name;
+  }
+  var oldest = null;
+  conv.items.forEach(function (item) {
+    var id = item.kind === "message" && item.epoch === state.epoch ? item.frame.id : null;
+    if (typeof id === "number" && (oldest === null || id < oldest)) {
+      oldest = id;
+    }
+  });
+  if (oldest !== null) {
+    request.before = oldest;
+  }
+  conv.loading = true;
+  conv.older.disabled = true;
+  conv.older.textContent = "Loading\u2026";
+  post(request);
+}
+
+// -- sending ----------------------------------------------------------------------------------
+
+function post(frame) {
+  // Send now if connected and caught up; else keep it for the next connection, in order.
+  if (state.synced) {
+    sendFrame(frame);
+  } else {
+    state.outbox.push({frame: frame, ref: null});
+  }
+}
+
+function say(frame) {
+  // A message gets a ref and stays in the outbox until its echo comes back: never lost, never doubled.
+  state.refCount++;
+  frame.ref = state.refPrefix + "-" + state.refCount;
+  var conv = frame.to !== undefined ? openConversation("direct", frame.to) : openConversation("room", frame.room);
+  clearUnreadLine(conv);
+  var entry = {frame: frame, ref: frame.ref, conv: conv};
+  state.outbox.push(entry);
+  showPending(entry);
+  if (state.synced) {
+    sendFrame(frame);
+    state.inflight.push(frame.ref);
+  }
+}
+
+function sendFrame(frame) {
+  if (state.ws && state.open && state.ws.readyState === WebSocket.OPEN) {
+    state.ws.send(JSON.stringify(frame));
+    return true;
+  }
+  return false;
+}
+
+function flushOutbox() {
+  // Caught up: what the echoes did not confirm goes out again, and what waited goes out once.
+  state.inflight = [];
+  state.outbox = state.outbox.filter(function (entry) {
+    sendFrame(entry.frame);
+    if (entry.ref) {
+      state.inflight.push(entry.ref);
+      updatePending(entry);
+    }
+    return !!entry.ref;
+  });
+}
+
+function takeFromOutbox(ref) {
+  var index = state.outbox.findIndex(function (entry) {
+    return entry.ref === ref;
+  });
+  state.inflight = state.inflight.filter(function (other) {
+    return other !== ref;
+  });
+  return index < 0 ? null : state.outbox.splice(index, 1)[0];
+}
+
+// -- the connection -----------------------------------------------------------------------------
+
+function socketUrl() {
+  return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+}
+
+function connect() {
+  clearTimeout(state.retryTimer);
+  state.retryTimer = null;
+  if (state.ws || state.stopped) {
+    return;
+  }
+  state.bye = null;
+  var ws;
+  try {
+    ws = new WebSocket(socketUrl());
+  } catch (error) {
+    scheduleReconnect("Could not open a connection to " + location.host + ".");
+    return;
+  }
+  state.ws = ws;
+  state.connectingSince = Date.now();
+  ws.onopen = function () {
+    if (ws === state.ws) {
+      state.open = true;
+      state.lastHeard = Date.now();
+      state.pinged = false;
+      sendFrame(helloFrame());
+    }
+  };
+  ws.onmessage = function (event) {
+    if (ws === state.ws) {
+      receive(event.data);
+    }
+  };
+  ws.onclose = function () {
+    if (ws === state.ws) {
+      connectionClosed();
+    }
+  };
+}
+
+function helloFrame() {
+  var hello = {type: "hello", name: state.name, version: 1, identity: state.identity};
+  var kept = loadSetting("resume", window.sessionStorage);  // a reload takes this tab's place back
+  if (!state.welcome && kept && kept.indexOf(nameKey(state.name) + " ") === 0) {
+    hello.resume = kept.slice(kept.indexOf(" ") + 1);
+  }
+  if (state.welcome) {  // reconnecting: take our place back, and what was missed
+    hello.resume = state.welcome.resume;
+    hello.rooms = conversationsOf("room").filter(function (conv) {
+      return conv.joined;
+    }).map(function (conv) {
+      return conv.name;
+    });
+    if (state.lastId !== null) {
+      hello.last_id = state.lastId;
+    }
+  }
+  state.helloLastId = state.lastId;  // what follows it is news, even replayed
+  return hello;
+}
+
+function dropConnection() {
+  // Forget the WebSocket now (its close event may come much later, or never).
+  var ws = state.ws;
+  state.ws = null;
+  state.open = false;
+  if (ws) {
+    try {
+      ws.close();
+    } catch (error) {
+      // Closing a socket that never opened can throw in old browsers: it is gone either way.
+    }
+  }
+}
+
+function connectionClosed() {
+  var wasSynced = state.synced;
+  var bye = state.bye;
+  state.ws = null;
+  state.open = false;
+  state.synced = false;
+  state.outbox.forEach(updatePending);
+  if (state.stopped) {
+    return;
+  }
+  if (bye && ["kicked", "banned", "replaced", "quit"].indexOf(bye.reason) >= 0) {
+    stop(byeSentence(bye));
+    return;
+  }
+  var why = bye && bye.reason === "shutdown" ? "The server shut down." :
+    state.welcomed ? "The connection to the server was lost." :
+    "Could not reach the chat server at " + location.host + ".";
+  if (wasSynced) {
+    addNotice(null, why + " What you type meanwhile is sent once the connection is back.", "error");
+  }
+  scheduleReconnect(why);
+}
+
+function byeSentence(bye) {
+  var text = bye.text ? String(bye.text) : "";
+  if (bye.reason === "kicked") {
+    return (text || "You were removed from the chat.") + " You may join again.";
+  }
+  if (bye.reason === "banned") {
+    return text || "You are banned from this chat.";
+  }
+  if (bye.reason === "replaced") {
+    return "You joined as " + state.name + " somewhere else, so this page was disconnected.";
+  }
+  return text || "You left the chat.";
+}
+
+function scheduleReconnect(why) {
+  var delay = state.retryMs;
+  state.retryMs = Math.min(delay * 2, RECONNECT_MAX_MS);
+  state.retryWhy = why;
+  state.retryAt = Date.now() + delay;
+  clearTimeout(state.retryTimer);
+  state.retryTimer = setTimeout(connect, delay);
+  retryStatus();
+}
+
+function reconnectNow() {
+  if (state.retryTimer) {
+    state.retryMs = RECONNECT_FIRST_MS;
+    connect();
+  }
+}
+
+function stop(sentence, ask, tone) {
+  // A final answer: stop reconnecting and say why on the join screen.
+  state.stopped = true;
+  state.synced = false;
+  clearTimeout(state.retryTimer);
+  state.retryTimer = null;
+  dropConnection();
+  showStatus("");
+  showJoin(sentence, ask, false, tone);
+}
+
+function watchdog() {
+  // Runs every second: ping a silent server, give up on a dead one, count down to the next attempt.
+  var now = Date.now();
+  var silent = now - state.lastHeard;
+  var dead = state.open && (silent > DEAD_AFTER_MS || (state.probeAt && now - state.probeAt > PROBE_MS));
+  var stuck = state.ws && !state.open && now - state.connectingSince > CONNECT_TIMEOUT_MS;
+  if (!state.stopped && (dead || stuck)) {
+    state.probeAt = 0;
+    dropConnection();
+    connectionClosed();
+  } else if (state.open && silent > PING_AFTER_MS && !state.pinged) {
+    state.pinged = sendFrame({type: "ping"});
+  }
+  retryStatus();
+}
+
+function probe() {
+  // Back on the page: a phone may have slept with the connection dead but not closed; ask at once.
+  if (state.open && !state.probeAt && sendFrame({type: "ping"})) {
+    state.probeAt = Date.now();
+  }
+}
+
+// -- frames from the server -----------------------------------------------------------------------
+
+function receive(text) {
+  state.lastHeard = Date.now();
+  state.pinged = false;
+  state.probeAt = 0;
+  var frame;
+  try {
+    frame = JSON.parse(text);
+  } catch (error) {
+    return;  // not a frame: the server never sends one
+  }
+  if (!frame || typeof frame.type !== "string" || !Object.prototype.hasOwnProperty.call(ON_FRAME, frame.type)) {
+    return;  // a frame type of a later version: ignored, as the protocol says
+  }
+  if (typeof frame.ts === "number" && !frame.replay) {
+    state.clockOffset = frame.ts - Date.now() / 1000;
+  }
+  ON_FRAME[frame.type](frame);
+}
+
+var ON_FRAME = {
+  challenge: function (frame) {
+    if (state.password === null) {
+      stop("This chat needs a password. Ask the person who runs it.", "password", "info");
+      return;
+    }
+    sendFrame({type: "auth", proof: hmacSha256Hex(state.password, String(frame.nonce || ""))});
+  },
+
+  welcome: function (frame) {
+    var resumed = !!(state.welcome && frame.resume && frame.resume === state.welcome.resume);
+    if (typeof frame.last_id === "number" && state.lastId !== null && frame.last_id < state.lastId) {
+      newEpoch();  // a server without its history (--no-history) came back: its ids start again
+    }
+    var again = state.welcomed;
+    state.welcome = frame;
+    state.welcomed = true;
+    state.name = String(frame.name);
+    state.retryMs = RECONNECT_FIRST_MS;
+    state.inflight = [];
+    saveSetting("name", state.name);
+    saveSetting("resume", nameKey(state.name) + " " + frame.resume, window.sessionStorage);
+    if (!resumed) {
+      conversationsOf("room").forEach(function (conv) {
+        conv.joined = false;  // a new session: the room frames say where we are
+      });
+    }
+    showApp();
+    showStatus(resumed || state.lastId === null ? "" : "Catching up\u2026", "info");
+    if (again) {
+      addNotice(null, "Reconnected.", "");
+    }
+  },
+
+  room: function (frame) {
+    var conv = openConversation("room", frame.room);
+    var fresh = !conv.joined;
+    conv.joined = true;
+    conv.users = (frame.users || []).map(String);
+    conv.away = frame.away || {};
+    conv.ops = frame.ops || [];
+    conv.topic = frame.topic || null;
+    if (fresh && !conv.announced) {
+      conv.announced = true;
+      addNotice(conv, "You joined #" + conv.name + (conv.topic ? ". Topic: " + conv.topic : "."), "", 0);
+    }
+    if (state.switchTo === conv.key) {
+      state.switchTo = null;
+      showConversation(conv.key);
+    }
+    refreshConversation(conv);
+  },
+
+  message: function (frame) {
+    if (typeof frame.id === "number") {
+      if (state.seen.has(frame.id)) {
+        return;
+      }
+      state.seen.add(frame.id);
+      state.lastId = Math.max(state.lastId || 0, frame.id);
+    }
+    var own = isOwn(frame);
+    if (own && frame.ref) {
+      var entry = takeFromOutbox(frame.ref);
+      if (entry) {
+        dropPending(entry);
+      }
+    }
+    var conv = frame.room !== undefined && frame.room !== null ? openConversation("room", frame.room) :
+      openConversation("direct", own ? frame.to : frame.from);
+    var mention = !own && !frame.notice && mentions(String(frame.text), state.name);  // a bot's notice never rings
+    var unseen = !own && !isViewing(conv) && isNews(frame, conv);
+    if (unseen) {
+      conv.unread++;
+      conv.mentions += mention || conv.kind === "direct" ? 1 : 0;  // both ring: the badge is red
+      if (conv.unreadFrom === null) {
+        conv.unreadFrom = frame.id;
+      }
+    }
+    addMessage(conv, frame, mention);
+    if (unseen) {
+      renderRooms();
+      updateTitle();
+    }
+  },
+
+  joined: function (frame) {
+    var conv = state.conversations[conversationKey("room", frame.room || "general")];
+    if (conv) {
+      if (!conv.users.some(function (user) { return nameKey(user) === nameKey(frame.name); })) {
+        conv.users.push(String(frame.name));
+      }
+      addNotice(conv, frame.name + " joined", "", frame.ts);
+      refreshConversation(conv);
+    }
+  },
+
+  left: function (frame) {
+    var name = String(frame.name);
+    if (frame.room && nameKey(name) === nameKey(state.name)) {
+      var mine = state.conversations[conversationKey("room", frame.room)];
+      if (mine) {
+        closeConversation(mine);
+      }
+      return;
+    }
+    roomsWith(name, frame.room).forEach(function (conv) {
+      conv.users = conv.users.filter(function (user) {
+        return nameKey(user) !== nameKey(name);
+      });
+      delete conv.away[name];
+      addNotice(conv, leftSentence(frame), "", frame.ts);
+      refreshConversation(conv);
+    });
+  },
+
+  users: function (frame) {
+    var conv = frame.room ? state.conversations[conversationKey("room", frame.room)] : null;
+    if (conv) {
+      conv.users = (frame.users || []).map(String);
+      conv.away = frame.away || {};
+      conv.ops = frame.ops || conv.ops;
+      refreshConversation(conv);
+    }
+    var users = (frame.users || []).map(function (user) {
+      var away = (frame.away || {})[user];
+      return user + (away ? " (away: " + away + ")" : "");
+    });
+    addNotice(null, users.length + " here" + (frame.room ? " in #" + frame.room : "") + ": " + users.join(", "));
+  },
+
+  rooms: function (frame) {
+    state.allRooms = (frame.rooms || []).filter(function (room) {
+      return room && typeof room.name === "string";
+    });
+    renderRooms();
+    if (state.roomsAsked > 0) {
+      state.roomsAsked--;
+      var parts = state.allRooms.map(function (room) {
+        return "#" + room.name + " (" + room.users + ")" + (room.topic ? ": " + room.topic : "");
+      });
+      addNotice(null, parts.length ? "Rooms: " + parts.join(", ") : "There are no rooms.");
+    }
+  },
+
+  topic: function (frame) {
+    var conv = state.conversations[conversationKey("room", String(frame.room))];
+    if (conv) {
+      conv.topic = frame.topic || null;
+      refreshConversation(conv);
+    }
+    var room = "#" + frame.room;
+    var text = frame.by ? (frame.topic ? frame.by + " set the topic: " + frame.topic : frame.by + " cleared the topic") :
+      (frame.topic ? "Topic of " + room + ": " + frame.topic : room + " has no topic.");
+    addNotice(conv, text, "", frame.ts);
+  },
+
+  renamed: function (frame) {
+    var old = String(frame.old);
+    var name = String(frame.name);
+    var isMe = nameKey(old) === nameKey(state.name);
+    roomsWith(old).forEach(function (conv) {
+      conv.users = conv.users.map(function (user) {
+        return nameKey(user) === nameKey(old) ? name : user;
+      });
+      if (conv.away[old] !== undefined) {
+        conv.away[name] = conv.away[old];
+        delete conv.away[old];
+      }
+      addNotice(conv, isMe ? "You are now known as " + name : old + " is now known as " + name, "", frame.ts);
+      refreshConversation(conv);
+    });
+    renameDirect(old, name);
+    if (isMe) {
+      state.name = name;
+      saveSetting("name", name);
+      renderRooms();
+    }
+  },
+
+  away: function (frame) {
+    var name = String(frame.name);
+    var rooms = roomsWith(name);
+    rooms.forEach(function (conv) {
+      if (frame.text) {
+        conv.away[name] = String(frame.text);
+      } else {
+        delete conv.away[name];
+      }
+      refreshConversation(conv);
+    });
+    var me = nameKey(name) === nameKey(state.name);
+    var text = frame.text ? (me ? "You are away: " : name + " is away: ") + frame.text :
+      (me ? "You are back." : name + " is back");
+    var direct = state.conversations[conversationKey("direct", name)];
+    (rooms.length ? rooms : [currentConversation()]).concat(direct ? [direct] : []).forEach(function (conv) {
+      addNotice(conv, text, "", frame.ts);
+    });
+    renderHeader();
+  },
+
+  history_end: function (frame) {
+    var conv = frame.room ? state.conversations[conversationKey("room", frame.room)] :
+      state.conversations[conversationKey("direct", String(frame["with"]))];
+    if (!conv) {
+      return;
+    }
+    conv.loading = false;
+    conv.more = !!frame.more;
+    conv.older.disabled = !conv.more;
+    conv.older.textContent = conv.more ? "Show earlier messages" :
+      conv.kind === "room" ? "The beginning of #" + conv.name : "The beginning of your conversation with " + conv.name;
+    conv.older.classList.toggle("done", !conv.more);
+  },
+
+  synced: function (frame) {
+    state.synced = true;
+    if (typeof frame.last_id === "number") {
+      state.lastId = Math.max(state.lastId || 0, frame.last_id);
+    }
+    conversationsOf("room").forEach(function (conv) {
+      if (!conv.joined) {
+        closeConversation(conv);
+        addNotice(null, "You are no longer in #" + conv.name + ".", "error");
+      }
+    });
+    showStatus("");
+    conversationsOf("room").forEach(function (conv) {
+      if (!conv.items.some(function (item) { return item.kind === "message"; })) {
+        requestOlder(conv);  // a resumed session gets no scrollback: ask for the room's last messages
+      }
+    });
+    flushOutbox();
+    post({type: "rooms"});  // the rooms one could join, for the drawer
+    if (!state.current) {
+      var first = Object.keys(state.conversations)[0];
+      if (first) {
+        showConversation(first);
+      }
+    }
+  },
+
+  error: function (frame) {
+    var code = String(frame.code || "");
+    var text = frame.text ? String(frame.text) : "The server refused that (" + code + ").";
+    if (NAME_ERRORS.indexOf(code) >= 0 && !state.synced) {
+      stop(text, "name");  // the server's sentence: taken, or kept a moment for somebody who lost the connection
+      return;
+    }
+    if (code === "auth_failed" || code === "bad_auth") {
+      state.password = null;
+      stop("Wrong password. Ask the person who runs the chat for it.", "password");
+      return;
+    }
+    if (FINAL_ERRORS.indexOf(code) >= 0) {
+      stop(text);
+      return;
+    }
+    var entry = refusedEntry(frame, code);
+    if (entry) {
+      dropPending(entry, text);
+      return;
+    }
+    addNotice(null, text, "error");
+  },
+
+  bye: function (frame) {
+    state.bye = frame;
+  },
+
+  notice: function (frame) {
+    addNotice(null, frame.text, "announce", frame.ts);
+  },
+
+  ping: function () {
+    sendFrame({type: "pong"});
+  },
+
+  pong: function () {
+    // Any frame is a sign of life; receive() noted it.
+  }
+};
+
+function isNews(frame, conv) {
+  // Live, or replayed but new to this page: a direct message that waited, or what was missed offline.
+  if (!frame.replay) {
+    return true;
+  }
+  if (conv.loading) {
+    return false;  // a page of earlier messages
+  }
+  return conv.kind === "direct" || (state.helloLastId !== null && frame.id > state.helloLastId);
+}
+
+function refusedEntry(frame, code) {
+  // Which say an error answers: its ref (not_stored), or else the oldest one in flight.
+  if (frame.ref) {
+    return takeFromOutbox(frame.ref);
+  }
+  if (SAY_ERRORS.indexOf(code) >= 0 && state.inflight.length) {
+    return takeFromOutbox(state.inflight[0]);
+  }
+  return null;
+}
+
+function roomsWith(name, room) {
+  var key = nameKey(name);
+  return conversationsOf("room").filter(function (conv) {
+    return (!room || nameKey(conv.name) === nameKey(room)) && conv.users.some(function (user) {
+      return nameKey(user) === key;
+    });
+  });
+}
+
+function leftSentence(frame) {
+  if (frame.text) {
+    return String(frame.text);
+  }
+  var words = {
+    quit: "left", part: "left", lost: "lost the connection", timeout: "timed out",
+    too_slow: "could not keep up and was disconnected", flood: "was disconnected for flooding",
+    kicked: "was kicked", banned: "was banned", error: "was disconnected for sending bad data",
+    shutdown: "left as the server shut down"
+  };
+  var said = frame.message ? ' saying "' + frame.message + '"' : "";  // what one says on leaving
+  return frame.name + " " + (words[frame.reason] || "left") + said;
+}
+
+function renameDirect(old, name) {
+  // A direct conversation follows its person to the new name.
+  var conv = state.conversations[conversationKey("direct", old)];
+  if (!conv || state.conversations[conversationKey("direct", name)]) {
+    return;
+  }
+  delete state.conversations[conv.key];
+  conv.name = name;
+  conv.key = conversationKey("direct", name);
+  state.conversations[conv.key] = conv;
+  if (state.current === conversationKey("direct", old)) {
+    state.current = conv.key;
+  }
+  addNotice(conv, old + " is now known as " + name);
+  refreshConversation(conv);
+}
+
+function refreshConversation(conv) {
+  if (conv.key === state.current) {
+    renderHeader();
+    renderPeople();
+  }
+  renderRooms();
+}
+
+// -- start -------------------------------------------------------------------------------
+
+function onVisible() {
+  var conv = currentConversation();
+  if (conv && isViewing(conv)) {
+    conv.unread = 0;
+    conv.mentions = 0;
+    renderRooms();
+    updateTitle();
+  }
+  if (!document.hidden) {
+    reconnectNow();  // phones drop connections in the background: try at once on return
+    probe();
+  }
+}
+
+function start() {
+  ["join", "join-form", "join-message", "name-input", "password-row", "password-input", "join-button",
+   "app", "title", "subtitle", "rooms-button", "people-button", "people-count", "room-list", "direct-list",
+   "direct-heading", "other-rooms", "other-heading", "join-room-form", "join-room-input", "people-list",
+   "people-heading", "logs", "jump", "status", "status-text", "status-action", "composer", "input", "scrim",
+   "me-name", "leave-button"
+  ].forEach(function (id) {
+    ui[id.replace(/-([a-z])/g, function (all, letter) { return letter.toUpperCase(); })] = document.getElementById(id);
+  });
+  state.identity = loadIdentity();
+  state.refPrefix = "w" + randomHex(4);
+  ui.joinForm.addEventListener("submit", onJoinSubmit);
+  ui.composer.addEventListener("submit", function (event) {
+    event.preventDefault();
+    submitInput();
+    ui.input.focus();
+  });
+  ui.input.addEventListener("keydown", onInputKey);
+  ui.input.addEventListener("input", autoGrow);
+  ui.roomsButton.addEventListener("click", function () { toggleDrawer("rooms"); });
+  ui.peopleButton.addEventListener("click", function () { toggleDrawer("people"); });
+  ui.scrim.addEventListener("click", closeDrawers);
+  ui.statusAction.addEventListener("click", reconnectNow);
+  ui.leaveButton.addEventListener("click", function () {
+    closeDrawers();
+    carryOut({quit: true}, currentConversation());
+  });
+  ui.jump.addEventListener("click", function () {
+    var conv = currentConversation();
+    if (conv) {
+      scrollToEnd(conv);
+    }
+  });
+  window.addEventListener("resize", onResize);
+  ui.joinRoomForm.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var room = ui.joinRoomInput.value.trim().replace(/^#+/, "");
+    if (room) {
+      ui.joinRoomInput.value = "";
+      joinRoom(room);
+    }
+  });
+  document.addEventListener("keydown", function (event) {
+    if (event.key === "Escape") {
+      closeDrawers();
+    }
+  });
+  document.addEventListener("visibilitychange", onVisible);
+  window.addEventListener("focus", function () { state.focused = true; onVisible(); });
+  window.addEventListener("blur", function () { state.focused = false; });
+  window.addEventListener("online", reconnectNow);
+  setInterval(watchdog, 1000);
+  var saved = loadSetting("name");
+  showJoin("", "name");
+  if (saved && NAME_PATTERN.test(saved)) {
+    ui.nameInput.value = saved;
+    onJoinSubmit({preventDefault: function () {}});  // a returning visitor goes straight in
+  }
+}
+
+document.addEventListener("DOMContentLoaded", start);
 """
+
+WEB_ICON_SVG = r"""<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 512 512">
+<rect width="512" height="512" rx="112" fill="#2f6fed"/>
+<path fill="#ffffff" d="M256 104c-97 0-176 62-176 142 0 44 24 83 62 109-3 26-14 50-34 71 40-3 76-17 104-40 14 2 29 4 44 4 97 0 176-62 176-144S353 104 256 104z"/>
+<circle cx="184" cy="248" r="24" fill="#2f6fed"/>
+<circle cx="256" cy="248" r="24" fill="#2f6fed"/>
+<circle cx="328" cy="248" r="24" fill="#2f6fed"/>
+</svg>
+"""
+
+# "Add to Home Screen" makes a chat icon that opens the page without the browser's bars.
+WEB_MANIFEST = json.dumps({
+    "name": "LocalChat",
+    "short_name": "LocalChat",
+    "description": "Chat with everybody on this network.",
+    "start_url": "/",
+    "scope": "/",
+    "display": "standalone",
+    "background_color": "#f6f7f9",
+    "theme_color": "#2f6fed",
+    "icons": [{"src": "/icon.svg", "sizes": "any", "type": "image/svg+xml", "purpose": "any"}],
+}, indent=2)
 
 
 # =============================================================================
@@ -4181,9 +6880,12 @@ def _irc_message(fields, stamp=""):
 
 def _irc_left(fields):
     if fields.get("room"):
-        return [irc_line(_irc_mask(fields["name"]), "PART", "#" + fields["room"])]
+        part = ("#" + fields["room"],) + ((fields["message"],) if fields.get("message") else ())
+        return [irc_line(_irc_mask(fields["name"]), "PART", *part)]
     reason = fields.get("reason")
-    return [irc_line(_irc_mask(fields["name"]), "QUIT", fields.get("text") or _LEFT_WORDS.get(reason, reason))]
+    words = fields.get("text") or ("Quit: " + fields["message"] if fields.get("message") else
+                                   _LEFT_WORDS.get(reason, reason))
+    return [irc_line(_irc_mask(fields["name"]), "QUIT", words)]
 
 
 def _irc_topic(fields):
@@ -4265,7 +6967,6 @@ class IrcDoor(Door):
         self.caps = set()
         self.encoder = irc_encode
         self.channels = {}  # room key -> room name, for JOIN 0 and our own PARTs
-        self.away = {}  # name -> away text of everybody away, for 301
         self.registered = False
         self._asking = None  # (command, argument) whose answer the hub is about to deliver
         self._skipping = False  # the rest of an overlong line is being dropped
@@ -4429,7 +7130,7 @@ class IrcDoor(Door):
     def irc_USER(self, params):
         if self.registered:
             self._send(self._numeric("462", "You may not reregister"))
-        elif len(params) < 4 or not params[0]:
+        elif len(params) < 4 or not params[0] or not params[3]:
             self._send(self._numeric("461", "USER", "Not enough parameters"))
         else:
             self.user = (params[0], params[3])
@@ -4459,7 +7160,7 @@ class IrcDoor(Door):
         return None  # any line is a sign of life: the read loop has noted it
 
     def irc_QUIT(self, params):
-        return self._run({"type": "bye"})
+        return self._run({"type": "bye", "message": params[0]} if params else {"type": "bye"})
 
     def irc_JOIN(self, params):
         if not self._need(params, 1, "JOIN"):
@@ -4477,11 +7178,13 @@ class IrcDoor(Door):
 
     def irc_PART(self, params):
         if self._need(params, 1, "PART"):
-            return self._part(params[0].split(","))
+            return self._part(params[0].split(","), params[1] if len(params) > 1 else None)
         return None
 
-    def _part(self, channels):
-        return self._each_channel(channels, "PART", lambda room: {"type": "leave", "room": room})
+    def _part(self, channels, message=None):
+        def leave(room):
+            return {"type": "leave", "room": room, "message": message} if message else {"type": "leave", "room": room}
+        return self._each_channel(channels, "PART", leave)
 
     def _each_channel(self, channels, command, frame_for):
         """Run frame_for(room) for each channel named (403 for what is no channel); stop at a reason to."""
@@ -4551,18 +7254,14 @@ class IrcDoor(Door):
                 self._send(self._numeric("401", target, "No such nick: on IRC, %s is called %s"
                                          % (frame["to"], irc_nick(frame["to"]))))
                 return None
-            away = self.away.get(frame["to"])
-            if away is not None and not self._quiet:
-                self._send(self._numeric("301", target, away))
         return self._run(frame, "NOTICE" if self._quiet else "PRIVMSG", target)
 
     def irc_TOPIC(self, params):
         if not self._need(params, 1, "TOPIC"):
             return None
-        room = self._channel_room(params[0])
-        if room is None:
+        if self._not_on(params[0]):
             return None
-        frame = {"type": "topic", "room": room}
+        frame = {"type": "topic", "room": params[0][1:]}
         if len(params) > 1:
             frame["topic"] = params[1] or None
         return self._run(frame)
@@ -4571,7 +7270,14 @@ class IrcDoor(Door):
         if not params:
             self._send(self._numeric("366", "*", "End of /NAMES list"))
             return None
-        return self._each_channel(params[0].split(","), "NAMES", lambda room: {"type": "users", "room": room})
+        for channel in params[0].split(",")[:MAX_ROOMS_PER_USER]:
+            if not channel.startswith("#") or len(channel) < 2:  # no channel, nobody in it
+                self._send(self._numeric("366", channel[:40] or "*", "End of /NAMES list"))
+                continue
+            reason = self._run({"type": "users", "room": channel[1:]}, "NAMES", channel)
+            if reason:
+                return reason
+        return None
 
     def irc_WHO(self, params):
         mask = params[0] if params else "*"
@@ -4601,15 +7307,34 @@ class IrcDoor(Door):
         return None
 
     def irc_LIST(self, params):
-        return self._run({"type": "rooms"}, "LIST", params[0] if params else None)
+        wanted = params[0] if params and params[0].startswith("#") else None  # LIST #a,#b: those only
+        return self._run({"type": "rooms"}, "LIST", wanted)
 
     def irc_AWAY(self, params):
         if params and params[0].strip():
             return self._run({"type": "away", "text": _IRC_FORMATTING.sub("", params[0])})
         return self._run({"type": "back"})
 
+    def irc_INVITE(self, params):
+        if not self._need(params, 2, "INVITE"):
+            return None
+        if self._not_on(params[1]):
+            return None
+        return self._run({"type": "invite", "name": name_from_irc(params[0]), "room": params[1][1:]},
+                         "INVITE", params[0], params[1])
+
+    def _not_on(self, channel):
+        """Answer 403 (no such channel) or 442 (not on it) and return True, unless we are on the channel."""
+        if channel.startswith("#") and name_key(channel[1:]) in self.channels:
+            return False
+        if not channel.startswith("#") or not self.session.hub.has_room(channel[1:]):
+            self._send(self._numeric("403", channel[:40] or "*", "No such channel"))
+        else:
+            self._send(self._numeric("442", channel, "You're not on that channel"))
+        return True
+
     def irc_KICK(self, params):
-        if not self._need(params, 2, "KICK"):
+        if not self._need(params, 2, "KICK") or self._not_on(params[0]):
             return None
         for nick in params[1].split(",")[:4]:
             frame = {"type": "kick", "name": name_from_irc(nick)}
@@ -4630,11 +7355,10 @@ class IrcDoor(Door):
             else:
                 self._send(self._numeric("221", "+i"))
             return None
+        if self._not_on(target):
+            return None
         if len(params) == 1:
-            if name_key(target[1:]) not in self.channels:
-                self._send(self._numeric("442", target, "You're not on that channel"))
-            else:
-                self._send(self._numeric("324", target, "+nt"))
+            self._send(self._numeric("324", target, "+n"))
             return None
         return self._channel_modes(target, params[1], params[2:])
 
@@ -4647,6 +7371,8 @@ class IrcDoor(Door):
             elif char in "bo" and not arguments:
                 if char == "b":
                     self._send(self._numeric("368", channel, "End of channel ban list"))
+            elif char == "n":
+                continue  # always on: only a channel's people speak in it
             elif char in "bo":
                 argument = arguments.pop(0)
                 reason = self._run(_irc_mode_frame(char, adding, argument), "MODE", argument, channel)
@@ -4699,8 +7425,10 @@ class IrcDoor(Door):
     def _shared_locked(self, outbox, event, fields, kind):
         """Return the bytes all IRC clients share for this event (encoded once), after our own bookkeeping."""
         me = self.me
-        if kind == "message" and fields["from"] == me and "echo-message" not in self.caps:
-            return None
+        if kind == "message" and fields["from"] == me:
+            away = b"" if fields.get("away") is None or fields.get("notice") else self._numeric(
+                "301", irc_nick(fields["to"]), fields["away"])  # the answer a message to somebody away gets
+            return away + (event.encoded(self.encoder) if "echo-message" in self.caps else b"")
         if kind == "away":
             return self._away_locked(fields)
         if kind == "renamed" and fields["old"] == me:
@@ -4710,10 +7438,6 @@ class IrcDoor(Door):
         return event.encoded(self.encoder)
 
     def _away_locked(self, fields):
-        if fields.get("text") is None:
-            self.away.pop(fields["name"], None)
-        else:
-            self.away[fields["name"]] = fields["text"]
         if fields["name"] != self.me:
             return None
         if fields.get("text"):
@@ -4752,7 +7476,7 @@ class IrcDoor(Door):
             self._numeric("001", "Welcome to LocalChat on %s, %s" % (name, self.nick)),
             self._numeric("002", "Your host is %s, running LocalChat %s" % (IRC_SERVER, __version__)),
             self._numeric("003", "This server is the chat of %s" % name),
-            self._numeric("004", IRC_SERVER, "LocalChat-" + __version__, "i", "bnot"),
+            self._numeric("004", IRC_SERVER, "LocalChat-" + __version__, "i", "bno"),
             self._isupport(),
             self._lusers(len(fields.get("users") or ())),
             self._motd(),
@@ -4761,14 +7485,16 @@ class IrcDoor(Door):
     def _isupport(self):
         limits = self.session.hub.limits
         tokens = ["AWAYLEN=%d" % MAX_AWAY_CHARS, "CASEMAPPING=ascii", "CHANLIMIT=#:%d" % limits.max_rooms,
-                  "CHANMODES=b,,,nt", "CHANNELLEN=%d" % (MAX_ROOM_CHARS + 1), "CHANTYPES=#",
+                  "CHANMODES=b,,,n", "CHANNELLEN=%d" % (MAX_ROOM_CHARS + 1), "CHANTYPES=#",
                   "KICKLEN=%d" % MAX_TOPIC_CHARS, "MAXTARGETS=4", "NETWORK=LocalChat",
                   "NICKLEN=%d" % (MAX_NAME_CHARS + 1), "PREFIX=(o)@", "TOPICLEN=%d" % MAX_TOPIC_CHARS, "UTF8ONLY"]
         return self._numeric("005", *(tokens + ["are supported by this server"]))
 
     def _lusers(self, count):
         return (self._numeric("251", "There are %d users and 0 invisible on 1 servers" % count)
-                + self._numeric("255", "I have %d clients and 0 servers" % count))
+                + self._numeric("255", "I have %d clients and 0 servers" % count)
+                + self._numeric("265", count, count, "Current local users %d, max %d" % (count, count))
+                + self._numeric("266", count, count, "Current global users %d, max %d" % (count, count)))
 
     def _motd(self):
         lines = ["- %s Message of the day -" % IRC_SERVER,
@@ -4822,8 +7548,8 @@ class IrcDoor(Door):
         if mask.startswith("#"):
             names, channel = fields.get("users") or [], mask
         else:
-            key = name_key(name_from_irc(mask))
-            names = list(present.values()) if mask in ("*", "0") else [present[key]] if key in present else []
+            pattern = mask.lower() if mask != "0" else "*"
+            names = [name for name in present.values() if fnmatch.fnmatchcase(irc_nick(name).lower(), pattern)]
             channel = "*"
         lines = [self._numeric("352", channel, "u", IRC_HOST, IRC_SERVER, irc_nick(name),
                                ("G" if name in away else "H") + ("@" if name in ops else ""), "0 " + name)
@@ -4843,7 +7569,11 @@ class IrcDoor(Door):
 
     def _own_rooms(self, fields):
         lines = [self._numeric("321", "Channel", "Users  Name")]
+        wanted = self._asking[1] if self._asking else None
+        keys = None if wanted is None else {name_key(channel[1:]) for channel in wanted.split(",")}
         for room in fields.get("rooms") or ():
+            if keys is not None and name_key(room["name"]) not in keys:
+                continue
             lines.append(self._numeric("322", "#" + room["name"], room.get("users", 0), room.get("topic") or ""))
         return b"".join(lines) + self._numeric("323", "End of /LIST")
 
@@ -4870,7 +7600,9 @@ class IrcDoor(Door):
         numeric = _IRC_ERRORS.get(code)
         if code == "not_in_room" and command in ("PRIVMSG", "NOTICE"):
             numeric = "404"
-        if code == "not_in_room" and command in ("NAMES", "WHO"):
+        if code == "already_in_room" and command == "INVITE":
+            lines = [self._numeric("443", argument, channel, "is already on channel")]
+        elif code == "not_in_room" and command in ("NAMES", "WHO"):
             lines = [self._numeric("366" if command == "NAMES" else "315", argument,
                                    "End of /%s list" % command)]
         elif code == "already_in_room" or (self._quiet and not fatal):
@@ -4881,6 +7613,8 @@ class IrcDoor(Door):
             lines = [self._numeric(numeric, channel or argument or "*", text)]
         elif numeric == "401":
             lines = [self._numeric(numeric, argument or "*", text)]
+        elif code == "bad_utf8":  # IRCv3 standard replies, for UTF8ONLY
+            lines = [irc_line(IRC_SERVER, "FAIL", command or "*", "INVALID_UTF8", text)]
         elif numeric is not None:
             lines = [self._numeric(numeric, text)]
         else:
@@ -4888,6 +7622,12 @@ class IrcDoor(Door):
         if fatal:
             lines.append(irc_line(None, "ERROR", "Closing Link: %s" % text))
         return lines
+
+    def _own_invite(self, fields):
+        channel = "#" + fields["room"]
+        if fields["to"] == self.me:
+            return irc_line(_irc_mask(fields["from"]), "INVITE", self.nick, channel)
+        return self._numeric("341", irc_nick(fields["to"]), channel)
 
     def _own_bye(self, fields):
         return irc_line(None, "ERROR", "Closing Link: %s" % (fields.get("text") or "Goodbye."))
@@ -5428,6 +8168,7 @@ class Session(socketserver.BaseRequestHandler):
         self.peer = "%s:%s" % self.client_address[:2]
         self.address = self.client_address[0]  # for bans by address
         self._challenge = None  # (nonce, hello frame) while a password is asked for
+        self._parting = None  # what a bye said, for the others
         self._authenticated = False
         sock = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -5737,10 +8478,14 @@ class Session(socketserver.BaseRequestHandler):
         self.hub.join_room(self.seat, frame_field(frame, "room", str))
 
     def do_leave(self, frame):
-        self.hub.leave_room(self.seat, frame_field(frame, "room", str))
+        self.hub.leave_room(self.seat, frame_field(frame, "room", str),
+                            frame_field(frame, "message", str, required=False))
 
     def do_nick(self, frame):
         self.hub.rename(self.seat, frame_field(frame, "name", str))
+
+    def do_invite(self, frame):
+        self.hub.invite(self.seat, frame_field(frame, "name", str), frame_field(frame, "room", str))
 
     def do_rooms(self, frame):
         self.hub.rooms(self.seat)
@@ -5805,6 +8550,7 @@ class Session(socketserver.BaseRequestHandler):
         pass  # any frame counts as a sign of life; the read loop has noted it
 
     def do_bye(self, frame):
+        self._parting = frame.get("message")  # told to the others when the hub hears of the leaving
         return "quit"
 
     # -- ending ----------------------------------------------------------------
@@ -5815,7 +8561,7 @@ class Session(socketserver.BaseRequestHandler):
         if self.server.stopping and reason in ("lost", "timeout"):
             reason = "shutdown"  # the server closed the connection: nobody lost it
         name = self.seat.name if self.seat is not None else None
-        if self.hub.leave(self.seat, reason):
+        if self.hub.leave(self.seat, reason, self._parting if reason == "quit" else None):
             log.info("%s left (%s)", name, reason)
         if reason == "quit":
             self.send_frame({"type": "bye", "reason": "quit", "text": "Goodbye."})

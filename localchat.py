@@ -5023,12 +5023,19 @@ var COMMANDS = [
    parse: function (argument) {
      return argument ? {send: {type: "nick", name: firstWord(argument)}} : null;
    }},
-  {names: ["users"], usage: "/users [ROOM]", help: "who is in the room (the current one)", who: "everybody",
+  {names: ["invite"], usage: "/invite NAME [ROOM]", help: "ask somebody into a room (the current one)",
+   who: "everybody",
+   parse: function (argument, where) {
+     var words = argument.split(/\s+/).filter(Boolean);
+     var room = words.length > 1 ? words[1].replace(/^#+/, "") : where.room;
+     return words.length && room ? {send: {type: "invite", name: words[0].replace(/^@+/, ""), room: room}} : null;
+   }},
+  {names: ["users", "names"], usage: "/users [ROOM]", help: "who is in the room (the current one)", who: "everybody",
    parse: function (argument, where) {
      var room = roomArgument(argument, where);
      return {send: room ? {type: "users", room: room} : {type: "users"}};
    }},
-  {names: ["rooms"], usage: "/rooms", help: "the rooms and their topics", who: "everybody",
+  {names: ["rooms", "list"], usage: "/rooms", help: "the rooms and their topics", who: "everybody",
    parse: function () {
      return {rooms: true};
    }},
@@ -6368,6 +6375,14 @@ var ON_FRAME = {
     var text = frame.by ? (frame.topic ? frame.by + " set the topic: " + frame.topic : frame.by + " cleared the topic") :
       (frame.topic ? "Topic of " + room + ": " + frame.topic : room + " has no topic.");
     addNotice(conv, text, "", frame.ts);
+  },
+
+  invite: function (frame) {
+    var me = nameKey(String(frame.to)) === nameKey(state.name);
+    var room = "#" + frame.room;
+    addNotice(me ? null : state.conversations[conversationKey("room", String(frame.room))],
+              me ? frame.from + " invites you to " + room + " (/join " + frame.room + ")" :
+              "You invited " + frame.to + " to " + room + ".", "", frame.ts);
   },
 
   renamed: function (frame) {

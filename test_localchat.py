@@ -12249,7 +12249,9 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         self.assertEqual(page.evaluate("state.outbox.length"), 0)
 
     def test_coming_back_later_finds_the_name_identity_and_what_waited(self):
-        self.start_server()
+        # A closed tab closes its WebSocket with 1001, as a reload does: alice is lost, not gone,
+        # until the grace period ends (short here).
+        self.start_server(hub=localchat.ChatHub("lab", resume_grace_s=0.5))
         bob = self.join("bob")
         page = self.join_page("alice")
         identity = page.evaluate("state.identity")
@@ -12258,7 +12260,7 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         self.wait_shown(page, "before alice left")
         page.call("Page.close")  # alice closes the tab
         page.closed = True
-        bob.read_until(is_kind("left", name="alice"))
+        self.assertEqual(bob.read_until(is_kind("left", name="alice"))[0]["reason"], "lost")
         bob.say("while you were gone", to="alice")
         frame, _ = bob.read_until(is_kind("message", text="while you were gone"))
         self.assertTrue(frame.get("queued"), frame)  # kept for alice's identity

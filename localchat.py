@@ -146,6 +146,33 @@ class UserError(LocalChatError):
         self.code = code
 
 
+class UntrustedCertificate(UserError):
+    """A server's certificate that nobody has trusted: new to us, or not the one trusted before.
+
+    `previous` is the fingerprint trusted before at that address (the certificate
+    changed: code "fingerprint_changed"), or None (first contact: "fingerprint_new").
+    """
+
+    def __init__(self, address, fingerprint, previous=None):
+        self.address, self.fingerprint, self.previous = address, fingerprint, previous
+        super().__init__(self.description() + " Not connecting.",
+                         code="fingerprint_new" if previous is None else "fingerprint_changed")
+
+    def description(self):
+        """Return what a person is told before being asked: the fingerprint, and for a change the warning."""
+        if self.previous is None:
+            return ("The server at %s encrypts with a certificate this computer has not trusted yet; its "
+                    "fingerprint (SHA-256) is %s." % (self.address, self.fingerprint))
+        return ("WARNING: the certificate of %s has CHANGED since you last connected: somebody may be pretending "
+                "to be that server. The fingerprint trusted before was %s; the server now shows %s. Accept the "
+                "new one only if its owner really made a new certificate (compare the fingerprint the server "
+                "prints)." % (self.address, self.previous, self.fingerprint))
+
+    @property
+    def changed(self):
+        return self.previous is not None
+
+
 # =============================================================================
 # 3. Protocol: wire format, frames, limits
 # =============================================================================
@@ -4997,12 +5024,19 @@ var COMMANDS = [
    parse: function (argument) {
      return argument ? {send: {type: "nick", name: firstWord(argument)}} : null;
    }},
-  {names: ["users"], usage: "/users [ROOM]", help: "who is in the room (the current one)", who: "everybody",
+  {names: ["invite"], usage: "/invite NAME [ROOM]", help: "ask somebody into a room (the current one)",
+   who: "everybody",
+   parse: function (argument, where) {
+     var words = argument.split(/\s+/).filter(Boolean);
+     var room = words.length > 1 ? words[1].replace(/^#+/, "") : where.room;
+     return words.length && room ? {send: {type: "invite", name: words[0].replace(/^@+/, ""), room: room}} : null;
+   }},
+  {names: ["users", "names"], usage: "/users [ROOM]", help: "who is in the room (the current one)", who: "everybody",
    parse: function (argument, where) {
      var room = roomArgument(argument, where);
      return {send: room ? {type: "users", room: room} : {type: "users"}};
    }},
-  {names: ["rooms"], usage: "/rooms", help: "the rooms and their topics", who: "everybody",
+  {names: ["rooms", "list"], usage: "/rooms", help: "the rooms and their topics", who: "everybody",
    parse: function () {
      return {rooms: true};
    }},
@@ -6342,6 +6376,14 @@ var ON_FRAME = {
     var text = frame.by ? (frame.topic ? frame.by + " set the topic: " + frame.topic : frame.by + " cleared the topic") :
       (frame.topic ? "Topic of " + room + ": " + frame.topic : room + " has no topic.");
     addNotice(conv, text, "", frame.ts);
+  },
+
+  invite: function (frame) {
+    var me = nameKey(String(frame.to)) === nameKey(state.name);
+    var room = "#" + frame.room;
+    addNotice(me ? null : state.conversations[conversationKey("room", String(frame.room))],
+              me ? frame.from + " invites you to " + room + " (/join " + frame.room + ")" :
+              "You invited " + frame.to + " to " + room + ".", "", frame.ts);
   },
 
   renamed: function (frame) {
@@ -10019,7 +10061,9 @@ class ChatConnection:
     thread that sends what post() queued. When the connection drops and
     `reconnect` is set, the reader thread reconnects with backoff, resuming the
     session: the server replays what was missed, and messages that were not
-    confirmed are sent again. Local frames the server never sends:
+    confirmed are sent again. A server certificate nobody has trusted yet (new,
+    or changed) is put to `trust` before anything is sent (see connect()).
+    Local frames the server never sends:
       {"type": "reconnecting", "text": ..., "delay": seconds}
       {"type": "disconnected", "text": ..., "expected": bool, "code": why or None}
                                                       (the very last frame)
@@ -10029,7 +10073,7 @@ class ChatConnection:
     """
 
     def __init__(self, host, port, name, on_event=None, identity=None, reconnect=False, password=None,
-                 tls=False, fingerprint=None):
+                 tls=False, fingerprint=None, trust=None):
         self.host = host
         self.port = port
         self.name = name
@@ -10041,8 +10085,12 @@ class ChatConnection:
         self.pinned = fingerprint  # the certificate fingerprint the server's owner gave, if any
         self.channel = None  # the TlsChannel while connected with encryption
         self.fingerprint = None  # the server's certificate fingerprint, once seen
-        self.fingerprint_status = None  # "new", "known", "pinned" or "unsaved" (see trust_fingerprint)
+        self.fingerprint_status = None  # "accepted", "known", "pinned" or "unsaved" (see trust_fingerprint)
         self.fingerprint_problem = None  # with "unsaved": why the fingerprint could not be kept
+        # Asked trust(UntrustedCertificate) -> bool before a certificate nobody trusted yet
+        # is used (see connect()); without it such a certificate is refused.
+        self.trust = trust
+        self.accepted = None  # the fingerprint a person trusted through `trust` (kept while we run)
         self.reconnect = reconnect
         self.on_event = on_event or (lambda frame: None)
         self.welcome = None
@@ -10056,6 +10104,7 @@ class ChatConnection:
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
         self._closing = threading.Event()
+        self._leaving = threading.Event()  # close() began: the server's goodbye is expected
         self._synced = threading.Event()  # set while connected and caught up
         self._outgoing = queue.Queue()  # frames for the sender thread (see post())
         self.unconfirmed = collections.OrderedDict()  # ref -> say frame sent but not yet echoed
@@ -10065,10 +10114,37 @@ class ChatConnection:
     def address(self):
         return "%s:%d" % (self.host, self.port)
 
+    @property
+    def started(self):
+        """True once start() ran: its threads read and send (or did)."""
+        return bool(self._threads)
+
+    @property
+    def closed(self):
+        """True once close() began: nothing more will come of this connection. Any thread."""
+        return self._leaving.is_set() or self._closing.is_set()
+
     # -- connecting ------------------------------------------------------------
 
     def connect(self, timeout=CONNECT_TIMEOUT_S):
-        """Connect, say hello and wait for the welcome; return it or raise UserError."""
+        """Connect, say hello and wait for the welcome; return it or raise UserError.
+
+        A certificate that is new to us, or changed, ends the attempt before any hello
+        or password is sent; the socket is closed and `trust` is asked (on this
+        thread: it may wait for a person as long as it likes). If it says yes, the
+        fingerprint is saved only when the next attempt meets the same certificate.
+        Raises UntrustedCertificate (a UserError) when nobody trusted it.
+        """
+        try:
+            return self._connect_once(timeout)
+        except UntrustedCertificate as untrusted:
+            if self.trust is None or not self.trust(untrusted):
+                raise
+            self.accepted = untrusted.fingerprint
+        return self._connect_once(timeout)  # asked once: a different certificate now is refused
+
+    def _connect_once(self, timeout):
+        """Connect once (switching to encryption when the server asks for it); return the welcome."""
         hello = {"type": "hello", "name": self.name, "version": PROTOCOL_VERSION}
         if self.identity:
             hello["identity"] = self.identity
@@ -10098,7 +10174,7 @@ class ChatConnection:
         if frame is not None and frame.get("code") == "tls_required" and not self.tls:
             self._close_socket()
             self.tls = True  # the server encrypts: do so too, from now on
-            return self.connect(timeout)
+            return self._connect_once(timeout)
         return self._check_welcome(frame)
 
     def _attach(self, sock):
@@ -10127,7 +10203,7 @@ class ChatConnection:
         self.fingerprint = channel.fingerprint()
         try:
             self.fingerprint_status, self.fingerprint_problem = trust_fingerprint(
-                self.address, self.fingerprint, self.pinned)
+                self.address, self.fingerprint, self.pinned, self.accepted)
         except UserError:
             self._close_socket()
             raise
@@ -10267,8 +10343,8 @@ class ChatConnection:
             text, final = self._reconnect(text)
             if final:
                 break
-        self.on_event({"type": "disconnected", "text": text, "expected": self._closing.is_set(),
-                       "code": self.end_code})
+        expected = self._closing.is_set() or self._leaving.is_set()
+        self.on_event({"type": "disconnected", "text": text, "expected": expected, "code": self.end_code})
 
     def _read_until_closed(self):
         """Hand each frame to on_event until the connection ends; return (why, final)."""
@@ -10344,7 +10420,7 @@ class ChatConnection:
                 return None, False
             except UserError as error:
                 if error.code in ("name_taken", "bad_name", "banned", "auth_failed", "password_required",
-                                  "fingerprint_changed", "fingerprint_mismatch"):
+                                  "fingerprint_new", "fingerprint_changed", "fingerprint_mismatch"):
                     self.end_code = error.code
                     return str(error), True
                 why = str(error)
@@ -10360,6 +10436,7 @@ class ChatConnection:
         so the window calls it on a worker thread. A connect() still under way on
         another thread gives up at once.
         """
+        self._leaving.set()  # before the bye: the server's answer may end the reader before _closing is set
         if say_bye:
             self._outgoing.put({"type": "bye"})
         self._outgoing.put(None)
@@ -10434,8 +10511,8 @@ def save_settings(settings):
 
 def encryption_notice(connection):
     """Return the sentence that tells a person the connection is encrypted, and by whom."""
-    words = {"new": "first connection: remembered; compare it with the one the server shows",
-             "unsaved": "first connection: compare it with the one the server shows",
+    words = {"accepted": "trusted by you just now, and remembered",
+             "unsaved": "trusted by you for this session only",
              "known": "the same as last time", "pinned": "as given"}
     notice = "Encrypted. The server's certificate fingerprint is %s (%s)." % (
         connection.fingerprint, words.get(connection.fingerprint_status, ""))
@@ -10457,13 +10534,14 @@ def known_fingerprints(settings=None):
     return known if isinstance(known, dict) else {}
 
 
-def trust_fingerprint(address, fingerprint, pinned=None):
+def trust_fingerprint(address, fingerprint, pinned=None, accepted=None):
     """Check a server's certificate as SSH checks host keys; return (status, problem).
 
-    status is "pinned", "known", "new" or "unsaved"; problem is None, or for
-    "unsaved" why the settings could not be written. The first time, the fingerprint
-    is remembered; a different one later is refused loudly (somebody may pretend to
-    be the server). Raises UserError.
+    status is "pinned" (the fingerprint given), "known" (trusted before), "accepted"
+    (`accepted`, the one a person trusted just now: saved here, never earlier) or
+    "unsaved" (accepted, but the settings could not be written: problem says why).
+    Raises UntrustedCertificate for a certificate nobody trusted, and UserError for
+    a pin that does not match.
     """
     if pinned:
         if normal_fingerprint(pinned) != fingerprint:
@@ -10472,18 +10550,17 @@ def trust_fingerprint(address, fingerprint, pinned=None):
         return "pinned", None
     settings = load_settings()
     known = known_fingerprints(settings)
-    if known.get(address) is None:
-        known[address] = fingerprint
-        settings["fingerprints"] = known
-        problem = save_settings(settings)
-        return ("new", None) if problem is None else ("unsaved", problem)
-    if known[address] != fingerprint:
-        raise UserError(
-            "WARNING: the certificate of %s has CHANGED since you last connected: somebody may be pretending "
-            "to be that server. Not connecting. If its owner really made a new certificate (compare the "
-            "fingerprint the server prints: %s), remove %s from %s."
-            % (address, fingerprint, address, config_dir() / "settings.json"), code="fingerprint_changed")
-    return "known", None
+    previous = known.get(address)
+    if fingerprint != accepted:
+        if previous != fingerprint:
+            raise UntrustedCertificate(address, fingerprint, previous)
+        return "known", None
+    if previous == fingerprint:
+        return "accepted", None  # saved by an earlier attempt of this run (say, before a password)
+    known[address] = fingerprint
+    settings["fingerprints"] = known
+    problem = save_settings(settings)
+    return ("accepted", None) if problem is None else ("unsaved", problem)
 
 
 def load_identity():
@@ -10846,6 +10923,67 @@ class PasswordDialog:
     def _done(self, on_done, password):
         self.top.destroy()
         on_done(password)
+
+
+class TrustDialog:
+    """Asks whether to trust a server's certificate; does not block the event loop.
+
+    First contact: the fingerprint, Trust / Cancel (Return trusts). A changed
+    certificate: the warning, both fingerprints, "Accept the new certificate" /
+    Cancel, and Return and Escape cancel: it is never accepted by reflex.
+    on_answer(True or False) is called once.
+    """
+
+    def __init__(self, parent, tk, ttk, untrusted, on_answer):
+        self.top = tk.Toplevel(parent)
+        self.top.title("Certificate changed" if untrusted.changed else "Trust this server?")
+        self.top.transient(parent)
+        self.top.resizable(False, False)
+        self._on_answer = on_answer
+        frame = ttk.Frame(self.top, padding=16)
+        frame.pack(fill="both", expand=True)
+        rows = self._rows(untrusted)
+        self.text = "\n".join(text for text, _ in rows)  # all it says, for the tests
+        for text, style in rows:
+            font = "TkFixedFont" if style == "fingerprint" else ("TkHeadingFont" if style == "warning" else "")
+            ttk.Label(frame, text=text, wraplength=480, justify="left", font=font,
+                      foreground="#b00020" if style == "warning" else "").pack(anchor="w", pady=(0, 8))
+        buttons = ttk.Frame(frame)
+        buttons.pack(anchor="e", pady=(4, 0))
+        self.cancel_button = ttk.Button(buttons, text="Cancel", command=lambda: self._answer(False))
+        self.trust_button = ttk.Button(buttons, text="Accept the new certificate" if untrusted.changed else "Trust",
+                                       command=lambda: self._answer(True))
+        self.cancel_button.pack(side="right")
+        self.trust_button.pack(side="right", padx=(0, 8))
+        default = self.cancel_button if untrusted.changed else self.trust_button
+        self.top.bind("<Return>", lambda event: default.invoke())
+        self.top.bind("<Escape>", lambda event: self.cancel_button.invoke())
+        self.top.protocol("WM_DELETE_WINDOW", self.cancel_button.invoke)
+        default.focus_set()
+
+    @staticmethod
+    def _rows(untrusted):
+        """Return the dialog's lines of text as (text, style): "warning", "fingerprint" or ""."""
+        if untrusted.changed:
+            return [("WARNING: the certificate of %s has CHANGED since you last connected: somebody may be "
+                     "pretending to be that server." % untrusted.address, "warning"),
+                    ("Accept the new certificate only if its owner really made a new one, and the fingerprint the "
+                     "server shows now is the one it prints (ask whoever runs it).", ""),
+                    ("Trusted before:", ""), (_fingerprint_rows(untrusted.previous), "fingerprint"),
+                    ("The server shows now:", ""), (_fingerprint_rows(untrusted.fingerprint), "fingerprint")]
+        return [("The server at %s encrypts the chat with a certificate this computer has not trusted yet. "
+                 "Compare its fingerprint (SHA-256) with the one the server printed when it started (ask whoever "
+                 "runs it):" % untrusted.address, ""), (_fingerprint_rows(untrusted.fingerprint), "fingerprint")]
+
+    def _answer(self, yes):
+        self.top.destroy()
+        self._on_answer(yes)
+
+
+def _fingerprint_rows(fingerprint):
+    """Return a fingerprint on two rows of 16 pairs, easier to compare by eye."""
+    pairs = fingerprint.split(":")
+    return ":".join(pairs[:16]) + ("\n" + ":".join(pairs[16:]) if len(pairs) > 16 else "")
 
 
 class Conversation:
@@ -11584,6 +11722,7 @@ class ChatWindow(ChatPanels, ServerMemory):
         self._make_connection(ChatConnection(host, port, name, identity=identity, reconnect=True,
                                              password=os.environ.get("LOCALCHAT_PASSWORD"),
                                              tls=tls, fingerprint=fingerprint))
+        self.trust_dialog = None  # the TrustDialog while one is open
         saved = self._saved_rooms()  # general too: the window always shows it
         self.connection.rooms = saved if not saved or GENERAL_ROOM in saved else [GENERAL_ROOM] + saved
         self.conversations = {}  # key -> Conversation, in the order they opened
@@ -11624,7 +11763,23 @@ class ChatWindow(ChatPanels, ServerMemory):
         def events_put(frame):
             """Runs on the connection's threads: hand a frame to the Tk thread."""
             events.put((connection, frame))
+
+        def ask_trust(untrusted):
+            """Runs on the connecting thread: ask on the Tk thread, and wait for the answer.
+
+            No socket is open meanwhile, so the person may take their time; closing the
+            window (or giving this connection up) closes the connection, which answers no.
+            """
+            answers = queue.Queue()
+            events.put((connection, {"type": "trust", "untrusted": untrusted, "answers": answers}))
+            while not connection.closed:
+                try:
+                    return answers.get(timeout=POLL_INTERVAL_MS / 1000.0)
+                except queue.Empty:
+                    pass
+            return False
         connection.on_event = events_put
+        connection.trust = ask_trust
         self.connection = connection
 
     @property
@@ -11840,7 +11995,7 @@ class ChatWindow(ChatPanels, ServerMemory):
         elif code in ("password_required", "auth_failed"):
             self.banner.show(text + unsent, button=("Enter the password", lambda: self._ask_password(text)))
             self._ask_password(text)
-        elif code == "banned" or (code or "").startswith("fingerprint"):
+        elif code in ("banned", "fingerprint_mismatch"):
             self.banner.show(text + " Nothing you type is sent.")  # trying again cannot help
         elif code == "quit":
             self.banner.show("You left the chat from another window." + unsent,
@@ -11858,6 +12013,12 @@ class ChatWindow(ChatPanels, ServerMemory):
             return
         self._reconnect(name)
 
+    def _on_frame_trust(self, frame):
+        untrusted = frame["untrusted"]
+        self._set_status("The certificate of %s has CHANGED: look at the warning." % untrusted.address
+                         if untrusted.changed else "Check the server's certificate to connect.", error=untrusted.changed)
+        self.trust_dialog = TrustDialog(self.root, self.tk, self.ttk, untrusted, frame["answers"].put)
+
     def _ask_password(self, why):
         """Ask for the server's password in a small window, then connect again."""
         if self.password_dialog is not None and self.password_dialog.top.winfo_exists():
@@ -11865,9 +12026,15 @@ class ChatWindow(ChatPanels, ServerMemory):
         self.password_dialog = PasswordDialog(self.root, self.tk, self.ttk, why, self._on_password)
 
     def _on_password(self, password):
-        if password and not self.connected:
-            self.connection.password = password
+        if not password or self.connected:
+            return
+        self.connection.password = password
+        if self.connection.started:  # it ran and ended: a fresh one
             self._reconnect()
+            return
+        self.ended = False  # never got in: the same connection tries again, what it learned kept
+        self.banner.hide()
+        self._connect()
 
     def _on_frame_room(self, frame):
         conversation = self._open_conversation("room", str(frame.get("room")))
@@ -12448,23 +12615,326 @@ def run_window(args):
 #
 # A line client for terminals and scripts. The main thread owns stdout; a stdin
 # thread and the connection's reader thread hand it lines and frames by a queue.
+# On a terminal with readline, TerminalScreen keeps the line being typed whole
+# while the main thread prints above it.
 
 CONFIRM_TIMEOUT_S = 10.0  # at the end of input, how long to wait for our messages' echoes
+LINE_TURN_S = 2.0         # on a terminal, how long the next prompt waits for the last line to be handled
+PROMPT_DRAW_S = 0.5       # how long a line to print waits for readline to finish drawing the prompt
+PAUSE_LATE_S = 1.0        # readline calls the input hook every 0.1 s: this much later, it never will
 
 
 PIPED_LINES_PER_MESSAGE = 100     # piped lines that come together go as one message of at most this many
 PIPED_BYTES_PER_MESSAGE = 16000   # ... and about this many bytes (half the largest message)
 
 
+class TerminalScreen:
+    """A terminal whose input line stays whole while lines arrive, with readline's editing and history.
+
+    Used when stdin and stdout are both terminals and the readline module exists
+    (Windows' Python has none: there the client reads plain lines). The stdin
+    thread reads with input() under a prompt that names where the line goes
+    ("#general> "). show() prints a line above the prompt and draws the prompt
+    and what was typed again. What was typed stays on the screen as the sent
+    line: the server's echo is not printed.
+
+    Readline handles keys on the stdin thread without the GIL, so a line printed
+    from another thread could land while it is half-way through one (the line
+    drawn from a stale buffer, the cursor in the wrong place). So while a line is
+    being typed, show() only queues, and the stdin thread prints the queue from
+    inside input() between two keys, through PyOS_InputHook, which readline calls
+    at least every 0.1 s. Where that hook cannot be set, show() prints at once.
+    """
+
+    def __init__(self, readline, stdout, stdin_fd=None):
+        self.readline = readline
+        self.stdout = stdout
+        self.prompt = ""
+        self._lock = threading.Condition()  # notified when readline has drawn the prompt
+        self._editing = False  # the prompt is drawn and a line is being typed
+        self._drawing = False  # readline is drawing the prompt: a line printed now would land inside it
+        self._pending = []  # lines for the stdin thread to print between two keys
+        self._last_pause = 0.0  # when readline last called the input hook (or a prompt began)
+        self._closed = False
+        self._hooked = hasattr(readline, "set_pre_input_hook")  # libedit may lack it
+        self._saved_mode = _terminal_mode(stdin_fd)  # readline's mode would outlive us if we end mid-line
+        self._stdin_fd = stdin_fd
+        self._point = _readline_point(readline)
+        self._paused = _set_input_hook(self._on_readline_pause)
+        if self._hooked:
+            readline.set_pre_input_hook(self._on_prompt_drawn)
+
+    def read_line(self, prompt):
+        """Return the next line typed under prompt; raise EOFError at Ctrl+D. Runs on the stdin thread."""
+        with self._lock:
+            self.prompt = prompt
+            self._last_pause = time.monotonic()
+            if self._hooked:
+                self._drawing = True
+            else:
+                self._editing = True  # the best we can do: the prompt is about to be drawn
+        try:
+            return input(prompt)
+        except EOFError:
+            with self._lock:
+                self._write("\r\x1b[K")  # the empty prompt goes: what follows starts on a clean line
+            raise
+        finally:
+            with self._lock:
+                self._editing = self._drawing = False
+                self._print_pending()
+                self._lock.notify_all()
+
+    def _on_prompt_drawn(self):
+        """Runs on the stdin thread, inside input(), once readline has drawn the prompt."""
+        with self._lock:
+            self._editing, self._drawing = True, False
+            self._lock.notify_all()
+
+    def _on_readline_pause(self):
+        """Runs on the stdin thread, inside input(), between two keys: print what waits above the line."""
+        try:
+            with self._lock:
+                self._last_pause = time.monotonic()
+                if self._editing and self._pending and not self._closed:
+                    text, self._pending = "\n".join(self._pending), []
+                    self._print_above(text)
+        except Exception:  # a C callback cannot raise: the line is lost, the chat goes on
+            pass
+        return 0
+
+    def show(self, text):
+        """Print text (a line, or lines) above the input line, then draw the input line again. Any thread."""
+        with self._lock:
+            self._pending.append(text)
+            if self._paused is not None and (self._editing or self._drawing):
+                if time.monotonic() - self._last_pause < PAUSE_LATE_S:
+                    return  # the stdin thread prints it within 0.1 s
+            self._lock.wait_for(lambda: not self._drawing, PROMPT_DRAW_S)
+            text, self._pending = "\n".join(self._pending), []
+            self._print_above(text)
+
+    def _print_above(self, text):
+        """Print text above the input line and draw that line again; call with the lock held."""
+        if not self._editing:
+            self._write(text + "\n")
+            return
+        typed = self.readline.get_line_buffer()
+        point = len(typed) if self._point is None else self._point_in(typed, self._point.value)
+        columns = self._columns()
+        before, end = _width(self.prompt + typed[:point]), _width(self.prompt + typed)
+        # Up to the input line's first row, erase to the end of the screen, print, draw it
+        # again, and put the cursor back where readline has it.
+        self._write("\r" + _cursor_up(before // columns) + "\x1b[J" + text + "\n"
+                    + self.prompt + typed + _cursor_back(before, end, columns))
+
+    def _point_in(self, typed, offset):
+        """Return readline's cursor as an index into typed: rl_point counts bytes, not characters."""
+        encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+        try:
+            data = typed.encode(encoding, "surrogateescape")
+            return len(data[:max(0, offset)].decode(encoding, "ignore"))
+        except (LookupError, UnicodeError):
+            return len(typed)
+
+    def _columns(self):
+        """Return the terminal's width now (it may have been resized; COLUMNS may be stale)."""
+        try:
+            return max(1, os.get_terminal_size(self.stdout.fileno()).columns)
+        except (AttributeError, OSError, ValueError):
+            return max(1, shutil.get_terminal_size().columns)
+
+    def _print_pending(self):
+        """Print the queued lines as they are (no input line is shown); call with the lock held."""
+        if self._pending:
+            text, self._pending = "\n".join(self._pending), []
+            self._write(text + "\n")
+
+    def _write(self, data):
+        self.stdout.write(data)
+        self.stdout.flush()
+
+    def close(self):
+        """Clear the input line, print what waits, give the terminal back as it was.
+
+        The stdin thread may still be in input(), and stays there until the end.
+        """
+        with self._lock:
+            self._closed = True
+            try:
+                if self._editing:
+                    self._editing = False
+                    self._write("\r\x1b[K")
+                self._print_pending()
+            except (OSError, ValueError):
+                pass
+        _restore_terminal_mode(self._stdin_fd, self._saved_mode)
+
+
+_INPUT_HOOKS = []  # the C callbacks given to PyOS_InputHook: they must live as long as the process
+
+
+def _set_input_hook(function):
+    """Have readline call function() while it waits for keys in input(); return the hook, or None.
+
+    PyOS_InputHook is the C variable through which Tk keeps its windows alive at
+    the interactive prompt; readline calls it after each wait for input of at most
+    0.1 s. It is never unset (readline reads it twice, unlocked): a closed
+    TerminalScreen's hook does nothing.
+    """
+    try:
+        import ctypes
+        variable = ctypes.c_void_p.in_dll(ctypes.pythonapi, "PyOS_InputHook")
+        if variable.value:  # somebody else's (Tk's): leave it
+            return None
+        hook = ctypes.CFUNCTYPE(ctypes.c_int)(function)
+        _INPUT_HOOKS.append(hook)
+        variable.value = ctypes.cast(hook, ctypes.c_void_p).value
+        return hook
+    except (ImportError, AttributeError, OSError, ValueError):
+        return None
+
+
+def _readline_point(readline):
+    """Return readline's cursor position in the line (rl_point, through ctypes), or None where it cannot be had.
+
+    The readline module does not tell it; without it a line printed while the
+    cursor is in the middle of what was typed leaves the cursor at its end.
+    """
+    try:
+        import ctypes
+        return ctypes.c_int.in_dll(ctypes.CDLL(readline.__file__), "rl_point")
+    except (ImportError, AttributeError, OSError, ValueError):
+        return None
+
+
+def _cursor_up(rows):
+    return "\x1b[%dA" % rows if rows > 0 else ""
+
+
+def _cursor_back(here, end, columns):
+    """Return what moves the cursor from column `end` of the input line back to column `here`."""
+    wrap = " \r\x1b[K" if end and end % columns == 0 else ""  # off the right margin, as readline does
+    if here >= end:
+        return wrap
+    column = here % columns
+    return wrap + "\r" + _cursor_up(end // columns - here // columns) + ("\x1b[%dC" % column if column else "")
+
+
+def _width(text):
+    """Return the columns text takes on a terminal: two for wide characters, none for combining ones."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
+def _terminal_mode(fd):
+    """Return the terminal settings of fd (to put back later), or None where there is no termios."""
+    try:
+        import termios  # POSIX only
+        return termios.tcgetattr(fd)
+    except (ImportError, OSError, TypeError, ValueError):
+        return None
+
+
+def _restore_terminal_mode(fd, mode):
+    if mode is None:
+        return
+    try:
+        import termios
+        termios.tcsetattr(fd, termios.TCSADRAIN, mode)
+    except (ImportError, OSError, ValueError):
+        pass
+
+
+def terminal_screen(stdin, stdout):
+    """Return a TerminalScreen when stdin and stdout are terminals and readline exists, else None."""
+    try:
+        if not (stdin.isatty() and stdout.isatty()):
+            return None
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    try:
+        # Imported here, not at the top: importing it can write to stdout, and only a
+        # person at a terminal needs it.
+        import readline
+    except ImportError:
+        return None
+    return TerminalScreen(readline, stdout, fd)
+
+
+class TerminalTrust:
+    """The line client's answer when a server's certificate is new or changed (ChatConnection.trust).
+
+    A first contact is asked about while a person can answer at the terminal
+    (`ask`); a changed certificate is accepted only with --accept-new-certificate,
+    its warning printed all the same. Runs on the thread that connects: the main
+    thread, or the reader thread when reconnecting, when nobody is asked (the
+    stdin thread has the terminal then).
+    """
+
+    def __init__(self, ask=False, accept_new=False, stdin=None, stderr=None):
+        self.ask = ask
+        self.accept_new = accept_new
+        self.stdin = stdin or sys.stdin
+        self.stderr = stderr or sys.stderr
+        self.tell = None  # once the chat runs: tell(text) puts a warning among its lines
+        self.refused = None  # the last UntrustedCertificate said no to
+
+    def __call__(self, untrusted):
+        yes = self._answer(untrusted)
+        self.refused = None if yes else untrusted
+        return yes
+
+    def _answer(self, untrusted):
+        if untrusted.changed:
+            if self.accept_new:
+                self._say(untrusted.description() + "\nAccepting the new certificate on purpose "
+                          "(--accept-new-certificate).\n")
+            return self.accept_new
+        if not self.ask:
+            return False
+        self._say("The server at %s encrypts with a certificate this computer has not trusted yet.\n"
+                  "Its fingerprint (SHA-256) is:\n    %s\n"
+                  "Compare it with the one the server printed when it started (ask whoever runs it).\n"
+                  "Trust this server? [y/N] " % (untrusted.address, untrusted.fingerprint))
+        answer = self.stdin.readline()
+        return answer.strip().lower() in ("y", "yes")
+
+    def _say(self, text):
+        if self.tell is not None:
+            self.tell(text.rstrip("\n"))
+            return
+        self.stderr.write(text)
+        self.stderr.flush()
+
+
+def trust_hint(untrusted, interactive):
+    """Return what a person can do about a certificate the line client did not trust."""
+    if untrusted.changed:
+        return " If its owner really made a new certificate, run again with --accept-new-certificate."
+    if interactive:
+        return ""  # the person was asked, and said no
+    return (" Compare it with the fingerprint the server printed when it started and give it with "
+            "--fingerprint FP, or run the line client once in a terminal to be asked.")
+
+
 class TerminalClient:
     """Send each stdin line (piped lines that come together as one message), print each event as a line."""
 
     def __init__(self, host, port, name, stdin=None, stdout=None, identity=None, password=None,
-                 tls=False, fingerprint=None):
+                 tls=False, fingerprint=None, trust=None, screen=None):
         self.connection = ChatConnection(host, port, name, on_event=self._on_event, identity=identity,
-                                         reconnect=True, password=password, tls=tls, fingerprint=fingerprint)
+                                         reconnect=True, password=password, tls=tls, fingerprint=fingerprint,
+                                         trust=trust)
+        self.trust = trust
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
+        self.screen = screen  # a TerminalScreen: typed lines stay as typed, incoming ones go above them
+        self._typed = set()  # refs of messages shown as typed: their echo is not printed again
+        self._line_handled = threading.Event()  # the last typed line was handled: prompt for the next
         self.where = {"room": GENERAL_ROOM}  # where plain lines go: the last room joined
         self._inbox = queue.Queue()
         self._pending = set()  # refs of our messages not yet echoed
@@ -12481,6 +12951,9 @@ class TerminalClient:
     def run(self):
         """Connect and chat until input ends or the connection does; return the exit code."""
         self.connection.connect()
+        if self.trust is not None:  # from now on the stdin thread has the terminal, the main thread stdout
+            self.trust.ask = False
+            self.trust.tell = lambda text: self._inbox.put(("frame", {"type": "warning", "text": text}))
         self._print(clock(), "* Connected to %s." % self.connection.address)
         if self.connection.channel is not None:
             unsaved = self.connection.fingerprint_status == "unsaved"
@@ -12491,6 +12964,8 @@ class TerminalClient:
             return self._main_loop()
         finally:
             self.connection.close(say_bye=self.stdout_closed)
+            if self.screen is not None:
+                self.screen.close()
 
     def _on_event(self, frame):
         """Runs on the reader thread: hand the frame to the main thread."""
@@ -12498,9 +12973,25 @@ class TerminalClient:
 
     def _stdin_loop(self):
         """Runs on the stdin thread: hand each line to the main thread, then "eof"."""
-        for line in self.stdin:
-            self._inbox.put(("line", line.rstrip("\r\n")))
+        if self.screen is not None:
+            self._typed_lines()
+        else:
+            for line in self.stdin:
+                self._inbox.put(("line", line.rstrip("\r\n")))
         self._inbox.put(("eof", None))
+
+    def _typed_lines(self):
+        """Runs on the stdin thread: read lines with readline under a prompt naming where they go."""
+        while True:
+            where = self.where  # set by the main thread; read once for this prompt
+            self._line_handled.clear()
+            try:
+                line = self.screen.read_line("%s> " % (room_label(where["room"]) if "room" in where
+                                                       else where.get("to")))
+            except EOFError:
+                return
+            self._inbox.put(("line", line))
+            self._line_handled.wait(LINE_TURN_S)  # so that after /join the prompt names the new room
 
     def _main_loop(self):
         while True:
@@ -12515,6 +13006,7 @@ class TerminalClient:
                     return code
             elif kind == "line":
                 self._on_line(self._gather(value) if self._piped else value)
+                self._line_handled.set()
             elif self._leaving_since is None:
                 self._leaving_since = time.monotonic()
             if self.stdout_closed:
@@ -12564,6 +13056,8 @@ class TerminalClient:
                 self._next_ref += 1
                 value["ref"] = "%s-%d" % (self._ref_prefix, self._next_ref)
                 self._pending.add(value["ref"])
+                if self.screen is not None:  # it stays on the screen as typed, under its prompt
+                    self._typed.add(value["ref"])
             elif value["type"] == "join":  # what follows goes to the new room
                 self.where = {"room": value["room"]}
             elif value["type"] == "leave" and self.where.get("room") == value["room"]:
@@ -12580,16 +13074,22 @@ class TerminalClient:
         """Print one frame; return an exit code once the connection has ended."""
         kind = frame.get("type")
         if kind == "message":
-            if frame.get("from") == self.connection.name:
+            own = frame.get("from") == self.connection.name
+            if own:
                 self._pending.discard(frame.get("ref"))
-            self._print(clock(frame.get("ts")), message_line(frame))
+            if own and frame.get("ref") in self._typed:
+                self._typed.discard(frame.get("ref"))  # shown once: as it was typed
+            else:
+                self._print(clock(frame.get("ts")), message_line(frame))
         elif kind == "disconnected":
             if not frame.get("expected") and not self._bye_sent:
-                self._print(clock(), "! " + frame["text"])
+                refused = self.trust.refused if self.trust is not None else None
+                hint = trust_hint(refused, False) if refused and frame["text"] == str(refused) else ""
+                self._print(clock(), "! " + frame["text"] + hint)
                 return 1
             return 0 if not self._pending else 1
-        elif kind == "error":
-            self._print(clock(), "! " + notice_text(frame))
+        elif kind in ("error", "warning"):  # a warning: the trust hook's, from the reader thread
+            self._print(clock(), "! " + (frame.get("text") if kind == "warning" else notice_text(frame)))
         elif kind == "reconnecting" and frame.get("why") == self._last_why:
             self._print(clock(), "* Still no connection. Reconnecting in %g s..." % frame.get("delay", 0))
         elif kind not in ("bye", "synced"):
@@ -12605,6 +13105,9 @@ class TerminalClient:
         prefix = "[%s] " % stamp
         body = text.replace("\n", "\n" + " " * len(prefix))
         try:
+            if self.screen is not None:
+                self.screen.show(prefix + body)
+                return
             self.stdout.write(prefix + body + "\n")
             self.stdout.flush()
         except (BrokenPipeError, ValueError):  # ValueError: the file was closed
@@ -12647,24 +13150,29 @@ def run_cli(args):
     host, port = split_host_port(args.server) if args.server else server_from_discovery()
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a Windows console cannot show every character
-    password = os.environ.get("LOCALCHAT_PASSWORD")
+    interactive = sys.stdin.isatty()
+    trust = TerminalTrust(ask=interactive, accept_new=args.accept_new_certificate)
+    client = TerminalClient(host, port, args.name, identity=load_identity(),
+                            password=os.environ.get("LOCALCHAT_PASSWORD"), tls=args.tls,
+                            fingerprint=args.fingerprint, trust=trust,
+                            screen=terminal_screen(sys.stdin, sys.stdout))
     for attempt in range(3):
-        client = TerminalClient(host, port, args.name, identity=load_identity(), password=password,
-                                tls=args.tls, fingerprint=args.fingerprint)
         try:
             code = client.run()
             if client.stdout_closed:
                 _silence_stdout()  # else the flush at exit reports the broken pipe once more
             return code
+        except UntrustedCertificate as error:
+            raise UserError(str(error) + trust_hint(error, interactive)) from None
         except UserError as error:
-            if error.code not in ("password_required", "auth_failed") or not sys.stdin.isatty() or attempt == 2:
+            if error.code not in ("password_required", "auth_failed") or not interactive or attempt == 2:
                 if error.code == "password_required":
                     raise UserError("%s Set LOCALCHAT_PASSWORD, or run the client in a terminal to be asked."
                                     % error) from None
                 raise
             if error.code == "auth_failed":
                 sys.stderr.write("Wrong password.\n")
-            password = getpass.getpass("Password for %s: " % client.connection.address)
+            client.connection.password = getpass.getpass("Password for %s: " % client.connection.address)
     return 1
 
 
@@ -12710,6 +13218,9 @@ def build_parser():
     client.add_argument("--fingerprint", metavar="FP",
                         help="the server certificate's SHA-256 fingerprint, as its owner gave it: "
                         "anything else is refused")
+    client.add_argument("--accept-new-certificate", action="store_true",
+                        help="line client: the server's certificate has changed and you know why (its owner "
+                        "made a new one): accept the new one and remember it (the window asks instead)")
     client.add_argument("--cli", action="store_true", help="use the line client instead of the window")
     server = parser.add_argument_group("server options")
     server.add_argument("--host", help="the address to listen on (default %s: all of them)" % DEFAULT_HOST)
@@ -12752,7 +13263,7 @@ def check_args(parser, args):
     """Reject options that do not fit the mode; fill in defaults."""
     if args.name == "server":
         for option, value in (("--server", args.server), ("--cli", args.cli), ("--fingerprint", args.fingerprint),
-                              ("--discover", args.discover)):
+                              ("--discover", args.discover), ("--accept-new-certificate", args.accept_new_certificate)):
             if value:
                 parser.error("%s is a client option; see the server options in --help" % option)
         args.host = DEFAULT_HOST if args.host is None else args.host
@@ -12780,6 +13291,8 @@ def check_args(parser, args):
             ("--" + attribute.replace("_", "-"), getattr(args, attribute)) for attribute, _, _ in Limits.TABLE):
         if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)
+    if args.accept_new_certificate and not args.cli:
+        parser.error("--accept-new-certificate is for the line client (--cli): the window asks, with a button")
     if args.discover:
         return
     if args.name is None:

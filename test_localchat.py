@@ -12060,6 +12060,20 @@ class WindowTrustTests(unittest.TestCase):
         self.assertEqual(self.remembered(), {})
         self.assertEqual(self.server.hub.count(), 0)
 
+    def test_a_cancelled_certificate_question_is_no_dead_end(self):
+        # Bug (issue 13): after Cancel the window stayed a dead chat window.
+        self.start_tls_server()
+        window = self.open_window(connected=False)
+        self.dialog_of(window).cancel_button.invoke()
+        self.pump_until(lambda: window.banner.shown, "nothing offers a way on")
+        self.assertEqual(window.banner.button.cget("text"), "Reconnect")
+        window.trust_dialog = None
+        window.banner.button.invoke()
+        self.dialog_of(window).trust_button.invoke()
+        self.pump_until(lambda: window.connected, "Trust after Reconnect did not connect")
+        self.assertFalse(window.banner.shown)
+        self.assertEqual(self.remembered(), {self.address: self.fingerprint})
+
     def test_closing_the_window_while_it_asks_answers_no_and_ends_the_connecting_thread(self):
         self.start_tls_server()
         window = self.open_window(connected=False)

@@ -10705,8 +10705,9 @@ class Look:
         self.choice = theme if theme in ("system", "light", "dark") else "system"
         self.theme = self._resolve(self.choice)
         self.size = size if size in TEXT_SIZES else DEFAULT_TEXT_SIZE
-        family = tkinter.font.nametofont("TkDefaultFont", root=root).actual("family")
-        mono = tkinter.font.nametofont("TkFixedFont", root=root).actual("family")
+        # Font(name=..., exists=True), not nametofont(): its root= is Python 3.10's.
+        family = tkinter.font.Font(root=root, name="TkDefaultFont", exists=True).actual("family")
+        mono = tkinter.font.Font(root=root, name="TkFixedFont", exists=True).actual("family")
         def make(**options):
             name = "localchat%d" % next(self._numbers)
             root.tk.call("font", "create", name, *itertools.chain.from_iterable(

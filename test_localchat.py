@@ -5242,7 +5242,8 @@ STDLIB_FALLBACK = frozenset("""
     shlex shutil signal socket socketserver sqlite3 ssl stat statistics string struct subprocess sys
     sysconfig tempfile textwrap threading time timeit tkinter token tokenize traceback types typing
     unicodedata unittest urllib uuid warnings weakref winreg xml zipfile zlib
-""".split())
+    webbrowser pty termios tty readline
+""".split())  # the last line: what the window and the line client brought (seen failing under 3.8)
 
 
 def stdlib_module_names():

@@ -12,9 +12,19 @@ Usage:
     python3 bench/fanout.py --workload paced --clients 1000 --all-send
     python3 bench/fanout.py --workload idle --clients 5000
     python3 bench/fanout.py --workload paste      # 10 senders paste 17 x 30 KB into 100
-    python3 bench/fanout.py --all                 # the standard set, about 7-9 minutes
-    python3 bench/fanout.py --all --no-compare    # LocalChat only, about 4 minutes
+    python3 bench/fanout.py --all                 # the standard set, about 9-11 minutes
+    python3 bench/fanout.py --all --no-compare    # LocalChat only, about 5 minutes
     python3 bench/fanout.py --workload paced --clients 200 --senders 20 --profile /tmp/prof
+    python3 bench/fanout.py --irc --workload burst --clients 200,1000   # + LocalChat's IRC door
+    python3 bench/fanout.py --irc --workload burst --clients 200,1000 --repeat 3
+    python3 bench/fanout.py --servers localchat-irc,ngircd --workload burst --profile /tmp/prof
+
+Servers (--servers, in this order by default):
+    localchat       LocalChat with its own clients' protocol (JSON lines)
+    localchat-irc   the same server through its IRC door, driven by the IRC client code
+                    used for ngIRCd (IrcProto): with --irc, and in --all for burst and
+                    paced N=200 (the issue 11 target: burst CPU per delivery <= 1.5x ngIRCd's)
+    ngircd          ngIRCd, when installed
 
 Workloads:
     burst   S senders send as fast as the server takes them, each with at most
@@ -56,6 +66,7 @@ What is measured:
                      10 us below 100 ms, 1 ms above.
     cpu_us_per_delivery  server utime+stime (/proc/PID/stat) over the measured phase,
                      from "go" until every client received everything, / deliveries.
+                     server_user_s / server_sys_s: the two parts (Python vs the kernel).
     rss_kb_per_conn  server VmRSS after connecting and draining, minus before, / N.
     lost, duplicated, reordered   per receiver and sender, from the sequence numbers
                      in the text of every message (all of them, not a sample).
@@ -79,10 +90,18 @@ Windows on IRC: IRC does not echo a PRIVMSG to its sender, so a designated recei
 every sender's messages: a sender's window counts messages the witness has not seen.
 On LocalChat each sender's own echo confirms its messages.
 
+IRC on LocalChat: each client is auto-joined to #general on registration, then JOINs
+#bench like on ngIRCd; the handshake ends at the 366 (end of NAMES) of #bench, and only
+JOINs of #bench count as joined notices. No capability is asked for, so without
+echo-message a sender does not get its own message back (as on ngIRCd): N-1 recipients,
+and the witness confirms windows. LocalChat sends a text without spaces as a middle
+parameter ("PRIVMSG #bench b:1:2:3", no colon), which the parsers take as well.
+
 Targets (printed under "== targets" after the table; see render_targets):
     burst, paced, paste   0 dropped, 0 lost, 0 duplicated, order kept (flood control off
-                          except paste)
+                          except paste), for every server run, the IRC door included
     burst N=200, N=1000   LocalChat server CPU per delivery <= 1.3x ngIRCd's
+    burst N=200, N=1000   LocalChat's IRC door (localchat-irc): <= 1.5x ngIRCd's (issue 11)
     paced N=1000, all 1000 sending 1/s   p99 latency <= ngIRCd's, every message delivered
     idle N=5000           memory per connection no worse than 32-36 KiB (met at <= 36)
 
@@ -198,6 +217,7 @@ class Settings:
         self.idle_hold = kw.get("idle_hold", 5.0)
         self.profile_dir = kw.get("profile_dir")
         self.profile_rate = kw.get("profile_rate", 100)
+        self.profile_lines = kw.get("profile_lines", False)
         self.paste_messages = kw.get("paste_messages", PASTE_MESSAGES)
         self.paste_bytes = kw.get("paste_bytes", PASTE_BYTES)
         # LocalChat's flood control: off ("--messages-per-s 0 --kbytes-per-s 0") for the
@@ -246,13 +266,19 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def proc_cpu_s(pid):
     """utime+stime of pid (all threads) in seconds, or None when it is gone."""
+    split = proc_cpu_split(pid)
+    return None if split is None else split[0] + split[1]
+
+
+def proc_cpu_split(pid):
+    """(utime, stime) of pid (all threads) in seconds, or None when it is gone."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             data = f.read()
     except OSError:
         return None
     fields = data[data.rindex(")") + 2:].split()  # the name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def machine_busy_s():
@@ -375,15 +401,16 @@ class ServerProfiler:
     runs are marked "profiled": 1 and their numbers are not the clean ones.
     """
 
-    def __init__(self, pid, path, rate):
+    def __init__(self, pid, path, rate, lines=False):
         self.path = path
         self.proc = None
         exe = shutil.which("py-spy")
         if exe is None:
             raise RuntimeError("py-spy not found (pip install py-spy)")
+        # --function: one row per function; without it, per line (--profile-lines)
         self.proc = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--output", path, "--format", "raw",
-             "--function", "--gil", "--nonblocking", "--rate", str(rate)],
+            [exe, "record", "--pid", str(pid), "--output", path, "--format", "raw"]
+            + ([] if lines else ["--function"]) + ["--gil", "--nonblocking", "--rate", str(rate)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 
     def stop(self):
@@ -1852,7 +1879,8 @@ def run_one(s, server, log):
             profiler = start_profiler(s, server, res)
         res["rss_kb_at_go"] = proc_rss_kb(server.pid)
         rss_sampler = RssSampler(server.pid).start()
-        cpu_a = proc_cpu_s(server.pid)
+        split_a = proc_cpu_split(server.pid)
+        cpu_a = None if split_a is None else sum(split_a)
         busy_a = machine_busy_s()
         busy_t0 = time.time()
         go = busy_t0 + 0.2
@@ -1879,7 +1907,11 @@ def run_one(s, server, log):
             done.update(ctl.wait_all("done", time.time() + 10,
                                      [w for w in workers if w.wid not in done]))
         t_end = time.time()
-        cpu_b = proc_cpu_s(server.pid)
+        split_b = proc_cpu_split(server.pid)
+        cpu_b = None if split_b is None else sum(split_b)
+        if split_a is not None and split_b is not None:  # user: the server's own code; system: the kernel's
+            res["server_user_s"] = round(split_b[0] - split_a[0], 3)
+            res["server_sys_s"] = round(split_b[1] - split_a[1], 3)
         busy_b = machine_busy_s()
         rss_sampler.stop()
         res["rss_kb_peak"] = rss_sampler.peak_kb  # sampled VmRSS, measured phase only
@@ -1911,9 +1943,10 @@ def run_one(s, server, log):
 def start_profiler(s, server, res):
     path = os.path.join(s.profile_dir, "%s-%s-%d-%d.pyspy.txt" % (
         server.name, s.workload, s.clients, s.senders))
+    os.makedirs(s.profile_dir, exist_ok=True)
     res["profiled"] = 1
     res["profile_path"] = path
-    return ServerProfiler(server.pid, path, s.profile_rate)
+    return ServerProfiler(server.pid, path, s.profile_rate, s.profile_lines)
 
 
 def status_all(ctl, workers):
@@ -2061,6 +2094,8 @@ TABLE_ROWS = [
     ("read_lag_ms_p99", "load gen read lag p99 (ms)", "%.3f"),
     ("cpu_us_per_delivery", "server CPU us / delivery", "%.3f"),
     ("server_cpu_pct", "server CPU %", "%.1f"),
+    ("server_user_s", "server CPU user (s)", "%.2f"),
+    ("server_sys_s", "server CPU system (s)", "%.2f"),
     ("loadgen_cpu_pct", "load generator CPU %", "%.1f"),
     ("other_cpu_pct", "other CPU on machine %", "%.1f"),
     ("rss_kb_per_conn", "server RSS KiB / conn", "%.2f"),
@@ -2377,6 +2412,8 @@ def parse_args(argv):
                    help="sample the LocalChat server with py-spy during the measured phase; "
                         "raw stacks go to DIR, top functions are printed (numbers are perturbed)")
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--profile-lines", action="store_true",
+                   help="--profile per line of code instead of per function")
     p.add_argument("--quiet-machine-pct", type=float, default=25.0,
                    help="before each run, wait until other work uses less than this %% of a core")
     p.add_argument("--quiet-machine-wait", type=float, default=60.0,
@@ -2393,7 +2430,8 @@ def build_runs(a):
                   connect_timeout=a.connect_timeout, settle_timeout=a.settle_timeout,
                   quiet_ms=a.quiet_ms, idle_hold=a.idle_hold,
                   profile_dir=os.path.abspath(a.profile) if a.profile else None,
-                  profile_rate=a.profile_rate, paste_messages=a.paste_messages,
+                  profile_rate=a.profile_rate, profile_lines=a.profile_lines,
+                  paste_messages=a.paste_messages,
                   paste_bytes=a.paste_bytes)
     runs = []
     if a.all:

@@ -17,6 +17,7 @@ Usage:
     python3 bench/fanout.py --workload paced --clients 200 --senders 20 --profile /tmp/prof
     python3 bench/fanout.py --irc --workload burst --clients 200,1000   # + LocalChat's IRC door
     python3 bench/fanout.py --irc --workload burst --clients 200,1000 --repeat 3
+    python3 bench/fanout.py --ws --workload burst --clients 200,1000 --no-compare   # + the web door
     python3 bench/fanout.py --servers localchat-irc,ngircd --workload burst --profile /tmp/prof
 
 Servers (--servers, in this order by default):
@@ -24,6 +25,9 @@ Servers (--servers, in this order by default):
     localchat-irc   the same server through its IRC door, driven by the IRC client code
                     used for ngIRCd (IrcProto): with --irc, and in --all for burst and
                     paced N=200 (the issue 11 target: burst CPU per delivery <= 1.5x ngIRCd's)
+    localchat-ws    the same server through its web door: protocol v1 in WebSocket text
+                    messages at /ws, as the chat page speaks it (WebSocketProto); with --ws
+                    (the issue 10 target: burst CPU per delivery <= 1.3x JSON lines')
     ngircd          ngIRCd, when installed
 
 Workloads:
@@ -190,6 +194,7 @@ IRC_PIECE_BYTES = 400  # ":u1234!~u1234@127.0.0.1 PRIVMSG #bench :" + text + CRL
 # The issue's targets, printed beside the measured values (see render_targets).
 TARGET_CPU_RATIO = 1.3        # burst: LocalChat CPU per delivery at most 1.3x ngIRCd's
 TARGET_IRC_CPU_RATIO = 1.5    # burst: LocalChat's IRC door, same IRC client code, at most 1.5x ngIRCd's
+TARGET_WS_CPU_RATIO = 1.3     # burst: LocalChat's web door (WebSocket), at most 1.3x its JSON lines, same run
 TARGET_RSS_KB_PER_CONN = 36.0  # idle: memory per connection no worse than 32-36 KiB
 TARGET_RSS_KB_GOAL = 32.0
 RSS_SAMPLE_S = 0.05           # how often the server's VmRSS is sampled in the measured phase
@@ -225,6 +230,7 @@ class Settings:
         self.flood_defaults = kw.get("flood_defaults", self.workload == "paste")
         # also run LocalChat through its IRC door (server "localchat-irc"); see servers_for
         self.irc = kw.get("irc", False)
+        self.ws = kw.get("ws", False)  # also LocalChat through its web door (server "localchat-ws")
         self.run_no = kw.get("run_no", 1)  # --repeat: which run of how many
         self.runs = kw.get("runs", 1)
 
@@ -622,6 +628,15 @@ class LocalChatIrcServer(LocalChatServer):
     irc_server = "localchat"  # IRC_SERVER in localchat.py
 
 
+class LocalChatWebSocketServer(LocalChatServer):
+    """The same LocalChat server, driven through its web door: protocol v1 over WebSocket at /ws,
+    as the chat page speaks it (WebSocketProto). Issue 10's target: server CPU per delivery at
+    most 1.3x that of JSON lines, in the same run."""
+
+    name = "localchat-ws"
+    protocol = "ws"
+
+
 NGIRCD_CONF = """\
 [Global]
     Name = bench.localhost
@@ -912,7 +927,77 @@ class IrcProto:
         return self.NUMERIC_ERR_RE.findall(block)
 
 
+class WebSocketProto(LocalChatProto):
+    """LocalChat's protocol as the web page speaks it: one JSON frame per WebSocket text message at /ws.
+
+    The client's frames are masked (RFC 6455 requires it) with a zero key, which a
+    server must unmask all the same; the server's frames are unwrapped here into the
+    JSON lines the rest of the load process reads, so counting is the JSON mode's.
+    """
+
+    name = "ws"
+
+    def hello(self, name):
+        upgrade = (b"GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" % HOST.encode())
+        return upgrade + self.frame(LocalChatProto.hello(self, name))
+
+    def say(self, text):
+        return self.frame(LocalChatProto.say(self, text))
+
+    def pong(self):
+        return self.frame(LocalChatProto.pong(self))
+
+    def bye(self):
+        return self.frame(LocalChatProto.bye(self))
+
+    @staticmethod
+    def frame(line):
+        """A masked text frame (zero mask key) of one JSON line, its newline left out."""
+        payload = line.rstrip(b"\n")
+        n = len(payload)
+        if n < 126:
+            head = bytes([0x81, 0x80 | n])
+        elif n < 1 << 16:
+            head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
+        return head + b"\0\0\0\0" + payload
+
+    def decode(self, c, data):
+        """Unwrap the server's bytes into JSON lines: the 101 response first, then WebSocket frames."""
+        buf = c.ws_buf + data if c.ws_buf else data
+        if not c.ws_open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                c.ws_buf = buf
+                return b""
+            if not buf.startswith(b"HTTP/1.1 101"):
+                return b'{"type":"error","code":"ws_refused","text":"%s"}\n' % buf[:60].replace(b'"', b"'")
+            buf, c.ws_open = buf[end + 4:], True
+        out, i, n = [], 0, len(buf)
+        while n - i >= 2:
+            size, head = buf[i + 1] & 0x7F, 2
+            if size == 126:
+                if n - i < 4:
+                    break
+                size, head = int.from_bytes(buf[i + 2:i + 4], "big"), 4
+            elif size == 127:
+                if n - i < 10:
+                    break
+                size, head = int.from_bytes(buf[i + 2:i + 10], "big"), 10
+            if n - i < head + size:
+                break
+            if buf[i] & 0x0F == 1:  # text: one JSON frame; control frames are the server's own business
+                out.append(buf[i + head:i + head + size])
+            i += head + size
+        c.ws_buf = buf[i:]
+        return b"\n".join(out) + b"\n" if out else b""
+
+
 def make_proto(name, irc_server=None):
+    if name == "ws":
+        return WebSocketProto()
     return LocalChatProto() if name == "localchat" else IrcProto(irc_server or "bench.localhost")
 
 
@@ -939,7 +1024,7 @@ MAX_BUFFER = 1 << 20  # a partial line longer than this is an error
 
 class Client:
     __slots__ = ("idx", "key", "name", "sock", "state", "buf", "out", "writing", "next_seq", "missing",
-                 "last_id", "confirms", "sent", "acked", "welcomed_at", "started_at", "unique")
+                 "last_id", "confirms", "sent", "acked", "welcomed_at", "started_at", "unique", "ws_buf", "ws_open")
 
     def __init__(self, idx):
         self.idx = idx
@@ -959,6 +1044,8 @@ class Client:
         self.welcomed_at = 0.0
         self.started_at = 0.0
         self.unique = 0  # messages received, duplicates not counted
+        self.ws_buf = b""  # WebSocketProto: the server's bytes not yet unwrapped
+        self.ws_open = False  # ... and whether its 101 response has come
 
 
 class LoadWorker:
@@ -1194,6 +1281,11 @@ class LoadWorker:
                     arrival = sec + nsec * 1e-9
         self.rx_bytes += len(data)
         self.last_rx = now
+        decode = getattr(self.proto, "decode", None)
+        if decode is not None:  # WebSocket frames into JSON lines
+            data = decode(c, data)
+            if not data:
+                return
         if c.buf:
             data = c.buf + data
         end = data.rfind(b"\n")
@@ -1997,7 +2089,7 @@ def summarize(res, notes, s, server, go, t_end, cpu_a, cpu_b, sent, done):
             res["status"] = "incomplete"
         notes.extend(e.get("errors", [])[:3])
     messages = sum(sent.values())
-    recipients = s.clients if server.protocol == "localchat" else s.clients - 1
+    recipients = s.clients if server.protocol in ("localchat", "ws") else s.clients - 1
     deliveries = counts.get("unique", 0)
     span = (last_rx - go) if last_rx > go else None
     wall = t_end - go
@@ -2196,6 +2288,8 @@ def render_targets(results, label_of):
       burst N=200 and N=1000: LocalChat's server CPU per delivery at most 1.3x ngIRCd's;
       burst N=200 and N=1000, IRC door (issue 11): LocalChat driven by the IRC client code,
           server CPU per delivery at most 1.5x ngIRCd's in the same run;
+      burst, web door (issue 10, with --ws): LocalChat over WebSocket, server CPU per delivery
+          at most 1.3x LocalChat over JSON lines in the same run;
       paced N=1000, all 1000 sending 1/s: p99 latency at most ngIRCd's, all delivered;
       idle N=5000: memory per connection no worse than 32-36 KiB (met at <= 36).
     """
@@ -2203,6 +2297,7 @@ def render_targets(results, label_of):
     for lab, rs in group_results(results, label_of):
         lc = next((r for r in rs if r["server"] == "localchat"), None)
         li = next((r for r in rs if r["server"] == "localchat-irc"), None)
+        lw = next((r for r in rs if r["server"] == "localchat-ws"), None)
         ng = next((r for r in rs if r["server"] == "ngircd"), None)
         first = rs[0]
         workload, n, senders = first.get("workload"), first.get("clients"), first.get("senders")
@@ -2249,6 +2344,16 @@ def render_targets(results, label_of):
                     out.append("  IRC door, server CPU / delivery: LocalChat over IRC %s us, ngIRCd %s us; "
                                "target <= %.1fx ngIRCd: not measured (needs both servers)%s" % (
                                    fmt(c, "%.3f"), fmt(b, "%.3f"), TARGET_IRC_CPU_RATIO, where))
+            if lw is not None:
+                w = lw.get("cpu_us_per_delivery")
+                if w is not None and a:
+                    out.append("  web door, server CPU / delivery: LocalChat over WebSocket %.3f us, over JSON "
+                               "lines %.3f us, ratio %.2fx; target <= %.1fx JSON lines: %s" % (
+                                   w, a, w / a, TARGET_WS_CPU_RATIO, met(w / a <= TARGET_WS_CPU_RATIO)))
+                else:
+                    out.append("  web door, server CPU / delivery: LocalChat over WebSocket %s us, over JSON "
+                               "lines %s us; target <= %.1fx JSON lines: not measured" % (
+                                   fmt(w, "%.3f"), fmt(a, "%.3f"), TARGET_WS_CPU_RATIO))
         if workload == "paced":
             a = lc.get("latency_ms_p99") if lc else None
             b = ng.get("latency_ms_p99") if ng else None
@@ -2398,6 +2503,9 @@ def parse_args(argv):
                    help="also run LocalChat through its IRC door with the IRC client code used for "
                         "ngIRCd (--all does this for burst and paced N=200)")
     p.add_argument("--no-irc", action="store_true", help="never run LocalChat through its IRC door")
+    p.add_argument("--ws", action="store_true",
+                   help="also run LocalChat through its web door: protocol v1 over WebSocket, as the "
+                        "chat page speaks it (issue 10: at most 1.3x the server CPU of JSON lines)")
     p.add_argument("--servers", default=None,
                    help="exactly these, comma-separated, in this order: localchat (JSON lines), "
                         "localchat-irc (its IRC door), ngircd")
@@ -2455,11 +2563,11 @@ def build_runs(a):
         duration = a.duration if a.duration is not None else (10.0 if a.workload == "burst" else 20.0)
         runs.append(Settings(**dict(common, workload=a.workload, clients=n,
                                     senders=min(senders, n), duration=duration,
-                                    irc=a.irc and not a.no_irc)))
+                                    irc=a.irc and not a.no_irc, ws=a.ws)))
     return runs
 
 
-SERVER_NAMES = ("localchat", "localchat-irc", "ngircd")
+SERVER_NAMES = ("localchat", "localchat-ws", "localchat-irc", "ngircd")
 
 
 def servers_for(a, s):
@@ -2473,6 +2581,8 @@ def servers_for(a, s):
         names = []
         if not a.only_compare:
             names.append("localchat")
+            if s.ws:
+                names.append("localchat-ws")
             if s.irc:
                 names.append("localchat-irc")
         if not a.no_compare and a.compare.lower() != "none":
@@ -2483,6 +2593,10 @@ def servers_for(a, s):
             out.append((name, lambda s: LocalChatServer(a.localchat, a.python, extra,
                                                         flood_off=not s.flood_defaults,
                                                         log_leaves=s.workload == "paste")))
+        elif name == "localchat-ws":
+            out.append((name, lambda s: LocalChatWebSocketServer(a.localchat, a.python, extra,
+                                                                 flood_off=not s.flood_defaults,
+                                                                 log_leaves=s.workload == "paste")))
         elif name == "localchat-irc":
             out.append((name, lambda s: LocalChatIrcServer(a.localchat, a.python, extra,
                                                            flood_off=not s.flood_defaults,

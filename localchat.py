@@ -921,7 +921,7 @@ class User:
     """
 
     __slots__ = ("name", "key", "rooms", "away", "identity", "resume_token", "lost_at", "flood", "address",
-                 "conn", "seat")
+                 "conn", "seat", "echoes")
 
     def __init__(self, name, conn, address=None):
         self.name = name
@@ -935,6 +935,7 @@ class User:
         self.address = address  # the peer's IP address, for bans by address
         self.conn = conn
         self.seat = Seat(self)  # what the connection that holds this user passes to the hub
+        self.echoes = True  # gets its own room messages back (an IRC client without echo-message does not)
 
 
 class Seat:
@@ -1034,7 +1035,8 @@ class ChatHub:
 
     # -- arriving and leaving ------------------------------------------------------
 
-    def join(self, conn, name, identity=None, resume=None, last_id=None, rooms=None, address=None, reclaim=False):
+    def join(self, conn, name, identity=None, resume=None, last_id=None, rooms=None, address=None, reclaim=False,
+             echo=True):
         """Admit a connection under `name`; return its Seat. Raises ProtocolError.
 
         Welcomes it, replays history, tells the others. `resume` is the token of a
@@ -1042,14 +1044,17 @@ class ChatHub:
         within its grace period), conn takes its place silently and gets what it
         missed after `last_id`. With `reclaim` (a door with no resume token: IRC), a
         user lost within its grace period is taken back from the same address.
-        Otherwise `rooms` are the rooms to rejoin (after a server restart). The history is read without the lock: meanwhile what the
-        hub delivers to this user waits in a _Holding, so nothing comes out of order.
+        Otherwise `rooms` are the rooms to rejoin (after a server restart). `echo`
+        False: the user's own room messages are not sent back to it (set_echo()).
+        The history is read without the lock: meanwhile what the hub delivers to
+        this user waits in a _Holding, so nothing comes out of order.
         """
         check_name(name)
         if not isinstance(last_id, int) or isinstance(last_id, bool):
             last_id = None
         with self.lock:
             user, holding = self._admit_locked(conn, name, identity, resume, last_id, rooms, address, reclaim)
+            user.echoes = echo
             upto = self._next_id - 1
         try:
             self._read_pages(holding, upto)
@@ -1167,6 +1172,9 @@ class ChatHub:
             if isinstance(item, _Page):
                 for fields in item.fields:
                     conn.deliver_locked(_replayed(fields))
+                shown = getattr(conn, "history_shown_locked", None)  # a door that marks where history ends
+                if item.fields and shown is not None:
+                    shown()
             elif not item.withdrawn:
                 conn.deliver_locked(item)
         if user.conn is holding:  # else another connection took the user over meanwhile
@@ -1350,6 +1358,13 @@ class ChatHub:
             user.conn.deliver_locked(event)
             guest.conn.deliver_locked(event)
 
+    def set_echo(self, seat, on):
+        """Send the user its own room messages back, or not (IRC's echo-message, asked for late)."""
+        with self.lock:
+            user = self._seated(seat)
+            if user is not None:
+                user.echoes = on
+
     def has_room(self, room_name):
         """Return True if somebody is in a room by that name now."""
         with self.lock:
@@ -1407,7 +1422,7 @@ class ChatHub:
             event = Event(fields)
             if to is None:
                 self.store.add_message(fields, token=(event, user))
-                self._deliver_to_room(target, event)
+                self._deliver_to_room(target, event, skip=None if user.echoes else user)
                 return
             live = not fields.get("queued")
             self.store.add_message(fields, user.identity, to_identity, delivered=live, token=(event, user))
@@ -1603,9 +1618,14 @@ class ChatHub:
         audience.pop(user.key, None)
         return list(audience.values())
 
-    def _deliver_to_room(self, room, event):
+    def _deliver_to_room(self, room, event, skip=None):
+        if skip is None:  # the hot path: one call per recipient and nothing else
+            for user in room.members.values():
+                user.conn.deliver_locked(event)
+            return
         for user in room.members.values():
-            user.conn.deliver_locked(event)
+            if user is not skip:
+                user.conn.deliver_locked(event)
 
     def _deliver_to_all(self, event):
         for user in self._users.values():
@@ -6721,6 +6741,7 @@ class Door:
     retries_hello = False   # a refused name is asked for again instead of ending the connection
     reclaims = False        # with no resume token, a lost user's name is taken back from the same address
     answers_pings = True    # the peer answers pings; a person at nc does not, and silence is no fault
+    echo = True             # the peer gets its own room messages back (IRC without echo-message: no)
 
     @staticmethod
     def claims(first):
@@ -6803,16 +6824,50 @@ class DoorReceiver:
     hub's lock held); the door decides what each event becomes for this connection.
     """
 
-    __slots__ = ("outbox", "door")
+    __slots__ = ("outbox", "door", "encoder")
 
-    def __init__(self, outbox, door):
+    def __init__(self, outbox, door, encoder=None):
         self.outbox, self.door = outbox, door
+        self.encoder = encoder  # an encoder shared by the door's connections, for IrcReceiver's fast path
 
     def deliver_locked(self, event):
         self.door.deliver_locked(self.outbox, event)
 
     def close_locked(self, hangup=True):
         self.outbox.close_locked(hangup)
+
+    def history_shown_locked(self):
+        """The hub has delivered a page of replayed history (the hub's lock held)."""
+        shown = getattr(self.door, "history_shown_locked", None)
+        if shown is not None:
+            shown(self.outbox)
+
+
+class IrcReceiver(DoorReceiver):
+    """The IRC door's receiver: what reads the same for every IRC client goes straight to the outbox.
+
+    A chat message in a room is most of what a server sends: it takes one call and one
+    lookup of its bytes, encoded once for every IRC connection, as Outbox.deliver_locked
+    does for JSON lines. What the encoder leaves empty goes to the door.
+    """
+
+    __slots__ = ()
+
+    def deliver_locked(self, event):
+        data = event.by_encoder.get(self.encoder)
+        if data is None:
+            data = event.encoded(self.encoder)
+        if not data:
+            self.door.deliver_locked(self.outbox, event)
+            return
+        outbox = self.outbox
+        if outbox.closing or outbox.failed:
+            return
+        outbox.chunks.append(data)
+        outbox.writer.queued_bytes += len(data)
+        if not outbox.queued:
+            outbox.queued = True
+            outbox.writer.note_locked(outbox)
 
 
 # -- IRC: the client protocol of RFC 1459/2812, with IRCv3 capability negotiation --
@@ -6926,7 +6981,22 @@ _IRC_SHARED = {
 }
 
 
+# What every IRC client gets the same bytes of, encoded once: IrcReceiver's fast path. The rest
+# (replays, direct messages, leavings and renames, which the door keeps track of) goes through
+# IrcDoor.deliver_locked, for each connection.
+_IRC_FAST = frozenset(["message", "joined", "topic", "notice"])
+
+
 def _irc_shared(fields, timed):
+    """Return the event's lines, or b"" for what each connection renders itself (see _IRC_FAST)."""
+    kind = fields["type"]
+    if kind not in _IRC_FAST or fields.get("replay") or fields.get("to") is not None or (
+            kind == "topic" and not fields.get("by")):
+        return b""
+    return _irc_lines(fields, timed)
+
+
+def _irc_lines(fields, timed):
     lines = _IRC_SHARED[fields["type"]](fields)
     if timed and lines and fields.get("ts"):
         tag = ("@time=%s " % _irc_time(fields["ts"])).encode("ascii")
@@ -6988,6 +7058,7 @@ class IrcDoor(Door):
         self.capping = False  # CAP LS or REQ came: registration waits for CAP END
         self.caps = set()
         self.encoder = irc_encode
+        self._receiver = None  # the IrcReceiver, once registered
         self.channels = {}  # room key -> room name, for JOIN 0 and our own PARTs
         self.registered = False
         self._asking = None  # (command, argument) whose answer the hub is about to deliver
@@ -6999,7 +7070,12 @@ class IrcDoor(Door):
         self.session = session
 
     def receiver(self, outbox):
-        return DoorReceiver(outbox, self)
+        self._receiver = IrcReceiver(outbox, self, self.encoder)
+        return self._receiver
+
+    @property
+    def echo(self):
+        return "echo-message" in self.caps
 
     # -- reading -------------------------------------------------------------------
 
@@ -7127,6 +7203,9 @@ class IrcDoor(Door):
             else:
                 self.caps.add(cap)
         self.encoder = irc_encode_timed if "server-time" in self.caps else irc_encode
+        if self._receiver is not None:  # asked for after registering
+            self._receiver.encoder = self.encoder
+            self.session.hub.set_echo(self.session.seat, self.echo)
         self._send(irc_line(IRC_SERVER, "CAP", self.nick, "ACK", wanted))
 
     def irc_PASS(self, params):
@@ -7426,38 +7505,38 @@ class IrcDoor(Door):
     # -- what the hub delivers (with the hub's lock held) ---------------------------
 
     def deliver_locked(self, outbox, event):
+        """What IrcReceiver's fast path leaves: each connection's own (the hub's lock held)."""
         fields = event.fields
         kind = fields["type"]
-        data = b""
-        if self._replaying is not None and not fields.get("replay"):
-            data = self._replay_end()
-        if kind in _IRC_SHARED and not fields.get("replay") and (kind != "topic" or fields.get("by")):
-            data += self._shared_locked(outbox, event, fields, kind) or b""
+        if fields.get("replay") or kind not in _IRC_SHARED or (kind == "topic" and not fields.get("by")):
+            data = self.encode_own(fields)  # a reply, or history
+        elif kind == "away":
+            data = self._away_locked(fields)
+        elif kind == "message":  # a direct message
+            data = self._direct_locked(fields)
         else:
-            data += self.encode_own(fields)
+            if kind == "renamed" and fields["old"] == self.me:
+                self.me, self.nick = fields["name"], irc_nick(fields["name"])
+            if kind == "left" and fields.get("room") and fields["name"] == self.me:
+                self.channels.pop(name_key(fields["room"]), None)
+            data = _irc_lines(fields, "server-time" in self.caps)
         if data:
             outbox.push_locked(data)
 
-    def _replay_end(self):
-        """Return the NOTICE that ends a room's replayed messages (clients that ignore server-time show
-        them at the time they arrive: the notices tell history from what is said now)."""
-        channel, self._replaying = self._replaying, None
-        return irc_line(IRC_SERVER, "NOTICE", channel, "End of the messages said before you came.")
+    def _direct_locked(self, fields):
+        """A direct message: its line, or for its sender the echo (if asked for) and 301 if it waits."""
+        if fields["from"] != self.me:
+            return _irc_lines(fields, "server-time" in self.caps)
+        away = b"" if fields.get("away") is None or fields.get("notice") else self._numeric(
+            "301", irc_nick(fields["to"]), fields["away"])  # the answer a message to somebody away gets
+        return away + (_irc_lines(fields, "server-time" in self.caps) if self.echo else b"")
 
-    def _shared_locked(self, outbox, event, fields, kind):
-        """Return the bytes all IRC clients share for this event (encoded once), after our own bookkeeping."""
-        me = self.me
-        if kind == "message" and fields["from"] == me:
-            away = b"" if fields.get("away") is None or fields.get("notice") else self._numeric(
-                "301", irc_nick(fields["to"]), fields["away"])  # the answer a message to somebody away gets
-            return away + (event.encoded(self.encoder) if "echo-message" in self.caps else b"")
-        if kind == "away":
-            return self._away_locked(fields)
-        if kind == "renamed" and fields["old"] == me:
-            self.me, self.nick = fields["name"], irc_nick(fields["name"])
-        if kind == "left" and fields.get("room") and fields["name"] == me:
-            self.channels.pop(name_key(fields["room"]), None)
-        return event.encoded(self.encoder)
+    def history_shown_locked(self, outbox):
+        """A page of replayed history is all out: end it with a notice (clients that ignore server-time
+        show it at the time it arrives: the notices tell history from what is said now)."""
+        if self._replaying is not None:
+            channel, self._replaying = self._replaying, None
+            outbox.push_locked(irc_line(IRC_SERVER, "NOTICE", channel, "End of the messages said before you came."))
 
     def _away_locked(self, fields):
         if fields["name"] != self.me:
@@ -7475,7 +7554,6 @@ class IrcDoor(Door):
         target = _irc_target(fields) if fields.get("room") else self.nick
         data = b""
         if self._replaying != target:
-            data = self._replay_end() if self._replaying is not None else b""
             self._replaying = target
             data += irc_line(IRC_SERVER, "NOTICE", target, "Messages said before you came, with the times "
                              "they were said:" if fields.get("room") else "Messages that waited for you:")
@@ -7991,7 +8069,7 @@ class WebDoor(Door):
     def __init__(self):
         self.session = None
         self.reader = None  # the WebSocketReader, after the upgrade
-        self.echo = False  # /ws/echo (--diagnostics): messages come back as they are
+        self.echo_endpoint = False  # /ws/echo (--diagnostics): messages come back as they are
         self.requests = 0
         self.receiving = False  # part of a request has come (a timeout then gets 408)
 
@@ -8090,7 +8168,7 @@ class WebDoor(Door):
                                 "text/plain; charset=utf-8", True)
             return [{"type": "bye"}]
         self.session.outbox.put(_http_head(101, answer.headers))
-        self.reader, self.echo = WebSocketReader(), echo
+        self.reader, self.echo_endpoint = WebSocketReader(), echo
         self.session.extend_hello(WS_ECHO_TIMEOUT_S if echo else self.session.server.hello_timeout)
         return []
 
@@ -8100,9 +8178,9 @@ class WebDoor(Door):
         for event in self.reader.feed(data):
             if event.reply:
                 self.session.outbox.put(event.reply)
-            if event.kind == "text" and not self.echo:
+            if event.kind == "text" and not self.echo_endpoint:
                 found.append(self._parsed(event.data))
-            elif event.kind in ("text", "binary") and self.echo:
+            elif event.kind in ("text", "binary") and self.echo_endpoint:
                 opcode = WS_OP_TEXT if event.kind == "text" else WS_OP_BINARY
                 self.session.outbox.put(websocket_frame(opcode, event.data.encode("utf-8") if event.kind == "text"
                                                         else event.data))
@@ -8135,7 +8213,7 @@ class WebDoor(Door):
             if fields.get("code") == "tls_required":  # http:// on a TLS server
                 return _http_error(400, fields.get("text", ""))
             return b""
-        if self.reader.closing or self.echo:
+        if self.reader.closing or self.echo_endpoint:
             return b""  # nothing may follow our close frame
         if fields.get("type") == "bye" or fields.get("fatal"):
             self.reader.closing = True
@@ -8430,7 +8508,7 @@ class Session(socketserver.BaseRequestHandler):
                 resume=self._short_field(frame, "resume"),
                 last_id=frame_field(frame, "last_id", int, required=False),
                 rooms=frame_field(frame, "rooms", list, required=False),
-                reclaim=self.door.reclaims,
+                reclaim=self.door.reclaims, echo=self.door.echo,
             )
         except ProtocolError as error:
             # A refused hello ends the connection, unless the door asks a person for another name.

@@ -2962,6 +2962,10 @@ class IrcDoorTests(DoorContract, IrcTestsBase, unittest.TestCase):
         second, _ = echoing.read_until(is_irc("PRIVMSG"))
         self.assertEqual([(first.nick, first.params[1]), (second.nick, second.params[1])],
                          [("plain", "from plain"), ("echoing", "from echoing")])
+        plain.send("CAP REQ :echo-message")  # asked for after registering: from now on
+        plain.read_until(is_irc("CAP", "plain", "ACK"))
+        plain.send("PRIVMSG #general :now echoed")
+        self.assertEqual(plain.read_until(is_irc("PRIVMSG"))[0].params[1], "now echoed")
 
     def test_joining_replays_history_with_server_time_or_the_time_in_the_text(self):
         self.start_server(hub=unlimited_hub())

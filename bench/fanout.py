@@ -12,9 +12,23 @@ Usage:
     python3 bench/fanout.py --workload paced --clients 1000 --all-send
     python3 bench/fanout.py --workload idle --clients 5000
     python3 bench/fanout.py --workload paste      # 10 senders paste 17 x 30 KB into 100
-    python3 bench/fanout.py --all                 # the standard set, about 7-9 minutes
-    python3 bench/fanout.py --all --no-compare    # LocalChat only, about 4 minutes
+    python3 bench/fanout.py --all                 # the standard set, about 9-11 minutes
+    python3 bench/fanout.py --all --no-compare    # LocalChat only, about 5 minutes
     python3 bench/fanout.py --workload paced --clients 200 --senders 20 --profile /tmp/prof
+    python3 bench/fanout.py --irc --workload burst --clients 200,1000   # + LocalChat's IRC door
+    python3 bench/fanout.py --irc --workload burst --clients 200,1000 --repeat 3
+    python3 bench/fanout.py --ws --workload burst --clients 200,1000 --no-compare   # + the web door
+    python3 bench/fanout.py --servers localchat-irc,ngircd --workload burst --profile /tmp/prof
+
+Servers (--servers, in this order by default):
+    localchat       LocalChat with its own clients' protocol (JSON lines)
+    localchat-irc   the same server through its IRC door, driven by the IRC client code
+                    used for ngIRCd (IrcProto): with --irc, and in --all for burst and
+                    paced N=200 (the issue 11 target: burst CPU per delivery <= 1.5x ngIRCd's)
+    localchat-ws    the same server through its web door: protocol v1 in WebSocket text
+                    messages at /ws, as the chat page speaks it (WebSocketProto); with --ws
+                    (the issue 10 target: burst CPU per delivery <= 1.3x JSON lines')
+    ngircd          ngIRCd, when installed
 
 Workloads:
     burst   S senders send as fast as the server takes them, each with at most
@@ -56,6 +70,7 @@ What is measured:
                      10 us below 100 ms, 1 ms above.
     cpu_us_per_delivery  server utime+stime (/proc/PID/stat) over the measured phase,
                      from "go" until every client received everything, / deliveries.
+                     server_user_s / server_sys_s: the two parts (Python vs the kernel).
     rss_kb_per_conn  server VmRSS after connecting and draining, minus before, / N.
     lost, duplicated, reordered   per receiver and sender, from the sequence numbers
                      in the text of every message (all of them, not a sample).
@@ -79,10 +94,18 @@ Windows on IRC: IRC does not echo a PRIVMSG to its sender, so a designated recei
 every sender's messages: a sender's window counts messages the witness has not seen.
 On LocalChat each sender's own echo confirms its messages.
 
+IRC on LocalChat: each client is auto-joined to #general on registration, then JOINs
+#bench like on ngIRCd; the handshake ends at the 366 (end of NAMES) of #bench, and only
+JOINs of #bench count as joined notices. No capability is asked for, so without
+echo-message a sender does not get its own message back (as on ngIRCd): N-1 recipients,
+and the witness confirms windows. LocalChat sends a text without spaces as a middle
+parameter ("PRIVMSG #bench b:1:2:3", no colon), which the parsers take as well.
+
 Targets (printed under "== targets" after the table; see render_targets):
     burst, paced, paste   0 dropped, 0 lost, 0 duplicated, order kept (flood control off
-                          except paste)
+                          except paste), for every server run, the IRC door included
     burst N=200, N=1000   LocalChat server CPU per delivery <= 1.3x ngIRCd's
+    burst N=200, N=1000   LocalChat's IRC door (localchat-irc): <= 1.5x ngIRCd's (issue 11)
     paced N=1000, all 1000 sending 1/s   p99 latency <= ngIRCd's, every message delivered
     idle N=5000           memory per connection no worse than 32-36 KiB (met at <= 36)
 
@@ -147,11 +170,12 @@ def hist_add(hist, us, weight=1):
         hist[i if i < HIST_N else HIST_N] += weight
 
 
-# The standard set run by --all: (workload, clients, senders, extra settings).
+# The standard set run by --all: (workload, clients, senders, extra settings). "irc": also
+# LocalChat through its IRC door with the IRC client code (the issue 11 target is burst's).
 STANDARD_SET = [
-    ("burst", 200, 10, {}),
-    ("burst", 1000, 10, {}),
-    ("paced", 200, 20, {}),
+    ("burst", 200, 10, {"irc": True}),
+    ("burst", 1000, 10, {"irc": True}),
+    ("paced", 200, 20, {"irc": True}),
     ("paced", 1000, 100, {}),
     ("paced", 1000, 1000, {"duration": 10.0}),
     ("idle", 5000, 0, {}),
@@ -169,6 +193,8 @@ IRC_PIECE_BYTES = 400  # ":u1234!~u1234@127.0.0.1 PRIVMSG #bench :" + text + CRL
 
 # The issue's targets, printed beside the measured values (see render_targets).
 TARGET_CPU_RATIO = 1.3        # burst: LocalChat CPU per delivery at most 1.3x ngIRCd's
+TARGET_IRC_CPU_RATIO = 1.5    # burst: LocalChat's IRC door, same IRC client code, at most 1.5x ngIRCd's
+TARGET_WS_CPU_RATIO = 1.3     # burst: LocalChat's web door (WebSocket), at most 1.3x its JSON lines, same run
 TARGET_RSS_KB_PER_CONN = 36.0  # idle: memory per connection no worse than 32-36 KiB
 TARGET_RSS_KB_GOAL = 32.0
 RSS_SAMPLE_S = 0.05           # how often the server's VmRSS is sampled in the measured phase
@@ -196,16 +222,26 @@ class Settings:
         self.idle_hold = kw.get("idle_hold", 5.0)
         self.profile_dir = kw.get("profile_dir")
         self.profile_rate = kw.get("profile_rate", 100)
+        self.profile_lines = kw.get("profile_lines", False)
         self.paste_messages = kw.get("paste_messages", PASTE_MESSAGES)
         self.paste_bytes = kw.get("paste_bytes", PASTE_BYTES)
         # LocalChat's flood control: off ("--messages-per-s 0 --kbytes-per-s 0") for the
         # throughput workloads, the server's defaults for paste (the user's setting).
         self.flood_defaults = kw.get("flood_defaults", self.workload == "paste")
+        # also run LocalChat through its IRC door (server "localchat-irc"); see servers_for
+        self.irc = kw.get("irc", False)
+        self.ws = kw.get("ws", False)  # also LocalChat through its web door (server "localchat-ws")
+        self.run_no = kw.get("run_no", 1)  # --repeat: which run of how many
+        self.runs = kw.get("runs", 1)
 
     def to_dict(self):
         return dict(self.__dict__)
 
     def label(self):
+        base = self.base_label()
+        return base if self.runs <= 1 else "%s [run %d of %d]" % (base, self.run_no, self.runs)
+
+    def base_label(self):
         if self.workload == "burst":
             return "burst N=%d senders=%d window=%d" % (self.clients, self.senders, self.window)
         if self.workload == "paced":
@@ -236,13 +272,19 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def proc_cpu_s(pid):
     """utime+stime of pid (all threads) in seconds, or None when it is gone."""
+    split = proc_cpu_split(pid)
+    return None if split is None else split[0] + split[1]
+
+
+def proc_cpu_split(pid):
+    """(utime, stime) of pid (all threads) in seconds, or None when it is gone."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             data = f.read()
     except OSError:
         return None
     fields = data[data.rindex(")") + 2:].split()  # the name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def machine_busy_s():
@@ -365,15 +407,16 @@ class ServerProfiler:
     runs are marked "profiled": 1 and their numbers are not the clean ones.
     """
 
-    def __init__(self, pid, path, rate):
+    def __init__(self, pid, path, rate, lines=False):
         self.path = path
         self.proc = None
         exe = shutil.which("py-spy")
         if exe is None:
             raise RuntimeError("py-spy not found (pip install py-spy)")
+        # --function: one row per function; without it, per line (--profile-lines)
         self.proc = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--output", path, "--format", "raw",
-             "--function", "--gil", "--nonblocking", "--rate", str(rate)],
+            [exe, "record", "--pid", str(pid), "--output", path, "--format", "raw"]
+            + ([] if lines else ["--function"]) + ["--gil", "--nonblocking", "--rate", str(rate)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 
     def stop(self):
@@ -426,6 +469,8 @@ class ServerUnderTest:
 
     name = "server"
     protocol = "localchat"
+    irc_server = None  # the name an IRC server gives itself in its replies (":NAME 001 ...")
+    python_server = False  # LocalChat: py-spy can profile it
 
     def __init__(self):
         self.proc = None
@@ -502,6 +547,7 @@ class ServerUnderTest:
 class LocalChatServer(ServerUnderTest):
     name = "localchat"
     protocol = "localchat"
+    python_server = True
 
     def __init__(self, path, python, extra_args=(), flood_off=True, log_leaves=False):
         self.path = os.path.abspath(path)  # the server runs in its temp dir
@@ -569,6 +615,28 @@ class LocalChatServer(ServerUnderTest):
         self.port = int(match.group(2))
 
 
+class LocalChatIrcServer(LocalChatServer):
+    """The same LocalChat server, driven through its IRC door by the IRC client code (IrcProto).
+
+    The door is chosen by the first bytes (NICK); the server and its options are the
+    JSON runs' (flood control off but in paste). Each client is auto-joined to #general
+    on registration and then JOINs #bench, as on ngIRCd.
+    """
+
+    name = "localchat-irc"
+    protocol = "irc"
+    irc_server = "localchat"  # IRC_SERVER in localchat.py
+
+
+class LocalChatWebSocketServer(LocalChatServer):
+    """The same LocalChat server, driven through its web door: protocol v1 over WebSocket at /ws,
+    as the chat page speaks it (WebSocketProto). Issue 10's target: server CPU per delivery at
+    most 1.3x that of JSON lines, in the same run."""
+
+    name = "localchat-ws"
+    protocol = "ws"
+
+
 NGIRCD_CONF = """\
 [Global]
     Name = bench.localhost
@@ -605,6 +673,7 @@ class NgircdServer(ServerUnderTest):
 
     name = "ngircd"
     protocol = "irc"
+    irc_server = "bench.localhost"  # Name in NGIRCD_CONF
     flood_control = "off"  # MaxPenaltyTime = 0: no penalties
 
     def __init__(self, binary):
@@ -694,6 +763,9 @@ class LocalChatProto:
     def hello(self, name):
         return b'{"type":"hello","name":"%s","version":1}\n' % name
 
+    def joined_count(self, block):
+        return block.count(self.joined_mark)
+
     def say(self, text):
         return b'{"type":"say","text":"%s"}\n' % text
 
@@ -777,13 +849,30 @@ class LocalChatProto:
 
 
 class IrcProto:
+    """IRC as an IRC client speaks it, the same for ngIRCd and LocalChat's IRC door.
+
+    The server's differences are all ones an IRC client has to take anyway:
+    LocalChat sends a text without spaces as a middle parameter ("PRIVMSG #bench
+    b:1:2:3", no colon; so does RFC 2812 allow), names itself "localchat" in numerics,
+    and auto-joins every client to #general before it JOINs #bench (so the handshake
+    ends at the 366 of #bench, and only JOINs of #bench count as joined notices).
+    Without the echo-message capability (never asked for) neither server sends a
+    sender its own message.
+    """
+
     name = "irc"
     echoes_sender = False
-    FAST_RE = re.compile(rb"^:()u(\d+)!\S* PRIVMSG \S+ :[a-z]:(\d+):(\d+):(\d+)", re.M)
-    ANY_RE = re.compile(rb"^:([^!\s]+)\S* PRIVMSG \S+ :[a-z]:(\d+):(\d+):(\d+)", re.M)
+    FAST_RE = re.compile(rb"^:()u(\d+)!\S* PRIVMSG \S+ :?[a-z]:(\d+):(\d+):(\d+)", re.M)
+    ANY_RE = re.compile(rb"^:([^!\s]+)\S* PRIVMSG \S+ :?[a-z]:(\d+):(\d+):(\d+)", re.M)
     msg_mark = b" PRIVMSG "
     joined_mark = b" JOIN "
     ping_mark = b"PING "
+    # JOINs of the bench channel: "JOIN :#bench" (ngIRCd) or "JOIN #bench" (LocalChat)
+    JOINED_RE = re.compile(rb" JOIN :?" + re.escape(IRC_CHANNEL.encode()) + rb"\r?$", re.M)
+
+    def __init__(self, server_name="bench.localhost"):
+        self.server_name = server_name.encode()
+        self.numeric_mark = b":" + self.server_name + b" "  # server replies, numerics among them
     TROUBLE_RE = re.compile(rb"^(ERROR .*|:\S+ (?:[45]\d\d|KILL|KICK) .*|:\S+ (?:QUIT|PART) .*)$", re.M)
 
     def hello(self, name):
@@ -793,7 +882,10 @@ class IrcProto:
         return b"PRIVMSG " + IRC_CHANNEL.encode() + b" :" + text + b"\r\n"
 
     def pong(self):
-        return b"PONG :bench.localhost\r\n"
+        return b"PONG :" + self.server_name + b"\r\n"
+
+    def joined_count(self, block):
+        return len(self.JOINED_RE.findall(block))
 
     def bye(self):
         return b"QUIT :bye\r\n"
@@ -806,8 +898,8 @@ class IrcProto:
             code = parts[1]
             if code == b"001":
                 return False, b"JOIN " + IRC_CHANNEL.encode() + b"\r\n", None
-            if code == b"366":
-                return True, None, None
+            if code == b"366" and len(parts) == 4 and parts[3].split(b" ", 1)[0] == IRC_CHANNEL.encode():
+                return True, None, None  # end of NAMES of the bench channel (not #general)
             if code[:1] in (b"4", b"5") and len(code) == 3:
                 return False, None, "irc error: %s" % line[:200].decode("utf-8", "replace")
         if line.startswith(b"ERROR"):
@@ -835,8 +927,78 @@ class IrcProto:
         return self.NUMERIC_ERR_RE.findall(block)
 
 
-def make_proto(name):
-    return LocalChatProto() if name == "localchat" else IrcProto()
+class WebSocketProto(LocalChatProto):
+    """LocalChat's protocol as the web page speaks it: one JSON frame per WebSocket text message at /ws.
+
+    The client's frames are masked (RFC 6455 requires it) with a zero key, which a
+    server must unmask all the same; the server's frames are unwrapped here into the
+    JSON lines the rest of the load process reads, so counting is the JSON mode's.
+    """
+
+    name = "ws"
+
+    def hello(self, name):
+        upgrade = (b"GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" % HOST.encode())
+        return upgrade + self.frame(LocalChatProto.hello(self, name))
+
+    def say(self, text):
+        return self.frame(LocalChatProto.say(self, text))
+
+    def pong(self):
+        return self.frame(LocalChatProto.pong(self))
+
+    def bye(self):
+        return self.frame(LocalChatProto.bye(self))
+
+    @staticmethod
+    def frame(line):
+        """A masked text frame (zero mask key) of one JSON line, its newline left out."""
+        payload = line.rstrip(b"\n")
+        n = len(payload)
+        if n < 126:
+            head = bytes([0x81, 0x80 | n])
+        elif n < 1 << 16:
+            head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
+        return head + b"\0\0\0\0" + payload
+
+    def decode(self, c, data):
+        """Unwrap the server's bytes into JSON lines: the 101 response first, then WebSocket frames."""
+        buf = c.ws_buf + data if c.ws_buf else data
+        if not c.ws_open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                c.ws_buf = buf
+                return b""
+            if not buf.startswith(b"HTTP/1.1 101"):
+                return b'{"type":"error","code":"ws_refused","text":"%s"}\n' % buf[:60].replace(b'"', b"'")
+            buf, c.ws_open = buf[end + 4:], True
+        out, i, n = [], 0, len(buf)
+        while n - i >= 2:
+            size, head = buf[i + 1] & 0x7F, 2
+            if size == 126:
+                if n - i < 4:
+                    break
+                size, head = int.from_bytes(buf[i + 2:i + 4], "big"), 4
+            elif size == 127:
+                if n - i < 10:
+                    break
+                size, head = int.from_bytes(buf[i + 2:i + 10], "big"), 10
+            if n - i < head + size:
+                break
+            if buf[i] & 0x0F == 1:  # text: one JSON frame; control frames are the server's own business
+                out.append(buf[i + head:i + head + size])
+            i += head + size
+        c.ws_buf = buf[i:]
+        return b"\n".join(out) + b"\n" if out else b""
+
+
+def make_proto(name, irc_server=None):
+    if name == "ws":
+        return WebSocketProto()
+    return LocalChatProto() if name == "localchat" else IrcProto(irc_server or "bench.localhost")
 
 
 # =============================================================================
@@ -862,7 +1024,7 @@ MAX_BUFFER = 1 << 20  # a partial line longer than this is an error
 
 class Client:
     __slots__ = ("idx", "key", "name", "sock", "state", "buf", "out", "writing", "next_seq", "missing",
-                 "last_id", "confirms", "sent", "acked", "welcomed_at", "started_at", "unique")
+                 "last_id", "confirms", "sent", "acked", "welcomed_at", "started_at", "unique", "ws_buf", "ws_open")
 
     def __init__(self, idx):
         self.idx = idx
@@ -882,6 +1044,8 @@ class Client:
         self.welcomed_at = 0.0
         self.started_at = 0.0
         self.unique = 0  # messages received, duplicates not counted
+        self.ws_buf = b""  # WebSocketProto: the server's bytes not yet unwrapped
+        self.ws_open = False  # ... and whether its 101 response has come
 
 
 class LoadWorker:
@@ -890,7 +1054,7 @@ class LoadWorker:
     def __init__(self, cfg):
         self.cfg = cfg
         self.s = Settings(**cfg["settings"])
-        self.proto = make_proto(cfg["protocol"])
+        self.proto = make_proto(cfg["protocol"], cfg.get("irc_server"))
         self.port = cfg["port"]
         self.wid = cfg["worker"]
         self.clients = [Client(i) for i in cfg["indexes"]]
@@ -1117,6 +1281,11 @@ class LoadWorker:
                     arrival = sec + nsec * 1e-9
         self.rx_bytes += len(data)
         self.last_rx = now
+        decode = getattr(self.proto, "decode", None)
+        if decode is not None:  # WebSocket frames into JSON lines
+            data = decode(c, data)
+            if not data:
+                return
         if c.buf:
             data = c.buf + data
         end = data.rfind(b"\n")
@@ -1183,8 +1352,10 @@ class LoadWorker:
                     self.first_msg_rx = now
                 self.last_msg_rx = now
         elif proto.joined_mark in block:
-            self.counts["joined"] += block.count(proto.joined_mark)
-            self.last_joined_rx = now
+            joined = proto.joined_count(block)
+            if joined:
+                self.counts["joined"] += joined
+                self.last_joined_rx = now
         if proto.ping_mark in block:
             for _ in range(proto.pings(block)):
                 self.queue(c, proto.pong())
@@ -1198,7 +1369,7 @@ class LoadWorker:
         else:
             if proto.name == "irc" and (b"ERROR" in block or b" KICK " in block or b" QUIT " in block
                                         or b" PART " in block or b" KILL " in block
-                                        or b":bench.localhost " in block):  # numerics
+                                        or proto.numeric_mark in block):  # numerics
                 for t in proto.trouble(block):
                     self.note_error("u%d got %s" % (c.idx, t))
                 self.note_trouble(block)
@@ -1687,6 +1858,7 @@ def run_one(s, server, log):
     """Run workload s against a started server; returns the result dict."""
     res = {"workload": s.workload, "server": server.name, "clients": s.clients,
            "senders": s.senders if s.workload != "idle" else 0, "status": "ok",
+           "protocol": server.protocol,
            "server_version": server.version, "server_args": " ".join(getattr(server, "args", [])),
            "flood_control": getattr(server, "flood_control", None)}
     if s.workload == "paced":
@@ -1707,7 +1879,8 @@ def run_one(s, server, log):
     rss_sampler = None
     try:
         for wid in range(nworkers):
-            cfg = {"settings": s.to_dict(), "protocol": server.protocol, "port": server.port,
+            cfg = {"settings": s.to_dict(), "protocol": server.protocol, "irc_server": server.irc_server,
+                   "port": server.port,
                    "worker": wid, "workers": nworkers, "indexes": per[wid], "senders": senders,
                    "hard_timeout": hard}
             workers.append(WorkerHandle(wid, cfg))
@@ -1716,7 +1889,7 @@ def run_one(s, server, log):
             raise RuntimeError("load processes did not start")
         res["load_procs"] = nworkers
 
-        if s.profile_dir and server.name == "localchat" and s.workload == "idle":
+        if s.profile_dir and server.python_server and s.workload == "idle":
             profiler = start_profiler(s, server, res)
 
         # -- connect and welcome N clients
@@ -1794,11 +1967,12 @@ def run_one(s, server, log):
 
         # -- the measured phase
         log("  running %s" % s.label())
-        if s.profile_dir and server.name == "localchat":
+        if s.profile_dir and server.python_server:
             profiler = start_profiler(s, server, res)
         res["rss_kb_at_go"] = proc_rss_kb(server.pid)
         rss_sampler = RssSampler(server.pid).start()
-        cpu_a = proc_cpu_s(server.pid)
+        split_a = proc_cpu_split(server.pid)
+        cpu_a = None if split_a is None else sum(split_a)
         busy_a = machine_busy_s()
         busy_t0 = time.time()
         go = busy_t0 + 0.2
@@ -1825,7 +1999,11 @@ def run_one(s, server, log):
             done.update(ctl.wait_all("done", time.time() + 10,
                                      [w for w in workers if w.wid not in done]))
         t_end = time.time()
-        cpu_b = proc_cpu_s(server.pid)
+        split_b = proc_cpu_split(server.pid)
+        cpu_b = None if split_b is None else sum(split_b)
+        if split_a is not None and split_b is not None:  # user: the server's own code; system: the kernel's
+            res["server_user_s"] = round(split_b[0] - split_a[0], 3)
+            res["server_sys_s"] = round(split_b[1] - split_a[1], 3)
         busy_b = machine_busy_s()
         rss_sampler.stop()
         res["rss_kb_peak"] = rss_sampler.peak_kb  # sampled VmRSS, measured phase only
@@ -1857,9 +2035,10 @@ def run_one(s, server, log):
 def start_profiler(s, server, res):
     path = os.path.join(s.profile_dir, "%s-%s-%d-%d.pyspy.txt" % (
         server.name, s.workload, s.clients, s.senders))
+    os.makedirs(s.profile_dir, exist_ok=True)
     res["profiled"] = 1
     res["profile_path"] = path
-    return ServerProfiler(server.pid, path, s.profile_rate)
+    return ServerProfiler(server.pid, path, s.profile_rate, s.profile_lines)
 
 
 def status_all(ctl, workers):
@@ -1910,7 +2089,7 @@ def summarize(res, notes, s, server, go, t_end, cpu_a, cpu_b, sent, done):
             res["status"] = "incomplete"
         notes.extend(e.get("errors", [])[:3])
     messages = sum(sent.values())
-    recipients = s.clients if server.protocol == "localchat" else s.clients - 1
+    recipients = s.clients if server.protocol in ("localchat", "ws") else s.clients - 1
     deliveries = counts.get("unique", 0)
     span = (last_rx - go) if last_rx > go else None
     wall = t_end - go
@@ -2007,6 +2186,8 @@ TABLE_ROWS = [
     ("read_lag_ms_p99", "load gen read lag p99 (ms)", "%.3f"),
     ("cpu_us_per_delivery", "server CPU us / delivery", "%.3f"),
     ("server_cpu_pct", "server CPU %", "%.1f"),
+    ("server_user_s", "server CPU user (s)", "%.2f"),
+    ("server_sys_s", "server CPU system (s)", "%.2f"),
     ("loadgen_cpu_pct", "load generator CPU %", "%.1f"),
     ("other_cpu_pct", "other CPU on machine %", "%.1f"),
     ("rss_kb_per_conn", "server RSS KiB / conn", "%.2f"),
@@ -2041,24 +2222,38 @@ def fmt(v, f):
         return str(v)
 
 
+def _ratio(a, b):
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return "%.2f" % (float(a) / b)
+    return "-"
+
+
 def render_table(results, label_of):
-    """Group results by workload label: LocalChat and ngIRCd side by side, with ratios."""
+    """Group results by workload label: LocalChat (JSON lines), LocalChat's IRC door (when it
+    ran) and ngIRCd side by side, with the ratios of each LocalChat column to ngIRCd."""
     out = []
     for lab, rs in group_results(results, label_of):
         lc = next((r for r in rs if r["server"] == "localchat"), None)
+        li = next((r for r in rs if r["server"] == "localchat-irc"), None)
         ng = next((r for r in rs if r["server"] == "ngircd"), None)
         out.append("")
         out.append("== %s" % lab)
-        out.append("%-28s %14s %14s %12s" % ("metric", "LocalChat", "ngIRCd", "LC/ngIRCd"))
+        if li is None:  # the two-column table of runs without the IRC door
+            out.append("%-28s %14s %14s %12s" % ("metric", "LocalChat", "ngIRCd", "LC/ngIRCd"))
+        else:
+            out.append("%-28s %14s %14s %14s %10s %10s" % ("metric", "LocalChat JSON", "LocalChat IRC",
+                                                          "ngIRCd", "JSON/ng", "IRC/ng"))
         for key, title, f in TABLE_ROWS:
             a = lc.get(key) if lc else None
+            c = li.get(key) if li else None
             b = ng.get(key) if ng else None
-            if a is None and b is None:
+            if a is None and b is None and c is None:
                 continue
-            ratio = "-"
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
-                ratio = "%.2f" % (float(a) / b)
-            out.append("%-28s %14s %14s %12s" % (title, fmt(a, f), fmt(b, f), ratio))
+            if li is None:
+                out.append("%-28s %14s %14s %12s" % (title, fmt(a, f), fmt(b, f), _ratio(a, b)))
+            else:
+                out.append("%-28s %14s %14s %14s %10s %10s" % (title, fmt(a, f), fmt(c, f), fmt(b, f),
+                                                              _ratio(a, b), _ratio(c, b)))
         for r in rs:
             out.append("status %s: %s" % (r["server"], r["status"]))
             for n in r.get("notes", [])[:8]:
@@ -2091,12 +2286,18 @@ def render_targets(results, label_of):
       burst, paced, paste: every message to every reader: 0 dropped, 0 lost,
           0 duplicated, order kept (PASS/FAIL per server);
       burst N=200 and N=1000: LocalChat's server CPU per delivery at most 1.3x ngIRCd's;
+      burst N=200 and N=1000, IRC door (issue 11): LocalChat driven by the IRC client code,
+          server CPU per delivery at most 1.5x ngIRCd's in the same run;
+      burst, web door (issue 10, with --ws): LocalChat over WebSocket, server CPU per delivery
+          at most 1.3x LocalChat over JSON lines in the same run;
       paced N=1000, all 1000 sending 1/s: p99 latency at most ngIRCd's, all delivered;
       idle N=5000: memory per connection no worse than 32-36 KiB (met at <= 36).
     """
     out = ["", "== targets"]
     for lab, rs in group_results(results, label_of):
         lc = next((r for r in rs if r["server"] == "localchat"), None)
+        li = next((r for r in rs if r["server"] == "localchat-irc"), None)
+        lw = next((r for r in rs if r["server"] == "localchat-ws"), None)
         ng = next((r for r in rs if r["server"] == "ngircd"), None)
         first = rs[0]
         workload, n, senders = first.get("workload"), first.get("clients"), first.get("senders")
@@ -2104,17 +2305,17 @@ def render_targets(results, label_of):
         if workload in ("burst", "paced", "paste"):
             for r in rs:
                 if "messages_sent" not in r:
-                    out.append("  %-9s 0 dropped, 0 lost, 0 duplicated, order kept: FAIL (no result: %s)"
+                    out.append("  %-13s 0 dropped, 0 lost, 0 duplicated, order kept: FAIL (no result: %s)"
                                % (r["server"], r.get("status")))
                     continue
                 why = delivery_failures(r)
-                out.append("  %-9s 0 dropped, 0 lost, 0 duplicated, order kept: %s  (flood control %s; "
+                out.append("  %-13s 0 dropped, 0 lost, 0 duplicated, order kept: %s  (flood control %s; "
                            "delivered %d of %d, dropped %d, lost %d, duplicated %d, reordered %d)" % (
                                r["server"], "PASS" if not why else "FAIL", r.get("flood_control"),
                                r.get("deliveries", 0), r.get("expected_deliveries", 0), r.get("dropped", 0),
                                r.get("lost", 0), r.get("duplicated", 0), r.get("reordered", 0)))
                 if why:
-                    out.append("            why: %s" % "; ".join(why))
+                    out.append("                why: %s" % "; ".join(why))
         if workload == "burst":
             a = lc.get("cpu_us_per_delivery") if lc else None
             b = ng.get("cpu_us_per_delivery") if ng else None
@@ -2129,6 +2330,30 @@ def render_targets(results, label_of):
                 out.append("  server CPU / delivery: LocalChat %s us, ngIRCd %s us; target <= %.1fx ngIRCd: "
                            "not measured (needs both servers)%s" % (fmt(a, "%.3f"), fmt(b, "%.3f"),
                                                                     TARGET_CPU_RATIO, where))
+            if li is not None:
+                c = li.get("cpu_us_per_delivery")
+                if c is not None and b:
+                    out.append("  IRC door, server CPU / delivery: LocalChat over IRC %.3f us, ngIRCd %.3f us, "
+                               "ratio %.2fx; target <= %.1fx ngIRCd: %s%s" % (
+                                   c, b, c / b, TARGET_IRC_CPU_RATIO, met(c / b <= TARGET_IRC_CPU_RATIO), where))
+                    out.append("      (other CPU on the machine: %s%% / %s%% of a core during the two runs; "
+                               "LocalChat IRC / JSON: %s)" % (
+                                   fmt(li.get("other_cpu_pct"), "%.1f"), fmt(ng.get("other_cpu_pct"), "%.1f"),
+                                   _ratio(c, a) + "x" if a else "-"))
+                else:
+                    out.append("  IRC door, server CPU / delivery: LocalChat over IRC %s us, ngIRCd %s us; "
+                               "target <= %.1fx ngIRCd: not measured (needs both servers)%s" % (
+                                   fmt(c, "%.3f"), fmt(b, "%.3f"), TARGET_IRC_CPU_RATIO, where))
+            if lw is not None:
+                w = lw.get("cpu_us_per_delivery")
+                if w is not None and a:
+                    out.append("  web door, server CPU / delivery: LocalChat over WebSocket %.3f us, over JSON "
+                               "lines %.3f us, ratio %.2fx; target <= %.1fx JSON lines: %s" % (
+                                   w, a, w / a, TARGET_WS_CPU_RATIO, met(w / a <= TARGET_WS_CPU_RATIO)))
+                else:
+                    out.append("  web door, server CPU / delivery: LocalChat over WebSocket %s us, over JSON "
+                               "lines %s us; target <= %.1fx JSON lines: not measured" % (
+                                   fmt(w, "%.3f"), fmt(a, "%.3f"), TARGET_WS_CPU_RATIO))
         if workload == "paced":
             a = lc.get("latency_ms_p99") if lc else None
             b = ng.get("latency_ms_p99") if ng else None
@@ -2142,9 +2367,15 @@ def render_targets(results, label_of):
             else:
                 out.append("  latency p99: LocalChat %s ms, ngIRCd %s ms; target <= ngIRCd's: "
                            "not measured (needs both servers)%s" % (fmt(a, "%.3f"), fmt(b, "%.3f"), where))
+            if li is not None:  # no target of its own here: for reference
+                c, d = li.get("latency_ms_p99"), li.get("cpu_us_per_delivery")
+                e = ng.get("cpu_us_per_delivery") if ng else None
+                out.append("  IRC door (for reference): latency p99 %s ms (ngIRCd %s ms); server CPU / delivery "
+                           "%s us (ngIRCd %s us, ratio %s)" % (
+                               fmt(c, "%.3f"), fmt(b, "%.3f"), fmt(d, "%.3f"), fmt(e, "%.3f"), _ratio(d, e)))
             for r in rs:
                 if "messages_sent" in r:
-                    out.append("  %-9s every message delivered: %d of %d: %s" % (
+                    out.append("  %-13s every message delivered: %d of %d: %s" % (
                         r["server"], r.get("deliveries", 0), r.get("expected_deliveries", 0),
                         met(r.get("deliveries", 0) == r.get("expected_deliveries", 0)
                             and r.get("messages_sent", 0) > 0)))
@@ -2159,6 +2390,9 @@ def render_targets(results, label_of):
             else:
                 out.append("  memory / connection: not measured (LocalChat status %s)%s" % (
                     lc.get("status") if lc else "not run", where))
+            if li is not None:
+                out.append("  IRC door (for reference): memory / connection %s KiB" % fmt(
+                    li.get("rss_kb_per_conn"), "%.2f"))
         if workload == "paste":
             for r in rs:
                 if "messages_sent" not in r:
@@ -2166,7 +2400,7 @@ def render_targets(results, label_of):
                 reasons = fmt(r.get("drop_reasons") or {}, "%s")
                 if r.get("server_log_drops"):
                     reasons += "; server log: " + fmt(r["server_log_drops"], "%s")
-                out.append("  %-9s deliveries expected %d, received %d, lost %d; dropped %d (%s); "
+                out.append("  %-13s deliveries expected %d, received %d, lost %d; dropped %d (%s); "
                            "server RSS peak %s KiB (at start %s, VmHWM %s)" % (
                                r["server"], r.get("expected_deliveries", 0), r.get("deliveries", 0),
                                r.get("lost", 0), r.get("dropped", 0), reasons,
@@ -2174,6 +2408,42 @@ def render_targets(results, label_of):
                                fmt(r.get("vmhwm_kb"), "%d")))
                 if r.get("error_frames"):
                     out.append("            error frames received: %s" % fmt(r["error_frames"], "%s"))
+    return "\n".join(out)
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return None if not n else xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2.0
+
+
+def render_spread(results):
+    """--repeat: per workload, server CPU per delivery of every run, and the ratios to ngIRCd
+    of the same run, with min / median / max (how far a ratio holds on a busy machine)."""
+    out = ["", "== spread over repeated runs (server CPU us / delivery; ratios to ngIRCd in the same run)"]
+    for base, rs in group_results(results, lambda r: r.get("base_label", r["label"])):
+        out.append(base)
+        names = [n for n in SERVER_NAMES if any(r["server"] == n for r in rs)]
+        ratios = dict((n, []) for n in names if n != "ngircd")
+        for run in sorted(set(r.get("run", 1) for r in rs)):
+            by = dict((r["server"], r) for r in rs if r.get("run", 1) == run)
+            ng = by.get("ngircd", {}).get("cpu_us_per_delivery")
+            cells = []
+            for n in names:
+                v = by.get(n, {}).get("cpu_us_per_delivery")
+                cells.append("%s %s" % (n, fmt(v, "%.3f")))
+                if n != "ngircd" and v is not None and ng:
+                    ratios[n].append(v / ng)
+                    cells[-1] += " (%.2fx)" % (v / ng)
+            others = "/".join(fmt(by.get(n, {}).get("other_cpu_pct"), "%.0f") for n in names)
+            checks = "/".join(by.get(n, {}).get("delivery_check", "-") for n in names)
+            out.append("  run %d: %s; delivery %s; other CPU %s%%" % (run, ", ".join(cells), checks, others))
+        for n, xs in ratios.items():
+            if xs:
+                target = TARGET_IRC_CPU_RATIO if n == "localchat-irc" else TARGET_CPU_RATIO
+                out.append("  %s / ngIRCd: min %.2fx, median %.2fx, max %.2fx over %d runs (target <= %.1fx%s)" % (
+                    n, min(xs), _median(xs), max(xs), len(xs), target,
+                    "" if rs[0].get("workload") == "burst" else ", a burst target"))
     return "\n".join(out)
 
 
@@ -2229,14 +2499,29 @@ def parse_args(argv):
     p.add_argument("--localchat-args", default="",
                    help="extra server options as one string, e.g. --localchat-args=--no-history")
     p.add_argument("--python", default=sys.executable, help="interpreter for the LocalChat server")
+    p.add_argument("--irc", action="store_true",
+                   help="also run LocalChat through its IRC door with the IRC client code used for "
+                        "ngIRCd (--all does this for burst and paced N=200)")
+    p.add_argument("--no-irc", action="store_true", help="never run LocalChat through its IRC door")
+    p.add_argument("--ws", action="store_true",
+                   help="also run LocalChat through its web door: protocol v1 over WebSocket, as the "
+                        "chat page speaks it (issue 10: at most 1.3x the server CPU of JSON lines)")
+    p.add_argument("--servers", default=None,
+                   help="exactly these, comma-separated, in this order: localchat (JSON lines), "
+                        "localchat-irc (its IRC door), ngircd")
     p.add_argument("--compare", default="auto", help="ngircd (default when installed) or none")
     p.add_argument("--no-compare", action="store_true", help="LocalChat only")
     p.add_argument("--only-compare", action="store_true", help="ngIRCd only (to check the harness)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each workload this many times (the servers take turns; on a busy "
+                        "2-core machine the spread says how far to trust a ratio)")
     p.add_argument("--ngircd", default=None, help="path of the ngircd binary")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="sample the LocalChat server with py-spy during the measured phase; "
                         "raw stacks go to DIR, top functions are printed (numbers are perturbed)")
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--profile-lines", action="store_true",
+                   help="--profile per line of code instead of per function")
     p.add_argument("--quiet-machine-pct", type=float, default=25.0,
                    help="before each run, wait until other work uses less than this %% of a core")
     p.add_argument("--quiet-machine-wait", type=float, default=60.0,
@@ -2253,7 +2538,8 @@ def build_runs(a):
                   connect_timeout=a.connect_timeout, settle_timeout=a.settle_timeout,
                   quiet_ms=a.quiet_ms, idle_hold=a.idle_hold,
                   profile_dir=os.path.abspath(a.profile) if a.profile else None,
-                  profile_rate=a.profile_rate, paste_messages=a.paste_messages,
+                  profile_rate=a.profile_rate, profile_lines=a.profile_lines,
+                  paste_messages=a.paste_messages,
                   paste_bytes=a.paste_bytes)
     runs = []
     if a.all:
@@ -2263,6 +2549,7 @@ def build_runs(a):
             if a.duration is not None:
                 kw["duration"] = a.duration
             kw.update(extra)
+            kw["irc"] = (kw.get("irc", False) or a.irc) and not a.no_irc
             runs.append(Settings(**kw))
         return runs
     ns = [int(x) for x in (a.clients or {"burst": "200", "paced": "1000", "idle": "5000",
@@ -2275,24 +2562,50 @@ def build_runs(a):
             senders = n
         duration = a.duration if a.duration is not None else (10.0 if a.workload == "burst" else 20.0)
         runs.append(Settings(**dict(common, workload=a.workload, clients=n,
-                                    senders=min(senders, n), duration=duration)))
+                                    senders=min(senders, n), duration=duration,
+                                    irc=a.irc and not a.no_irc, ws=a.ws)))
     return runs
 
 
-def servers_for(a):
-    """Factories of the servers to compare, in order."""
+SERVER_NAMES = ("localchat", "localchat-ws", "localchat-irc", "ngircd")
+
+
+def servers_for(a, s):
+    """Factories of the servers to run workload s against, in order: LocalChat over JSON lines,
+    LocalChat over its IRC door (with s.irc, or --servers), ngIRCd."""
+    extra = a.localchat_args.split() if a.localchat_args else []
+    ng = a.ngircd or shutil.which("ngircd") or ("/usr/sbin/ngircd" if os.path.exists("/usr/sbin/ngircd") else None)
+    if a.servers:
+        names = [x.strip() for x in a.servers.split(",") if x.strip()]
+    else:
+        names = []
+        if not a.only_compare:
+            names.append("localchat")
+            if s.ws:
+                names.append("localchat-ws")
+            if s.irc:
+                names.append("localchat-irc")
+        if not a.no_compare and a.compare.lower() != "none":
+            names.append("ngircd")
     out = []
-    if not a.only_compare:
-        extra = a.localchat_args.split() if a.localchat_args else []
-        out.append(("localchat", lambda s: LocalChatServer(a.localchat, a.python, extra,
+    for name in names:
+        if name == "localchat":
+            out.append((name, lambda s: LocalChatServer(a.localchat, a.python, extra,
+                                                        flood_off=not s.flood_defaults,
+                                                        log_leaves=s.workload == "paste")))
+        elif name == "localchat-ws":
+            out.append((name, lambda s: LocalChatWebSocketServer(a.localchat, a.python, extra,
+                                                                 flood_off=not s.flood_defaults,
+                                                                 log_leaves=s.workload == "paste")))
+        elif name == "localchat-irc":
+            out.append((name, lambda s: LocalChatIrcServer(a.localchat, a.python, extra,
                                                            flood_off=not s.flood_defaults,
                                                            log_leaves=s.workload == "paste")))
-    want_ng = not a.no_compare and a.compare.lower() != "none"
-    ng = a.ngircd or shutil.which("ngircd") or ("/usr/sbin/ngircd" if os.path.exists("/usr/sbin/ngircd") else None)
-    if want_ng and ng:
-        out.append(("ngircd", lambda s: NgircdServer(ng)))
-    elif want_ng and a.compare.lower() == "ngircd":
-        print("ngircd not found: comparison skipped", file=sys.stderr)
+        elif name == "ngircd":
+            if ng:
+                out.append((name, lambda s: NgircdServer(ng)))
+            elif a.servers or a.compare.lower() == "ngircd" or s.irc:
+                print("ngircd not found: comparison skipped (apt-get install ngircd)", file=sys.stderr)
     return out
 
 
@@ -2308,8 +2621,14 @@ def main(argv=None):
         pass
     log = lambda text: print(text, file=sys.stderr, flush=True)
     results = []
-    for s in build_runs(a):
-        for name, factory in servers_for(a):
+    for name in (a.servers.split(",") if a.servers else []):
+        if name.strip() and name.strip() not in SERVER_NAMES:
+            print("--servers: unknown server %r (known: %s)" % (name, ", ".join(SERVER_NAMES)), file=sys.stderr)
+            return 2
+    repeat = max(1, a.repeat)
+    runs = [Settings(**dict(s.to_dict(), run_no=i + 1, runs=repeat)) for s in build_runs(a) for i in range(repeat)]
+    for s in runs:
+        for name, factory in servers_for(a, s):
             log("%s: %s" % (name, s.label()))
             busy_before = None
             if a.quiet_machine_wait > 0:
@@ -2329,6 +2648,8 @@ def main(argv=None):
                     if code not in (0, None, -signal.SIGTERM):
                         res.setdefault("notes", []).append("server exit code %s" % code)
             res["label"] = s.label()
+            res["base_label"] = s.base_label()
+            res["run"] = s.run_no
             res["machine_busy_before_pct"] = busy_before
             results.append(res)
             line = json_line(res)
@@ -2338,6 +2659,8 @@ def main(argv=None):
                     f.write(line + "\n")
     print(render_table(results, lambda r: r["label"]))
     print(render_targets(results, lambda r: r["label"]))
+    if repeat > 1:
+        print(render_spread(results))
     for r in results:
         if r.get("profile_path"):
             print(render_profile(r))

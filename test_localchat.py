@@ -11866,6 +11866,9 @@ class WindowTests(unittest.TestCase):
             self.assertEqual(window.switch_button.winfo_ismapped(), not sidebar, width)
             right = window.send_button.winfo_rootx() + window.send_button.winfo_width()
             self.assertLessEqual(right, window.root.winfo_rootx() + width, "Send is inside the window")
+            window._set_status("A long sentence about the connection, " * 6)  # wraps, never runs off
+            self.root.update()
+            self.assertLessEqual(window.status.winfo_reqwidth(), width, "the status line wraps at %d px" % width)
 
     def test_mentions_and_direct_messages_notify_when_unfocused_and_each_can_be_off(self):
         self.keep_settings()

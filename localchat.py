@@ -9183,6 +9183,7 @@ def _short_fingerprint(fingerprint):
 QR_MAX_VERSION = 40               # the largest symbol, 177 x 177 modules
 QR_QUIET_MODULES = 4              # the light margin readers need around a symbol (the standard's minimum)
 QR_PNG_SCALE = 8                  # pixels a module in qr_png(): an address like http://192.168.1.7:13333/ is 264 wide
+QR_WINDOW_SCALE = 10              # ... in the hosting window's code: 330 pixels, for a phone's camera across a desk
 # Error correction codewords per block and the number of blocks at level M, versions 1 to 40
 # (ISO/IEC 18004:2015 table 9); the data codewords are what is left of the symbol's capacity.
 QR_EC_PER_BLOCK_M = (10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26,
@@ -11588,8 +11589,11 @@ class ChatPanels:
         # Wrap to the room the buttons leave it: a long topic shows whole, over several lines.
         self.topic_label.bind("<Configure>", lambda event: self.topic_label.configure(wraplength=max(80, event.width)))
         self.host_label = self.ttk.Label(frame, text="", style="Banner.TLabel", padding=(14, 6), justify="left")
+        self.code_button = self.ttk.Button(frame, text="Code for phones", command=self._on_show_code)
         if self.hosted is not None:  # stays in sight: the others need it for as long as the chat runs
             self.host_label.configure(text=self.hosted.join_hint(), style="Host.TLabel")
+            if self.hosted.web_url() is not None:
+                self.code_button.pack(side="top", anchor="e", padx=14)
             self.host_label.pack(side="top", fill="x")
         self._build_input(frame)
         self.banner = Banner(self.tk, self.ttk, frame)
@@ -11597,6 +11601,31 @@ class ChatPanels:
         self.log_stack.pack(side="top", fill="both", expand=True)
         frame.bind("<Configure>", self._on_centre_resize)
         return frame
+
+    def _on_show_code(self):
+        """Show the web address as a QR code, large enough for a phone's camera across a desk."""
+        url = self.hosted.web_url() if self.hosted is not None else None
+        if url is None:
+            return
+        if self.code_window is not None:
+            self.code_window.lift()
+            return
+        top = self.code_window = self.tk.Toplevel(self.root)
+        top.title("Join from a phone")
+        top.configure(background="white")  # a code reads best dark on light, whatever the theme
+        png = qr_png(url, scale=QR_WINDOW_SCALE)
+        self.code_image = self.tk.PhotoImage(master=top, data=base64.b64encode(png).decode("ascii"))
+        self.tk.Label(top, image=self.code_image, background="white", borderwidth=0).pack(padx=16, pady=(16, 8))
+        self.tk.Label(top, text="Point a phone's camera at the code, or open\n" + url, background="white",
+                      foreground="black", justify="center").pack(padx=16)
+        self.ttk.Button(top, text="Close", command=self._on_close_code).pack(pady=(8, 16))
+        top.protocol("WM_DELETE_WINDOW", self._on_close_code)
+        top.bind("<Escape>", lambda event: self._on_close_code())
+
+    def _on_close_code(self):
+        if self.code_window is not None:
+            self.code_window.destroy()
+        self.code_window = self.code_image = None  # let go of the image here, on the Tk thread
 
     def _build_people(self, parent):
         frame = self.ttk.Frame(parent, style="Panel.TFrame", padding=(8, 10, 8, 8))
@@ -11820,6 +11849,7 @@ class ChatWindow(ChatPanels, ServerMemory):
         self._ref_prefix = secrets.token_hex(3)
         self._next_ref = 0
         self.hosted = hosted  # a HostedServer this window started, stopped when it closes
+        self.code_window = self.code_image = None  # the QR code of the web address, while it is shown
         self.look = Look(tkinter, root, self.settings.get("theme", "system"),
                          self.settings.get("text_size", DEFAULT_TEXT_SIZE))
         self.notifier = Notifier()
@@ -12487,7 +12517,13 @@ class HostedServer:
         if not addresses:
             return "You are hosting this chat, but this computer has no network address others could use."
         return ("You are hosting this chat. Others join by starting LocalChat (it finds this chat by "
-                "itself), or with: python3 localchat.py NAME --server %s%s" % (addresses[0], suffix))
+                "itself), or with: python3 localchat.py NAME --server %s%s. Phones and browsers open %s"
+                % (addresses[0], suffix, self.web_url()))
+
+    def web_url(self):
+        """Return the address a phone's browser opens for this chat, or None without a network address."""
+        addresses = lan_addresses()
+        return web_address(addresses[0], self.port, False) if addresses else None
 
     def stop(self):
         if self.discovery is not None:

@@ -11681,6 +11681,30 @@ class WindowTests(unittest.TestCase):
         chat.close()
         hosted.thread.join(THREAD_END_S)
 
+    def test_hosting_shows_the_web_address_as_a_code_a_phone_can_read(self):
+        window, chosen = self.open_join_window(name="host", found=[], host_address=("127.0.0.1", 0))
+        with mock.patch.object(localchat, "lan_addresses", return_value=["192.168.1.23"]):
+            window.host_button.invoke()
+            host, port, name, hosted = chosen[0]
+            chat = self.open_window_on(host, port, name, hosted)
+            url = "http://192.168.1.23:%d/" % port
+            self.assertIn("Phones and browsers open " + url, str(chat.host_label.cget("text")))
+            chat.code_button.invoke()
+        self.pump_until(lambda: chat.code_window.winfo_ismapped(), "the code's window did not show")
+        self.assertGreaterEqual(chat.code_image.width(), 300, "too small for a phone across a desk")
+        self.assertEqual(chat.code_image.width(), len(localchat.qr_matrix(url)[0]) * localchat.QR_WINDOW_SCALE
+                         + 8 * localchat.QR_WINDOW_SCALE)  # the code and its quiet zone, whole
+        if ZBARIMG is not None:  # what the window shows, read back by a real reader
+            folder = tempfile.mkdtemp(dir=_SCRATCH.name)
+            shot = os.path.join(folder, "code.png")
+            chat.code_image.write(shot, format="png")
+            result = subprocess.run([ZBARIMG, "--raw", "-q", shot], capture_output=True, timeout=PROCESS_TIMEOUT_S)
+            self.assertEqual(result.stdout.decode("utf-8").strip(), url)
+        chat._on_close_code()
+        self.assertIsNone(chat.code_window)
+        chat.close()
+        hosted.thread.join(THREAD_END_S)
+
     def test_joined_rooms_come_back_when_the_window_is_opened_again(self):
         window = self.open_window()
         self.type_and_press(window, "/join lab")

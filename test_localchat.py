@@ -2579,6 +2579,21 @@ class JsonLinesDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         self.assertEqual(summary(frame, "from", "text"), ("I-AM-carol", "hi from the other door"))
 
 
+def recv_before(sock, deadline, failure):
+    """Return the next bytes from sock (b"" once the peer has closed); fail with failure() at the deadline."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(failure())
+        sock.settimeout(remaining)
+        try:
+            return sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return b""
+
+
 class IrcMessage(collections.namedtuple("IrcMessage", "tags prefix command params")):
     """One line from the server, parsed as RFC 1459 and IRCv3 message tags read it."""
 
@@ -2637,16 +2652,8 @@ class LineClient:
                 return line.rstrip(b"\r\n")
             if self.at_eof:
                 return None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("no line within %.1f s; have %r" % (timeout, bytes(self.buffer[:200])))
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except ConnectionResetError:
-                data = b""
+            data = recv_before(self.sock, deadline, lambda: "no line within %.1f s; have %r"
+                               % (timeout, bytes(self.buffer[:200])))
             if not data:
                 self.at_eof = True
             self.buffer += data
@@ -3601,6 +3608,9 @@ class WsClient:
     def send(self, fields):
         self.send_frame(localchat.WS_OP_TEXT, json.dumps(fields).encode("utf-8"))
 
+    def say(self, text, **extra):
+        self.send(dict({"type": "say", "text": text}, **extra))
+
     def read_message(self, timeout=READ_TIMEOUT_S):
         """Return (opcode, payload) of the next frame, or None once the server has closed the TCP connection."""
         deadline = time.monotonic() + timeout
@@ -3618,16 +3628,7 @@ class WsClient:
                         opcode, payload = self.buffer[0] & 0x0F, bytes(self.buffer[size:size + length])
                         del self.buffer[:size + length]
                         return opcode, payload
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("no frame within %.1f s" % timeout)
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except ConnectionResetError:
-                data = b""
+            data = recv_before(self.sock, deadline, lambda: "no frame within %.1f s" % timeout)
             if not data:
                 return None
             self.buffer += data
@@ -3740,36 +3741,18 @@ class HttpConnection:
         self.sock.close()
 
 
-class WebDoorClient:
+class WebDoorClient(JsonDoorClient):
     """The web door's side of DoorContract: protocol frames as WebSocket text messages."""
 
     def __init__(self, ws, name):
-        self.ws = ws
+        self.raw = ws
         ws.send({"type": "hello", "name": name, "version": 1})
         ws.read_until(is_kind("synced"))
 
-    def say(self, text, room=None):
-        self.ws.send(dict({"type": "say", "text": text}, **({"room": room} if room else {})))
-
-    def say_to(self, name, text):
-        self.ws.send({"type": "say", "text": text, "to": name})
-
-    def join_room(self, room):
-        self.ws.send({"type": "join", "room": room})
-        self.ws.read_until(is_kind("room", room=room))
-
-    def next_message(self):
-        frame, _ = self.ws.read_until(is_message)
-        return frame["from"], frame.get("room"), frame["text"]
-
     def send_bad_frame(self):
-        self.ws.send_frame(localchat.WS_OP_TEXT, b'{"type": "say", "text": ')
-        frame, _ = self.ws.read_until(is_kind("error"))
+        self.raw.send_frame(localchat.WS_OP_TEXT, b'{"type": "say", "text": ')
+        frame, _ = self.raw.read_until(is_kind("error"))
         return frame["code"] == "bad_json" and not frame.get("fatal")
-
-    def quit(self):
-        self.ws.send({"type": "bye"})
-        self.ws.read_until(is_kind("bye"))
 
 
 class WebDoorTests(DoorContract, ServerFixture, unittest.TestCase):
@@ -8501,20 +8484,24 @@ class TerminalTests(ProcessFixture, unittest.TestCase):
     def test_cursor_in_the_middle_of_the_line_stays_there_when_a_message_arrives(self):
         # Bug: the line was drawn again with the cursor at its end while readline had it in
         # the middle, so what was typed next showed at the end and went in the middle.
+        self.assert_the_cursor_stays("partial li", 17, "partialX li")  # three times Left: before " li"
+
+    def assert_the_cursor_stays(self, typed, column, result):
+        """Type, go three times Left (the cursor then at column), let a message come, type X there, send."""
         self.start_server()
         bob = self.started("bob")
         alice = self.alice_on_a_terminal()
         alice.wait_for(prompt_with(""), "the prompt naming #general")
-        alice.type("partial li\x1b[D\x1b[D\x1b[D")  # three times Left: before " li"
-        alice.wait_for(lambda t: t.input_line == "#general> partial li" and terminal_screen_rows(t.output)[2] == 17,
-                       "the line, with the cursor before its last three letters")
+        alice.type(typed + "\x1b[D" * 3)
+        alice.wait_for(lambda t: t.input_line == "#general> " + typed and terminal_screen_rows(t.output)[2] == column,
+                       "the line, with the cursor three characters back")
         bob.say("while you edit", room="general")
         alice.wait_row(r"<bob> while you edit$")
         alice.type("X")
-        alice.wait_for(prompt_with("partialX li"), "X where the cursor was")
+        alice.wait_for(prompt_with(result), "X where the cursor was")
         alice.type("\r")
         frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
-        self.assertEqual(frame["text"], "partialX li")
+        self.assertEqual(frame["text"], result)
         alice.wait_for(prompt_with(""), "a fresh prompt")
         alice.type("\x04")
         self.assertEqual(alice.wait_exit(), 0)
@@ -8543,23 +8530,7 @@ class TerminalTests(ProcessFixture, unittest.TestCase):
         self.assertEqual(alice.wait_exit(), 0)
 
     def test_wide_characters_keep_the_cursor_in_its_place_when_a_message_arrives(self):
-        self.start_server()
-        bob = self.started("bob")
-        alice = self.alice_on_a_terminal()
-        alice.wait_for(prompt_with(""), "the prompt naming #general")
-        alice.type("日本語 ok\x1b[D\x1b[D\x1b[D")  # before " ok"; each of the three takes two columns
-        alice.wait_for(lambda t: t.input_line == "#general> 日本語 ok" and terminal_screen_rows(t.output)[2] == 16,
-                       "the line, with the cursor after the wide characters")
-        bob.say("while you edit", room="general")
-        alice.wait_row(r"<bob> while you edit$")
-        alice.type("X")
-        alice.wait_for(prompt_with("日本語X ok"), "X where the cursor was")
-        alice.type("\r")
-        frame, _ = self.event_until(bob, is_kind("message", **{"from": "alice"}))
-        self.assertEqual(frame["text"], "日本語X ok")
-        alice.wait_for(prompt_with(""), "a fresh prompt")
-        alice.type("\x04")
-        self.assertEqual(alice.wait_exit(), 0)
+        self.assert_the_cursor_stays("日本語 ok", 16, "日本語X ok")  # before " ok"; each of the three takes two columns
 
     def test_without_readline_a_terminal_gets_plain_lines(self):
         # Windows' Python has no readline: the line client reads plain lines there.

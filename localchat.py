@@ -11014,7 +11014,7 @@ class TrustDialog:
     on_answer(True or False) is called once.
     """
 
-    def __init__(self, parent, tk, ttk, untrusted, on_answer):
+    def __init__(self, parent, tk, ttk, untrusted, on_answer, warning_colour="#b3261e"):
         self.top = tk.Toplevel(parent)
         self.top.title("Certificate changed" if untrusted.changed else "Trust this server?")
         self.top.transient(parent)
@@ -11027,7 +11027,7 @@ class TrustDialog:
         for text, style in rows:
             font = "TkFixedFont" if style == "fingerprint" else ("TkHeadingFont" if style == "warning" else "")
             ttk.Label(frame, text=text, wraplength=480, justify="left", font=font,
-                      foreground="#b00020" if style == "warning" else "").pack(anchor="w", pady=(0, 8))
+                      foreground=warning_colour if style == "warning" else "").pack(anchor="w", pady=(0, 8))
         buttons = ttk.Frame(frame)
         buttons.pack(anchor="e", pady=(4, 0))
         self.cancel_button = ttk.Button(buttons, text="Cancel", command=lambda: self._answer(False))
@@ -12126,7 +12126,8 @@ class ChatWindow(ChatPanels, ServerMemory):
         untrusted = frame["untrusted"]
         self._set_status("The certificate of %s has CHANGED: look at the warning." % untrusted.address
                          if untrusted.changed else "Check the server's certificate to connect.", error=untrusted.changed)
-        self.trust_dialog = TrustDialog(self.root, self.tk, self.ttk, untrusted, frame["answers"].put)
+        self.trust_dialog = TrustDialog(self.root, self.tk, self.ttk, untrusted, frame["answers"].put,
+                                        self.look.colours["error"])  # readable in the dark theme too
 
     def _ask_password(self, why):
         """Ask for the server's password in a small window, then connect again."""

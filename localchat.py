@@ -7014,6 +7014,15 @@ def irc_encode_timed(fields):
     return _irc_shared(fields, True)
 
 
+def irc_encode_direct(fields):
+    """A direct message's lines (the same for its sender and its recipient); with the time, below."""
+    return _irc_lines(fields, False)
+
+
+def irc_encode_direct_timed(fields):
+    return _irc_lines(fields, True)
+
+
 # A hub error code -> the IRC numeric that answers it (refined by the command in IrcDoor._error_lines)
 _IRC_ERRORS = {
     "name_taken": "433", "bad_name": "432", "bad_room": "403", "unknown_user": "401", "empty_text": "412",
@@ -7513,7 +7522,7 @@ class IrcDoor(Door):
         elif kind == "away":
             data = self._away_locked(fields)
         elif kind == "message":  # a direct message
-            data = self._direct_locked(fields)
+            data = self._direct_locked(outbox, event)
         else:
             if kind == "renamed" and fields["old"] == self.me:
                 self.me, self.nick = fields["name"], irc_nick(fields["name"])
@@ -7523,13 +7532,21 @@ class IrcDoor(Door):
         if data:
             outbox.push_locked(data)
 
-    def _direct_locked(self, fields):
-        """A direct message: its line, or for its sender the echo (if asked for) and 301 if it waits."""
-        if fields["from"] != self.me:
-            return _irc_lines(fields, "server-time" in self.caps)
-        away = b"" if fields.get("away") is None or fields.get("notice") else self._numeric(
-            "301", irc_nick(fields["to"]), fields["away"])  # the answer a message to somebody away gets
-        return away + (_irc_lines(fields, "server-time" in self.caps) if self.echo else b"")
+    def _direct_locked(self, outbox, event):
+        """Queue a direct message: its line, or for its sender 301 if it waits, and the echo if asked for.
+
+        The line is encoded once per event (Event.encoded), and queued as a frame of its
+        own: a message the store could not keep is withdrawn by its bytes, these too.
+        """
+        fields = event.fields
+        line = event.encoded(irc_encode_direct_timed if "server-time" in self.caps else irc_encode_direct)
+        if fields["from"] == self.me:
+            if fields.get("away") is not None and not fields.get("notice"):  # the answer to a message to somebody away
+                outbox.push_locked(self._numeric("301", irc_nick(fields["to"]), fields["away"]))
+            if not self.echo:
+                return b""
+        outbox.push_locked(line)
+        return b""
 
     def history_shown_locked(self, outbox):
         """A page of replayed history is all out: end it with a notice (clients that ignore server-time

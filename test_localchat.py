@@ -1943,6 +1943,11 @@ class StoredBeforeSeenTests(ServerFixture, unittest.TestCase):
         store, _ = self.start_watched_server()
         alice = self.join("alice")
         bob = self.join("bob")
+        irc = IrcDoorClient(IrcClient(self.address), "ircy")  # direct messages to the other doors, below
+        irc.name = "ircy"
+        nc = TextDoorClient(LineClient(self.address), "nancy")
+        nc.name = "nancy"
+        self.clients += [irc.client, nc.client]
         alice.say("kept", ref="r1")
         self.assertEqual(texts([bob.read_until(is_message)[0]]), ["kept"])
         alice.read_until(is_message)
@@ -1956,6 +1961,15 @@ class StoredBeforeSeenTests(ServerFixture, unittest.TestCase):
         self.assertIn("could not be saved", error["text"])
         bob.send({"type": "ping", "token": "after"})
         self.assertEqual(bob.read_frame(), {"type": "pong", "token": "after"})  # and no "lost" before it
+        for door, reader in (("IRC", irc), ("nc", nc)):  # the other doors' frames are withdrawn as well
+            alice.say("lost for %s" % door, to=reader.name, ref="d-" + door)
+            self.assert_error(alice, "not_stored")
+        irc.client.send("PING :after")
+        _, before = irc.client.read_until(is_irc("PONG"))
+        self.assertEqual([line for line in before if "lost" in line.params[-1]], [])
+        nc.client.send("/rooms")
+        line, before = nc.client.read_until(lambda line: "Rooms:" in line)
+        self.assertEqual([text for text in before if "lost" in text], [])
         # Writable again: the chat goes on, and the history holds only what was seen.
         store.db = WatchedDatabase(sqlite3.connect(self.path, check_same_thread=False, isolation_level=None),
                                    self.server.hub.lock)

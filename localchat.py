@@ -1029,8 +1029,12 @@ class ChatHub:
         self._rooms = {}  # room key -> Room, only rooms with users
         self._next_id = self.store.last_id() + 1
         self._closed = False
-        self._withdrawn = {}  # frame bytes -> when: frames of messages that could not be stored
-        self._withdrawn_frames = frozenset()  # the same, for the writers to skip
+        # id(frame bytes) -> (those bytes, when): frames of messages that could not be stored. By
+        # identity, not equality: an IRC or text line holds no id, and the same words said again
+        # and stored make equal bytes. Every recipient gets the very object Event.encoded made;
+        # holding it here keeps its id from being reused.
+        self._withdrawn = {}
+        self._withdrawn_frames = frozenset()  # the ids, for the writers to skip
         self.store.on_unstored = self._unstored
 
     # -- arriving and leaving ------------------------------------------------------
@@ -1452,7 +1456,8 @@ class ChatHub:
         socket before it is stored; the housekeeping thread calls it too.
         """
         self.store.flush()
-        if self._withdrawn and time.monotonic() > min(self._withdrawn.values()) + self._withdrawn_keep_s():
+        if self._withdrawn and time.monotonic() > min(when for _, when in self._withdrawn.values()) + \
+                self._withdrawn_keep_s():
             with self.lock:
                 self._forget_withdrawn_locked()
         return self._withdrawn_frames
@@ -1467,7 +1472,7 @@ class ChatHub:
             for event, sender in tokens:
                 event.withdrawn = True  # for a holding that has not encoded it yet
                 for data in event.encodings():
-                    self._withdrawn[data] = now
+                    self._withdrawn[id(data)] = (data, now)
                 if self._users.get(sender.key) is sender:
                     error = {"type": "error", "code": "not_stored", "text": "Your message could not be saved, "
                              "so nobody got it. The server's disk may be full; try again later."}
@@ -1482,7 +1487,7 @@ class ChatHub:
 
     def _forget_withdrawn_locked(self):
         oldest = time.monotonic() - self._withdrawn_keep_s()
-        self._withdrawn = {data: when for data, when in self._withdrawn.items() if when > oldest}
+        self._withdrawn = {key: kept for key, kept in self._withdrawn.items() if kept[1] > oldest}
         self._withdrawn_frames = frozenset(self._withdrawn)
 
     def users(self, seat, room_name=None):
@@ -3470,7 +3475,7 @@ class SocketWriter:
             del box.taken[:count]
         box.taken_bytes -= size
         if self._withdrawn:
-            kept = [part for part in parts if part not in self._withdrawn]
+            kept = [part for part in parts if id(part) not in self._withdrawn]
             dropped = size - sum(map(len, kept))
             if dropped:
                 parts, size = kept, size - dropped
@@ -6891,7 +6896,7 @@ def irc_nick(name):
     """Return the IRC form of a LocalChat name: "." becomes "|", and a name that IRC does not let
     start as it does (a digit or "-") gets a "`" in front. Names hold neither, so it maps back."""
     nick = name.replace(".", "|")
-    return "`" + nick if nick[:1] in "0123456789-" else nick
+    return "`" + nick if nick and nick[0] in "0123456789-" else nick
 
 
 def name_from_irc(nick):
@@ -6904,8 +6909,13 @@ def _irc_mask(name):
 
 
 def irc_line(prefix, command, *params):
-    """Return one IRC line as bytes, CRLF included; the last parameter goes as trailing where it must."""
-    params = [str(param) for param in params]
+    """Return one IRC line as bytes, CRLF included; the last parameter goes as trailing where it must.
+
+    A client's own words come back in some replies: nothing in them may end the line, and
+    a middle parameter may be neither empty nor hold a space.
+    """
+    params = [str(param).replace("\r", " ").replace("\n", " ").replace("\0", "") for param in params]
+    params = [param.replace(" ", "_").lstrip(":") or "*" for param in params[:-1]] + params[-1:]
     if params and (not params[-1] or " " in params[-1] or params[-1].startswith(":")):
         params[-1] = ":" + params[-1]
     head = ":%s %s" % (prefix, command) if prefix else command
@@ -7958,7 +7968,8 @@ class TextDoor(Door):
                 return None
             if name.lower() in ("/quit", "/exit"):
                 return session._handle_frame({"type": "bye"})
-            if session.hub.password is not None and (session.channel is not None or session.server.clear_passwords):
+            if session.hub.password is not None and not session._authenticated and (
+                    session.channel is not None or session.server.clear_passwords):
                 self.name = name
                 self._tell("This chat has a password. Type it and press Enter (it shows as you type):")
                 return None
@@ -8089,6 +8100,7 @@ class WebDoor(Door):
         self.echo_endpoint = False  # /ws/echo (--diagnostics): messages come back as they are
         self.requests = 0
         self.receiving = False  # part of a request has come (a timeout then gets 408)
+        self.pipelined = False  # more requests came behind the one being answered
 
     def greet(self, session):
         self.session = session
@@ -8113,13 +8125,19 @@ class WebDoor(Door):
             head = bytes(buffer[:end])
             del buffer[:end + size]
             self.receiving = False
-            answer = self._request(head)
+            # Over the send budget, wait as every reader does: an answer is bigger than its request.
+            self.session.server.transport.wait_for_room(self.session._gone)
+            answer = self._request(head, pipelined=bool(buffer))
             if answer:
                 return found + answer
         return found
 
-    def _request(self, head):
-        """Answer one request; return frames for the session ([bye] to close), or [] to read on."""
+    def _request(self, head, pipelined=False):
+        """Answer one request; return frames for the session ([bye] to close), or [] to read on.
+
+        Requests sent before the last answer came (pipelined: no browser does it) get one
+        answer, and the connection closes: a few bytes must not buy megabytes of answers.
+        """
         if len(head) > HTTP_MAX_HEAD_BYTES:
             return self._refuse(431, "The request's headers are too long.")
         try:
@@ -8129,8 +8147,11 @@ class WebDoor(Door):
         except ValueError:
             return self._refuse(400, "That is not an HTTP request this server understands.")
         self.requests += 1
+        if request.headers.get("content-length", "0").strip() not in ("", "0") or "transfer-encoding" in request.headers:
+            return self._refuse(400, "This server takes no request bodies.")  # never read as the next request
         if request.path in ("/ws", "/ws/echo") and "upgrade" in request.headers:
             return self._upgrade(request)
+        self.pipelined = pipelined
         resource = web_resources().get(request.path)
         if resource is None and request.path != "/ws":
             return self._answer(request, 404, b"Not found. The chat is at /.\n")
@@ -8153,7 +8174,7 @@ class WebDoor(Door):
     def _answer(self, request, status, body, extra=(), content_type="text/plain; charset=utf-8", close=False):
         """Send a response; return [bye] if the connection ends with it, else [] (keep-alive)."""
         close = close or request.version == "HTTP/1.0" or self.requests >= HTTP_MAX_REQUESTS or \
-            "close" in request.headers.get("connection", "").lower()
+            "close" in request.headers.get("connection", "").lower() or self.pipelined
         self._send_response(status, body, extra, content_type, close, head_only=request.method == "HEAD")
         if close:
             return [{"type": "bye"}]
@@ -9669,7 +9690,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         DOOR_SNIFF_BYTES came and a door still cannot tell, the last door takes it.
         """
         undecided = False
-        for door in self.doors:
+        for door in self.doors[:-1]:
             claim = door.claims(first)
             if claim:
                 return door

@@ -869,13 +869,14 @@ class RecentEvents:
         self.window_s = window_s
         self._times = None  # made on first use: most connections never err or flood
 
-    def add(self):
-        """Note one event now; return how many fell within the window."""
+    def add(self, count=True):
+        """Note one event now (count=False: only look); return how many fell within the window."""
         now = time.monotonic()
         if self._times is None:
             self._times = collections.deque()
-        self._times.append(now)
-        while self._times[0] < now - self.window_s:
+        if count:
+            self._times.append(now)
+        while self._times and self._times[0] < now - self.window_s:
             self._times.popleft()
         return len(self._times)
 
@@ -6723,6 +6724,7 @@ WEB_MANIFEST = json.dumps({
 
 _BEFORE_HELLO = frozenset(["hello", "auth", "ping", "pong", "bye", "door"])
 AUTH_FAILED_DELAY_S = 1.0  # a wrong password waits this long for its answer, so guessing is slow
+WRONG_PASSWORDS_PER_MINUTE = 10  # from one address; then every try is refused for the rest of the minute
 DOOR_SNIFF_BYTES = 16      # the most first bytes a door may need to see before it says yes or no
 SILENT_PROMPT_S = 2.0      # a connection that has sent nothing this long is asked for a name (nc, telnet)
 
@@ -8583,11 +8585,7 @@ class Session(socketserver.BaseRequestHandler):
                                 "own window or line client, or ask the server's owner for --tls.", fatal=True)
         if not isinstance(password, str):
             raise ProtocolError("password_required", "This chat needs a password.", fatal=True)
-        if not hmac.compare_digest(password.encode("utf-8", "replace"), self.hub.password.encode("utf-8")):
-            log.info("%s: wrong password", self.peer)
-            time.sleep(AUTH_FAILED_DELAY_S)  # this connection's own thread: slows guessing down
-            raise ProtocolError("auth_failed", "Wrong password.", fatal=True)
-        self._authenticated = True
+        self._judge_password(password.encode("utf-8", "replace"), self.hub.password.encode("utf-8"))
 
     def do_door(self, frame):
         return self.door.handle(self, frame)
@@ -8602,12 +8600,24 @@ class Session(socketserver.BaseRequestHandler):
             raise ProtocolError("bad_auth", "No password was asked for.")
         nonce, hello = self._challenge
         proof = frame_field(frame, "proof", str)
-        if not hmac.compare_digest(proof.encode("utf-8", "replace"), password_proof(self.hub.password, nonce).encode()):
+        self._judge_password(proof.encode("utf-8", "replace"), password_proof(self.hub.password, nonce).encode())
+        return self.do_hello(hello)
+
+    def _judge_password(self, given, expected):
+        """Accept the password, or wait and refuse; an address that guessed too often is refused at once.
+
+        Each connection gets one try and a second's wait; parallel connections from one
+        address share WRONG_PASSWORDS_PER_MINUTE, so guessing stays slow.
+        """
+        if self.server.guessing(self.address):
+            raise ProtocolError("auth_failed", "Too many wrong passwords from your computer: wait a minute, "
+                                "then try again.", fatal=True)
+        if not hmac.compare_digest(given, expected):
             log.info("%s: wrong password", self.peer)
+            self.server.note_wrong_password(self.address)
             time.sleep(AUTH_FAILED_DELAY_S)  # this connection's own thread: slows guessing down
             raise ProtocolError("auth_failed", "Wrong password.", fatal=True)
         self._authenticated = True
-        return self.do_hello(hello)
 
     def do_say(self, frame):
         ref = self._short_field(frame, "ref")
@@ -9637,6 +9647,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._sessions = set()
         self._session_threads = set()
         self._per_address = collections.Counter()  # connections open per peer address
+        self._wrong_passwords = {}  # address -> RecentEvents of wrong passwords (see guessing())
         self._state_lock = threading.Lock()
         self._serving = threading.Event()
         self._stopped = False
@@ -9754,6 +9765,18 @@ class ChatServer(socketserver.ThreadingTCPServer):
         self._count_internal_error()
         error = sys.exc_info()[1]
         log.error("%s:%s: internal error: %r", client_address[0], client_address[1], error, exc_info=True)
+
+    def guessing(self, address):
+        """Return True if this address gave WRONG_PASSWORDS_PER_MINUTE wrong passwords in the last minute."""
+        with self._state_lock:
+            wrong = self._wrong_passwords.get(address)
+            return wrong is not None and wrong.add(count=False) >= WRONG_PASSWORDS_PER_MINUTE
+
+    def note_wrong_password(self, address):
+        with self._state_lock:
+            if len(self._wrong_passwords) > 10000:  # addresses that guessed long ago
+                self._wrong_passwords.clear()
+            self._wrong_passwords.setdefault(address, RecentEvents(60.0)).add()
 
     def add_session(self, session):
         with self._state_lock:

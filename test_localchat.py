@@ -7723,6 +7723,24 @@ class PasswordTests(ServerFixture, unittest.TestCase):
         client.read_until(is_kind("synced"))
         return client
 
+    def test_guessing_from_one_address_is_slowed_across_connections(self):
+        # Bug: one try per connection, but a hundred connections at once made a hundred guesses a second.
+        guesses = []
+        for number in range(localchat.WRONG_PASSWORDS_PER_MINUTE):
+            client, nonce = self.challenged("guess%d" % number)
+            client.send({"type": "auth", "proof": password_hmac("wrong %d" % number, nonce)})
+            guesses.append(client)
+        for client in guesses:  # answered in parallel: each waits its second on its own thread
+            self.assertEqual(summary(client.read_until(is_kind("error"))[0], "code", "text"),
+                             ("auth_failed", "Wrong password."))
+        started = time.monotonic()
+        right, nonce = self.challenged("honest")
+        right.send({"type": "auth", "proof": password_hmac(self.PASSWORD, nonce)})
+        frame, _ = right.read_until(is_kind("error"))
+        self.assertEqual(frame["code"], "auth_failed")
+        self.assertIn("Too many wrong passwords", frame["text"])  # even the right one, for a minute
+        self.assertLess(time.monotonic() - started, localchat.AUTH_FAILED_DELAY_S, "refused at once")
+
     def test_hello_gets_a_challenge_with_a_fresh_nonce_per_connection_and_nobody_joins(self):
         nonces = [self.challenged("user%d" % number)[1] for number in range(3)]
         for nonce in nonces:

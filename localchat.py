@@ -197,8 +197,8 @@ Client to server:
         text: 1-32000 bytes of UTF-8, may hold newlines and tabs, no other control
         characters; "room" defaults to general; "to":"bob" instead of "room" sends
         a direct message; "action":true for /me; "notice":true for an automatic
-        message that no client may answer by itself (IRC's NOTICE); "ref" (optional, up to 64
-        printable characters) comes back in the echo
+        message that no client may answer by itself (IRC's NOTICE); "ref"
+        (optional, up to 64 printable characters) comes back in the echo
   {"type":"join","room":"games"}    {"type":"leave","room":"games"}  (leave and bye may carry
         a short "message", what one says on leaving: others get it in "left")
   {"type":"users"}                  everybody; with "room": the people in that room
@@ -223,10 +223,11 @@ Server to client:
   direct messages that waited, and {"type":"synced","last_id":41}.
   {"type":"message","id":17,"ts":1732435200.5,"from":"alice","room":"general","text":"hi"}
         sent to everyone in the room, the sender included: the echo confirms
-        delivery. A direct message to somebody away carries their "away" text. "id" is assigned by the server and increases; "from" is set by
+        delivery. "id" is assigned by the server and increases; "from" is set by
         the server. A direct message has "to" instead of "room" and goes to sender
         and recipient only ("queued":true if the recipient is away: it is kept
-        and delivered when that identity returns).
+        and delivered when that identity returns). One to somebody away carries
+        their "away" text.
   {"type":"room","room":"games","topic":"...","users":[...],"away":{"bob":"lunch"},"ops":["alice"]}
         you are in this room (after hello or join); "ops" (when there are any): its operators
   {"type":"joined","name":"bob","room":"games","ts":...}
@@ -869,14 +870,19 @@ class RecentEvents:
         self.window_s = window_s
         self._times = None  # made on first use: most connections never err or flood
 
-    def add(self, count=True):
-        """Note one event now (count=False: only look); return how many fell within the window."""
-        now = time.monotonic()
+    def add(self):
+        """Note one event now; return how many fell within the window."""
         if self._times is None:
             self._times = collections.deque()
-        if count:
-            self._times.append(now)
-        while self._times and self._times[0] < now - self.window_s:
+        self._times.append(time.monotonic())
+        return self.recent()
+
+    def recent(self):
+        """Return how many events fell within the window, up to now."""
+        if not self._times:
+            return 0
+        oldest = time.monotonic() - self.window_s
+        while self._times and self._times[0] < oldest:
             self._times.popleft()
         return len(self._times)
 
@@ -2124,6 +2130,11 @@ def _lock_history_file(history):
 _MESSAGE_KINDS = {"action": 1, "notice": 2}  # the "action" column: 0 a message, 1 a /me, 2 an automatic notice
 
 
+def _message_kind(fields):
+    """Return the "action" column's value for a message (see _MESSAGE_KINDS)."""
+    return next((number for kind, number in _MESSAGE_KINDS.items() if fields.get(kind)), 0)
+
+
 class SqliteStore:
     """History, topics, known users, bans and operators in an SQLite database (WAL).
 
@@ -2195,11 +2206,10 @@ class SqliteStore:
 
     def add_message(self, fields, from_identity=None, to_identity=None, delivered=True, token=None):
         """Queue a message's row for the next flush(); `token` comes back if it cannot be stored."""
-        room, to = fields.get("room"), fields.get("to")  # the "action" column holds _MESSAGE_KINDS
+        room, to = fields.get("room"), fields.get("to")
         self._queue(self.INSERT_MESSAGE, (
             fields["id"], fields["ts"], fields["from"], room, room and name_key(room), to, to and name_key(to),
-            name_key(fields["from"]), from_identity, to_identity, fields["text"], _MESSAGE_KINDS.get(
-                "action" if fields.get("action") else "notice" if fields.get("notice") else None, 0),
+            name_key(fields["from"]), from_identity, to_identity, fields["text"], _message_kind(fields),
             fields.get("ref"), int(delivered)), token if token is not None else fields["id"])
 
     def mark_delivered(self, identity, upto=None):
@@ -2337,10 +2347,9 @@ class SqliteStore:
         else:
             fields["to"] = recipient
         fields["text"] = text
-        if action == _MESSAGE_KINDS["action"]:
-            fields["action"] = True
-        elif action == _MESSAGE_KINDS["notice"]:
-            fields["notice"] = True
+        for kind, number in _MESSAGE_KINDS.items():
+            if action == number:
+                fields[kind] = True
         if ref is not None:
             fields["ref"] = ref
         return fields
@@ -6831,11 +6840,10 @@ class DoorReceiver:
     hub's lock held); the door decides what each event becomes for this connection.
     """
 
-    __slots__ = ("outbox", "door", "encoder")
+    __slots__ = ("outbox", "door")
 
-    def __init__(self, outbox, door, encoder=None):
+    def __init__(self, outbox, door):
         self.outbox, self.door = outbox, door
-        self.encoder = encoder  # an encoder shared by the door's connections, for IrcReceiver's fast path
 
     def deliver_locked(self, event):
         self.door.deliver_locked(self.outbox, event)
@@ -6843,22 +6851,25 @@ class DoorReceiver:
     def close_locked(self, hangup=True):
         self.outbox.close_locked(hangup)
 
-    def history_shown_locked(self):
-        """The hub has delivered a page of replayed history (the hub's lock held)."""
-        shown = getattr(self.door, "history_shown_locked", None)
-        if shown is not None:
-            shown(self.outbox)
-
 
 class IrcReceiver(DoorReceiver):
     """The IRC door's receiver: what reads the same for every IRC client goes straight to the outbox.
 
     A chat message in a room is most of what a server sends: it takes one call and one
     lookup of its bytes, encoded once for every IRC connection, as Outbox.deliver_locked
-    does for JSON lines. What the encoder leaves empty goes to the door.
+    does for JSON lines (whose queuing it repeats, for the same reason: one call a
+    recipient). What the encoder leaves empty goes to the door.
     """
 
-    __slots__ = ()
+    __slots__ = ("encoder",)
+
+    def __init__(self, outbox, door, encoder):
+        DoorReceiver.__init__(self, outbox, door)
+        self.encoder = encoder  # irc_encode or irc_encode_timed, shared by every IRC connection
+
+    def history_shown_locked(self):
+        """The hub has delivered a page of replayed history (the hub's lock held)."""
+        self.door.history_shown_locked(self.outbox)
 
     def deliver_locked(self, event):
         data = event.by_encoder.get(self.encoder)
@@ -7026,12 +7037,13 @@ def irc_encode_timed(fields):
     return _irc_shared(fields, True)
 
 
-def irc_encode_direct(fields):
-    """A direct message's lines (the same for its sender and its recipient); with the time, below."""
+def irc_encode_whole(fields):
+    """An event's lines, whatever it is (a direct message, a leaving, a rename): the door's own path
+    uses it where the same lines go to several IRC clients, so they are encoded once."""
     return _irc_lines(fields, False)
 
 
-def irc_encode_direct_timed(fields):
+def irc_encode_whole_timed(fields):
     return _irc_lines(fields, True)
 
 
@@ -7289,14 +7301,9 @@ class IrcDoor(Door):
             return None
         if params[0] == "0":
             return self._part(["#" + room for room in self.channels.values()])
-        for channel in params[0].split(",")[:MAX_ROOMS_PER_USER]:
-            room = self._channel_room(channel)
-            if room is None or name_key(room) in self.channels:
-                continue  # already there: IRC says nothing
-            reason = self._run({"type": "join", "room": room}, "JOIN", channel)
-            if reason:
-                return reason
-        return None
+        def join(room):  # already there: IRC says nothing
+            return None if name_key(room) in self.channels else {"type": "join", "room": room}
+        return self._each_channel(params[0].split(","), "JOIN", join)
 
     def irc_PART(self, params):
         if self._need(params, 1, "PART"):
@@ -7309,10 +7316,12 @@ class IrcDoor(Door):
         return self._each_channel(channels, "PART", leave)
 
     def _each_channel(self, channels, command, frame_for):
-        """Run frame_for(room) for each channel named (403 for what is no channel); stop at a reason to."""
+        """Run frame_for(room) for each channel named (403 for what is no channel, nothing where it
+        gives None); stop at a reason to."""
         for channel in channels[:MAX_ROOMS_PER_USER]:
             room = self._channel_room(channel)
-            reason = room and self._run(frame_for(room), command, channel)
+            frame = room and frame_for(room)
+            reason = frame and self._run(frame, command, channel)
             if reason:
                 return reason
         return None
@@ -7356,7 +7365,7 @@ class IrcDoor(Door):
                    "CLIENTINFO": "ACTION CLIENTINFO PING TIME VERSION"}
         answer = answers.get(word.upper())
         if answer is not None:
-            self._send(irc_line("%s!u@%s" % (target, IRC_HOST), "NOTICE", self.nick,
+            self._send(irc_line(_irc_mask(name_from_irc(target)), "NOTICE", self.nick,
                                 "\x01%s %s\x01" % (word.upper(), answer) if answer else "\x01%s\x01" % word.upper()))
 
     def _say(self, target, text, action):
@@ -7540,9 +7549,12 @@ class IrcDoor(Door):
                 self.me, self.nick = fields["name"], irc_nick(fields["name"])
             if kind == "left" and fields.get("room") and fields["name"] == self.me:
                 self.channels.pop(name_key(fields["room"]), None)
-            data = _irc_lines(fields, "server-time" in self.caps)
+            data = event.encoded(self._whole_encoder())
         if data:
             outbox.push_locked(data)
+
+    def _whole_encoder(self):
+        return irc_encode_whole_timed if "server-time" in self.caps else irc_encode_whole
 
     def _direct_locked(self, outbox, event):
         """Queue a direct message: its line, or for its sender 301 if it waits, and the echo if asked for.
@@ -7551,7 +7563,7 @@ class IrcDoor(Door):
         own: a message the store could not keep is withdrawn by its bytes, these too.
         """
         fields = event.fields
-        line = event.encoded(irc_encode_direct_timed if "server-time" in self.caps else irc_encode_direct)
+        line = event.encoded(self._whole_encoder())
         if fields["from"] == self.me:
             if fields.get("away") is not None and not fields.get("notice"):  # the answer to a message to somebody away
                 outbox.push_locked(self._numeric("301", irc_nick(fields["to"]), fields["away"]))
@@ -7589,14 +7601,10 @@ class IrcDoor(Door):
         return data + self._replayed(fields)
 
     def _replayed(self, fields):
-        stamp = ""
-        if "server-time" not in self.caps:
-            stamp = "[%s] " % _history_time(fields.get("ts"))
-        lines = _irc_message(fields, stamp)
-        if "server-time" in self.caps and fields.get("ts"):
-            tag = ("@time=%s " % _irc_time(fields["ts"])).encode("ascii")
-            lines = [tag + line for line in lines]
-        return b"".join(lines)
+        """A message said earlier: its time in a server-time tag, or at the start of its text."""
+        if "server-time" in self.caps:
+            return _irc_lines(fields, True)
+        return b"".join(_irc_message(fields, "[%s] " % _history_time(fields.get("ts"))))
 
     def _own_welcome(self, fields):
         self.me, self.nick = fields["name"], irc_nick(fields["name"])
@@ -7806,9 +7814,9 @@ def _history_time(ts):
 
 TEXT_HELLO_TIMEOUT_S = 300.0  # a person at nc has this long to type a name (and a password)
 TEXT_MAX_LINE_BYTES = MAX_TEXT_BYTES  # one typed line is one message
-_TELNET_IAC = 0xFF                    # telnet's "interpret as command": option bytes follow it
+# Telnet's commands start with IAC (0xFF, never in UTF-8 text):
 _TELNET_OPTION_VERBS = frozenset([251, 252, 253, 254])  # WILL, WON'T, DO, DON'T: one option byte follows
-_TELNET_SB, _TELNET_SE = 250, 240     # a subnegotiation runs from SB to IAC SE
+_TELNET_SB = 250                      # a subnegotiation runs from IAC SB to IAC SE (0xFF 0xF0)
 
 
 def text_encode(fields):
@@ -8183,8 +8191,9 @@ class WebDoor(Door):
         self.session.extend_hello(self.keepalive_s)  # the next request has this long to begin and end
         return []
 
-    def _refuse(self, status, sentence):
-        self._send_response(status, (sentence + "\n").encode("utf-8"), (), "text/plain; charset=utf-8", True)
+    def _refuse(self, status, sentence, extra=()):
+        """Answer with a sentence and close; return [bye]."""
+        self.session.outbox.put(_http_error(status, sentence, extra))
         log.info("%s: HTTP %d: %s", self.session.peer, status, sentence)
         return [{"type": "bye"}]
 
@@ -8203,10 +8212,7 @@ class WebDoor(Door):
             return self._answer(request, 404, b"Not found. The chat is at /.\n")
         answer = websocket_handshake(request.method, request.pairs)
         if answer.status != 101:
-            log.info("%s: WebSocket refused (%d): %s", self.session.peer, answer.status, answer.sentence)
-            self._send_response(answer.status, (answer.sentence + "\n").encode("utf-8"), answer.headers,
-                                "text/plain; charset=utf-8", True)
-            return [{"type": "bye"}]
+            return self._refuse(answer.status, answer.sentence, answer.headers)
         self.session.outbox.put(_http_head(101, answer.headers))
         self.reader, self.echo_endpoint = WebSocketReader(), echo
         self.session.extend_hello(WS_ECHO_TIMEOUT_S if echo else self.session.server.hello_timeout)
@@ -8278,11 +8284,11 @@ def _head_end(buffer):
     return (end, 4) if end >= 0 else (-1, 0)
 
 
-def _http_error(status, sentence):
+def _http_error(status, sentence, extra=()):
     """Return a whole response that refuses with a sentence and closes the connection."""
     body = (sentence + "\n").encode("utf-8")
-    return _http_head(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-                               ("Connection", "close")]) + body
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+    return _http_head(status, headers + list(extra) + list(WEB_SECURITY_HEADERS) + [("Connection", "close")]) + body
 
 
 def _http_head(status, headers):
@@ -9770,7 +9776,7 @@ class ChatServer(socketserver.ThreadingTCPServer):
         """Return True if this address gave WRONG_PASSWORDS_PER_MINUTE wrong passwords in the last minute."""
         with self._state_lock:
             wrong = self._wrong_passwords.get(address)
-            return wrong is not None and wrong.add(count=False) >= WRONG_PASSWORDS_PER_MINUTE
+            return wrong is not None and wrong.recent() >= WRONG_PASSWORDS_PER_MINUTE
 
     def note_wrong_password(self, address):
         with self._state_lock:

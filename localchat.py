@@ -265,6 +265,32 @@ Operators (see the README) send {"type":"kick","name":..,"reason":..},
   {"type":"ban","target":NAME_OR_IP,"minutes":..,"reason":..}, {"type":"unban","target":..},
   {"type":"mute","name":..,"minutes":..}, {"type":"unmute","name":..},
   {"type":"op","name":..}, {"type":"deop","name":..}.
+Files: a file is shared in three steps, all on the chat's one port.
+  1. {"type":"upload","name":"report.pdf","size":48213,"room":"general","ref":"f1"}
+     ("to":"bob" instead of "room" for one person). Refused at once, before any
+     byte is sent, with an error carrying the ref: file_too_large, too_many_uploads,
+     not_in_room, unknown_user, muted, files_off, bad_field.
+  2. The answer {"type":"upload_ready","ref":"f1","url":"/upload/<token>","expires_s":60}:
+     a one-time address. The client sends the file's bytes there with HTTP on the
+     same port: "PUT <url> HTTP/1.1" with "Content-Length" equal to the size asked
+     for (POST is taken too), over TLS on a TLS server. Answers: 201 with
+     {"id":17,"url":"/files/..."} once the file is stored and announced; 404 for an
+     unknown, used or expired address; 400 when the length is not the one asked for;
+     413 over the limit; 409 when the sender left the chat before it ended; 507
+     when the server cannot store it. An upload cut short leaves nothing behind.
+  3. Everybody it was shared with gets a message frame with a "file" object:
+     {"type":"message","id":17,...,"text":"report.pdf","file":{"name":"report.pdf",
+      "size":48213,"type":"application/pdf","url":"/files/<id>/report.pdf"}}
+     The name is cleaned by the server (no folders, no control or direction
+     characters, no names Windows reserves, at most 120 characters). <id> holds
+     192 random bits: only the people it was shared with are sent it, and any
+     other address gets 404. "GET <url>" (or HEAD) downloads it, with its
+     Content-Type, "X-Content-Type-Options: nosniff", and "Content-Disposition:
+     attachment" for everything but PNG, GIF, JPEG and WebP pictures. A file the
+     server no longer keeps (the oldest go when the total is over the limit) comes
+     in history as {"name":..,"size":..,"type":..,"expired":true}, without "url".
+  The welcome's "limits" carry "max_file_bytes" (0: files are turned off) and
+  "uploads_per_minute".
 Encryption: a TLS server expects a TLS handshake as the first bytes; a plain
   first byte gets the plain error tls_required, and a TLS handshake sent to a
   plain server gets tls_not_used (which the TLS client sees as a failed handshake).
@@ -278,6 +304,7 @@ while the server stops); and from moderation and limits: rate_limited,
 flooding (fatal), muted, banned (fatal at hello), not_operator, no_identity,
 not_banned, not_muted, own_address, bad_auth, auth_first (fatal), auth_failed (fatal),
 server_full (fatal), too_many_connections (fatal), tls_required (fatal),
+file_too_large, too_many_uploads, files_off (files are turned off),
 tls_not_used (fatal); from the IRC and text doors, which carry a password
 themselves: password_required (fatal), password_in_clear (fatal: a password
 server without TLS, unless started with --allow-clear-passwords).

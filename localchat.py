@@ -44,6 +44,8 @@ import gzip
 import hashlib
 import hmac
 import http
+import http.client
+import io
 import ipaddress
 import itertools
 import json
@@ -10743,6 +10745,63 @@ class SendPacer:
         return take_message(self.messages, self.bytes, size)
 
 
+FILE_ANSWER_S = 10.0       # client: how long the server may take to answer a request to share a file
+FILE_TRANSFER_S = 30.0     # client: an upload or download that makes no progress this long has failed
+FILE_SEND_BYTES = 64 * 1024  # client: an upload is read and sent this much at a time
+
+
+def downloads_folder():
+    """Return where downloads are saved: the user's Downloads folder, or the home folder without one."""
+    folder = Path.home() / "Downloads"
+    return folder if folder.is_dir() else Path.home()
+
+
+def open_with_system(path):
+    """Open a file with the application the system has for it; return a sentence if that failed, else None."""
+    try:
+        if sys.platform == "win32":
+            os.startfile(str(path))  # pylint: disable=no-member  (Windows only)
+        else:
+            subprocess.Popen(["open" if sys.platform == "darwin" else "xdg-open", str(path)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError as error:
+        return "Cannot open %s: %s" % (path, error.strerror or error)
+    return None
+
+
+def _new_file(folder, name):
+    """Create and open a new file for name in folder, never over another: "name (1).pdf" if it is taken."""
+    name = clean_file_name(name)
+    stem, dot, extension = name.rpartition(".")
+    if not dot:
+        stem, extension = name, ""
+    for number in range(1000):
+        candidate = Path(folder) / (name if number == 0 else "%s (%d)%s" % (stem, number, dot + extension))
+        try:
+            return candidate, open(str(candidate), "xb")
+        except FileExistsError:
+            continue
+    raise UserError("%s holds too many files called %s." % (folder, name))
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to a LocalChat server whose certificate must be the one its chat connection checked."""
+
+    def __init__(self, host, port, fingerprint, timeout):
+        context = client_tls_context()
+        context.set_alpn_protocols(["http/1.1"])
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.fingerprint = fingerprint
+
+    def connect(self):
+        super().connect()
+        der = self.sock.getpeercert(binary_form=True)
+        seen = ":".join("%02X" % byte for byte in hashlib.sha256(der or b"").digest())
+        if seen != self.fingerprint:
+            self.close()
+            raise ssl.SSLError("the server's certificate is not the one the chat connection trusted")
+
+
 class ChatConnection:
     """A client's connection to a LocalChat server, reconnecting by itself when asked to.
 
@@ -10798,6 +10857,7 @@ class ChatConnection:
         self._synced = threading.Event()  # set while connected and caught up
         self._outgoing = queue.Queue()  # frames for the sender thread (see post())
         self.unconfirmed = collections.OrderedDict()  # ref -> say frame sent but not yet echoed
+        self._answers = {}  # ref -> queue.Queue for the answer to a request to share a file
         self._threads = []
 
     @property
@@ -11074,6 +11134,10 @@ class ChatConnection:
         if kind == "ping":
             self.send({"type": "pong"})
             return
+        waiting = self._answers.get(frame.get("ref")) if kind in ("upload_ready", "error") else None
+        if waiting is not None:  # share_file() is waiting for it, and says what became of it
+            waiting.put(frame)
+            return
         if kind == "message" and isinstance(frame.get("id"), int):
             self.last_id = max(self.last_id or 0, frame["id"])
             if frame.get("from") == self.name:
@@ -11091,6 +11155,170 @@ class ChatConnection:
         elif kind == "error" and frame.get("ref"):  # refused (not_stored): never sent again
             self.unconfirmed.pop(frame.get("ref"), None)
         self.on_event(frame)
+
+    # -- files (each call blocks: run them off the Tk thread) ---------------------------
+
+    def share_file(self, path, room=None, to=None, progress=None):
+        """Share a file with a room (general by default) or, with `to`, with one person.
+
+        Asks the server, sends the bytes over HTTP on the same port (encrypted with the
+        certificate this connection checked), and returns the file's address once it is
+        announced. progress(sent, total) is called as the bytes go. Raises UserError.
+        """
+        path = Path(path).expanduser()
+        try:
+            source = open(str(path), "rb")
+            size = os.fstat(source.fileno()).st_size
+        except OSError as error:
+            raise UserError("Cannot read %s: %s." % (path, error.strerror or error)) from None
+        with source:
+            if path.is_dir():
+                raise UserError("%s is a folder; share the files in it one by one." % path)
+            return self._share(source, size, path.name, room, to, progress)
+
+    def share_bytes(self, data, name, room=None, to=None, progress=None):
+        """Share bytes held in memory (a pasted picture) as a file called name; see share_file()."""
+        return self._share(io.BytesIO(data), len(data), name, room, to, progress)
+
+    def _share(self, source, size, name, room, to, progress):
+        limits = (self.welcome or {}).get("limits") or {}
+        limit = limits.get("max_file_bytes")
+        if limit == 0:
+            raise UserError("This chat's server does not take files.")
+        if isinstance(limit, int) and size > limit:
+            raise UserError("%s is %s; this chat takes files of up to %s." % (
+                clean_file_name(name), file_size_text(size), file_size_text(limit)))
+        ref = "f" + secrets.token_hex(6)
+        request = {"type": "upload", "name": name, "size": size, "ref": ref}
+        request.update({"to": to} if to is not None else {"room": room or GENERAL_ROOM})
+        answers = self._answers[ref] = queue.Queue(1)
+        try:
+            self.send(request)
+            answer = answers.get(timeout=FILE_ANSWER_S)
+        except (OSError, UserError):
+            raise UserError("The connection to the server was lost; the file was not shared.") from None
+        except queue.Empty:
+            raise UserError("The server did not answer; the file was not shared.") from None
+        finally:
+            self._answers.pop(ref, None)
+        if answer["type"] == "error":
+            raise UserError(answer.get("text") or "The server refused the file.", code=answer.get("code"))
+        return self._upload(answer["url"], source, size, progress)
+
+    def _upload(self, url, source, size, progress):
+        """Send the bytes to the one-time address; return the file's address. Raises UserError."""
+        connection = self._http()
+        try:
+            connection.putrequest("PUT", url, skip_accept_encoding=True)
+            connection.putheader("Content-Length", str(size))
+            connection.putheader("Content-Type", "application/octet-stream")
+            connection.endheaders()
+            sent = 0
+            while sent < size:
+                chunk = source.read(min(FILE_SEND_BYTES, size - sent))
+                if not chunk:
+                    raise UserError("The file got shorter while it was being sent; it was not shared.")
+                connection.send(chunk)
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent, size)
+            response = connection.getresponse()
+            body = response.read(64 * 1024)
+        except (OSError, http.client.HTTPException) as error:
+            raise UserError("Sending the file failed: %s." % (getattr(error, "strerror", None) or error)) from None
+        finally:
+            connection.close()
+        if response.status != 201:
+            text = body.decode("utf-8", "replace").strip()
+            raise UserError(text or "The server refused the file (HTTP %d)." % response.status)
+        try:
+            return json.loads(body.decode("utf-8"))["url"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError("The server's answer to the file was not understood.") from None
+
+    def fetch_file(self, url, folder=None, progress=None):
+        """Download a shared file's address into folder (Downloads by default); return the Path saved.
+
+        Never writes over a file: "report (1).pdf" when "report.pdf" is there. Raises UserError.
+        """
+        folder = Path(folder) if folder is not None else downloads_folder()
+        name = urllib.parse.unquote(url.rstrip("/").rsplit("/", 1)[-1])
+        connection, response = self._get(url)
+        try:
+            target, output = _new_file(folder, name)
+        except OSError as error:
+            connection.close()
+            raise UserError("Cannot save into %s: %s." % (folder, error.strerror or error)) from None
+        try:
+            with output:
+                self._copy_body(response, output, progress)
+        except BaseException:
+            _remove(target)  # nothing half-downloaded is left behind
+            raise
+        finally:
+            connection.close()
+        return target
+
+    def fetch_bytes(self, url, limit):
+        """Download a shared file's bytes (a picture for a thumbnail); raises UserError, also past limit bytes."""
+        connection, response = self._get(url)
+        try:
+            data = response.read(limit + 1)
+        except (OSError, http.client.HTTPException) as error:
+            raise UserError("The download failed: %s." % (getattr(error, "strerror", None) or error)) from None
+        finally:
+            connection.close()
+        if len(data) > limit:
+            raise UserError("The file is larger than %s." % file_size_text(limit))
+        return data
+
+    def file_address(self, url):
+        """Return a shared file's whole address, for a browser or curl: https://host:port/files/..."""
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s://%s:%d%s" % ("https" if self.tls else "http", host, self.port, url)
+
+    def _get(self, url):
+        """GET a shared file; return (connection, response) once its answer is 200. Raises UserError."""
+        if not url.startswith("/files/"):
+            raise UserError("That is not the address of a shared file.")
+        connection = self._http()
+        try:
+            connection.request("GET", url)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise UserError("The download failed: %s." % (getattr(error, "strerror", None) or error)) from None
+        if response.status != 200:
+            connection.close()
+            if response.status == 404:
+                raise UserError("This file is no longer on the server.", code="expired")
+            raise UserError("The server refused the download (HTTP %d)." % response.status)
+        return connection, response
+
+    @staticmethod
+    def _copy_body(response, output, progress):
+        total = int(response.getheader("Content-Length") or 0)
+        done = 0
+        try:
+            while True:
+                chunk = response.read(FILE_SEND_BYTES)
+                if not chunk:
+                    break
+                output.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        except (OSError, http.client.HTTPException) as error:
+            raise UserError("The download failed: %s." % (getattr(error, "strerror", None) or error)) from None
+        if total and done != total:
+            raise UserError("The download was cut short; nothing was saved.")
+
+    def _http(self):
+        """Return an HTTP connection to the chat's server: encrypted, and with the very certificate
+        this connection checked, when it is."""
+        if self.tls and self.fingerprint is not None:
+            return _PinnedHTTPSConnection(self.host, self.port, self.fingerprint, FILE_TRANSFER_S)
+        return http.client.HTTPConnection(self.host, self.port, timeout=FILE_TRANSFER_S)
 
     def _resend_unconfirmed(self):
         """After (re)connecting: send again what the server never echoed, in order."""

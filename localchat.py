@@ -11526,6 +11526,9 @@ def load_identity():
 # tkinter is imported by run_window(), so the server runs where Tk is missing.
 # Look holds the theme and text size, Conversation one log, Banner the strip that
 # says what went wrong and offers the way on, Notifier the desktop notifications.
+# Files go and come on "upload", "download" and "thumbnails" threads (FileSharing),
+# which hand their progress and results to the same queue; a FileCard is one shared
+# file in a log.
 
 POLL_INTERVAL_MS = 50       # how often the window drains the event queue
 EVENTS_PER_POLL = 500       # at most this many events per drain, so typing stays responsive
@@ -11539,6 +11542,17 @@ NARROWER_WIDTH_PX = 620     # below this the conversation list hides too
 WIDE_WIDTH_PX = 1200        # from this width on the side panes are wider
 SYSTEM_QUERY_TIMEOUT_S = 1.5  # asking the system for its dark mode must never hold the window up
 URL_PATTERN = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]}]", re.IGNORECASE)
+FILE_CARD_WIDTH_PX = 340    # a shared file's card in the log is this wide (less in a narrow window)
+THUMBNAIL_WIDTH_PX = 240    # a picture shows in the log at most this wide ...
+THUMBNAIL_HEIGHT_PX = 180   # ... and this high, subsampled by a whole step to fit
+THUMBNAIL_MAX_BYTES = 8 * 1024 * 1024  # larger pictures get a card only: Tk decodes them on its own thread
+THUMBNAIL_MAX_PIXELS = 3840 * 2160     # ... and so do pictures larger than a 4K screenshot
+PROGRESS_EVERY_S = 0.2      # a transfer tells the Tk thread how far it is at most this often
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Clipboard targets that mean "there is text here": then Ctrl+V pastes the text, even if
+# the program that copied also offers a picture of it (an office suite's cells do).
+TEXT_TARGETS = frozenset(("UTF8_STRING", "STRING", "TEXT", "COMPOUND_TEXT", "text/plain",
+                          "text/plain;charset=utf-8"))
 
 # Each name keeps one colour; the two lists are the same hues, readable on white and on the dark
 # background. Ten hues far apart (no two oranges), each dark or light enough for 4.5:1 contrast.
@@ -11555,12 +11569,12 @@ PALETTES = {
               "muted": "#6b7380", "border": "#d9dde3", "accent": "#2f6fde", "accent_text": "#ffffff",
               "select": "#dce7fb", "hover": "#e6e9ee", "mention": "#fff4c2", "own": "#ffffff",
               "error": "#b3261e", "link": "#1a5fd0", "banner": "#fdecea", "new": "#d93025",
-              "code": "#f1f3f5", "thumb": "#c4c9d1"},
+              "code": "#f1f3f5", "thumb": "#c4c9d1", "card": "#eef1f6"},
     "dark": {"bg": "#1b1e23", "panel": "#202329", "surface": "#16181c", "text": "#e4e6ea",
              "muted": "#959ca8", "border": "#30343b", "accent": "#5b8def", "accent_text": "#ffffff",
              "select": "#2c3a55", "hover": "#2a2e35", "mention": "#3d3516", "own": "#16181c",
              "error": "#ff8a80", "link": "#8ab4f8", "banner": "#3b2423", "new": "#ff6b5e",
-             "code": "#23262c", "thumb": "#454b55"},
+             "code": "#23262c", "thumb": "#454b55", "card": "#252a33"},
 }
 
 
@@ -11658,6 +11672,7 @@ class Look:
         self.italic = make(family=family, slant="italic")
         self.title = make(family=family, weight="bold")
         self.mono = make(family=mono)
+        self.tiny = make(family=family, size=1)  # an empty line of next to no height
         self.set_size(self.size)
 
     @staticmethod
@@ -11757,6 +11772,17 @@ class Look:
                         "spacing1": 12, "spacing3": 4}),
             ("newline", {"foreground": c["new"], "font": self.small, "justify": "right", "spacing1": 8}),
             ("link", {"foreground": c["link"], "underline": True}),
+            # A shared file: a flat card (its left margin painted too, where Tk can), a bold
+            # name, muted size and state, its actions styled as links.
+            ("file", {"background": c["card"], "lmargin1": 12, "lmargin2": 12, "lmargincolor": c["card"],
+                      "rmargincolor": c["surface"]}),
+            ("filegap", {"font": self.tiny, "spacing1": 2, "spacing3": 2}),  # between a card and the next
+            ("filename", {"font": self.bold, "spacing1": 8}),
+            ("filethumb", {"spacing1": 10, "spacing3": 2}),
+            ("filemeta", {"foreground": c["muted"], "font": self.small}),
+            ("filestate", {"spacing3": 8}),
+            ("filebad", {"foreground": c["error"]}),
+            ("fileaction", {"foreground": c["link"], "underline": True, "font": self.small}),
         ]
         tags += [("name-%d" % i, {"foreground": colour})
                  for i, colour in enumerate(NAME_COLOURS[self.theme])]
@@ -11799,6 +11825,59 @@ def mentions(text, name):
             return True
         start = folded.find(key, start + 1)
     return False
+
+
+def picture_size(data):
+    """Return (width, height) of PNG or GIF bytes, read from their header; None for anything else."""
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    return None
+
+
+def thumbnail_step(width, height):
+    """Return the subsample step that fits a picture in THUMBNAIL_WIDTH_PX x THUMBNAIL_HEIGHT_PX."""
+    return max(1, math.ceil(width / THUMBNAIL_WIDTH_PX), math.ceil(height / THUMBNAIL_HEIGHT_PX))
+
+
+def clipboard_bytes(value):
+    """Return the bytes Tk gave for a binary clipboard target (a picture), or None if they cannot be read.
+
+    Tk 8.6 on X11 hands a target it does not know as text, such as image/png, as
+    each byte written out in hex: "0x89 0x50 0x4e 0x47 0xd 0xa ...". A Tk that
+    hands them as characters, one per byte, is read too.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if not isinstance(value, str):
+        return None
+    sample = value[:60].split()
+    head = sample[:-1] or sample  # the last word of the sample may be cut short
+    if head and all(word[:2] in ("0x", "0X") and 3 <= len(word) <= 4 for word in head):
+        try:  # "0xd" -> "0d", "0x89" -> "89"; fromhex skips the spaces between them
+            return bytes.fromhex(re.sub(r"0[xX]([0-9a-fA-F])(?![0-9a-fA-F])", r"0\1", value).replace("0x", "")
+                                 .replace("0X", ""))
+        except ValueError:
+            return None
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def pasted_picture_name(ts=None):
+    """Return the name a picture pasted from the clipboard is shared under."""
+    return time.strftime("pasted-picture-%Y%m%d-%H%M%S.png", time.localtime(ts))
+
+
+def home_relative(path):
+    """Return a path as a person reads it: ~/Downloads/report.pdf under the home folder."""
+    path = Path(path)
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
 
 
 class ConfirmDialog:
@@ -11926,6 +12005,69 @@ def _fingerprint_rows(fingerprint):
     return ":".join(pairs[:16]) + ("\n" + ":".join(pairs[16:]) if len(pairs) > 16 else "")
 
 
+class FileCard:
+    """One shared file as a log shows it: its name and size, and what became of its download.
+
+    Runs on the Tk thread. state is "ready", "busy" (downloading), "saved", "failed"
+    or "expired" (the server no longer keeps it). The card's text carries the tag
+    "card-N"; its last line, which changes with the state, "cardstate-N" too.
+    """
+
+    def __init__(self, number, shared):
+        self.number = number
+        # Cleaned by the server, and again here: what is shown is what a download saves.
+        self.name = clean_file_name(shared.get("name"))
+        size = shared.get("size")
+        self.size = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+        self.kind = shared.get("type") if isinstance(shared.get("type"), str) else ""
+        url = shared.get("url")
+        self.url = url if isinstance(url, str) and url.startswith("/files/") else None
+        self.state = "expired" if shared.get("expired") or self.url is None else "ready"
+        self.done = self.total = 0  # bytes downloaded, of all, while busy
+        self.saved = None  # where the last download went
+        self.problem = None  # why the last download failed
+
+    @property
+    def tag(self):
+        return "card-%d" % self.number
+
+    @property
+    def state_tag(self):
+        return "cardstate-%d" % self.number
+
+    @property
+    def picture(self):
+        """True for a PNG or GIF small enough to be shown (Tk decodes no other pictures)."""
+        return (self.kind in ("image/png", "image/gif") and self.url is not None and self.size is not None
+                and self.size <= THUMBNAIL_MAX_BYTES)
+
+    def pieces(self, note=""):
+        """Return the whole card as (text, tags) pieces: name and size, then its state."""
+        card = ("file", self.tag)
+        size = file_size_text(self.size) if self.size is not None else ""
+        return [(self.name, card + ("filename",)), ("  " + size + note + "\n", card + ("filemeta",))] + \
+            self.state_pieces() + [("\n", card + ("filestate",)), ("\n", ("filegap",))]
+
+    def state_pieces(self):
+        """Return the card's last line: what can be done with the file now, or what became of it."""
+        tags = ("file", self.tag, "filemeta", "filestate", self.state_tag)
+        dot = (" \u00b7 ", tags)
+
+        def action(label, name):
+            return label, tags + ("fileaction", "act-%d-%s" % (self.number, name))
+        if self.state == "busy":
+            shown = " %d%%" % (100 * self.done // self.total) if self.total else ""
+            return [("Downloading\u2026" + shown, tags)]
+        if self.state == "saved":
+            return [("Saved to %s" % home_relative(self.saved), tags), dot, action("Open", "open"), dot,
+                    action("Download again", "download")]
+        if self.state == "failed":
+            return [(self.problem, tags + ("filebad",)), dot, action("Try again", "download")]
+        if self.state == "expired":
+            return [("Expired: the server no longer keeps this file.", tags)]
+        return [action("Download", "download")]
+
+
 class Conversation:
     """One room or direct conversation as the window shows it: its log (a Text) and its people.
 
@@ -11953,6 +12095,10 @@ class Conversation:
         self._no_earlier = False  # the server said there is nothing older
         self.following = True  # the view is at the end, and stays there as lines come
         self.scrollbar = None
+        self.cards = {}  # number -> the FileCard of each shared file shown
+        # The thumbnails' PhotoImages: kept here, or Tk would blank them when Python collects
+        # them; let go of (release_images) on the Tk thread, where deleting them is allowed.
+        self.images = []
 
     @property
     def where(self):
@@ -11964,20 +12110,25 @@ class Conversation:
         prefix = "# " if self.kind == "room" else "@ "
         return prefix + self.name + (" (%d)" % self.unread if self.unread else "")
 
-    def build(self, tk, ttk, parent, on_older, on_link, look):
-        """Make the log: a read-only Text with a thin scrollbar."""
+    def build(self, tk, ttk, parent, on_older, on_link, look, on_file=None):
+        """Make the log: a read-only Text with a thin scrollbar.
+
+        on_file(conversation, card, action) is called when a card's action is clicked.
+        """
         self.frame = ttk.Frame(parent, style="Surface.TFrame")
         log = self.log = tk.Text(self.frame, wrap="word", state="disabled", padx=14, pady=8,
                                  cursor="arrow", spacing1=1, spacing3=1)
         self.scrollbar = scrollbar = ttk.Scrollbar(self.frame, command=log.yview, style="Thin.Vertical.TScrollbar")
         log.configure(yscrollcommand=self._on_scrolled)
         log.bind("<Configure>", lambda event: self.following and log.see("end"))  # resized: stay at the end
+        log.bind("<Configure>", self._on_log_resize, add="+")
         scrollbar.pack(side="right", fill="y")
         log.pack(side="left", fill="both", expand=True)
         self.paint(look)
         log.tag_bind("older", "<Button-1>", lambda event: on_older(self))
         log.tag_bind("link", "<Button-1>", lambda event: self._on_link(on_link))
-        for tag in ("older", "link"):
+        log.tag_bind("fileaction", "<Button-1>", lambda event: self._on_file_action(on_file))
+        for tag in ("older", "link", "fileaction"):
             log.tag_bind(tag, "<Enter>", lambda event: log.configure(cursor="hand2"))
             log.tag_bind(tag, "<Leave>", lambda event: log.configure(cursor="arrow"))
         log.mark_set("page", "1.0")
@@ -11986,9 +12137,19 @@ class Conversation:
         """Colour and size the log for the look (on building, and when the theme changes)."""
         look.paint_text(self.log)
         for tag, options in look.log_tags():
-            self.log.tag_configure(tag, **options)
-        for tag in ("link", "older"):
+            try:
+                self.log.tag_configure(tag, **options)
+            except self.log.tk.TclError:  # a Tk before 8.6.6 paints no margins: the card starts at its text
+                options.pop("lmargincolor", None)
+                options.pop("rmargincolor", None)
+                self.log.tag_configure(tag, **options)
+        for tag in ("link", "older", "fileaction"):
             self.log.tag_raise(tag)
+
+    def _on_log_resize(self, event):
+        """Cards keep their width as the log widens: the rest of the line is their right margin."""
+        inside = event.width - 2 * int(self.log.cget("padx")) - 4
+        self.log.tag_configure("file", rmargin=max(0, inside - FILE_CARD_WIDTH_PX))
 
     def _on_scrolled(self, first, last):
         """The view moved: move the scrollbar; its thumb shows only when there is more to see."""
@@ -12003,6 +12164,15 @@ class Conversation:
                 on_link(self.links[tag])
                 return
 
+    def _on_file_action(self, on_file):
+        for tag in self.log.tag_names("current"):
+            if tag.startswith("act-") and on_file is not None:
+                _, number, action = tag.split("-", 2)
+                card = self.cards.get(int(number))
+                if card is not None:
+                    on_file(self, card, action)
+                return
+
     def append(self, pieces, index="end"):
         """Insert (text, tags) pieces into the log; follow the end unless scrolled up."""
         following = self.log.yview()[1] >= 0.999
@@ -12014,7 +12184,10 @@ class Conversation:
             self.log.see("end")
 
     def add_message(self, frame, extra=()):
-        """Show a message; older ones (a page) go on top. extra: tags for the whole message."""
+        """Show a message; older ones (a page) go on top. extra: tags for the whole message.
+
+        Return the FileCard made for a shared file's message, else None.
+        """
         sender, text = str(frame.get("from")), str(frame.get("text"))
         ts = frame.get("ts") if isinstance(frame.get("ts"), (int, float)) else time.time()
         message_id = frame.get("id") if isinstance(frame.get("id"), int) else None
@@ -12031,13 +12204,17 @@ class Conversation:
             pieces += self._day_pieces(day, ts, index)
         grouped = (last is not None and last[0] == name_key(sender) and last[2] == day
                    and 0 <= ts - last[1] < GROUP_GAP_S and not frame.get("action"))
-        pieces += self._message_pieces(frame, sender, text, ts, grouped, extra)
+        card = None
+        if isinstance(frame.get("file"), dict) and not frame.get("action"):
+            card = self.cards[len(self.cards)] = FileCard(len(self.cards), frame["file"])
+        pieces += self._message_pieces(frame, sender, text, ts, grouped, extra, card)
         this = None if frame.get("action") else (name_key(sender), ts, day)
         if older:
             self._page_last = this or (None, ts, day)
         else:
             self._last = this or (None, ts, day)
         self.append(pieces, index)
+        return card
 
     def _day_pieces(self, day, ts, index):
         """A separator for a new day; an existing one for that day below a page goes."""
@@ -12049,9 +12226,14 @@ class Conversation:
             self.log.configure(state="disabled")
         return [("\u2500\u2500  %s  \u2500\u2500\n" % day_label(ts), ("daysep", tag))]
 
-    def _message_pieces(self, frame, sender, text, ts, grouped, extra):
+    def _message_pieces(self, frame, sender, text, ts, grouped, extra, card=None):
         colour = "name-%d" % name_colour_index(sender)
         pieces = []
+        queued = "  (delivered when %s returns)" % frame.get("to") if frame.get("queued") else ""
+        if card is not None:  # a shared file: its card instead of the text, which has its address
+            if not grouped:
+                pieces += [(sender, ("head", "name", colour)), ("  " + clock(ts)[:5] + "\n", ("head", "time"))]
+            return pieces + card.pieces(queued)
         if frame.get("action"):
             pieces += [("\u2022 ", ("action",) + extra), (sender, ("action", "name", colour) + extra),
                        (" ", ("action",) + extra)]
@@ -12064,10 +12246,45 @@ class Conversation:
             pieces += self._text_pieces(first + ("\n" if rest else ""), body + extra)
             if rest:
                 pieces += self._text_pieces(rest, ("more", "code") + extra)
-        if frame.get("queued"):
-            pieces.append(("  (delivered when %s returns)" % frame.get("to"), ("time",)))
+        if queued:
+            pieces.append((queued, ("time",)))
         pieces.append(("\n", extra))
         return pieces
+
+    def redraw_card(self, card):
+        """Show what became of a card's file: its last line is drawn again."""
+        ranges = self.log.tag_ranges(card.state_tag)
+        if not ranges:
+            return
+        self.log.configure(state="normal")
+        self.log.mark_set("cardedit", ranges[0])
+        self.log.mark_gravity("cardedit", "right")  # each piece goes after the one before
+        self.log.delete(ranges[0], ranges[1])
+        for text, tags in card.state_pieces():
+            self.log.insert("cardedit", displayable(text, self.astral_ok), tags)
+        self.log.configure(state="disabled")
+
+    def add_thumbnail(self, card, image):
+        """Show a picture (a PhotoImage, already small) at the top of its card, once."""
+        ranges = self.log.tag_ranges(card.tag)
+        if not ranges or self.log.tag_ranges("thumb-%d" % card.number):
+            return
+        start = str(ranges[0])
+        following = self.log.yview()[1] >= 0.999
+        self.log.configure(state="normal")
+        self.log.image_create(start, image=image)
+        tags = ("file", card.tag, "filethumb", "thumb-%d" % card.number)
+        for tag in tags:
+            self.log.tag_add(tag, start)
+        self.log.insert(start + " +1c", "\n", tags)
+        self.log.configure(state="disabled")
+        self.images.append(image)
+        if following:
+            self.log.see("end")
+
+    def release_images(self):
+        """Let go of the thumbnails (on the Tk thread: only it may delete a Tk image)."""
+        del self.images[:]
 
     def _text_pieces(self, text, tags):
         """Split text into plain and link pieces; each link gets its own tag for its address."""
@@ -12500,17 +12717,25 @@ class ChatPanels:
     def _build_input(self, parent):
         frame = self.ttk.Frame(parent, style="Surface.TFrame", padding=(14, 4, 14, 10))
         frame.pack(side="bottom", fill="x")
-        self.target_label = self.ttk.Label(frame, text="", style="Target.TLabel")
-        self.target_label.pack(side="top", anchor="w", pady=(0, 3))
+        line = self.ttk.Frame(frame, style="Surface.TFrame")
+        line.pack(side="top", fill="x", pady=(0, 3))
+        self.target_label = self.ttk.Label(line, text="", style="Target.TLabel")
+        self.target_label.pack(side="left", anchor="w")
+        # Files on their way: "Sending report.pdf... 40% of 3.2 MB", beside where they go.
+        self.transfer_label = self.ttk.Label(line, text="", style="Target.TLabel")
+        self.transfer_label.pack(side="right", anchor="e")
         row = self.ttk.Frame(frame, style="Surface.TFrame")
         row.pack(side="top", fill="x")
         self.send_button = self.ttk.Button(row, text="Send", style="Accent.TButton", command=self._on_send)
         self.send_button.pack(side="right", fill="y", padx=(8, 0))
+        self.file_button = self.ttk.Button(row, text="Send file\u2026", command=self._on_file_button)
+        self.file_button.pack(side="right", fill="y", padx=(8, 0))
         border = self.tk.Frame(row, highlightthickness=1)  # a thin frame that lights up with the focus
         border.pack(side="left", fill="both", expand=True)
         self.input_box = InputBox(self.tk, border, self._on_send, self._names_starting)
         self.input = self.input_box.text
         self.input.pack(fill="both", expand=True)
+        self.input.bind("<<Paste>>", self._on_paste)  # a picture on the clipboard is shared, not pasted
         self.input_border = border
 
     def _build_status(self):
@@ -12673,11 +12898,253 @@ class ServerMemory:
             self._remember("drafts", None)
 
 
-class ChatWindow(ChatPanels, ServerMemory):
+class ThumbnailFetcher:
+    """Fetches the pictures for thumbnails, one at a time, on a "thumbnails" thread.
+
+    want() is called on the Tk thread and never blocks it; the thread runs while
+    there is something to fetch, and hands each picture (as bytes: PhotoImages are
+    made on the Tk thread) to the window's queue as a local "thumbnail" frame.
+    """
+
+    def __init__(self, events):
+        self.events = events
+        self._wanted = collections.deque()  # (connection, conversation key, card number, url)
+        self._lock = threading.Lock()  # want() and the thread deciding to end, which must not cross
+        self._running = False
+        self._stopped = threading.Event()
+
+    def want(self, connection, key, card):
+        with self._lock:
+            self._wanted.append((connection, key, card.number, card.url))
+            if self._running or self._stopped.is_set():
+                return
+            self._running = True
+        threading.Thread(target=self._fetch_loop, name="thumbnails", daemon=True).start()
+
+    def stop(self):
+        """Fetch nothing more (the window closes); a fetch under way ends by itself."""
+        self._stopped.set()
+
+    def _fetch_loop(self):
+        """Runs on the thumbnails thread: fetch what is wanted until nothing is."""
+        while not self._stopped.is_set():
+            with self._lock:
+                if not self._wanted:
+                    self._running = False
+                    return
+                connection, key, number, url = self._wanted.popleft()
+            try:
+                data = connection.fetch_bytes(url, THUMBNAIL_MAX_BYTES)
+            except UserError:
+                continue  # gone, or too big: the card stays without a picture
+            size = picture_size(data)
+            if size is not None and 0 < size[0] * size[1] <= THUMBNAIL_MAX_PIXELS:
+                self.events.put((None, {"type": "thumbnail", "key": key, "number": number, "data": data}))
+
+
+def _progress_reporter(events, fields):
+    """Return progress(done, total) for a transfer's thread: it hands the Tk thread a frame
+    at most every PROGRESS_EVERY_S (and at the end), never one for each chunk."""
+    last = [0.0]
+
+    def progress(done, total):
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY_S or done >= total:
+            last[0] = now
+            events.put((None, dict(fields, done=done, total=total)))
+    return progress
+
+
+class FileSharing:
+    """The chat window's side of sharing files: sending, pasting pictures, downloading (a mixin).
+
+    Runs on the Tk thread; each transfer runs on a thread of its own ("upload",
+    "download") that blocks in the connection's calls and reports through the
+    window's queue, so the window never waits for one. Needs self.connection,
+    self.events, self.uploads and the conversations.
+    """
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _on_file_button(self):
+        """"Send file...": choose files and send them where the typing goes."""
+        from tkinter import filedialog
+        conversation = self.conversations.get(self.current)
+        where = conversation.where if conversation else {"room": GENERAL_ROOM}
+        label = room_label(where["room"]) if "room" in where else where["to"]
+        chosen = filedialog.askopenfilenames(parent=self.root, title="Send files to %s" % label)
+        for path in self.root.tk.splitlist(chosen) if isinstance(chosen, str) else chosen or ():
+            self._send_file(path, where)
+        self.input.focus_set()
+
+    def _send_file(self, path, where):
+        """Send the file at path to where ({"room": R} or {"to": NAME}); say so if there is none."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            self._add_notice("%s is a folder: send the files in it one by one." % path, tag="error")
+        elif not path.is_file():
+            self._add_notice("There is no file at %s: check its name and folder." % path, tag="error")
+        else:
+            share_file = self.connection.share_file  # the thread holds the connection, never the window
+            self._share(path.name, lambda **options: share_file(str(path), **options), where)
+
+    def _on_paste(self, event):
+        """Ctrl+V: a picture on the clipboard (and no text) is shared; anything else pastes as usual."""
+        data = self._clipboard_picture()
+        if data is None:
+            return None
+        conversation = self.conversations.get(self.current)
+        where = conversation.where if conversation else {"room": GENERAL_ROOM}
+        name, share_bytes = pasted_picture_name(), self.connection.share_bytes
+        self._share(name, lambda **options: share_bytes(data, name, **options), where)
+        return "break"
+
+    def _clipboard_picture(self):
+        """Return the PNG picture on the clipboard, or None (text there, nothing, or unreadable).
+
+        Only X11's clipboard offers pictures to Tk: on Windows and macOS Tk reads
+        text alone, and asking for TARGETS fails, so Ctrl+V pastes text there.
+        """
+        try:
+            targets = set(self.root.tk.splitlist(self.root.clipboard_get(type="TARGETS")))
+            if "image/png" not in targets or targets & TEXT_TARGETS:
+                return None
+            data = clipboard_bytes(self.root.clipboard_get(type="image/png"))
+        except self.tk.TclError:
+            return None
+        return data if data is not None and data.startswith(PNG_SIGNATURE) else None
+
+    def _share(self, name, send, where):
+        """Send a file on an upload thread: send(room=, to=, progress=) blocks there."""
+        if self.ended or not self.connected:
+            self._add_notice("Not connected: %s was not sent." % name, tag="error")
+            return
+        self._next_upload += 1
+        number = self._next_upload
+        self.uploads[number] = [name, 0, 0]
+        progress = _progress_reporter(self.events, {"type": "upload_progress", "number": number})
+        threading.Thread(target=self._upload_worker, args=(self.events, number, name, send, dict(where), progress),
+                         name="upload", daemon=True).start()
+        self._show_uploads()
+
+    @staticmethod
+    def _upload_worker(events, number, name, send, where, progress):
+        """Runs on an upload thread: send the file, then say how it went."""
+        outcome = {"type": "upload_done", "number": number, "name": name, "where": where,
+                   "error": "Sending %s stopped unexpectedly." % name}  # kept only if send() breaks
+        try:
+            send(room=where.get("room"), to=where.get("to"), progress=progress)
+            outcome["error"] = None
+        except UserError as error:
+            outcome["error"] = str(error)
+        finally:
+            events.put((None, outcome))
+
+    def _on_frame_upload_progress(self, frame):
+        if frame["number"] in self.uploads:
+            self.uploads[frame["number"]][1:] = [frame["done"], frame["total"]]
+            self._show_uploads()
+
+    def _on_frame_upload_done(self, frame):
+        """A file went (its card comes as the server's message), or it did not: say why, where it was sent."""
+        self.uploads.pop(frame["number"], None)
+        self._show_uploads()
+        if frame["error"] is None:
+            return
+        where = frame["where"]
+        key = conversation_key("room", where["room"]) if "room" in where else conversation_key("direct", where["to"])
+        text = frame["error"] if frame["name"] in frame["error"] else "%s was not sent: %s" % (frame["name"],
+                                                                                              frame["error"])
+        self._add_notice(text, tag="error", conversation=self.conversations.get(key))
+
+    def _show_uploads(self):
+        """Say how far the files on their way are, beside where the typing goes."""
+        if not self.uploads:
+            self.transfer_label.configure(text="")
+            return
+        done = sum(sent for _, sent, _ in self.uploads.values())
+        total = sum(size for _, _, size in self.uploads.values())
+        percent = " %d%%" % (100 * done // total) if total else ""
+        if len(self.uploads) == 1:
+            name, _, size = next(iter(self.uploads.values()))
+            text = "Sending %s\u2026%s%s" % (name, percent, " of " + file_size_text(size) if size else "")
+        else:
+            text = "Sending %d files\u2026%s" % (len(self.uploads), percent)
+        self.transfer_label.configure(text=displayable(self._fitted(text, 360), self.astral_ok))
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def _on_file_action(self, conversation, card, action):
+        """A card's Download (again), Try again or Open was clicked."""
+        if action == "open":
+            problem = open_with_system(card.saved)
+            if problem:
+                self._add_notice(problem, tag="error", conversation=conversation)
+            return
+        if card.state == "busy" or card.url is None:
+            return
+        card.state, card.done, card.total = "busy", 0, 0
+        conversation.redraw_card(card)
+        fields = {"key": conversation.key, "number": card.number}
+        progress = _progress_reporter(self.events, dict(fields, type="download_progress"))
+        threading.Thread(target=self._download_worker, args=(self.events, self.connection, card.url, fields, progress),
+                         name="download", daemon=True).start()
+
+    @staticmethod
+    def _download_worker(events, connection, url, fields, progress):
+        """Runs on a download thread: save the file into Downloads, then say where (or why not)."""
+        outcome = dict(fields, type="download_done", path=None, code=None, error="The download stopped unexpectedly.")
+        try:
+            outcome["path"] = connection.fetch_file(url, progress=progress)
+            outcome["error"] = None
+        except UserError as error:
+            outcome.update(error=str(error), code=error.code)
+        finally:
+            events.put((None, outcome))
+
+    def _card_of(self, frame):
+        """Return (conversation, card) a transfer's frame is about, or (None, None) if it is gone."""
+        conversation = self.conversations.get(frame["key"])
+        card = conversation.cards.get(frame["number"]) if conversation is not None else None
+        return (conversation, card) if card is not None else (None, None)
+
+    def _on_frame_download_progress(self, frame):
+        conversation, card = self._card_of(frame)
+        if card is not None and card.state == "busy":
+            card.done, card.total = frame["done"], frame["total"]
+            conversation.redraw_card(card)
+
+    def _on_frame_download_done(self, frame):
+        conversation, card = self._card_of(frame)
+        if card is None:
+            return
+        if frame["error"] is None:
+            card.state, card.saved = "saved", frame["path"]
+        elif frame["code"] == "expired":
+            card.state = "expired"
+        else:
+            card.state, card.problem = "failed", frame["error"]
+        conversation.redraw_card(card)
+
+    def _on_frame_thumbnail(self, frame):
+        """A picture came for a card: make it small enough and show it there."""
+        conversation, card = self._card_of(frame)
+        if card is None:
+            return
+        try:
+            whole = self.tk.PhotoImage(master=self.root, data=base64.b64encode(frame["data"]).decode("ascii"))
+        except self.tk.TclError:
+            return  # Tk cannot read it after all: the card alone
+        step = thumbnail_step(whole.width(), whole.height())
+        conversation.add_thumbnail(card, whole.subsample(step) if step > 1 else whole)
+
+
+class ChatWindow(ChatPanels, ServerMemory, FileSharing):
     """The chat window: conversations, log, people, input, status line. Runs on the Tk thread.
 
     Here: the connection's frames and what the person does. The widgets themselves are
-    ChatPanels' (built, painted, arranged); what is kept per server is ServerMemory's.
+    ChatPanels' (built, painted, arranged); what is kept per server is ServerMemory's;
+    files sent, downloaded and shown as pictures are FileSharing's.
     """
 
     def __init__(self, root, host, port, name, identity=None, hosted=None, tls=False, fingerprint=None):
@@ -12686,7 +13153,10 @@ class ChatWindow(ChatPanels, ServerMemory):
         self.tk, self.ttk, self.root = tkinter, ttk, root
         self.settings = load_settings()
         self.connection = None
-        self.events = queue.Queue()  # (connection, frame) from the connections' threads
+        self.events = queue.Queue()  # (connection, frame) from the connections' threads; (None, frame) from files'
+        self.thumbnails = ThumbnailFetcher(self.events)
+        self.uploads = {}  # number -> [name, bytes sent, bytes in all] of each file on its way
+        self._next_upload = 0
         self._make_connection(ChatConnection(host, port, name, identity=identity, reconnect=True,
                                              password=os.environ.get("LOCALCHAT_PASSWORD"),
                                              tls=tls, fingerprint=fingerprint))
@@ -12775,7 +13245,8 @@ class ChatWindow(ChatPanels, ServerMemory):
         conversation = self.conversations.get(key)
         if conversation is None:
             conversation = self.conversations[key] = Conversation(kind, name, self.astral_ok)
-            conversation.build(self.tk, self.ttk, self.log_stack, self._on_older, self._on_link, self.look)
+            conversation.build(self.tk, self.ttk, self.log_stack, self._on_older, self._on_link, self.look,
+                               on_file=self._on_file_action)
             if self.current is None:
                 self._show_conversation(key)
             self._update_conversation_list()
@@ -12786,6 +13257,7 @@ class ChatWindow(ChatPanels, ServerMemory):
         if conversation is None:
             return
         conversation.frame.destroy()
+        conversation.release_images()
         if self.current == key:
             self.current = None
             if self.conversations:
@@ -12925,7 +13397,7 @@ class ChatWindow(ChatPanels, ServerMemory):
                 connection, frame = self.events.get_nowait()
             except queue.Empty:
                 break
-            if connection is not self.connection:
+            if connection is not None and connection is not self.connection:
                 continue  # from a connection this window has given up on (Reconnect, another name)
             handler = getattr(self, "_on_frame_" + str(frame.get("type")), None)
             if handler is not None:
@@ -13035,7 +13507,9 @@ class ChatWindow(ChatPanels, ServerMemory):
         extra = ("own",) if own else ("mention",) if highlight else ()
         if fresh and conversation.unread == 0 and (conversation.key != self.current or not self.has_focus):
             conversation.mark_unread_start()
-        conversation.add_message(frame, extra)
+        card = conversation.add_message(frame, extra)
+        if card is not None and card.picture:
+            self.thumbnails.want(self.connection, conversation.key, card)
         if conversation.key == self._switch_to:  # the echo of a /msg: the conversation is real
             self._switch_to = None
             self._show_conversation(conversation.key)
@@ -13180,7 +13654,9 @@ class ChatWindow(ChatPanels, ServerMemory):
         told = False
         if not self.has_focus and self.notify_desktop.get():
             where = "" if conversation.kind == "direct" else " in #" + conversation.name
-            told = self.notifier.notify(self.root, "%s%s" % (frame.get("from"), where), str(frame.get("text")))
+            shared = frame.get("file") if isinstance(frame.get("file"), dict) else None
+            text = "shared %s" % clean_file_name(shared.get("name")) if shared else str(frame.get("text"))
+            told = self.notifier.notify(self.root, "%s%s" % (frame.get("from"), where), text)
         if not told and self.notify_sound.get():
             self.root.bell()
 
@@ -13195,17 +13671,22 @@ class ChatWindow(ChatPanels, ServerMemory):
         text = self.input_box.get()
         conversation = self.conversations.get(self.current)
         where = conversation.where if conversation else {"room": GENERAL_ROOM}
-        action, value = parse_input(text, where)
+        action, value = parse_command(text, where, "window")
         if action is None:
             return
         if action == "send" and (self.ended or not self.connection.welcome):
             self._add_notice("Not connected: your message was not sent (it is still in the input box).",
                              tag="error")
             return
+        if action == "send_file" and (self.ended or not self.connected):
+            self._add_notice("Not connected: no file was sent (the command is still in the input box).", tag="error")
+            return
         self.input_box.remember(text)
         self.input_box.clear()
         if action == "send":
             self._send(value)
+        elif action == "send_file":
+            self._send_file(value.pop("path"), value)
         elif action == "quit":
             self.close()
             return
@@ -13341,6 +13822,9 @@ class ChatWindow(ChatPanels, ServerMemory):
             self.root.after_cancel(self._poll_id)
             self._poll_id = None
         self._save_draft()
+        self.thumbnails.stop()
+        for conversation in self.conversations.values():
+            conversation.release_images()
         threading.Thread(target=self._close_worker, args=(self.connection, self.hosted, self.connected),
                          name="closing").start()
         self.root.destroy()
@@ -13357,8 +13841,9 @@ class HostedServer:
     """A server started inside the window's process ("Host a chat on this computer")."""
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT):
-        # Its own file: a `localchat.py server` on this computer may be using history.sqlite3.
-        hub = ChatHub(socket.gethostname(), SqliteStore(data_dir() / "hosted-history.sqlite3"))
+        # Its own files: a `localchat.py server` on this computer may be using history.sqlite3.
+        files = FileStore(data_dir() / "hosted-history-files", Limits().files_bytes)
+        hub = ChatHub(socket.gethostname(), SqliteStore(data_dir() / "hosted-history.sqlite3"), files=files)
         try:
             self.server = ChatServer((host, port), hub=hub)
         except OSError:  # the usual port is taken (another server here?): any free one will do

@@ -11780,7 +11780,7 @@ class Look:
             ("filename", {"font": self.bold, "spacing1": 8}),
             ("filethumb", {"spacing1": 10, "spacing3": 2}),
             ("filemeta", {"foreground": c["muted"], "font": self.small}),
-            ("filestate", {"spacing3": 8}),
+            ("fileend", {"spacing3": 8}),
             ("filebad", {"foreground": c["error"]}),
             ("fileaction", {"foreground": c["link"], "underline": True, "font": self.small}),
         ]
@@ -11837,7 +11837,11 @@ def picture_size(data):
 
 
 def thumbnail_step(width, height):
-    """Return the subsample step that fits a picture in THUMBNAIL_WIDTH_PX x THUMBNAIL_HEIGHT_PX."""
+    """Return the subsample step that fits a picture in THUMBNAIL_WIDTH_PX x THUMBNAIL_HEIGHT_PX.
+
+    A whole step: Tk can also zoom after subsampling (2/3 is every third pixel shown
+    twice), which comes closer to the box but shows a coarser, blocky picture.
+    """
     return max(1, math.ceil(width / THUMBNAIL_WIDTH_PX), math.ceil(height / THUMBNAIL_HEIGHT_PX))
 
 
@@ -12046,11 +12050,11 @@ class FileCard:
         card = ("file", self.tag)
         size = file_size_text(self.size) if self.size is not None else ""
         return [(self.name, card + ("filename",)), ("  " + size + note + "\n", card + ("filemeta",))] + \
-            self.state_pieces() + [("\n", card + ("filestate",)), ("\n", ("filegap",))]
+            self.state_pieces() + [("\n", card + ("fileend",)), ("\n", ("filegap",))]
 
     def state_pieces(self):
         """Return the card's last line: what can be done with the file now, or what became of it."""
-        tags = ("file", self.tag, "filemeta", "filestate", self.state_tag)
+        tags = ("file", self.tag, "filemeta", "fileend", self.state_tag)  # "fileend": the card's last line
         dot = (" \u00b7 ", tags)
 
         def action(label, name):
@@ -12059,7 +12063,8 @@ class FileCard:
             shown = " %d%%" % (100 * self.done // self.total) if self.total else ""
             return [("Downloading\u2026" + shown, tags)]
         if self.state == "saved":
-            return [("Saved to %s" % home_relative(self.saved), tags), dot, action("Open", "open"), dot,
+            above = tuple(tag for tag in tags if tag != "fileend")
+            return [("Saved to %s\n" % home_relative(self.saved), above), action("Open", "open"), dot,
                     action("Download again", "download")]
         if self.state == "failed":
             return [(self.problem, tags + ("filebad",)), dot, action("Try again", "download")]

@@ -12266,6 +12266,340 @@ class WindowTrustTests(unittest.TestCase):
         self.assertEqual(self.remembered(), {address: other_fingerprint})
 
 
+# The X11 clipboard as a browser or a screenshot tool fills it: image/png, format 8, raw
+# bytes. Run in a process of its own (Tk short-circuits a clipboard it owns itself).
+X11_PICTURE_OWNER = r'''
+import ctypes, ctypes.util, sys, time
+
+class SelectionRequest(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong), ("send_event", ctypes.c_int),
+                ("display", ctypes.c_void_p), ("owner", ctypes.c_ulong), ("requestor", ctypes.c_ulong),
+                ("selection", ctypes.c_ulong), ("target", ctypes.c_ulong), ("property", ctypes.c_ulong),
+                ("time", ctypes.c_ulong)]
+
+class Selection(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong), ("send_event", ctypes.c_int),
+                ("display", ctypes.c_void_p), ("requestor", ctypes.c_ulong), ("selection", ctypes.c_ulong),
+                ("target", ctypes.c_ulong), ("property", ctypes.c_ulong), ("time", ctypes.c_ulong)]
+
+class Event(ctypes.Union):
+    _fields_ = [("type", ctypes.c_int), ("request", SelectionRequest), ("answer", Selection),
+                ("pad", ctypes.c_long * 24)]
+
+x = ctypes.cdll.LoadLibrary(ctypes.util.find_library("X11"))
+ulong, voidp, integer = ctypes.c_ulong, ctypes.c_void_p, ctypes.c_int
+x.XOpenDisplay.restype, x.XOpenDisplay.argtypes = voidp, [ctypes.c_char_p]
+x.XDefaultRootWindow.restype, x.XDefaultRootWindow.argtypes = ulong, [voidp]
+x.XCreateSimpleWindow.restype = ulong
+x.XCreateSimpleWindow.argtypes = [voidp, ulong, integer, integer, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                                  ulong, ulong]
+x.XInternAtom.restype, x.XInternAtom.argtypes = ulong, [voidp, ctypes.c_char_p, integer]
+x.XSetSelectionOwner.argtypes = [voidp, ulong, ulong, ulong]
+x.XPending.argtypes = [voidp]
+x.XNextEvent.argtypes = [voidp, ctypes.POINTER(Event)]
+x.XChangeProperty.argtypes = [voidp, ulong, ulong, ulong, integer, integer, voidp, integer]
+x.XSendEvent.argtypes = [voidp, ulong, integer, ctypes.c_long, ctypes.POINTER(Event)]
+x.XFlush.argtypes = [voidp]
+
+data = sys.stdin.buffer.read()
+display = x.XOpenDisplay(None)
+window = x.XCreateSimpleWindow(display, x.XDefaultRootWindow(display), 0, 0, 1, 1, 0, 0, 0)
+clipboard, targets, png = (x.XInternAtom(display, name, 0) for name in (b"CLIPBOARD", b"TARGETS", b"image/png"))
+x.XSetSelectionOwner(display, clipboard, window, 0)
+x.XFlush(display)
+print("owning", flush=True)
+event = Event()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    if not x.XPending(display):
+        time.sleep(0.005)
+        continue
+    x.XNextEvent(display, ctypes.byref(event))
+    if event.type != 30:  # SelectionRequest
+        continue
+    request, answer = event.request, Event()
+    answer.answer.type = 31  # SelectionNotify
+    answer.answer.requestor, answer.answer.selection = request.requestor, request.selection
+    answer.answer.target, answer.answer.time, answer.answer.property = request.target, request.time, request.property
+    if request.target == targets:
+        atoms = (ulong * 2)(targets, png)
+        x.XChangeProperty(display, request.requestor, request.property, 4, 32, 0, atoms, 2)  # 4: XA_ATOM
+    elif request.target == png:
+        x.XChangeProperty(display, request.requestor, request.property, png, 8, 0, data, len(data))
+    else:
+        answer.answer.property = 0  # None: not offered
+    x.XSendEvent(display, request.requestor, 0, 0, ctypes.byref(answer))
+    x.XFlush(display)
+'''
+
+
+class WindowFileTests(unittest.TestCase):
+    """Files in the window (issue 12): sent with /send, the button or Ctrl+V; shown as cards and thumbnails."""
+
+    setUpClass = WindowTests.__dict__["setUpClass"]
+    tearDownClass = WindowTests.__dict__["tearDownClass"]
+    open_window = WindowTests.open_window
+    add_peer = WindowTests.add_peer
+    pump_until = WindowTests.pump_until
+    wait_frame = WindowTests.wait_frame
+    log_text = WindowTests.log_text
+    type_and_press = WindowTests.type_and_press
+
+    MAX_FILE_BYTES = 1024 * 1024  # the test server's limit on one file
+
+    def setUp(self):
+        import tkinter
+        self.tkinter = tkinter
+        self.threads_before = set(threading.enumerate())
+        scratch = tempfile.mkdtemp(prefix="files-", dir=_SCRATCH.name)
+        self.addCleanup(shutil.rmtree, scratch, True)
+        self.home = Path(scratch) / "home"  # "~" here: ~/Downloads is where downloads go
+        self.downloads = self.home / "Downloads"
+        self.downloads.mkdir(parents=True)
+        patcher = mock.patch.dict(os.environ, {"HOME": str(self.home), "USERPROFILE": str(self.home)})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.shared = Path(scratch) / "shared"  # the server's files
+        self.start_server()
+        self.peers = []
+        self.windows = []
+
+    def tearDown(self):
+        WindowTests.tearDown(self)
+
+    # -- helpers -------------------------------------------------------------
+
+    def start_server(self, tls_context=None):
+        files = localchat.FileStore(self.shared, 64 * 1024 * 1024)
+        hub = localchat.ChatHub("test", files=files, limits=localchat.Limits(max_file_mb=1))
+        self.server = localchat.ChatServer((LOOPBACK, 0), hub=hub, tls_context=tls_context)
+        self.server_thread = threading.Thread(target=self.server.serve_forever, name="test-accept")
+        self.server_thread.start()
+
+    def make_file(self, name, data):
+        """Write data into a file called name under ~/files; return its path."""
+        path = self.home / "files" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def card_line(self, window, card):
+        """Return the last line of a card as shown: Download, Saved to ..., Expired ..."""
+        ranges = window.log.tag_ranges(card.state_tag)
+        return window.log.get(ranges[0], ranges[1]) if ranges else None
+
+    def only_card(self, window, name):
+        """Wait for the card of the file called name in the window's current log; return it."""
+        def cards():
+            return [c for c in window.conversations[window.current].cards.values() if c.name == name]
+        self.pump_until(lambda: cards(), "no card for %s" % name)
+        (card,) = cards()
+        return card
+
+    def thumbnails(self, window):
+        """Return the (width, height) of each picture in the current log."""
+        call = self.root.tk.call
+        return [(call("image", "width", name), call("image", "height", name)) for name in window.log.image_names()]
+
+    def click_action(self, window, card, label):
+        """Point at a card's action (Download, Open, ...) and click it, as a person does."""
+        log = window.log
+        ranges = log.tag_ranges(card.state_tag)
+        found = log.search(label, ranges[0], ranges[1]) if ranges else ""
+        self.assertTrue(found and "fileaction" in log.tag_names(found), "no %s on the card" % label)
+        log.see(found)
+        self.root.update()
+        x, y, _, height = log.bbox(found)
+        log.event_generate("<Motion>", x=x + 2, y=y + height // 2)
+        log.event_generate("<Button-1>", x=x + 2, y=y + height // 2)
+        self.root.update()
+
+    def expected_thumbnail(self, png):
+        width, height = localchat.picture_size(png)
+        step = localchat.thumbnail_step(width, height)
+        return math.ceil(width / step), math.ceil(height / step)
+
+    # -- tests ---------------------------------------------------------------
+
+    def test_a_png_sent_with_send_shows_as_a_thumbnail_in_the_others_window(self):
+        png = localchat.qr_png("http://192.168.1.7:13333/")  # 264 pixels square: shown at half size
+        self.make_file("the code.png", png)
+        alice, bob = self.open_window("alice"), self.open_window("bob")
+        self.type_and_press(alice, '/send "~/files/the code.png"')  # quotes around a space, and ~
+        card = self.only_card(bob, "the code.png")
+        self.pump_until(lambda: self.thumbnails(bob), "no thumbnail in bob's window")
+        self.assertEqual(self.thumbnails(bob), [self.expected_thumbnail(png)])
+        width, height = self.thumbnails(bob)[0]
+        self.assertTrue(width <= localchat.THUMBNAIL_WIDTH_PX and height <= localchat.THUMBNAIL_HEIGHT_PX)
+        self.assertEqual(self.card_line(bob, card), "Download")
+        self.assertIn("the code.png  %s\n" % localchat.file_size_text(len(png)), self.log_text(bob))
+        start = bob.log.search("the code.png", "1.0")
+        self.assertEqual(bob.log.get(*bob.log.tag_prevrange("name", start)), "alice")
+        self.assertEqual(len(bob.conversations[bob.current].images), 1, "the PhotoImage is kept")
+        self.pump_until(lambda: self.thumbnails(alice), "no thumbnail in alice's own window")
+        self.assertNotIn("/files/", self.log_text(bob), "the card shows, not the text with the address")
+        # More messages after the picture: it stays in its place, and the log follows the end.
+        for number in range(30):
+            alice.input.insert("end", "line %d" % number)
+            alice._on_send()
+        self.pump_until(lambda: "line 29" in self.log_text(bob), "the lines after the picture did not come")
+        self.pump_until(lambda: bob.log.yview()[1] >= 0.999, "the log did not follow the end")
+        self.assertEqual(bob.log.index(bob.log.image_names()[0]), bob.log.index(card.tag + ".first"))
+
+    def test_a_pdf_card_downloads_its_exact_bytes_and_again_without_overwriting(self):
+        data = os.urandom(150 * 1024)
+        self.make_file("report.pdf", data)
+        alice = self.open_window("alice")
+        bob = self.open_window("bob")
+        self.type_and_press(bob, "/send ~/files/report.pdf")
+        card = self.only_card(alice, "report.pdf")
+        self.assertIn("report.pdf  150 KB\nDownload\n", self.log_text(alice))
+        self.assertEqual(self.thumbnails(alice), [], "no picture for a PDF")
+        self.click_action(alice, card, "Download")
+        self.pump_until(lambda: card.state == "saved", "the download did not finish")
+        self.assertEqual(self.card_line(alice, card),
+                         "Saved to %s\nOpen \u00b7 Download again" % os.path.join("~", "Downloads", "report.pdf"))
+        self.assertEqual((self.downloads / "report.pdf").read_bytes(), data)
+        self.click_action(alice, card, "Download again")
+        self.pump_until(lambda: card.state == "saved" and card.saved.name == "report (1).pdf", "no second copy")
+        self.assertIn("Saved to %s" % os.path.join("~", "Downloads", "report (1).pdf"), self.card_line(alice, card))
+        self.assertEqual((self.downloads / "report (1).pdf").read_bytes(), data)
+        self.assertEqual((self.downloads / "report.pdf").read_bytes(), data, "the first copy is untouched")
+        with mock.patch.object(localchat, "open_with_system", return_value=None) as opened:
+            self.click_action(alice, card, "Open")
+        opened.assert_called_once_with(self.downloads / "report (1).pdf")
+
+    def test_the_send_file_button_sends_what_the_dialog_chose_and_shows_progress(self):
+        data = os.urandom(900 * 1024)
+        path = self.make_file("big.bin", data)
+        alice = self.open_window("alice")
+        peer, events = self.add_peer("bob")
+        alice.input.insert("end", "a draft")
+        with mock.patch("tkinter.filedialog.askopenfilenames", return_value=(str(path),)) as dialog:
+            alice.file_button.invoke()
+            self.assertEqual(alice.transfer_label.cget("text"), "Sending big.bin\u2026")
+        self.assertEqual(dialog.call_args[1]["title"], "Send files to #general")
+        frame = self.wait_frame(events, lambda f: f["type"] == "message" and "file" in f)
+        self.assertEqual((frame["from"], frame["room"], frame["file"]["name"], frame["file"]["size"]),
+                         ("alice", "general", "big.bin", len(data)))
+        self.assertEqual(peer.fetch_bytes(frame["file"]["url"], len(data)), data)
+        self.pump_until(lambda: alice.transfer_label.cget("text") == "", "the progress stays after sending")
+        self.assertEqual(alice.input_box.get(), "a draft", "the draft is left alone")
+        # In a direct conversation a file goes to that person alone.
+        alice._show_conversation(alice._open_conversation("direct", "bob").key)
+        with mock.patch("tkinter.filedialog.askopenfilenames", return_value=(str(path),)):
+            alice.file_button.invoke()
+        frame = self.wait_frame(events, lambda f: f["type"] == "message" and "file" in f)
+        self.assertEqual((frame["to"], frame["file"]["name"]), ("bob", "big.bin"))
+
+    def test_on_a_tls_server_files_go_and_come_encrypted_to_the_pinned_certificate(self):
+        self.server.stop()
+        self.server_thread.join(5)
+        self.start_server(tls_server_context())
+        fingerprint = shared_certificate()["fingerprint"]
+        png = localchat.qr_png("encrypted")
+        self.make_file("code.png", png)
+        alice = self.open_window("alice", tls=True, fingerprint=fingerprint)
+        bob = self.open_window("bob", tls=True, fingerprint=fingerprint)
+        self.assertIsNotNone(bob.connection.channel)
+        self.type_and_press(alice, "/send ~/files/code.png")
+        card = self.only_card(bob, "code.png")
+        self.pump_until(lambda: self.thumbnails(bob) == [self.expected_thumbnail(png)], "no thumbnail over TLS")
+        self.click_action(bob, card, "Download")
+        self.pump_until(lambda: card.state == "saved", "the download over TLS did not finish")
+        self.assertEqual((self.downloads / "code.png").read_bytes(), png)
+
+    def test_refused_and_missing_files_are_told_in_a_sentence(self):
+        self.make_file("huge.bin", b"x" * (self.MAX_FILE_BYTES + 1))
+        alice = self.open_window("alice")
+        self.type_and_press(alice, "/send ~/files/nothing-here.pdf")
+        self.assertIn("There is no file at %s: check its name and folder." % (self.home / "files" / "nothing-here.pdf"),
+                      self.log_text(alice))
+        self.type_and_press(alice, "/send ~/files")
+        self.assertIn("%s is a folder: send the files in it one by one." % (self.home / "files"), self.log_text(alice))
+        self.type_and_press(alice, "/send ~/files/huge.bin")
+        self.pump_until(lambda: "this chat takes files of up to 1.0 MB" in self.log_text(alice), "no refusal")
+        self.assertIn("huge.bin is 1.0 MB; this chat takes files of up to 1.0 MB.", self.log_text(alice))
+        self.assertEqual(alice.transfer_label.cget("text"), "")
+        self.type_and_press(alice, "/help")
+        self.assertIn("/send FILE", self.log_text(alice))
+
+    def test_an_expired_file_shows_as_expired(self):
+        self.server.hub.files.total_bytes = 200 * 1024  # two files of 150 KB: the first expires
+        self.make_file("old.pdf", os.urandom(150 * 1024))
+        self.make_file("new.pdf", os.urandom(150 * 1024))
+        alice = self.open_window("alice")
+        bob = self.open_window("bob")
+        self.type_and_press(bob, "/send ~/files/old.pdf")
+        old = self.only_card(alice, "old.pdf")
+        self.type_and_press(bob, "/send ~/files/new.pdf")
+        self.only_card(alice, "new.pdf")
+        self.click_action(alice, old, "Download")  # shown before it expired: the server says it is gone
+        self.pump_until(lambda: old.state == "expired", "the gone file was not marked expired")
+        self.assertEqual(self.card_line(alice, old), "Expired: the server no longer keeps this file.")
+        self.assertEqual(list(self.downloads.iterdir()), [], "nothing is saved for a gone file")
+        carol = self.open_window("carol")  # the history she is sent says so
+        replayed = self.only_card(carol, "old.pdf")
+        self.assertEqual((replayed.state, replayed.url), ("expired", None))
+        self.assertEqual(self.card_line(carol, replayed), "Expired: the server no longer keeps this file.")
+        self.assertIn("old.pdf  150 KB\nExpired", self.log_text(carol))
+        self.assertEqual(self.card_line(carol, self.only_card(carol, "new.pdf")), "Download")
+
+    def test_a_name_with_markup_shows_as_text(self):
+        name = "&lt;b&gt;bold&lt;-b&gt; [x](y) {z} $HOME %s www.example.com [list].txt"
+        self.make_file(name, b"plain")
+        alice = self.open_window("alice")
+        bob = self.open_window("bob")
+        self.type_and_press(bob, "/send ~/files/" + name)
+        self.only_card(alice, name)
+        start = alice.log.search(name, "1.0")
+        self.assertTrue(start, "the name is not shown as it is")
+        self.assertIn("filename", alice.log.tag_names(start))
+        self.assertNotIn("link", alice.log.tag_names(alice.log.search("www.example.com", start)))
+        # A frame from a server that cleans nothing: the window cleans the name itself.
+        alice.events.put((alice.connection, {"type": "message", "id": 999, "from": "mallory", "room": "general",
+                                             "ts": time.time(), "text": "x", "file": {
+                                                 "name": "<img src=x>\u202egpj.exe", "size": 5, "type": "image/png",
+                                                 "url": "/files/nothing/x.png"}}))
+        self.pump_until(lambda: "mallory" in self.log_text(alice), "the frame was not shown")
+        self.assertIn("_img src=x_gpj.exe  5 bytes\nDownload", self.log_text(alice))
+
+    def test_ctrl_v_shares_a_picture_on_the_clipboard_and_pastes_text_as_before(self):
+        import ctypes.util
+        if sys.platform != "linux" or ctypes.util.find_library("X11") is None:
+            self.skipTest("the clipboard test fills the X11 clipboard with libX11")
+        png = localchat.qr_png("pasted")
+        alice = self.open_window("alice")
+        peer, events = self.add_peer("bob")
+        owner = subprocess.Popen([sys.executable, "-c", X11_PICTURE_OWNER], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for pipe in (owner.stdout, owner.stderr):
+            self.addCleanup(pipe.close)
+        self.addCleanup(owner.wait, PROCESS_TIMEOUT_S)
+        self.addCleanup(owner.kill)
+        owner.stdin.write(png)
+        owner.stdin.close()
+        ready, _, _ = select.select([owner.stdout], [], [], READ_TIMEOUT_S)
+        self.assertTrue(ready and owner.stdout.readline() == b"owning\n", owner.stderr.read().decode() if not ready
+                        else "the clipboard owner did not start")
+        alice.input.insert("end", "draft ")
+        alice.input.focus_force()
+        alice.input.event_generate("<Control-v>")
+        frame = self.wait_frame(events, lambda f: f["type"] == "message" and "file" in f)
+        self.assertRegex(frame["file"]["name"], r"^pasted-picture-\d{8}-\d{6}\.png$")
+        self.assertEqual(frame["file"]["type"], "image/png")
+        self.assertEqual(peer.fetch_bytes(frame["file"]["url"], len(png)), png)
+        self.assertEqual(alice.input_box.get(), "draft ", "nothing was pasted as text")
+        self.pump_until(lambda: self.thumbnails(alice), "no thumbnail of the pasted picture")
+        # Text on the clipboard pastes as text, as it always did.
+        self.root.clipboard_clear()
+        self.root.clipboard_append("some text")
+        alice.input.event_generate("<Control-v>")
+        self.root.update()
+        self.assertEqual(alice.input_box.get(), "draft some text")
+        self.assertEqual(alice.uploads, {})
+
+
 # =============================================================================
 # 11. Web page: in a real browser, headless Chromium driven over the DevTools protocol
 # -----------------------------------------------------------------------------

@@ -455,23 +455,19 @@ def printable(text, limit=80):
 # 4. Commands: what people type
 # =============================================================================
 #
-# One table of the /commands for every place one is typed: "chat" (the line client,
-# and the text and IRC doors), "window" (the chat window: a chat's commands and its
-# own, such as /send, which works on the person's files and is never sent as typed)
-# and "console" (the server's terminal). Runs on any thread: the table and these
-# functions keep no state.
+# One table of the /commands for every place one is typed: "chat" (the window, the
+# line client, and the text and IRC doors to come) and "console" (the server's
+# terminal). Runs on any thread: the table and these functions keep no state.
 
 # Who may use a command, by place: an operator's commands are the console's too.
-COMMAND_PLACES = {"chat": ("everybody", "operators"), "window": ("everybody", "window", "operators"),
-                  "console": ("console", "operators")}
+COMMAND_PLACES = {"chat": ("everybody", "operators"), "console": ("console", "operators")}
 
 
 class Command(NamedTuple):
     """One /command: its names, how it is typed, what it does, who may use it, how it is read.
 
     `who` is "everybody" (anybody in a chat), "operators" (an operator in a chat, and
-    the server's console), "window" (the chat window only) or "console" (the server's
-    console only). `parse(argument,
+    the server's console) or "console" (the server's console only). `parse(argument,
     where)` gets the text after the name, stripped, and where plain text goes
     ({"room": R} or {"to": NAME}); it returns (action, value) as parse_command does,
     or None when the argument does not fit: the usage line is then the answer.
@@ -480,7 +476,7 @@ class Command(NamedTuple):
     names: tuple  # the first is the one shown in the help; the others are aliases
     usage: str    # how it is typed: "/ban NAME|IP [minutes] [reason]"
     help: str     # what it does, in a few words
-    who: str      # "everybody", "operators", "window" or "console"
+    who: str      # "everybody", "operators" or "console"
     parse: object  # (argument, where) -> (action, value), or None for "Usage: ..."
 
 
@@ -523,14 +519,6 @@ def _parse_me(argument, where):
 
 def _parse_nick(argument, where):
     return ("send", {"type": "nick", "name": argument.split()[0]}) if argument else None
-
-
-def _parse_send(argument, where):
-    """A file's path as typed: quotes around it and a leading ~ are allowed; the rest is kept as is."""
-    path = argument.strip()
-    if len(path) >= 2 and path[0] == path[-1] and path[0] in "\"'":
-        path = path[1:-1]
-    return ("send_file", dict(where, path=os.path.expanduser(path))) if path.strip() else None
 
 
 def _parse_users(argument, where):
@@ -593,10 +581,8 @@ COMMANDS = (
             lambda argument, where: ("send", {"type": "away", "text": argument or None})),
     Command(("back",), "/back", "say you are back", "everybody",
             lambda argument, where: ("send", {"type": "back"})),
-    Command(("send",), "/send FILE", "share a file with the conversation (a picture shows in it)", "window",
-            _parse_send),
     Command(("quit", "exit"), "/quit", "leave the chat", "everybody", lambda argument, where: ("quit", None)),
-    Command(("help",), "/help", "this list", "everybody", lambda argument, where: ("help", None)),
+    Command(("help",), "/help", "this list", "everybody", lambda argument, where: ("help", HELP_TEXT)),
     Command(("users",), "/users", "who is here (with addresses)", "console",
             lambda argument, where: ("users", None)),
     Command(("kick",), "/kick NAME [reason]", "remove somebody (they may come back)", "operators",
@@ -615,7 +601,7 @@ COMMANDS = (
     Command(("say",), "/say TEXT", "a notice to everybody", "console",
             lambda argument, where: ("say", argument) if argument else None),
     Command(("quit",), "/quit", "stop the server", "console", lambda argument, where: ("quit", None)),
-    Command(("help",), "/help", "this list", "console", lambda argument, where: ("help", None)),
+    Command(("help",), "/help", "this list", "console", lambda argument, where: ("help", CONSOLE_HELP_TEXT)),
 )
 
 # (place, name or alias) -> the command typed there under that name
@@ -635,8 +621,7 @@ def command_help(place):
     if place == "console":
         return "Console commands:\n" + _help_lines(commands_at("console"))
     return "Commands:\n%s\nOperators also have:\n%s\nStart a message with // to send text that begins with /." % (
-        _help_lines([c for c in commands_at(place) if c.who != "operators"]),
-        _help_lines(commands_at(place, "operators")))
+        _help_lines(commands_at(place, "everybody")), _help_lines(commands_at(place, "operators")))
 
 
 def _help_lines(commands):
@@ -644,21 +629,18 @@ def _help_lines(commands):
     return "\n".join("  %s%s" % (command.usage.ljust(width), command.help) for command in commands)
 
 
-HELP_TEXTS = {place: command_help(place) for place in COMMAND_PLACES}  # what /help answers, by place
-HELP_TEXT = HELP_TEXTS["chat"]
-WINDOW_HELP_TEXT = HELP_TEXTS["window"]
-CONSOLE_HELP_TEXT = HELP_TEXTS["console"]
+HELP_TEXT = command_help("chat")
+CONSOLE_HELP_TEXT = command_help("console")
 
 
 def parse_command(line, where, place):
     """Return (action, value) for a line typed at place: "chat" or "console".
 
     `where` is {"room": name} or {"to": name}: where plain text goes ({} on the
-    console). place is "chat", "window" or "console". action is "send" (value: the
-    frame to post), "error" (value: a sentence), None for a blank line, or one to
-    carry out where it was typed: "quit", "help" (value: the place's help text), in
-    the window "send_file" (value: `where` with the "path" typed), and on the
-    console "users", "bans" and "say" (value: the text). In a chat, a line not starting with / is a message, and
+    console). action is "send" (value: the frame to post), "error" (value: a
+    sentence), None for a blank line, or one to carry out where it was typed:
+    "quit", "help" (value: the help text), and on the console "users", "bans" and
+    "say" (value: the text). In a chat, a line not starting with / is a message, and
     one starting with // is a message starting with /.
     """
     if not line.strip():
@@ -672,22 +654,19 @@ def parse_command(line, where, place):
     command = _COMMAND_INDEX.get((place, word.lower()))
     if command is None:
         return "error", _refusal(word, place)
-    action, value = command.parse(argument.strip(), where) or ("error", "Usage: " + command.usage)
-    return (action, HELP_TEXTS[place]) if action == "help" else (action, value)
+    return command.parse(argument.strip(), where) or ("error", "Usage: " + command.usage)
 
 
 def _refusal(word, place):
     """Return the sentence for /word, which is no command at place."""
     shown = word[:40]
-    elsewhere = [other for other in COMMAND_PLACES if other != place and (other, word.lower()) in _COMMAND_INDEX]
+    elsewhere = any((other, word.lower()) in _COMMAND_INDEX for other in COMMAND_PLACES if other != place)
     if place == "console":
         if elsewhere:
             return "/%s is typed in a chat, not on the console. Type /help for the console's commands." % shown
         return "Unknown command. " + CONSOLE_HELP_TEXT
-    if "console" in elsewhere:
+    if elsewhere:
         return "/%s is a command of the server's console only. Type /help for the list." % shown
-    if elsewhere:  # the window's own, typed in the line client or a door
-        return "/%s works in the chat window only. Type /help for the list." % shown
     return "Unknown command /%s. Type /help for the list." % shown
 
 
@@ -13676,7 +13655,7 @@ class ChatWindow(ChatPanels, ServerMemory, FileSharing):
         text = self.input_box.get()
         conversation = self.conversations.get(self.current)
         where = conversation.where if conversation else {"room": GENERAL_ROOM}
-        action, value = parse_command(text, where, "window")
+        action, value = parse_input(text, where)
         if action is None:
             return
         if action == "send" and (self.ended or not self.connection.welcome):

@@ -704,10 +704,8 @@ class CommandTableTests(unittest.TestCase):
     """The table of /commands: its help in each place, what each command becomes, what a place refuses."""
 
     # Where each kind of command may be typed, written out here rather than read from the table.
-    PLACES_OF = {"everybody": {"chat", "window"}, "operators": {"chat", "window", "console"},
-                 "window": {"window"}, "console": {"console"}}
-    HELP_OF = {"chat": localchat.HELP_TEXT, "window": localchat.WINDOW_HELP_TEXT,
-               "console": localchat.CONSOLE_HELP_TEXT}
+    PLACES_OF = {"everybody": {"chat"}, "operators": {"chat", "console"}, "console": {"console"}}
+    HELP_OF = {"chat": localchat.HELP_TEXT, "console": localchat.CONSOLE_HELP_TEXT}
     GAMES, BOB = {"room": "games"}, {"to": "bob"}
 
     # (place, line, where, expected result); together they use every command in the table.
@@ -737,12 +735,6 @@ class CommandTableTests(unittest.TestCase):
         ("chat", "/exit", GAMES, ("quit", None)),
         ("chat", "/help", GAMES, ("help", localchat.HELP_TEXT)),
         ("chat", "//help", GAMES, ("send", {"type": "say", "room": "games", "text": "/help"})),
-        ("window", "/send ~/report.pdf", GAMES, ("send_file", {"room": "games",
-                                                               "path": os.path.expanduser("~/report.pdf")})),
-        ("window", '/send "my notes.txt"', BOB, ("send_file", {"to": "bob", "path": "my notes.txt"})),
-        ("window", "/send", GAMES, ("error", "Usage: /send FILE")),
-        ("window", "/help", BOB, ("help", localchat.WINDOW_HELP_TEXT)),
-        ("window", "/join games", BOB, ("send", {"type": "join", "room": "games"})),
         ("console", "/users", {}, ("users", None)),
         ("console", "/bans", {}, ("bans", None)),
         ("console", "/say pizza  is here", {}, ("say", "pizza  is here")),
@@ -793,7 +785,6 @@ class CommandTableTests(unittest.TestCase):
             "everybody": ["join", "leave", "msg", "me", "nick", "invite", "users", "rooms", "topic", "away", "back",
                           "quit", "help"],
             "operators": ["kick", "ban", "unban", "mute", "unmute", "op", "deop"],
-            "window": ["send"],
             "console": ["users", "bans", "say", "quit", "help"]})
 
     def test_no_name_is_two_commands_in_one_place(self):
@@ -814,10 +805,6 @@ class CommandTableTests(unittest.TestCase):
             self.assertNotIn(word, chat)
         for word in ("/join", "/msg", "/nick", "/topic", "/away", "//"):
             self.assertNotIn(word, console)
-        self.assertNotIn("/send", chat)
-        self.assertEqual(localchat.WINDOW_HELP_TEXT.split("\nOperators also have:\n")[1],
-                         chat.split("\nOperators also have:\n")[1])
-        self.assertIn("  /send FILE ", localchat.WINDOW_HELP_TEXT)
         everybody, operators = chat.split("\nOperators also have:\n")
         self.assertIn("  /join ROOM ", everybody)
         self.assertIn("  /kick NAME [reason] ", operators)
@@ -870,12 +857,6 @@ class CommandTableTests(unittest.TestCase):
         self.assertEqual(localchat.parse_input("/dance", self.GAMES),
                          ("error", "Unknown command /dance. Type /help for the list."))
 
-    def test_a_chat_refuses_what_only_the_window_may_do(self):
-        self.assertEqual(localchat.parse_input("/send notes.txt", self.GAMES),
-                         ("error", "/send works in the chat window only. Type /help for the list."))
-        self.assertEqual(localchat.parse_command("/say everybody out", self.GAMES, "window"),
-                         ("error", "/say is a command of the server's console only. Type /help for the list."))
-
     def test_every_result_has_somebody_to_carry_it_out(self):
         # Each frame a chat command sends has its handler in the door, and each console
         # result (a frame or a local action) its method in ServerConsole.
@@ -883,10 +864,10 @@ class CommandTableTests(unittest.TestCase):
             (place, line) for line, _ in self.OPERATOR_CASES for place in ("chat", "console")]
         for place, line in cases:
             action, value = localchat.parse_command(line, self.GAMES if place == "chat" else {}, place)
-            if action == "error" or place != "console" and action != "send":
+            if action == "error" or place == "chat" and action != "send":
                 continue
             with self.subTest(place=place, line=line):
-                if place != "console":
+                if place == "chat":
                     self.assertTrue(callable(getattr(localchat.Session, "do_" + value["type"], None)))
                 else:
                     method = "_do_" + (value["type"] if action == "send" else action)

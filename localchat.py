@@ -10657,8 +10657,12 @@ def run_server(args):
         store, where = SqliteStore(path), "History: kept in %s" % path
         files_folder = path.with_name(path.stem + "-files")  # history-files beside history.sqlite3
     files = FileStore(files_folder, limits.files_bytes) if limits.max_file_bytes > 0 else None
-    if files is not None and temporary is None:
-        where += "; shared files in %s" % files_folder
+    if files is None:
+        where += "\nShared files: turned off (--max-file-mb 0)."
+    elif temporary is None:
+        where += "\nShared files: kept in %s (up to %s in all)" % (files_folder, file_size_text(limits.files_bytes))
+    else:
+        where += "\nShared files: kept until the server stops (up to %s in all)." % file_size_text(limits.files_bytes)
     hub = ChatHub(args.server_name or socket.gethostname(), store, scrollback=args.scrollback, limits=limits,
                   password=server_password(args.password), files=files)
     for name in args.op or []:

@@ -2645,7 +2645,9 @@ class FileStore:
         about = {"name": name, "type": kind, "size": size, "stored": time.time()}
         part = self.folder / (file_id + _PART_SUFFIX)
         try:
-            (self.folder / (file_id + _ABOUT_SUFFIX)).write_text(json.dumps(about), encoding="utf-8")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+            with os.fdopen(os.open(str(self.folder / (file_id + _ABOUT_SUFFIX)), flags, 0o600), "wb") as out:
+                out.write(json.dumps(about).encode("utf-8"))  # the owner's alone, as the file itself
             os.replace(str(part), str(self.folder / file_id))
         except OSError:
             self.forget(file_id)

@@ -4271,6 +4271,8 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
                 self.assertNotIn("/", headers["content-disposition"].partition("filename=")[2].split(";")[0])
         for name in self.kept():
             self.assertRegex(name, r"^[A-Za-z0-9_-]{32}(\.json)?$")
+            if os.name == "posix":  # direct messages' files too: the server's owner alone reads them
+                self.assertEqual(stat.S_IMODE((self.folder / "files" / name).stat().st_mode), 0o600, name)
         self.assertFalse((self.folder / "etc").exists())
 
     def test_the_size_limit_refuses_before_any_byte_is_sent(self):

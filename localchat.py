@@ -534,6 +534,13 @@ def _parse_invite(argument, where):
     return "send", {"type": "invite", "name": parts[0].lstrip("@"), "room": room}
 
 
+def _parse_send(argument, where):
+    path = argument.strip()
+    if len(path) > 1 and path[0] == path[-1] and path[0] in "'\"":  # a dropped or copied path may come quoted
+        path = path[1:-1]
+    return ("send_file", dict(where, path=path)) if path else None
+
+
 def _parse_topic(argument, where):
     room = where.get("room")
     if not room:
@@ -569,6 +576,7 @@ COMMANDS = (
     Command(("leave", "part"), "/leave [ROOM]", "leave a room (the current one)", "everybody", _parse_leave),
     Command(("msg",), "/msg NAME TEXT", "a direct message that only NAME sees", "everybody", _parse_msg),
     Command(("me",), "/me ACTION", "say what you do, shown as: * alice waves", "everybody", _parse_me),
+    Command(("send",), "/send PATH", "share a file with the room (or the person)", "everybody", _parse_send),
     Command(("nick",), "/nick NEWNAME", "change your name", "everybody", _parse_nick),
     Command(("invite",), "/invite NAME [ROOM]", "ask somebody into a room (the current one)", "everybody",
             _parse_invite),
@@ -769,9 +777,19 @@ _NOTICES = {
 }
 
 
-def message_line(frame):
-    """Return a message as the one line the line client prints (after the time)."""
+def message_line(frame, file_address=None):
+    """Return a message as the one line the line client prints (after the time).
+
+    file_address(url) makes a shared file's whole address (the line client knows its server).
+    """
     sender, text = frame.get("from"), frame.get("text")
+    shared = frame.get("file")
+    if isinstance(shared, dict) and isinstance(shared.get("name"), str):
+        what = "%s (%s)" % (shared["name"], file_size_text(shared.get("size") or 0))
+        if shared.get("expired") or not isinstance(shared.get("url"), str):
+            text = "shared a file: %s, no longer on the server" % what
+        else:  # the text holds the address the server gives, which a client knowing its server can better
+            text = "shared a file: " + ("%s %s" % (what, file_address(shared["url"])) if file_address else text)
     if frame.get("to") is not None:
         where = "[%s -> %s] " % (sender, frame["to"])
         return where + ("* %s %s" % (sender, text) if frame.get("action") else text) + (
@@ -2627,7 +2645,9 @@ class FileStore:
         about = {"name": name, "type": kind, "size": size, "stored": time.time()}
         part = self.folder / (file_id + _PART_SUFFIX)
         try:
-            (self.folder / (file_id + _ABOUT_SUFFIX)).write_text(json.dumps(about), encoding="utf-8")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+            with os.fdopen(os.open(str(self.folder / (file_id + _ABOUT_SUFFIX)), flags, 0o600), "wb") as out:
+                out.write(json.dumps(about).encode("utf-8"))  # the owner's alone, as the file itself
             os.replace(str(part), str(self.folder / file_id))
         except OSError:
             self.forget(file_id)
@@ -8311,6 +8331,9 @@ class TextDoor(Door):
             return session._handle_frame({"type": "bye"})
         if action == "help":
             self._tell(value.replace("\n", "\r\n"))
+        elif action == "send_file":
+            self._tell("Files are shared from the window, the line client or the web page; here, shared files "
+                       "show as addresses to open in a browser.", "!")
         elif action == "error":
             self._tell(value, "!")
         return None
@@ -10636,8 +10659,12 @@ def run_server(args):
         store, where = SqliteStore(path), "History: kept in %s" % path
         files_folder = path.with_name(path.stem + "-files")  # history-files beside history.sqlite3
     files = FileStore(files_folder, limits.files_bytes) if limits.max_file_bytes > 0 else None
-    if files is not None and temporary is None:
-        where += "; shared files in %s" % files_folder
+    if files is None:
+        where += "\nShared files: turned off (--max-file-mb 0)."
+    elif temporary is None:
+        where += "\nShared files: kept in %s (up to %s in all)" % (files_folder, file_size_text(limits.files_bytes))
+    else:
+        where += "\nShared files: kept until the server stops (up to %s in all)." % file_size_text(limits.files_bytes)
     hub = ChatHub(args.server_name or socket.gethostname(), store, scrollback=args.scrollback, limits=limits,
                   password=server_password(args.password), files=files)
     for name in args.op or []:
@@ -14452,6 +14479,10 @@ class TerminalClient:
             elif kind == "line":
                 self._on_line(self._gather(value) if self._piped else value)
                 self._line_handled.set()
+            elif kind == "shared":  # a file's sending ended: value is (its token, a sentence if it failed)
+                self._pending.discard(value[0])
+                if value[1]:
+                    self._print(clock(), "! " + value[1])
             elif self._leaving_since is None:
                 self._leaving_since = time.monotonic()
             if self.stdout_closed:
@@ -14508,12 +14539,30 @@ class TerminalClient:
             elif value["type"] == "leave" and self.where.get("room") == value["room"]:
                 self.where = {"room": GENERAL_ROOM}
             self.connection.post(value)
+        elif action == "send_file":
+            self._send_file(value)
         elif action == "quit":
             self._leaving_since = time.monotonic()
         elif action == "help":
             self._print(clock(), value)
         elif action == "error":
             self._print(clock(), "! " + value)
+
+    def _send_file(self, value):
+        """Share a file on a thread of its own; the main loop hears how it ended ("shared")."""
+        path = Path(value.pop("path")).expanduser()
+        self._next_ref += 1
+        token = "file-%d" % self._next_ref
+        self._pending.add(token)  # input that ends now waits for the file before saying bye
+        self._print(clock(), "* Sending %s..." % path.name)
+
+        def share():
+            try:
+                self.connection.share_file(path, room=value.get("room"), to=value.get("to"))
+                self._inbox.put(("shared", (token, None)))
+            except UserError as error:
+                self._inbox.put(("shared", (token, str(error))))
+        threading.Thread(target=share, name="send-file", daemon=True).start()
 
     def _show(self, frame):
         """Print one frame; return an exit code once the connection has ended."""
@@ -14525,7 +14574,7 @@ class TerminalClient:
             if own and frame.get("ref") in self._typed:
                 self._typed.discard(frame.get("ref"))  # shown once: as it was typed
             else:
-                self._print(clock(frame.get("ts")), message_line(frame))
+                self._print(clock(frame.get("ts")), message_line(frame, self.connection.file_address))
         elif kind == "disconnected":
             if not frame.get("expected") and not self._bye_sent:
                 refused = self.trust.refused if self.trust is not None else None
@@ -14621,6 +14670,27 @@ def run_cli(args):
     return 1
 
 
+def run_send_file(args):
+    """Share one file with a room or a person, print its address, and exit (0, or 1 with a sentence)."""
+    host, port = split_host_port(args.server) if args.server else server_from_discovery()
+    trust = TerminalTrust(ask=sys.stdin.isatty(), accept_new=args.accept_new_certificate)
+    connection = ChatConnection(host, port, args.name, identity=load_identity(),
+                                password=os.environ.get("LOCALCHAT_PASSWORD"), tls=args.tls,
+                                fingerprint=args.fingerprint, trust=trust)
+    if args.room:
+        connection.rooms = [args.room]  # joined with the hello
+    try:
+        connection.connect()
+        connection.start()
+        url = connection.share_file(args.send_file, room=args.room, to=args.to)
+    except UntrustedCertificate as error:
+        raise UserError(str(error) + trust_hint(error, False)) from None
+    finally:
+        connection.close()
+    print("Shared %s: %s" % (Path(args.send_file).name, connection.file_address(url)))
+    return 0
+
+
 # =============================================================================
 # 19. Command line
 # =============================================================================
@@ -14642,6 +14712,7 @@ examples:
   python3 localchat.py server --port 13333
   python3 localchat.py alice --server 192.168.1.7
   echo "build finished" | python3 localchat.py ci --cli --server 192.168.1.7
+  python3 localchat.py ci --send-file report.pdf --room builds --server 192.168.1.7
 """
 
 
@@ -14667,6 +14738,10 @@ def build_parser():
                         help="line client: the server's certificate has changed and you know why (its owner "
                         "made a new one): accept the new one and remember it (the window asks instead)")
     client.add_argument("--cli", action="store_true", help="use the line client instead of the window")
+    client.add_argument("--send-file", metavar="PATH", help="share this file, print its address and exit "
+                        "(to the general room, or --room ROOM, or --to NAME)")
+    client.add_argument("--room", metavar="ROOM", help="with --send-file: the room to share it with")
+    client.add_argument("--to", metavar="NAME", help="with --send-file: the one person to share it with")
     server = parser.add_argument_group("server options")
     server.add_argument("--host", help="the address to listen on (default %s: all of them)" % DEFAULT_HOST)
     server.add_argument("--port", type=int, help="the TCP port to listen on (default %d; 0 picks a free one)"
@@ -14708,6 +14783,7 @@ def check_args(parser, args):
     """Reject options that do not fit the mode; fill in defaults."""
     if args.name == "server":
         for option, value in (("--server", args.server), ("--cli", args.cli), ("--fingerprint", args.fingerprint),
+                              ("--send-file", args.send_file), ("--room", args.room), ("--to", args.to),
                               ("--discover", args.discover), ("--accept-new-certificate", args.accept_new_certificate)):
             if value:
                 parser.error("%s is a client option; see the server options in --help" % option)
@@ -14736,13 +14812,19 @@ def check_args(parser, args):
             ("--" + attribute.replace("_", "-"), getattr(args, attribute)) for attribute, _, _ in Limits.TABLE):
         if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)
-    if args.accept_new_certificate and not args.cli:
+    if (args.room or args.to) and not args.send_file:
+        parser.error("--room and --to go with --send-file")
+    if args.room and args.to:
+        parser.error("--room and --to exclude each other: a file goes to a room or to one person")
+    if args.send_file and (args.cli or args.discover):
+        parser.error("--send-file shares a file and exits: it goes without --cli and --discover")
+    if args.accept_new_certificate and not (args.cli or args.send_file):
         parser.error("--accept-new-certificate is for the line client (--cli): the window asks, with a button")
     if args.discover:
         return
     if args.name is None:
-        if args.cli:
-            parser.error("the line client needs a NAME")
+        if args.cli or args.send_file:
+            parser.error("the line client and --send-file need a NAME")
         return
     try:
         check_name(args.name)
@@ -14763,6 +14845,8 @@ def main(argv=None):
             return run_discover()
         if args.name == "server":
             return run_server(args)
+        if args.send_file:
+            return run_send_file(args)
         if args.cli:
             return run_cli(args)
         return run_window(args)

@@ -12947,7 +12947,7 @@ class WindowFileTests(unittest.TestCase):
         self.assertIn("huge.bin is 1.0 MB; this chat takes files of up to 1.0 MB.", self.log_text(alice))
         self.assertEqual(alice.transfer_label.cget("text"), "")
         self.type_and_press(alice, "/help")
-        self.assertIn("/send FILE", self.log_text(alice))
+        self.assertIn("/send PATH", self.log_text(alice))
 
     def test_an_expired_file_shows_as_expired(self):
         self.server.hub.files.total_bytes = 200 * 1024  # two files of 150 KB: the first expires

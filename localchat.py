@@ -12267,6 +12267,7 @@ class Conversation:
         ranges = self.log.tag_ranges(card.state_tag)
         if not ranges:
             return
+        following = self.log.yview()[1] >= 0.999  # a line more ("Saved to", then Open) keeps the end in view
         self.log.configure(state="normal")
         self.log.mark_set("cardedit", ranges[0])
         self.log.mark_gravity("cardedit", "right")  # each piece goes after the one before
@@ -12274,6 +12275,8 @@ class Conversation:
         for text, tags in card.state_pieces():
             self.log.insert("cardedit", displayable(text, self.astral_ok), tags)
         self.log.configure(state="disabled")
+        if following:
+            self.log.see("end")
 
     def add_thumbnail(self, card, image):
         """Show a picture (a PhotoImage, already small) at the top of its card, once."""
@@ -12728,13 +12731,11 @@ class ChatPanels:
     def _build_input(self, parent):
         frame = self.ttk.Frame(parent, style="Surface.TFrame", padding=(14, 4, 14, 10))
         frame.pack(side="bottom", fill="x")
-        line = self.ttk.Frame(frame, style="Surface.TFrame")
-        line.pack(side="top", fill="x", pady=(0, 3))
-        self.target_label = self.ttk.Label(line, text="", style="Target.TLabel")
-        self.target_label.pack(side="left", anchor="w")
-        # Files on their way: "Sending report.pdf... 40% of 3.2 MB", beside where they go.
-        self.transfer_label = self.ttk.Label(line, text="", style="Target.TLabel")
-        self.transfer_label.pack(side="right", anchor="e")
+        # Files on their way: "Sending report.pdf... 40% of 3.2 MB", above where the typing goes;
+        # shown only while there are some (see _show_uploads).
+        self.transfer_label = self.ttk.Label(frame, text="", style="Target.TLabel")
+        self.target_label = self.ttk.Label(frame, text="", style="Target.TLabel")
+        self.target_label.pack(side="top", anchor="w", pady=(0, 3))
         row = self.ttk.Frame(frame, style="Surface.TFrame")
         row.pack(side="top", fill="x")
         self.send_button = self.ttk.Button(row, text="Send", style="Accent.TButton", command=self._on_send)
@@ -13072,6 +13073,7 @@ class FileSharing:
         """Say how far the files on their way are, beside where the typing goes."""
         if not self.uploads:
             self.transfer_label.configure(text="")
+            self.transfer_label.pack_forget()
             return
         done = sum(sent for _, sent, _ in self.uploads.values())
         total = sum(size for _, _, size in self.uploads.values())
@@ -13081,7 +13083,11 @@ class FileSharing:
             text = "Sending %s\u2026%s%s" % (name, percent, " of " + file_size_text(size) if size else "")
         else:
             text = "Sending %d files\u2026%s" % (len(self.uploads), percent)
-        self.transfer_label.configure(text=displayable(self._fitted(text, 360), self.astral_ok))
+        width = self.target_label.master.winfo_width() - 28  # the input panel, less its padding
+        self.transfer_label.configure(text=displayable(self._fitted(text, width if width > 100 else None),
+                                                       self.astral_ok))
+        if not self.transfer_label.winfo_manager():
+            self.transfer_label.pack(side="top", anchor="w", pady=(0, 2), before=self.target_label)
 
     # -- receiving -----------------------------------------------------------------------
 

@@ -12903,12 +12903,14 @@ class WindowFileTests(unittest.TestCase):
         with mock.patch("tkinter.filedialog.askopenfilenames", return_value=(str(path),)) as dialog:
             alice.file_button.invoke()
             self.assertEqual(alice.transfer_label.cget("text"), "Sending big.bin\u2026")
+            self.assertTrue(alice.transfer_label.winfo_manager(), "the progress is shown")
         self.assertEqual(dialog.call_args[1]["title"], "Send files to #general")
         frame = self.wait_frame(events, lambda f: f["type"] == "message" and "file" in f)
         self.assertEqual((frame["from"], frame["room"], frame["file"]["name"], frame["file"]["size"]),
                          ("alice", "general", "big.bin", len(data)))
         self.assertEqual(peer.fetch_bytes(frame["file"]["url"], len(data)), data)
         self.pump_until(lambda: alice.transfer_label.cget("text") == "", "the progress stays after sending")
+        self.assertFalse(alice.transfer_label.winfo_manager(), "the progress line goes with the last file")
         self.assertEqual(alice.input_box.get(), "a draft", "the draft is left alone")
         # In a direct conversation a file goes to that person alone.
         alice._show_conversation(alice._open_conversation("direct", "bob").key)
@@ -12933,6 +12935,37 @@ class WindowFileTests(unittest.TestCase):
         self.click_action(bob, card, "Download")
         self.pump_until(lambda: card.state == "saved", "the download over TLS did not finish")
         self.assertEqual((self.downloads / "code.png").read_bytes(), png)
+
+    def test_the_window_keeps_going_while_files_are_on_their_way(self):
+        path = self.make_file("slow.pdf", b"%PDF slow")
+        alice = self.open_window("alice")
+        peer, events = self.add_peer("bob")
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        real_share, real_fetch = localchat.ChatConnection.share_file, localchat.ChatConnection.fetch_file
+
+        def held(real):
+            def call(connection, *args, **kwargs):
+                gate.wait(READ_TIMEOUT_S)  # a slow network: the call blocks its thread, never the window's
+                return real(connection, *args, **kwargs)
+            return call
+        with mock.patch.object(localchat.ChatConnection, "share_file", held(real_share)), \
+                mock.patch.object(localchat.ChatConnection, "fetch_file", held(real_fetch)):
+            self.assertLess(WindowTests.timed_on_tk_thread(self, lambda: self.type_and_press(
+                alice, "/send " + str(path))), CLOSE_RETURN_S)
+            peer.say("still talking")
+            self.pump_until(lambda: "still talking" in self.log_text(alice), "the window froze during an upload")
+            self.assertEqual(alice.transfer_label.cget("text"), "Sending slow.pdf\u2026")
+            gate.set()
+            card = self.only_card(alice, "slow.pdf")
+            gate.clear()
+            self.click_action(alice, card, "Download")
+            self.assertEqual(self.card_line(alice, card), "Downloading\u2026")
+            peer.say("and still")
+            self.pump_until(lambda: "and still" in self.log_text(alice), "the window froze during a download")
+            gate.set()
+            self.pump_until(lambda: card.state == "saved", "the download did not finish")
+        self.assertEqual((self.downloads / "slow.pdf").read_bytes(), b"%PDF slow")
 
     def test_refused_and_missing_files_are_told_in_a_sentence(self):
         self.make_file("huge.bin", b"x" * (self.MAX_FILE_BYTES + 1))

@@ -44,11 +44,14 @@ import gzip
 import hashlib
 import hmac
 import http
+import http.client
+import io
 import ipaddress
 import itertools
 import json
 import logging
 import math
+import mimetypes
 import os
 import queue
 import re
@@ -62,6 +65,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -304,7 +308,8 @@ while the server stops); and from moderation and limits: rate_limited,
 flooding (fatal), muted, banned (fatal at hello), not_operator, no_identity,
 not_banned, not_muted, own_address, bad_auth, auth_first (fatal), auth_failed (fatal),
 server_full (fatal), too_many_connections (fatal), tls_required (fatal),
-file_too_large, too_many_uploads, files_off (files are turned off),
+file_too_large, too_many_uploads, files_off (files are turned off), gone (the sender of a
+file left before it came: HTTP 409),
 tls_not_used (fatal); from the IRC and text doors, which carry a password
 themselves: password_required (fatal), password_in_clear (fatal: a password
 server without TLS, unless started with --allow-clear-passwords).
@@ -378,6 +383,66 @@ def split_host_port(text, default_port=DEFAULT_PORT):
     if not host or not 0 < port < 65536:
         raise UserError("'%s' is not a valid server address; use HOST or HOST:PORT." % text)
     return host, port
+
+
+MAX_FILE_NAME_CHARS = 120  # a shared file's name, after cleaning
+PICTURE_TYPES = ("image/png", "image/gif", "image/jpeg", "image/webp")  # shown inline: the only files that are
+_PICTURE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"),
+                  (b"\xff\xd8\xff", "image/jpeg"))
+_WINDOWS_RESERVED = frozenset(["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"] +
+                              ["%s%d" % (kind, n) for kind in ("COM", "LPT") for n in range(10)])
+_NOT_IN_FILE_NAMES = '<>:"/\\|?*'  # Windows refuses these; "/" and "\\" would name folders anywhere
+
+
+def clean_file_name(name):
+    """Return a shared file's name made safe to show and to save on any system.
+
+    No folders (only the last part of a path is kept), no control, format or
+    direction-override characters, none that Windows refuses, no name Windows
+    reserves (CON.txt becomes _CON.txt), no leading or trailing dots and spaces,
+    at most MAX_FILE_NAME_CHARS characters with the extension kept; "file" if
+    nothing is left.
+    """
+    name = unicodedata.normalize("NFC", str(name)).replace("\\", "/").rstrip("/ ").rsplit("/", 1)[-1]
+    name = "".join("_" if ch in _NOT_IN_FILE_NAMES else ch for ch in name
+                   if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+    name = " ".join(name.split()).strip(" .")  # whitespace runs become one space
+    stem, dot, extension = name.rpartition(".")
+    if not dot or not 0 < len(extension) <= 16:
+        stem, dot, extension = name, "", ""
+    if stem.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
+        stem = "_" + stem
+    room = MAX_FILE_NAME_CHARS - len(dot + extension)
+    name = (stem[:room].rstrip(" .") + dot + extension).strip(" .")
+    return name or "file"
+
+
+def file_type(name, head):
+    """Return the Content-Type of a shared file, from its first bytes (pictures) or its name.
+
+    A picture type only when the bytes are that picture: a page named photo.png is
+    no picture, and is never served as one.
+    """
+    for magic, kind in _PICTURE_MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    guessed = mimetypes.guess_type("x." + name.rpartition(".")[2])[0] if "." in name else None
+    if guessed is None or guessed in PICTURE_TYPES or not re.match(r"^[a-z]+/[a-z0-9.+-]+$", guessed):
+        return "application/octet-stream"
+    return guessed
+
+
+def file_size_text(size):
+    """Return a size for a person: 512 bytes, 48 KB, 3.2 MB, 1.1 GB."""
+    if size < 1024:
+        return "1 byte" if size == 1 else "%d bytes" % size
+    for unit, scale in (("KB", 1024), ("MB", 1024 ** 2), ("GB", 1024 ** 3)):
+        if size < scale * 1024 or unit == "GB":
+            value = size / scale
+            return ("%.1f %s" % (value, unit)) if value < 10 else ("%d %s" % (round(value), unit))
+    raise AssertionError("unreachable")
 
 
 def printable(text, limit=80):
@@ -469,6 +534,13 @@ def _parse_invite(argument, where):
     return "send", {"type": "invite", "name": parts[0].lstrip("@"), "room": room}
 
 
+def _parse_send(argument, where):
+    path = argument.strip()
+    if len(path) > 1 and path[0] == path[-1] and path[0] in "'\"":  # a dropped or copied path may come quoted
+        path = path[1:-1]
+    return ("send_file", dict(where, path=path)) if path else None
+
+
 def _parse_topic(argument, where):
     room = where.get("room")
     if not room:
@@ -504,6 +576,7 @@ COMMANDS = (
     Command(("leave", "part"), "/leave [ROOM]", "leave a room (the current one)", "everybody", _parse_leave),
     Command(("msg",), "/msg NAME TEXT", "a direct message that only NAME sees", "everybody", _parse_msg),
     Command(("me",), "/me ACTION", "say what you do, shown as: * alice waves", "everybody", _parse_me),
+    Command(("send",), "/send PATH", "share a file with the room (or the person)", "everybody", _parse_send),
     Command(("nick",), "/nick NEWNAME", "change your name", "everybody", _parse_nick),
     Command(("invite",), "/invite NAME [ROOM]", "ask somebody into a room (the current one)", "everybody",
             _parse_invite),
@@ -704,9 +777,19 @@ _NOTICES = {
 }
 
 
-def message_line(frame):
-    """Return a message as the one line the line client prints (after the time)."""
+def message_line(frame, file_address=None):
+    """Return a message as the one line the line client prints (after the time).
+
+    file_address(url) makes a shared file's whole address (the line client knows its server).
+    """
     sender, text = frame.get("from"), frame.get("text")
+    shared = frame.get("file")
+    if isinstance(shared, dict) and isinstance(shared.get("name"), str):
+        what = "%s (%s)" % (shared["name"], file_size_text(shared.get("size") or 0))
+        if shared.get("expired") or not isinstance(shared.get("url"), str):
+            text = "shared a file: %s, no longer on the server" % what
+        else:  # the text holds the address the server gives, which a client knowing its server can better
+            text = "shared a file: " + ("%s %s" % (what, file_address(shared["url"])) if file_address else text)
     if frame.get("to") is not None:
         where = "[%s -> %s] " % (sender, frame["to"])
         return where + ("* %s %s" % (sender, text) if frame.get("action") else text) + (
@@ -745,6 +828,7 @@ DEFAULT_SCROLLBACK = 100      # messages shown from a room's history on joining 
 MAX_REPLAY = 1000             # messages replayed at most on reconnect, per request
 MAX_PAGE = 200                # messages per history page
 RESUME_GRACE_S = 60.0         # a lost user's name and rooms wait this long for it to return
+UPLOAD_WAIT_S = 60            # an upload address must be used within this
 MAX_MODERATION_MINUTES = 10 * 366 * 24 * 60  # the longest ban or mute with an end: ten years
 
 
@@ -844,6 +928,9 @@ class Limits:
          "that client is dropped as too slow"),
         ("max_rooms", MAX_ROOMS_PER_USER, "rooms one user may be in at once"),
         ("renames_per_minute", 5, "name changes one user may make per minute"),
+        ("max_file_mb", 25, "megabytes in one shared file (0: nobody may share files)"),
+        ("files_mb", 2048, "megabytes of shared files the server keeps; the oldest go first"),
+        ("uploads_per_minute", 10, "files one user may share per minute"),
     )
 
     def __init__(self, **values):
@@ -851,6 +938,14 @@ class Limits:
             setattr(self, attribute, values.pop(attribute, default))
         if values:
             raise TypeError("unknown limits: %s" % ", ".join(sorted(values)))
+
+    @property
+    def max_file_bytes(self):
+        return int(self.max_file_mb * 1024 * 1024)
+
+    @property
+    def files_bytes(self):
+        return int(self.files_mb * 1024 * 1024)
 
 
 class TokenBucket:
@@ -955,7 +1050,7 @@ class User:
     """
 
     __slots__ = ("name", "key", "rooms", "away", "identity", "resume_token", "lost_at", "flood", "address",
-                 "conn", "seat", "echoes")
+                 "conn", "seat", "echoes", "uploads")
 
     def __init__(self, name, conn, address=None):
         self.name = name
@@ -970,6 +1065,7 @@ class User:
         self.conn = conn
         self.seat = Seat(self)  # what the connection that holds this user passes to the hub
         self.echoes = True  # gets its own room messages back (an IRC client without echo-message does not)
+        self.uploads = RecentEvents(60.0)  # files offered in the last minute
 
 
 class Seat:
@@ -1034,6 +1130,18 @@ class _Holding:
         self.pages.append(page)
 
 
+class Upload(NamedTuple):
+    """A file somebody asked to share, waiting for its bytes at a one-time address."""
+
+    seat: object  # the sender's Seat: the file is announced only if it is still theirs
+    name: str     # cleaned
+    size: int
+    room: object  # the room's name, or None for a direct message
+    to: object    # the recipient's name, or None
+    ref: object
+    until: float  # time.monotonic() after which the address is no longer good
+
+
 class ChatHub:
     """Who is in the chat and in which rooms, and the fan-out of what they say.
 
@@ -1047,8 +1155,10 @@ class ChatHub:
     """
 
     def __init__(self, server_name="LocalChat", store=None, scrollback=DEFAULT_SCROLLBACK,
-                 resume_grace_s=RESUME_GRACE_S, limits=None, password=None):
+                 resume_grace_s=RESUME_GRACE_S, limits=None, password=None, files=None):
         self.server_name = server_name
+        self.files = files  # a FileStore, or None: nobody may share files
+        self.web_base = ""  # "http://192.168.1.7:13333": file messages' text holds whole addresses
         self.store = store if store is not None else MemoryStore()
         self.scrollback = scrollback
         self.resume_grace_s = resume_grace_s
@@ -1070,6 +1180,7 @@ class ChatHub:
         self._withdrawn = {}
         self._withdrawn_frames = frozenset()  # the ids, for the writers to skip
         self.store.on_unstored = self._unstored
+        self._uploads = {}  # token -> Upload: files asked for whose bytes have not come yet
 
     # -- arriving and leaving ------------------------------------------------------
 
@@ -1209,7 +1320,7 @@ class ChatHub:
         for item in holding.items:
             if isinstance(item, _Page):
                 for fields in item.fields:
-                    conn.deliver_locked(_replayed(fields))
+                    conn.deliver_locked(self._replayed(fields))
                 shown = getattr(conn, "history_shown_locked", None)  # a door that marks where history ends
                 if item.fields and shown is not None:
                     shown()
@@ -1431,42 +1542,118 @@ class ChatHub:
         if user is None:
             return
         user.flood.check_message(len(text.encode("utf-8")))
+        # automatic (IRC's NOTICE): no client answers it by itself
+        kind = {"action": True} if action else {"notice": True} if notice else {}
         with self.lock:
             if self._seated(seat) is not user:
                 return
+            self._post_locked(user, text, kind, ref, room, to)
+
+    def _post_locked(self, user, text, extra, ref, room, to):
+        """Make a message of what user said, store it and deliver it; return its Event."""
+        self.moderation.check_speak_locked(user)
+        fields = {"type": "message", "id": self._next_id, "ts": _now(), "from": user.name}
+        if to is None:
+            target = self._user_room(user, GENERAL_ROOM if room is None else room)
+            fields["room"] = target.name
+        else:
+            recipient, to_name, to_identity = self._recipient(to)
+            fields["to"] = to_name
+            if recipient is not None and recipient.away is not None:
+                fields["away"] = recipient.away  # the sender hears it (IRC's 301); not stored
+            if recipient is None or recipient.lost_at is not None:
+                if to_identity is None:  # nothing to deliver it to later
+                    raise ProtocolError("unknown_user", "%s lost the connection, and their client cannot "
+                                        "receive messages later." % to_name)
+                fields["queued"] = True  # delivered when that user comes back
+        fields["text"] = text
+        fields.update(extra)
+        if ref is not None:
+            fields["ref"] = ref
+        self._next_id += 1
+        event = Event(fields)
+        if to is None:
+            self.store.add_message(fields, token=(event, user))
+            self._deliver_to_room(target, event, skip=None if user.echoes else user)
+            return event
+        live = not fields.get("queued")
+        self.store.add_message(fields, user.identity, to_identity, delivered=live, token=(event, user))
+        user.conn.deliver_locked(event)
+        if live and recipient is not user:
+            recipient.conn.deliver_locked(event)
+        return event
+
+    # -- files -------------------------------------------------------------------------
+
+    def offer_upload(self, seat, name, size, ref=None, room=None, to=None):
+        """Check that user may share a file of this size there; return the upload_ready fields.
+
+        Everything that can refuse it refuses here, before any of its bytes are sent.
+        """
+        max_bytes = self.limits.max_file_bytes if self.files is not None else 0
+        if max_bytes <= 0:
+            raise ProtocolError("files_off", "This chat's server does not take files.")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ProtocolError("bad_field", 'The field "size" must be the file\'s size in bytes.')
+        name = clean_file_name(name)
+        if size > max_bytes:
+            raise ProtocolError("file_too_large", "%s is %s; this chat takes files of up to %s." % (
+                name, file_size_text(size), file_size_text(max_bytes)))
+        with self.lock:
+            user = self._seated(seat)
+            if user is None:
+                return None
             self.moderation.check_speak_locked(user)
-            fields = {"type": "message", "id": self._next_id, "ts": _now(), "from": user.name}
             if to is None:
-                target = self._user_room(user, GENERAL_ROOM if room is None else room)
-                fields["room"] = target.name
+                room = self._user_room(user, GENERAL_ROOM if room is None else room).name
             else:
-                recipient, to_name, to_identity = self._recipient(to)
-                fields["to"] = to_name
-                if recipient is not None and recipient.away is not None:
-                    fields["away"] = recipient.away  # the sender hears it (IRC's 301); not stored
-                if recipient is None or recipient.lost_at is not None:
-                    if to_identity is None:  # nothing to deliver it to later
-                        raise ProtocolError("unknown_user", "%s lost the connection, and their client cannot "
-                                            "receive messages later." % to_name)
-                    fields["queued"] = True  # delivered when that user comes back
-            fields["text"] = text
-            if action:
-                fields["action"] = True
-            elif notice:
-                fields["notice"] = True  # automatic (IRC's NOTICE): no client answers it by itself
-            if ref is not None:
-                fields["ref"] = ref
-            self._next_id += 1
-            event = Event(fields)
-            if to is None:
-                self.store.add_message(fields, token=(event, user))
-                self._deliver_to_room(target, event, skip=None if user.echoes else user)
-                return
-            live = not fields.get("queued")
-            self.store.add_message(fields, user.identity, to_identity, delivered=live, token=(event, user))
-            user.conn.deliver_locked(event)
-            if live and recipient is not user:
-                recipient.conn.deliver_locked(event)
+                to = self._recipient(to)[1]
+            if user.uploads.recent() >= self.limits.uploads_per_minute > 0:
+                raise ProtocolError("too_many_uploads", "You have shared %d files in the last minute; wait a "
+                                    "little before the next one." % user.uploads.recent())
+            user.uploads.add()
+            now = time.monotonic()
+            self._uploads = {token: upload for token, upload in self._uploads.items() if upload.until > now}
+            token = secrets.token_urlsafe(FILE_ID_BYTES)
+            self._uploads[token] = Upload(seat, name, size, room, to, ref, now + UPLOAD_WAIT_S)
+        fields = {"type": "upload_ready", "url": "/upload/" + token, "expires_s": UPLOAD_WAIT_S}
+        if ref is not None:
+            fields["ref"] = ref
+        return fields
+
+    def take_upload(self, token):
+        """Return the Upload waiting at this address and forget it (one use), or None."""
+        with self.lock:
+            upload = self._uploads.pop(token, None)
+        return upload if upload is not None and upload.until > time.monotonic() else None
+
+    def share_file(self, upload, file_id, kind):
+        """Announce a file whose bytes have all come; return the message's Event.
+
+        Raises ProtocolError when the sender may no longer share it there (gone, muted,
+        left the room). The caller then calls commit() and checks event.withdrawn.
+        """
+        url = "/files/%s/%s" % (file_id, urllib.parse.quote(upload.name))
+        shared = {"name": upload.name, "size": upload.size, "type": kind, "url": url}
+        text = "%s (%s) %s%s" % (upload.name, file_size_text(upload.size), self.web_base, url)
+        with self.lock:
+            user = self._seated(upload.seat)
+            if user is None:
+                raise ProtocolError("gone", "You left the chat before the file had come; it was not shared.")
+            return self._post_locked(user, text, {"file": shared}, upload.ref, upload.room, upload.to)
+
+    def _replayed(self, fields):
+        """Return a stored message as the event that replays it (a waiting one is no longer queued).
+
+        A file the server no longer keeps is marked expired, without its address.
+        """
+        fields = dict(fields, replay=True)
+        fields.pop("queued", None)
+        shared = fields.get("file")
+        if shared is not None and "url" in shared and (self.files is None or self.files.about(
+                shared["url"].split("/")[2]) is None):
+            fields["file"] = {"name": shared["name"], "size": shared["size"], "type": shared["type"], "expired": True}
+        return Event(fields)
 
     def _recipient(self, to):
         """Return (user or None, name, identity) for a direct message to `to`; raise if unknown."""
@@ -1564,7 +1751,7 @@ class ChatHub:
         end.update(count=len(page), more=more)
         with self.lock:
             for fields in page:
-                user.conn.deliver_locked(_replayed(fields))
+                user.conn.deliver_locked(self._replayed(fields))
             user.conn.deliver_locked(Event(end))
 
     def _older(self, what, limit, before):
@@ -1633,7 +1820,9 @@ class ChatHub:
             "last_id": self._next_id - 1,
             "operator": self.moderation.is_operator(user),
             "limits": {"messages_per_s": self.limits.messages_per_s, "message_burst": self.limits.message_burst,
-                       "kbytes_per_s": self.limits.kbytes_per_s, "kbyte_burst": self.limits.kbyte_burst},
+                       "kbytes_per_s": self.limits.kbytes_per_s, "kbyte_burst": self.limits.kbyte_burst,
+                       "max_file_bytes": self.limits.max_file_bytes if self.files is not None else 0,
+                       "uploads_per_minute": self.limits.uploads_per_minute},
             "ts": _now(),
         }
 
@@ -1920,13 +2109,6 @@ class Moderation:
         return text
 
 
-def _replayed(fields):
-    """Return a stored message as the event that replays it (a waiting one is no longer queued)."""
-    fields = dict(fields, replay=True)
-    fields.pop("queued", None)
-    return Event(fields)
-
-
 def _log_action(by, text):
     """Log what an operator did. The console's own actions are printed by the console, once."""
     if by is not None:
@@ -2189,7 +2371,8 @@ class SqliteStore:
             text TEXT NOT NULL,
             action INTEGER NOT NULL DEFAULT 0,
             ref TEXT,
-            delivered INTEGER NOT NULL DEFAULT 1
+            delivered INTEGER NOT NULL DEFAULT 1,
+            file TEXT
         );
         CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_key, id);
         CREATE INDEX IF NOT EXISTS messages_by_recipient ON messages (recipient_identity, delivered);
@@ -2199,10 +2382,10 @@ class SqliteStore:
                                          PRIMARY KEY (kind, value));
         CREATE TABLE IF NOT EXISTS operators (name_key TEXT PRIMARY KEY, identity TEXT);
     """
-    COLUMNS = "id, ts, sender, room, recipient, text, action, ref, delivered"
+    COLUMNS = "id, ts, sender, room, recipient, text, action, ref, delivered, file"
     INSERT_MESSAGE = ("INSERT INTO messages (id, ts, sender, room, room_key, recipient, recipient_key, sender_key,"
-                      " sender_identity, recipient_identity, text, action, ref, delivered)"
-                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                      " sender_identity, recipient_identity, text, action, ref, delivered, file)"
+                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
     def __init__(self, path):
         self.path = Path(path)
@@ -2221,6 +2404,8 @@ class SqliteStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(self.SCHEMA)
+            if "file" not in [row[1] for row in self.db.execute("PRAGMA table_info(messages)")]:
+                self.db.execute("ALTER TABLE messages ADD COLUMN file TEXT")  # a history from before files
         except (OSError, sqlite3.Error) as error:
             self._lock_file.close()
             raise UserError("cannot open the history database %s: %s" % (self.path, error)) from None
@@ -2237,7 +2422,8 @@ class SqliteStore:
         self._queue(self.INSERT_MESSAGE, (
             fields["id"], fields["ts"], fields["from"], room, room and name_key(room), to, to and name_key(to),
             name_key(fields["from"]), from_identity, to_identity, fields["text"], _message_kind(fields),
-            fields.get("ref"), int(delivered)), token if token is not None else fields["id"])
+            fields.get("ref"), int(delivered), json.dumps(fields["file"]) if "file" in fields else None),
+            token if token is not None else fields["id"])
 
     def mark_delivered(self, identity, upto=None):
         self._queue("UPDATE messages SET delivered = 1 WHERE recipient_identity = ? AND delivered = 0 AND id <= ?",
@@ -2367,7 +2553,7 @@ class SqliteStore:
 
     @staticmethod
     def _fields(row):
-        message_id, ts, sender, room, recipient, text, action, ref, delivered = row
+        message_id, ts, sender, room, recipient, text, action, ref, delivered, shared = row
         fields = {"type": "message", "id": message_id, "ts": ts, "from": sender}
         if room is not None:
             fields["room"] = room
@@ -2379,7 +2565,150 @@ class SqliteStore:
                 fields[kind] = True
         if ref is not None:
             fields["ref"] = ref
+        if shared is not None:
+            fields["file"] = json.loads(shared)
         return fields
+
+
+FILE_ID_BYTES = 24          # random bytes in a shared file's id: 192 bits, 32 characters in its address
+_FILE_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
+_PART_SUFFIX = ".part"      # a file still arriving; one left from a crash is removed at start
+_ABOUT_SUFFIX = ".json"     # beside each file: its name, type, size and when it came
+
+
+class FileStore:
+    """Shared files in one folder, each named by its random id (never by the name it came with).
+
+    Beside each file a small JSON file says what it is. While the files together
+    hold more than total_bytes, the oldest go first (expire). Any thread: one lock
+    guards the index; the files themselves are written by the one connection that
+    receives each.
+    """
+
+    def __init__(self, folder, total_bytes):
+        self.folder = Path(folder)
+        self.total_bytes = total_bytes
+        self._lock = threading.Lock()
+        self._index = {}  # id -> {"name", "type", "size", "stored"}, oldest first
+        try:
+            private_folder(self.folder)
+            self._load()
+        except OSError as error:
+            raise UserError("cannot use the folder for shared files %s: %s" % (self.folder, error)) from None
+
+    @staticmethod
+    def new_id():
+        return secrets.token_urlsafe(FILE_ID_BYTES)
+
+    def _load(self):
+        """Read what is kept; remove what a crash left half-written."""
+        found = []
+        for path in self.folder.iterdir():
+            if path.name.endswith(_PART_SUFFIX) or (path.suffix == "" and not (
+                    self.folder / (path.name + _ABOUT_SUFFIX)).exists()):
+                _remove(path)
+            elif path.name.endswith(_ABOUT_SUFFIX):
+                about = self._read_about(path)
+                file_id = path.name[:-len(_ABOUT_SUFFIX)]
+                data = self.folder / file_id
+                if about is None or not _FILE_ID.match(file_id) or not data.is_file() or \
+                        data.stat().st_size != about["size"]:
+                    _remove(path)
+                    _remove(data)
+                else:
+                    found.append((about["stored"], file_id, about))
+        for _, file_id, about in sorted(found, key=lambda item: item[:2]):
+            self._index[file_id] = about
+
+    @staticmethod
+    def _read_about(path):
+        try:
+            about = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(about.get("name"), str) and isinstance(about.get("type"), str) and \
+                    isinstance(about.get("size"), int) and isinstance(about.get("stored"), (int, float)):
+                return about
+        except (OSError, ValueError, AttributeError):
+            pass
+        return None
+
+    def open_part(self, file_id):
+        """Return a new file, open for writing, where the bytes of file_id arrive (raises OSError)."""
+        path = self.folder / (file_id + _PART_SUFFIX)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        return os.fdopen(os.open(str(path), flags, 0o600), "wb")
+
+    def keep(self, file_id, name, kind, size):
+        """Make an arrived file one of the kept ones; return the ids that expired to make room.
+
+        Raises OSError if it cannot be kept (then nothing of it is left).
+        """
+        about = {"name": name, "type": kind, "size": size, "stored": time.time()}
+        part = self.folder / (file_id + _PART_SUFFIX)
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+            with os.fdopen(os.open(str(self.folder / (file_id + _ABOUT_SUFFIX)), flags, 0o600), "wb") as out:
+                out.write(json.dumps(about).encode("utf-8"))  # the owner's alone, as the file itself
+            os.replace(str(part), str(self.folder / file_id))
+        except OSError:
+            self.forget(file_id)
+            raise
+        with self._lock:
+            self._index[file_id] = about
+            gone = self._over_total_locked(keep=file_id)
+        for old in gone:
+            self._delete(old)
+        return gone
+
+    def _over_total_locked(self, keep):
+        total = sum(about["size"] for about in self._index.values())
+        gone = []
+        for file_id in list(self._index):
+            if total <= self.total_bytes:
+                break
+            if file_id != keep:
+                total -= self._index.pop(file_id)["size"]
+                gone.append(file_id)
+        return gone
+
+    def forget(self, file_id):
+        """Remove a file, kept or still arriving (an upload cut short, or refused at the end)."""
+        with self._lock:
+            self._index.pop(file_id, None)
+        _remove(self.folder / (file_id + _PART_SUFFIX))
+        self._delete(file_id)
+
+    def _delete(self, file_id):
+        _remove(self.folder / file_id)
+        _remove(self.folder / (file_id + _ABOUT_SUFFIX))
+
+    def about(self, file_id):
+        """Return what is known of a kept file ({"name", "type", "size", ...}), or None."""
+        if not isinstance(file_id, str) or not _FILE_ID.match(file_id):
+            return None
+        with self._lock:
+            return self._index.get(file_id)
+
+    def open(self, file_id):
+        """Return a kept file open for reading, or None if it is not kept (any more)."""
+        if self.about(file_id) is None:
+            return None
+        try:
+            return open(str(self.folder / file_id), "rb")
+        except OSError:
+            return None
+
+    def total(self):
+        with self._lock:
+            return sum(about["size"] for about in self._index.values())
+
+
+def _remove(path):
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.error("files: cannot remove %s: %s", path, error)
 
 
 # =============================================================================
@@ -3274,7 +3603,7 @@ class Outbox:
     __slots__ = (
         "sock", "writer", "encrypt", "encode", "chunks", "queued", "closing", "hangup", "failed",
         "drained", "taken", "taken_bytes", "unsent", "unsent_plain", "marks", "taken_total", "sent_total",
-        "fresh_at", "watch",
+        "fresh_at", "watch", "pushed",
     )
 
     def __init__(self, sock, writer, encrypt=None):
@@ -3299,6 +3628,7 @@ class Outbox:
         self.marks = []
         self.taken_total = self.sent_total = 0
         self.watch = None  # None, "selector" or "overflow": how the writer waits for the socket
+        self.pushed = 0  # bytes queued by push_locked (not by deliver_locked): see owed_pushed()
 
     def deliver_locked(self, event):
         """Queue an event, encoded by the connection's door. Called by the hub with its lock held.
@@ -3323,9 +3653,15 @@ class Outbox:
             return
         self.chunks.append(data)
         self.writer.queued_bytes += len(data)  # the one count per frame: the writer sums chunks itself
+        self.pushed += len(data)
         if not self.queued:
             self.queued = True
             self.writer.note_locked(self)
+
+    def owed_pushed(self):
+        """Return the bytes queued by push_locked and not sent yet, on a connection the hub delivers
+        nothing to (an HTTP one): how far ahead of its reader a download may run. Any thread."""
+        return self.pushed - self.sent_total
 
     def put(self, data):
         """Queue bytes for sending from a thread that does not hold the hub's lock."""
@@ -7405,6 +7741,9 @@ class Door:
         """Return True if a connection that has not said hello may end quietly when its time is up."""
         return False
 
+    def close(self):
+        """The connection has ended, however it ended: let go of what the door holds."""
+
     def frames(self, buffer):
         """Cut what is complete off the bytearray buffer; return its frames (dicts) and ProtocolErrors.
 
@@ -8585,6 +8924,9 @@ class TextDoor(Door):
             return session._handle_frame({"type": "bye"})
         if action == "help":
             self._tell(value.replace("\n", "\r\n"))
+        elif action == "send_file":
+            self._tell("Files are shared from the window, the line client or the web page; here, shared files "
+                       "show as addresses to open in a browser.", "!")
         elif action == "error":
             self._tell(value, "!")
         return None
@@ -8624,6 +8966,16 @@ HTTP_HEAD_TIMEOUT_S = 10.0       # a request's line and headers must all come wi
 HTTP_KEEPALIVE_S = 15.0          # an idle keep-alive connection is closed after this
 HTTP_MAX_REQUESTS = 100          # requests on one keep-alive connection
 WS_ECHO_TIMEOUT_S = 120.0        # /ws/echo (--diagnostics only) may stay this long without a hello
+HTTP_BODY_IDLE_S = 30.0          # an upload whose bytes stop coming this long is cut off (and forgotten)
+FILE_CHUNK_BYTES = 128 * 1024    # a download is read and queued this much at a time ...
+FILE_AHEAD_BYTES = 1024 * 1024   # ... while its connection owes less than this
+FILE_WAIT_S = 0.01               # how often a download waiting for its connection looks again
+FILE_SECURITY_HEADERS = (        # a shared file is never a page of the chat's origin: no script, no frame
+    ("Content-Security-Policy", "default-src 'none'; sandbox"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+)
 _HTTP_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2: a header's name, a method
 WEB_SECURITY_HEADERS = (
     ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: "
@@ -8731,6 +9083,7 @@ class WebDoor(Door):
         self.requests = 0
         self.receiving = False  # part of a request has come (a timeout then gets 408)
         self.pipelined = False  # more requests came behind the one being answered
+        self.body = None  # the _UploadBody of a file arriving
 
     def greet(self, session):
         self.session = session
@@ -8740,12 +9093,17 @@ class WebDoor(Door):
     def frames(self, buffer):
         found = []
         for _ in range(HTTP_MAX_REQUESTS + 1):  # each turn answers one request or stops
-            if not buffer:
+            if not buffer and (self.body is None or self.body.left):
                 break
             if self.reader is not None:
                 data = bytes(buffer)
                 del buffer[:]
                 return found + self._websocket(data)
+            if self.body is not None:
+                answer = self._receive_body(buffer)
+                if answer is None:
+                    break  # more of the file is to come
+                return found + answer
             end, size = _head_end(buffer)
             self.receiving = True
             if end < 0:
@@ -8777,11 +9135,15 @@ class WebDoor(Door):
         except ValueError:
             return self._refuse(400, "That is not an HTTP request this server understands.")
         self.requests += 1
+        if request.path.startswith("/upload/") and request.method in ("PUT", "POST"):
+            return self._begin_upload(request)
         if request.headers.get("content-length", "0").strip() not in ("", "0") or "transfer-encoding" in request.headers:
             return self._refuse(400, "This server takes no request bodies.")  # never read as the next request
         if request.path in ("/ws", "/ws/echo") and "upgrade" in request.headers:
             return self._upgrade(request)
         self.pipelined = pipelined
+        if request.path.startswith("/files/") and request.method in ("GET", "HEAD"):
+            return self._download(request)
         resource = web_resources().get(request.path)
         if resource is None and request.path != "/ws":
             return self._answer(request, 404, b"Not found. The chat is at /.\n")
@@ -8801,11 +9163,19 @@ class WebDoor(Door):
         return self._answer(request, 200, resource.gzipped if zipped else resource.body, extra,
                             content_type=resource.content_type)
 
-    def _answer(self, request, status, body, extra=(), content_type="text/plain; charset=utf-8", close=False):
-        """Send a response; return [bye] if the connection ends with it, else [] (keep-alive)."""
+    def _answer(self, request, status, body, extra=(), content_type="text/plain; charset=utf-8", close=False,
+                source=None):
+        """Send a response; return [bye] if the connection ends with it, else [] (keep-alive).
+
+        `source` (a file open for reading, `body` then empty) is sent as the body instead;
+        the caller closes it.
+        """
         close = close or request.version == "HTTP/1.0" or self.requests >= HTTP_MAX_REQUESTS or \
             "close" in request.headers.get("connection", "").lower() or self.pipelined
-        self._send_response(status, body, extra, content_type, close, head_only=request.method == "HEAD")
+        head_only = request.method == "HEAD"
+        self._send_response(status, body, extra, content_type, close, head_only)
+        if source is not None and not head_only and not self._send_file(source):
+            return [{"type": "bye"}]
         if close:
             return [{"type": "bye"}]
         self.session.extend_hello(self.keepalive_s)  # the next request has this long to begin and end
@@ -8818,11 +9188,139 @@ class WebDoor(Door):
         return [{"type": "bye"}]
 
     def _send_response(self, status, body, extra, content_type, close, head_only=False):
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        headers += list(extra) + list(WEB_SECURITY_HEADERS)
+        extra = list(extra)
+        length = str(len(body))
+        if extra and extra[0][0] == "Content-Length":  # a file's, sent after the head
+            length = extra.pop(0)[1]
+        headers = [("Content-Type", content_type), ("Content-Length", length)]
+        security = FILE_SECURITY_HEADERS if any(name == "Content-Disposition" for name, _ in extra) else \
+            WEB_SECURITY_HEADERS
+        headers += extra + list(security)
         headers.append(("Connection", "close") if close else
                        ("Keep-Alive", "timeout=%d, max=%d" % (self.keepalive_s, HTTP_MAX_REQUESTS)))
         self.session.outbox.put(_http_head(status, headers) + (b"" if head_only else body))
+
+    # -- files ---------------------------------------------------------------------
+
+    def _begin_upload(self, request):
+        """A file's bytes are coming to a one-time address: check it, then receive them (see frames())."""
+        files, hub = self.session.hub.files, self.session.hub
+        length = request.headers.get("content-length", "").strip()
+        if "transfer-encoding" in request.headers or not length.isdigit():
+            return self._refuse(411, "Send the file with a Content-Length, as one request.")
+        upload = hub.take_upload(request.path[len("/upload/"):])
+        if upload is None or files is None:
+            return self._refuse(404, "This upload address is unknown, used or expired: ask for a new one.")
+        if int(length) != upload.size:
+            return self._refuse(400, "The file's length is not the one asked for (%d bytes): ask again."
+                                % upload.size)
+        file_id = files.new_id()
+        try:
+            handle = files.open_part(file_id)
+        except OSError as error:
+            log.error("files: cannot write a file: %s", error)
+            return self._refuse(507, "The server cannot store files now: its disk may be full.")
+        self.body = _UploadBody(request, upload, file_id, handle, upload.size)
+        self.receiving = True
+        if "100-continue" in request.headers.get("expect", "").lower():
+            self.session.outbox.put(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this
+        self.session.extend_hello(HTTP_BODY_IDLE_S)
+        return []
+
+    def _receive_body(self, buffer):
+        """Write what came of the file; return the answer once all of it is here, or None for more."""
+        body = self.body
+        take = min(len(buffer), body.left)
+        if take:
+            if len(body.head) < 16:
+                body.head += bytes(buffer[:16 - len(body.head)])
+            try:
+                body.handle.write(buffer[:take])
+            except OSError as error:
+                log.error("files: cannot write a file: %s", error)
+                self.close()
+                return self._refuse(507, "The server could not store the file: its disk may be full.")
+            del buffer[:take]
+            body.left -= take
+            self.session.extend_hello(HTTP_BODY_IDLE_S)  # a deadline for each stretch, not for the whole
+        if body.left:
+            return None
+        return self._finish_upload()
+
+    def _finish_upload(self):
+        """Keep the file that came and announce it; answer 201, or say why not (nothing is left of it)."""
+        body, self.body = self.body, None
+        self.receiving = False
+        hub, upload = self.session.hub, body.upload
+        kind = file_type(upload.name, body.head)
+        try:
+            body.handle.flush()
+            os.fsync(body.handle.fileno())  # on disk before anybody is told of it
+            body.handle.close()
+            hub.files.keep(body.file_id, upload.name, kind, upload.size)
+        except OSError as error:
+            log.error("files: cannot keep a file: %s", error)
+            body.handle.close()
+            hub.files.forget(body.file_id)
+            return self._refuse(507, "The server could not store the file: its disk may be full.")
+        try:
+            event = hub.share_file(upload, body.file_id, kind)
+        except ProtocolError as error:
+            hub.files.forget(body.file_id)
+            return self._refuse(409, error.text)
+        hub.commit()  # the message is stored now, or withdrawn
+        if event.withdrawn:
+            hub.files.forget(body.file_id)
+            return self._refuse(507, "The server could not store the message for the file; it was not shared.")
+        log.info("%s shared %s (%s)", upload.seat.name, printable(upload.name, 60), file_size_text(upload.size))
+        answer = encode_frame({"id": event.fields["id"], "url": event.fields["file"]["url"]})
+        return self._answer(body.request, 201, answer, content_type="application/json", close=True)
+
+    def _download(self, request):
+        """Send a shared file: 404 for any address that is not one (a guessed one, an expired one)."""
+        files = self.session.hub.files
+        parts = request.path.split("/")
+        file_id = parts[2] if len(parts) > 2 else ""
+        about = files.about(file_id) if files is not None else None
+        source = files.open(file_id) if about is not None else None
+        if source is None:
+            return self._answer(request, 404, b"This file is unknown, or no longer kept by the server.\n")
+        with source:
+            etag = '"%s"' % file_id
+            if etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
+                return self._answer(request, 304, b"", [("ETag", etag)])
+            picture = about["type"] in PICTURE_TYPES
+            extra = [("Content-Length", str(about["size"])),
+                     ("Content-Disposition", _content_disposition("inline" if picture else "attachment",
+                                                                  about["name"])),
+                     ("ETag", etag), ("Cache-Control", "private, max-age=31536000, immutable")]
+            return self._answer(request, 200, b"", extra, content_type=about["type"], source=source)
+
+    def _send_file(self, source):
+        """Queue a file in pieces, never far ahead of what its reader takes; return False if it went away."""
+        outbox, transport = self.session.outbox, self.session.server.transport
+        while True:
+            while outbox.owed_pushed() > FILE_AHEAD_BYTES:
+                if self.session._gone():
+                    return False
+                time.sleep(FILE_WAIT_S)  # the writer sends; a stuck reader is dropped as too slow
+            transport.wait_for_room(self.session._gone)
+            if self.session._gone():
+                return False
+            try:
+                chunk = source.read(FILE_CHUNK_BYTES)
+            except OSError as error:  # removed while being sent: the length is wrong now, so close
+                log.error("files: cannot read a file: %s", error)
+                return False
+            if not chunk:
+                return True
+            outbox.put(chunk)
+
+    def close(self):
+        if self.body is not None:  # an upload cut short: nothing of it is kept
+            self.body.handle.close()
+            self.session.hub.files.forget(self.body.file_id)
+            self.body = None
 
     # -- WebSocket -----------------------------------------------------------------
 
@@ -8884,6 +9382,22 @@ class WebDoor(Door):
         if fields.get("type") == "bye" or fields.get("fatal"):
             self.reader.closing = True
         return ws_encode(fields)
+
+
+class _UploadBody:
+    """A file arriving over HTTP: where it goes, and how much of it is still to come."""
+
+    __slots__ = ("request", "upload", "file_id", "handle", "left", "head")
+
+    def __init__(self, request, upload, file_id, handle, left):
+        self.request, self.upload, self.file_id, self.handle, self.left = request, upload, file_id, handle, left
+        self.head = b""  # its first bytes, which tell a picture
+
+
+def _content_disposition(kind, name):
+    """Return a Content-Disposition header's value for a file's name (RFC 6266: ASCII, then UTF-8)."""
+    fallback = "".join(ch if " " <= ch < "\x7f" and ch not in '"\\%' else "_" for ch in name)
+    return "%s; filename=\"%s\"; filename*=UTF-8''%s" % (kind, fallback, urllib.parse.quote(name, safe=""))
 
 
 def _accepts_gzip(accept_encoding):
@@ -9258,6 +9772,18 @@ class Session(socketserver.BaseRequestHandler):
             error.ref = ref  # the client forgets a refused message instead of sending it again
             raise
 
+    def do_upload(self, frame):
+        ref = self._short_field(frame, "ref")
+        try:
+            ready = self.hub.offer_upload(self.seat, frame_field(frame, "name", str), frame_field(frame, "size", int),
+                                          ref, room=frame_field(frame, "room", str, required=False),
+                                          to=self._short_field(frame, "to"))
+        except ProtocolError as error:
+            error.ref = ref  # the client knows which file was refused
+            raise
+        if ready is not None:
+            self.send_frame(ready)
+
     def do_users(self, frame):
         self.hub.users(self.seat, frame_field(frame, "room", str, required=False))
 
@@ -9349,6 +9875,8 @@ class Session(socketserver.BaseRequestHandler):
         if self.server.stopping and reason in ("lost", "timeout"):
             reason = "shutdown"  # the server closed the connection: nobody lost it
         name = self.seat.name if self.seat is not None else None
+        if self.door is not None:
+            self.door.close()
         if self.hub.leave(self.seat, reason, self._parting if reason == "quit" else None):
             log.info("%s left (%s)", name, reason)
         if reason == "quit":
@@ -10629,7 +11157,10 @@ def print_qr_code(text, stream=None):
 
 
 def print_join_instructions(server, host):
-    """Print where the server listens, the command the others should run, and the web address with its QR code."""
+    """Print where the server listens, the command the others should run, and the web address with its QR code.
+
+    Return the web address people were given (shared files' addresses begin with it).
+    """
     port = server.port
     print("LocalChat %s server listening on %s:%d" % (__version__, host, port))
     if host in ("", "0.0.0.0", "::"):
@@ -10655,9 +11186,12 @@ def print_join_instructions(server, host):
         print("No network address found: is this computer connected to the network?")
     print("On this computer: python3 localchat.py YOUR-NAME%s" % (" --server 127.0.0.1" + suffix if suffix else ""))
     if not addresses:
-        print("A browser on this computer opens %s" % web_address("127.0.0.1", port, server.tls_context is not None))
+        web = web_address("127.0.0.1" if host in ("", "0.0.0.0", "::") else host, port,
+                          server.tls_context is not None)
+        print("A browser on this computer opens %s" % web)
     print("Stop the server with Ctrl+C.")
     sys.stdout.flush()
+    return web
 
 
 def server_certificate(args):
@@ -10708,14 +11242,24 @@ def run_server(args):
     )
     raise_open_file_limit()
     threading.stack_size(SESSION_STACK_BYTES)
+    limits = Limits(**{attribute: getattr(args, attribute) for attribute, _, _ in Limits.TABLE})
+    temporary = None  # with --no-history, shared files go with the server too
     if args.no_history:
         store, where = MemoryStore(), "History: kept in memory only (--no-history): it ends with the server."
+        temporary = files_folder = Path(tempfile.mkdtemp(prefix="localchat-files-"))
     else:
         path = Path(args.history) if args.history else data_dir() / "history.sqlite3"
         store, where = SqliteStore(path), "History: kept in %s" % path
-    limits = Limits(**{attribute: getattr(args, attribute) for attribute, _, _ in Limits.TABLE})
+        files_folder = path.with_name(path.stem + "-files")  # history-files beside history.sqlite3
+    files = FileStore(files_folder, limits.files_bytes) if limits.max_file_bytes > 0 else None
+    if files is None:
+        where += "\nShared files: turned off (--max-file-mb 0)."
+    elif temporary is None:
+        where += "\nShared files: kept in %s (up to %s in all)" % (files_folder, file_size_text(limits.files_bytes))
+    else:
+        where += "\nShared files: kept until the server stops (up to %s in all)." % file_size_text(limits.files_bytes)
     hub = ChatHub(args.server_name or socket.gethostname(), store, scrollback=args.scrollback, limits=limits,
-                  password=server_password(args.password))
+                  password=server_password(args.password), files=files)
     for name in args.op or []:
         hub.moderation.add_operator(name)
     hub.moderation.own_addresses = set(lan_addresses())  # and loopback: never banned by address
@@ -10730,7 +11274,7 @@ def run_server(args):
     # signal at once. Not a handler that sets an Event: it runs on the main thread, maybe
     # while that thread holds the same Event's lock inside wait(), and would deadlock.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print_join_instructions(server, args.host)
+    hub.web_base = print_join_instructions(server, args.host).rstrip("/")
     print(where)
     if hub.password is not None:
         print("A password is needed to join.")
@@ -10761,6 +11305,8 @@ def run_server(args):
     server.stop()
     if accept_thread.is_alive():
         accept_thread.join(1.0)
+    if temporary is not None:
+        shutil.rmtree(str(temporary), ignore_errors=True)
     log.info("server stopped")
     return 0
 
@@ -10819,6 +11365,63 @@ class SendPacer:
         return take_message(self.messages, self.bytes, size)
 
 
+FILE_ANSWER_S = 10.0       # client: how long the server may take to answer a request to share a file
+FILE_TRANSFER_S = 30.0     # client: an upload or download that makes no progress this long has failed
+FILE_SEND_BYTES = 64 * 1024  # client: an upload is read and sent this much at a time
+
+
+def downloads_folder():
+    """Return where downloads are saved: the user's Downloads folder, or the home folder without one."""
+    folder = Path.home() / "Downloads"
+    return folder if folder.is_dir() else Path.home()
+
+
+def open_with_system(path):
+    """Open a file with the application the system has for it; return a sentence if that failed, else None."""
+    try:
+        if sys.platform == "win32":
+            os.startfile(str(path))  # pylint: disable=no-member  (Windows only)
+        else:
+            subprocess.Popen(["open" if sys.platform == "darwin" else "xdg-open", str(path)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError as error:
+        return "Cannot open %s: %s" % (path, error.strerror or error)
+    return None
+
+
+def _new_file(folder, name):
+    """Create and open a new file for name in folder, never over another: "name (1).pdf" if it is taken."""
+    name = clean_file_name(name)
+    stem, dot, extension = name.rpartition(".")
+    if not dot:
+        stem, extension = name, ""
+    for number in range(1000):
+        candidate = Path(folder) / (name if number == 0 else "%s (%d)%s" % (stem, number, dot + extension))
+        try:
+            return candidate, open(str(candidate), "xb")
+        except FileExistsError:
+            continue
+    raise UserError("%s holds too many files called %s." % (folder, name))
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to a LocalChat server whose certificate must be the one its chat connection checked."""
+
+    def __init__(self, host, port, fingerprint, timeout):
+        context = client_tls_context()
+        context.set_alpn_protocols(["http/1.1"])
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.fingerprint = fingerprint
+
+    def connect(self):
+        super().connect()
+        der = self.sock.getpeercert(binary_form=True)
+        seen = ":".join("%02X" % byte for byte in hashlib.sha256(der or b"").digest())
+        if seen != self.fingerprint:
+            self.close()
+            raise ssl.SSLError("the server's certificate is not the one the chat connection trusted")
+
+
 class ChatConnection:
     """A client's connection to a LocalChat server, reconnecting by itself when asked to.
 
@@ -10874,6 +11477,7 @@ class ChatConnection:
         self._synced = threading.Event()  # set while connected and caught up
         self._outgoing = queue.Queue()  # frames for the sender thread (see post())
         self.unconfirmed = collections.OrderedDict()  # ref -> say frame sent but not yet echoed
+        self._answers = {}  # ref -> queue.Queue for the answer to a request to share a file
         self._threads = []
 
     @property
@@ -11150,6 +11754,10 @@ class ChatConnection:
         if kind == "ping":
             self.send({"type": "pong"})
             return
+        waiting = self._answers.get(frame.get("ref")) if kind in ("upload_ready", "error") else None
+        if waiting is not None:  # share_file() is waiting for it, and says what became of it
+            waiting.put(frame)
+            return
         if kind == "message" and isinstance(frame.get("id"), int):
             self.last_id = max(self.last_id or 0, frame["id"])
             if frame.get("from") == self.name:
@@ -11167,6 +11775,170 @@ class ChatConnection:
         elif kind == "error" and frame.get("ref"):  # refused (not_stored): never sent again
             self.unconfirmed.pop(frame.get("ref"), None)
         self.on_event(frame)
+
+    # -- files (each call blocks: run them off the Tk thread) ---------------------------
+
+    def share_file(self, path, room=None, to=None, progress=None):
+        """Share a file with a room (general by default) or, with `to`, with one person.
+
+        Asks the server, sends the bytes over HTTP on the same port (encrypted with the
+        certificate this connection checked), and returns the file's address once it is
+        announced. progress(sent, total) is called as the bytes go. Raises UserError.
+        """
+        path = Path(path).expanduser()
+        try:
+            source = open(str(path), "rb")
+            size = os.fstat(source.fileno()).st_size
+        except OSError as error:
+            raise UserError("Cannot read %s: %s." % (path, error.strerror or error)) from None
+        with source:
+            if path.is_dir():
+                raise UserError("%s is a folder; share the files in it one by one." % path)
+            return self._share(source, size, path.name, room, to, progress)
+
+    def share_bytes(self, data, name, room=None, to=None, progress=None):
+        """Share bytes held in memory (a pasted picture) as a file called name; see share_file()."""
+        return self._share(io.BytesIO(data), len(data), name, room, to, progress)
+
+    def _share(self, source, size, name, room, to, progress):
+        limits = (self.welcome or {}).get("limits") or {}
+        limit = limits.get("max_file_bytes")
+        if limit == 0:
+            raise UserError("This chat's server does not take files.")
+        if isinstance(limit, int) and size > limit:
+            raise UserError("%s is %s; this chat takes files of up to %s." % (
+                clean_file_name(name), file_size_text(size), file_size_text(limit)))
+        ref = "f" + secrets.token_hex(6)
+        request = {"type": "upload", "name": name, "size": size, "ref": ref}
+        request.update({"to": to} if to is not None else {"room": room or GENERAL_ROOM})
+        answers = self._answers[ref] = queue.Queue(1)
+        try:
+            self.send(request)
+            answer = answers.get(timeout=FILE_ANSWER_S)
+        except (OSError, UserError):
+            raise UserError("The connection to the server was lost; the file was not shared.") from None
+        except queue.Empty:
+            raise UserError("The server did not answer; the file was not shared.") from None
+        finally:
+            self._answers.pop(ref, None)
+        if answer["type"] == "error":
+            raise UserError(answer.get("text") or "The server refused the file.", code=answer.get("code"))
+        return self._upload(answer["url"], source, size, progress)
+
+    def _upload(self, url, source, size, progress):
+        """Send the bytes to the one-time address; return the file's address. Raises UserError."""
+        connection = self._http()
+        try:
+            connection.putrequest("PUT", url, skip_accept_encoding=True)
+            connection.putheader("Content-Length", str(size))
+            connection.putheader("Content-Type", "application/octet-stream")
+            connection.endheaders()
+            sent = 0
+            while sent < size:
+                chunk = source.read(min(FILE_SEND_BYTES, size - sent))
+                if not chunk:
+                    raise UserError("The file got shorter while it was being sent; it was not shared.")
+                connection.send(chunk)
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent, size)
+            response = connection.getresponse()
+            body = response.read(64 * 1024)
+        except (OSError, http.client.HTTPException) as error:
+            raise UserError("Sending the file failed: %s." % (getattr(error, "strerror", None) or error)) from None
+        finally:
+            connection.close()
+        if response.status != 201:
+            text = body.decode("utf-8", "replace").strip()
+            raise UserError(text or "The server refused the file (HTTP %d)." % response.status)
+        try:
+            return json.loads(body.decode("utf-8"))["url"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError("The server's answer to the file was not understood.") from None
+
+    def fetch_file(self, url, folder=None, progress=None):
+        """Download a shared file's address into folder (Downloads by default); return the Path saved.
+
+        Never writes over a file: "report (1).pdf" when "report.pdf" is there. Raises UserError.
+        """
+        folder = Path(folder) if folder is not None else downloads_folder()
+        name = urllib.parse.unquote(url.rstrip("/").rsplit("/", 1)[-1])
+        connection, response = self._get(url)
+        try:
+            target, output = _new_file(folder, name)
+        except OSError as error:
+            connection.close()
+            raise UserError("Cannot save into %s: %s." % (folder, error.strerror or error)) from None
+        try:
+            with output:
+                self._copy_body(response, output, progress)
+        except BaseException:
+            _remove(target)  # nothing half-downloaded is left behind
+            raise
+        finally:
+            connection.close()
+        return target
+
+    def fetch_bytes(self, url, limit):
+        """Download a shared file's bytes (a picture for a thumbnail); raises UserError, also past limit bytes."""
+        connection, response = self._get(url)
+        try:
+            data = response.read(limit + 1)
+        except (OSError, http.client.HTTPException) as error:
+            raise UserError("The download failed: %s." % (getattr(error, "strerror", None) or error)) from None
+        finally:
+            connection.close()
+        if len(data) > limit:
+            raise UserError("The file is larger than %s." % file_size_text(limit))
+        return data
+
+    def file_address(self, url):
+        """Return a shared file's whole address, for a browser or curl: https://host:port/files/..."""
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s://%s:%d%s" % ("https" if self.tls else "http", host, self.port, url)
+
+    def _get(self, url):
+        """GET a shared file; return (connection, response) once its answer is 200. Raises UserError."""
+        if not url.startswith("/files/"):
+            raise UserError("That is not the address of a shared file.")
+        connection = self._http()
+        try:
+            connection.request("GET", url)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise UserError("The download failed: %s." % (getattr(error, "strerror", None) or error)) from None
+        if response.status != 200:
+            connection.close()
+            if response.status == 404:
+                raise UserError("This file is no longer on the server.", code="expired")
+            raise UserError("The server refused the download (HTTP %d)." % response.status)
+        return connection, response
+
+    @staticmethod
+    def _copy_body(response, output, progress):
+        total = int(response.getheader("Content-Length") or 0)
+        done = 0
+        try:
+            while True:
+                chunk = response.read(FILE_SEND_BYTES)
+                if not chunk:
+                    break
+                output.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        except (OSError, http.client.HTTPException) as error:
+            raise UserError("The download failed: %s." % (getattr(error, "strerror", None) or error)) from None
+        if total and done != total:
+            raise UserError("The download was cut short; nothing was saved.")
+
+    def _http(self):
+        """Return an HTTP connection to the chat's server: encrypted, and with the very certificate
+        this connection checked, when it is."""
+        if self.tls and self.fingerprint is not None:
+            return _PinnedHTTPSConnection(self.host, self.port, self.fingerprint, FILE_TRANSFER_S)
+        return http.client.HTTPConnection(self.host, self.port, timeout=FILE_TRANSFER_S)
 
     def _resend_unconfirmed(self):
         """After (re)connecting: send again what the server never echoed, in order."""
@@ -13810,6 +14582,10 @@ class TerminalClient:
             elif kind == "line":
                 self._on_line(self._gather(value) if self._piped else value)
                 self._line_handled.set()
+            elif kind == "shared":  # a file's sending ended: value is (its token, a sentence if it failed)
+                self._pending.discard(value[0])
+                if value[1]:
+                    self._print(clock(), "! " + value[1])
             elif self._leaving_since is None:
                 self._leaving_since = time.monotonic()
             if self.stdout_closed:
@@ -13866,12 +14642,30 @@ class TerminalClient:
             elif value["type"] == "leave" and self.where.get("room") == value["room"]:
                 self.where = {"room": GENERAL_ROOM}
             self.connection.post(value)
+        elif action == "send_file":
+            self._send_file(value)
         elif action == "quit":
             self._leaving_since = time.monotonic()
         elif action == "help":
             self._print(clock(), value)
         elif action == "error":
             self._print(clock(), "! " + value)
+
+    def _send_file(self, value):
+        """Share a file on a thread of its own; the main loop hears how it ended ("shared")."""
+        path = Path(value.pop("path")).expanduser()
+        self._next_ref += 1
+        token = "file-%d" % self._next_ref
+        self._pending.add(token)  # input that ends now waits for the file before saying bye
+        self._print(clock(), "* Sending %s..." % path.name)
+
+        def share():
+            try:
+                self.connection.share_file(path, room=value.get("room"), to=value.get("to"))
+                self._inbox.put(("shared", (token, None)))
+            except UserError as error:
+                self._inbox.put(("shared", (token, str(error))))
+        threading.Thread(target=share, name="send-file", daemon=True).start()
 
     def _show(self, frame):
         """Print one frame; return an exit code once the connection has ended."""
@@ -13883,7 +14677,7 @@ class TerminalClient:
             if own and frame.get("ref") in self._typed:
                 self._typed.discard(frame.get("ref"))  # shown once: as it was typed
             else:
-                self._print(clock(frame.get("ts")), message_line(frame))
+                self._print(clock(frame.get("ts")), message_line(frame, self.connection.file_address))
         elif kind == "disconnected":
             if not frame.get("expected") and not self._bye_sent:
                 refused = self.trust.refused if self.trust is not None else None
@@ -13979,6 +14773,27 @@ def run_cli(args):
     return 1
 
 
+def run_send_file(args):
+    """Share one file with a room or a person, print its address, and exit (0, or 1 with a sentence)."""
+    host, port = split_host_port(args.server) if args.server else server_from_discovery()
+    trust = TerminalTrust(ask=sys.stdin.isatty(), accept_new=args.accept_new_certificate)
+    connection = ChatConnection(host, port, args.name, identity=load_identity(),
+                                password=os.environ.get("LOCALCHAT_PASSWORD"), tls=args.tls,
+                                fingerprint=args.fingerprint, trust=trust)
+    if args.room:
+        connection.rooms = [args.room]  # joined with the hello
+    try:
+        connection.connect()
+        connection.start()
+        url = connection.share_file(args.send_file, room=args.room, to=args.to)
+    except UntrustedCertificate as error:
+        raise UserError(str(error) + trust_hint(error, False)) from None
+    finally:
+        connection.close()
+    print("Shared %s: %s" % (Path(args.send_file).name, connection.file_address(url)))
+    return 0
+
+
 # =============================================================================
 # 19. Command line
 # =============================================================================
@@ -14000,6 +14815,7 @@ examples:
   python3 localchat.py server --port 13333
   python3 localchat.py alice --server 192.168.1.7
   echo "build finished" | python3 localchat.py ci --cli --server 192.168.1.7
+  python3 localchat.py ci --send-file report.pdf --room builds --server 192.168.1.7
 """
 
 
@@ -14025,6 +14841,10 @@ def build_parser():
                         help="line client: the server's certificate has changed and you know why (its owner "
                         "made a new one): accept the new one and remember it (the window asks instead)")
     client.add_argument("--cli", action="store_true", help="use the line client instead of the window")
+    client.add_argument("--send-file", metavar="PATH", help="share this file, print its address and exit "
+                        "(to the general room, or --room ROOM, or --to NAME)")
+    client.add_argument("--room", metavar="ROOM", help="with --send-file: the room to share it with")
+    client.add_argument("--to", metavar="NAME", help="with --send-file: the one person to share it with")
     server = parser.add_argument_group("server options")
     server.add_argument("--host", help="the address to listen on (default %s: all of them)" % DEFAULT_HOST)
     server.add_argument("--port", type=int, help="the TCP port to listen on (default %d; 0 picks a free one)"
@@ -14066,6 +14886,7 @@ def check_args(parser, args):
     """Reject options that do not fit the mode; fill in defaults."""
     if args.name == "server":
         for option, value in (("--server", args.server), ("--cli", args.cli), ("--fingerprint", args.fingerprint),
+                              ("--send-file", args.send_file), ("--room", args.room), ("--to", args.to),
                               ("--discover", args.discover), ("--accept-new-certificate", args.accept_new_certificate)):
             if value:
                 parser.error("%s is a client option; see the server options in --help" % option)
@@ -14094,13 +14915,19 @@ def check_args(parser, args):
             ("--" + attribute.replace("_", "-"), getattr(args, attribute)) for attribute, _, _ in Limits.TABLE):
         if value is not None and value is not False:
             parser.error("%s is a server option; a client takes --server HOST[:PORT]" % option)
-    if args.accept_new_certificate and not args.cli:
+    if (args.room or args.to) and not args.send_file:
+        parser.error("--room and --to go with --send-file")
+    if args.room and args.to:
+        parser.error("--room and --to exclude each other: a file goes to a room or to one person")
+    if args.send_file and (args.cli or args.discover):
+        parser.error("--send-file shares a file and exits: it goes without --cli and --discover")
+    if args.accept_new_certificate and not (args.cli or args.send_file):
         parser.error("--accept-new-certificate is for the line client (--cli): the window asks, with a button")
     if args.discover:
         return
     if args.name is None:
-        if args.cli:
-            parser.error("the line client needs a NAME")
+        if args.cli or args.send_file:
+            parser.error("the line client and --send-file need a NAME")
         return
     try:
         check_name(args.name)
@@ -14121,6 +14948,8 @@ def main(argv=None):
             return run_discover()
         if args.name == "server":
             return run_server(args)
+        if args.send_file:
+            return run_send_file(args)
         if args.cli:
             return run_cli(args)
         return run_window(args)

@@ -46,6 +46,7 @@ import time
 import types
 import unicodedata
 import unittest
+import urllib.request
 import zlib
 from pathlib import Path
 from unittest import mock
@@ -722,6 +723,9 @@ class CommandTableTests(unittest.TestCase):
         ("chat", "/msg bob", GAMES, ("error", "Usage: /msg NAME TEXT")),
         ("chat", "/me waves", BOB, ("send", {"type": "say", "to": "bob", "text": "waves", "action": True})),
         ("chat", "/me", GAMES, ("error", "Usage: /me ACTION")),
+        ("chat", "/send ~/My Files/a b.pdf", GAMES, ("send_file", {"room": "games", "path": "~/My Files/a b.pdf"})),
+        ("chat", "/send '/tmp/x y.png'", BOB, ("send_file", {"to": "bob", "path": "/tmp/x y.png"})),
+        ("chat", "/send", GAMES, ("error", "Usage: /send PATH")),
         ("chat", "/nick alicia too", GAMES, ("send", {"type": "nick", "name": "alicia"})),
         ("chat", "/nick", GAMES, ("error", "Usage: /nick NEWNAME")),
         ("chat", "/users", BOB, ("send", {"type": "users"})),
@@ -782,8 +786,8 @@ class CommandTableTests(unittest.TestCase):
         for command in localchat.COMMANDS:
             kinds[command.who].append(command.names[0])
         self.assertEqual(dict(kinds), {
-            "everybody": ["join", "leave", "msg", "me", "nick", "invite", "users", "rooms", "topic", "away", "back",
-                          "quit", "help"],
+            "everybody": ["join", "leave", "msg", "me", "send", "nick", "invite", "users", "rooms", "topic", "away",
+                          "back", "quit", "help"],
             "operators": ["kick", "ban", "unban", "mute", "unmute", "op", "deop"],
             "console": ["users", "bans", "say", "quit", "help"]})
 
@@ -4073,6 +4077,398 @@ class WebDoorTests(DoorContract, ServerFixture, unittest.TestCase):
         ws = self.ws(sock=context.wrap_socket(socket.create_connection(self.address, timeout=READ_TIMEOUT_S)))
         ws.send({"type": "hello", "name": "secure", "version": 1})
         self.assertEqual(ws.read_frame()["type"], "welcome")
+
+
+def png_bytes(text="LocalChat"):
+    """A real PNG picture (a QR code), made by the program itself."""
+    return localchat.qr_png(text)
+
+
+def file_name_of(frame):
+    return (frame.get("file") or {}).get("name")
+
+
+class FileNameTests(unittest.TestCase):
+    """What clean_file_name, file_type and file_size_text make of what people upload."""
+
+    def test_hostile_names_are_cleaned_for_showing_and_saving(self):
+        cases = {
+            "../../etc/passwd": "passwd",
+            "..\\..\\windows\\system.ini": "system.ini",
+            "CON.txt": "_CON.txt",
+            "lpt1": "_lpt1",
+            "a\x00b": "ab",
+            "evil\u202egpj.exe": "evilgpj.exe",      # a right-to-left override would show it as "exe.jpg"
+            "  .hidden. ": "hidden",
+            "a<b>:c?|*.txt": "a_b__c___.txt",
+            "line\nbreak.txt": "linebreak.txt",
+            "": "file",
+            "...": "file",
+            "résumé 2026.pdf": "résumé 2026.pdf",
+        }
+        for given, expected in cases.items():
+            with self.subTest(given=given):
+                self.assertEqual(localchat.clean_file_name(given), expected)
+
+    def test_a_long_name_is_cut_and_keeps_its_extension(self):
+        name = localchat.clean_file_name("x" * 300 + ".pdf")
+        self.assertEqual(len(name), localchat.MAX_FILE_NAME_CHARS)
+        self.assertTrue(name.endswith("x.pdf"))
+
+    def test_picture_types_come_from_the_bytes_never_from_the_name(self):
+        self.assertEqual(localchat.file_type("a.png", png_bytes()[:16]), "image/png")
+        self.assertEqual(localchat.file_type("a.dat", b"GIF89a\x01\x00"), "image/gif")
+        self.assertEqual(localchat.file_type("a", b"\xff\xd8\xff\xe0\x00\x10JFIF"), "image/jpeg")
+        self.assertEqual(localchat.file_type("a", b"RIFF\x00\x00\x00\x00WEBPVP8 "), "image/webp")
+        self.assertEqual(localchat.file_type("photo.png", b"<html><script>"), "application/octet-stream")
+        self.assertEqual(localchat.file_type("report.pdf", b"%PDF-1.7"), "application/pdf")
+        self.assertEqual(localchat.file_type("page.html", b"<html>"), "text/html")
+        self.assertEqual(localchat.file_type("noextension", b"\x00"), "application/octet-stream")
+
+    def test_sizes_read_as_a_person_says_them(self):
+        self.assertEqual([localchat.file_size_text(n) for n in (1, 900, 48213, 3355443, 25 * 1024 ** 2)],
+                         ["1 byte", "900 bytes", "47 KB", "3.2 MB", "25 MB"])
+
+
+class FileSharingTests(ServerFixture, unittest.TestCase):
+    """Files through the server's one port: ask, PUT the bytes, everybody it was for gets the message, GET."""
+
+    def setUp(self):
+        super().setUp()
+        self.folder = Path(tempfile.mkdtemp(prefix="files-", dir=_SCRATCH.name))
+        self.addCleanup(shutil.rmtree, str(self.folder), True)
+
+    def start_file_server(self, store=None, tls_context=None, **limits):
+        limits = localchat.Limits(**limits)
+        files = localchat.FileStore(self.folder / "files", limits.files_bytes)
+        hub = localchat.ChatHub(store=store, limits=limits, files=files)
+        return self.start_server(hub=hub, tls_context=tls_context)
+
+    def http(self):
+        connection = HttpConnection(self.address)
+        self.addCleanup(connection.close)
+        return connection
+
+    def ask(self, client, name, size, **where):
+        """Ask to share a file; return the upload_ready frame (the test fails on an error)."""
+        client.send(dict({"type": "upload", "name": name, "size": size, "ref": "f1"}, **where))
+        frame, _ = client.read_until(lambda f: f["type"] in ("upload_ready", "error"))
+        self.assertEqual(frame["type"], "upload_ready", frame)
+        self.assertEqual(frame["ref"], "f1")
+        return frame
+
+    def refused(self, client, name, size, **where):
+        client.send(dict({"type": "upload", "name": name, "size": size, "ref": "f2"}, **where))
+        frame, _ = client.read_until(lambda f: f["type"] in ("upload_ready", "error"))
+        self.assertEqual(frame["type"], "error", frame)
+        self.assertEqual(frame["ref"], "f2")
+        self.assertFalse(frame.get("fatal"))
+        return frame
+
+    def put(self, url, data, headers=()):
+        head = ["PUT %s HTTP/1.1" % url, "Host: x", "Content-Length: %d" % len(data)] + ["%s: %s" % h for h in headers]
+        connection = self.http()
+        connection.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
+        return connection.response()
+
+    def share(self, client, name, data, **where):
+        """Share a file as client; return the 201 answer's JSON."""
+        ready = self.ask(client, name, len(data), **where)
+        status, _, body = self.put(ready["url"], data)
+        self.assertEqual(status, 201, body)
+        return json.loads(body)
+
+    def kept(self):
+        return sorted(path.name for path in (self.folder / "files").iterdir())
+
+    def test_a_file_shared_with_a_room_reaches_its_members_and_downloads_byte_for_byte(self):
+        self.start_file_server()
+        alice, bob = self.join("alice"), self.join("bob")
+        outsider = self.join("carol", rooms=[])
+        outsider.send({"type": "leave", "room": "general"})
+        outsider.read_until(is_kind("left", name="carol"))
+        data = os.urandom(300000)
+        answer = self.share(alice, "notes.pdf", data)
+        for client in (alice, bob):
+            frame, _ = client.read_until(is_message)
+            self.assertEqual(frame["file"], {"name": "notes.pdf", "size": 300000, "type": "application/pdf",
+                                             "url": answer["url"]})
+            self.assertEqual((frame["from"], frame["room"], frame["id"]), ("alice", "general", answer["id"]))
+        status, headers, body = self.http().request("GET", answer["url"])
+        self.assertEqual(status, 200)
+        self.assertEqual(body, data)
+        self.assertEqual(headers["content-type"], "application/pdf")
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        self.assertTrue(headers["content-disposition"].startswith("attachment;"), headers)
+        self.assertIn("sandbox", headers["content-security-policy"])
+        # carol, outside the room, was told nothing; she could only guess
+        outsider.send({"type": "ping", "token": "t"})
+        _, before = outsider.read_until(is_kind("pong"))
+        self.assertFalse([frame for frame in before if is_message(frame)])
+
+    def test_a_file_for_one_person_reaches_only_that_person(self):
+        self.start_file_server()
+        alice, bob, carol = self.join("alice"), self.join("bob"), self.join("carol")
+        self.share(alice, "secret.txt", b"for bob", to="bob")
+        for client in (alice, bob):
+            frame, _ = client.read_until(is_message)
+            self.assertEqual((frame["to"], file_name_of(frame)), ("bob", "secret.txt"))
+        carol.send({"type": "ping", "token": "t"})
+        _, before = carol.read_until(is_kind("pong"))
+        self.assertFalse([frame for frame in before if is_message(frame)])
+
+    def test_a_picture_is_served_inline_as_itself(self):
+        self.start_file_server()
+        alice = self.join("alice")
+        picture = png_bytes()
+        answer = self.share(alice, "screen.png", picture)
+        status, headers, body = self.http().request("GET", answer["url"])
+        self.assertEqual((status, headers["content-type"], body), (200, "image/png", picture))
+        self.assertTrue(headers["content-disposition"].startswith("inline;"))
+        status, headers, body = self.http().request("HEAD", answer["url"])
+        self.assertEqual((status, headers["content-length"], body), (200, str(len(picture)), b""))
+
+    def test_guessed_wrong_and_crafted_addresses_get_404(self):
+        self.start_file_server()
+        alice = self.join("alice")
+        answer = self.share(alice, "a.txt", b"text")
+        real_id = answer["url"].split("/")[2]
+        self.assertGreaterEqual(len(real_id), 32)  # 24 random bytes: 192 bits
+        guessed = "/files/%s/a.txt" % ("A" * 32)
+        for path in (guessed, "/files/" + real_id[:-1] + "/a.txt", "/files/../history.sqlite3", "/files/",
+                     "/files/%s.json/a" % real_id, "/upload/" + real_id):
+            with self.subTest(path=path):
+                status, _, _ = self.http().request("GET", path)
+                self.assertIn(status, (404, 405))
+
+    def test_html_svg_and_a_page_named_png_are_served_as_attachments(self):
+        self.start_file_server()
+        alice = self.join("alice")
+        for name, data, kind in (("page.html", b"<script>alert(1)</script>", "text/html"),
+                                 ("draw.svg", b"<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>",
+                                  "image/svg+xml"),
+                                 ("photo.png", b"<html><script>alert(1)</script>", "application/octet-stream")):
+            with self.subTest(name=name):
+                answer = self.share(alice, name, data)
+                status, headers, body = self.http().request("GET", answer["url"])
+                self.assertEqual((status, body, headers["content-type"]), (200, data, kind))
+                self.assertTrue(headers["content-disposition"].startswith("attachment;"))
+                self.assertEqual(headers["x-content-type-options"], "nosniff")
+                self.assertEqual(headers["content-security-policy"], "default-src 'none'; sandbox")
+
+    def test_hostile_names_arrive_cleaned_and_are_never_used_on_disk(self):
+        self.start_file_server()
+        alice = self.join("alice")
+        for given, shown in (("../../etc/passwd", "passwd"), ("CON.txt", "_CON.txt"), ("a\x00b", "ab"),
+                             ("z" * 300, "z" * localchat.MAX_FILE_NAME_CHARS), ("x\u202efdp.exe", "xfdp.exe")):
+            with self.subTest(given=given):
+                answer = self.share(alice, given, b"data")
+                frame, _ = alice.read_until(is_message)
+                self.assertEqual(file_name_of(frame), shown)
+                status, headers, _ = self.http().request("GET", answer["url"])
+                self.assertEqual(status, 200)
+                self.assertNotIn("\u202e", headers["content-disposition"])
+                self.assertNotIn("/", headers["content-disposition"].partition("filename=")[2].split(";")[0])
+        for name in self.kept():
+            self.assertRegex(name, r"^[A-Za-z0-9_-]{32}(\.json)?$")
+            if os.name == "posix":  # direct messages' files too: the server's owner alone reads them
+                self.assertEqual(stat.S_IMODE((self.folder / "files" / name).stat().st_mode), 0o600, name)
+        self.assertFalse((self.folder / "etc").exists())
+
+    def test_the_size_limit_refuses_before_any_byte_is_sent(self):
+        self.start_file_server(max_file_mb=1)
+        alice = self.join("alice")
+        frame = self.refused(alice, "big.iso", 1024 * 1024 + 1)
+        self.assertEqual(frame["code"], "file_too_large")
+        self.assertIn("1.0 MB", frame["text"])
+        self.assertEqual(self.kept(), [])
+        ready = self.ask(alice, "ok.bin", 1024 * 1024)
+        status, _, _ = self.put(ready["url"], b"x" * 100)  # not the length asked for
+        self.assertEqual(status, 400)
+        self.assertEqual(self.kept(), [])
+
+    def test_files_can_be_turned_off(self):
+        self.start_file_server(max_file_mb=0)
+        alice = self.join("alice")
+        self.assertEqual(alice.welcome["limits"]["max_file_bytes"], 0)
+        self.assertEqual(self.refused(alice, "a.txt", 1)["code"], "files_off")
+
+    def test_uploads_per_minute_are_limited_per_user(self):
+        self.start_file_server(uploads_per_minute=2)
+        alice, bob = self.join("alice"), self.join("bob")
+        self.ask(alice, "1.txt", 1)
+        self.ask(alice, "2.txt", 1)
+        frame = self.refused(alice, "3.txt", 1)
+        self.assertEqual(frame["code"], "too_many_uploads")
+        self.ask(bob, "1.txt", 1)  # a limit per person
+
+    def test_an_upload_address_works_once(self):
+        self.start_file_server()
+        alice = self.join("alice")
+        ready = self.ask(alice, "a.txt", 3)
+        self.assertEqual(self.put(ready["url"], b"abc")[0], 201)
+        self.assertEqual(self.put(ready["url"], b"abc")[0], 404)
+        self.assertEqual(self.put("/upload/" + "B" * 32, b"abc")[0], 404)
+
+    def test_refused_where_the_sender_may_not_speak(self):
+        self.start_file_server()
+        alice = self.join("alice")
+        self.assertEqual(self.refused(alice, "a.txt", 1, room="elsewhere")["code"], "not_in_room")
+        self.assertEqual(self.refused(alice, "a.txt", 1, to="nobody")["code"], "unknown_user")
+        self.server.hub.moderation.mute(None, "alice")
+        alice.read_until(is_kind("notice"))
+        self.assertEqual(self.refused(alice, "a.txt", 1)["code"], "muted")
+
+    def test_an_upload_cut_half_way_leaves_nothing(self):
+        self.start_file_server()
+        alice, bob = self.join("alice"), self.join("bob")
+        ready = self.ask(alice, "half.bin", 200000)
+        connection = self.http()
+        connection.sock.sendall(("PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" % ready["url"])
+                                .encode() + b"x" * 100000)
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while not any(name.endswith(".part") for name in self.kept()) and time.monotonic() < deadline:
+            connection.sock.sendall(b"")  # the server has the first half once its part file is there
+            select.select([], [], [], 0.01)
+        self.assertTrue(any(name.endswith(".part") for name in self.kept()), self.kept())
+        connection.close()
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while self.kept() and time.monotonic() < deadline:
+            select.select([], [], [], 0.01)
+        self.assertEqual(self.kept(), [])
+        bob.send({"type": "ping", "token": "t"})
+        _, before = bob.read_until(is_kind("pong"))
+        self.assertFalse([frame for frame in before if is_message(frame)])
+
+    def test_an_upload_that_stops_coming_is_answered_408_and_forgotten(self):
+        self.start_file_server()
+        alice = self.join("alice")
+        ready = self.ask(alice, "slow.bin", 1000)
+        with mock.patch.object(localchat, "HTTP_BODY_IDLE_S", 0.3):
+            connection = self.http()
+            connection.sock.sendall(("PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" % ready["url"])
+                                    .encode() + b"x" * 10)
+            status, _, _ = connection.response()
+        self.assertEqual(status, 408)
+        self.assertTrue(connection.at_eof())
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while self.kept() and time.monotonic() < deadline:
+            select.select([], [], [], 0.01)
+        self.assertEqual(self.kept(), [])
+
+    def test_a_sender_gone_before_the_bytes_came_shares_nothing(self):
+        self.start_file_server()
+        alice, bob = self.join("alice"), self.join("bob")
+        ready = self.ask(alice, "late.txt", 4)
+        alice.send({"type": "bye"})
+        bob.read_until(is_kind("left", name="alice"))
+        status, _, body = self.put(ready["url"], b"late")
+        self.assertEqual(status, 409, body)
+        self.assertEqual(self.kept(), [])
+
+    def test_the_oldest_files_expire_past_the_total_and_history_says_so(self):
+        self.start_file_server(files_mb=1)
+        alice = self.join("alice")
+        first = self.share(alice, "first.bin", b"1" * 400000)
+        second = self.share(alice, "second.bin", b"2" * 400000)
+        third = self.share(alice, "third.bin", b"3" * 400000)  # 1.2 MB in all: the first goes
+        self.assertEqual(self.http().request("GET", first["url"])[0], 404)
+        self.assertEqual(self.http().request("GET", second["url"])[0], 200)
+        self.assertEqual(self.http().request("GET", third["url"])[0], 200)
+        late = self.join("late")
+        late.send({"type": "history", "room": "general"})
+        _, page = late.read_until(is_kind("history_end"))
+        files = {file_name_of(frame): frame["file"] for frame in page if is_message(frame)}
+        self.assertEqual(files["first.bin"], {"name": "first.bin", "size": 400000,
+                                              "type": "application/octet-stream", "expired": True})
+        self.assertEqual(files["third.bin"]["url"], third["url"])
+
+    def test_files_and_their_messages_are_kept_across_a_restart(self):
+        history = self.folder / "history.sqlite3"
+        self.start_file_server(store=localchat.SqliteStore(history))
+        alice = self.join("alice")
+        answer = self.share(alice, "kept.txt", b"still here")
+        alice.close()
+        self.server.stop()
+        self.server_thread.join(THREAD_END_S)
+        self.server.hub.store.close()
+        self.start_file_server(store=localchat.SqliteStore(history))
+        bob = self.join("bob", sync=False)
+        frame, _ = bob.read_until(lambda f: is_message(f) and f.get("replay"))
+        self.assertEqual(frame["file"]["url"], answer["url"])
+        self.assertEqual(self.http().request("GET", answer["url"])[2], b"still here")
+
+    def test_a_history_from_before_files_gets_their_column(self):
+        history = self.folder / "old.sqlite3"
+        with sqlite3.connect(str(history)) as db:
+            db.executescript(localchat.SqliteStore.SCHEMA.replace(",\n            file TEXT", ""))
+            db.execute("INSERT INTO messages (id, ts, sender, room, room_key, text) VALUES (1, 1.0, 'old', "
+                       "'general', 'general', 'from before')")
+        store = localchat.SqliteStore(history)
+        self.addCleanup(store.close)
+        self.assertEqual([fields["text"] for fields in store.room_history("general", 10)], ["from before"])
+
+    def test_line_clients_and_irc_get_the_whole_address(self):
+        self.start_file_server()
+        self.server.hub.web_base = "http://192.0.2.7:13333"
+        irc = IrcClient(self.address)
+        self.clients.append(irc)
+        irc.register("ircuser")  # in #general from the start
+        alice = self.join("alice")
+        answer = self.share(alice, "notes.txt", b"hello")
+        message = irc.read_until(is_irc("PRIVMSG"))[0]
+        self.assertEqual(message.params[-1], "notes.txt (5 bytes) http://192.0.2.7:13333" + answer["url"])
+
+    def test_chat_connections_share_and_fetch_over_tls_with_the_checked_certificate(self):
+        self.start_file_server(tls_context=tls_server_context())
+        folder = tempfile.mkdtemp(prefix="config-", dir=_SCRATCH.name)
+        with mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": folder}):
+            fingerprint = shared_certificate()["fingerprint"]
+            events = queue.Queue()
+            alice = localchat.ChatConnection(LOOPBACK, self.server.port, "alice", fingerprint=fingerprint)
+            bob = localchat.ChatConnection(LOOPBACK, self.server.port, "bob", fingerprint=fingerprint,
+                                           on_event=events.put)
+            self.connections += [alice, bob]
+            for connection in (alice, bob):
+                connection.connect()
+                connection.start()
+            source = self.folder / "slides.pdf"
+            source.write_bytes(b"%PDF-1.4 " + os.urandom(150000))
+            seen = []
+            url = alice.share_file(source, progress=lambda sent, total: seen.append((sent, total)))
+            self.assertEqual(seen[-1], (source.stat().st_size, source.stat().st_size))
+            frame = None
+            for _ in range(MAX_FRAMES):
+                frame = events.get(timeout=READ_TIMEOUT_S)
+                if is_message(frame):
+                    break
+            self.assertEqual(frame["file"]["url"], url)
+            downloads = self.folder / "Downloads"
+            downloads.mkdir()
+            saved = [bob.fetch_file(url, downloads) for _ in range(2)]
+            self.assertEqual([path.name for path in saved], ["slides.pdf", "slides (1).pdf"])  # never over one
+            self.assertTrue(all(path.read_bytes() == source.read_bytes() for path in saved))
+            self.assertEqual(bob.file_address(url), "https://127.0.0.1:%d%s" % (self.server.port, url))
+            bob.fingerprint = "00:" * 31 + "00"  # somebody else's server: not a byte is sent or taken
+            with self.assertRaises(localchat.UserError):
+                bob.fetch_bytes(url, 1000000)
+            with self.assertRaises(localchat.UserError) as refused:
+                alice.share_file(self.folder / "missing.txt")
+            self.assertIn("missing.txt", str(refused.exception))
+
+    def test_a_chat_connection_is_told_the_limit_without_asking(self):
+        self.start_file_server(max_file_mb=0.001)
+        alice = localchat.ChatConnection(LOOPBACK, self.server.port, "alice")
+        self.connections.append(alice)
+        alice.connect()
+        alice.start()
+        with self.assertRaises(localchat.UserError) as refused:
+            alice.share_bytes(b"x" * 2000, "big.bin")
+        self.assertIn("up to 1.0 KB", str(refused.exception))
+        with self.assertRaises(localchat.UserError) as gone:
+            alice.fetch_file("/files/%s/x.txt" % ("C" * 32), self.folder)
+        self.assertEqual(gone.exception.code, "expired")
+        self.assertEqual(list(self.folder.glob("x*")), [])  # nothing saved of it
 
 
 class ConversationServerTests(ServerFixture, unittest.TestCase):
@@ -10940,6 +11336,54 @@ class BackpressureTests(ProcessFixture, unittest.TestCase):
         self.assert_everything_delivered_in_order(clients, senders, 8000)
         self.stop_server_process(process)
 
+
+
+class FileCliTests(ProcessFixture, unittest.TestCase):
+    """Files from the command line: --send-file, the line client's /send, and their mistakes."""
+
+    def fetch(self, address):
+        with urllib.request.urlopen(address, timeout=READ_TIMEOUT_S) as response:  # loopback only
+            return response.read()
+
+    def test_send_file_shares_prints_the_address_and_exits(self):
+        _, port, _, _ = self.start_server_process()
+        source = Path(self.folder) / "report.pdf"
+        source.write_bytes(b"%PDF-1.4 " + os.urandom(5000))
+        result = self.run_client("ci", "--send-file", str(source), "--room", "builds",
+                                 "--server", "127.0.0.1:%d" % port)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        match = re.search(r"^Shared report.pdf: (http://127\.0\.0\.1:%d/files/\S+/report.pdf)$" % port,
+                          result.stdout, re.M)
+        self.assertIsNotNone(match, result.stdout)
+        self.assertEqual(self.fetch(match.group(1)), source.read_bytes())
+
+    def test_the_line_client_sends_with_slash_send_and_prints_what_others_share(self):
+        _, port, _, _ = self.start_server_process()
+        picture = Path(self.folder) / "screen shot.png"
+        picture.write_bytes(localchat.qr_png("screenshot"))
+        reader, reader_out, _ = self.popen("bob", "--cli", "--server", "127.0.0.1:%d" % port,
+                                           stdin=subprocess.PIPE)
+        reader_out.wait_for(r"You are in #general", PROCESS_TIMEOUT_S)
+        result = self.run_client("alice", "--cli", "--server", "127.0.0.1:%d" % port,
+                                 input_text='/send "%s"\n/send %s\n' % (picture, Path(self.folder) / "nope.txt"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"! Cannot read .*nope\.txt")
+        line = reader_out.wait_for(r"<alice> shared a file: screen shot\.png \(\d+ bytes\) (http://\S+)$",
+                                   PROCESS_TIMEOUT_S)
+        self.assertEqual(self.fetch(line.group(1)), picture.read_bytes())
+        reader.stdin.close()
+
+    def test_mistakes_get_one_sentence(self):
+        _, port, _, _ = self.start_server_process("--max-file-mb", "0")
+        source = Path(self.folder) / "a.txt"
+        source.write_text("a")
+        self.assert_one_line_error(self.run_client("ci", "--send-file", str(source), "--server",
+                                                   "127.0.0.1:%d" % port), 1, "does not take files")
+        self.assert_one_line_error(self.run_client("ci", "--send-file", str(source) + ".missing", "--server",
+                                                   "127.0.0.1:%d" % port), 1, "Cannot read")
+        self.assert_one_line_error(self.run_client("ci", "--send-file", str(source), "--room", "a", "--to", "b"),
+                                   2, "exclude each other")
+        self.assert_one_line_error(self.run_client("ci", "--room", "a"), 2, "go with --send-file")
 
 
 class HistoryFileProcessTests(ProcessFixture, unittest.TestCase):

@@ -5068,6 +5068,9 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
 .send:hover { background: var(--accent-strong); }
 .attach { flex: none; color: var(--muted); border-radius: 50%; }
 .attach:hover { color: var(--text); }
+@media (hover: none) {
+  .icon-button:hover { background: transparent; }  /* a touch screen keeps :hover on what was tapped */
+}
 
 /* -- files and pictures ---------------------------------------------------------------------- */
 
@@ -5528,6 +5531,10 @@ var COMMANDS = [
    parse: function (argument, where) {
      return argument ? sayHere(where, {text: argument, action: true}) : null;
    }},
+  {names: ["send"], usage: "/send PATH", help: "share a file with the room (or the person)", who: "everybody",
+   parse: function (argument) {
+     return {pick: true, path: argument};  // a page cannot open a file by its path: the picker asks
+   }},
   {names: ["nick"], usage: "/nick NEWNAME", help: "change your name", who: "everybody",
    parse: function (argument) {
      return argument ? {send: {type: "nick", name: firstWord(argument)}} : null;
@@ -5973,18 +5980,26 @@ function localPath(url) {
 }
 
 function formatSize(bytes) {
-  // Sizes as people read them: 900 bytes, 4.5 KB, 48 KB, 3.2 MB (a KB is 1024 bytes).
-  var size = Math.max(0, Number(bytes) || 0);
+  // A size for a person, as the other clients write it (file_size_text): 900 bytes, 4.5 KB, 48 KB, 3.2 MB.
+  var size = Math.max(0, Math.floor(Number(bytes) || 0));
   if (size < 1024) {
-    return size + (size === 1 ? " byte" : " bytes");
+    return size === 1 ? "1 byte" : size + " bytes";
   }
-  var units = ["KB", "MB", "GB", "TB"];
-  var unit = -1;
-  while (size >= 1024 && unit < units.length - 1) {
-    size /= 1024;
-    unit++;
+  var units = [["KB", 1024], ["MB", 1048576], ["GB", 1073741824]];
+  for (var i = 0; i < units.length; i++) {
+    var value = size / units[i][1];
+    if (value < 1024 || i === units.length - 1) {
+      return (value < 10 ? (roundHalfEven(value * 10) / 10).toFixed(1) : String(roundHalfEven(value))) +
+        " " + units[i][0];
+    }
   }
-  return (size < 10 ? Math.round(size * 10) / 10 : Math.round(size)) + " " + units[unit];
+}
+
+function roundHalfEven(value) {
+  // Python's round(): a half goes to the even neighbour (Math.round would send 10.5 KB to 11 KB, not 10).
+  var floor = Math.floor(value);
+  var rest = value - floor;
+  return rest > 0.5 || (rest === 0.5 && floor % 2 === 1) ? floor + 1 : floor;
 }
 
 function extensionLabel(name) {
@@ -6559,6 +6574,8 @@ function carryOut(result, conv) {
   } else if (result.rooms) {
     state.roomsAsked++;
     post({type: "rooms"});
+  } else if (result.pick) {
+    pickFiles(conv, result.path);
   } else if (result.help) {
     addNotice(conv, helpText(), "help");
   } else if (result.quit) {
@@ -6765,10 +6782,14 @@ function putFile(upload, url) {
     }
   });
   xhr.addEventListener("load", function () {
-    uploadAnswered(upload, xhr);
+    if (isQueued(upload)) {
+      uploadAnswered(upload, xhr);
+    }
   });
   xhr.addEventListener("error", function () {
-    failUpload(upload, "The connection broke while the file was on its way.");
+    if (isQueued(upload)) {
+      failUpload(upload, "The connection broke while the file was on its way.");
+    }
   });
   xhr.open("PUT", path);
   xhr.send(upload.file);
@@ -6802,14 +6823,19 @@ function uploadAnswered(upload, xhr) {
   pumpUploads();
 }
 
-function settleUpload(id) {
-  // Our file's message came: the row that followed it gives way to it.
+function settleUpload(frame) {
+  // Our file's message came (it carries the upload's ref, and the id the 201 named): the row gives way to it.
   var upload = findUpload(function (each) {
-    return each.id === id;
+    return each.ref === frame.ref || (each.id !== null && each.id === frame.id);
   });
   if (upload) {
+    upload.xhr = null;  // the file is shared: its PUT's answer is no longer needed, but it is not cut off
     finishUpload(upload);
   }
+}
+
+function isQueued(upload) {
+  return state.uploads.indexOf(upload) >= 0;  // not cancelled, dismissed or shared meanwhile
 }
 
 function failUpload(upload, why) {
@@ -6939,6 +6965,18 @@ function actionButton(label, onClick) {
 }
 
 // -- files: the paperclip, pasting and dropping ----------------------------------------------------
+
+function pickFiles(conv, path) {
+  // The paperclip, or /send: the browser's file picker (Enter and a tap both count as the person's doing).
+  if (!fileLimit()) {
+    addNotice(conv, "This chat does not take files.", "error");
+    return;
+  }
+  if (path) {
+    addNotice(conv, "A web page cannot open a file by its path: choose it in the picker.", "");
+  }
+  ui.fileInput.click();
+}
 
 function onFilesPicked() {
   var chosen = picked(ui.fileInput.files);
@@ -7270,7 +7308,7 @@ var ON_FRAME = {
     }
     addMessage(conv, frame, mention);
     if (own && fileOf(frame)) {
-      settleUpload(frame.id);
+      settleUpload(frame);
     }
     if (unseen) {
       renderRooms();
@@ -7603,7 +7641,7 @@ function start() {
   ui.input.addEventListener("input", autoGrow);
   ui.input.addEventListener("paste", onPaste);
   ui.attachButton.addEventListener("click", function () {
-    ui.fileInput.click();
+    pickFiles(currentConversation(), "");
   });
   ui.fileInput.addEventListener("change", onFilesPicked);
   document.addEventListener("dragover", onDragOver);

@@ -1609,8 +1609,8 @@ class ChatHub:
             else:
                 to = self._recipient(to)[1]
             if user.uploads.recent() >= self.limits.uploads_per_minute > 0:
-                raise ProtocolError("too_many_uploads", "You have shared %d files in the last minute; wait a "
-                                    "little before the next one." % user.uploads.recent())
+                raise ProtocolError("too_many_uploads", "You have shared %s in the last minute; wait a little "
+                                    "before the next one." % _count_words(user.uploads.recent(), "file"))
             user.uploads.add()
             now = time.monotonic()
             self._uploads = {token: upload for token, upload in self._uploads.items() if upload.until > now}
@@ -2107,6 +2107,10 @@ class Moderation:
             fields["by"] = by.name
         self.hub._deliver_to_all(Event(fields))
         return text
+
+
+def _count_words(count, noun):
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
 
 
 def _log_action(by, text):

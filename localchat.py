@@ -1609,8 +1609,8 @@ class ChatHub:
             else:
                 to = self._recipient(to)[1]
             if user.uploads.recent() >= self.limits.uploads_per_minute > 0:
-                raise ProtocolError("too_many_uploads", "You have shared %d files in the last minute; wait a "
-                                    "little before the next one." % user.uploads.recent())
+                raise ProtocolError("too_many_uploads", "You have shared %s in the last minute; wait a little "
+                                    "before the next one." % _count_words(user.uploads.recent(), "file"))
             user.uploads.add()
             now = time.monotonic()
             self._uploads = {token: upload for token, upload in self._uploads.items() if upload.until > now}
@@ -2107,6 +2107,10 @@ class Moderation:
             fields["by"] = by.name
         self.hub._deliver_to_all(Event(fields))
         return text
+
+
+def _count_words(count, noun):
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
 
 
 def _log_action(by, text):
@@ -4490,8 +4494,16 @@ WEB_PAGE_HTML = r"""<!DOCTYPE html>
     </div>
     <div id="logs" class="logs">
       <button id="jump" class="jump" type="button" hidden></button>
+      <div id="drop-hint" class="drop-hint" hidden>
+        <svg viewBox="0 0 24 24" width="40" height="40" aria-hidden="true"><path fill="currentColor" d="M11 16V7.8l-3.1 3.1-1.4-1.4L12 4l5.5 5.5-1.4 1.4L13 7.8V16zm-6 4v-5h2v3h10v-3h2v5z"/></svg>
+        <p id="drop-text">Drop files to send them</p>
+      </div>
     </div>
     <form id="composer" class="composer">
+      <button id="attach-button" class="icon-button attach" type="button" aria-label="Send a file" title="Send a file" hidden>
+        <svg viewBox="0 0 24 24" width="24" height="24" aria-hidden="true"><path fill="currentColor" d="M16.5 6.5v10.6a4.5 4.5 0 0 1-9 0V5.8a3 3 0 0 1 6 0v10.3a1.5 1.5 0 0 1-3 0V6.5H9v9.6a3 3 0 0 0 6 0V5.8a4.5 4.5 0 0 0-9 0v11.3a6 6 0 0 0 12 0V6.5z"/></svg>
+      </button>
+      <input id="file-input" type="file" multiple hidden tabindex="-1">
       <textarea id="input" rows="1" dir="auto" placeholder="Message" aria-label="Message"
                 enterkeyhint="send" autocomplete="off"></textarea>
       <button class="send" type="submit" aria-label="Send">
@@ -5058,6 +5070,106 @@ input[type="text"]:focus, input[type="password"]:focus, textarea:focus {
   color: var(--on-accent);
 }
 .send:hover { background: var(--accent-strong); }
+.attach { flex: none; color: var(--muted); border-radius: 50%; }
+.attach:hover { color: var(--text); }
+@media (hover: none) {
+  .icon-button:hover { background: transparent; }  /* a touch screen keeps :hover on what was tapped */
+}
+
+/* -- files and pictures ---------------------------------------------------------------------- */
+
+.bubble.file { padding: 4px; white-space: normal; }
+.file-card {
+  display: flex;
+  align-items: center;
+  gap: 10px;
+  min-width: min(220px, 100%);
+  max-width: 320px;
+  min-height: var(--tap);
+  padding: 6px 8px 6px 6px;
+  border-radius: 14px;
+  color: inherit;
+  text-decoration: none;
+}
+a.file-card:hover { background: color-mix(in srgb, currentColor 8%, transparent); }
+.file-icon {
+  flex: none;
+  display: inline-flex;
+  align-items: center;
+  justify-content: center;
+  width: 40px;
+  height: 40px;
+  border-radius: 10px;
+  background: color-mix(in srgb, var(--accent) 14%, transparent);
+  color: var(--accent);
+  font-size: 10px;
+  font-weight: 800;
+  letter-spacing: 0.02em;
+}
+.file-info { flex: 1; min-width: 0; display: flex; flex-direction: column; }
+.file-name { font-weight: 600; font-size: 15px; line-height: 1.3; overflow-wrap: anywhere; }
+.file-size { font-size: 13px; color: var(--muted); }
+.file-get { flex: none; display: inline-flex; color: var(--accent); }
+.group.own .file-icon { background: rgba(255, 255, 255, 0.2); color: var(--on-own); }
+.group.own .file-size { color: inherit; opacity: 0.8; }
+.group.own .file-get { color: inherit; }
+.group.own .file-card { color: var(--on-own); }
+.file-card.expired { opacity: 0.85; }
+.file-card.expired .file-icon { background: var(--hover); color: var(--muted); }
+.file-card.expired .file-size { font-style: italic; }
+.thumb {
+  display: block;
+  width: fit-content;
+  max-width: 100%;
+  border-radius: 14px;
+  overflow: hidden;
+  line-height: 0;
+  background: var(--hover);
+}
+.thumb img { display: block; max-width: min(240px, 100%); max-height: 200px; width: auto; height: auto; }
+.thumb.loading img { width: 200px; height: 150px; max-width: 100%; }  /* room kept while it loads */
+.thumb + .file-card { min-height: 0; margin-top: 2px; padding: 4px 6px; }
+.thumb + .file-card .file-icon { display: none; }
+
+.bubble.pending.upload { display: flex; align-items: center; gap: 10px; white-space: normal; min-width: min(260px, 100%); }
+.upload-preview { flex: none; width: 48px; height: 48px; border-radius: 10px; object-fit: cover; }
+.upload-body { flex: 1; min-width: 0; display: flex; flex-direction: column; gap: 4px; }
+.upload-body .file-name { font-size: 14px; }
+.upload-body .note { margin: 0; }
+.upload-actions { display: flex; flex-wrap: wrap; gap: 0 4px; margin: -6px -10px -8px; }
+.upload-actions .link-button { font-size: 14px; color: inherit; }
+progress {
+  width: 100%;
+  height: 6px;
+  border: none;
+  border-radius: 3px;
+  background: var(--line);
+  color: var(--accent);
+  -webkit-appearance: none;
+  appearance: none;
+}
+progress::-webkit-progress-bar { background: var(--line); border-radius: 3px; }
+progress::-webkit-progress-value { background: var(--accent); border-radius: 3px; }
+progress::-moz-progress-bar { background: var(--accent); border-radius: 3px; }
+
+.drop-hint {
+  position: absolute;
+  inset: 10px;
+  z-index: 3;
+  display: flex;
+  flex-direction: column;
+  align-items: center;
+  justify-content: center;
+  gap: 8px;
+  border: 2px dashed var(--accent);
+  border-radius: 20px;
+  background: color-mix(in srgb, var(--bg) 88%, transparent);
+  color: var(--accent);
+  font-size: 17px;
+  font-weight: 600;
+  text-align: center;
+  pointer-events: none;  /* the drop lands on the conversation beneath */
+}
 
 /* -- wide screens: rooms and people as side panes ---------------------------------------------- */
 
@@ -5101,6 +5213,9 @@ var STICKY_PX = 48;             // a log scrolled to within this of its end foll
 var INPUT_MAX_PX = 160;         // the message box grows with its text up to this height
 var INPUT_HISTORY = 100;        // sent lines that Up and Down recall (as in the window)
 var NAME_PATTERN = /^[0-9A-Za-z_.\-\u00c0-\uffff]{1,32}$/;  // a rough check; the server has the last word
+var PICTURE_TYPES = ["image/png", "image/gif", "image/jpeg", "image/webp"];  // the server shows these, not downloads
+var UPLOAD_SETTLE_MS = 5000;    // a file the server took: its message frame is awaited this long, then the row goes
+var DROP_HINT_MS = 200;         // the drop hint goes this long after the last dragover (dragleave fires per child)
 // Refusals of a say. They carry no ref, but the server answers frames in order: such an error
 // answers the oldest say still in flight (join, leave and topic have errors of their own).
 var SAY_ERRORS = ["empty_text", "text_too_long", "bad_text", "rate_limited", "muted", "unknown_user"];
@@ -5144,6 +5259,8 @@ var state = {
   roomsAsked: 0,         // answers to /rooms still to show as a notice
   focused: true,         // the window has the focus (blur/focus events)
   clockOffset: 0,        // the server's clock less ours, in seconds, from the last live frame with a time
+  uploads: [],           // files being shared, oldest first (see queueUpload): sent one at a time
+  dropTimer: null,
   renderTimer: null
 };
 
@@ -5417,6 +5534,10 @@ var COMMANDS = [
   {names: ["me"], usage: "/me ACTION", help: "say what you do, shown as: * alice waves", who: "everybody",
    parse: function (argument, where) {
      return argument ? sayHere(where, {text: argument, action: true}) : null;
+   }},
+  {names: ["send"], usage: "/send PATH", help: "share a file with the room (or the person)", who: "everybody",
+   parse: function (argument) {
+     return {pick: true, path: argument};  // a page cannot open a file by its path: the picker asks
    }},
   {names: ["nick"], usage: "/nick NEWNAME", help: "change your name", who: "everybody",
    parse: function (argument) {
@@ -5827,17 +5948,150 @@ function groupElement(frame, group) {
 
 function bubbleElement(item) {
   var frame = item.frame;
-  var bubble = el("div", "bubble" + (item.mention ? " mention" : "") + (frame.notice ? " auto" : ""));
+  var file = fileOf(frame);
+  var bubble = el("div", "bubble" + (item.mention ? " mention" : "") + (frame.notice ? " auto" : "") +
+                  (file ? " file" : ""));
   bubble.dataset.id = String(frame.id);
   bubble.dir = "auto";  // Arabic or Hebrew text runs right to left
   bubble.title = new Date((Number(frame.ts) || nowSeconds()) * 1000).toLocaleString();
-  appendText(bubble, String(frame.text));
+  if (file) {
+    // Made once and kept: drawing the conversation again moves it, and the picture is not fetched again.
+    bubble.appendChild(item.card || (item.card = fileElement(frame, file)));
+  } else {
+    appendText(bubble, String(frame.text));
+  }
   if (frame.queued) {
     bubble.appendChild(el("div", "note", "Delivered when " + frame.to + " returns"));
   } else if (frame.away && isOwn(frame)) {
     bubble.appendChild(el("div", "note", frame.to + " is away: " + frame.away));  // only the sender hears it
   }
   return bubble;
+}
+
+// -- rendering: files and pictures ------------------------------------------------------------
+
+function fileOf(frame) {
+  return frame.file && typeof frame.file === "object" ? frame.file : null;
+}
+
+function isPicture(type) {
+  return PICTURE_TYPES.indexOf(String(type || "").toLowerCase()) >= 0;
+}
+
+function localPath(url) {
+  // An address on this server (a path such as /files/17/a.png), or null: never another site's.
+  return typeof url === "string" && /^\/[^\/\\]/.test(url) ? url : null;
+}
+
+function formatSize(bytes) {
+  // A size for a person, as the other clients write it (file_size_text): 900 bytes, 4.5 KB, 48 KB, 3.2 MB.
+  var size = Math.max(0, Math.floor(Number(bytes) || 0));
+  if (size < 1024) {
+    return size === 1 ? "1 byte" : size + " bytes";
+  }
+  var units = [["KB", 1024], ["MB", 1048576], ["GB", 1073741824]];
+  for (var i = 0; i < units.length; i++) {
+    var value = size / units[i][1];
+    if (value < 1024 || i === units.length - 1) {
+      return (value < 10 ? (roundHalfEven(value * 10) / 10).toFixed(1) : String(roundHalfEven(value))) +
+        " " + units[i][0];
+    }
+  }
+}
+
+function roundHalfEven(value) {
+  // Python's round(): a half goes to the even neighbour (Math.round would send 10.5 KB to 11 KB, not 10).
+  var floor = Math.floor(value);
+  var rest = value - floor;
+  return rest > 0.5 || (rest === 0.5 && floor % 2 === 1) ? floor + 1 : floor;
+}
+
+function extensionLabel(name) {
+  // "PDF" for report.pdf: what the file icon shows (a name without a short extension gets FILE).
+  var dot = name.lastIndexOf(".");
+  var extension = dot > 0 ? name.slice(dot + 1) : "";
+  return /^[0-9A-Za-z]{1,4}$/.test(extension) ? extension.toUpperCase() : "FILE";
+}
+
+function svgIcon(path, size) {
+  var ns = "http://www.w3.org/2000/svg";
+  var svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("width", String(size));
+  svg.setAttribute("height", String(size));
+  svg.setAttribute("aria-hidden", "true");
+  var shape = document.createElementNS(ns, "path");
+  shape.setAttribute("fill", "currentColor");
+  shape.setAttribute("d", path);
+  svg.appendChild(shape);
+  return svg;
+}
+
+var DOWNLOAD_ICON = "M11 4h2v8.2l3.1-3.1 1.4 1.4L12 16l-5.5-5.5 1.4-1.4 3.1 3.1zM5 18h14v2H5z";
+
+function fileElement(frame, file) {
+  // A shared file: a picture's thumbnail (opens full size), then a card with its name, size and a download link.
+  var name = String(file.name || frame.text || "file");
+  var url = file.expired ? null : localPath(file.url);
+  var box = el("div", "file-box");
+  if (url && isPicture(file.type)) {
+    box.appendChild(thumbnailElement(url, name));
+  }
+  box.appendChild(fileCard(name, file.size, url));
+  return box;
+}
+
+function fileCard(name, size, url) {
+  var card = el(url ? "a" : "div", "file-card" + (url ? "" : " expired"));
+  var icon = el("span", "file-icon", extensionLabel(name));
+  icon.setAttribute("aria-hidden", "true");
+  card.appendChild(icon);
+  var info = el("span", "file-info");
+  info.appendChild(el("span", "file-name", name));  // the name as text: never markup
+  info.appendChild(el("span", "file-size", url ? formatSize(size) : " \u2014 expired (no longer on the server)"));
+  card.appendChild(info);
+  if (url) {
+    card.href = url;
+    card.download = name;
+    card.title = "Download " + name + " (" + formatSize(size) + ")";
+    var get = el("span", "file-get");
+    get.appendChild(svgIcon(DOWNLOAD_ICON, 22));
+    card.appendChild(get);
+  }
+  return card;
+}
+
+function thumbnailElement(url, name) {
+  var link = el("a", "thumb loading");
+  link.href = url;
+  link.target = "_blank";  // full size in a new tab (pictures are served to be shown, not downloaded)
+  link.rel = "noopener noreferrer";
+  link.title = "Open " + name + " full size";
+  var picture = el("img");
+  picture.alt = name;
+  picture.loading = "lazy";  // set before src, or the picture is fetched at once
+  picture.decoding = "async";
+  picture.addEventListener("load", function () {
+    link.classList.remove("loading");
+    keepAtEnd(link);
+  });
+  picture.addEventListener("error", function () {
+    link.hidden = true;  // gone from the server since: the card below still names it
+    keepAtEnd(link);
+  });
+  picture.src = url;
+  link.appendChild(picture);
+  return link;
+}
+
+function keepAtEnd(node) {
+  // A picture changed size as it loaded: a conversation followed to its end stays at its end.
+  Object.keys(state.conversations).forEach(function (key) {
+    var conv = state.conversations[key];
+    if (conv.atEnd && conv.log.contains(node)) {
+      scrollToEnd(conv);
+    }
+  });
 }
 
 function actionElement(item) {
@@ -5878,6 +6132,10 @@ function helpElement() {
     card.appendChild(list);
   });
   card.appendChild(el("p", "", "Start a message with // to send text that begins with /. Shift+Enter starts a new line."));
+  if (fileLimit()) {
+    card.appendChild(el("p", "", "Share a file with the paperclip beside the message box, by pasting a picture " +
+      "into it, or by dropping files on the conversation (up to " + formatSize(fileLimit()) + " each)."));
+  }
   if (location.protocol === "https:") {
     card.appendChild(el("h3", "", "Is this the real server?"));
     card.appendChild(el("p", "", "The server made its own certificate, so the browser warned about it the first time: " +
@@ -6320,6 +6578,8 @@ function carryOut(result, conv) {
   } else if (result.rooms) {
     state.roomsAsked++;
     post({type: "rooms"});
+  } else if (result.pick) {
+    pickFiles(conv, result.path);
   } else if (result.help) {
     addNotice(conv, helpText(), "help");
   } else if (result.quit) {
@@ -6433,6 +6693,355 @@ function takeFromOutbox(ref) {
   return index < 0 ? null : state.outbox.splice(index, 1)[0];
 }
 
+// -- files: choosing, sending, following (PROTOCOL_DOC's "Files:") ----------------------------------
+// A file goes in three steps: an upload frame asks for a one-time address, the page PUTs the bytes
+// there (XMLHttpRequest, for its progress events), and the server announces it as a message frame.
+
+function fileLimit() {
+  // The largest file the server takes, in bytes; 0 when it takes none (or is too old to know of files).
+  var limits = state.welcome && state.welcome.limits;
+  var limit = limits ? Number(limits.max_file_bytes) : 0;
+  return limit > 0 ? limit : 0;
+}
+
+function picked(files) {
+  return Array.from(files || []).map(function (file) {
+    return {file: file, name: file.name || "file"};
+  });
+}
+
+function pastedName(file) {
+  // A picture pasted from the clipboard comes as "image.png": it gets a name that says where it came from.
+  if (file.name && !/^image\.[a-z]+$/i.test(file.name)) {
+    return file.name;
+  }
+  var extensions = {"image/jpeg": "jpg", "image/gif": "gif", "image/webp": "webp"};
+  return "pasted-picture." + (extensions[file.type] || "png");
+}
+
+function shareFiles(chosen, conv) {
+  // Send each file to the conversation shown; one over the limit is refused here, before a byte is sent.
+  conv = conv || currentConversation();
+  if (!conv || !chosen.length) {
+    return;
+  }
+  var limit = fileLimit();
+  if (!limit) {
+    addNotice(conv, "This chat does not take files.", "error");
+    return;
+  }
+  chosen.forEach(function (entry) {
+    if (entry.file.size > limit) {
+      addNotice(conv, entry.name + " is " + formatSize(entry.file.size) + ": this chat takes files of up to " +
+                formatSize(limit) + ".", "error");
+    } else {
+      queueUpload(entry.file, entry.name, conv);
+    }
+  });
+  pumpUploads();
+}
+
+function queueUpload(file, name, conv) {
+  // stage: waiting (for the connection, or its turn), asking (upload sent), sending (PUT), sent, failed.
+  state.refCount++;
+  var upload = {ref: state.refPrefix + "-f" + state.refCount, file: file, name: name, conv: conv,
+                stage: "waiting", done: 0, xhr: null, id: null, timer: null, why: ""};
+  state.uploads.push(upload);
+  showUpload(upload);
+}
+
+function findUpload(test) {
+  return state.uploads.find(test) || null;
+}
+
+function pumpUploads() {
+  // One file at a time: its one-time address is asked for when its turn comes (the address expires).
+  var busy = findUpload(function (upload) {
+    return upload.stage === "asking" || upload.stage === "sending";
+  });
+  var next = findUpload(function (upload) {
+    return upload.stage === "waiting";
+  });
+  if (state.synced && !busy && next) {
+    next.stage = "asking";
+    sendFrame(Object.assign({type: "upload", name: next.name, size: next.file.size, ref: next.ref},
+                            whereOf(next.conv)));
+  }
+  state.uploads.forEach(updateUpload);
+}
+
+function putFile(upload, url) {
+  var path = localPath(url);
+  if (!path) {
+    failUpload(upload, "The server gave an address that is not its own.");
+    return;
+  }
+  var xhr = new XMLHttpRequest();
+  upload.xhr = xhr;
+  upload.stage = "sending";
+  xhr.upload.addEventListener("progress", function (event) {
+    if (event.lengthComputable && event.total) {
+      upload.done = event.loaded / event.total;
+      updateUpload(upload);
+    }
+  });
+  xhr.addEventListener("load", function () {
+    if (isQueued(upload)) {
+      uploadAnswered(upload, xhr);
+    }
+  });
+  xhr.addEventListener("error", function () {
+    if (isQueued(upload)) {
+      failUpload(upload, "The connection broke while the file was on its way.");
+    }
+  });
+  xhr.open("PUT", path);
+  xhr.send(upload.file);
+  updateUpload(upload);
+}
+
+function uploadAnswered(upload, xhr) {
+  // 201 with {"id", "url"}: stored and announced; any other status comes with a sentence as plain text.
+  upload.xhr = null;
+  if (xhr.status !== 201) {
+    var sentence = String(xhr.responseText || "").trim().slice(0, 300);
+    failUpload(upload, sentence || "The server answered " + xhr.status + ".");
+    return;
+  }
+  var answer = null;
+  try {
+    answer = JSON.parse(xhr.responseText);
+  } catch (error) {
+    answer = null;
+  }
+  upload.stage = "sent";
+  upload.done = 1;
+  upload.id = answer && typeof answer.id === "number" ? answer.id : null;
+  if (upload.id === null || state.seen.has(upload.id)) {
+    finishUpload(upload);  // its message is shown already
+  } else {
+    upload.timer = setTimeout(function () {
+      finishUpload(upload);
+    }, UPLOAD_SETTLE_MS);
+  }
+  pumpUploads();
+}
+
+function settleUpload(frame) {
+  // Our file's message came (it carries the upload's ref, and the id the 201 named): the row gives way to it.
+  var upload = findUpload(function (each) {
+    return each.ref === frame.ref || (each.id !== null && each.id === frame.id);
+  });
+  if (upload) {
+    upload.xhr = null;  // the file is shared: its PUT's answer is no longer needed, but it is not cut off
+    finishUpload(upload);
+  }
+}
+
+function isQueued(upload) {
+  return state.uploads.indexOf(upload) >= 0;  // not cancelled, dismissed or shared meanwhile
+}
+
+function failUpload(upload, why) {
+  upload.xhr = null;
+  upload.stage = "failed";
+  upload.why = why;
+  pumpUploads();
+}
+
+function finishUpload(upload) {
+  // Sent, cancelled or dismissed: forgotten, and its row goes.
+  clearTimeout(upload.timer);
+  if (upload.xhr) {
+    upload.xhr.abort();  // a PUT cut short leaves nothing on the server
+    upload.xhr = null;
+  }
+  state.uploads = state.uploads.filter(function (other) {
+    return other !== upload;
+  });
+  if (upload.preview) {
+    URL.revokeObjectURL(upload.preview);
+  }
+  upload.el.remove();
+  pumpUploads();
+}
+
+function uploadRefused(frame, text) {
+  // An error frame with an upload's ref: that file is refused (too large, too many, files off).
+  var upload = frame.ref ? findUpload(function (each) {
+    return each.ref === frame.ref;
+  }) : null;
+  if (upload) {
+    failUpload(upload, text);
+  }
+  return !!upload;
+}
+
+function uploadsInterrupted() {
+  // The connection went: an address asked for but not given is asked for again on the next one.
+  state.uploads.forEach(function (upload) {
+    if (upload.stage === "asking") {
+      upload.stage = "waiting";
+    }
+  });
+  state.uploads.forEach(updateUpload);
+}
+
+// -- rendering: files on their way --------------------------------------------------------------
+
+function showUpload(upload) {
+  var row = el("div", "bubble pending upload");
+  if (isPicture(upload.file.type)) {
+    upload.preview = URL.createObjectURL(upload.file);  // the page's CSP allows blob: pictures
+    var preview = el("img", "upload-preview");
+    preview.alt = "";
+    preview.src = upload.preview;
+    row.appendChild(preview);
+  } else {
+    var icon = el("span", "file-icon", extensionLabel(upload.name));
+    icon.setAttribute("aria-hidden", "true");
+    row.appendChild(icon);
+  }
+  var body = el("div", "upload-body");
+  body.appendChild(el("span", "file-name", upload.name));
+  upload.bar = el("progress");
+  upload.bar.max = 1;
+  body.appendChild(upload.bar);
+  upload.status = el("div", "note");
+  upload.status.setAttribute("role", "status");
+  body.appendChild(upload.status);
+  upload.actions = el("div", "upload-actions");
+  body.appendChild(upload.actions);
+  row.appendChild(body);
+  upload.el = row;
+  upload.shown = null;
+  upload.conv.pendingBox.appendChild(row);
+  updateUpload(upload);
+  scrollToEnd(upload.conv);
+}
+
+function updateUpload(upload) {
+  var size = formatSize(upload.file.size);
+  var texts = {
+    waiting: state.synced ? "Waiting to be sent \u00b7 " + size : "Waiting for the connection\u2026",
+    asking: "Sending\u2026 " + size,
+    sending: "Sending\u2026 " + Math.floor(upload.done * 100) + "% of " + size,
+    sent: "Sent",
+    failed: "Not sent: " + upload.why
+  };
+  upload.status.textContent = texts[upload.stage];
+  if (upload.stage === "sending" || upload.stage === "sent") {
+    upload.bar.value = upload.done;
+  } else {
+    upload.bar.removeAttribute("value");  // no value: a bar that says "working" without a share
+  }
+  upload.bar.hidden = upload.stage === "failed";
+  upload.el.classList.toggle("failed", upload.stage === "failed");
+  if (upload.shown !== upload.stage) {
+    upload.shown = upload.stage;
+    showUploadActions(upload);
+  }
+}
+
+function showUploadActions(upload) {
+  upload.actions.textContent = "";
+  if (upload.stage === "failed") {
+    upload.actions.appendChild(actionButton("Try again", function () {
+      upload.stage = "waiting";
+      upload.done = 0;
+      pumpUploads();
+    }));
+    upload.actions.appendChild(actionButton("Dismiss", function () {
+      finishUpload(upload);
+    }));
+  } else if (upload.stage !== "sent") {
+    upload.actions.appendChild(actionButton("Cancel", function () {
+      finishUpload(upload);
+    }));
+  }
+}
+
+function actionButton(label, onClick) {
+  var button = el("button", "link-button", label);
+  button.type = "button";
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+// -- files: the paperclip, pasting and dropping ----------------------------------------------------
+
+function pickFiles(conv, path) {
+  // The paperclip, or /send: the browser's file picker (Enter and a tap both count as the person's doing).
+  if (!fileLimit()) {
+    addNotice(conv, "This chat does not take files.", "error");
+    return;
+  }
+  if (path) {
+    addNotice(conv, "A web page cannot open a file by its path: choose it in the picker.", "");
+  }
+  ui.fileInput.click();
+}
+
+function onFilesPicked() {
+  var chosen = picked(ui.fileInput.files);
+  ui.fileInput.value = "";  // the same file may be chosen again
+  shareFiles(chosen);
+}
+
+function onPaste(event) {
+  // A picture pasted into the message box is sent; pasted text (even with pictures) is pasted as text.
+  var data = event.clipboardData;
+  var files = data && data.files ? Array.from(data.files) : [];
+  if (!files.length || Array.from(data.types || []).indexOf("text/plain") >= 0) {
+    return;
+  }
+  event.preventDefault();
+  shareFiles(files.map(function (file) {
+    return {file: file, name: pastedName(file)};
+  }));
+}
+
+function draggingFiles(event) {
+  return !!event.dataTransfer && Array.from(event.dataTransfer.types || []).indexOf("Files") >= 0;
+}
+
+function onDragOver(event) {
+  // Files dragged over the page: they go to the conversation shown (never does the browser open them).
+  if (!draggingFiles(event)) {
+    return;
+  }
+  event.preventDefault();
+  var conv = ui.app.hidden ? null : currentConversation();
+  event.dataTransfer.dropEffect = conv ? "copy" : "none";
+  if (conv) {
+    ui.dropText.textContent = fileLimit() ? "Drop to send to " + (conv.kind === "room" ? "#" : "@") + conv.name :
+      "This chat does not take files.";
+    ui.dropHint.hidden = false;
+  }
+  clearTimeout(state.dropTimer);
+  state.dropTimer = setTimeout(hideDropHint, DROP_HINT_MS);
+}
+
+function hideDropHint() {
+  clearTimeout(state.dropTimer);
+  ui.dropHint.hidden = true;
+}
+
+function onDrop(event) {
+  if (!draggingFiles(event)) {
+    return;
+  }
+  event.preventDefault();
+  hideDropHint();
+  if (!ui.app.hidden) {
+    shareFiles(picked(event.dataTransfer.files));
+  }
+}
+
+function renderAttach() {
+  ui.attachButton.hidden = !fileLimit();
+}
+
 // -- the connection -----------------------------------------------------------------------------
 
 function socketUrl() {
@@ -6517,6 +7126,7 @@ function connectionClosed() {
   state.open = false;
   state.synced = false;
   state.outbox.forEach(updatePending);
+  uploadsInterrupted();
   if (state.stopped) {
     return;
   }
@@ -6647,6 +7257,7 @@ var ON_FRAME = {
       });
     }
     showApp();
+    renderAttach();
     showStatus(resumed || state.lastId === null ? "" : "Catching up\u2026", "info");
     if (again) {
       addNotice(null, "Reconnected.", "");
@@ -6689,7 +7300,8 @@ var ON_FRAME = {
     }
     var conv = frame.room !== undefined && frame.room !== null ? openConversation("room", frame.room) :
       openConversation("direct", own ? frame.to : frame.from);
-    var mention = !own && !frame.notice && mentions(String(frame.text), state.name);  // a bot's notice never rings
+    // A bot's notice never rings, nor does a file whose name holds ours.
+    var mention = !own && !frame.notice && !fileOf(frame) && mentions(String(frame.text), state.name);
     var unseen = !own && !isViewing(conv) && isNews(frame, conv);
     if (unseen) {
       conv.unread++;
@@ -6699,6 +7311,9 @@ var ON_FRAME = {
       }
     }
     addMessage(conv, frame, mention);
+    if (own && fileOf(frame)) {
+      settleUpload(frame);
+    }
     if (unseen) {
       renderRooms();
       updateTitle();
@@ -6860,6 +7475,7 @@ var ON_FRAME = {
       }
     });
     flushOutbox();
+    pumpUploads();
     post({type: "rooms"});  // the rooms one could join, for the drawer
     if (!state.current) {
       var first = Object.keys(state.conversations)[0];
@@ -6885,12 +7501,24 @@ var ON_FRAME = {
       stop(text);
       return;
     }
+    if (uploadRefused(frame, text)) {
+      return;
+    }
     var entry = refusedEntry(frame, code);
     if (entry) {
       dropPending(entry, text);
       return;
     }
     addNotice(null, text, "error");
+  },
+
+  upload_ready: function (frame) {
+    var upload = findUpload(function (each) {
+      return each.ref === frame.ref && each.stage === "asking";
+    });
+    if (upload) {  // else cancelled meanwhile: the address expires unused
+      putFile(upload, frame.url);
+    }
   },
 
   bye: function (frame) {
@@ -7001,7 +7629,7 @@ function start() {
    "app", "title", "subtitle", "rooms-button", "people-button", "people-count", "room-list", "direct-list",
    "direct-heading", "other-rooms", "other-heading", "join-room-form", "join-room-input", "people-list",
    "people-heading", "logs", "jump", "status", "status-text", "status-action", "composer", "input", "scrim",
-   "me-name", "leave-button"
+   "me-name", "leave-button", "attach-button", "file-input", "drop-hint", "drop-text"
   ].forEach(function (id) {
     ui[id.replace(/-([a-z])/g, function (all, letter) { return letter.toUpperCase(); })] = document.getElementById(id);
   });
@@ -7015,6 +7643,13 @@ function start() {
   });
   ui.input.addEventListener("keydown", onInputKey);
   ui.input.addEventListener("input", autoGrow);
+  ui.input.addEventListener("paste", onPaste);
+  ui.attachButton.addEventListener("click", function () {
+    pickFiles(currentConversation(), "");
+  });
+  ui.fileInput.addEventListener("change", onFilesPicked);
+  document.addEventListener("dragover", onDragOver);
+  document.addEventListener("drop", onDrop);
   ui.roomsButton.addEventListener("click", function () { toggleDrawer("rooms"); });
   ui.peopleButton.addEventListener("click", function () { toggleDrawer("people"); });
   ui.scrim.addEventListener("click", closeDrawers);

@@ -13352,11 +13352,11 @@ SHOWN_TEXTS = ("Array.from(document.querySelectorAll('.log:not([hidden]) .items 
                ".log:not([hidden]) .items .action-text')).map(e => e.textContent)")
 
 
-@unittest.skipIf(CHROMIUM is None, "Chromium is not installed (Debian: apt-get install chromium)")
-class WebPageTests(ServerFixture, unittest.TestCase):
-    """The chat page in headless Chromium against a real server, at a phone's size (and a wide screen).
+class BrowserFixture:
+    """setUpClass/tearDown for tests of the page in headless Chromium (one browser a class), and their helpers.
 
-    Each state is saved as a screenshot (see screenshot_folder()) for a person to look at.
+    Mixed in before ServerFixture. tearDown closes the test's pages and fails on any
+    exception, console error or CSP refusal a page reported.
     """
 
     @classmethod
@@ -13419,6 +13419,14 @@ class WebPageTests(ServerFixture, unittest.TestCase):
 
     def wait_shown(self, page, text):
         page.wait_for("%s.includes(%s)" % (SHOWN_TEXTS, js_string(text)), repr(text))
+
+
+@unittest.skipIf(CHROMIUM is None, "Chromium is not installed (Debian: apt-get install chromium)")
+class WebPageTests(BrowserFixture, ServerFixture, unittest.TestCase):
+    """The chat page in headless Chromium against a real server, at a phone's size (and a wide screen).
+
+    Each state is saved as a screenshot (see screenshot_folder()) for a person to look at.
+    """
 
     def test_join_talk_switch_rooms_and_a_direct_message_on_a_phone(self):
         self.start_server(hub=unlimited_hub())
@@ -13863,6 +13871,262 @@ class WebPageTests(ServerFixture, unittest.TestCase):
         client.read_until(is_kind("synced"))
         return client
 
+
+# The files a page's person picks: a real PNG (the program's own QR code) and a PDF's first bytes.
+PDF_BYTES = b"%PDF-1.4\n" + b"%\xe2\xe3\xcf\xd3\n" + b"0" * 48200  # 48213 bytes: "47 KB"
+MARKUP_NAME = "<img src=x onerror=alert(1)>.txt"
+# The file cards in the conversation shown: [name, size line, link or None, download name or None, picture].
+FILE_CARDS = """Array.from(document.querySelectorAll('.log:not([hidden]) .bubble.file')).map(b => {
+    const card = b.querySelector('.file-card'), img = b.querySelector('.thumb img');
+    return [card.querySelector('.file-name').textContent, card.querySelector('.file-size').textContent,
+            card.getAttribute('href'), card.getAttribute('download'), img ? img.getAttribute('src') : null]; })"""
+# Every picture in the conversation shown has loaded (naturalWidth is 0 until it has).
+PICTURES_LOADED = """(() => { const all = Array.from(document.querySelectorAll('.log:not([hidden]) .thumb img'));
+    return all.length > 0 && all.every(img => img.complete && img.naturalWidth > 0); })()"""
+
+
+def is_file_message(frame):
+    return is_message(frame) and "file" in frame
+
+
+@unittest.skipIf(CHROMIUM is None, "Chromium is not installed (Debian: apt-get install chromium)")
+class WebPageFileTests(BrowserFixture, ServerFixture, unittest.TestCase):
+    """Files and pictures on the page, in headless Chromium against a real server that keeps files.
+
+    Files are picked as a person does: a tap on the paperclip opens the file chooser,
+    which DevTools answers (Page.setInterceptFileChooserDialog, DOM.setFileInputFiles).
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.folder = Path(tempfile.mkdtemp(prefix="page-files-", dir=_SCRATCH.name))
+        self.addCleanup(shutil.rmtree, str(self.folder), True)
+
+    def start_file_server(self, store=None, **limits):
+        limits = localchat.Limits(**dict({"messages_per_s": 0, "kbytes_per_s": 0}, **limits))
+        files = localchat.FileStore(self.folder / "kept", limits.files_bytes)
+        return self.start_server(hub=localchat.ChatHub("test", store, limits=limits, files=files))
+
+    def file_on_disk(self, name, data):
+        path = self.folder / "picked"
+        path.mkdir(exist_ok=True)
+        (path / name).write_bytes(data)
+        return str(path / name)
+
+    def choose_files(self, page, *paths, line=None):
+        """Tap the paperclip (or type a line such as /send) and pick these files in the file chooser it opens."""
+        page.call("Page.setInterceptFileChooserDialog", enabled=True)
+        chooser = self.wait_event(page, "Page.fileChooserOpened",
+                                  lambda: page.send_line(line) if line else page.tap("#attach-button"))
+        page.call("DOM.setFileInputFiles", files=list(paths), backendNodeId=chooser["backendNodeId"])
+
+    def wait_event(self, page, method, action):
+        """Do action, then return the params of the page's next DevTools event called method."""
+        def count():
+            return sum(1 for e in page.devtools.events if e["method"] == method and e.get("sessionId") == page.session)
+        before = count()
+        action()
+        deadline = time.monotonic() + PAGE_WAIT_S
+        for _ in range(MAX_FRAMES):
+            if count() > before:
+                return [e for e in page.devtools.events if e["method"] == method
+                        and e.get("sessionId") == page.session][-1]["params"]
+            if time.monotonic() > deadline:
+                break
+            page.devtools.pump(PAGE_POLL_S)
+        raise AssertionError("no %s within %.0f s" % (method, PAGE_WAIT_S))
+
+    def share_as(self, client, name, data, **where):
+        """Share a file as a RawClient (the protocol's three steps); return its message frame."""
+        client.send(dict({"type": "upload", "name": name, "size": len(data), "ref": "r1"}, **where))
+        ready, _ = client.read_until(lambda frame: frame["type"] in ("upload_ready", "error"))
+        self.assertEqual(ready["type"], "upload_ready", ready)
+        connection = HttpConnection(self.address)
+        self.addCleanup(connection.close)
+        head = "PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (ready["url"], len(data))
+        connection.sock.sendall(head.encode("latin-1") + data)
+        self.assertEqual(connection.response()[0], 201)
+        frame, _ = client.read_until(is_file_message)
+        return frame
+
+    def spy_on_frames(self, page):
+        """Keep a copy of every frame the page sends from now on, in window.sentFrames."""
+        page.evaluate("""window.sentFrames = []; (ws => { const send = ws.send.bind(ws);
+            ws.send = text => { window.sentFrames.push(JSON.parse(text)); send(text); }; })(state.ws)""")
+
+    def test_a_picture_picked_with_the_paperclip_shows_as_a_thumbnail_on_every_page(self):
+        self.start_file_server()
+        bob = self.join("bob")
+        carol = self.join_page("carol", metrics=WIDE, dark=True)
+        page = self.join_page("alice")
+        button = page.evaluate("(b => [b.hidden, b.getAttribute('aria-label')])(document.getElementById('attach-button'))")
+        self.assertEqual(button, [False, "Send a file"])
+        self.assertEqual(page.evaluate(SMALL_TARGETS), [], "touch targets under 44 px")
+        page.focus("#input")
+        page.type("a half-written line")
+        picture = localchat.qr_png("http://192.168.1.20:13333/")
+        self.choose_files(page, self.file_on_disk("classroom-code.png", picture))
+        frame, _ = bob.read_until(is_file_message)
+        self.assertEqual(summary(frame, "from", "room"), ("alice", "general"))
+        self.assertEqual({key: frame["file"][key] for key in ("name", "size", "type")},
+                         {"name": "classroom-code.png", "size": len(picture), "type": "image/png"})
+        url = frame["file"]["url"]
+        for each in (page, carol):
+            each.wait_for(PICTURES_LOADED, "the thumbnail loaded")
+            self.assertEqual(each.evaluate(FILE_CARDS),
+                             [["classroom-code.png", localchat.file_size_text(len(picture)), url,
+                               "classroom-code.png", url]])
+            link = each.evaluate("(a => [a.getAttribute('href'), a.target, a.rel])"
+                                 "(document.querySelector('.log:not([hidden]) .thumb'))")
+            self.assertEqual(link, [url, "_blank", "noopener noreferrer"])  # full size in a new tab
+            size = each.evaluate("(r => [r.width, r.height])(document.querySelector('.thumb img').getBoundingClientRect())")
+            self.assertTrue(0 < size[0] <= 240 and 0 < size[1] <= 200, size)
+            self.assertEqual(size[0], size[1], "the square picture keeps its aspect")
+        page.wait_for("state.uploads.length === 0 && !document.querySelector('.bubble.upload')", "the row gone")
+        self.assertEqual(page.evaluate("document.getElementById('input').value"), "a half-written line")
+        fetched = page.evaluate("fetch(%s).then(r => r.arrayBuffer()).then(b => b.byteLength)" % js_string(url))
+        self.assertEqual(fetched, len(picture))
+        late = self.join_page("dave")  # from the room's history
+        late.wait_for(PICTURES_LOADED, "the thumbnail in the history")
+        self.assertEqual(late.evaluate(FILE_CARDS)[0][2:], [url, "classroom-code.png", url])
+
+    def test_a_pdf_picked_in_a_direct_conversation_is_a_card_with_name_size_and_download_link(self):
+        self.start_file_server()
+        bob = self.join("bob")
+        page = self.join_page("alice")
+        page.send_line("/msg bob the files you asked for")
+        bob.read_until(is_kind("message", text="the files you asked for"))
+        page.wait_for("state.current === '@bob'", "the direct conversation")
+        notes = b"plain notes\n" * 100
+        self.choose_files(page, self.file_on_disk("report.pdf", PDF_BYTES), self.file_on_disk("notes.txt", notes),
+                          line="/send ~/report.pdf")  # the command of the other clients opens the picker here
+        report, _ = bob.read_until(is_file_message)  # one at a time, in the order picked
+        second, _ = bob.read_until(is_file_message)
+        self.assertEqual([(frame["to"], frame["file"]["name"], frame["file"]["type"]) for frame in (report, second)],
+                         [("bob", "report.pdf", "application/pdf"), ("bob", "notes.txt", "text/plain")])
+        page.wait_for("document.querySelectorAll('.log:not([hidden]) .bubble.file').length === 2", "two cards")
+        self.assertEqual(page.evaluate(FILE_CARDS),
+                         [["report.pdf", "47 KB", report["file"]["url"], "report.pdf", None],
+                          ["notes.txt", "1.2 KB", second["file"]["url"], "notes.txt", None]])
+        headers = page.evaluate("fetch(%s).then(r => [r.status, r.headers.get('content-type'), "
+                                "r.headers.get('content-disposition')])" % js_string(report["file"]["url"]))
+        self.assertEqual(headers[:2], [200, "application/pdf"])
+        self.assertTrue(headers[2].startswith("attachment;"), headers)
+        self.assertIn("A web page cannot open a file by its path: choose it in the picker.",
+                      page.evaluate("document.querySelector('.log:not([hidden])').textContent"))
+
+    def test_a_name_with_markup_is_shown_as_text_and_an_expired_file_has_no_link(self):
+        store = localchat.MemoryStore()
+        store.add_message({"type": "message", "id": 1, "ts": time.time() - 60, "from": "dave", "room": "general",
+                           "text": MARKUP_NAME, "file": {"name": MARKUP_NAME, "size": 2048, "type": "text/plain",
+                                                        "url": "/files/%s/x.txt" % ("A" * 32)}})
+        self.start_file_server(store)
+        page = self.join_page("alice")  # the room's history: a file the server no longer keeps
+        page.evaluate("window.alerted = false; window.alert = () => { window.alerted = true; }")
+        page.wait_for("document.querySelectorAll('.log:not([hidden]) .bubble.file').length === 1", "the stored file")
+        self.assertEqual(page.evaluate(FILE_CARDS),
+                         [[MARKUP_NAME, " \u2014 expired (no longer on the server)", None, None, None]])
+        self.assertEqual(page.evaluate("document.querySelector('.log:not([hidden]) .file-info').textContent"),
+                         MARKUP_NAME + " \u2014 expired (no longer on the server)")
+        self.choose_files(page, self.file_on_disk(MARKUP_NAME, b"just text"))  # the server cleans the name
+        page.wait_for("document.querySelectorAll('.log:not([hidden]) .bubble.file').length === 2", "the new file")
+        cards = page.evaluate(FILE_CARDS)
+        self.assertEqual(cards[1][0], localchat.clean_file_name(MARKUP_NAME))
+        self.assertEqual(page.evaluate("document.querySelectorAll('.log:not([hidden]) img').length"), 0)
+        self.assertFalse(page.evaluate("window.alerted"))
+
+    def test_a_file_over_the_limit_is_refused_before_anything_is_sent(self):
+        self.start_file_server(max_file_mb=0.001, uploads_per_minute=1)  # 1048 bytes; one file a minute
+        bob = self.join("bob")
+        page = self.join_page("alice")
+        self.spy_on_frames(page)
+        page.focus("#input")
+        page.type("still here")
+        self.choose_files(page, self.file_on_disk("big.bin", b"x" * 5000))
+        page.wait_for("!!document.querySelector('.log:not([hidden]) .notice.error')", "the refusal")
+        self.assertEqual(page.evaluate("document.querySelector('.log:not([hidden]) .notice.error').textContent"),
+                         "big.bin is 4.9 KB: this chat takes files of up to 1.0 KB.")
+        self.assertEqual(page.evaluate("window.sentFrames"), [], "nothing was asked of the server")
+        self.assertEqual(page.evaluate("document.getElementById('input').value"), "still here")
+        # The server's refusals are sentences too: the second file in a minute is one too many.
+        self.choose_files(page, self.file_on_disk("one.txt", b"1"), self.file_on_disk("two.txt", b"2"))
+        frame, _ = bob.read_until(is_file_message)
+        self.assertEqual(frame["file"]["name"], "one.txt")
+        page.wait_for("!!document.querySelector('.bubble.upload.failed')", "the refused file")
+        row = page.evaluate("document.querySelector('.bubble.upload.failed').textContent")
+        self.assertIn("two.txt", row)
+        self.assertIn("Not sent: ", row)
+        self.assertIn("Try again", row)
+        self.assertEqual(page.evaluate(SMALL_TARGETS), [], "touch targets under 44 px")
+        page.screenshot("32-files-refused")
+        page.tap(".bubble.upload.failed .link-button:last-child")  # Dismiss
+        page.wait_for("state.uploads.length === 0 && !document.querySelector('.bubble.upload')", "dismissed")
+        self.assertEqual(page.evaluate("document.getElementById('input').value"), "still here")
+
+    def test_files_turned_off_hide_the_paperclip_and_send_says_so(self):
+        self.start_file_server(max_file_mb=0)
+        page = self.join_page("alice")
+        self.assertTrue(page.evaluate("document.getElementById('attach-button').hidden"))
+        page.send_line("/send")
+        page.wait_for("(e => e && e.textContent === 'This chat does not take files.')"
+                      "(document.querySelector('.log:not([hidden]) .notice.error'))", "the sentence")
+
+    def test_a_pasted_picture_and_dropped_files_are_shared_with_the_conversation_shown(self):
+        self.start_file_server()
+        bob = self.join("bob")
+        page = self.join_page("alice", metrics=WIDE)
+        picture = localchat.qr_png("pasted")
+        page.evaluate("window.picture = new Uint8Array(%s)" % json.dumps(list(picture)))
+        page.focus("#input")
+        page.type("typed before pasting")
+        page.evaluate("""(() => { const data = new DataTransfer();
+            data.items.add(new File([window.picture], 'image.png', {type: 'image/png'}));
+            document.getElementById('input').dispatchEvent(new ClipboardEvent('paste', {clipboardData: data,
+                bubbles: true, cancelable: true})); })()""")
+        frame, _ = bob.read_until(is_file_message)
+        self.assertEqual((frame["file"]["name"], frame["file"]["type"]), ("pasted-picture.png", "image/png"))
+        self.assertEqual(page.evaluate("document.getElementById('input').value"), "typed before pasting")
+        page.wait_for(PICTURES_LOADED, "the pasted picture")
+        drag = """(kind => { const data = new DataTransfer();
+            data.items.add(new File(['dropped text'], 'dropped.txt', {type: 'text/plain'}));
+            document.querySelector('.log:not([hidden])').dispatchEvent(new DragEvent(kind, {dataTransfer: data,
+                bubbles: true, cancelable: true})); })(%s)"""
+        page.evaluate(drag % js_string("dragover"))
+        self.assertTrue(page.evaluate("!document.getElementById('drop-hint').hidden"))
+        self.assertEqual(page.evaluate("document.getElementById('drop-text').textContent"), "Drop to send to #general")
+        page.screenshot("30-files-drop-hint")
+        page.evaluate(drag % js_string("drop"))
+        self.assertTrue(page.evaluate("document.getElementById('drop-hint').hidden"))
+        frame, _ = bob.read_until(is_file_message)
+        self.assertEqual((frame["room"], frame["file"]["name"]), ("general", "dropped.txt"))
+
+    def test_page_sizes_read_as_the_other_clients_write_them(self):
+        self.start_file_server()
+        page = self.page()
+        sizes = [0, 1, 900, 1023, 1024, 1280, 10240, 10752, 48213, 1048575, 3355443, 25 * 1024 ** 2, 5 * 1024 ** 4]
+        self.assertEqual(page.evaluate("%s.map(formatSize)" % json.dumps(sizes)),
+                         [localchat.file_size_text(size) for size in sizes])
+
+    def test_pictures_and_files_look_right_on_a_phone_and_a_wide_screen_light_and_dark(self):
+        self.start_file_server()
+        bob = self.join("bob")
+        page = self.join_page("alice")
+        bob.say("the plan for Friday, and the code to join")
+        self.share_as(bob, "classroom-code.png", localchat.qr_png("http://192.168.1.20:13333/"))
+        self.share_as(bob, "Friday plan (final).pdf", PDF_BYTES)
+        page.send_line("thanks! here is the photo from last week")
+        self.choose_files(page, self.file_on_disk("last-week.png", localchat.qr_png("last week", scale=6)))
+        page.wait_for("document.querySelectorAll('.log:not([hidden]) .bubble.file').length === 3", "three files")
+        page.wait_for(PICTURES_LOADED, "both pictures")
+        page.wait_for("!document.querySelector('.bubble.upload')", "the upload row gone")
+        page.wait_for("state.conversations['#general'].atEnd", "the end of the conversation in view")
+        for metrics, size in ((PHONE, "phone"), (WIDE, "wide")):
+            page.set_metrics(metrics)
+            for dark in (False, True):
+                page.set_dark(dark)
+                page.evaluate("scrollToEnd(currentConversation())")
+                page.screenshot("31-files-%s-%s" % (size, "dark" if dark else "light"))
+        self.assertEqual(page.evaluate(SMALL_TARGETS), [], "touch targets under 44 px")
 
 class WebPageTextTests(unittest.TestCase):
     """The page's text, without a browser: no way for markup in, the right paths, a valid manifest."""

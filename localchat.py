@@ -12190,10 +12190,9 @@ THUMBNAIL_MAX_BYTES = 8 * 1024 * 1024  # larger pictures get a card only: Tk dec
 THUMBNAIL_MAX_PIXELS = 3840 * 2160     # ... and so do pictures larger than a 4K screenshot
 PROGRESS_EVERY_S = 0.2      # a transfer tells the Tk thread how far it is at most this often
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Clipboard targets that mean "there is text here": then Ctrl+V pastes the text, even if
-# the program that copied also offers a picture of it (an office suite's cells do).
-TEXT_TARGETS = frozenset(("UTF8_STRING", "STRING", "TEXT", "COMPOUND_TEXT", "text/plain",
-                          "text/plain;charset=utf-8"))
+# X11 clipboard targets that mean "there is text here" (with any text/plain...): then Ctrl+V
+# pastes the text, even if the program that copied offers a picture of it too (office suites do).
+TEXT_TARGETS = frozenset(("UTF8_STRING", "STRING", "TEXT", "COMPOUND_TEXT"))
 
 # Each name keeps one colour; the two lists are the same hues, readable on white and on the dark
 # background. Ten hues far apart (no two oranges), each dark or light enough for 4.5:1 contrast.
@@ -12661,7 +12660,7 @@ class FileCard:
     def __init__(self, number, shared):
         self.number = number
         # Cleaned by the server, and again here: what is shown is what a download saves.
-        self.name = clean_file_name(shared.get("name"))
+        self.name = clean_file_name(shared.get("name") if isinstance(shared.get("name"), str) else "")
         size = shared.get("size")
         self.size = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
         self.kind = shared.get("type") if isinstance(shared.get("type"), str) else ""
@@ -12794,7 +12793,7 @@ class Conversation:
 
     def _on_log_resize(self, event):
         """Cards keep their width as the log widens: the rest of the line is their right margin."""
-        inside = event.width - 2 * int(self.log.cget("padx")) - 4
+        inside = event.width - 2 * int(self.log.cget("padx"))  # the log has no border
         self.log.tag_configure("file", rmargin=max(0, inside - FILE_CARD_WIDTH_PX))
 
     def _on_scrolled(self, first, last):
@@ -13596,7 +13595,7 @@ def _progress_reporter(events, fields):
 
     def progress(done, total):
         now = time.monotonic()
-        if now - last[0] >= PROGRESS_EVERY_S or done >= total:
+        if now - last[0] >= PROGRESS_EVERY_S or 0 < total <= done:
             last[0] = now
             events.put((None, dict(fields, done=done, total=total)))
     return progress
@@ -13650,11 +13649,13 @@ class FileSharing:
         """Return the PNG picture on the clipboard, or None (text there, nothing, or unreadable).
 
         Only X11's clipboard offers pictures to Tk: on Windows and macOS Tk reads
-        text alone, and asking for TARGETS fails, so Ctrl+V pastes text there.
+        text alone, and asking for TARGETS fails, so Ctrl+V pastes text there. As
+        for any paste in Tk, the window waits for the program that copied to answer.
         """
         try:
-            targets = set(self.root.tk.splitlist(self.root.clipboard_get(type="TARGETS")))
-            if "image/png" not in targets or targets & TEXT_TARGETS:
+            targets = self.root.tk.splitlist(self.root.clipboard_get(type="TARGETS"))
+            if "image/png" not in targets or any(target in TEXT_TARGETS or target.lower().startswith("text/plain")
+                                                 for target in targets):
                 return None
             data = clipboard_bytes(self.root.clipboard_get(type="image/png"))
         except self.tk.TclError:
@@ -13705,7 +13706,7 @@ class FileSharing:
         self._add_notice(text, tag="error", conversation=self.conversations.get(key))
 
     def _show_uploads(self):
-        """Say how far the files on their way are, beside where the typing goes."""
+        """Say how far the files on their way are, on a line above where the typing goes."""
         if not self.uploads:
             self.transfer_label.configure(text="")
             self.transfer_label.pack_forget()

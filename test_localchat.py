@@ -13022,6 +13022,23 @@ class WindowFileTests(unittest.TestCase):
         self.pump_until(lambda: "mallory" in self.log_text(alice), "the frame was not shown")
         self.assertIn("_img src=x_gpj.exe  5 bytes\nDownload", self.log_text(alice))
 
+    def test_clipboard_bytes_reads_what_tk_hands_over_for_a_picture(self):
+        png = localchat.qr_png("clipboard")
+        self.assertEqual(localchat.clipboard_bytes(" ".join("0x%x" % byte for byte in png)), png)  # Tk 8.6, X11
+        self.assertEqual(localchat.clipboard_bytes(png.decode("latin-1")), png)  # one character a byte
+        self.assertEqual(localchat.clipboard_bytes(png), png)
+        self.assertIsNone(localchat.clipboard_bytes("0xzz 0x1"))
+        self.assertIsNone(localchat.clipboard_bytes("text \u20ac"))
+
+    def test_thumbnails_fit_the_box_by_whole_steps(self):
+        for size, step in (((240, 180), 1), ((100, 50), 1), ((264, 264), 2), ((1920, 1080), 8), ((241, 10), 2),
+                           ((10, 181), 2), ((3840, 2160), 16)):
+            with self.subTest(size=size):
+                self.assertEqual(localchat.thumbnail_step(*size), step)
+        self.assertEqual(localchat.picture_size(localchat.qr_png("x", scale=1)), (29, 29))
+        self.assertEqual(localchat.picture_size(b"GIF89a\x40\x01\xc8\x00rest"), (320, 200))
+        self.assertIsNone(localchat.picture_size(b"\xff\xd8\xff\xe0 a JPEG"))
+
     def test_ctrl_v_shares_a_picture_on_the_clipboard_and_pastes_text_as_before(self):
         import ctypes.util
         if sys.platform != "linux" or ctypes.util.find_library("X11") is None:

@@ -11750,7 +11750,7 @@ class ChatConnection:
         while True:
             text, final = self._read_until_closed()
             self._synced.clear()
-            if final or self._closing.is_set() or not self.reconnect:
+            if final or self.closed or not self.reconnect:  # closed: close() began, nothing to come back to
                 break
             text, final = self._reconnect(text)
             if final:

@@ -536,6 +536,9 @@ def _parse_invite(argument, where):
 
 def _parse_send(argument, where):
     path = argument.strip()
+    if path.startswith("@") and " " in path:  # /send @bob notes.pdf: to one person, wherever one types
+        name, _, path = path.partition(" ")
+        where, path = {"to": name[1:]}, path.strip()
     if len(path) > 1 and path[0] == path[-1] and path[0] in "'\"":  # a dropped or copied path may come quoted
         path = path[1:-1]
     return ("send_file", dict(where, path=path)) if path else None
@@ -576,7 +579,8 @@ COMMANDS = (
     Command(("leave", "part"), "/leave [ROOM]", "leave a room (the current one)", "everybody", _parse_leave),
     Command(("msg",), "/msg NAME TEXT", "a direct message that only NAME sees", "everybody", _parse_msg),
     Command(("me",), "/me ACTION", "say what you do, shown as: * alice waves", "everybody", _parse_me),
-    Command(("send",), "/send PATH", "share a file with the room (or the person)", "everybody", _parse_send),
+    Command(("send",), "/send [@NAME] PATH", "share a file with the room (or the person, or NAME)", "everybody",
+            _parse_send),
     Command(("nick",), "/nick NEWNAME", "change your name", "everybody", _parse_nick),
     Command(("invite",), "/invite NAME [ROOM]", "ask somebody into a room (the current one)", "everybody",
             _parse_invite),
@@ -5535,9 +5539,10 @@ var COMMANDS = [
    parse: function (argument, where) {
      return argument ? sayHere(where, {text: argument, action: true}) : null;
    }},
-  {names: ["send"], usage: "/send PATH", help: "share a file with the room (or the person)", who: "everybody",
+  {names: ["send"], usage: "/send [@NAME] PATH", help: "share a file with the room (or the person, or NAME)", who: "everybody",
    parse: function (argument) {
-     return {pick: true, path: argument};  // a page cannot open a file by its path: the picker asks
+     var to = /^@(\S+)(\s|$)/.exec(argument);  // /send @bob: bob's conversation, then the picker
+     return {pick: true, to: to ? to[1] : null, path: to ? argument.slice(to[0].length).trim() : argument};
    }},
   {names: ["nick"], usage: "/nick NEWNAME", help: "change your name", who: "everybody",
    parse: function (argument) {
@@ -6579,7 +6584,7 @@ function carryOut(result, conv) {
     state.roomsAsked++;
     post({type: "rooms"});
   } else if (result.pick) {
-    pickFiles(conv, result.path);
+    pickFiles(result.to ? openDirect(result.to) : conv, result.path);
   } else if (result.help) {
     addNotice(conv, helpText(), "help");
   } else if (result.quit) {
@@ -11418,16 +11423,25 @@ def downloads_folder():
     return folder if folder.is_dir() else Path.home()
 
 
-def open_with_system(path):
-    """Open a file with the application the system has for it; return a sentence if that failed, else None."""
+def open_with_system(path, on_failure=None):
+    """Open a file with the application the system has for it; return a sentence if that failed, else None.
+
+    On Linux and macOS the opener runs on: a thread waits for it (so no zombie is left)
+    and, if it says it failed, calls on_failure(sentence) from that thread.
+    """
     try:
         if sys.platform == "win32":
             os.startfile(str(path))  # pylint: disable=no-member  (Windows only)
-        else:
-            subprocess.Popen(["open" if sys.platform == "darwin" else "xdg-open", str(path)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return None
+        opener = subprocess.Popen(["open" if sys.platform == "darwin" else "xdg-open", str(path)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError as error:
-        return "Cannot open %s: %s" % (path, error.strerror or error)
+        return "Cannot open %s: %s." % (path, error.strerror or error)
+
+    def wait():
+        if opener.wait() != 0 and on_failure is not None:
+            on_failure("This computer has no application that opens %s; it is saved in %s." % (Path(path).name, Path(path).parent))
+    threading.Thread(target=wait, name="opener", daemon=True).start()
     return None
 
 
@@ -11827,29 +11841,41 @@ class ChatConnection:
         certificate this connection checked), and returns the file's address once it is
         announced. progress(sent, total) is called as the bytes go. Raises UserError.
         """
-        path = Path(path).expanduser()
+        path = self.check_file(path)
         try:
             source = open(str(path), "rb")
             size = os.fstat(source.fileno()).st_size
         except OSError as error:
             raise UserError("Cannot read %s: %s." % (path, error.strerror or error)) from None
         with source:
-            if path.is_dir():
-                raise UserError("%s is a folder; share the files in it one by one." % path)
             return self._share(source, size, path.name, room, to, progress)
+
+    def check_file(self, path):
+        """Return path as a Path if it is a file this chat may take; else raise UserError with why not."""
+        path = Path(path).expanduser()
+        try:
+            size = path.stat().st_size
+        except OSError as error:
+            raise UserError("Cannot read %s: %s." % (path, error.strerror or error)) from None
+        if path.is_dir():
+            raise UserError("%s is a folder: share the files in it one by one." % path)
+        self._check_size(path.name, size)
+        return path
 
     def share_bytes(self, data, name, room=None, to=None, progress=None):
         """Share bytes held in memory (a pasted picture) as a file called name; see share_file()."""
         return self._share(io.BytesIO(data), len(data), name, room, to, progress)
 
-    def _share(self, source, size, name, room, to, progress):
-        limits = (self.welcome or {}).get("limits") or {}
-        limit = limits.get("max_file_bytes")
+    def _check_size(self, name, size):
+        limit = ((self.welcome or {}).get("limits") or {}).get("max_file_bytes")
         if limit == 0:
             raise UserError("This chat's server does not take files.")
         if isinstance(limit, int) and size > limit:
             raise UserError("%s is %s; this chat takes files of up to %s." % (
                 clean_file_name(name), file_size_text(size), file_size_text(limit)))
+
+    def _share(self, source, size, name, room, to, progress):
+        self._check_size(name, size)
         ref = "f" + secrets.token_hex(6)
         request = {"type": "upload", "name": name, "size": size, "ref": ref}
         request.update({"to": to} if to is not None else {"room": room or GENERAL_ROOM})
@@ -13618,9 +13644,11 @@ class FileSharing:
         conversation = self.conversations.get(self.current)
         where = conversation.where if conversation else {"room": GENERAL_ROOM}
         label = room_label(where["room"]) if "room" in where else where["to"]
-        chosen = filedialog.askopenfilenames(parent=self.root, title="Send files to %s" % label)
-        for path in self.root.tk.splitlist(chosen) if isinstance(chosen, str) else chosen or ():
-            self._send_file(path, where)
+        # One file: a dialog for several reads a typed name as a Tcl list, so "screen shot.png"
+        # would be two names, and a clicked one shows in braces.
+        chosen = filedialog.askopenfilename(parent=self.root, title="Send a file to %s" % label)
+        if chosen:
+            self._send_file(chosen, where)
         self.input.focus_set()
 
     def _send_file(self, path, where):
@@ -13730,7 +13758,9 @@ class FileSharing:
     def _on_file_action(self, conversation, card, action):
         """A card's Download (again), Try again or Open was clicked."""
         if action == "open":
-            problem = open_with_system(card.saved)
+            events, key = self.events, conversation.key
+            problem = open_with_system(card.saved, lambda sentence: events.put(
+                (None, {"type": "open_failed", "key": key, "text": sentence})))
             if problem:
                 self._add_notice(problem, tag="error", conversation=conversation)
             return
@@ -13760,6 +13790,10 @@ class FileSharing:
         conversation = self.conversations.get(frame["key"])
         card = conversation.cards.get(frame["number"]) if conversation is not None else None
         return (conversation, card) if card is not None else (None, None)
+
+    def _on_frame_open_failed(self, frame):
+        conversation = self.conversations.get(frame["key"])
+        self._add_notice(frame["text"], tag="error", conversation=conversation)
 
     def _on_frame_download_progress(self, frame):
         conversation, card = self._card_of(frame)
@@ -15192,7 +15226,11 @@ class TerminalClient:
 
     def _send_file(self, value):
         """Share a file on a thread of its own; the main loop hears how it ended ("shared")."""
-        path = Path(value.pop("path")).expanduser()
+        try:
+            path = self.connection.check_file(value.pop("path"))
+        except UserError as error:
+            self._print(clock(), "! %s" % error)
+            return
         self._next_ref += 1
         token = "file-%d" % self._next_ref
         self._pending.add(token)  # input that ends now waits for the file before saying bye
@@ -15321,8 +15359,10 @@ def run_send_file(args):
                                 fingerprint=args.fingerprint, trust=trust)
     if args.room:
         connection.rooms = [args.room]  # joined with the hello
+    connection.check_file(args.send_file)  # before anybody sees us come and go
     try:
         connection.connect()
+        connection.check_file(args.send_file)  # now with the server's limit
         connection.start()
         url = connection.share_file(args.send_file, room=args.room, to=args.to)
     except UntrustedCertificate as error:

@@ -725,7 +725,8 @@ class CommandTableTests(unittest.TestCase):
         ("chat", "/me", GAMES, ("error", "Usage: /me ACTION")),
         ("chat", "/send ~/My Files/a b.pdf", GAMES, ("send_file", {"room": "games", "path": "~/My Files/a b.pdf"})),
         ("chat", "/send '/tmp/x y.png'", BOB, ("send_file", {"to": "bob", "path": "/tmp/x y.png"})),
-        ("chat", "/send", GAMES, ("error", "Usage: /send PATH")),
+        ("chat", "/send", GAMES, ("error", "Usage: /send [@NAME] PATH")),
+        ("chat", "/send @carol ~/a b.pdf", GAMES, ("send_file", {"to": "carol", "path": "~/a b.pdf"})),
         ("chat", "/nick alicia too", GAMES, ("send", {"type": "nick", "name": "alicia"})),
         ("chat", "/nick", GAMES, ("error", "Usage: /nick NEWNAME")),
         ("chat", "/users", BOB, ("send", {"type": "users"})),
@@ -11365,9 +11366,12 @@ class FileCliTests(ProcessFixture, unittest.TestCase):
                                            stdin=subprocess.PIPE)
         reader_out.wait_for(r"You are in #general", PROCESS_TIMEOUT_S)
         result = self.run_client("alice", "--cli", "--server", "127.0.0.1:%d" % port,
-                                 input_text='/send "%s"\n/send %s\n' % (picture, Path(self.folder) / "nope.txt"))
+                                 input_text='/send "%s"\n/send %s\n/send @bob %s\n' % (
+                                     picture, Path(self.folder) / "nope.txt", picture))
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertRegex(result.stdout, r"! Cannot read .*nope\.txt")
+        self.assertNotIn("Sending nope.txt", result.stdout)  # a file that cannot go is not said to go
+        self.assertRegex(result.stdout, r"\[alice -> bob\] shared a file: screen shot\.png")
         line = reader_out.wait_for(r"<alice> shared a file: screen shot\.png \(\d+ bytes\) (http://\S+)$",
                                    PROCESS_TIMEOUT_S)
         self.assertEqual(self.fetch(line.group(1)), picture.read_bytes())
@@ -12892,7 +12896,10 @@ class WindowFileTests(unittest.TestCase):
         self.assertEqual((self.downloads / "report.pdf").read_bytes(), data, "the first copy is untouched")
         with mock.patch.object(localchat, "open_with_system", return_value=None) as opened:
             self.click_action(alice, card, "Open")
-        opened.assert_called_once_with(self.downloads / "report (1).pdf")
+        opened.assert_called_once()
+        self.assertEqual(opened.call_args[0][0], self.downloads / "report (1).pdf")
+        opened.call_args[0][1]("This computer has no application that opens report (1).pdf.")  # as its thread does
+        self.pump_until(lambda: "no application that opens" in self.log_text(alice), "an opener's failure unsaid")
 
     def test_the_send_file_button_sends_what_the_dialog_chose_and_shows_progress(self):
         data = os.urandom(900 * 1024)
@@ -12900,11 +12907,11 @@ class WindowFileTests(unittest.TestCase):
         alice = self.open_window("alice")
         peer, events = self.add_peer("bob")
         alice.input.insert("end", "a draft")
-        with mock.patch("tkinter.filedialog.askopenfilenames", return_value=(str(path),)) as dialog:
+        with mock.patch("tkinter.filedialog.askopenfilename", return_value=str(path)) as dialog:
             alice.file_button.invoke()
             self.assertEqual(alice.transfer_label.cget("text"), "Sending big.bin\u2026")
             self.assertTrue(alice.transfer_label.winfo_manager(), "the progress is shown")
-        self.assertEqual(dialog.call_args[1]["title"], "Send files to #general")
+        self.assertEqual(dialog.call_args[1]["title"], "Send a file to #general")
         frame = self.wait_frame(events, lambda f: f["type"] == "message" and "file" in f)
         self.assertEqual((frame["from"], frame["room"], frame["file"]["name"], frame["file"]["size"]),
                          ("alice", "general", "big.bin", len(data)))
@@ -12914,7 +12921,7 @@ class WindowFileTests(unittest.TestCase):
         self.assertEqual(alice.input_box.get(), "a draft", "the draft is left alone")
         # In a direct conversation a file goes to that person alone.
         alice._show_conversation(alice._open_conversation("direct", "bob").key)
-        with mock.patch("tkinter.filedialog.askopenfilenames", return_value=(str(path),)):
+        with mock.patch("tkinter.filedialog.askopenfilename", return_value=str(path)):
             alice.file_button.invoke()
         frame = self.wait_frame(events, lambda f: f["type"] == "message" and "file" in f)
         self.assertEqual((frame["to"], frame["file"]["name"]), ("bob", "big.bin"))
@@ -12980,7 +12987,7 @@ class WindowFileTests(unittest.TestCase):
         self.assertIn("huge.bin is 1.0 MB; this chat takes files of up to 1.0 MB.", self.log_text(alice))
         self.assertEqual(alice.transfer_label.cget("text"), "")
         self.type_and_press(alice, "/help")
-        self.assertIn("/send PATH", self.log_text(alice))
+        self.assertIn("/send [@NAME] PATH", self.log_text(alice))
 
     def test_an_expired_file_shows_as_expired(self):
         self.server.hub.files.total_bytes = 200 * 1024  # two files of 150 KB: the first expires

@@ -5686,6 +5686,7 @@ function buildConversation(conv) {
   conv.log.setAttribute("aria-live", "polite");
   conv.older = el("button", "older", "Show earlier messages");
   conv.older.type = "button";
+  conv.older.hidden = conv.kind === "room";  // as in the window: a room with no history has nothing earlier
   conv.older.addEventListener("click", function () {
     requestOlder(conv);
   });
@@ -7315,6 +7316,9 @@ var ON_FRAME = {
         conv.unreadFrom = frame.id;
       }
     }
+    if (frame.replay) {
+      conv.older.hidden = false;  // history came: there may be more of it
+    }
     addMessage(conv, frame, mention);
     if (own && fileOf(frame)) {
       settleUpload(frame);
@@ -7456,6 +7460,7 @@ var ON_FRAME = {
     }
     conv.loading = false;
     conv.more = !!frame.more;
+    conv.older.hidden = false;
     conv.older.disabled = !conv.more;
     conv.older.textContent = conv.more ? "Show earlier messages" :
       conv.kind === "room" ? "The beginning of #" + conv.name : "The beginning of your conversation with " + conv.name;

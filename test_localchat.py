@@ -13754,6 +13754,9 @@ class WebPageTests(BrowserFixture, ServerFixture, unittest.TestCase):
         page.screenshot("15-earlier-messages-and-a-new-one")
         page.tap("#jump")
         page.wait_for("document.getElementById('jump').hidden && state.conversations['#general'].atEnd", "the end")
+        page.send_line("/join empty")  # a new room: nothing earlier, so nothing offers it
+        page.wait_for("state.current === '#empty'", "the switch to #empty")
+        self.assertTrue(page.evaluate("document.querySelector('.log:not([hidden]) .older').hidden"))
 
     def test_muted_kicked_and_banned_are_told_in_a_sentence(self):
         self.start_server()

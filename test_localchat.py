@@ -4288,6 +4288,24 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         self.assertEqual(status, 400)
         self.assertEqual(self.kept(), [])
 
+    def test_a_content_length_that_is_no_plain_number_is_refused_and_nothing_is_kept(self):
+        # Bug: "²" (a Latin-1 digit) and 5,000 nines passed isdigit() and then int() raised: an internal error.
+        self.start_file_server()
+        alice = self.join("alice")
+        for length, status in (("-1", 411), ("+5", 411), ("1e3", 411), ("\xb2", 411), ("5, 6", 411),
+                               ("9" * 5000, 400), ("0" * 30 + "5", 201), (" 5 ", 201)):
+            with self.subTest(length=length[:12]):
+                ready = self.ask(alice, "a.txt", 5)
+                head = "PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n" % (ready["url"], length)
+                connection = self.http()
+                connection.sock.sendall(head.encode("latin-1") + b"abcde")
+                self.assertEqual(connection.response()[0], status)
+                self.assertTrue(connection.at_eof())
+                if status != 201:
+                    self.assertEqual(self.kept(), [])
+                alice.send({"type": "ping", "token": "t"})
+                alice.read_until(is_kind("pong"))  # the message of the one that went through, if any
+
     def test_files_can_be_turned_off(self):
         self.start_file_server(max_file_mb=0)
         alice = self.join("alice")

@@ -9307,8 +9307,7 @@ class WebDoor(Door):
             hub.files.keep(body.file_id, upload.name, kind, upload.size)
         except OSError as error:
             log.error("files: cannot keep a file: %s", error)
-            body.handle.close()
-            hub.files.forget(body.file_id)
+            self._discard(body)
             return self._refuse(507, "The server could not store the file: its disk may be full.")
         try:
             event = hub.share_file(upload, body.file_id, kind)
@@ -9365,9 +9364,20 @@ class WebDoor(Door):
 
     def close(self):
         if self.body is not None:  # an upload cut short: nothing of it is kept
-            self.body.handle.close()
-            self.session.hub.files.forget(self.body.file_id)
-            self.body = None
+            body, self.body = self.body, None
+            self._discard(body)
+
+    def _discard(self, body):
+        """Close an arriving file and remove it: nothing of it is kept.
+
+        On a full disk close() fails again, flushing what the buffer held; it closes the
+        descriptor all the same.
+        """
+        try:
+            body.handle.close()
+        except OSError:
+            pass
+        self.session.hub.files.forget(body.file_id)
 
     # -- WebSocket -----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import codecs
 import collections
 import contextlib
 import datetime
+import errno
 import gc
 import gzip
 import hashlib
@@ -4089,6 +4090,35 @@ def file_name_of(frame):
     return (frame.get("file") or {}).get("name")
 
 
+@contextlib.contextmanager
+def full_disk_after(room_bytes):
+    """Make the server's disk full for files arriving meanwhile: writes past room_bytes fail with ENOSPC.
+
+    The failing file sits under a BufferedWriter, as the real one does, so bytes held in the
+    buffer fail again at flush() and at close().
+    """
+    class FullFile(io.FileIO):
+        written = 0
+
+        def write(self, data):
+            if self.written + len(data) > room_bytes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return super().write(data)
+
+    real_open_part = localchat.FileStore.open_part
+
+    def open_part(store, file_id):
+        handle = real_open_part(store, file_id)
+        raw = handle.detach()
+        try:
+            return io.BufferedWriter(FullFile(os.dup(raw.fileno()), "wb"))
+        finally:
+            raw.close()
+    with mock.patch.object(localchat.FileStore, "open_part", open_part):
+        yield
+
+
 class FileNameTests(unittest.TestCase):
     """What clean_file_name, file_type and file_size_text make of what people upload."""
 
@@ -4374,6 +4404,22 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         while self.kept() and time.monotonic() < deadline:
             select.select([], [], [], 0.01)
         self.assertEqual(self.kept(), [])
+
+    def test_a_disk_that_fills_up_gets_507_and_leaves_nothing(self):
+        # Bug: a full disk seen at the flush before fsync made close() fail again inside the except
+        # clause: an internal error, and the .part file stayed until the server restarted.
+        self.start_file_server()
+        alice, bob = self.join("alice"), self.join("bob")
+        for size, room_left in ((100, 50), (300000, 100000)):  # full at the end (all buffered), or half-way
+            with self.subTest(size=size), full_disk_after(room_left):
+                ready = self.ask(alice, "big.bin", size)
+                status, _, body = self.put(ready["url"], b"x" * size)
+                self.assertEqual(status, 507, body)
+                self.assertEqual(self.kept(), [])
+        bob.send({"type": "ping", "token": "t"})
+        _, before = bob.read_until(is_kind("pong"))
+        self.assertFalse([frame for frame in before if is_message(frame)])
+        self.share(alice, "fine.txt", b"room again")
 
     def test_a_sender_gone_before_the_bytes_came_shares_nothing(self):
         self.start_file_server()

@@ -4008,17 +4008,18 @@ class Transport:
         """Return the bytes all outboxes owe now (any thread; no lock: each count has one writer)."""
         return sum(writer.queued_bytes - writer.done_bytes for writer in self.writers)
 
-    def wait_for_room(self, give_up):
+    def wait_for_room(self, give_up, share=1.0):
         """Block while the outboxes owe more than the budget. Runs on a reader thread.
 
-        Returns once they owe less than resume_at, or when give_up() is true.
+        Returns once they owe less than resume_at, or when give_up() is true. A `share`
+        below 1 waits at that share of both (downloads: what is left is the chat's).
         """
-        if self.owed() <= self.budget:
+        if self.owed() <= self.budget * share:
             return
         with self._room:
             self._waiting += 1
             try:
-                while self.owed() > self.resume_at and not give_up():
+                while self.owed() > self.resume_at * share and not give_up():
                     self._room.wait(0.25)
             finally:
                 self._waiting -= 1
@@ -9017,6 +9018,8 @@ HTTP_BODY_IDLE_S = 30.0          # an upload whose bytes stop coming this long i
 FILE_CHUNK_BYTES = 128 * 1024    # a download is read and queued this much at a time ...
 FILE_AHEAD_BYTES = 1024 * 1024   # ... while its connection owes less than this
 FILE_WAIT_S = 0.01               # how often a download waiting for its connection looks again
+FILE_BUDGET_SHARE = 0.5          # downloads queue only while all outboxes owe less than this share of
+                                 # the send budget: stuck downloads never leave the chat's readers waiting
 FILE_SECURITY_HEADERS = (        # a shared file is never a page of the chat's origin: no script, no frame
     ("Content-Security-Policy", "default-src 'none'; sandbox"),
     ("X-Content-Type-Options", "nosniff"),
@@ -9350,7 +9353,7 @@ class WebDoor(Door):
                 if self.session._gone():
                     return False
                 time.sleep(FILE_WAIT_S)  # the writer sends; a stuck reader is dropped as too slow
-            transport.wait_for_room(self.session._gone)
+            transport.wait_for_room(self.session._gone, FILE_BUDGET_SHARE)
             if self.session._gone():
                 return False
             try:

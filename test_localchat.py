@@ -4421,6 +4421,44 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         self.assertFalse([frame for frame in before if is_message(frame)])
         self.share(alice, "fine.txt", b"room again")
 
+    def stuck_downloads(self, url, count):
+        """Start count downloads of url that read the response head and then nothing more."""
+        stuck = []
+        for _ in range(count):
+            client = self.connect(rcvbuf=SMALL_RCVBUF)
+            client.send_raw(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % url).encode())
+            stuck.append(client)
+        for client in stuck:
+            self.assertEqual(read_http_head(client.sock, bytearray())[0], 200)
+        return stuck
+
+    def owed_reaches(self, most, within_s):
+        """Return the most the server's outboxes owed, watched until that passes `most` or within_s is over."""
+        deadline, seen = time.monotonic() + within_s, 0
+        while seen <= most and time.monotonic() < deadline:
+            seen = max(seen, self.server.transport.owed())
+            select.select([], [], [], 0.005)
+        return seen
+
+    def test_downloads_that_are_not_read_leave_the_chat_its_send_budget(self):
+        # Bug: each stuck download owed up to FILE_AHEAD_BYTES, counted in the one budget of every
+        # outbox; 64 of them (one address's quota) took it all, and until they were dropped as too slow
+        # no reader read a frame: the chat stood still for everybody for slow_reader_s.
+        budget = 8 * 1024 * 1024
+        limits = localchat.Limits(slow_reader_s=60.0)
+        files = localchat.FileStore(self.folder / "files", limits.files_bytes)
+        self.start_server(hub=localchat.ChatHub(limits=limits, files=files), queue_budget=budget)
+        alice, bob = self.join("alice"), self.join("bob")
+        answer = self.share(alice, "big.bin", os.urandom(8 * 1024 * 1024))
+        bob.read_until(is_message)
+        self.stuck_downloads(answer["url"], 12)  # beyond what the kernel takes, they would owe 13 MiB
+        self.assertGreater(self.owed_reaches(budget // 2, READ_TIMEOUT_S), budget // 2)
+        # They stop at half the budget, a chunk each past it at most: a quarter stays free
+        self.assertLess(self.owed_reaches(budget * 3 // 4, 1.0), budget * 3 // 4)
+        alice.say("still here")
+        frame, _ = bob.read_until(is_message, timeout=2.0)
+        self.assertEqual(frame["text"], "still here")
+
     def test_a_sender_gone_before_the_bytes_came_shares_nothing(self):
         self.start_file_server()
         alice, bob = self.join("alice"), self.join("bob")

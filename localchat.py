@@ -3611,7 +3611,7 @@ class Outbox:
     __slots__ = (
         "sock", "writer", "encrypt", "encode", "chunks", "queued", "closing", "hangup", "failed",
         "drained", "taken", "taken_bytes", "unsent", "unsent_plain", "marks", "taken_total", "sent_total",
-        "fresh_at", "watch", "pushed",
+        "fresh_at", "watch", "pushed", "paced",
     )
 
     def __init__(self, sock, writer, encrypt=None):
@@ -3637,6 +3637,7 @@ class Outbox:
         self.taken_total = self.sent_total = 0
         self.watch = None  # None, "selector" or "overflow": how the writer waits for the socket
         self.pushed = 0  # bytes queued by push_locked (not by deliver_locked): see owed_pushed()
+        self.paced = None  # (bytes, Event) while a download waits for its owed bytes to fall that low
 
     def deliver_locked(self, event):
         """Queue an event, encoded by the connection's door. Called by the hub with its lock held.
@@ -3670,6 +3671,19 @@ class Outbox:
         """Return the bytes queued by push_locked and not sent yet, on a connection the hub delivers
         nothing to (an HTTP one): how far ahead of its reader a download may run. Any thread."""
         return self.pushed - self.sent_total
+
+    def wait_for_sent(self, most, timeout):
+        """Block until owed_pushed() is at most `most`, the connection ends, or timeout passes.
+
+        Runs on the connection's own thread (a download); the writer thread wakes it
+        (see SocketWriter._credit), so a connection that reads slowly costs no polling.
+        """
+        if self.paced is None or self.paced[0] != most:
+            self.paced = (most, threading.Event())  # only connections that download make one
+        event = self.paced[1]
+        event.clear()
+        if self.owed_pushed() > most:  # looked at after clear(): the writer's set() from now on is not lost
+            event.wait(timeout)
 
     def put(self, data):
         """Queue bytes for sending from a thread that does not hold the hub's lock."""
@@ -3891,6 +3905,8 @@ class SocketWriter:
         marks = box.marks
         while marks and marks[0][0] <= box.sent_total:
             marks.pop(0)
+        if box.paced is not None and box.pushed - box.sent_total <= box.paced[0]:
+            box.paced[1].set()  # a download may queue its next piece
 
     def _close(self, box):
         """Done with box: close the writer's socket; on failure or hang-up wake the session's reader."""
@@ -3907,6 +3923,8 @@ class SocketWriter:
                 pass
         box.sock.close()
         box.drained.set()
+        if box.paced is not None:
+            box.paced[1].set()  # a download waiting for room: the connection is over
 
     # -- waiting for sockets ----------------------------------------------------------
 
@@ -9017,7 +9035,8 @@ WS_ECHO_TIMEOUT_S = 120.0        # /ws/echo (--diagnostics only) may stay this l
 HTTP_BODY_IDLE_S = 30.0          # an upload whose bytes stop coming this long is cut off (and forgotten)
 FILE_CHUNK_BYTES = 128 * 1024    # a download is read and queued this much at a time ...
 FILE_AHEAD_BYTES = 1024 * 1024   # ... while its connection owes less than this
-FILE_WAIT_S = 0.01               # how often a download waiting for its connection looks again
+FILE_WAIT_S = 0.25               # how often a download waiting for its connection looks again, if the
+                                 # writer has not woken it (the server stops: it checks _gone())
 FILE_BUDGET_SHARE = 0.5          # downloads queue only while all outboxes owe less than this share of
                                  # the send budget: stuck downloads never leave the chat's readers waiting
 FILE_SECURITY_HEADERS = (        # a shared file is never a page of the chat's origin: no script, no frame
@@ -9352,7 +9371,7 @@ class WebDoor(Door):
             while outbox.owed_pushed() > FILE_AHEAD_BYTES:
                 if self.session._gone():
                     return False
-                time.sleep(FILE_WAIT_S)  # the writer sends; a stuck reader is dropped as too slow
+                outbox.wait_for_sent(FILE_AHEAD_BYTES, FILE_WAIT_S)  # a stuck reader is dropped as too slow
             transport.wait_for_room(self.session._gone, FILE_BUDGET_SHARE)
             if self.session._gone():
                 return False

@@ -4459,6 +4459,42 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         frame, _ = bob.read_until(is_message, timeout=2.0)
         self.assertEqual(frame["text"], "still here")
 
+    def test_a_download_read_in_small_sips_is_paced_by_the_writer_not_by_polling(self):
+        # The download's thread sleeps until the writer has sent enough: with its fallback look made
+        # 60 s long, a 4 MB file read a little at a time still arrives whole, at once.
+        self.start_file_server()
+        alice = self.join("alice")
+        data = os.urandom(4 * 1024 * 1024)
+        answer = self.share(alice, "big.bin", data)
+        with mock.patch.object(localchat, "FILE_WAIT_S", 60.0):
+            reader = self.connect(rcvbuf=SMALL_RCVBUF)
+            reader.send_raw(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % answer["url"]).encode())
+            received = bytearray()
+            self.assertEqual(read_http_head(reader.sock, received)[0], 200)
+            deadline = time.monotonic() + READ_TIMEOUT_S
+            while len(received) < len(data) and time.monotonic() < deadline:
+                reader.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    chunk = reader.sock.recv(16 * 1024)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+        self.assertEqual(len(received), len(data))
+        self.assertEqual(bytes(received), data)
+
+    def test_the_server_stops_at_once_while_a_download_waits_for_its_reader(self):
+        self.start_file_server()
+        alice = self.join("alice")
+        answer = self.share(alice, "big.bin", os.urandom(8 * 1024 * 1024))
+        with mock.patch.object(localchat, "FILE_WAIT_S", 60.0):
+            self.stuck_downloads(answer["url"], 2)
+            self.owed_reaches(localchat.FILE_AHEAD_BYTES, READ_TIMEOUT_S)  # they wait for their readers
+            started = time.monotonic()
+            self.server.stop()
+        self.assertLess(time.monotonic() - started, SHUTDOWN_LIMIT_S)
+
     def test_a_sender_gone_before_the_bytes_came_shares_nothing(self):
         self.start_file_server()
         alice, bob = self.join("alice"), self.join("bob")

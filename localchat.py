@@ -4001,7 +4001,8 @@ class Transport:
         self.slow_s = slow_s
         self.select_limit = select_limit
         self._room = threading.Condition(threading.Lock())
-        self._waiting = 0  # readers waiting for the budget (changed under _room)
+        self._shares = []  # the share of the budget each reader waiting for it waits for (changed under _room)
+        self._wake_at = 0  # progress() wakes them once the outboxes owe this little: then some may go on
         # Sending is mostly system calls, which run without the GIL: one writer per
         # core sends to different sockets at the same time.
         self.writers = [SocketWriter(self, "writer-%d" % number) for number in range(writers)]
@@ -4035,16 +4036,21 @@ class Transport:
         if self.owed() <= self.budget * share:
             return
         with self._room:
-            self._waiting += 1
+            self._shares.append(share)
+            self._wake_at = self.resume_at * max(self._shares)
             try:
                 while self.owed() > self.resume_at * share and not give_up():
                     self._room.wait(0.25)
             finally:
-                self._waiting -= 1
+                self._shares.remove(share)
+                self._wake_at = self.resume_at * max(self._shares, default=0)
 
     def progress(self):
-        """Wake the waiting readers if the budget has room again. Runs on a writer thread."""
-        if self._waiting and self.owed() <= self.resume_at:
+        """Wake the waiting readers if the budget has room again for some of them. Runs on a writer thread.
+
+        Not before: downloads parked at a share of it would wake on every round of the writer.
+        """
+        if self._shares and self.owed() <= self._wake_at:
             with self._room:
                 self._room.notify_all()
 

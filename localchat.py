@@ -1137,7 +1137,8 @@ class _Holding:
 class Upload(NamedTuple):
     """A file somebody asked to share, waiting for its bytes at a one-time address."""
 
-    seat: object  # the sender's Seat: the file is announced only if it is still theirs
+    user: object  # the sender's User: the file is announced if they are still here (renamed or
+                  # reconnected meanwhile: the upload is a connection of its own)
     name: str     # cleaned
     size: int
     room: object  # the room's name, or None for a direct message
@@ -1619,7 +1620,7 @@ class ChatHub:
             now = time.monotonic()
             self._uploads = {token: upload for token, upload in self._uploads.items() if upload.until > now}
             token = secrets.token_urlsafe(FILE_ID_BYTES)
-            self._uploads[token] = Upload(seat, name, size, room, to, ref, now + UPLOAD_WAIT_S)
+            self._uploads[token] = Upload(user, name, size, room, to, ref, now + UPLOAD_WAIT_S)
         fields = {"type": "upload_ready", "url": "/upload/" + token, "expires_s": UPLOAD_WAIT_S}
         if ref is not None:
             fields["ref"] = ref
@@ -1640,9 +1641,9 @@ class ChatHub:
         url = "/files/%s/%s" % (file_id, urllib.parse.quote(upload.name))
         shared = {"name": upload.name, "size": upload.size, "type": kind, "url": url}
         text = "%s (%s) %s%s" % (upload.name, file_size_text(upload.size), self.web_base, url)
+        user = upload.user
         with self.lock:
-            user = self._seated(upload.seat)
-            if user is None:
+            if self._users.get(user.key) is not user:
                 raise ProtocolError("gone", "You left the chat before the file had come; it was not shared.")
             return self._post_locked(user, text, {"file": shared}, upload.ref, upload.room, upload.to)
 
@@ -9346,7 +9347,7 @@ class WebDoor(Door):
         if event.withdrawn:
             hub.files.forget(body.file_id)
             return self._refuse(507, "The server could not store the message for the file; it was not shared.")
-        log.info("%s shared %s (%s)", upload.seat.name, printable(upload.name, 60), file_size_text(upload.size))
+        log.info("%s shared %s (%s)", upload.user.name, printable(upload.name, 60), file_size_text(upload.size))
         answer = encode_frame({"id": event.fields["id"], "url": event.fields["file"]["url"]})
         return self._answer(body.request, 201, answer, content_type="application/json", close=True)
 

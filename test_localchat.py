@@ -4494,6 +4494,45 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
             self.server.stop()
         self.assertLess(time.monotonic() - started, SHUTDOWN_LIMIT_S)
 
+    def test_a_file_comes_from_its_sender_as_named_now_even_after_a_reconnect(self):
+        # Bug: the upload was bound to the connection that asked for it, so a sender whose chat
+        # connection dropped and resumed while the bytes went (a phone's Wi-Fi) got 409 "You left the chat".
+        self.start_file_server()
+        alice, bob = self.join("alice", identity="alice-id"), self.join("bob")
+        ready = self.ask(alice, "renamed.txt", 2)
+        alice.send({"type": "nick", "name": "alice2"})
+        bob.read_until(is_kind("renamed"))
+        self.assertEqual(self.put(ready["url"], b"hi")[0], 201)
+        frame, _ = bob.read_until(is_message)
+        self.assertEqual((frame["from"], file_name_of(frame)), ("alice2", "renamed.txt"))
+        ready = self.ask(alice, "resumed.txt", 2)
+        again = self.join("alice2", identity="alice-id", resume=alice.welcome["resume"])
+        status, _, body = self.put(ready["url"], b"hi")
+        self.assertEqual(status, 201, body)
+        frame, _ = bob.read_until(is_message)
+        self.assertEqual((frame["from"], file_name_of(frame)), ("alice2", "resumed.txt"))
+        again.read_until(lambda f: is_message(f) and file_name_of(f) == "resumed.txt")
+        ready = self.ask(again, "muted.txt", 2)
+        self.server.hub.moderation.mute(None, "alice2")
+        status, _, body = self.put(ready["url"], b"hi")  # muted meanwhile: refused with the reason
+        self.assertEqual(status, 409)
+        self.assertIn("muted", body.decode())
+        self.assertEqual(len([name for name in self.kept() if not name.endswith(".json")]), 2)
+
+    def test_a_file_for_somebody_away_waits_for_them(self):
+        self.start_file_server()
+        alice, bob = self.join("alice"), self.join("bob", identity="bob-id")
+        bob.send({"type": "bye"})
+        alice.read_until(is_kind("left", name="bob"))
+        answer = self.share(alice, "later.txt", b"for later", to="bob")
+        frame, _ = alice.read_until(is_message)
+        self.assertTrue(frame.get("queued"), frame)
+        bob = self.join("bob", identity="bob-id")
+        (waited,) = [frame for frame in bob.joining if is_message(frame)]
+        self.assertEqual(waited["file"]["url"], answer["url"])
+        self.assertEqual(self.http().request("GET", answer["url"])[2], b"for later")
+        self.refused(alice, "nobody.txt", 1, to="ghost")  # nobody by that name: refused before any byte
+
     def test_a_sender_gone_before_the_bytes_came_shares_nothing(self):
         self.start_file_server()
         alice, bob = self.join("alice"), self.join("bob")

@@ -2636,7 +2636,7 @@ class FileStore:
             if isinstance(about.get("name"), str) and isinstance(about.get("type"), str) and \
                     isinstance(about.get("size"), int) and isinstance(about.get("stored"), (int, float)):
                 return about
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):  # "[[[[..." recurses in json
             pass
         return None
 

@@ -1781,6 +1781,47 @@ class PrivateFilesTests(unittest.TestCase):
         self.assertEqual(self.mode(os.path.join(config, "settings.json")), 0o600)
 
 
+class FileStoreTests(unittest.TestCase):
+    """The folder of shared files after a crash or a hand's edit: what is whole is kept, in the order it came."""
+
+    def setUp(self):
+        scratch = tempfile.TemporaryDirectory(prefix="files-", dir=_SCRATCH.name)
+        self.addCleanup(scratch.cleanup)
+        self.folder = Path(scratch.name)
+
+    def put(self, file_id, data=None, about=None):
+        if data is not None:
+            (self.folder / file_id).write_bytes(data)
+        if about is not None:
+            (self.folder / (file_id + ".json")).write_text(about if isinstance(about, str) else json.dumps(about))
+
+    def test_what_a_crash_left_half_written_is_removed_and_the_rest_kept_oldest_first(self):
+        ids = {word: (word * 32)[:32] for word in ("new", "old", "part", "bare", "lone", "bad", "size", "deep", "list")}
+        self.put(ids["new"], b"new", {"name": "n.txt", "type": "text/plain", "size": 3, "stored": 2.0})
+        self.put(ids["old"], b"old", {"name": "o.txt", "type": "text/plain", "size": 3, "stored": 1.0})
+        (self.folder / (ids["part"] + ".part")).write_bytes(b"half")
+        self.put(ids["bare"], b"no note beside it")
+        self.put(ids["lone"], None, {"name": "l.txt", "type": "text/plain", "size": 1, "stored": 1.0})
+        self.put(ids["bad"], b"x", '{"name": "b.txt", "ty')
+        self.put(ids["size"], b"xx", {"name": "s.txt", "type": "text/plain", "size": 3, "stored": 1.0})
+        self.put(ids["deep"], b"x", "[" * 100000)  # Bug: json.loads raised RecursionError, and the server would not start
+        self.put(ids["list"], b"x", '["name"]')
+        store = localchat.FileStore(self.folder, total_bytes=6)
+        self.assertEqual(sorted(path.name for path in self.folder.iterdir()),
+                         sorted([ids["new"], ids["new"] + ".json", ids["old"], ids["old"] + ".json"]))
+        self.assertEqual(store.total(), 6)
+        with store.open_part("N" * 32) as part:
+            part.write(b"abc")
+        self.assertEqual(store.keep("N" * 32, "3.txt", "text/plain", 3), [ids["old"]])  # the oldest goes first
+        self.assertIsNone(store.about(ids["old"]))
+        self.assertEqual(store.about(ids["new"])["name"], "n.txt")
+
+    def test_an_unusable_folder_is_a_sentence(self):
+        (self.folder / "taken").write_text("a file, not a folder")
+        with self.assertRaises(localchat.UserError):
+            localchat.FileStore(self.folder / "taken", total_bytes=1)
+
+
 class OwnedLock:
     """A lock that knows which thread holds it, to catch work done inside the hub's lock."""
 

@@ -11665,13 +11665,14 @@ class ChatConnection:
         except (OSError, ValueError) as error:  # ssl.SSLError and socket.timeout are OSErrors
             self._close_socket()
             raise UserError(tls_error_sentence(error, self.address, timeout)) from None
-        self.fingerprint = channel.fingerprint()
+        fingerprint = channel.fingerprint()
         try:
             self.fingerprint_status, self.fingerprint_problem = trust_fingerprint(
-                self.address, self.fingerprint, self.pinned, self.accepted)
+                self.address, fingerprint, self.pinned, self.accepted)
         except UserError:
             self._close_socket()
             raise
+        self.fingerprint = fingerprint  # only now: files go to the server with this certificate (see _http)
         self.channel = channel
         return early
 
@@ -12043,7 +12044,9 @@ class ChatConnection:
     def _http(self):
         """Return an HTTP connection to the chat's server: encrypted, and with the very certificate
         this connection checked, when it is."""
-        if self.tls and self.fingerprint is not None:
+        if self.tls and self.fingerprint is None:  # never in clear, and never to a certificate nobody trusted
+            raise UserError("The connection to the server is not encrypted yet; try again once it is.")
+        if self.tls:
             return _PinnedHTTPSConnection(self.host, self.port, self.fingerprint, FILE_TRANSFER_S)
         return http.client.HTTPConnection(self.host, self.port, timeout=FILE_TRANSFER_S)
 

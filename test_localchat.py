@@ -4131,6 +4131,46 @@ def file_name_of(frame):
     return (frame.get("file") or {}).get("name")
 
 
+class ImpostorTlsServer:
+    """A TLS server on a port a LocalChat server had, with another certificate: it counts the
+    connections it accepts and keeps every byte a client sends after the handshake."""
+
+    def __init__(self, port, cert_and_key):
+        self.context = localchat.server_tls_context(*map(str, cert_and_key))
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((LOOPBACK, port))
+        self.listener.listen(8)
+        self.connections, self.received = 0, b""
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve_loop, name="test-impostor")
+        self._thread.start()
+
+    def _serve_loop(self):
+        """Runs on the impostor's thread: one connection at a time, until close()."""
+        while not self._closed:
+            ready, _, _ = select.select([self.listener], [], [], 0.05)  # bounded: close() is noticed
+            if not ready:
+                continue
+            sock, _ = self.listener.accept()
+            self.connections += 1
+            sock.settimeout(READ_TIMEOUT_S)
+            try:
+                with self.context.wrap_socket(sock, server_side=True) as tls:
+                    for _ in range(1000):
+                        data = tls.recv(65536)
+                        if not data:
+                            break
+                        self.received += data
+            except OSError:  # the client gave up in the handshake, or closed without a close_notify
+                sock.close()
+
+    def close(self):
+        self._closed = True
+        self._thread.join(THREAD_END_S)
+        self.listener.close()
+
+
 @contextlib.contextmanager
 def full_disk_after(room_bytes):
     """Make the server's disk full for files arriving meanwhile: writes past room_bytes fail with ENOSPC.
@@ -4673,6 +4713,41 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
             with self.assertRaises(localchat.UserError) as refused:
                 alice.share_file(self.folder / "missing.txt")
             self.assertIn("missing.txt", str(refused.exception))
+
+    def test_files_never_go_to_a_server_whose_certificate_was_refused(self):
+        # Bug: a reconnection that met another certificate noted its fingerprint before asking whether
+        # anybody trusted it; refused, it stayed the one downloads were checked against, so a click on a
+        # file went to the impostor with the file's secret address.
+        self.start_file_server(tls_context=tls_server_context())
+        folder = tempfile.mkdtemp(prefix="config-", dir=_SCRATCH.name)
+        with mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": folder}):
+            bob = localchat.ChatConnection(LOOPBACK, self.server.port, "bob", trust=trust_all)
+            self.connections.append(bob)
+            bob.connect()
+            alice = self.join_tls("alice")
+            url = alice.share_bytes(b"secret", "secret.txt")
+            self.assertEqual(bob.fetch_bytes(url, 100), b"secret")
+            port = self.server.port
+            self.server.stop()
+            impostor = ImpostorTlsServer(port, other_certificate()[:2])
+            self.addCleanup(impostor.close)
+            bob.trust = None
+            with self.assertRaises(localchat.UntrustedCertificate):
+                bob.connect()
+            with self.assertRaises(localchat.UserError):
+                bob.fetch_bytes(url, 100)
+            with self.assertRaises(localchat.UserError):
+                bob.fetch_file(url, folder)
+            impostor.close()
+            self.assertEqual(impostor.connections, 3)
+            self.assertEqual(impostor.received, b"")  # not a byte after the handshake: no hello, no GET
+
+    def join_tls(self, name):
+        connection = localchat.ChatConnection(LOOPBACK, self.server.port, name, trust=trust_all)
+        self.connections.append(connection)
+        connection.connect()
+        connection.start()
+        return connection
 
     def test_a_chat_connection_is_told_the_limit_without_asking(self):
         self.start_file_server(max_file_mb=0.001)

@@ -12007,7 +12007,7 @@ class ChatConnection:
 
     def _get(self, url):
         """GET a shared file; return (connection, response) once its answer is 200. Raises UserError."""
-        if not url.startswith("/files/"):
+        if not url.startswith("/files/") or not url.isascii():  # a server quotes names; http.client takes ASCII
             raise UserError("That is not the address of a shared file.")
         connection = self._http()
         try:
@@ -12025,7 +12025,9 @@ class ChatConnection:
 
     @staticmethod
     def _copy_body(response, output, progress):
-        total = int(response.getheader("Content-Length") or 0)
+        total = response.length  # http.client's reading of Content-Length: None if absent or no number
+        if total is None and response.getheader("Content-Length") is not None:
+            raise UserError("The server's answer to the download was not understood; nothing was saved.")
         done = 0
         try:
             while True:
@@ -12035,10 +12037,10 @@ class ChatConnection:
                 output.write(chunk)
                 done += len(chunk)
                 if progress is not None:
-                    progress(done, total)
+                    progress(done, total or 0)  # 0: the size is not known
         except (OSError, http.client.HTTPException) as error:
             raise UserError("The download failed: %s." % (getattr(error, "strerror", None) or error)) from None
-        if total and done != total:
+        if total is not None and done != total:
             raise UserError("The download was cut short; nothing was saved.")
 
     def _http(self):

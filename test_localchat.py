@@ -4764,6 +4764,107 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         self.assertEqual(list(self.folder.glob("x*")), [])  # nothing saved of it
 
 
+class LyingFileServer:
+    """A plain HTTP server on 127.0.0.1 that answers every request with the same bytes, then closes.
+
+    `answer` is the response's head and body, or a function that yields them in pieces
+    (an endless body). `requests` keeps the request heads that came.
+    """
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests = []
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve_loop, name="test-lying-server")
+        self._thread.start()
+
+    def _serve_loop(self):
+        """Runs on the server's thread: one connection at a time, until close()."""
+        while not self._closed:
+            ready, _, _ = select.select([self.listener], [], [], 0.05)  # bounded: close() is noticed
+            if not ready:
+                continue
+            sock, _ = self.listener.accept()
+            with sock:
+                sock.settimeout(READ_TIMEOUT_S)  # a client that sends nothing: no request is kept
+                try:
+                    head = b""
+                    while b"\r\n\r\n" not in head and len(head) < 65536:
+                        data = sock.recv(65536)
+                        if not data:
+                            break
+                        head += data
+                    self.requests.append(head)
+                    for piece in (self.answer() if callable(self.answer) else [self.answer]):
+                        sock.sendall(piece)
+                except OSError:  # the client went away, as it should past a limit
+                    pass
+
+    def close(self):
+        self._closed = True
+        self._thread.join(THREAD_END_S)
+        self.listener.close()
+
+
+class FileClientTests(unittest.TestCase):
+    """ChatConnection's downloads against servers that lie: every failure is a UserError, nothing half-saved."""
+
+    URL = "/files/%s/notes.txt" % ("A" * 32)
+
+    def setUp(self):
+        scratch = tempfile.TemporaryDirectory(prefix="downloads-", dir=_SCRATCH.name)
+        self.addCleanup(scratch.cleanup)
+        self.folder = Path(scratch.name)
+
+    def client_of(self, answer):
+        server = LyingFileServer(answer)
+        self.addCleanup(server.close)
+        return localchat.ChatConnection(LOOPBACK, server.port, "bob"), server
+
+    def test_a_length_that_is_no_number_or_a_lie_is_a_sentence_and_nothing_is_left(self):
+        # Bug: a Content-Length that is no number raised ValueError out of fetch_file (the window's
+        # download thread died with a traceback).
+        for length in (b"abc", b"100", b"-1", b"9" * 5000):
+            with self.subTest(length=length):
+                client, _ = self.client_of(b"HTTP/1.1 200 OK\r\nContent-Length: " + length +
+                                           b"\r\nConnection: close\r\n\r\nhello")
+                with self.assertRaises(localchat.UserError):
+                    client.fetch_file(self.URL, self.folder)
+                self.assertEqual(list(self.folder.iterdir()), [])
+
+    def test_a_body_longer_than_its_length_is_cut_at_the_length(self):
+        client, _ = self.client_of(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello and more")
+        saved = client.fetch_file(self.URL, self.folder)
+        self.assertEqual((saved.name, saved.read_bytes()), ("notes.txt", b"hello"))
+
+    def test_a_picture_without_end_is_refused_past_the_limit(self):
+        def endless():
+            yield b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n"
+            for _ in range(10000):
+                yield b"z" * 65536
+        client, _ = self.client_of(endless)
+        with self.assertRaises(localchat.UserError) as refused:
+            client.fetch_bytes(self.URL, 100000)
+        self.assertIn("larger than", str(refused.exception))
+
+    def test_an_address_that_is_not_ascii_is_refused_without_a_request(self):
+        # Bug: http.client raised UnicodeEncodeError, which ended the window's thumbnails thread.
+        client, server = self.client_of(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        for url in ("/files/%s/caf\u00e9.png" % ("A" * 32), "/files/x y", "/files/a\r\nHost: elsewhere"):
+            with self.subTest(url=url):
+                with self.assertRaises(localchat.UserError):
+                    client.fetch_bytes(url, 1000)
+                with self.assertRaises(localchat.UserError):
+                    client.fetch_file(url, self.folder)
+        server.close()
+        self.assertEqual(server.requests, [])
+        self.assertEqual(list(self.folder.iterdir()), [])
+
+
 class ConversationServerTests(ServerFixture, unittest.TestCase):
     """Rooms, direct messages, names, presence, history and commands over real sockets."""
 

@@ -11328,11 +11328,20 @@ def run_server(args):
     )
     raise_open_file_limit()
     threading.stack_size(SESSION_STACK_BYTES)
+    temporary = Path(tempfile.mkdtemp(prefix="localchat-files-")) if args.no_history else None
+    try:
+        return _serve(args, temporary)
+    finally:  # with --no-history shared files go with the server, however it ends (a port taken, Ctrl+C)
+        if temporary is not None:
+            shutil.rmtree(str(temporary), ignore_errors=True)
+
+
+def _serve(args, temporary):
+    """Run the server, with shared files in the folder `temporary` if it is given; return the exit code."""
     limits = Limits(**{attribute: getattr(args, attribute) for attribute, _, _ in Limits.TABLE})
-    temporary = None  # with --no-history, shared files go with the server too
     if args.no_history:
         store, where = MemoryStore(), "History: kept in memory only (--no-history): it ends with the server."
-        temporary = files_folder = Path(tempfile.mkdtemp(prefix="localchat-files-"))
+        files_folder = temporary
     else:
         path = Path(args.history) if args.history else data_dir() / "history.sqlite3"
         store, where = SqliteStore(path), "History: kept in %s" % path
@@ -11391,8 +11400,6 @@ def run_server(args):
     server.stop()
     if accept_thread.is_alive():
         accept_thread.join(1.0)
-    if temporary is not None:
-        shutil.rmtree(str(temporary), ignore_errors=True)
     log.info("server stopped")
     return 0
 

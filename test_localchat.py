@@ -11770,6 +11770,27 @@ class FileCliTests(ProcessFixture, unittest.TestCase):
         self.assertEqual(self.fetch(line.group(1)), picture.read_bytes())
         reader.stdin.close()
 
+    def test_a_server_without_history_leaves_no_folder_of_files_however_it_ends(self):
+        # Bug: with --no-history, a server that could not start (its port taken, a password it could not
+        # ask for) left its temporary folder for shared files behind.
+        temporary = Path(self.folder) / "tmp"
+        temporary.mkdir()
+        env = self.environment(TMPDIR=str(temporary))
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind((LOOPBACK, 0))
+        taken.listen(1)
+        result = self.run_client("server", "--no-history", "--no-discovery", "--host", LOOPBACK,
+                                 "--port", str(taken.getsockname()[1]), env=env)
+        self.assert_one_line_error(result, 1, "already in use")
+        result = self.run_client("server", "--no-history", "--no-discovery", "--host", LOOPBACK, "--port", "0",
+                                 "--password", env=dict(env, LOCALCHAT_PASSWORD=""))
+        self.assert_one_line_error(result, 1, "password")
+        process, _, _, _ = self.start_server_process("--no-discovery", env=env)
+        self.assertEqual(len(list(temporary.iterdir())), 1)  # the files' folder while it runs
+        self.stop_server_process(process)
+        self.assertEqual(list(temporary.iterdir()), [])
+
     def test_mistakes_get_one_sentence(self):
         _, port, _, _ = self.start_server_process("--max-file-mb", "0")
         source = Path(self.folder) / "a.txt"

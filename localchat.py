@@ -386,6 +386,7 @@ def split_host_port(text, default_port=DEFAULT_PORT):
 
 
 MAX_FILE_NAME_CHARS = 120  # a shared file's name, after cleaning
+MAX_FILE_NAME_BYTES = 240  # ... and in UTF-8: Linux and macOS take 255 bytes, "name (12).pdf" needs a few more
 PICTURE_TYPES = ("image/png", "image/gif", "image/jpeg", "image/webp")  # shown inline: the only files that are
 _PICTURE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"),
                   (b"\xff\xd8\xff", "image/jpeg"))
@@ -400,8 +401,8 @@ def clean_file_name(name):
     No folders (only the last part of a path is kept), no control, format or
     direction-override characters, none that Windows refuses, no name Windows
     reserves (CON.txt becomes _CON.txt), no leading or trailing dots and spaces,
-    at most MAX_FILE_NAME_CHARS characters with the extension kept; "file" if
-    nothing is left.
+    at most MAX_FILE_NAME_CHARS characters (and MAX_FILE_NAME_BYTES in UTF-8) with the
+    extension kept; "file" if nothing is left.
     """
     name = unicodedata.normalize("NFC", str(name)).replace("\\", "/").rstrip("/ ").rsplit("/", 1)[-1]
     name = "".join("_" if ch in _NOT_IN_FILE_NAMES else ch for ch in name
@@ -413,7 +414,9 @@ def clean_file_name(name):
     if stem.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
         stem = "_" + stem
     room = MAX_FILE_NAME_CHARS - len(dot + extension)
-    name = (stem[:room].rstrip(" .") + dot + extension).strip(" .")
+    room_bytes = MAX_FILE_NAME_BYTES - len((dot + extension).encode("utf-8"))
+    stem = stem[:room].encode("utf-8")[:room_bytes].decode("utf-8", "ignore")  # a character cut in two goes
+    name = (stem.rstrip(" .") + dot + extension).strip(" .")
     return name or "file"
 
 

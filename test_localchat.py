@@ -4227,6 +4227,24 @@ class FileNameTests(unittest.TestCase):
         self.assertEqual(len(name), localchat.MAX_FILE_NAME_CHARS)
         self.assertTrue(name.endswith("x.pdf"))
 
+    def test_a_long_name_in_any_script_can_be_saved_where_names_are_counted_in_bytes(self):
+        # Bug: 120 characters of Japanese are 360 bytes: Linux and macOS take 255, so every download failed.
+        self.assertLessEqual(localchat.MAX_FILE_NAME_BYTES + len(" (999)"), 255)  # room for _new_file's number
+        for given, stem, extension in (("\u5831\u544a\u66f8" * 40 + ".pdf", "\u5831", ".pdf"),
+                                       ("\U0001f600" * 130, "\U0001f600", ""),
+                                       ("a" * 100 + "\u00e9" * 100 + ".gz", "a" * 100 + "\u00e9", ".gz")):
+            with self.subTest(given=given[:8]):
+                name = localchat.clean_file_name(given)
+                self.assertLessEqual(len(name.encode("utf-8")), localchat.MAX_FILE_NAME_BYTES)
+                self.assertTrue(name.startswith(stem) and name.endswith(extension), name)
+                self.assertTrue(given.startswith(name[:len(name) - len(extension)]))  # whole characters only
+                folder = tempfile.mkdtemp(dir=_SCRATCH.name)
+                self.addCleanup(shutil.rmtree, folder, True)
+                for number in range(2):  # the name itself, then "name (1)": both fit
+                    path, handle = localchat._new_file(folder, name)
+                    handle.close()
+                    self.assertEqual(path.name == name, number == 0)
+
     def test_picture_types_come_from_the_bytes_never_from_the_name(self):
         self.assertEqual(localchat.file_type("a.png", png_bytes()[:16]), "image/png")
         self.assertEqual(localchat.file_type("a.dat", b"GIF89a\x01\x00"), "image/gif")

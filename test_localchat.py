@@ -4739,26 +4739,32 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         self.start_file_server(tls_context=tls_server_context())
         folder = tempfile.mkdtemp(prefix="config-", dir=_SCRATCH.name)
         with mock.patch.dict(os.environ, {"LOCALCHAT_CONFIG_DIR": folder}):
-            bob = localchat.ChatConnection(LOOPBACK, self.server.port, "bob", trust=trust_all)
+            events = queue.Queue()
+            bob = localchat.ChatConnection(LOOPBACK, self.server.port, "bob", trust=trust_all, reconnect=True,
+                                           on_event=events.put)
             self.connections.append(bob)
             bob.connect()
+            bob.start()
             alice = self.join_tls("alice")
             url = alice.share_bytes(b"secret", "secret.txt")
             self.assertEqual(bob.fetch_bytes(url, 100), b"secret")
+            bob.trust = None  # nobody is there to say yes to another certificate
             port = self.server.port
             self.server.stop()
             impostor = ImpostorTlsServer(port, other_certificate()[:2])
             self.addCleanup(impostor.close)
-            bob.trust = None
-            with self.assertRaises(localchat.UntrustedCertificate):
-                bob.connect()
+            for _ in range(MAX_FRAMES):
+                event = events.get(timeout=READ_TIMEOUT_S + localchat.RECONNECT_MAX_S)
+                if event["type"] == "disconnected":
+                    break
+            self.assertEqual(event.get("code"), "fingerprint_changed", event)
             with self.assertRaises(localchat.UserError):
                 bob.fetch_bytes(url, 100)
             with self.assertRaises(localchat.UserError):
                 bob.fetch_file(url, folder)
             impostor.close()
-            self.assertEqual(impostor.connections, 3)
-            self.assertEqual(impostor.received, b"")  # not a byte after the handshake: no hello, no GET
+            self.assertEqual(impostor.connections, 3)  # the reconnection, then each download: handshakes only
+            self.assertEqual(impostor.received, b"")  # not a byte after them: no hello, no GET
 
     def join_tls(self, name):
         connection = localchat.ChatConnection(LOOPBACK, self.server.port, name, trust=trust_all)

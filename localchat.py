@@ -286,13 +286,14 @@ Files: a file is shared in three steps, all on the chat's one port.
      {"type":"message","id":17,...,"text":"report.pdf","file":{"name":"report.pdf",
       "size":48213,"type":"application/pdf","url":"/files/<id>/report.pdf"}}
      The name is cleaned by the server (no folders, no control or direction
-     characters, no names Windows reserves, at most 120 characters). <id> holds
-     192 random bits: only the people it was shared with are sent it, and any
-     other address gets 404. "GET <url>" (or HEAD) downloads it, with its
-     Content-Type, "X-Content-Type-Options: nosniff", and "Content-Disposition:
-     attachment" for everything but PNG, GIF, JPEG and WebP pictures. A file the
-     server no longer keeps (the oldest go when the total is over the limit) comes
-     in history as {"name":..,"size":..,"type":..,"expired":true}, without "url".
+     characters, no names Windows reserves, at most 120 characters and 240 bytes
+     of UTF-8). <id> holds 192 random bits: only the people it was shared with
+     are sent it, and any other address gets 404. "GET <url>" (or HEAD)
+     downloads it, with its Content-Type, "X-Content-Type-Options: nosniff", and
+     "Content-Disposition: attachment" for everything but PNG, GIF, JPEG and WebP
+     pictures. A file the server no longer keeps (the oldest go when the total is
+     over the limit) comes in history as {"name":..,"size":..,"type":..,
+     "expired":true}, without "url".
   The welcome's "limits" carry "max_file_bytes" (0: files are turned off) and
   "uploads_per_minute".
 Encryption: a TLS server expects a TLS handshake as the first bytes; a plain

@@ -4520,6 +4520,59 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         self.assertFalse([frame for frame in before if is_message(frame)])
         self.share(alice, "fine.txt", b"room again")
 
+    def test_a_file_whose_message_cannot_be_stored_is_refused_and_shared_with_nobody(self):
+        store = localchat.SqliteStore(self.folder / "history.sqlite3")
+        self.start_file_server(store=store)
+        alice, bob = self.join("alice"), self.join("bob")
+        ready = self.ask(alice, "lost.txt", 4)
+        with store._db_lock:
+            store.db.execute("PRAGMA query_only = 1")  # the history turns read-only: the disk failed
+        status, _, body = self.put(ready["url"], b"lost")
+        self.assertEqual(status, 507, body)  # answered after the store was tried: never 201 for it
+        self.assertEqual(self.kept(), [])
+        error, before = alice.read_until(is_kind("error"))
+        self.assertEqual((error["code"], error["ref"]), ("not_stored", "f1"))
+        self.assertFalse([frame for frame in before if is_message(frame)])
+        with store._db_lock:
+            store.db.execute("PRAGMA query_only = 0")
+        self.share(alice, "kept.txt", b"kept")
+        frame, before = bob.read_until(is_message)
+        self.assertEqual(file_name_of(frame), "kept.txt")  # the first one never reached bob
+        self.assertFalse([frame for frame in before if is_message(frame)])
+
+    def test_odd_requests_to_files_and_uploads_are_refused_and_change_nothing(self):
+        self.start_file_server()
+        alice = self.join("alice")
+        answer = self.share(alice, "a.txt", b"abcde")
+        file_id = answer["url"].split("/")[2]
+        requests = [
+            "GET %s HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde" % answer["url"],  # a body with a GET
+            "GET %s HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n" % answer["url"],
+            "PUT /upload/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n",
+            "PUT /upload/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nabcde",
+            "PUT %s HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde" % answer["url"],
+            "DELETE %s HTTP/1.1\r\n\r\n" % answer["url"],
+            "POST %s HTTP/1.1\r\nContent-Length: 0\r\n\r\n" % answer["url"],
+            "HEAD /upload/x HTTP/1.1\r\n\r\n", "GET /upload/x HTTP/1.1\r\n\r\n", "OPTIONS /files/ HTTP/1.1\r\n\r\n",
+            "GET /files/%s%%2F..%%2F/a HTTP/1.1\r\n\r\n" % file_id,
+            "GET /files/%%41%s/a HTTP/1.1\r\n\r\n" % file_id[1:],
+            "GET /files/%s HTTP/1.1\r\n\r\n" % ("A" * 8000), "PUT /upload/%s HTTP/1.1\r\n\r\n" % ("A" * 8000),
+            "GET /files/../../etc/passwd HTTP/1.1\r\n\r\n", "GET /files/%s\x00/a HTTP/1.1\r\n\r\n" % file_id,
+            "PUT /upload/\x00 HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde", "GET /files/\xe9\xe9/a HTTP/1.1\r\n\r\n",
+            "GET /files/%s.json HTTP/1.1\r\n\r\n" % file_id, "GET /files/%s.part HTTP/1.1\r\n\r\n" % file_id,
+            "PATCH /upload/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde",
+            "PUT /upload/ HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde",
+            "PUT /upload/x?y=1 HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        ]
+        for request in requests:
+            with self.subTest(request=request[:40]):
+                connection = self.http()
+                connection.sock.sendall(request.encode("latin-1"))
+                status = connection.response(head_only=request.startswith("HEAD"))[0]
+                self.assertTrue(400 <= status < 500, status)
+        self.assertEqual(len(self.kept()), 2)  # the one file and its note
+        self.assertEqual(self.http().request("GET", answer["url"])[2], b"abcde")
+
     def stuck_downloads(self, url, count):
         """Start count downloads of url that read the response head and then nothing more."""
         stuck = []

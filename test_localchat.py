@@ -4610,6 +4610,31 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         frame, _ = bob.read_until(is_message, timeout=2.0)
         self.assertEqual(frame["text"], "still here")
 
+    def test_a_download_nobody_reads_is_dropped_as_too_slow_and_holds_no_more_than_its_window(self):
+        self.start_file_server(slow_reader_s=1.0)
+        alice = self.join("alice")
+        data = os.urandom(8 * 1024 * 1024)
+        answer = self.share(alice, "big.bin", data)
+        started = time.monotonic()
+        (stuck,) = self.stuck_downloads(answer["url"], 1)
+        most = self.owed_reaches(localchat.FILE_AHEAD_BYTES, READ_TIMEOUT_S)
+        self.assertGreater(most, localchat.FILE_AHEAD_BYTES)  # it ran ahead of its reader ...
+        deadline, owed = time.monotonic() + READ_TIMEOUT_S, most
+        while owed and time.monotonic() < deadline:  # ... until the writer dropped it
+            most, owed = max(most, self.server.transport.owed()), self.server.transport.owed()
+            select.select([], [], [], 0.005)
+        self.assertEqual(owed, 0)
+        self.assertGreaterEqual(time.monotonic() - started, 1.0)
+        self.assertLessEqual(most, localchat.FILE_AHEAD_BYTES + localchat.FILE_CHUNK_BYTES + 1024)
+        received = 64 * 1024  # more than came with the head
+        stuck.sock.settimeout(READ_TIMEOUT_S)
+        for _ in range(100000):  # what the kernel held, then the end
+            chunk = stuck.sock.recv(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+        self.assertLess(received, len(data))
+
     def test_a_download_read_in_small_sips_is_paced_by_the_writer_not_by_polling(self):
         # The download's thread sleeps until the writer has sent enough: with its fallback look made
         # 60 s long, a 4 MB file read a little at a time still arrives whole, at once.

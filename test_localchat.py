@@ -4635,6 +4635,59 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
             received += len(chunk)
         self.assertLess(received, len(data))
 
+    def test_a_file_that_expires_while_it_is_downloaded_still_arrives_whole(self):
+        self.start_file_server(files_mb=5)
+        alice = self.join("alice")
+        data = os.urandom(4 * 1024 * 1024)
+        answer = self.share(alice, "first.bin", data)
+        reader = self.connect(rcvbuf=SMALL_RCVBUF)
+        reader.send_raw(("GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % answer["url"]).encode())
+        received = bytearray()
+        self.assertEqual(read_http_head(reader.sock, received)[0], 200)
+        self.share(alice, "second.bin", b"2" * (2 * 1024 * 1024))  # 6 MB in all: the first goes
+        self.assertEqual(self.http().request("GET", answer["url"])[0], 404)
+        self.assertNotIn(answer["url"].split("/")[2], self.kept())
+        reader.sock.settimeout(READ_TIMEOUT_S)
+        for _ in range(100000):
+            chunk = reader.sock.recv(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+        self.assertEqual(bytes(received), data)  # the open file was read to its end
+
+    def test_many_uploads_and_downloads_at_once_arrive_byte_for_byte(self):
+        self.start_file_server(uploads_per_minute=0)
+        alice = self.join("alice")
+        blobs = [os.urandom(size) for size in (0, 1, 1000, 100000, 300000, 700000)]
+        readies = [self.ask(alice, "%d.bin" % number, len(blob)) for number, blob in enumerate(blobs)]
+        results = queue.Queue()
+
+        def at_once(work, arguments):
+            """Run work(argument) for each argument on a thread of its own; return the results, in any order."""
+            def run(argument):
+                try:
+                    results.put(work(argument))
+                except BaseException as error:  # a test thread's failure goes to the test
+                    results.put(error)
+            threads = [threading.Thread(target=run, args=(argument,)) for argument in arguments]
+            for thread in threads:
+                thread.start()
+            done = [results.get(timeout=READ_TIMEOUT_S) for _ in threads]
+            for thread in threads:
+                thread.join(THREAD_END_S)
+            for result in done:
+                if isinstance(result, BaseException):
+                    raise result
+            return done
+        answers = at_once(lambda pair: self.put(pair[0]["url"], pair[1]), zip(readies, blobs))
+        self.assertEqual([answer[0] for answer in answers], [201] * len(blobs))
+        urls = [json.loads(answer[2])["url"] for answer in answers]
+        expected = {url: blobs[int(url.rpartition("/")[2].split(".")[0])] for url in urls}
+        downloads = at_once(lambda url: (url, self.http().request("GET", url)[2]), urls * 3)
+        for url, body in downloads:
+            self.assertEqual(body, expected[url])
+        self.assertFalse([name for name in self.kept() if name.endswith(".part")])
+
     def test_a_download_read_in_small_sips_is_paced_by_the_writer_not_by_polling(self):
         # The download's thread sleeps until the writer has sent enough: with its fallback look made
         # 60 s long, a 4 MB file read a little at a time still arrives whole, at once.

@@ -11957,7 +11957,10 @@ class ChatConnection:
                 chunk = source.read(min(FILE_SEND_BYTES, size - sent))
                 if not chunk:
                     raise UserError("The file got shorter while it was being sent; it was not shared.")
-                connection.send(chunk)
+                try:
+                    connection.send(chunk)
+                except ConnectionError:  # answered before the end (a full disk) and closed: the answer says why
+                    break
                 sent += len(chunk)
                 if progress is not None:
                     progress(sent, size)

@@ -5006,6 +5006,19 @@ class FileClientTests(unittest.TestCase):
             client.fetch_bytes(self.URL, 100000)
         self.assertIn("larger than", str(refused.exception))
 
+    def test_an_upload_refused_before_its_end_tells_the_servers_reason(self):
+        # Bug: over a network slower than loopback the server answers (a full disk, a used address) and
+        # closes while the file is still going; the client saw "Connection reset by peer", not the reason.
+        def early():
+            sentence = b"The server cannot store files now: its disk may be full.\n"
+            yield (b"HTTP/1.1 507 Insufficient Storage\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                   % len(sentence) + sentence)
+        client, _ = self.client_of(early)  # it closes with the file unread: the client's next send is reset
+        size = 64 * 1024 * 1024
+        with self.assertRaises(localchat.UserError) as refused:
+            client._upload("/upload/" + "U" * 32, io.BytesIO(bytes(size)), size, None)
+        self.assertIn("disk may be full", str(refused.exception))
+
     def test_an_address_that_is_not_ascii_is_refused_without_a_request(self):
         # Bug: http.client raised UnicodeEncodeError, which ended the window's thumbnails thread.
         client, server = self.client_of(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")

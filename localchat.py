@@ -2632,6 +2632,8 @@ class FileStore:
                     found.append((about["stored"], file_id, about))
         for _, file_id, about in sorted(found, key=lambda item: item[:2]):
             self._index[file_id] = about
+        for file_id in self._over_total_locked(keep=None):  # the total may be smaller than last time
+            self._delete(file_id)
 
     @staticmethod
     def _read_about(path):

@@ -1804,7 +1804,7 @@ class FileStoreTests(unittest.TestCase):
         self.put(ids["lone"], None, {"name": "l.txt", "type": "text/plain", "size": 1, "stored": 1.0})
         self.put(ids["bad"], b"x", '{"name": "b.txt", "ty')
         self.put(ids["size"], b"xx", {"name": "s.txt", "type": "text/plain", "size": 3, "stored": 1.0})
-        self.put(ids["deep"], b"x", "[" * 100000)  # Bug: json.loads raised RecursionError, and the server would not start
+        self.put(ids["deep"], b"x", "[" * 100000)  # Bug: json.loads raised RecursionError: the server did not start
         self.put(ids["list"], b"x", '["name"]')
         store = localchat.FileStore(self.folder, total_bytes=6)
         self.assertEqual(sorted(path.name for path in self.folder.iterdir()),
@@ -1815,6 +1815,18 @@ class FileStoreTests(unittest.TestCase):
         self.assertEqual(store.keep("N" * 32, "3.txt", "text/plain", 3), [ids["old"]])  # the oldest goes first
         self.assertIsNone(store.about(ids["old"]))
         self.assertEqual(store.about(ids["new"])["name"], "n.txt")
+
+    def test_a_smaller_total_given_at_start_lets_the_oldest_go_at_once(self):
+        # Bug: the total was only applied when the next file came: a server restarted with a smaller
+        # --files-mb kept everything until somebody shared something.
+        for number, word in enumerate(("old", "mid", "new")):
+            self.put((word * 32)[:32], b"abc", {"name": word, "type": "text/plain", "size": 3, "stored": number})
+        store = localchat.FileStore(self.folder, total_bytes=6)
+        self.assertEqual(store.total(), 6)
+        self.assertIsNone(store.about(("old" * 32)[:32]))
+        kept = [(word * 32)[:32] for word in ("mid", "new")]
+        self.assertEqual(sorted(path.name for path in self.folder.iterdir()),
+                         sorted(kept + [file_id + ".json" for file_id in kept]))
 
     def test_an_unusable_folder_is_a_sentence(self):
         (self.folder / "taken").write_text("a file, not a folder")

@@ -4470,6 +4470,24 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         self.assertEqual(self.put(ready["url"], b"abc")[0], 404)
         self.assertEqual(self.put("/upload/" + "B" * 32, b"abc")[0], 404)
 
+    def test_an_upload_address_used_by_several_connections_at_once_takes_one_file(self):
+        self.start_file_server()
+        alice, bob = self.join("alice"), self.join("bob")
+        ready = self.ask(alice, "once.bin", 200000)
+        head = ("PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" % ready["url"]).encode()
+        connections = [self.http() for _ in range(4)]
+        for connection in connections:  # every head before any body
+            connection.sock.sendall(head)
+        for connection in connections:
+            try:
+                connection.sock.sendall(b"y" * 200000)
+            except OSError:  # refused and closed already
+                pass
+        statuses = sorted(connection.response()[0] for connection in connections)
+        self.assertEqual(statuses, [201, 404, 404, 404])
+        bob.read_until(lambda f: is_message(f) and file_name_of(f) == "once.bin")
+        self.assertEqual(len(self.kept()), 2)
+
     def test_refused_where_the_sender_may_not_speak(self):
         self.start_file_server()
         alice = self.join("alice")

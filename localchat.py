@@ -286,13 +286,14 @@ Files: a file is shared in three steps, all on the chat's one port.
      {"type":"message","id":17,...,"text":"report.pdf","file":{"name":"report.pdf",
       "size":48213,"type":"application/pdf","url":"/files/<id>/report.pdf"}}
      The name is cleaned by the server (no folders, no control or direction
-     characters, no names Windows reserves, at most 120 characters). <id> holds
-     192 random bits: only the people it was shared with are sent it, and any
-     other address gets 404. "GET <url>" (or HEAD) downloads it, with its
-     Content-Type, "X-Content-Type-Options: nosniff", and "Content-Disposition:
-     attachment" for everything but PNG, GIF, JPEG and WebP pictures. A file the
-     server no longer keeps (the oldest go when the total is over the limit) comes
-     in history as {"name":..,"size":..,"type":..,"expired":true}, without "url".
+     characters, no names Windows reserves, at most 120 characters and 240 bytes
+     of UTF-8). <id> holds 192 random bits: only the people it was shared with
+     are sent it, and any other address gets 404. "GET <url>" (or HEAD)
+     downloads it, with its Content-Type, "X-Content-Type-Options: nosniff", and
+     "Content-Disposition: attachment" for everything but PNG, GIF, JPEG and WebP
+     pictures. A file the server no longer keeps (the oldest go when the total is
+     over the limit) comes in history as {"name":..,"size":..,"type":..,
+     "expired":true}, without "url".
   The welcome's "limits" carry "max_file_bytes" (0: files are turned off) and
   "uploads_per_minute".
 Encryption: a TLS server expects a TLS handshake as the first bytes; a plain
@@ -386,6 +387,7 @@ def split_host_port(text, default_port=DEFAULT_PORT):
 
 
 MAX_FILE_NAME_CHARS = 120  # a shared file's name, after cleaning
+MAX_FILE_NAME_BYTES = 240  # ... and in UTF-8: Linux and macOS take 255 bytes, "name (12).pdf" needs a few more
 PICTURE_TYPES = ("image/png", "image/gif", "image/jpeg", "image/webp")  # shown inline: the only files that are
 _PICTURE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"),
                   (b"\xff\xd8\xff", "image/jpeg"))
@@ -400,8 +402,8 @@ def clean_file_name(name):
     No folders (only the last part of a path is kept), no control, format or
     direction-override characters, none that Windows refuses, no name Windows
     reserves (CON.txt becomes _CON.txt), no leading or trailing dots and spaces,
-    at most MAX_FILE_NAME_CHARS characters with the extension kept; "file" if
-    nothing is left.
+    at most MAX_FILE_NAME_CHARS characters (and MAX_FILE_NAME_BYTES in UTF-8) with the
+    extension kept; "file" if nothing is left.
     """
     name = unicodedata.normalize("NFC", str(name)).replace("\\", "/").rstrip("/ ").rsplit("/", 1)[-1]
     name = "".join("_" if ch in _NOT_IN_FILE_NAMES else ch for ch in name
@@ -413,7 +415,9 @@ def clean_file_name(name):
     if stem.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
         stem = "_" + stem
     room = MAX_FILE_NAME_CHARS - len(dot + extension)
-    name = (stem[:room].rstrip(" .") + dot + extension).strip(" .")
+    room_bytes = MAX_FILE_NAME_BYTES - len((dot + extension).encode("utf-8"))
+    stem = stem[:room].encode("utf-8")[:room_bytes].decode("utf-8", "ignore")  # a character cut in two goes
+    name = (stem.rstrip(" .") + dot + extension).strip(" .")
     return name or "file"
 
 
@@ -1137,7 +1141,8 @@ class _Holding:
 class Upload(NamedTuple):
     """A file somebody asked to share, waiting for its bytes at a one-time address."""
 
-    seat: object  # the sender's Seat: the file is announced only if it is still theirs
+    user: object  # the sender's User: the file is announced if they are still here (renamed or
+                  # reconnected meanwhile: the upload is a connection of its own)
     name: str     # cleaned
     size: int
     room: object  # the room's name, or None for a direct message
@@ -1619,7 +1624,7 @@ class ChatHub:
             now = time.monotonic()
             self._uploads = {token: upload for token, upload in self._uploads.items() if upload.until > now}
             token = secrets.token_urlsafe(FILE_ID_BYTES)
-            self._uploads[token] = Upload(seat, name, size, room, to, ref, now + UPLOAD_WAIT_S)
+            self._uploads[token] = Upload(user, name, size, room, to, ref, now + UPLOAD_WAIT_S)
         fields = {"type": "upload_ready", "url": "/upload/" + token, "expires_s": UPLOAD_WAIT_S}
         if ref is not None:
             fields["ref"] = ref
@@ -1640,9 +1645,9 @@ class ChatHub:
         url = "/files/%s/%s" % (file_id, urllib.parse.quote(upload.name))
         shared = {"name": upload.name, "size": upload.size, "type": kind, "url": url}
         text = "%s (%s) %s%s" % (upload.name, file_size_text(upload.size), self.web_base, url)
+        user = upload.user
         with self.lock:
-            user = self._seated(upload.seat)
-            if user is None:
+            if self._users.get(user.key) is not user:
                 raise ProtocolError("gone", "You left the chat before the file had come; it was not shared.")
             return self._post_locked(user, text, {"file": shared}, upload.ref, upload.room, upload.to)
 
@@ -2627,6 +2632,8 @@ class FileStore:
                     found.append((about["stored"], file_id, about))
         for _, file_id, about in sorted(found, key=lambda item: item[:2]):
             self._index[file_id] = about
+        for file_id in self._over_total_locked(keep=None):  # the total may be smaller than last time
+            self._delete(file_id)
 
     @staticmethod
     def _read_about(path):
@@ -2635,7 +2642,7 @@ class FileStore:
             if isinstance(about.get("name"), str) and isinstance(about.get("type"), str) and \
                     isinstance(about.get("size"), int) and isinstance(about.get("stored"), (int, float)):
                 return about
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):  # "[[[[..." recurses in json
             pass
         return None
 
@@ -3611,7 +3618,7 @@ class Outbox:
     __slots__ = (
         "sock", "writer", "encrypt", "encode", "chunks", "queued", "closing", "hangup", "failed",
         "drained", "taken", "taken_bytes", "unsent", "unsent_plain", "marks", "taken_total", "sent_total",
-        "fresh_at", "watch", "pushed",
+        "fresh_at", "watch", "pushed", "paced",
     )
 
     def __init__(self, sock, writer, encrypt=None):
@@ -3637,6 +3644,7 @@ class Outbox:
         self.taken_total = self.sent_total = 0
         self.watch = None  # None, "selector" or "overflow": how the writer waits for the socket
         self.pushed = 0  # bytes queued by push_locked (not by deliver_locked): see owed_pushed()
+        self.paced = None  # (bytes, Event) while a download waits for its owed bytes to fall that low
 
     def deliver_locked(self, event):
         """Queue an event, encoded by the connection's door. Called by the hub with its lock held.
@@ -3670,6 +3678,19 @@ class Outbox:
         """Return the bytes queued by push_locked and not sent yet, on a connection the hub delivers
         nothing to (an HTTP one): how far ahead of its reader a download may run. Any thread."""
         return self.pushed - self.sent_total
+
+    def wait_for_sent(self, most, timeout):
+        """Block until owed_pushed() is at most `most`, the connection ends, or timeout passes.
+
+        Runs on the connection's own thread (a download); the writer thread wakes it
+        (see SocketWriter._credit), so a connection that reads slowly costs no polling.
+        """
+        if self.paced is None or self.paced[0] != most:
+            self.paced = (most, threading.Event())  # only connections that download make one
+        event = self.paced[1]
+        event.clear()
+        if self.owed_pushed() > most:  # looked at after clear(): the writer's set() from now on is not lost
+            event.wait(timeout)
 
     def put(self, data):
         """Queue bytes for sending from a thread that does not hold the hub's lock."""
@@ -3891,6 +3912,8 @@ class SocketWriter:
         marks = box.marks
         while marks and marks[0][0] <= box.sent_total:
             marks.pop(0)
+        if box.paced is not None and box.pushed - box.sent_total <= box.paced[0]:
+            box.paced[1].set()  # a download may queue its next piece
 
     def _close(self, box):
         """Done with box: close the writer's socket; on failure or hang-up wake the session's reader."""
@@ -3907,6 +3930,8 @@ class SocketWriter:
                 pass
         box.sock.close()
         box.drained.set()
+        if box.paced is not None:
+            box.paced[1].set()  # a download waiting for room: the connection is over
 
     # -- waiting for sockets ----------------------------------------------------------
 
@@ -3983,7 +4008,8 @@ class Transport:
         self.slow_s = slow_s
         self.select_limit = select_limit
         self._room = threading.Condition(threading.Lock())
-        self._waiting = 0  # readers waiting for the budget (changed under _room)
+        self._shares = []  # the share of the budget each reader waiting for it waits for (changed under _room)
+        self._wake_at = 0  # progress() wakes them once the outboxes owe this little: then some may go on
         # Sending is mostly system calls, which run without the GIL: one writer per
         # core sends to different sockets at the same time.
         self.writers = [SocketWriter(self, "writer-%d" % number) for number in range(writers)]
@@ -4008,24 +4034,30 @@ class Transport:
         """Return the bytes all outboxes owe now (any thread; no lock: each count has one writer)."""
         return sum(writer.queued_bytes - writer.done_bytes for writer in self.writers)
 
-    def wait_for_room(self, give_up):
+    def wait_for_room(self, give_up, share=1.0):
         """Block while the outboxes owe more than the budget. Runs on a reader thread.
 
-        Returns once they owe less than resume_at, or when give_up() is true.
+        Returns once they owe less than resume_at, or when give_up() is true. A `share`
+        below 1 waits at that share of both (downloads: what is left is the chat's).
         """
-        if self.owed() <= self.budget:
+        if self.owed() <= self.budget * share:
             return
         with self._room:
-            self._waiting += 1
+            self._shares.append(share)
+            self._wake_at = self.resume_at * max(self._shares)
             try:
-                while self.owed() > self.resume_at and not give_up():
+                while self.owed() > self.resume_at * share and not give_up():
                     self._room.wait(0.25)
             finally:
-                self._waiting -= 1
+                self._shares.remove(share)
+                self._wake_at = self.resume_at * max(self._shares, default=0)
 
     def progress(self):
-        """Wake the waiting readers if the budget has room again. Runs on a writer thread."""
-        if self._waiting and self.owed() <= self.resume_at:
+        """Wake the waiting readers if the budget has room again for some of them. Runs on a writer thread.
+
+        Not before: downloads parked at a share of it would wake on every round of the writer.
+        """
+        if self._shares and self.owed() <= self._wake_at:
             with self._room:
                 self._room.notify_all()
 
@@ -9021,7 +9053,10 @@ WS_ECHO_TIMEOUT_S = 120.0        # /ws/echo (--diagnostics only) may stay this l
 HTTP_BODY_IDLE_S = 30.0          # an upload whose bytes stop coming this long is cut off (and forgotten)
 FILE_CHUNK_BYTES = 128 * 1024    # a download is read and queued this much at a time ...
 FILE_AHEAD_BYTES = 1024 * 1024   # ... while its connection owes less than this
-FILE_WAIT_S = 0.01               # how often a download waiting for its connection looks again
+FILE_WAIT_S = 0.25               # how often a download waiting for its connection looks again, if the
+                                 # writer has not woken it (the server stops: it checks _gone())
+FILE_BUDGET_SHARE = 0.5          # downloads queue only while all outboxes owe less than this share of
+                                 # the send budget: stuck downloads never leave the chat's readers waiting
 FILE_SECURITY_HEADERS = (        # a shared file is never a page of the chat's origin: no script, no frame
     ("Content-Security-Policy", "default-src 'none'; sandbox"),
     ("X-Content-Type-Options", "nosniff"),
@@ -9258,12 +9293,12 @@ class WebDoor(Door):
         """A file's bytes are coming to a one-time address: check it, then receive them (see frames())."""
         files, hub = self.session.hub.files, self.session.hub
         length = request.headers.get("content-length", "").strip()
-        if "transfer-encoding" in request.headers or not length.isdigit():
+        if "transfer-encoding" in request.headers or not (length.isascii() and length.isdigit()):  # "²" is a digit
             return self._refuse(411, "Send the file with a Content-Length, as one request.")
         upload = hub.take_upload(request.path[len("/upload/"):])
         if upload is None or files is None:
             return self._refuse(404, "This upload address is unknown, used or expired: ask for a new one.")
-        if int(length) != upload.size:
+        if length.lstrip("0") != str(upload.size).lstrip("0"):  # as text: int() refuses 5,000 digits
             return self._refuse(400, "The file's length is not the one asked for (%d bytes): ask again."
                                 % upload.size)
         file_id = files.new_id()
@@ -9312,8 +9347,7 @@ class WebDoor(Door):
             hub.files.keep(body.file_id, upload.name, kind, upload.size)
         except OSError as error:
             log.error("files: cannot keep a file: %s", error)
-            body.handle.close()
-            hub.files.forget(body.file_id)
+            self._discard(body)
             return self._refuse(507, "The server could not store the file: its disk may be full.")
         try:
             event = hub.share_file(upload, body.file_id, kind)
@@ -9324,7 +9358,7 @@ class WebDoor(Door):
         if event.withdrawn:
             hub.files.forget(body.file_id)
             return self._refuse(507, "The server could not store the message for the file; it was not shared.")
-        log.info("%s shared %s (%s)", upload.seat.name, printable(upload.name, 60), file_size_text(upload.size))
+        log.info("%s shared %s (%s)", upload.user.name, printable(upload.name, 60), file_size_text(upload.size))
         answer = encode_frame({"id": event.fields["id"], "url": event.fields["file"]["url"]})
         return self._answer(body.request, 201, answer, content_type="application/json", close=True)
 
@@ -9355,8 +9389,8 @@ class WebDoor(Door):
             while outbox.owed_pushed() > FILE_AHEAD_BYTES:
                 if self.session._gone():
                     return False
-                time.sleep(FILE_WAIT_S)  # the writer sends; a stuck reader is dropped as too slow
-            transport.wait_for_room(self.session._gone)
+                outbox.wait_for_sent(FILE_AHEAD_BYTES, FILE_WAIT_S)  # a stuck reader is dropped as too slow
+            transport.wait_for_room(self.session._gone, FILE_BUDGET_SHARE)
             if self.session._gone():
                 return False
             try:
@@ -9370,9 +9404,20 @@ class WebDoor(Door):
 
     def close(self):
         if self.body is not None:  # an upload cut short: nothing of it is kept
-            self.body.handle.close()
-            self.session.hub.files.forget(self.body.file_id)
-            self.body = None
+            body, self.body = self.body, None
+            self._discard(body)
+
+    def _discard(self, body):
+        """Close an arriving file and remove it: nothing of it is kept.
+
+        On a full disk close() fails again, flushing what the buffer held; it closes the
+        descriptor all the same.
+        """
+        try:
+            body.handle.close()
+        except OSError:
+            pass
+        self.session.hub.files.forget(body.file_id)
 
     # -- WebSocket -----------------------------------------------------------------
 
@@ -11294,11 +11339,20 @@ def run_server(args):
     )
     raise_open_file_limit()
     threading.stack_size(SESSION_STACK_BYTES)
+    temporary = Path(tempfile.mkdtemp(prefix="localchat-files-")) if args.no_history else None
+    try:
+        return _serve(args, temporary)
+    finally:  # with --no-history shared files go with the server, however it ends (a port taken, Ctrl+C)
+        if temporary is not None:
+            shutil.rmtree(str(temporary), ignore_errors=True)
+
+
+def _serve(args, temporary):
+    """Run the server, with shared files in the folder `temporary` if it is given; return the exit code."""
     limits = Limits(**{attribute: getattr(args, attribute) for attribute, _, _ in Limits.TABLE})
-    temporary = None  # with --no-history, shared files go with the server too
     if args.no_history:
         store, where = MemoryStore(), "History: kept in memory only (--no-history): it ends with the server."
-        temporary = files_folder = Path(tempfile.mkdtemp(prefix="localchat-files-"))
+        files_folder = temporary
     else:
         path = Path(args.history) if args.history else data_dir() / "history.sqlite3"
         store, where = SqliteStore(path), "History: kept in %s" % path
@@ -11357,8 +11411,6 @@ def run_server(args):
     server.stop()
     if accept_thread.is_alive():
         accept_thread.join(1.0)
-    if temporary is not None:
-        shutil.rmtree(str(temporary), ignore_errors=True)
     log.info("server stopped")
     return 0
 
@@ -11631,13 +11683,14 @@ class ChatConnection:
         except (OSError, ValueError) as error:  # ssl.SSLError and socket.timeout are OSErrors
             self._close_socket()
             raise UserError(tls_error_sentence(error, self.address, timeout)) from None
-        self.fingerprint = channel.fingerprint()
+        fingerprint = channel.fingerprint()
         try:
             self.fingerprint_status, self.fingerprint_problem = trust_fingerprint(
-                self.address, self.fingerprint, self.pinned, self.accepted)
+                self.address, fingerprint, self.pinned, self.accepted)
         except UserError:
             self._close_socket()
             raise
+        self.fingerprint = fingerprint  # only now: files go to the server with this certificate (see _http)
         self.channel = channel
         return early
 
@@ -11911,7 +11964,10 @@ class ChatConnection:
                 chunk = source.read(min(FILE_SEND_BYTES, size - sent))
                 if not chunk:
                     raise UserError("The file got shorter while it was being sent; it was not shared.")
-                connection.send(chunk)
+                try:
+                    connection.send(chunk)
+                except ConnectionError:  # answered before the end (a full disk) and closed: the answer says why
+                    break
                 sent += len(chunk)
                 if progress is not None:
                     progress(sent, size)
@@ -11972,7 +12028,7 @@ class ChatConnection:
 
     def _get(self, url):
         """GET a shared file; return (connection, response) once its answer is 200. Raises UserError."""
-        if not url.startswith("/files/"):
+        if not url.startswith("/files/") or not url.isascii():  # a server quotes names; http.client takes ASCII
             raise UserError("That is not the address of a shared file.")
         connection = self._http()
         try:
@@ -11990,7 +12046,9 @@ class ChatConnection:
 
     @staticmethod
     def _copy_body(response, output, progress):
-        total = int(response.getheader("Content-Length") or 0)
+        total = response.length  # http.client's reading of Content-Length: None if absent or no number
+        if total is None and response.getheader("Content-Length") is not None:
+            raise UserError("The server's answer to the download was not understood; nothing was saved.")
         done = 0
         try:
             while True:
@@ -12000,16 +12058,18 @@ class ChatConnection:
                 output.write(chunk)
                 done += len(chunk)
                 if progress is not None:
-                    progress(done, total)
+                    progress(done, total or 0)  # 0: the size is not known
         except (OSError, http.client.HTTPException) as error:
             raise UserError("The download failed: %s." % (getattr(error, "strerror", None) or error)) from None
-        if total and done != total:
+        if total is not None and done != total:
             raise UserError("The download was cut short; nothing was saved.")
 
     def _http(self):
         """Return an HTTP connection to the chat's server: encrypted, and with the very certificate
         this connection checked, when it is."""
-        if self.tls and self.fingerprint is not None:
+        if self.tls and self.fingerprint is None:  # never in clear, and never to a certificate nobody trusted
+            raise UserError("The connection to the server is not encrypted yet; try again once it is.")
+        if self.tls:
             return _PinnedHTTPSConnection(self.host, self.port, self.fingerprint, FILE_TRANSFER_S)
         return http.client.HTTPConnection(self.host, self.port, timeout=FILE_TRANSFER_S)
 

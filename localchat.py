@@ -3895,6 +3895,11 @@ class SocketWriter:
         box.unsent = data
 
     def _count_sent(self, box, sent):
+        if box.paced is not None and sent and box.marks:
+            # A download: its reader is slow, not stuck, while bytes still go. Its oldest
+            # piece may wait longer than slow_s for a phone on a crowded network to take
+            # the megabyte ahead of it; only slow_s without a byte taken drops it.
+            box.marks[0][1] = time.monotonic()
         if sent == len(box.unsent):
             box.unsent = b""
             self._credit(box, box.unsent_plain)
@@ -9055,6 +9060,9 @@ FILE_CHUNK_BYTES = 128 * 1024    # a download is read and queued this much at a 
 FILE_AHEAD_BYTES = 1024 * 1024   # ... while its connection owes less than this
 FILE_WAIT_S = 0.25               # how often a download waiting for its connection looks again, if the
                                  # writer has not woken it (the server stops: it checks _gone())
+FILE_SEND_BUFFER_BYTES = 256 * 1024  # the kernel's send buffer of a downloading connection: small enough
+                                 # that a slow reader's progress shows every few seconds (the writer
+                                 # hears of room in it only when a third or so is free), big enough for a LAN
 FILE_BUDGET_SHARE = 0.5          # downloads queue only while all outboxes owe less than this share of
                                  # the send budget: stuck downloads never leave the chat's readers waiting
 FILE_SECURITY_HEADERS = (        # a shared file is never a page of the chat's origin: no script, no frame
@@ -9383,8 +9391,16 @@ class WebDoor(Door):
             return self._answer(request, 200, b"", extra, content_type=about["type"], source=source)
 
     def _send_file(self, source):
-        """Queue a file in pieces, never far ahead of what its reader takes; return False if it went away."""
+        """Queue a file in pieces, never far ahead of what its reader takes; return False if it went away.
+
+        A reader that takes bytes slowly is never dropped (see SocketWriter._count_sent);
+        one that takes none for slow_reader_s is, as any stuck reader.
+        """
         outbox, transport = self.session.outbox, self.session.server.transport
+        try:
+            self.session.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FILE_SEND_BUFFER_BYTES)
+        except OSError:  # the system keeps its own size: progress shows less often, nothing else
+            pass
         while True:
             while outbox.owed_pushed() > FILE_AHEAD_BYTES:
                 if self.session._gone():

@@ -4743,6 +4743,34 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         self.assertEqual(len(received), len(data))
         self.assertEqual(bytes(received), data)
 
+    def test_a_slow_download_that_keeps_taking_bytes_is_never_dropped(self):
+        # A phone on a crowded network takes every piece, just slowly: its oldest owed piece waits
+        # longer than slow_reader_s for the window ahead of it, yet bytes keep going, so it is slow,
+        # not stuck (a download nobody reads is dropped: see above). Scaled down: a 128 KiB window,
+        # a small kernel buffer, half a second, and a reader taking 4 KB every 40 ms (100 KB/s).
+        self.start_file_server(slow_reader_s=0.5)
+        alice = self.join("alice")
+        data = os.urandom(600 * 1024)
+        answer = self.share(alice, "big.bin", data)
+        with mock.patch.object(localchat, "FILE_AHEAD_BYTES", 128 * 1024), \
+                mock.patch.object(localchat, "FILE_CHUNK_BYTES", 32 * 1024), \
+                mock.patch.object(localchat, "FILE_SEND_BUFFER_BYTES", 16 * 1024):
+            reader = self.connect(rcvbuf=SMALL_RCVBUF)
+            reader.send_raw(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % answer["url"]).encode())
+            received = bytearray()
+            self.assertEqual(read_http_head(reader.sock, received)[0], 200)
+            started = time.monotonic()
+            deadline = started + 4 * READ_TIMEOUT_S
+            while len(received) < len(data) and time.monotonic() < deadline:
+                select.select([], [], [], 0.04)  # the pace of a slow reader
+                reader.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = reader.sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+        self.assertGreater(time.monotonic() - started, 2.0)  # well past slow_reader_s
+        self.assertEqual(bytes(received), data)
+
     def test_the_server_stops_at_once_while_a_download_waits_for_its_reader(self):
         self.start_file_server()
         alice = self.join("alice")

@@ -2639,8 +2639,10 @@ class FileStore:
     def _read_about(path):
         try:
             about = json.loads(path.read_text(encoding="utf-8"))
+            # The type goes into a header as it is: only a plain one (a note edited by hand may hold anything).
             if isinstance(about.get("name"), str) and isinstance(about.get("type"), str) and \
-                    isinstance(about.get("size"), int) and isinstance(about.get("stored"), (int, float)):
+                    re.match(r"^[a-z]+/[a-z0-9.+-]+\Z", about["type"]) and type(about.get("size")) is int and \
+                    isinstance(about.get("stored"), (int, float)):
                 return about
         except (OSError, ValueError, AttributeError, RecursionError):  # "[[[[..." recurses in json
             pass
@@ -11886,7 +11888,10 @@ class ChatConnection:
             return
         waiting = self._answers.get(frame.get("ref")) if kind in ("upload_ready", "error") else None
         if waiting is not None:  # share_file() is waiting for it, and says what became of it
-            waiting.put(frame)
+            try:
+                waiting.put_nowait(frame)
+            except queue.Full:  # a second answer to one request (a confused server): the first counts
+                pass
             return
         if kind == "message" and isinstance(frame.get("id"), int):
             self.last_id = max(self.last_id or 0, frame["id"])
@@ -13690,6 +13695,9 @@ class ThumbnailFetcher:
                 data = connection.fetch_bytes(url, THUMBNAIL_MAX_BYTES)
             except UserError:
                 continue  # gone, or too big: the card stays without a picture
+            except Exception:  # a bug must not end the thumbnails of every picture to come
+                log.exception("thumbnail of %s", printable(url))
+                continue
             size = picture_size(data)
             if size is not None and 0 < size[0] * size[1] <= THUMBNAIL_MAX_PIXELS:
                 self.events.put((None, {"type": "thumbnail", "key": key, "number": number, "data": data}))

@@ -1796,7 +1796,8 @@ class FileStoreTests(unittest.TestCase):
             (self.folder / (file_id + ".json")).write_text(about if isinstance(about, str) else json.dumps(about))
 
     def test_what_a_crash_left_half_written_is_removed_and_the_rest_kept_oldest_first(self):
-        ids = {word: (word * 32)[:32] for word in ("new", "old", "part", "bare", "lone", "bad", "size", "deep", "list")}
+        ids = {word: (word * 32)[:32] for word in ("new", "old", "part", "bare", "lone", "bad", "size", "deep", "list",
+                                                   "head", "bool")}
         self.put(ids["new"], b"new", {"name": "n.txt", "type": "text/plain", "size": 3, "stored": 2.0})
         self.put(ids["old"], b"old", {"name": "o.txt", "type": "text/plain", "size": 3, "stored": 1.0})
         (self.folder / (ids["part"] + ".part")).write_bytes(b"half")
@@ -1806,6 +1807,9 @@ class FileStoreTests(unittest.TestCase):
         self.put(ids["size"], b"xx", {"name": "s.txt", "type": "text/plain", "size": 3, "stored": 1.0})
         self.put(ids["deep"], b"x", "[" * 100000)  # Bug: json.loads raised RecursionError: the server did not start
         self.put(ids["list"], b"x", '["name"]')
+        # edited by hand: a type that would put a header of its own into the answer, a size that is no number
+        self.put(ids["head"], b"x", {"name": "h", "type": "text/plain\r\nSet-Cookie: a=b", "size": 1, "stored": 1.0})
+        self.put(ids["bool"], b"x", {"name": "b", "type": "text/plain", "size": True, "stored": 1.0})
         store = localchat.FileStore(self.folder, total_bytes=6)
         self.assertEqual(sorted(path.name for path in self.folder.iterdir()),
                          sorted([ids["new"], ids["new"] + ".json", ids["old"], ids["old"] + ".json"]))

@@ -3897,20 +3897,20 @@ class SocketWriter:
         box.unsent = data
 
     def _count_sent(self, box, sent):
+        if sent == len(box.unsent):
+            box.unsent = b""
+            self._credit(box, box.unsent_plain)
+            box.unsent_plain = 0
+        else:
+            box.unsent = box.unsent[sent:]
+            if box.encrypt is None:  # plain: each byte sent is a frame byte (TLS counts whole sends)
+                self._credit(box, sent)
+                box.unsent_plain -= sent
         if box.paced is not None and sent and box.marks:
             # A download: its reader is slow, not stuck, while bytes still go. Its oldest
             # piece may wait longer than slow_s for a phone on a crowded network to take
             # the megabyte ahead of it; only slow_s without a byte taken drops it.
             box.marks[0][1] = time.monotonic()
-        if sent == len(box.unsent):
-            box.unsent = b""
-            self._credit(box, box.unsent_plain)
-            box.unsent_plain = 0
-            return
-        box.unsent = box.unsent[sent:]
-        if box.encrypt is None:  # plain: each byte sent is a frame byte (TLS counts whole sends)
-            self._credit(box, sent)
-            box.unsent_plain -= sent
 
     def _credit(self, box, count):
         """Count bytes as done: the budget gets them back, the age marks move on."""
@@ -9404,10 +9404,8 @@ class WebDoor(Door):
         except OSError:  # the system keeps its own size: progress shows less often, nothing else
             pass
         while True:
-            while outbox.owed_pushed() > FILE_AHEAD_BYTES:
-                if self.session._gone():
-                    return False
-                outbox.wait_for_sent(FILE_AHEAD_BYTES, FILE_WAIT_S)  # a stuck reader is dropped as too slow
+            if not self._sent_down_to(FILE_AHEAD_BYTES):
+                return False
             transport.wait_for_room(self.session._gone, FILE_BUDGET_SHARE)
             if self.session._gone():
                 return False
@@ -9417,8 +9415,19 @@ class WebDoor(Door):
                 log.error("files: cannot read a file: %s", error)
                 return False
             if not chunk:
-                return True
+                # All of it with the kernel before the keep-alive clock starts: a slow reader's
+                # connection must not be closed under the file's last megabyte.
+                return self._sent_down_to(0)
             outbox.put(chunk)
+
+    def _sent_down_to(self, most):
+        """Wait until the connection owes at most `most` bytes of what it was given; False if it ended first."""
+        outbox = self.session.outbox
+        while outbox.owed_pushed() > most:
+            if self.session._gone():
+                return False
+            outbox.wait_for_sent(most, FILE_WAIT_S)  # a stuck reader is dropped as too slow
+        return True
 
     def close(self):
         if self.body is not None:  # an upload cut short: nothing of it is kept

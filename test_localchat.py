@@ -4756,9 +4756,13 @@ class FileSharingTests(ServerFixture, unittest.TestCase):
         alice = self.join("alice")
         data = os.urandom(600 * 1024)
         answer = self.share(alice, "big.bin", data)
+        # and a keep-alive of a tenth of a second: its clock starts once all of the file is sent,
+        # not once all of it is queued (a connection was closed under the file's last megabyte)
         with mock.patch.object(localchat, "FILE_AHEAD_BYTES", 128 * 1024), \
                 mock.patch.object(localchat, "FILE_CHUNK_BYTES", 32 * 1024), \
-                mock.patch.object(localchat, "FILE_SEND_BUFFER_BYTES", 16 * 1024):
+                mock.patch.object(localchat, "FILE_SEND_BUFFER_BYTES", 16 * 1024), \
+                mock.patch.object(localchat.WebDoor, "keepalive_s", 0.1), \
+                mock.patch.object(localchat, "CLOSE_FLUSH_S", 0.1):
             reader = self.connect(rcvbuf=SMALL_RCVBUF)
             reader.send_raw(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % answer["url"]).encode())
             received = bytearray()

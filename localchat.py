@@ -280,11 +280,13 @@ Files: a file is shared in three steps, all on the chat's one port.
      for (POST is taken too), over TLS on a TLS server. Answers: 201 with
      {"id":17,"url":"/files/..."} once the file is stored and announced; 404 for an
      unknown, used or expired address; 400 when the length is not the one asked for;
-     413 over the limit; 409 when the sender left the chat before it ended; 507
-     when the server cannot store it. An upload cut short leaves nothing behind.
+     411 without a Content-Length; 408 when its bytes stop coming for 30 s; 409 when
+     the sender left the chat (or was muted) before it ended; 507 when the server
+     cannot store it. An upload cut short leaves nothing behind.
   3. Everybody it was shared with gets a message frame with a "file" object:
-     {"type":"message","id":17,...,"text":"report.pdf","file":{"name":"report.pdf",
-      "size":48213,"type":"application/pdf","url":"/files/<id>/report.pdf"}}
+     {"type":"message","id":17,...,"text":"report.pdf (47 KB) http://host:port/files/<id>/report.pdf",
+      "file":{"name":"report.pdf","size":48213,"type":"application/pdf","url":"/files/<id>/report.pdf"}}
+     (the text is for clients that know nothing of files: IRC, nc)
      The name is cleaned by the server (no folders, no control or direction
      characters, no names Windows reserves, at most 120 characters and 240 bytes
      of UTF-8). <id> holds 192 random bits: only the people it was shared with
@@ -389,7 +391,8 @@ def split_host_port(text, default_port=DEFAULT_PORT):
 MAX_FILE_NAME_CHARS = 120  # a shared file's name, after cleaning
 MAX_FILE_NAME_BYTES = 240  # ... and in UTF-8: Linux and macOS take 255 bytes, "name (12).pdf" needs a few more
 PICTURE_TYPES = ("image/png", "image/gif", "image/jpeg", "image/webp")  # shown inline: the only files that are
-_PICTURE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"),
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+_PICTURE_MAGIC = ((PNG_SIGNATURE, "image/png"), (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"),
                   (b"\xff\xd8\xff", "image/jpeg"))
 _WINDOWS_RESERVED = frozenset(["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"] +
                               ["%s%d" % (kind, n) for kind in ("COM", "LPT") for n in range(10)])
@@ -3252,9 +3255,12 @@ def make_self_signed_certificate(
 
 def certificate_fingerprint(cert_pem: str) -> str:
     """SHA-256 of the certificate's DER as "AB:CD:...", for users to compare."""
-    der = ssl.PEM_cert_to_DER_cert(cert_pem)
-    digest = hashlib.sha256(der).digest()
-    return ":".join("%02X" % byte for byte in digest)
+    return der_fingerprint(ssl.PEM_cert_to_DER_cert(cert_pem))
+
+
+def der_fingerprint(der: bytes) -> str:
+    """SHA-256 of a certificate in DER as "AB:CD:..."."""
+    return ":".join("%02X" % byte for byte in hashlib.sha256(der).digest())
 
 
 def _write_private_file(path, text: str) -> None:
@@ -3472,7 +3478,7 @@ class TlsChannel:
         der = self.peer_certificate_der()
         if der is None:
             return None
-        return ":".join("%02X" % byte for byte in hashlib.sha256(der).digest())
+        return der_fingerprint(der)
 
 
 def _seconds_left(deadline):
@@ -9261,17 +9267,18 @@ class WebDoor(Door):
                             content_type=resource.content_type)
 
     def _answer(self, request, status, body, extra=(), content_type="text/plain; charset=utf-8", close=False,
-                source=None):
+                source=None, security=WEB_SECURITY_HEADERS):
         """Send a response; return [bye] if the connection ends with it, else [] (keep-alive).
 
-        `source` (a file open for reading, `body` then empty) is sent as the body instead;
-        the caller closes it.
+        `source` (a shared file: (file open for reading, its length), `body` then empty) is
+        sent as the body instead; the caller closes the file.
         """
         close = close or request.version == "HTTP/1.0" or self.requests >= HTTP_MAX_REQUESTS or \
             "close" in request.headers.get("connection", "").lower() or self.pipelined
         head_only = request.method == "HEAD"
-        self._send_response(status, body, extra, content_type, close, head_only)
-        if source is not None and not head_only and not self._send_file(source):
+        length = len(body) if source is None else source[1]
+        self._send_response(status, body, extra, content_type, close, head_only, length, security)
+        if source is not None and not head_only and not self._send_file(source[0]):
             return [{"type": "bye"}]
         if close:
             return [{"type": "bye"}]
@@ -9284,15 +9291,9 @@ class WebDoor(Door):
         log.info("%s: HTTP %d: %s", self.session.peer, status, sentence)
         return [{"type": "bye"}]
 
-    def _send_response(self, status, body, extra, content_type, close, head_only=False):
-        extra = list(extra)
-        length = str(len(body))
-        if extra and extra[0][0] == "Content-Length":  # a file's, sent after the head
-            length = extra.pop(0)[1]
-        headers = [("Content-Type", content_type), ("Content-Length", length)]
-        security = FILE_SECURITY_HEADERS if any(name == "Content-Disposition" for name, _ in extra) else \
-            WEB_SECURITY_HEADERS
-        headers += extra + list(security)
+    def _send_response(self, status, body, extra, content_type, close, head_only, length, security):
+        headers = [("Content-Type", content_type), ("Content-Length", str(length))]
+        headers += list(extra) + list(security)
         headers.append(("Connection", "close") if close else
                        ("Keep-Alive", "timeout=%d, max=%d" % (self.keepalive_s, HTTP_MAX_REQUESTS)))
         self.session.outbox.put(_http_head(status, headers) + (b"" if head_only else body))
@@ -9384,13 +9385,13 @@ class WebDoor(Door):
         with source:
             etag = '"%s"' % file_id
             if etag in [tag.strip() for tag in request.headers.get("if-none-match", "").split(",")]:
-                return self._answer(request, 304, b"", [("ETag", etag)])
+                return self._answer(request, 304, b"", [("ETag", etag)], security=FILE_SECURITY_HEADERS)
             picture = about["type"] in PICTURE_TYPES
-            extra = [("Content-Length", str(about["size"])),
-                     ("Content-Disposition", _content_disposition("inline" if picture else "attachment",
+            extra = [("Content-Disposition", _content_disposition("inline" if picture else "attachment",
                                                                   about["name"])),
                      ("ETag", etag), ("Cache-Control", "private, max-age=31536000, immutable")]
-            return self._answer(request, 200, b"", extra, content_type=about["type"], source=source)
+            return self._answer(request, 200, b"", extra, content_type=about["type"],
+                                source=(source, about["size"]), security=FILE_SECURITY_HEADERS)
 
     def _send_file(self, source):
         """Queue a file in pieces, never far ahead of what its reader takes; return False if it went away.
@@ -10888,7 +10889,7 @@ def qr_png(text, scale=QR_PNG_SCALE, mask=None):
     pixels = b"".join((b"\x00" + b"".join(dark if module else light for module in row)) * scale
                       for row in rows)  # each line starts with filter type 0: none
     header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # depth 8, grey, deflate, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+    return (PNG_SIGNATURE + _png_chunk(b"IHDR", header)
             + _png_chunk(b"IDAT", zlib.compress(pixels, 9)) + _png_chunk(b"IEND", b""))
 
 
@@ -11556,8 +11557,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def connect(self):
         super().connect()
         der = self.sock.getpeercert(binary_form=True)
-        seen = ":".join("%02X" % byte for byte in hashlib.sha256(der or b"").digest())
-        if seen != self.fingerprint:
+        if der_fingerprint(der or b"") != self.fingerprint:
             self.close()
             raise ssl.SSLError("the server's certificate is not the one the chat connection trusted")
 
@@ -12310,7 +12310,6 @@ THUMBNAIL_HEIGHT_PX = 180   # ... and this high, subsampled by a whole step to f
 THUMBNAIL_MAX_BYTES = 8 * 1024 * 1024  # larger pictures get a card only: Tk decodes them on its own thread
 THUMBNAIL_MAX_PIXELS = 3840 * 2160     # ... and so do pictures larger than a 4K screenshot
 PROGRESS_EVERY_S = 0.2      # a transfer tells the Tk thread how far it is at most this often
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # X11 clipboard targets that mean "there is text here" (with any text/plain...): then Ctrl+V
 # pastes the text, even if the program that copied offers a picture of it too (office suites do).
 TEXT_TARGETS = frozenset(("UTF8_STRING", "STRING", "TEXT", "COMPOUND_TEXT"))
@@ -13739,8 +13738,7 @@ class FileSharing:
     def _on_file_button(self):
         """"Send file...": choose files and send them where the typing goes."""
         from tkinter import filedialog
-        conversation = self.conversations.get(self.current)
-        where = conversation.where if conversation else {"room": GENERAL_ROOM}
+        where = self._where()
         label = room_label(where["room"]) if "room" in where else where["to"]
         # One file: a dialog for several reads a typed name as a Tcl list, so "screen shot.png"
         # would be two names, and a clicked one shows in braces.
@@ -13765,10 +13763,8 @@ class FileSharing:
         data = self._clipboard_picture()
         if data is None:
             return None
-        conversation = self.conversations.get(self.current)
-        where = conversation.where if conversation else {"room": GENERAL_ROOM}
         name, share_bytes = pasted_picture_name(), self.connection.share_bytes
-        self._share(name, lambda **options: share_bytes(data, name, **options), where)
+        self._share(name, lambda **options: share_bytes(data, name, **options), self._where())
         return "break"
 
     def _clipboard_picture(self):
@@ -14452,11 +14448,14 @@ class ChatWindow(ChatPanels, ServerMemory, FileSharing):
 
     # -- what the person does ---------------------------------------------------------
 
+    def _where(self):
+        """Return where what is typed (or sent as a file) goes now: {"room": R} or {"to": NAME}."""
+        conversation = self.conversations.get(self.current)
+        return conversation.where if conversation else {"room": GENERAL_ROOM}
+
     def _on_send(self):
         text = self.input_box.get()
-        conversation = self.conversations.get(self.current)
-        where = conversation.where if conversation else {"room": GENERAL_ROOM}
-        action, value = parse_input(text, where)
+        action, value = parse_input(text, self._where())
         if action is None:
             return
         if action == "send" and (self.ended or not self.connection.welcome):

@@ -13346,7 +13346,7 @@ class WindowTrustTests(unittest.TestCase):
 # The X11 clipboard as a browser or a screenshot tool fills it: image/png, format 8, raw
 # bytes. Run in a process of its own (Tk short-circuits a clipboard it owns itself).
 X11_PICTURE_OWNER = r'''
-import ctypes, ctypes.util, sys, time
+import ctypes, ctypes.util, select, sys, time
 
 class SelectionRequest(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong), ("send_event", ctypes.c_int),
@@ -13377,6 +13377,7 @@ x.XNextEvent.argtypes = [voidp, ctypes.POINTER(Event)]
 x.XChangeProperty.argtypes = [voidp, ulong, ulong, ulong, integer, integer, voidp, integer]
 x.XSendEvent.argtypes = [voidp, ulong, integer, ctypes.c_long, ctypes.POINTER(Event)]
 x.XFlush.argtypes = [voidp]
+x.XConnectionNumber.argtypes = [voidp]
 
 data = sys.stdin.buffer.read()
 display = x.XOpenDisplay(None)
@@ -13389,7 +13390,7 @@ event = Event()
 deadline = time.monotonic() + 20
 while time.monotonic() < deadline:
     if not x.XPending(display):
-        time.sleep(0.005)
+        select.select([x.XConnectionNumber(display)], [], [], 0.1)  # until the X server says something
         continue
     x.XNextEvent(display, ctypes.byref(event))
     if event.type != 30:  # SelectionRequest
